@@ -1,0 +1,363 @@
+"""Structured configs: the one config object that drives a wan-exp job.
+
+Every Hydra config group under ``conf/`` is validated against a dataclass here, so a
+typo, a wrong type or an unknown option fails while Hydra composes the config, before
+any process starts. Rules that tie several fields together (a Ulysses degree that must
+divide the head count and the world size, a size divisible by 16, ...) live in
+:func:`validate`, which the launcher calls for every job of a batch before it starts
+the first one.
+
+This module imports no torch, so the launcher process can use it freely.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or inconsistent with another; the message names it."""
+
+
+# --------------------------------------------------------------------------- enums
+class Strategy(str, Enum):
+    single = "single"
+    ulysses = "ulysses"
+    fsdp = "fsdp"
+    fsdp_fixed = "fsdp_fixed"
+    hybrid = "hybrid"
+
+
+class FsdpApi(str, Enum):
+    fsdp1 = "fsdp1"
+    fsdp2 = "fsdp2"
+
+
+class DType(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class AttentionBackend(str, Enum):
+    auto = "auto"
+    flash_attn = "flash_attn"  # flash-attn 2 API
+    fa3 = "fa3"
+    fa4 = "fa4"
+    sdpa = "sdpa"  # let PyTorch choose among its SDPA kernels
+    sdpa_cudnn = "sdpa_cudnn"
+    sdpa_flash = "sdpa_flash"
+    sdpa_efficient = "sdpa_efficient"
+    sdpa_math = "sdpa_math"
+
+
+class Placement(str, Enum):
+    """Where an encoder runs: on the rank's device or on the host CPU."""
+
+    device = "device"
+    cpu = "cpu"
+
+
+class WorkloadName(str, Enum):
+    generate = "generate"
+    init = "init"
+    train_lora = "train_lora"
+
+
+class LoggerMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+# Functional form because "raise" is a keyword; OmegaConf matches members by name.
+FaultKind = Enum(
+    "FaultKind",
+    {k: k for k in ("none", "raise", "hang", "sleep", "signal", "oom")},
+    type=str,
+)
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class TextEncoderConfig:
+    """umT5 encoder (transformers UMT5EncoderModel) dimensions."""
+
+    vocab_size: int = 256384
+    d_model: int = 4096
+    d_ff: int = 10240
+    d_kv: int = 64
+    num_heads: int = 64
+    num_layers: int = 24
+    relative_attention_num_buckets: int = 32
+    checkpoint: Optional[str] = None  # models_t5_umt5-xxl-enc-bf16.pth, relative to model.checkpoint_dir
+
+
+@dataclass
+class AudioEncoderConfig:
+    """wav2vec2 (transformers Wav2Vec2Model) dimensions; its 25 hidden states feed the DiT."""
+
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    checkpoint: Optional[str] = None  # folder, relative to model.checkpoint_dir
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # DiT trunk (DESIGN.md §7)
+    dim: int = 64
+    ffn_dim: int = 128
+    num_heads: int = 4
+    num_layers: int = 4
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: List[int] = field(default_factory=lambda: [1, 2, 2])
+    text_dim: int = 32
+    text_len: int = 16
+    freq_dim: int = 32
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    # S2V additions; s2v=false gives the plain T2V trunk
+    s2v: bool = True
+    audio_dim: int = 32  # width of each wav2vec2 hidden state
+    audio_layers: int = 3  # number of wav2vec2 hidden states (25 for the real model)
+    audio_inject_layers: List[int] = field(default_factory=lambda: [0, 2])
+    motion_frames: int = 19  # latent frames of motion history packed by frame_packer
+    # what a workload uses unless told otherwise (workload.size: ${model.default_size})
+    default_size: str = "64*64"
+    default_frames_per_clip: int = 8
+    # weights
+    checkpoint_dir: Optional[str] = None  # official folder layout; None = random weights
+    dtype: DType = DType.bf16
+    seed: int = 0
+    attention_backend: AttentionBackend = AttentionBackend.auto
+    compile: bool = False
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+
+
+# --------------------------------------------------------------------------- parallel
+@dataclass
+class FsdpConfig:
+    enabled: bool = False
+    api: FsdpApi = FsdpApi.fsdp1
+    # True reproduces upstream Wan (and its hang); fsdp_fixed sets False
+    sync_module_states: bool = False
+    # upstream: every rank loads the full checkpoint before wrapping
+    load_full_on_every_rank: bool = False
+    param_dtype: DType = DType.bf16
+    reduce_dtype: DType = DType.fp32
+    degree: int = -1  # ranks on the fsdp mesh axis; -1 = all ranks
+
+
+@dataclass
+class ParallelConfig:
+    name: Strategy = Strategy.single
+    # Ulysses sequence-parallel degree; 1 = off, -1 = all ranks
+    ulysses_degree: int = 1
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    text_encoder_placement: Placement = Placement.device
+    audio_encoder_placement: Placement = Placement.device
+
+
+# --------------------------------------------------------------------------- environment
+@dataclass
+class NcclConfig:
+    name: str = "default"
+    # variables set for the ranks only (the launching process keeps its own environment)
+    env: Dict[str, str] = field(default_factory=dict)
+    flight_recorder: bool = False  # dumps into <job dir>/nccl_trace/
+    timeout_s: float = 600.0  # process-group timeout
+
+
+@dataclass
+class AllocatorConfig:
+    name: str = "default"
+    # PYTORCH_ALLOC_CONF string ("" = PyTorch defaults); the launcher sets both variable names
+    conf: str = ""
+
+
+# --------------------------------------------------------------------------- workload
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    # regex over module names (DESIGN.md §9: a regex avoids unrelated modules ending in q/o)
+    target_regex: str = r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.ffn\.(0|2)"
+    lr: float = 1e-4
+    save: bool = True
+
+
+@dataclass
+class WorkloadConfig:
+    name: WorkloadName = WorkloadName.generate
+    size: str = "${model.default_size}"  # H*W in pixels, as upstream's --size
+    frames_per_clip: int = "${model.default_frames_per_clip}"  # type: ignore[assignment]  # 4 per latent frame
+    clips: int = 1
+    sample_steps: int = 2
+    shift: float = 3.0
+    guidance_scale: float = 4.5
+    warmup_steps: int = 1  # DiT steps excluded from the measurement
+    steps: int = 2  # optimiser steps for train_lora
+    fps: int = 16
+    prompt: str = ""  # empty = synthetic embeddings
+    audio_path: Optional[str] = None  # wav file; None = synthetic audio features
+    image_path: Optional[str] = None  # reference frame; needs model.checkpoint_dir (VAE)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+# --------------------------------------------------------------------------- logger, fault
+@dataclass
+class LoggerConfig:
+    mode: LoggerMode = LoggerMode.offline
+    project: str = "wan-exp"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # default: the sweep dir's name
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class FaultConfig:
+    kind: FaultKind = FaultKind["none"]
+    rank: int = 0  # which rank misbehaves
+    phase: str = "wrap"  # process_group | build | load | wrap | first_step | step
+    seconds: float = 0.0  # for sleep
+    signal: str = "SIGKILL"  # for signal
+
+
+# --------------------------------------------------------------------------- launcher
+@dataclass
+class LauncherConfig:
+    """How the torchrun launcher starts this job's ranks.
+
+    It lives in the job's config (not under ``hydra.launcher``) so that a sweep can vary
+    it per job, e.g. ``-m launcher.nproc_per_node=1,2,4,8`` for a scaling sweep.
+    """
+
+    nproc_per_node: str = "auto"  # "auto" = visible GPUs, or 2 on a CPU-only machine
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_backend: str = "c10d"
+    rdzv_endpoint: str = "localhost:0"  # port 0: a free port per job
+    max_restarts: int = 0
+    hang_timeout_s: float = 300.0  # no progress from any rank for this long = hang
+    resume: bool = False  # skip jobs whose job dir already holds a complete result
+
+
+# --------------------------------------------------------------------------- root
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    nccl: NcclConfig = field(default_factory=NcclConfig)
+    allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Store the schema that conf/config.yaml names first in its defaults list, so that
+    every group file merged into it is checked field by field."""
+    ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)
+
+
+# --------------------------------------------------------------------------- cross-field rules
+def parse_size(size: str) -> tuple[int, int]:
+    """'480*832' -> (480, 832); raises ConfigError naming workload.size."""
+    parts = str(size).lower().replace("x", "*").split("*")
+    try:
+        height, width = (int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(
+            f"workload.size={size!r} is not H*W in pixels; use e.g. workload.size=480*832"
+        ) from None
+    for name, v in (("height", height), ("width", width)):
+        if v < 16 or v % 16:
+            raise ConfigError(
+                f"workload.size={size!r}: {name} {v} must be a positive multiple of 16 "
+                "(VAE stride 8 x patch 2)"
+            )
+    return height, width
+
+
+def resolve_degrees(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
+    """(ulysses_degree, fsdp_degree) with -1 replaced by the world size."""
+    sp = world_size if parallel.ulysses_degree == -1 else parallel.ulysses_degree
+    fsdp = 1
+    if parallel.fsdp.enabled:
+        fsdp = world_size if parallel.fsdp.degree == -1 else parallel.fsdp.degree
+    return sp, fsdp
+
+
+def validate(cfg: Any, world_size: int) -> None:
+    """Check the rules no single field can express. Raises ConfigError naming the setting."""
+    model, par, wl = cfg.model, cfg.parallel, cfg.workload
+    if world_size < 1:
+        raise ConfigError(f"launcher.nproc_per_node x launcher.nnodes gives {world_size} ranks; need >= 1")
+    if model.dim % model.num_heads:
+        raise ConfigError(f"model.dim={model.dim} is not divisible by model.num_heads={model.num_heads}")
+    if (model.dim // model.num_heads) % 2:
+        raise ConfigError("model.dim / model.num_heads must be even (RoPE works on pairs)")
+    bad_layers = [i for i in model.audio_inject_layers if not 0 <= i < model.num_layers]
+    if model.s2v and bad_layers:
+        raise ConfigError(
+            f"model.audio_inject_layers has {bad_layers}, outside 0..{model.num_layers - 1}"
+        )
+    if model.s2v and model.audio_layers != model.audio_encoder.num_hidden_layers + 1:
+        raise ConfigError(
+            f"model.audio_layers={model.audio_layers} must be "
+            f"model.audio_encoder.num_hidden_layers + 1 = {model.audio_encoder.num_hidden_layers + 1} "
+            "(wav2vec2 returns one hidden state per layer plus the embeddings)"
+        )
+    if par.name == Strategy.single and world_size != 1:
+        raise ConfigError(f"parallel=single runs one rank, got {world_size}")
+    sp, fsdp = resolve_degrees(par, world_size)
+    if sp < 1:
+        raise ConfigError(f"parallel.ulysses_degree={par.ulysses_degree}; use -1 (all ranks) or >= 1")
+    if world_size % sp:
+        raise ConfigError(
+            f"parallel.ulysses_degree={sp} does not divide the world size {world_size}; "
+            f"allowed: {[d for d in range(1, world_size + 1) if world_size % d == 0]}"
+        )
+    if model.num_heads % sp:
+        raise ConfigError(
+            f"parallel.ulysses_degree={sp} does not divide model.num_heads={model.num_heads}; "
+            f"allowed: {[d for d in range(1, model.num_heads + 1) if model.num_heads % d == 0 and world_size % d == 0]}"
+        )
+    if par.fsdp.enabled and (fsdp < 1 or world_size % fsdp):
+        raise ConfigError(
+            f"parallel.fsdp.degree={par.fsdp.degree} must be -1 or divide the world size {world_size}"
+        )
+    if par.fsdp.enabled and sp > 1 and fsdp != world_size and sp * fsdp != world_size:
+        raise ConfigError(
+            f"hybrid degrees ulysses={sp} x fsdp={fsdp} must equal the world size {world_size} "
+            "(a 2-D mesh) or fsdp must span all ranks (both axes over the same ranks)"
+        )
+    parse_size(wl.size)
+    if wl.frames_per_clip < 4 or wl.frames_per_clip % 4:
+        raise ConfigError(
+            f"workload.frames_per_clip={wl.frames_per_clip} must be a positive multiple of 4 "
+            "(the VAE packs 4 frames per latent frame; upstream uses 80)"
+        )
+    for name in ("clips", "sample_steps", "steps"):
+        if getattr(wl, name) < 1:
+            raise ConfigError(f"workload.{name}={getattr(wl, name)} must be >= 1")
+    if wl.warmup_steps < 0:
+        raise ConfigError(f"workload.warmup_steps={wl.warmup_steps} must be >= 0")
+    if wl.guidance_scale < 0:
+        raise ConfigError(f"workload.guidance_scale={wl.guidance_scale} must be >= 0")
+    if wl.image_path and not model.checkpoint_dir:
+        raise ConfigError("workload.image_path needs model.checkpoint_dir (the VAE encodes the image)")
+    if cfg.fault.kind != FaultKind["none"] and not 0 <= cfg.fault.rank < world_size:
+        raise ConfigError(f"fault.rank={cfg.fault.rank} is outside 0..{world_size - 1}")
