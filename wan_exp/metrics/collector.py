@@ -1,0 +1,274 @@
+"""Per-rank measurements and the job-level summary (DESIGN.md §8).
+
+One :class:`MetricsCollector` lives in each rank. It times the initialisation phases and
+the measured steps, reads the memory figures once at the end, and turns all of that into
+the rank record of docs/architecture.md. :func:`gather_records` brings every rank's
+record to rank 0, and :func:`summarize` turns the records into the job's comparison
+metrics (balance, throughput, TFLOP/s, MFU). Metrics measure; they never drive the work.
+
+Timing rule: a phase or a step ends with exactly one device synchronisation, so the time
+covers the work the host queued inside it; nothing else synchronises inside a step.
+On the CPU every GPU figure is None (absent), never 0.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from wan_exp.metrics.flops import mfu, peak_flops
+
+GIB = 1024**3
+INIT_PHASES = ("process_group", "build", "load", "wrap", "first_step")
+# Notes that belong in the record's "memory" block rather than at its top level.
+_MEMORY_NOTES = ("param_gib",)
+
+
+class MetricsCollector:
+    """Times phases and steps of one rank and produces its rank record."""
+
+    def __init__(self, device: torch.device | str, rank: int, world_size: int) -> None:
+        self.device = torch.device(device)
+        self.rank = rank
+        self.world_size = world_size
+        self.init_phases_s: dict[str, float] = {}
+        self.other_phases_s: dict[str, float] = {}
+        self.step_times_s: list[float] = []
+        self.warmup_steps = 0
+        self.workload: dict[str, Any] = {}
+        self.notes: dict[str, Any] = {}
+        self._nvml_peak_bytes: Optional[int] = None
+        self._nvml_handle = _nvml_handle(self.device) if self.device.type == "cuda" else None
+
+    # ------------------------------------------------------------------ timing
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time one phase (init phases are listed in INIT_PHASES; a name met twice adds up)."""
+        start = time.perf_counter()
+        yield
+        self._sync()
+        elapsed = time.perf_counter() - start
+        target = self.init_phases_s if name in INIT_PHASES else self.other_phases_s
+        target[name] = target.get(name, 0.0) + elapsed
+        self._sample_nvml()
+
+    @contextmanager
+    def step(self, measured: bool = True) -> Iterator[None]:
+        """Time one step. Warm-up steps (measured=False) are counted but not timed into
+        the record. The step begins where the previous one ended its synchronisation."""
+        start = time.perf_counter()
+        yield
+        self._sync()
+        if measured:
+            self.step_times_s.append(time.perf_counter() - start)
+        else:
+            self.warmup_steps += 1
+
+    # ------------------------------------------------------------------ facts from the rank
+    def set_workload_info(self, **info: Any) -> None:
+        """tokens_per_forward, forwards_per_step, flops_per_step (the whole job's FLOPs for
+        one step, the full sequence counted once), video_seconds_per_step, ..."""
+        self.workload.update(info)
+
+    def note(self, key: str, value: Any) -> None:
+        """Record one fact about this rank, e.g. attention_backend or param_gib."""
+        self.notes[key] = value
+
+    # ------------------------------------------------------------------ memory
+    def _sample_nvml(self) -> None:
+        """NVML's used memory of this rank's device (includes the CUDA context and NCCL
+        buffers); a host-side driver query, no device synchronisation."""
+        if self._nvml_handle is None:
+            return
+        import pynvml
+
+        used = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle).used
+        self._nvml_peak_bytes = max(self._nvml_peak_bytes or 0, used)
+
+    def memory(self) -> dict[str, Optional[float]]:
+        on_cuda = self.device.type == "cuda"
+        stats = torch.cuda.memory_stats(self.device) if on_cuda else {}
+        self._sample_nvml()
+        mem: dict[str, Optional[float]] = {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB if on_cuda else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB if on_cuda else None,
+            "nvml_used_gib": self._nvml_peak_bytes / GIB if self._nvml_peak_bytes is not None else None,
+            "alloc_retries": stats.get("num_alloc_retries") if on_cuda else None,
+            "ooms": stats.get("num_ooms") if on_cuda else None,
+            # ru_maxrss is in KiB on Linux
+            "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        }
+        for key in _MEMORY_NOTES:
+            mem[key] = self.notes.get(key)
+        return mem
+
+    def allocator_settings(self) -> Optional[dict]:
+        """The caching allocator's settings actually in force (read back, not the env)."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.memory._snapshot().get("allocator_settings")
+
+    # ------------------------------------------------------------------ record
+    def rank_record(self) -> dict:
+        """This rank's record (docs/architecture.md), without status/error."""
+        local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        record = {
+            "rank": self.rank,
+            "local_rank": local_rank,
+            "world_size": self.world_size,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": str(self.device),
+            "device_name": device_name,
+            "init_phases_s": {k: self.init_phases_s[k] for k in INIT_PHASES if k in self.init_phases_s},
+            "other_phases_s": dict(self.other_phases_s),
+            "warmup_steps": self.warmup_steps,
+            "step_times_s": list(self.step_times_s),
+            "memory": self.memory(),
+            "allocator_settings": self.allocator_settings(),
+            "workload": dict(self.workload),
+        }
+        record.update({k: v for k, v in self.notes.items() if k not in _MEMORY_NOTES})
+        return record
+
+
+def _nvml_handle(device: torch.device) -> Any:
+    """NVML handle of the GPU behind a torch device, matched by UUID (torch's device index
+    is relative to CUDA_VISIBLE_DEVICES, NVML's is not). None if NVML is unavailable."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid)
+    except Exception:  # no driver library, or no UUID support: NVML figures stay absent
+        return None
+
+
+def gather_records(record: dict) -> Optional[list[dict]]:
+    """Every rank's record on rank 0 (sorted by rank), None on the other ranks.
+
+    Works on gloo and nccl; for nccl the current CUDA device must be this rank's device
+    (object collectives stage through it), so it is set here from the record.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return [record]
+    if dist.get_backend() == "nccl" and record["device"].startswith("cuda"):
+        torch.cuda.set_device(torch.device(record["device"]))
+    is_root = dist.get_rank() == 0
+    gathered: Optional[list] = [None] * dist.get_world_size() if is_root else None
+    dist.gather_object(record, gathered, dst=0)
+    if not is_root:
+        return None
+    return sorted(gathered, key=lambda r: r["rank"])
+
+
+# ---------------------------------------------------------------------------- job level
+def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    return num / den if num is not None and den else None
+
+
+def _get(config: Any, dotted: str, default: Any = None) -> Any:
+    node = config
+    for part in dotted.split("."):
+        if node is None:
+            return default
+        node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
+    return default if node is None else node
+
+
+def summarize(records: list[dict], config: Any) -> dict:
+    """Job-level metrics from the rank records (docs/architecture.md, DESIGN.md §8).
+
+    - balance: max/min of peak reserved memory over ranks, and rank 0 over the median of
+      the other ranks (the "GPU 0 overloaded" symptom); on CPU, peak host RSS stands in
+      and ``balance_basis`` says which was used.
+    - time: init phases as the max over ranks (the slowest rank gates the job); a step's
+      time is the max over ranks, then median/min/max over the measured steps.
+    - throughput from the median step: steps/s, tokens/s, video seconds per second,
+      TFLOP/s per GPU, and MFU against the device's dense peak for ``model.dtype``.
+    """
+    if not records:
+        return {"ranks_reported": 0}
+    records = sorted(records, key=lambda r: r["rank"])
+    world_size = records[0]["world_size"]
+    rank0 = records[0]
+
+    reserved = [r["memory"].get("peak_reserved_gib") for r in records]
+    basis = "peak_reserved_gib"
+    if any(v is None for v in reserved):
+        reserved = [r["memory"].get("peak_host_rss_gib") for r in records]
+        basis = "peak_host_rss_gib"
+    others = reserved[1:]
+    rank0_over_median = _ratio(reserved[0], statistics.median(others)) if others else None
+
+    def column_max(key: str) -> Optional[float]:
+        values = [r["memory"].get(key) for r in records if r["memory"].get(key) is not None]
+        return max(values) if values else None
+
+    def column_sum(key: str) -> Optional[float]:
+        values = [r["memory"].get(key) for r in records if r["memory"].get(key) is not None]
+        return sum(values) if values else None
+
+    phases: dict[str, float] = {}
+    for r in records:
+        for name, seconds in r.get("init_phases_s", {}).items():
+            phases[name] = max(phases.get(name, 0.0), seconds)
+
+    n_steps = min(len(r.get("step_times_s", [])) for r in records)
+    step_times = [max(r["step_times_s"][i] for r in records) for i in range(n_steps)]
+    step_median = statistics.median(step_times) if step_times else None
+
+    work = rank0.get("workload", {})
+    tokens_per_step = (
+        work["tokens_per_forward"] * work.get("forwards_per_step", 1)
+        if work.get("tokens_per_forward") is not None
+        else None
+    )
+    flops_per_step = work.get("flops_per_step")
+    dtype = str(_get(config, "model.dtype", "bf16"))
+    peak = peak_flops(rank0["device_name"], dtype)
+
+    return {
+        "ranks_reported": len(records),
+        "world_size": world_size,
+        "device_name": rank0["device_name"],
+        "peak_allocated_gib_max": column_max("peak_allocated_gib"),
+        "peak_reserved_gib_max": column_max("peak_reserved_gib"),
+        "peak_reserved_gib_min": min(reserved) if basis == "peak_reserved_gib" else None,
+        "nvml_used_gib_max": column_max("nvml_used_gib"),
+        "peak_host_rss_gib_max": column_max("peak_host_rss_gib"),
+        "alloc_retries": column_sum("alloc_retries"),
+        "ooms": column_sum("ooms"),
+        "balance_basis": basis,
+        "balance_max_over_min": _ratio(max(reserved), min(reserved)),
+        "balance_rank0_over_median": rank0_over_median,
+        "init_phases_s": phases,
+        "init_s": sum(phases.values()) if phases else None,
+        "measured_steps": n_steps,
+        "step_time_s_median": step_median,
+        "step_time_s_min": min(step_times) if step_times else None,
+        "step_time_s_max": max(step_times) if step_times else None,
+        "steps_per_s": _ratio(1.0, step_median),
+        "tokens_per_s": _ratio(tokens_per_step, step_median),
+        "video_s_per_s": _ratio(work.get("video_seconds_per_step"), step_median),
+        "flops_per_step": flops_per_step,
+        "tflops_per_gpu": _ratio(flops_per_step, step_median * world_size * 1e12) if step_median else None,
+        "peak_flops_per_gpu": peak,
+        "mfu": mfu(flops_per_step or 0.0, step_median or 0.0, world_size, peak),
+        "attention_backend": rank0.get("attention_backend"),
+    }
