@@ -191,6 +191,13 @@ def _get(config: Any, dotted: str, default: Any = None) -> Any:
     return default if node is None else node
 
 
+def job_step_times(records: list[dict]) -> list[float]:
+    """The job's time of each measured step: the slowest rank's (ranks wait for each
+    other in collectives), over the steps every rank measured."""
+    n_steps = min((len(r.get("step_times_s", [])) for r in records), default=0)
+    return [max(r["step_times_s"][i] for r in records) for i in range(n_steps)]
+
+
 def summarize(records: list[dict], config: Any) -> dict:
     """Job-level metrics from the rank records (docs/architecture.md, DESIGN.md §8).
 
@@ -229,8 +236,7 @@ def summarize(records: list[dict], config: Any) -> dict:
         for name, seconds in r.get("init_phases_s", {}).items():
             phases[name] = max(phases.get(name, 0.0), seconds)
 
-    n_steps = min(len(r.get("step_times_s", [])) for r in records)
-    step_times = [max(r["step_times_s"][i] for r in records) for i in range(n_steps)]
+    step_times = job_step_times(records)
     step_median = statistics.median(step_times) if step_times else None
 
     work = rank0.get("workload", {})
@@ -259,7 +265,7 @@ def summarize(records: list[dict], config: Any) -> dict:
         "balance_rank0_over_median": rank0_over_median,
         "init_phases_s": phases,
         "init_s": sum(phases.values()) if phases else None,
-        "measured_steps": n_steps,
+        "measured_steps": len(step_times),
         "step_time_s_median": step_median,
         "step_time_s_min": min(step_times) if step_times else None,
         "step_time_s_max": max(step_times) if step_times else None,

@@ -1,0 +1,126 @@
+"""One W&B run per job, written into the job dir (offline by default).
+
+The launcher process calls :func:`log_job` after a job's results.json is written. The
+run itself is made in a child process (``python -m wan_exp.wandb_logger <job dir>``,
+results on stdin) under a time limit, so that W&B can neither hang the sweep (an
+unreachable server, a stuck upload) nor leave threads or signal handlers in the
+launcher. Any failure becomes a warning in the log and in ``<job dir>/wandb/warning.txt``;
+the sweep goes on.
+
+What the run holds: group = ``logger.group`` or the sweep dir's name, job_type = the
+strategy, config = the resolved config, one history row per measured step (the job's
+step time and each rank's), a per-rank table, and a summary with the comparison metrics
+of results.json plus the status and root cause.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from wan_exp.metrics.collector import job_step_times
+
+log = logging.getLogger(__name__)
+
+# Seconds the child may take: offline runs finish in about a second; online ones upload.
+TIME_LIMIT_S = {"offline": 120.0, "online": 300.0}
+
+RANK_TABLE_COLUMNS = [
+    "rank", "device_name", "status", "peak_allocated_gib", "peak_reserved_gib",
+    "nvml_used_gib", "peak_host_rss_gib", "alloc_retries", "ooms", "init_s", "step_time_s_median",
+]  # fmt: skip
+
+
+def log_job(results: dict, job_dir: Path) -> None:
+    """Write the job's W&B run (mode from ``logger.mode``); never raises, never hangs."""
+    mode = str(results.get("config", {}).get("logger", {}).get("mode", "offline"))
+    if mode == "disabled":
+        return
+    job_dir = Path(job_dir)
+    env = dict(os.environ, WANDB_SILENT="true")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "wan_exp.wandb_logger", str(job_dir)],
+            input=json.dumps(results),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=TIME_LIMIT_S.get(mode, TIME_LIMIT_S["online"]),
+        )
+        problem = None if done.returncode == 0 else f"exit code {done.returncode}: {done.stderr[-2000:]}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        message = f"W&B logging ({mode}) for {job_dir} failed, the job's results.json is unaffected: {problem}"
+        log.warning(message)
+        (job_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        (job_dir / "wandb" / "warning.txt").write_text(message + "\n")
+
+
+def _rank_row(record: dict) -> list[Any]:
+    memory = record.get("memory", {})
+    steps = record.get("step_times_s", [])
+    return [
+        record.get("rank"),
+        record.get("device_name"),
+        record.get("status"),
+        memory.get("peak_allocated_gib"),
+        memory.get("peak_reserved_gib"),
+        memory.get("nvml_used_gib"),
+        memory.get("peak_host_rss_gib"),
+        memory.get("alloc_retries"),
+        memory.get("ooms"),
+        sum(record.get("init_phases_s", {}).values()),
+        statistics.median(steps) if steps else None,
+    ]
+
+
+def run_summary(results: dict) -> dict:
+    """What the run's summary holds: results.json's summary plus status and root cause."""
+    summary = dict(results.get("summary") or {})
+    summary["status"] = results.get("status")
+    summary["root_cause"] = results.get("root_cause")
+    summary["wall_s"] = results.get("wall_s")
+    return summary
+
+
+def _write_run(results: dict, job_dir: Path) -> None:
+    """Make the run (runs in the child process)."""
+    import wandb
+
+    config = results.get("config", {})
+    logger_cfg = config.get("logger", {})
+    sweep_dir = Path(results.get("sweep_dir") or job_dir.parent)
+    strategy = results.get("strategy") or config.get("parallel", {}).get("name", "unknown")
+    run = wandb.init(
+        project=logger_cfg.get("project", "wan-exp"),
+        entity=logger_cfg.get("entity"),
+        group=logger_cfg.get("group") or sweep_dir.name,
+        job_type=strategy,
+        name=f"{sweep_dir.name}/{results.get('job_num', job_dir.name)} {strategy} x{results.get('world_size')}",
+        tags=list(logger_cfg.get("tags", [])),
+        config=config,
+        dir=str(job_dir),
+        mode=str(logger_cfg.get("mode", "offline")),
+        settings=wandb.Settings(
+            silent=True, console="off", x_disable_stats=True, disable_git=True,
+            save_code=False, init_timeout=60,
+        ),  # fmt: skip
+    )
+    ranks = results.get("ranks", [])
+    for step, job_time in enumerate(job_step_times(ranks)):
+        row = {"step_time_s": job_time}
+        row.update({f"rank_step_time_s/{r['rank']}": r["step_times_s"][step] for r in ranks})
+        run.log(row, step=step)
+    run.log({"ranks": wandb.Table(columns=RANK_TABLE_COLUMNS, data=[_rank_row(r) for r in ranks])})
+    run.summary.update(run_summary(results))
+    run.finish(exit_code=0 if results.get("status") == "completed" else 1)
+
+
+if __name__ == "__main__":
+    _write_run(json.load(sys.stdin), Path(sys.argv[1]))
