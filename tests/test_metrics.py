@@ -1,0 +1,173 @@
+"""Metrics: FLOP count, device peaks, MFU, balance, the per-rank record and its gathering."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from wan_exp.config import ExperimentConfig
+from wan_exp.metrics import MetricsCollector, dit_forward_flops, gather_records, mfu, peak_flops, summarize
+
+CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
+
+
+def _model_cfg(name: str):
+    schema = OmegaConf.structured(ExperimentConfig().model)
+    return OmegaConf.merge(schema, OmegaConf.load(os.path.join(CONF, "model", f"{name}.yaml")))
+
+
+def test_flops_of_14b_trunk_at_480x832_match_the_formula():
+    cfg = _model_cfg("t2v_14b")
+    # 480x832, 81 frames: 21 latent frames x (480/16) x (832/16) tokens
+    n, m, d, f, layers = 21 * 30 * 52, 512, 5120, 13824, 40
+    expected = layers * (12 * n * d**2 + 4 * n * d * f + 4 * n**2 * d + 4 * n * m * d + 4 * m * d**2)
+    assert dit_forward_flops(cfg, n_tokens=n) == pytest.approx(expected, rel=1e-12)
+    # DESIGN.md §6: 4.06 s per forward on one H100 is 41.8 % MFU at this shape
+    assert mfu(expected, 4.06, 1, peak_flops("NVIDIA H100 80GB HBM3")) == pytest.approx(0.418, abs=0.002)
+
+
+def test_s2v_flops_add_the_audio_cross_attention_at_injected_blocks():
+    cfg = _model_cfg("s2v_14b")
+    n, d, hw = 35_100, 5120, 30 * 52
+    trunk = dit_forward_flops(cfg, n_tokens=n)
+    # 20 latent frames of noisy tokens attend to 5 audio tokens of their frame each
+    with_audio = dit_forward_flops(
+        cfg, n_tokens=n, audio_query_tokens=20 * hw, audio_tokens=20 * 5, audio_tokens_per_query=5
+    )
+    per_block = 4 * 20 * hw * d * d + 4 * 100 * d * d + 4 * 20 * hw * 5 * d
+    assert with_audio - trunk == pytest.approx(12 * per_block, rel=1e-12)
+    # the same model with s2v off counts no audio
+    cfg.s2v = False
+    assert dit_forward_flops(cfg, n_tokens=n, audio_query_tokens=20 * hw, audio_tokens=100,
+                             audio_tokens_per_query=5) == trunk
+
+
+@pytest.mark.parametrize(
+    "name, dtype, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989e12),
+        ("NVIDIA H100 PCIe", "bf16", 756e12),
+        ("NVIDIA H200", "fp16", 989e12),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+        ("NVIDIA L40S", "bf16", 362e12),
+        ("NVIDIA GeForce RTX 4090", "bf16", 165e12),
+        ("NVIDIA H100 80GB HBM3", "fp32", None),  # the bf16 peak would mislead
+        ("cpu", "bf16", None),
+        ("Some Future GPU", "bf16", None),
+    ],
+)
+def test_peak_flops_by_device_name(name, dtype, expected):
+    assert peak_flops(name, dtype) == expected
+
+
+def _record(rank: int, reserved: float | None, steps: list[float], device_name: str = "NVIDIA H100 80GB HBM3",
+            phases: dict | None = None) -> dict:
+    """A rank record as MetricsCollector.rank_record() lays it out, with chosen numbers."""
+    return {
+        "rank": rank, "world_size": 4, "device_name": device_name,
+        "init_phases_s": phases or {"build": 1.0 + rank, "load": 2.0},
+        "step_times_s": steps,
+        "memory": {"peak_allocated_gib": reserved, "peak_reserved_gib": reserved, "nvml_used_gib": reserved,
+                   "alloc_retries": 1 if reserved else None, "ooms": 0 if reserved else None,
+                   "peak_host_rss_gib": 3.0},
+        "workload": {"tokens_per_forward": 1000, "forwards_per_step": 2, "flops_per_step": 4e15,
+                     "video_seconds_per_step": 0.25},
+    }
+
+
+def test_summarize_balance_throughput_and_mfu_from_known_inputs():
+    records = [
+        _record(0, 60.0, [2.0, 4.0, 3.0]),
+        _record(1, 20.0, [2.5, 3.0, 3.0]),
+        _record(2, 30.0, [2.0, 3.0, 5.0]),
+        _record(3, 40.0, [2.0, 3.0, 3.0]),
+    ]
+    s = summarize(records, {"model": {"dtype": "bf16"}})
+    assert s["balance_max_over_min"] == pytest.approx(3.0)  # 60 / 20
+    assert s["balance_rank0_over_median"] == pytest.approx(2.0)  # 60 / median(20, 30, 40)
+    assert s["balance_basis"] == "peak_reserved_gib"
+    # per step the slowest rank counts: [2.5, 4.0, 5.0]
+    assert (s["step_time_s_median"], s["step_time_s_min"], s["step_time_s_max"]) == (4.0, 2.5, 5.0)
+    assert s["steps_per_s"] == pytest.approx(0.25)
+    assert s["tokens_per_s"] == pytest.approx(2000 / 4.0)
+    assert s["video_s_per_s"] == pytest.approx(0.25 / 4.0)
+    assert s["tflops_per_gpu"] == pytest.approx(4e15 / 4.0 / 4 / 1e12)
+    assert s["mfu"] == pytest.approx(4e15 / (4.0 * 4 * 989e12))
+    assert s["init_phases_s"] == {"build": 4.0, "load": 2.0}  # slowest rank per phase
+    assert s["init_s"] == pytest.approx(6.0)
+    assert s["alloc_retries"] == 4 and s["ooms"] == 0
+    # fp32 model: no bf16 peak applies, so no MFU, but TFLOP/s still
+    fp32 = summarize(records, {"model": {"dtype": "fp32"}})
+    assert fp32["mfu"] is None and fp32["tflops_per_gpu"] == s["tflops_per_gpu"]
+
+
+def test_summarize_on_cpu_keeps_gpu_figures_absent():
+    records = [_record(r, None, [1.0], device_name="cpu") for r in range(2)]
+    s = summarize(records, {"model": {"dtype": "bf16"}})
+    for key in ("peak_reserved_gib_max", "nvml_used_gib_max", "alloc_retries", "ooms", "mfu"):
+        assert s[key] is None, key
+    assert s["balance_basis"] == "peak_host_rss_gib" and s["balance_max_over_min"] == 1.0
+
+
+def test_collector_times_phases_and_measured_steps_only():
+    collector = MetricsCollector("cpu", 0, 1)
+    with collector.phase("build"):
+        time.sleep(0.05)
+    with collector.phase("build"):  # a phase met twice adds up
+        time.sleep(0.02)
+    with collector.phase("step"):  # not an init phase
+        for i in range(3):
+            with collector.step(measured=i > 0):
+                time.sleep(0.01 * (i + 1))
+    collector.set_workload_info(tokens_per_forward=10, flops_per_step=1e9)
+    collector.note("attention_backend", "sdpa_math")
+    collector.note("param_gib", 0.5)
+    record = collector.rank_record()
+    assert record["init_phases_s"]["build"] == pytest.approx(0.07, abs=0.03)
+    assert "step" not in record["init_phases_s"] and record["other_phases_s"]["step"] >= 0.06
+    assert record["warmup_steps"] == 1 and len(record["step_times_s"]) == 2
+    assert record["step_times_s"][0] == pytest.approx(0.02, abs=0.015)
+    assert record["step_times_s"][1] == pytest.approx(0.03, abs=0.015)
+    mem = record["memory"]
+    assert mem["peak_reserved_gib"] is None and mem["nvml_used_gib"] is None and mem["ooms"] is None
+    assert 0.01 < mem["peak_host_rss_gib"] < 24 and mem["param_gib"] == 0.5
+    assert record["allocator_settings"] is None and record["device_name"] == "cpu"
+    assert record["attention_backend"] == "sdpa_math" and "param_gib" not in record
+    assert record["workload"] == {"tokens_per_forward": 10, "flops_per_step": 1e9}
+
+
+def _gather_worker(rank: int, world_size: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    collector = MetricsCollector("cpu", rank, world_size)
+    for _ in range(rank + 1):  # a different number of steps per rank tells them apart
+        with collector.step(measured=True):
+            pass
+    gathered = gather_records(collector.rank_record())
+    queue.put((rank, gathered))
+    dist.destroy_process_group()
+
+
+def test_gather_records_brings_every_rank_to_rank_0():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gather_worker, args=(r, 3, port, queue)) for r in range(3)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert results[1] is None and results[2] is None
+    assert [r["rank"] for r in results[0]] == [0, 1, 2]
+    assert [len(r["step_times_s"]) for r in results[0]] == [1, 2, 3]
+    assert len({r["pid"] for r in results[0]}) == 3

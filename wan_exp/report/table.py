@@ -1,0 +1,190 @@
+"""The sweep's comparison table, built from the jobs' results.json files only.
+
+One row per configuration: strategy, rank count and whatever else the sweep varied
+(allocator, NCCL profile, size, ...). Jobs that differ only in ``seed`` or ``+repeat``
+are repeats of one row: its metrics are the median over the completed repeats and its
+stability is completed/total. A row with no completed job shows the status and root
+cause of its last job instead of numbers.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+# Overrides that make repeats of one configuration rather than a new configuration.
+REPEAT_KEYS = ("seed", "repeat")
+# Overrides already shown in their own columns.
+COLUMN_KEYS = ("parallel", "launcher.nproc_per_node")
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    value: Callable[[dict], Optional[float]]  # from one completed job's results.json
+    better: str  # "low" or "high": which end is marked best
+    digits: int = 2
+
+
+def _summary(key: str) -> Callable[[dict], Optional[float]]:
+    return lambda results: (results.get("summary") or {}).get(key)
+
+
+def _mfu_percent(results: dict) -> Optional[float]:
+    value = (results.get("summary") or {}).get("mfu")
+    return None if value is None else 100.0 * value
+
+
+METRIC_COLUMNS = (
+    Column("balance max/min", _summary("balance_max_over_min"), "low", 3),
+    Column("rank0/median", _summary("balance_rank0_over_median"), "low", 3),
+    Column("peak reserved GiB", _summary("peak_reserved_gib_max"), "low"),
+    Column("NVML used GiB", _summary("nvml_used_gib_max"), "low"),
+    Column("host RSS GiB", _summary("peak_host_rss_gib_max"), "low"),
+    Column("init s", _summary("init_s"), "low"),
+    Column("step s", _summary("step_time_s_median"), "low", 4),
+    Column("steps/s", _summary("steps_per_s"), "high"),
+    Column("tokens/s", _summary("tokens_per_s"), "high", 0),
+    Column("video s/s", _summary("video_s_per_s"), "high", 4),
+    Column("TFLOP/s/GPU", _summary("tflops_per_gpu"), "high", 3),
+    Column("MFU %", _mfu_percent, "high", 1),
+)
+
+
+def column(title: str) -> Column:
+    """The metric column with this title."""
+    return next(c for c in METRIC_COLUMNS if c.title == title)
+
+
+@dataclass
+class Row:
+    strategy: str
+    world_size: int
+    variant: str  # the other overrides that tell this configuration apart
+    jobs: list[dict] = field(default_factory=list)  # results.json contents, by job_num
+
+    @property
+    def completed(self) -> list[dict]:
+        return [j for j in self.jobs if j.get("status") == "completed"]
+
+    @property
+    def label(self) -> str:
+        base = f"{self.strategy} x{self.world_size}"
+        return f"{base} {self.variant}" if self.variant else base
+
+    @property
+    def stability(self) -> float:
+        return len(self.completed) / len(self.jobs)
+
+    @property
+    def status(self) -> str:
+        """'completed' when every repeat completed, else the statuses seen, e.g. 'hang'."""
+        statuses = sorted({j.get("status", "unknown") for j in self.jobs})
+        return "/".join(statuses)
+
+    @property
+    def root_cause(self) -> str:
+        """The last failed job's root cause, as one line ('' when none failed)."""
+        failed = [j for j in self.jobs if j.get("status") != "completed"]
+        if not failed:
+            return ""
+        cause = failed[-1].get("root_cause") or {}
+        where = ", ".join(f"{k} {cause[k]}" for k in ("rank", "phase", "exitcode") if cause.get(k) is not None)
+        message = " ".join(str(cause.get("message", "")).split())
+        return f"{failed[-1].get('status')}: {message} ({where})" if where else f"{failed[-1].get('status')}: {message}"
+
+    def value(self, column: Column) -> Optional[float]:
+        values = [v for v in (column.value(j) for j in self.completed) if v is not None]
+        return statistics.median(values) if values else None
+
+    def representative(self) -> Optional[dict]:
+        """The completed job whose step time is the row's median (for per-rank plots)."""
+        done = sorted(self.completed, key=lambda j: (j.get("summary") or {}).get("step_time_s_median") or 0.0)
+        return done[len(done) // 2] if done else None
+
+
+def load_results(sweep_dir: Path) -> list[dict]:
+    """Every ``<sweep dir>/<job>/results.json``, in job order."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep dir {sweep_dir} does not exist; pass the folder that holds the job dirs")
+    results = []
+    for path in sorted(sweep_dir.glob("*/results.json")):
+        with open(path) as f:
+            results.append(json.load(f))
+    if not results:
+        raise FileNotFoundError(
+            f"no <job>/results.json under {sweep_dir}; is it a sweep dir (outputs/<date>/<time>)?"
+        )
+    return sorted(results, key=lambda r: (r.get("job_num") is None, r.get("job_num"), r.get("job_dir", "")))
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def build_rows(results: list[dict]) -> list[Row]:
+    """Group the jobs into configurations (see the module docstring), in first-seen order."""
+    rows: dict[tuple, Row] = {}
+    for job in results:
+        variant = " ".join(
+            sorted(
+                o
+                for o in job.get("overrides", [])
+                if _override_key(o) not in REPEAT_KEYS + COLUMN_KEYS
+            )
+        )
+        key = (job.get("strategy"), job.get("world_size"), variant)
+        if key not in rows:
+            rows[key] = Row(str(job.get("strategy")), int(job.get("world_size") or 0), variant)
+        rows[key].jobs.append(job)
+    return list(rows.values())
+
+
+def best_values(rows: list[Row]) -> dict[str, Optional[float]]:
+    """The best value of each metric column (None where no row has one); stability too."""
+    best: dict[str, Optional[float]] = {}
+    for column in METRIC_COLUMNS:
+        values = [v for v in (row.value(column) for row in rows) if v is not None]
+        pick = min if column.better == "low" else max
+        best[column.title] = pick(values) if values else None
+    best["stability"] = max(row.stability for row in rows) if rows else None
+    return best
+
+
+def format_value(value: Optional[float], digits: int) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def table_cells(rows: list[Row]) -> tuple[list[str], list[list[tuple[str, bool]]]]:
+    """Header and, per row, (text, is_best) cells: the one layout every output uses."""
+    best = best_values(rows)
+    header = ["strategy", "ranks", "variant", "stability"] + [c.title for c in METRIC_COLUMNS] + ["status / root cause"]
+    body = []
+    for row in rows:
+        stability = f"{len(row.completed)}/{len(row.jobs)}"
+        cells = [
+            (row.strategy, False),
+            (str(row.world_size), False),
+            (row.variant or "—", False),
+            (stability, len(rows) > 1 and row.stability == best["stability"]),
+        ]
+        for column in METRIC_COLUMNS:
+            value = row.value(column)
+            is_best = len(rows) > 1 and value is not None and value == best[column.title]
+            cells.append((format_value(value, column.digits), is_best))
+        cells.append((row.root_cause or row.status, False))
+        body.append(cells)
+    return header, body
+
+
+def text_table(rows: list[Row]) -> str:
+    """Fixed-width console table; '*' marks the best value of a column."""
+    header, body = table_cells(rows)
+    lines = [header] + [[text + ("*" if is_best else "") for text, is_best in cells] for cells in body]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out) + "\n(* best in column; metrics are medians over completed repeats)"
