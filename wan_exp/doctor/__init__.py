@@ -41,6 +41,7 @@ import os
 from typing import Mapping
 
 from wan_exp.doctor.allocator import allocator_rows
+from wan_exp.doctor.flash import flash_attn_rows
 from wan_exp.doctor.gpus import gpu_rows, read_nvml
 from wan_exp.doctor.nccl import nccl_rows
 from wan_exp.doctor.rows import FAIL, OK, WARN, Row, exit_status, format_table
@@ -61,6 +62,7 @@ def diagnose(env: Mapping[str, str] | None = None, required_gpus: int = 0) -> li
     return [
         *torch_rows(torch_info, requirements),
         *gpus,
+        *flash_attn_rows(torch_info, have_gpu=bool(visible)),
         *package_rows(requirements),
         *nccl_rows(env, [gpu.name for gpu in visible]),
         *allocator_rows(env, torch_info.version),
