@@ -1,0 +1,430 @@
+"""The torchrun launcher's work: check a whole batch, then run each job under the elastic agent.
+
+For a batch of jobs (a sweep, or the one job of a plain run):
+1. compose every job's config and check it (wan_exp.config.validate plus the launch
+   settings below) before the first job starts, so a bad override costs no worker;
+2. per job: write the job dir, config.yaml and job.json once; set the ranks' environment
+   for the launch only; start the ranks with torch's elastic agent (c10d rendezvous, a
+   free port per job) while a watchdog thread looks for a hang; write results.json for a
+   job whose ranks failed (rank 0 writes it for a job that completed); log to W&B and
+   print a one-screen summary;
+3. at the end of the batch: the sweep's report and comparison table.
+
+A job that fails, runs out of memory or hangs is a result, not an error: its JobReturn is
+COMPLETED with the job's status in return_value, so Hydra's sweeper goes on to the next.
+
+This process never initialises CUDA: GPUs are counted with NVML.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import psutil
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.types import HydraContext
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from wan_exp import results
+from wan_exp.config import ConfigError, Strategy, validate
+from wan_exp.envvars import applied_environment, rank_environment
+from wan_exp.faults import PHASES, signal_number
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_NPROC = 2  # nproc_per_node=auto on a machine without GPUs
+STACK_DUMP_WAIT_S = 5.0  # how long the watchdog waits for every rank's stack file
+WATCHDOG_POLL_S = 0.5
+WORKER_SHUTDOWN_S = 5  # grace between the agent's SIGTERM and SIGKILL to surviving ranks
+RESUME_OVERRIDE = "launcher.resume"
+
+
+# ----------------------------------------------------------------------------- GPUs
+def visible_gpu_count() -> int:
+    """GPUs this process could give its ranks, from NVML (never CUDA), honouring
+    CUDA_VISIBLE_DEVICES; 0 when NVML or its driver library is absent."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            present = pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVIDIA driver: a CPU machine
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return present
+    count = 0
+    for entry in (e.strip() for e in visible.split(",")):
+        # CUDA stops at the first entry that names no device
+        if entry.startswith(("GPU-", "MIG-")) or (entry.isdigit() and int(entry) < present):
+            count += 1
+        else:
+            break
+    return count
+
+
+# ----------------------------------------------------------------------------- checks
+def ranks_per_node(cfg: Any, gpus: int) -> int:
+    """launcher.nproc_per_node resolved: auto = visible GPUs (2 on a CPU machine);
+    parallel=single always runs one rank. Raises ConfigError naming the setting."""
+    requested = str(cfg.launcher.nproc_per_node).strip()
+    if requested == "auto":
+        nproc = gpus or CPU_DEFAULT_NPROC
+    elif requested.isdigit() and int(requested) > 0:
+        nproc = int(requested)
+    else:
+        raise ConfigError(
+            f"launcher.nproc_per_node={requested!r} is not allowed; use auto or a positive integer"
+        )
+    if cfg.parallel.name == Strategy.single:
+        if requested != "auto" and nproc != 1:
+            log.warning("parallel=single runs one rank; ignoring launcher.nproc_per_node=%s", requested)
+        return 1
+    if gpus and nproc > gpus:
+        raise ConfigError(
+            f"launcher.nproc_per_node={nproc} but only {gpus} GPU(s) are visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            f"use at most {gpus} or auto"
+        )
+    return nproc
+
+
+def check_launch_settings(cfg: Any, gpus: int) -> None:
+    """The launcher and fault settings that wan_exp.config.validate does not know about."""
+    lc = cfg.launcher
+    if lc.nnodes < 1:
+        raise ConfigError(f"launcher.nnodes={lc.nnodes} must be >= 1")
+    if not 0 <= lc.node_rank < lc.nnodes:
+        raise ConfigError(f"launcher.node_rank={lc.node_rank} is outside 0..{lc.nnodes - 1}")
+    if lc.rdzv_backend not in ("c10d", "static"):
+        raise ConfigError(f"launcher.rdzv_backend={lc.rdzv_backend!r} is not allowed; use c10d or static")
+    host, _, port = str(lc.rdzv_endpoint).rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"launcher.rdzv_endpoint={lc.rdzv_endpoint!r} is not host:port; "
+            "use e.g. localhost:0 (a free port) or node0:29500"
+        )
+    if lc.hang_timeout_s <= 0:
+        raise ConfigError(f"launcher.hang_timeout_s={lc.hang_timeout_s} must be > 0")
+    if lc.max_restarts < 0:
+        raise ConfigError(f"launcher.max_restarts={lc.max_restarts} must be >= 0")
+    fault = cfg.fault
+    kind = fault.kind.name
+    if kind == "none":
+        return
+    if fault.phase not in PHASES:
+        raise ConfigError(f"fault.phase={fault.phase!r} is not a phase; use one of {', '.join(PHASES)}")
+    if kind == "signal":
+        try:
+            signal_number(fault.signal)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if kind == "sleep" and fault.seconds < 0:
+        raise ConfigError(f"fault.seconds={fault.seconds} must be >= 0")
+    if kind == "oom" and not gpus:
+        raise ConfigError("fault=oom allocates GPU memory until it runs out, but no GPU is visible")
+
+
+# ----------------------------------------------------------------------------- planning
+@dataclass
+class JobPlan:
+    """One job of a batch, checked and ready to start."""
+
+    num: int
+    overrides: list[str]  # the job's own overrides, launcher.resume left out
+    hydra_overrides: list[str]  # as Hydra gave them (for its JobReturn)
+    config: DictConfig  # with the hydra node
+    job_dir: Path
+    nproc_per_node: int
+    world_size: int
+    backend: str
+    already_completed: bool  # launcher.resume found a completed results.json
+
+
+def job_overrides_for_record(overrides: Sequence[str]) -> list[str]:
+    return [o for o in overrides if not o.lstrip("+~").startswith(RESUME_OVERRIDE)]
+
+
+def plan_job(hydra_context: HydraContext, sweep_config: DictConfig, overrides: Sequence[str],
+             num: int, gpus: int) -> JobPlan:
+    config = hydra_context.config_loader.load_sweep_config(sweep_config, list(overrides))
+    with open_dict(config):
+        config.hydra.job.id = num
+        config.hydra.job.num = num
+    nproc = ranks_per_node(config, gpus)
+    check_launch_settings(config, gpus)
+    world_size = nproc * config.launcher.nnodes
+    validate(config, world_size)
+    job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+    own_overrides = job_overrides_for_record(overrides)
+    completed = check_existing_job_dir(job_dir, own_overrides, bool(config.launcher.resume))
+    return JobPlan(num=num, overrides=own_overrides, hydra_overrides=list(overrides), config=config,
+                   job_dir=job_dir, nproc_per_node=nproc, world_size=world_size,
+                   backend="nccl" if gpus else "gloo", already_completed=completed)
+
+
+def check_existing_job_dir(job_dir: Path, overrides: list[str], resume: bool) -> bool:
+    """True if launcher.resume may skip this job. A job dir left by an earlier run is only
+    reused with launcher.resume=true and only for the same overrides."""
+    job = results.read_json(job_dir / results.JOB_FILE)
+    if job is None:
+        return False
+    if not resume:
+        raise ConfigError(
+            f"{job_dir} already holds a job; use launcher.resume=true to finish that sweep, "
+            "or a new hydra.sweep.dir"
+        )
+    if job.get("overrides") != overrides:
+        raise ConfigError(
+            f"launcher.resume=true: {job_dir} holds a job with overrides {job.get('overrides')}, "
+            f"but this sweep's job there has {overrides}; resume with the same sweep arguments"
+        )
+    return results.is_completed(job_dir)
+
+
+def plan_batch(hydra_context: HydraContext, sweep_config: DictConfig,
+               job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobPlan]:
+    """Every job of the batch composed and checked; raises ConfigError before any starts."""
+    gpus = visible_gpu_count()
+    plans = []
+    for offset, overrides in enumerate(job_overrides):
+        try:
+            plans.append(plan_job(hydra_context, sweep_config, overrides, initial_job_idx + offset, gpus))
+        except ConfigError as exc:
+            raise ConfigError(f"job {initial_job_idx + offset} ({' '.join(overrides) or 'no overrides'}): {exc}") from None
+    return plans
+
+
+# ----------------------------------------------------------------------------- job dir
+def prepare_job_dir(plan: JobPlan, task_cfg: DictConfig, env: dict[str, str]) -> None:
+    """config.yaml and job.json, written once before the ranks start; leftovers of an
+    earlier unfinished attempt (launcher.resume) are removed first."""
+    job_dir = plan.job_dir
+    for stale in ("ranks", "progress", "stacks", "nccl_trace"):
+        shutil.rmtree(job_dir / stale, ignore_errors=True)
+    (job_dir / results.RESULTS_FILE).unlink(missing_ok=True)
+    (job_dir / "logs").mkdir(parents=True, exist_ok=True)
+    if task_cfg.nccl.flight_recorder:
+        (job_dir / "nccl_trace").mkdir()
+    results.write_text_atomic(job_dir / results.CONFIG_FILE, OmegaConf.to_yaml(task_cfg, resolve=True))
+    results.write_json_atomic(job_dir / results.JOB_FILE, {
+        "overrides": plan.overrides,
+        "job_num": plan.num,
+        "sweep_dir": str(job_dir.parent),
+        "world_size": plan.world_size,
+        "nproc_per_node": plan.nproc_per_node,
+        "nnodes": task_cfg.launcher.nnodes,
+        "node_rank": task_cfg.launcher.node_rank,
+        "backend": plan.backend,
+        "env": env,
+        "started_at": results.now_iso(),
+    })
+
+
+# ----------------------------------------------------------------------------- workers
+def job_workers(job_dir: Path) -> list[psutil.Process]:
+    """The live worker processes of this job (children of this process running
+    `wan_exp.worker <job_dir>`), with their own children."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = proc.cmdline()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        if "wan_exp.worker" in cmdline and str(job_dir) in cmdline:
+            found.append(proc)
+            found.extend(proc.children(recursive=True))
+    return found
+
+
+def kill_workers(job_dir: Path) -> list[int]:
+    """SIGKILL every process of the job; returns their PIDs."""
+    procs = job_workers(job_dir)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+    return [p.pid for p in procs]
+
+
+def read_heartbeats(job_dir: Path) -> dict[int, dict]:
+    beats = (results.read_json(p) for p in (job_dir / "progress").glob("rank_*.json"))
+    return {b["rank"]: b for b in beats if b is not None}
+
+
+class HangWatchdog(threading.Thread):
+    """Ends a job whose ranks made no progress for `timeout_s`.
+
+    Progress is a new heartbeat from any rank. On a hang: SIGUSR1 to every rank (each
+    dumps all its threads' stacks into stacks/rank_<r>.txt), a short wait for the files,
+    then SIGKILL to every worker. `finding` then holds the rank whose heartbeat is oldest
+    and its phase: the rank the others were waiting for.
+    """
+
+    def __init__(self, job_dir: Path, world_size: int, timeout_s: float) -> None:
+        super().__init__(name="wan-exp-hang-watchdog", daemon=True)
+        self.job_dir, self.world_size, self.timeout_s = job_dir, world_size, timeout_s
+        self.finding: Optional[dict] = None
+        self._stop_event = threading.Event()
+        self._started_at = time.time()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(WATCHDOG_POLL_S):
+            beats = read_heartbeats(self.job_dir)
+            last_progress = max([b["time"] for b in beats.values()] + [self._started_at])
+            if time.time() - last_progress > self.timeout_s:
+                self._end_hung_job(beats)
+                return
+
+    def _end_hung_job(self, beats: dict[int, dict]) -> None:
+        # a rank with no heartbeat yet never got past start-up: it is the oldest
+        ranks = [beats.get(r, {"rank": r, "phase": "start", "step": None, "time": self._started_at})
+                 for r in range(self.world_size)]
+        stuck = min(ranks, key=lambda b: (b["time"], b["rank"]))
+        silent_s = time.time() - stuck["time"]
+        where = stuck["phase"] if stuck["step"] is None else f"{stuck['phase']} {stuck['step']}"
+        self.finding = {
+            "rank": stuck["rank"], "phase": stuck["phase"], "step": stuck["step"], "silent_s": silent_s,
+            "message": (f"no progress from any rank for {self.timeout_s:g}s "
+                        f"(launcher.hang_timeout_s); rank {stuck['rank']} last reported "
+                        f"{where!r} {silent_s:.0f}s ago; stacks in {self.job_dir / 'stacks'}"),
+        }
+        log.error(self.finding["message"])
+        self._dump_stacks([b for b in ranks if "pid" in b])
+        kill_workers(self.job_dir)
+
+    def _dump_stacks(self, beats: list[dict]) -> None:
+        for beat in beats:
+            try:
+                os.kill(beat["pid"], signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        stack_files = [self.job_dir / "stacks" / f"rank_{b['rank']}.txt" for b in beats]
+        deadline = time.time() + STACK_DUMP_WAIT_S
+        while time.time() < deadline and not all(f.exists() and f.stat().st_size for f in stack_files):
+            time.sleep(0.1)
+
+
+def start_ranks(plan: JobPlan, task_cfg: DictConfig) -> tuple[dict[int, dict], Optional[dict], Optional[str]]:
+    """Run the job's ranks under the elastic agent (this thread) and the hang watchdog.
+
+    Returns (dead_ranks, hang finding, launch error): dead_ranks maps each rank that
+    exited non-zero to {"exitcode", "time", "phase", "message"}.
+    """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, launch_agent
+
+    lc = task_cfg.launcher
+    rdzv_configs: dict[str, Any] = {}
+    if lc.rdzv_backend == "static":
+        rdzv_configs["rank"] = lc.node_rank
+    elif lc.nnodes > 1:
+        rdzv_configs["is_host"] = lc.node_rank == 0
+    config = LaunchConfig(
+        min_nodes=lc.nnodes, max_nodes=lc.nnodes, nproc_per_node=plan.nproc_per_node,
+        run_id=f"wan-exp-{plan.num}-{uuid.uuid4().hex[:8]}",
+        rdzv_backend=lc.rdzv_backend, rdzv_endpoint=lc.rdzv_endpoint, rdzv_configs=rdzv_configs,
+        max_restarts=lc.max_restarts, monitor_interval=0.1, start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=str(plan.job_dir / "logs"), redirects=Std.ALL),
+        shutdown_timeout=WORKER_SHUTDOWN_S,
+    )
+    watchdog = HangWatchdog(plan.job_dir, plan.world_size, float(lc.hang_timeout_s))
+    watchdog.start()
+    dead: dict[int, dict] = {}
+    launch_error = None
+    try:
+        launch_agent(config, sys.executable, ["-m", "wan_exp.worker", str(plan.job_dir)])
+    except ChildFailedError as exc:
+        beats = read_heartbeats(plan.job_dir)
+        for rank, failure in exc.failures.items():
+            how = (f"killed by {failure.signal_name()}" if failure.exitcode < 0
+                   else f"exited with code {failure.exitcode}")
+            dead[rank] = {"exitcode": failure.exitcode, "time": failure.timestamp,
+                          "phase": beats.get(rank, {}).get("phase", "start"),
+                          "message": f"rank {rank} {how} without writing its record (see {plan.job_dir / 'logs'})"}
+    except Exception as exc:  # rendezvous or agent failure: the job failed before its ranks ran
+        launch_error = f"{type(exc).__name__}: {exc}"
+        log.error("job %d: the elastic agent failed: %s", plan.num, launch_error)
+    finally:
+        watchdog.stop()
+        leftovers = kill_workers(plan.job_dir)  # nothing of this job may outlive it
+        if leftovers:
+            log.warning("job %d: killed leftover worker processes %s", plan.num, leftovers)
+    return dead, watchdog.finding, launch_error
+
+
+def run_one_job(plan: JobPlan, task_cfg: DictConfig) -> dict:
+    """Run one job and return its results (also on disk as <job>/results.json)."""
+    if plan.already_completed:
+        log.info("job %d: %s already completed (launcher.resume); skipping", plan.num, plan.job_dir)
+        return results.read_results(plan.job_dir)
+    env = rank_environment(task_cfg, plan.job_dir, plan.nproc_per_node)
+    prepare_job_dir(plan, task_cfg, env)
+    log.info("job %d: %d rank(s), backend %s, job dir %s", plan.num, plan.world_size, plan.backend, plan.job_dir)
+    with applied_environment(env):
+        dead, hang, launch_error = start_ranks(plan, task_cfg)
+    return results.finalize_job(plan.job_dir, dead, hang, launch_error)
+
+
+def report_job(job_results: dict, job_dir: Path) -> None:
+    """W&B run and the one-screen summary of one finished job."""
+    from wan_exp.wandb_logger import log_job
+
+    try:
+        log_job(job_results, job_dir)
+    except Exception as exc:  # the result is safe on disk; W&B is a copy of it
+        log.warning("job %s: W&B logging failed (results.json is unaffected): %s", job_results.get("job_num"), exc)
+    print(results.summary_text(job_results), flush=True)
+
+
+def report_sweep(sweep_dir: Path) -> None:
+    """The sweep's report.md/report.html and its comparison table on the console."""
+    from wan_exp.report import comparison_table, write_report
+
+    markdown, html = write_report(sweep_dir)
+    print(comparison_table(sweep_dir), flush=True)
+    print(f"report: {markdown}  {html}", flush=True)
+
+
+def launch_batch(hydra_context: HydraContext, sweep_config: DictConfig,
+                 job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    """Check every job of the batch, then run them one after the other."""
+    setup_globals()
+    configure_log(sweep_config.hydra.hydra_logging, sweep_config.hydra.verbose)
+    sweep_dir = Path(str(sweep_config.hydra.sweep.dir))
+    plans = plan_batch(hydra_context, sweep_config, job_overrides, initial_job_idx)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Launching %d job(s) under torchrun into %s", len(plans), sweep_dir)
+    returns = []
+    for plan in plans:
+        log.info("\t#%d : %s", plan.num, " ".join(filter_overrides(plan.hydra_overrides)))
+
+        def job_task(task_cfg: DictConfig, plan: JobPlan = plan) -> dict:
+            job_results = run_one_job(plan, task_cfg)
+            report_job(job_results, plan.job_dir)
+            return {"status": job_results["status"], "job_dir": str(plan.job_dir)}
+
+        returns.append(run_job(hydra_context=hydra_context, task_function=job_task, config=plan.config,
+                               job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+        configure_log(sweep_config.hydra.hydra_logging, sweep_config.hydra.verbose)
+    report_sweep(sweep_dir)
+    return returns

@@ -1,0 +1,126 @@
+"""One rank of a job, start to end: ``python -m wan_exp.worker <job_dir>``.
+
+The launcher's elastic agent starts this once per rank with RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT set. The rank reads the job's resolved config.yaml (children
+have no Hydra state), joins the process group, runs the workload and writes its rank
+record; rank 0 gathers every record and writes results.json.
+
+On an exception the rank writes a record with status failed (oom for
+torch.OutOfMemoryError, with its memory figures) and the phase it was in, then exits
+non-zero at once; the launcher stops the other ranks and writes the job's result.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from wan_exp import results
+from wan_exp.config import ExperimentConfig
+from wan_exp.envvars import JOB_DIR_VAR
+from wan_exp.metrics.collector import gather_records, summarize
+from wan_exp.runtime import RankContext
+
+# Variables the rank records as it sees them (besides those the launcher set for the job),
+# so a test or a reader can check what reached the rank.
+RECORDED_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+
+
+def load_job_config(job_dir: Path) -> Any:
+    """The job's config.yaml merged into the schema (enums and types as the launcher had them)."""
+    return OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.load(job_dir / results.CONFIG_FILE))
+
+
+def dump_stacks_on_sigusr1(job_dir: Path, rank: int) -> None:
+    """The hang watchdog sends SIGUSR1; faulthandler then writes every thread's stack."""
+    stacks = job_dir / "stacks"
+    stacks.mkdir(parents=True, exist_ok=True)
+    stack_file = open(stacks / f"rank_{rank}.txt", "w")  # kept open for the life of the rank
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+
+
+def seen_environment(job: dict) -> dict[str, str | None]:
+    """The launcher's variables and a few torchrun ones, as this rank sees them."""
+    names = set(job.get("env", {})) | set(RECORDED_VARIABLES)
+    names |= {n for n in os.environ if n.startswith("WAN_EXP_")}
+    return {name: os.environ.get(name) for name in sorted(names)}
+
+
+def error_record(ctx: RankContext, exc: BaseException) -> dict:
+    """This rank's record after `exc`: status failed, or oom with the memory figures."""
+    record = ctx.metrics.rank_record()
+    is_oom = isinstance(exc, torch.OutOfMemoryError)
+    record["status"] = results.OOM if is_oom else results.FAILED
+    record["error"] = {
+        "type": type(exc).__name__, "message": str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+        "traceback": traceback.format_exc(), "phase": ctx.current_phase, "time": time.time(),
+    }
+    if is_oom and ctx.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(ctx.device)
+        record["error"]["device_free_gib"] = free / 1024**3
+        record["error"]["device_total_gib"] = total / 1024**3
+    return record
+
+
+def run_rank(job_dir: Path) -> int:
+    job = json.loads((job_dir / results.JOB_FILE).read_text())
+    cfg = load_job_config(job_dir)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    dump_stacks_on_sigusr1(job_dir, rank)
+    on_gpu = job["backend"] == "nccl"
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    ctx = RankContext(cfg, rank, local_rank, world_size, device, job_dir)
+    try:
+        with ctx.phase("process_group"):
+            dist.init_process_group(job["backend"], timeout=timedelta(seconds=cfg.nccl.timeout_s),
+                                    device_id=device if on_gpu else None)
+        from wan_exp.workloads import WORKLOADS  # after the process group: imports the model code
+
+        WORKLOADS[cfg.workload.name](cfg, ctx)
+        record = ctx.metrics.rank_record()
+        record.update(status=results.COMPLETED, error=None, env=seen_environment(job))
+        results.write_rank_record(job_dir, record)
+        ctx.heartbeat("gather")
+        records = gather_records(record)
+        if rank == 0:
+            results.write_results(job_dir, results.completed_results(job_dir, records, summarize))
+        ctx.heartbeat("done")
+        dist.destroy_process_group()
+        return 0
+    except BaseException as exc:  # record any failure, including KeyboardInterrupt, then leave
+        record = error_record(ctx, exc)
+        record["env"] = seen_environment(job)
+        results.write_rank_record(job_dir, record)
+        print(f"[rank {rank}] {record['status']} in phase {ctx.current_phase}:", file=sys.stderr)
+        traceback.print_exc()
+        return 1
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m wan_exp.worker <job_dir>  (started by the torchrun launcher)")
+    job_dir = Path(sys.argv[1])
+    os.environ.setdefault(JOB_DIR_VAR, str(job_dir))
+    code = run_rank(job_dir)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: skip interpreter teardown, which can block on a broken process group
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
