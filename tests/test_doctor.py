@@ -16,11 +16,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 from wan_exp.doctor import FAIL, OK, WARN, diagnose, exit_status
 from wan_exp.doctor.allocator import allocator_rows, parse_allocator_conf
 from wan_exp.doctor.gpus import Gpu, NvmlView, gpu_rows, visible_gpus
-from wan_exp.doctor.software import PACKAGES
+from wan_exp.doctor.software import PACKAGES, version_row
 from wan_exp.doctor.system import shm_rows
 from wan_exp.doctor.workers import find_workers, worker_rows
 
@@ -152,6 +153,28 @@ def test_allocator_string_torch_rejects_fails_the_doctor():
     (row,) = [r for r in rows if r.status == FAIL]
     assert row.check == "PYTORCH_ALLOC_CONF" and "unknown key 'expandable_segment'" in row.value
     assert "did you mean 'expandable_segments'?" in row.hint
+
+
+def test_torch_that_does_not_import_fails_the_doctor(tmp_path):
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        'raise OSError("libcudart.so.12: cannot open shared object file")\n')
+    proc = run_doctor(env=clean_env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = table_rows(proc.stdout.split("\n\n")[0])
+    assert rows["torch"] == (FAIL, "does not import: OSError: libcudart.so.12: cannot open shared object file")
+    assert rows["flash-attn"] == (WARN, "not checked: torch does not import")
+    assert proc.stdout.rstrip().endswith("NOT usable: fix the FAIL rows (exit status 1)")
+
+
+def test_missing_or_old_packages():
+    hydra = Requirement("hydra-core<1.4,>=1.3")
+    assert version_row("hydra-core", None, hydra).status == FAIL
+    old = version_row("hydra-core", "1.2.0", hydra)
+    assert (old.status, old.hint) == (FAIL, "pip install 'hydra-core<1.4,>=1.3'")
+    assert version_row("hydra-core", "1.3.8", hydra).status == OK
+    peft = version_row("peft", None, Requirement("peft>=0.11"))
+    assert peft.status == WARN and "workload=train_lora" in peft.hint
 
 
 def test_more_gpus_requested_than_visible_fails_the_doctor():
