@@ -146,6 +146,26 @@ def test_running_worker_is_listed_then_gone(seed_environment):
     assert [(r.check, r.status, r.value) for r in worker_rows([])] == [("harness workers", OK, "none running")]
 
 
+def test_worker_scan_skips_rank_children_and_flags_orphans(tmp_path):
+    """A /proc-like tree: a rank, a child it started, an orphaned rank, an unrelated process."""
+    def process(pid: int, ppid: int, env: dict[str, str]) -> None:
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (python -m x) S {ppid} {pid} 0 0")
+        (tmp_path / str(pid) / "environ").write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()))
+
+    process(100, 50, {"WAN_EXP_JOB_DIR": "/sweep/0", "RANK": "0", "PATH": "/bin"})
+    process(101, 100, {"WAN_EXP_JOB_DIR": "/sweep/0", "RANK": "0"})  # the rank's own child
+    process(200, 1, {"WAN_EXP_JOB_DIR": "/sweep/1", "RANK": "1"})  # its launcher died
+    process(300, 1, {"PATH": "/bin"})
+    (tmp_path / "self").mkdir()
+    workers = find_workers(tmp_path)
+    assert [(w.pid, w.rank, w.job_dir) for w in workers] == [(100, "0", "/sweep/0"), (200, "1", "/sweep/1")]
+    rows = worker_rows(workers)
+    assert [(r.check, r.status) for r in rows] == [("worker PID 100", OK), ("worker PID 200", WARN)]
+    assert rows[0].value == "rank 0, job dir /sweep/0"
+    assert "orphaned" in rows[1].hint and "kill 200" in rows[1].hint
+
+
 # ------------------------------------------------------------------ what blocks a run (exit 1)
 def test_allocator_string_torch_rejects_fails_the_doctor():
     rows = diagnose(env=clean_env(PYTORCH_ALLOC_CONF="expandable_segment:True"))

@@ -42,13 +42,19 @@ def parent_pid(pid_dir: Path) -> int:
 
 
 def find_workers(proc: Path = PROC) -> list[Worker]:
-    workers = []
+    """Every process started with WAN_EXP_JOB_DIR, except this one and the children a rank
+    starts itself (a probe, a compile worker): they inherit the variable, but belong to
+    their rank. A child whose rank is gone is listed: it is a leftover."""
+    found: dict[int, Worker] = {}
     for pid_dir in proc.iterdir():
         if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
             continue
         env = read_environ(pid_dir)
         if JOB_DIR_VAR in env:
-            workers.append(Worker(int(pid_dir.name), parent_pid(pid_dir), env.get("RANK", "?"), env[JOB_DIR_VAR]))
+            pid = int(pid_dir.name)
+            found[pid] = Worker(pid, parent_pid(pid_dir), env.get("RANK", "?"), env[JOB_DIR_VAR])
+    workers = [w for w in found.values()
+               if w.parent_pid not in found or found[w.parent_pid].job_dir != w.job_dir]
     return sorted(workers, key=lambda w: (w.job_dir, w.rank, w.pid))
 
 
