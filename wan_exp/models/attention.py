@@ -1,0 +1,247 @@
+"""The one attention entry point of the DiT, and the backends behind it.
+
+``attention(q, k, v)`` takes and returns ``(B, N, H, d)`` tensors (tokens before heads, the
+layout the Linear projections produce), so no caller transposes. The backend is chosen once
+per process: ``configure(name)`` records the requested name (``model.attention_backend``);
+``auto`` is resolved at the first call, on that call's device and dtype, by trying the
+candidates fastest first and keeping the first that runs. ``selected_backend()`` says which
+one ran, for the rank record.
+
+flash-attn is a compiled extension that often does not match the installed torch (an
+``undefined symbol`` at import); ``flash_attn_status()`` imports it and runs a tiny forward
+in a subprocess, so a broken build is diagnosed without touching this process.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+SDPA_KERNELS = {
+    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa_math": SDPBackend.MATH,
+}
+BACKENDS = ("flash_attn", "fa3", "fa4", "sdpa", *SDPA_KERNELS)
+# `auto` on a GPU, fastest first (DESIGN §6: cuDNN 585, FA2 370, efficient 179 TFLOP/s on H100).
+AUTO_ORDER_CUDA = ("fa3", "sdpa_cudnn", "fa4", "flash_attn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
+# On a CPU PyTorch's own choice among its SDPA kernels is the fastest that exists.
+AUTO_ORDER_CPU = ("sdpa",)
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention backend is unknown or cannot run here."""
+
+
+# ----------------------------------------------------------------------------- backends
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # SDPA wants (B, H, N, d); transposed views keep the last dim contiguous, which every
+    # kernel accepts, and the output view is transposed back without a copy.
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _sdpa_with(kernel: SDPBackend) -> Callable[..., torch.Tensor]:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel([kernel]):
+            return _sdpa(q, k, v)
+
+    return run
+
+
+def _first(out: torch.Tensor | tuple) -> torch.Tensor:
+    # FA3 and FA4 return (out, softmax_lse) in some versions and out alone in others.
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q, k, v)
+
+
+def _fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from flash_attn_interface import flash_attn_func
+
+    return _first(flash_attn_func(q, k, v))
+
+
+def _fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_func
+
+    return _first(flash_attn_func(q, k, v))
+
+
+_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "flash_attn": _flash_attn,
+    "fa3": _fa3,
+    "fa4": _fa4,
+    "sdpa": _sdpa,
+    **{name: _sdpa_with(kernel) for name, kernel in SDPA_KERNELS.items()},
+}
+# the module each optional backend needs; a missing one is skipped by `auto` without trying
+_REQUIRED_MODULE = {"flash_attn": "flash_attn", "fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}
+
+# ----------------------------------------------------------------------------- selection
+_requested = "auto"
+_selected: str | None = None
+
+
+def _backend_name(name: object) -> str:
+    """Accept the config enum or a plain string."""
+    return str(getattr(name, "value", name))
+
+
+def configure(name: object) -> None:
+    """Record the backend requested by ``model.attention_backend``; resolved at the first call."""
+    global _requested, _selected
+    name = _backend_name(name)
+    if name != "auto" and name not in BACKENDS:
+        raise AttentionBackendError(
+            f"model.attention_backend={name!r} is unknown; choose one of auto, {', '.join(BACKENDS)}"
+        )
+    if name != _requested:
+        _requested, _selected = name, None
+
+
+def selected_backend() -> str | None:
+    """The backend that ran (None before the first attention call)."""
+    return _selected
+
+
+def _module_importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails to import
+        return False
+
+
+def _auto_candidates(device: torch.device) -> list[str]:
+    if device.type != "cuda":
+        return list(AUTO_ORDER_CPU)
+    candidates = []
+    for name in AUTO_ORDER_CUDA:
+        module = _REQUIRED_MODULE.get(name)
+        if module and not _module_importable(module):
+            continue
+        if name == "flash_attn" and not flash_attn_status()["ok"]:
+            continue  # importable but broken (DESIGN §9): never touch it in this process
+        candidates.append(name)
+    return candidates
+
+
+def _resolve_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    global _selected
+    candidates = _auto_candidates(q.device) if _requested == "auto" else [_requested]
+    failures = []
+    for name in candidates:
+        try:
+            out = _IMPLEMENTATIONS[name](q, k, v)
+        except Exception as err:  # noqa: BLE001 - any failure means "does not work here"
+            failures.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            continue
+        _selected = name
+        return out
+    raise AttentionBackendError(
+        f"model.attention_backend={_requested!r}: no backend ran on {q.device} with "
+        f"{q.dtype}, head dim {q.shape[-1]}: " + "; ".join(failures)
+        + ". Use model.attention_backend=sdpa_math (always available) or fix the backend."
+    )
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention, no mask, scale 1/sqrt(d). q (B, Nq, H, d), k/v (B, Nk, H, d) -> (B, Nq, H, d)."""
+    if _selected is None:
+        return _resolve_and_run(q, k, v)
+    return _IMPLEMENTATIONS[_selected](q, k, v)
+
+
+# ----------------------------------------------------------------------------- flash-attn probe
+_PROBE = r"""
+import json, sys
+report = {"ok": False, "version": None, "error": None, "forward_ran": False}
+try:
+    import flash_attn
+    report["version"] = getattr(flash_attn, "__version__", None)
+    from flash_attn import flash_attn_func
+    import torch
+    if torch.cuda.is_available():
+        q = torch.randn(1, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+        out = flash_attn_func(q, q, q)
+        torch.cuda.synchronize()
+        report["forward_ran"] = bool(torch.isfinite(out).all())
+        report["ok"] = report["forward_ran"]
+        if not report["ok"]:
+            report["error"] = "tiny forward returned non-finite values"
+    else:
+        report["error"] = "no CUDA device: flash-attn imports but cannot run here"
+except BaseException as err:
+    report["error"] = f"{type(err).__name__}: {err}"
+print("FLASH_ATTN_STATUS " + json.dumps(report))
+"""
+
+# substrings of an error and what they mean, first match wins
+_DIAGNOSES = (
+    ("No module named 'flash_attn'", "flash-attn is not installed (optional; SDPA is used instead)"),
+    ("undefined symbol", "flash-attn was built against another torch version or C++ ABI; "
+     "reinstall it built for the installed torch (pip install flash-attn --no-build-isolation)"),
+    ("no kernel image", "flash-attn was built for another GPU architecture"),
+    ("libcudart", "flash-attn needs a CUDA runtime library that is not found or has another version"),
+    ("GLIBC", "flash-attn was built on a newer system (glibc) than this one"),
+    ("no CUDA device", "no GPU visible: flash-attn can only run on a CUDA device"),
+)
+
+
+def _diagnose(error: str | None) -> str | None:
+    if not error:
+        return None
+    for needle, meaning in _DIAGNOSES:
+        if needle in error:
+            return meaning
+    return "flash-attn failed to import or run; see the error text"
+
+
+@functools.lru_cache(maxsize=1)
+def flash_attn_status(timeout_s: float = 120.0) -> dict:
+    """Import flash-attn and run a tiny forward in a subprocess.
+
+    Returns ``{"ok", "version", "error", "diagnosis", "forward_ran"}``. A crash of the
+    subprocess (a segfault in a mismatched extension) is reported, never propagated.
+    """
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        error = f"the flash-attn probe did not finish within {timeout_s:.0f} s"
+        return {"ok": False, "version": None, "error": error, "diagnosis": error, "forward_ran": False}
+    marker = [line for line in proc.stdout.splitlines() if line.startswith("FLASH_ATTN_STATUS ")]
+    if marker:
+        report = json.loads(marker[-1].split(" ", 1)[1])
+    else:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        report = {
+            "ok": False, "version": None, "forward_ran": False,
+            "error": f"probe exited with code {proc.returncode}: " + " | ".join(tail),
+        }
+    report["diagnosis"] = _diagnose(report["error"])
+    return report
+
+
+def importable_backends() -> dict[str, bool]:
+    """Which optional backend modules can be found (without importing them)."""
+    return {name: _module_importable(module) for name, module in _REQUIRED_MODULE.items()}
+
+
+__all__ = [
+    "BACKENDS", "AttentionBackendError", "attention", "configure", "selected_backend",
+    "flash_attn_status", "importable_backends",
+]
