@@ -1,7 +1,7 @@
 """The sweep's comparison table, built from the jobs' results.json files only.
 
 One row per configuration: strategy, rank count and whatever else the sweep varied
-(allocator, NCCL profile, size, ...). Jobs that differ only in ``seed`` or ``+repeat``
+(allocator, NCCL profile, size, ...). Jobs that differ only in ``seed`` (or ``logger.*``)
 are repeats of one row: its metrics are the median over the completed repeats and its
 stability is completed/total. A row with no completed job shows the status and root
 cause of its last job instead of numbers.
@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-# Overrides that make repeats of one configuration rather than a new configuration.
-REPEAT_KEYS = ("seed", "repeat")
-# Overrides already shown in their own columns.
-COLUMN_KEYS = ("parallel", "launcher.nproc_per_node")
+# Overrides that do not make a new configuration: repeats (seed), where results are
+# logged (logger.*), and those already shown in their own columns.
+NOT_VARIANT_KEYS = ("seed", "logger", "parallel", "launcher.nproc_per_node")
 
 
 @dataclass(frozen=True)
@@ -121,21 +120,16 @@ def load_results(sweep_dir: Path) -> list[dict]:
     return sorted(results, key=lambda r: (r.get("job_num") is None, r.get("job_num"), r.get("job_dir", "")))
 
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
+def _is_variant(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return not any(key == k or key.startswith(k + ".") for k in NOT_VARIANT_KEYS)
 
 
 def build_rows(results: list[dict]) -> list[Row]:
     """Group the jobs into configurations (see the module docstring), in first-seen order."""
     rows: dict[tuple, Row] = {}
     for job in results:
-        variant = " ".join(
-            sorted(
-                o
-                for o in job.get("overrides", [])
-                if _override_key(o) not in REPEAT_KEYS + COLUMN_KEYS
-            )
-        )
+        variant = " ".join(sorted(o for o in job.get("overrides", []) if _is_variant(o)))
         key = (job.get("strategy"), job.get("world_size"), variant)
         if key not in rows:
             rows[key] = Row(str(job.get("strategy")), int(job.get("world_size") or 0), variant)
@@ -158,10 +152,16 @@ def format_value(value: Optional[float], digits: int) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
+def shown_columns(rows: list[Row]) -> list[Column]:
+    """The metric columns some row has a value for (a CPU sweep has no GPU columns)."""
+    return [c for c in METRIC_COLUMNS if any(row.value(c) is not None for row in rows)]
+
+
 def table_cells(rows: list[Row]) -> tuple[list[str], list[list[tuple[str, bool]]]]:
     """Header and, per row, (text, is_best) cells: the one layout every output uses."""
     best = best_values(rows)
-    header = ["strategy", "ranks", "variant", "stability"] + [c.title for c in METRIC_COLUMNS] + ["status / root cause"]
+    columns = shown_columns(rows)
+    header = ["strategy", "ranks", "variant", "stability"] + [c.title for c in columns] + ["status / root cause"]
     body = []
     for row in rows:
         stability = f"{len(row.completed)}/{len(row.jobs)}"
@@ -171,7 +171,7 @@ def table_cells(rows: list[Row]) -> tuple[list[str], list[list[tuple[str, bool]]
             (row.variant or "—", False),
             (stability, len(rows) > 1 and row.stability == best["stability"]),
         ]
-        for column in METRIC_COLUMNS:
+        for column in columns:
             value = row.value(column)
             is_best = len(rows) > 1 and value is not None and value == best[column.title]
             cells.append((format_value(value, column.digits), is_best))

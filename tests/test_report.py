@@ -1,0 +1,195 @@
+"""The sweep dashboard, built from a real sweep of the tiny model through launch.py."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from wan_exp.report import comparison_table, write_report
+
+REPO = Path(__file__).resolve().parent.parent
+# Two strategies at two rank counts (a scaling line each) plus a job that fails on purpose.
+SWEEP = ["parallel=ulysses,fsdp_fixed", "launcher.nproc_per_node=1,2", "workload.sample_steps=3"]
+FAILING = ["fault=raise", "fault.rank=1", "launcher.nproc_per_node=2"]
+
+# Column title -> (results.json summary key, scale, True if lower is better); written out
+# here independently of the report's own column list.
+EXPECTED_COLUMNS = {
+    "balance max/min": ("balance_max_over_min", 1, True),
+    "rank0/median": ("balance_rank0_over_median", 1, True),
+    "host RSS GiB": ("peak_host_rss_gib_max", 1, True),
+    "init s": ("init_s", 1, True),
+    "step s": ("step_time_s_median", 1, True),
+    "steps/s": ("steps_per_s", 1, False),
+    "tokens/s": ("tokens_per_s", 1, False),
+    "video s/s": ("video_s_per_s", 1, False),
+    "TFLOP/s/GPU": ("tflops_per_gpu", 1, False),
+}
+
+
+def _launch(sweep_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "launch.py", "logger=disabled", f"hydra.sweep.dir={sweep_dir}", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    done = _launch(sweep_dir, SWEEP)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # the failing job joins the same sweep dir under its own subdir (Hydra numbers from 0 again)
+    failed = _launch(sweep_dir, [*FAILING, "hydra.sweep.subdir=failing"])
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    return sweep_dir
+
+
+def _jobs(sweep_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
+
+
+def _markdown_table(text: str) -> list[dict[str, str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split(" | ")))) for line in lines[1:]]
+
+
+class _TableParser(HTMLParser):
+    """Cells of the comparison table: (text, is_best) per cell, header row first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[tuple[str, bool]]] = []
+        self.images: list[str] = []
+        self._cell: list[str] | None = None
+        self._best = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell, self._best = [], "best" in (attrs.get("class") or "")
+        elif tag == "img":
+            self.images.append(attrs["src"])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append(("".join(self._cell), self._best))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _jobs_of_row(jobs: list[dict], row: dict[str, str]) -> list[dict]:
+    return [
+        j for j in jobs
+        if j["strategy"] == row["strategy"] and str(j["world_size"]) == row["ranks"]
+        and (("fault=raise" in j["overrides"]) == ("fault=raise" in row["variant"]))
+    ]  # fmt: skip
+
+
+def test_report_tables_equal_the_jobs_results(sweep_dir):
+    md_path, html_path = write_report(sweep_dir)
+    assert (md_path, html_path) == (sweep_dir.resolve() / "report.md", sweep_dir.resolve() / "report.html")
+    jobs = _jobs(sweep_dir)
+    assert sorted(j["status"] for j in jobs) == ["completed"] * 4 + ["failed"]
+    rows = _markdown_table(md_path.read_text())
+    assert len(rows) == 5  # (ulysses, fsdp_fixed) x (1, 2 ranks) + the failing job
+    for row in rows:
+        plain = {k: v.strip("*") for k, v in row.items()}
+        matched = _jobs_of_row(jobs, plain)
+        assert len(matched) == 1, plain
+        job = matched[0]
+        completed = job["status"] == "completed"
+        assert plain["stability"] == ("1/1" if completed else "0/1")
+        if not completed:
+            assert "failed" in plain["status / root cause"] and "rank 1" in plain["status / root cause"]
+            assert job["root_cause"]["message"].split(":")[0] in plain["status / root cause"]
+            continue
+        for title, (key, scale, _) in EXPECTED_COLUMNS.items():
+            cell, expected = plain[title], job["summary"][key]
+            if expected is None:
+                assert cell == "—", (title, cell)
+                continue
+            digits = len(cell.split(".")[1]) if "." in cell else 0
+            assert float(cell.replace(",", "")) == pytest.approx(expected * scale, abs=0.51 * 10**-digits), title
+        # GPU-only columns are absent from a CPU sweep, not shown as zeros
+        assert "peak reserved GiB" not in row and "MFU %" not in row
+
+
+def test_best_value_of_each_column_is_marked(sweep_dir):
+    md_path, html_path = write_report(sweep_dir)
+    rows = _markdown_table(md_path.read_text())
+    parser = _TableParser()
+    parser.feed(html_path.read_text())
+    header = [text for text, _ in parser.rows[0]]
+    for title, (_, _, lower_better) in EXPECTED_COLUMNS.items():
+        numbers = {i: float(r[title].strip("*").replace(",", "")) for i, r in enumerate(rows) if r[title] != "—"}
+        best = (min if lower_better else max)(numbers.values())
+        marked = {i for i, r in enumerate(rows) if r[title].startswith("**")}
+        assert marked == {i for i, v in numbers.items() if v == best}, title
+        # the HTML marks the same cells and shows the same text
+        column = header.index(title)
+        html_cells = [cells[column] for cells in parser.rows[1:]]
+        assert {i for i, (_, best_cell) in enumerate(html_cells) if best_cell} == marked, title
+        assert [text for text, _ in html_cells] == [r[title].strip("*") for r in rows], title
+
+
+def test_html_is_self_contained_with_the_figures(sweep_dir):
+    _, html_path = write_report(sweep_dir)
+    text = html_path.read_text()
+    parser = _TableParser()
+    parser.feed(text)
+    # per-rank memory, throughput, init phases, scaling (rank counts vary)
+    assert len(parser.images) == 4
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r"(src|href)=['\"](?!data:)", text)  # nothing loaded from elsewhere
+    assert "fault=raise" in text and "RuntimeError" in text  # the failed job and its cause
+
+
+def test_console_table_and_command_line(sweep_dir):
+    table = comparison_table(sweep_dir)
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["strategy", "ranks", "variant", "stability"]
+    assert sum(line.startswith(("ulysses", "fsdp_fixed")) for line in lines) == 5
+    done = subprocess.run([sys.executable, "-m", "wan_exp.report", str(sweep_dir)], capture_output=True, text=True)
+    assert done.returncode == 0 and table in done.stdout and "report.html" in done.stdout
+    missing = subprocess.run([sys.executable, "-m", "wan_exp.report", str(sweep_dir / "nope")],
+                             capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 2 and "nope does not exist" in missing.stderr
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (apt-get install chromium)")
+def test_html_renders_in_headless_chromium(sweep_dir, tmp_path):
+    from PIL import Image
+
+    _, html_path = write_report(sweep_dir)
+    shot = tmp_path / "report.png"
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1400,2400",
+             html_path.as_uri()],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+    image = Image.open(shot).convert("RGB")
+    pixels = list(image.getdata())
+    non_white = sum(1 for p in pixels if sum(p) < 700) / len(pixels)
+    assert non_white > 0.02, f"screenshot is nearly blank ({non_white:.1%} non-white)"
+    assert len(set(pixels)) > 50  # text, table shading and plot colours, not one flat colour
+    shutil.copy(shot, Path(tempfile.gettempdir()) / "wan_exp_report_screenshot.png")

@@ -1,0 +1,79 @@
+"""W&B: the offline run the launcher writes for a real tiny job, read back from run-<id>.wandb."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wan_exp.metrics.collector import job_step_times
+from wan_exp.wandb_logger import log_job
+from wan_exp.wandb_reader import WandbFileError, find_run_file, read_run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory) -> Path:
+    """One real 2-rank job of the tiny model through launch.py, logged offline to W&B."""
+    sweep_dir = tmp_path_factory.mktemp("wandb_sweep")
+    done = subprocess.run(
+        [sys.executable, "launch.py", "logger=offline", "workload.sample_steps=3",
+         f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return sweep_dir / "0"
+
+
+def test_offline_run_read_back_matches_results_json(job_dir):
+    results = json.loads((job_dir / "results.json").read_text())
+    assert results["status"] == "completed"
+    run = read_run(find_run_file(job_dir))
+
+    assert run.job_type == results["strategy"] == "ulysses"
+    assert run.group == Path(results["sweep_dir"]).name
+    assert {k: v for k, v in run.config.items() if k != "_wandb"} == results["config"]
+
+    for key, value in results["summary"].items():
+        assert run.summary[key] == value, key
+    assert run.summary["status"] == "completed" and run.summary["root_cause"] is None
+
+    step_rows = [row for row in run.history if "step_time_s" in row]
+    expected = job_step_times(results["ranks"])
+    assert len(expected) == results["summary"]["measured_steps"] >= 2
+    assert [row["step_time_s"] for row in step_rows] == expected
+    for rank in results["ranks"]:
+        assert [row[f"rank_step_time_s/{rank['rank']}"] for row in step_rows] == rank["step_times_s"]
+    # the per-rank table is logged (one row per rank)
+    assert any(row.get("ranks/nrows") == results["world_size"] for row in run.history)
+
+
+def test_a_failing_wandb_is_a_warning_not_an_error(job_dir, tmp_path):
+    results = json.loads((job_dir / "results.json").read_text())
+    results["config"]["logger"]["mode"] = "no-such-mode"  # wandb.init refuses it
+    log_job(results, tmp_path)  # must return normally
+    warning = (tmp_path / "wandb" / "warning.txt").read_text()
+    assert "W&B logging (no-such-mode)" in warning and "results.json is unaffected" in warning
+
+
+def test_disabled_logger_writes_no_run(job_dir, tmp_path):
+    results = json.loads((job_dir / "results.json").read_text())
+    results["config"]["logger"]["mode"] = "disabled"
+    log_job(results, tmp_path)
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_reader_rejects_damaged_files(job_dir, tmp_path):
+    data = bytearray(find_run_file(job_dir).read_bytes())
+    data[40] ^= 0xFF  # flip one byte inside the first record
+    damaged = tmp_path / "run-damaged.wandb"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(WandbFileError, match="CRC mismatch"):
+        read_run(damaged)
+    not_wandb = tmp_path / "run-text.wandb"
+    not_wandb.write_text("hello world")
+    with pytest.raises(WandbFileError, match="not a W&B run file"):
+        read_run(not_wandb)
