@@ -33,13 +33,18 @@ class TorchrunLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra_plugins.torchrun_launcher._core import launch_batch
+        from wan_exp.config import ConfigError
 
         assert self.hydra_context is not None and self.config is not None, "setup() comes first"
-        returns = launch_batch(self.hydra_context, self.config, job_overrides, initial_job_idx)
+        try:
+            returns = launch_batch(self.hydra_context, self.config, job_overrides, initial_job_idx)
+        except ConfigError as exc:
+            # a bad setting is the user's to fix, not a crash: the message without a traceback
+            raise SystemExit(f"wan-exp: bad config, no job started: {exc}") from None
         JOB_STATUSES.extend(r.return_value["status"] for r in returns)
         return returns
 
 
 def sweep_exit_code() -> int:
-    """0 if every job of this process completed, 1 otherwise (also when none ran)."""
-    return 0 if JOB_STATUSES and all(s == "completed" for s in JOB_STATUSES) else 1
+    """1 if any job of this process did not complete, else 0 (also for --info, --cfg)."""
+    return 0 if all(s == "completed" for s in JOB_STATUSES) else 1
