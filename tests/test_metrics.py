@@ -171,3 +171,21 @@ def test_gather_records_brings_every_rank_to_rank_0():
     assert [r["rank"] for r in results[0]] == [0, 1, 2]
     assert [len(r["step_times_s"]) for r in results[0]] == [1, 2, 3]
     assert len({r["pid"] for r in results[0]}) == 3
+
+
+@pytest.mark.gpu
+def test_collector_on_cuda_reads_memory_nvml_and_allocator_settings():
+    device = torch.device("cuda", 0)
+    torch.cuda.reset_peak_memory_stats(device)
+    collector = MetricsCollector(device, 0, 1)
+    with collector.phase("build"):
+        block = torch.empty(256 * 1024**2, dtype=torch.uint8, device=device)  # 0.25 GiB
+    with collector.step(measured=True):
+        block.add_(1)
+    mem = collector.rank_record()["memory"]
+    assert mem["peak_allocated_gib"] >= 0.25 and mem["peak_reserved_gib"] >= mem["peak_allocated_gib"]
+    # NVML sees the CUDA context on top of PyTorch's own reservations
+    assert mem["nvml_used_gib"] > mem["peak_reserved_gib"]
+    assert mem["alloc_retries"] == 0 and mem["ooms"] == 0
+    record = collector.rank_record()
+    assert isinstance(record["allocator_settings"], dict) and record["device_name"].startswith("NVIDIA")
