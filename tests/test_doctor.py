@@ -193,8 +193,9 @@ def test_missing_or_old_packages():
     old = version_row("hydra-core", "1.2.0", hydra)
     assert (old.status, old.hint) == (FAIL, "pip install 'hydra-core<1.4,>=1.3'")
     assert version_row("hydra-core", "1.3.8", hydra).status == OK
-    peft = version_row("peft", None, Requirement("peft>=0.11"))
-    assert peft.status == WARN and "workload=train_lora" in peft.hint
+    assert version_row("peft", None, Requirement("peft>=0.11")).status == FAIL  # the seed's missing package
+    nvml = version_row("nvidia-ml-py", None, Requirement("nvidia-ml-py>=12"))
+    assert nvml.status == WARN and "NVML" in nvml.hint
 
 
 def test_more_gpus_requested_than_visible_fails_the_doctor():

@@ -21,9 +21,9 @@ Statuses: ``ok``; ``warn`` = works, but slower, deprecated, inert or risky, read
 
 Exit status 1 when any row is FAIL, which happens exactly when:
 - torch does not import, or its version is outside wan-exp's requirement;
-- hydra-core, omegaconf, wandb, transformers or safetensors is missing or outside wan-exp's
-  requirement (the default run imports them all; peft and nvidia-ml-py only warn, since only
-  workload=train_lora and the GPU figures need them);
+- hydra-core, omegaconf, wandb, transformers, safetensors or peft is missing or outside
+  wan-exp's requirement (every run imports them: the workload registry loads train_lora,
+  and with it peft, whatever the workload); nvidia-ml-py only warns (GPU figures);
 - an allocator string holds an unknown key or a value torch rejects (torch would raise at
   the first CUDA allocation of every rank);
 - CUDA_VISIBLE_DEVICES names a GPU that does not exist, or repeats one;

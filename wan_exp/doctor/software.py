@@ -15,10 +15,10 @@ from packaging.utils import canonicalize_name
 from wan_exp.doctor.rows import FAIL, OK, WARN, Row
 
 # Shown in this order. A missing package blocks a run (FAIL) unless it is listed in
-# NEEDED_ONLY_FOR, which says what will fail without it.
+# NEEDED_ONLY_FOR, which says what will fail without it. peft is not listed there: the
+# workload registry imports train_lora, and with it peft, for every workload.
 PACKAGES = ("hydra-core", "omegaconf", "wandb", "transformers", "safetensors", "peft", "nvidia-ml-py")
 NEEDED_ONLY_FOR = {
-    "peft": "workload=train_lora (LoRA adapters)",
     "nvidia-ml-py": "GPU rows here and the ranks' NVML memory figure",
 }
 INSTALL_HINTS = {
