@@ -131,20 +131,31 @@ def test_report_tables_equal_the_jobs_results(sweep_dir):
 
 def test_best_value_of_each_column_is_marked(sweep_dir):
     md_path, html_path = write_report(sweep_dir)
+    jobs = _jobs(sweep_dir)
     rows = _markdown_table(md_path.read_text())
     parser = _TableParser()
     parser.feed(html_path.read_text())
     header = [text for text, _ in parser.rows[0]]
-    for title, (_, _, lower_better) in EXPECTED_COLUMNS.items():
-        numbers = {i: float(r[title].strip("*").replace(",", "")) for i, r in enumerate(rows) if r[title] != "—"}
-        best = (min if lower_better else max)(numbers.values())
+    for title, (key, _, lower_better) in EXPECTED_COLUMNS.items():
+        values = {}
+        for i, row in enumerate(rows):
+            job = _jobs_of_row(jobs, {k: v.strip("*") for k, v in row.items()})[0]
+            if job["status"] == "completed" and job["summary"][key] is not None:
+                values[i] = job["summary"][key]
+        best = (min if lower_better else max)(values.values())
+        # the best row(s) are marked, or none where every row has the same value
+        expected = {i for i, v in values.items() if v == best} if len(set(values.values())) > 1 else set()
         marked = {i for i, r in enumerate(rows) if r[title].startswith("**")}
-        assert marked == {i for i, v in numbers.items() if v == best}, title
+        assert marked == expected, title
         # the HTML marks the same cells and shows the same text
         column = header.index(title)
         html_cells = [cells[column] for cells in parser.rows[1:]]
         assert {i for i, (_, best_cell) in enumerate(html_cells) if best_cell} == marked, title
         assert [text for text, _ in html_cells] == [r[title].strip("*") for r in rows], title
+    # stability: the completed rows (1/1) beat the failed one (0/1)
+    assert {i for i, r in enumerate(rows) if r["stability"] == "**1/1**"} == {
+        i for i, r in enumerate(rows) if "fault=raise" not in r["variant"]
+    }
 
 
 def test_html_is_self_contained_with_the_figures(sweep_dir):

@@ -16,13 +16,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from wan_exp.metrics.collector import INIT_PHASES  # noqa: E402
 from wan_exp.report.table import Row, column  # noqa: E402
 
-# Per-rank memory bars, most telling first; on CPU only host RSS exists.
-MEMORY_SERIES = (
+# Per-rank GPU memory bars, most telling first; host RSS only where there is no GPU figure.
+GPU_MEMORY_SERIES = (
     ("nvml_used_gib", "NVML used"),
     ("peak_reserved_gib", "peak reserved"),
     ("peak_allocated_gib", "peak allocated"),
-    ("peak_host_rss_gib", "host RSS"),
 )
+HOST_MEMORY_SERIES = (("peak_host_rss_gib", "host RSS"),)
 
 
 def _png(fig: plt.Figure) -> bytes:
@@ -38,20 +38,24 @@ def per_rank_memory(rows: list[Row]) -> Optional[bytes]:
     shown = [(row, row.representative()) for row in rows if row.representative()]
     if not shown:
         return None
-    fig, axes = plt.subplots(len(shown), 1, figsize=(8, 2.4 * len(shown)), squeeze=False)
-    for ax, (row, job) in zip(axes[:, 0], shown):
+    ncols = min(3, len(shown))
+    nrows = -(-len(shown) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
+    for ax, (row, job) in zip(axes.flat, shown):
         ranks = job.get("ranks", [])
-        series = [
-            (key, name) for key, name in MEMORY_SERIES if any(r["memory"].get(key) is not None for r in ranks)
-        ]
+        has = lambda key: any(r["memory"].get(key) is not None for r in ranks)  # noqa: E731
+        series = [s for s in GPU_MEMORY_SERIES if has(s[0])] or [s for s in HOST_MEMORY_SERIES if has(s[0])]
         width = 0.8 / max(len(series), 1)
         for i, (key, name) in enumerate(series):
             xs = [r["rank"] + (i - (len(series) - 1) / 2) * width for r in ranks]
             ax.bar(xs, [r["memory"].get(key) or 0.0 for r in ranks], width, label=name)
         ax.set_title(row.label, fontsize=9)
-        ax.set_xticks([r["rank"] for r in ranks], [f"rank {r['rank']}" for r in ranks])
+        ax.set_xticks([r["rank"] for r in ranks], [f"rank {r['rank']}" for r in ranks], fontsize=7)
         ax.set_ylabel("GiB")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.margins(y=0.25)  # room for the legend above the bars
+        ax.legend(fontsize=6, loc="upper center", ncol=len(series), frameon=False)
     return _png(fig)
 
 
@@ -90,7 +94,7 @@ def init_phases(rows: list[Row]) -> Optional[bytes]:
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
     ax.tick_params(axis="y", labelsize=7)
-    ax.legend(fontsize=7, ncol=len(INIT_PHASES), loc="lower right")
+    ax.legend(fontsize=7, ncol=len(INIT_PHASES), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     return _png(fig)
 
 

@@ -138,13 +138,15 @@ def build_rows(results: list[dict]) -> list[Row]:
 
 
 def best_values(rows: list[Row]) -> dict[str, Optional[float]]:
-    """The best value of each metric column (None where no row has one); stability too."""
+    """The best value of each metric column and of stability; None where the rows do not
+    differ (marking every row would say nothing)."""
     best: dict[str, Optional[float]] = {}
     for column in METRIC_COLUMNS:
         values = [v for v in (row.value(column) for row in rows) if v is not None]
         pick = min if column.better == "low" else max
-        best[column.title] = pick(values) if values else None
-    best["stability"] = max(row.stability for row in rows) if rows else None
+        best[column.title] = pick(values) if len(set(values)) > 1 else None
+    stabilities = {row.stability for row in rows}
+    best["stability"] = max(stabilities) if len(stabilities) > 1 else None
     return best
 
 
@@ -169,11 +171,11 @@ def table_cells(rows: list[Row]) -> tuple[list[str], list[list[tuple[str, bool]]
             (row.strategy, False),
             (str(row.world_size), False),
             (row.variant or "—", False),
-            (stability, len(rows) > 1 and row.stability == best["stability"]),
+            (stability, row.stability == best["stability"]),
         ]
         for column in columns:
             value = row.value(column)
-            is_best = len(rows) > 1 and value is not None and value == best[column.title]
+            is_best = value is not None and value == best[column.title]
             cells.append((format_value(value, column.digits), is_best))
         cells.append((row.root_cause or row.status, False))
         body.append(cells)
