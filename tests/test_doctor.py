@@ -292,6 +292,8 @@ def test_cuda_visible_devices_order_uuids_and_bad_entries():
     assert cvd.status == FAIL and "'7' names no GPU" in cvd.value
     assert [r.value.endswith("(hidden by CUDA_VISIBLE_DEVICES)") for r in rows if r.check.startswith("GPU ")] == [
         True, False, True, True]
+    rows, visible = gpu_rows(NvmlView(gpus, "12.8"), {"CUDA_VISIBLE_DEVICES": "-1"}, "12.8", required_gpus=0)
+    assert visible == [] and exit_status(rows) == 0  # hiding every GPU on purpose is fine
 
 
 def test_busy_gpu_old_driver_and_missing_gpus():

@@ -12,6 +12,8 @@ from typing import Mapping
 from wan_exp.doctor.rows import FAIL, OK, WARN, Row
 
 GIB = 1024**3
+# CUDA_VISIBLE_DEVICES values that hide every GPU on purpose.
+HIDE_ALL = ("", "-1")
 # More memory than this in use before a run means another process holds the GPU.
 BUSY_FRACTION = 0.10
 
@@ -105,7 +107,10 @@ def gpu_rows(nvml: NvmlView, env: Mapping[str, str], torch_cuda: str | None,
     visible, bad_entry = visible_gpus(nvml.gpus, cvd)
     rows = [gpu_row(gpu, gpu in visible) for gpu in nvml.gpus]
     if cvd is not None:
-        if bad_entry is not None:
+        if bad_entry in HIDE_ALL and not visible:
+            rows.append(Row("CUDA_VISIBLE_DEVICES", OK, f"{cvd!r}: all {len(nvml.gpus)} GPUs hidden",
+                            "runs use the CPU; unset it to use the GPUs"))
+        elif bad_entry is not None:
             rows.append(Row("CUDA_VISIBLE_DEVICES", FAIL, f"{cvd!r}: {bad_entry!r} names no GPU (or repeats one)",
                             f"CUDA drops that entry and every one after it, leaving {len(visible)} GPU(s); "
                             f"use indices 0..{len(nvml.gpus) - 1} or GPU UUIDs"))
