@@ -26,7 +26,8 @@ Exit status 1 when any row is FAIL, which happens exactly when:
   and with it peft, whatever the workload); nvidia-ml-py only warns (GPU figures);
 - an allocator string holds an unknown key or a value torch rejects (torch would raise at
   the first CUDA allocation of every rank);
-- CUDA_VISIBLE_DEVICES names a GPU that does not exist, or repeats one;
+- CUDA_VISIBLE_DEVICES names a GPU that does not exist, or repeats one ("-1" or "",
+  which hide every GPU on purpose, are fine);
 - the NVIDIA driver supports an older CUDA major version than torch was built for;
 - ``--gpus N`` asks for more GPUs than are visible (also on a machine without GPUs).
 Otherwise 0, warnings included: flash-attn absent or broken (SDPA takes over), a small
