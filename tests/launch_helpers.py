@@ -1,0 +1,54 @@
+"""Run launch.py in a subprocess and read back what its jobs left (shared by the harness tests)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_launch(sweep_dir: Path, *overrides: str, multirun: bool = False, timeout: float = 180,
+               env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """`python launch.py [-m] <overrides> hydra.sweep.dir=<sweep_dir>`, output captured."""
+    cmd = [sys.executable, str(REPO / "launch.py")] + (["-m"] if multirun else [])
+    cmd += list(overrides) + [f"hydra.sweep.dir={sweep_dir}"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def job_results(sweep_dir: Path) -> list[dict]:
+    """Every job's results.json of a sweep, in job order."""
+    found = [json.loads(p.read_text()) for p in Path(sweep_dir).glob("*/results.json")]
+    return sorted(found, key=lambda r: r["job_num"])
+
+
+def completed_results(root: Path) -> list[Path]:
+    """results.json files under `root` that claim a completed job."""
+    return [p for p in Path(root).rglob("results.json") if json.loads(p.read_text()).get("status") == "completed"]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie has exited; it only waits to be reaped by its parent
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
+
+
+def job_pids(job_dir: Path) -> list[int]:
+    """Every worker PID a job reported (heartbeats and rank records)."""
+    pids = set()
+    for sub in ("progress", "ranks"):
+        for p in (Path(job_dir) / sub).glob("rank_*.json"):
+            pids.add(json.loads(p.read_text())["pid"])
+    return sorted(pids)
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr

@@ -1,0 +1,107 @@
+"""Every bad input fails fast with a message naming the problem, and no result claims success.
+
+Settings that are wrong on their own or together fail while the launcher checks the
+batch, before any worker starts (no job dir). Checkpoint problems surface in the ranks
+(the model loader); their job must be failed with the loader's message as root cause.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from hydra_plugins.torchrun_launcher._core import ranks_per_node
+from launch_helpers import completed_results, job_results, output, run_launch
+from wan_exp.config import ConfigError, ExperimentConfig
+
+BAD_OVERRIDES = [
+    # (overrides, what the message must say)
+    (["model.dimm=3"], "Key 'dimm' not in 'ModelConfig'"),
+    (["model.dim=abc"], "model.dim"),
+    (["parallel=foo"], "Could not find 'parallel/foo'"),
+    (["model.attention_backend=foo"], "Invalid value 'foo'"),
+    (["logger.mode=sometimes"], "Invalid value 'sometimes'"),
+    (["parallel.ulysses_degree=3"], "parallel.ulysses_degree=3 does not divide the world size 2"),
+    (["parallel.ulysses_degree=-1", "launcher.nproc_per_node=3"], "does not divide model.num_heads=4"),
+    (["launcher.nproc_per_node=abc"], "launcher.nproc_per_node='abc'"),
+    (["launcher.nproc_per_node=0"], "launcher.nproc_per_node='0'"),
+    (["workload.size=100*64"], "workload.size='100*64': height 100 must be a positive multiple of 16"),
+    (["workload.size=big"], "workload.size='big' is not H*W"),
+    (["workload.frames_per_clip=6"], "workload.frames_per_clip=6 must be a positive multiple of 4"),
+    (["workload.sample_steps=0"], "workload.sample_steps=0 must be >= 1"),
+    (["fault=raise", "fault.rank=2"], "fault.rank=2 is outside 0..1"),
+    (["fault=raise", "fault.phase=compile"], "fault.phase='compile' is not a phase"),
+    (["fault=signal", "fault.signal=SIGNOPE"], "fault.signal='SIGNOPE' is not a signal name"),
+    (["launcher.rdzv_endpoint=nohost"], "launcher.rdzv_endpoint='nohost' is not host:port"),
+    (["launcher.hang_timeout_s=0"], "launcher.hang_timeout_s=0.0 must be > 0"),
+    (["parallel=hybrid", "parallel.ulysses_degree=2", "parallel.fsdp.degree=3", "launcher.nproc_per_node=4"],
+     "parallel.fsdp.degree=3 must be -1 or divide the world size 4"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES])
+def test_bad_override_fails_before_any_worker(tmp_path, overrides, message):
+    proc = run_launch(tmp_path, *overrides, "logger=disabled", timeout=60)
+    assert proc.returncode != 0
+    assert message in output(proc), output(proc)
+    assert not (tmp_path / "0").exists(), "no job may start"
+
+
+def test_one_bad_job_stops_the_whole_sweep_before_it_starts(tmp_path):
+    proc = run_launch(tmp_path, "workload.frames_per_clip=8,6", "logger=disabled", multirun=True, timeout=60)
+    assert proc.returncode != 0
+    assert "job 1 (workload.frames_per_clip=6" in output(proc)
+    assert not (tmp_path / "0").exists(), "job 0 is fine but must not start either"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine fault=oom is allowed")
+def test_oom_fault_without_a_gpu(tmp_path):
+    proc = run_launch(tmp_path, "fault=oom", "logger=disabled", timeout=60)
+    assert proc.returncode != 0 and "fault=oom" in output(proc) and "no GPU is visible" in output(proc)
+
+
+def test_more_ranks_than_gpus():
+    cfg = OmegaConf.structured(ExperimentConfig)
+    cfg.parallel.name = "ulysses"
+    cfg.launcher.nproc_per_node = "2"
+    with pytest.raises(ConfigError, match=r"launcher.nproc_per_node=2 but only 1 GPU\(s\) are visible"):
+        ranks_per_node(cfg, gpus=1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _bad_checkpoints(root):
+    """Three broken checkpoint folders: missing, unreadable index, truncated shard."""
+    from wan_exp.models.checkpoint import write_checkpoint
+    from wan_exp.models.wan_s2v import WanModel
+
+    missing = root / "does_not_exist"
+    bad_index = root / "bad_index"
+    bad_index.mkdir()
+    (bad_index / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": {')
+    truncated = root / "truncated"
+    model_cfg = OmegaConf.load("conf/model/tiny.yaml")
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig).model, model_cfg)
+    write_checkpoint(WanModel(model_cfg).state_dict(), truncated, shards=2)
+    shard = sorted(truncated.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return {"missing": missing, "bad_index": bad_index, "truncated": truncated, "shard": shard}
+
+
+def test_bad_checkpoints_fail_their_jobs_with_the_loader_message(tmp_path):
+    folders = _bad_checkpoints(tmp_path)
+    sweep = tmp_path / "sweep"
+    dirs = ",".join(str(folders[k]) for k in ("missing", "bad_index", "truncated"))
+    proc = run_launch(sweep, f"model.checkpoint_dir={dirs}", "parallel=single", "workload=init",
+                      "logger=disabled", multirun=True)
+    assert proc.returncode == 1, output(proc)
+    jobs = job_results(sweep)
+    assert [r["status"] for r in jobs] == ["failed"] * 3
+    expected_names = [folders["missing"].name, "index.json", folders["shard"].name]
+    for job, name in zip(jobs, expected_names):
+        cause = job["root_cause"]
+        assert cause["rank"] == 0 and cause["phase"] == "load", cause
+        assert name in cause["message"], cause
+    assert completed_results(sweep) == []
+    assert json.loads((sweep / "0" / "job.json").read_text())["world_size"] == 1

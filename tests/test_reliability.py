@@ -1,0 +1,140 @@
+"""Reliability: hang watchdog, faults, no leftover workers, atomic and resumable results."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from launch_helpers import job_pids, job_results, output, pid_alive, run_launch
+from wan_exp import results
+
+HANG_TIMEOUT_S = 8
+
+
+def test_hang_is_detected_with_stacks_and_the_next_job_completes(tmp_path):
+    proc = run_launch(tmp_path, "fault=hang,none", "fault.phase=wrap", "workload=init", "logger=disabled",
+                      f"launcher.hang_timeout_s={HANG_TIMEOUT_S}", multirun=True)
+    assert proc.returncode == 1, output(proc)
+    hung, completed = job_results(tmp_path)
+    assert hung["status"] == "hang"
+    assert (hung["root_cause"]["rank"], hung["root_cause"]["phase"]) == (1, "wrap")
+    assert "launcher.hang_timeout_s" in hung["root_cause"]["message"]
+    assert hung["wall_s"] <= HANG_TIMEOUT_S + 10
+    job_dir = tmp_path / "0"
+    for rank in (0, 1):
+        stacks = (job_dir / "stacks" / f"rank_{rank}.txt").read_text()
+        assert "most recent call first" in stacks, f"rank {rank} wrote no stack"
+    assert "_hang" in (job_dir / "stacks" / "rank_1.txt").read_text(), "the hung rank's stack shows where"
+    pids = job_pids(job_dir)
+    assert len(pids) == 2 and not any(pid_alive(p) for p in pids), "no worker outlives its job"
+    assert completed["status"] == "completed"
+
+
+def test_signal_kill_and_slow_rank(tmp_path):
+    """Rank 1 kills itself with SIGKILL in build (job 0); rank 1 sleeps 2 s on entering
+    wrap, under the hang timeout (job 1)."""
+    proc = run_launch(tmp_path, "fault=signal,sleep", "fault.seconds=2", "workload=init", "logger=disabled",
+                      multirun=True)
+    assert proc.returncode == 1, output(proc)
+    killed, slow = job_results(tmp_path)
+    assert killed["status"] == "failed"
+    cause = killed["root_cause"]
+    assert (cause["rank"], cause["phase"], cause["exitcode"]) == (1, "build", -signal.SIGKILL)
+    assert "SIGKILL" in cause["message"]
+    assert not any(pid_alive(p) for p in job_pids(tmp_path / "0"))
+    assert slow["status"] == "completed"
+    wrap_s = {r["rank"]: r["init_phases_s"]["wrap"] for r in slow["ranks"]}
+    assert wrap_s[1] >= 2.0, wrap_s
+
+
+def test_resume_runs_only_the_missing_jobs(tmp_path):
+    sweep = ("seed=0,1,2", "parallel=single", "workload=init", "logger=disabled")
+    assert run_launch(tmp_path, *sweep, multirun=True).returncode == 0
+    kept = {n: (tmp_path / str(n) / "results.json").read_bytes() for n in (0, 2)}
+    kept_mtime = {n: (tmp_path / str(n) / "results.json").stat().st_mtime_ns for n in (0, 2)}
+    (tmp_path / "1" / "results.json").unlink()  # as if the sweep had been stopped during job 1
+    first_pid = results.read_rank_records(tmp_path / "1")[0]["pid"]
+
+    proc = run_launch(tmp_path, *sweep, "launcher.resume=true", multirun=True)
+    assert proc.returncode == 0, output(proc)
+    assert [r["status"] for r in job_results(tmp_path)] == ["completed"] * 3
+    assert results.read_rank_records(tmp_path / "1")[0]["pid"] != first_pid, "job 1 ran again"
+    for n in (0, 2):
+        assert (tmp_path / str(n) / "results.json").read_bytes() == kept[n]
+        assert (tmp_path / str(n) / "results.json").stat().st_mtime_ns == kept_mtime[n]
+    assert proc.stdout.count("already completed") + proc.stderr.count("already completed") == 2
+
+    # a finished sweep dir is never reused silently, nor resumed with other arguments
+    again = run_launch(tmp_path, *sweep, multirun=True)
+    assert again.returncode == 1 and "launcher.resume=true" in output(again)
+    other = run_launch(tmp_path, "seed=0,1,2", "parallel=single", "workload=generate", "logger=disabled",
+                       "launcher.resume=true", multirun=True)
+    assert other.returncode == 1 and "resume with the same sweep arguments" in output(other)
+
+
+@pytest.mark.gpu
+def test_oom_is_recorded_with_memory_figures(tmp_path):
+    proc = run_launch(tmp_path, "fault=oom", "parallel=single", "workload=init", "logger=disabled")
+    assert proc.returncode == 1, output(proc)
+    (oom,) = job_results(tmp_path)
+    assert oom["status"] == "oom" and oom["root_cause"]["rank"] == 0
+    record = oom["ranks"][0]
+    assert record["status"] == "oom" and record["memory"]["peak_allocated_gib"] > 1
+    assert record["error"]["device_total_gib"] > 0
+
+
+# ----------------------------------------------------------------------------- results.py
+def _failed_record(rank: int, when: float, phase: str, status: str = "failed") -> dict:
+    return {"rank": rank, "status": status,
+            "error": {"type": "RuntimeError", "message": f"rank {rank} broke", "phase": phase, "time": when}}
+
+
+def test_root_cause_is_the_earliest_failure():
+    records = [_failed_record(0, 100.5, "step"), _failed_record(2, 101.0, "step"),
+               {"rank": 3, "status": "completed", "error": None}]
+    died = {1: {"exitcode": -9, "time": 100, "phase": "wrap", "message": "rank 1 killed by SIGKILL"},
+            3: {"exitcode": -15, "time": 99, "phase": "step", "message": "stopped"}}
+    cause = results.failure_root_cause(records, died)
+    assert (cause["rank"], cause["phase"], cause["exitcode"]) == (1, "wrap", -9)
+    # without the killed rank, the earliest recorded error; SIGTERM victims come last
+    cause = results.failure_root_cause(records, {3: died[3]})
+    assert (cause["rank"], cause["message"]) == (0, "RuntimeError: rank 0 broke")
+    assert results.failure_root_cause([], {3: died[3]})["rank"] == 3
+
+
+def _job_dir(tmp_path):
+    results.write_json_atomic(tmp_path / "job.json", {"overrides": ["x=1"], "job_num": 4, "world_size": 2,
+                                                       "started_at": results.now_iso()})
+    (tmp_path / "config.yaml").write_text("parallel:\n  name: ulysses\nmodel:\n  name: tiny\n")
+    return tmp_path
+
+
+def test_finalize_job_status_and_oom(tmp_path):
+    job_dir = _job_dir(tmp_path)
+    results.write_rank_record(job_dir, _failed_record(1, 5.0, "first_step", status="oom"))
+    final = results.finalize_job(job_dir, {1: {"exitcode": 1, "time": 6, "phase": "first_step", "message": "x"}}, None)
+    assert final["status"] == "oom" and final["root_cause"]["rank"] == 1
+    assert final["strategy"] == "ulysses" and final["overrides"] == ["x=1"] and final["job_num"] == 4
+    assert json.loads((job_dir / "results.json").read_text()) == final
+
+
+def test_completed_results_are_never_overwritten(tmp_path):
+    job_dir = _job_dir(tmp_path)
+    record = {"rank": 0, "status": "completed", "error": None}
+    done = results.completed_results(job_dir, [record], lambda records, config: {"n": len(records)})
+    results.write_results(job_dir, done)
+    with pytest.raises(FileExistsError, match="completed result"):
+        results.write_results(job_dir, {**done, "status": "failed"})
+    assert results.read_results(job_dir)["summary"] == {"n": 1}
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "results.json"
+    results.write_json_atomic(target, {"a": 1})
+    with pytest.raises(TypeError):
+        results.write_json_atomic(target, {("tuple", "key"): 2})  # fails half-way through dumping
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
