@@ -300,6 +300,28 @@ def resolve_degrees(parallel: ParallelConfig, world_size: int) -> tuple[int, int
     return sp, fsdp
 
 
+def _check_strategy_settings(par: ParallelConfig, sp: int) -> None:
+    """The settings each strategy name needs (wan_exp/parallel/registry.py applies them)."""
+    name = Strategy(par.name).value
+    uses_fsdp = name in ("fsdp", "fsdp_fixed", "hybrid")
+    if bool(par.fsdp.enabled) != uses_fsdp:
+        raise ConfigError(
+            f"parallel.fsdp.enabled={par.fsdp.enabled} does not fit parallel={name}: "
+            + ("it shards with FSDP; set parallel.fsdp.enabled=true" if uses_fsdp
+               else "it does not shard; use parallel=fsdp_fixed or parallel=hybrid for FSDP")
+        )
+    if name in ("fsdp", "fsdp_fixed") and sp > 1:
+        raise ConfigError(
+            f"parallel={name} with parallel.ulysses_degree={par.ulysses_degree}: "
+            "use parallel=hybrid to combine Ulysses with FSDP"
+        )
+    if par.fsdp.api == FsdpApi.fsdp2 and par.fsdp.sync_module_states:
+        raise ConfigError(
+            "parallel.fsdp.sync_module_states=true is an FSDP1 option; FSDP2 (parallel.fsdp.api=fsdp2) "
+            "has no broadcast. Use parallel.fsdp.api=fsdp1 to reproduce upstream, or parallel=fsdp_fixed"
+        )
+
+
 def validate(cfg: Any, world_size: int) -> None:
     """Check the rules no single field can express. Raises ConfigError naming the setting."""
     model, par, wl = cfg.model, cfg.parallel, cfg.workload
@@ -335,6 +357,7 @@ def validate(cfg: Any, world_size: int) -> None:
             f"parallel.ulysses_degree={sp} does not divide model.num_heads={model.num_heads}; "
             f"allowed: {[d for d in range(1, model.num_heads + 1) if model.num_heads % d == 0 and world_size % d == 0]}"
         )
+    _check_strategy_settings(par, sp)
     if par.fsdp.enabled and (fsdp < 1 or world_size % fsdp):
         raise ConfigError(
             f"parallel.fsdp.degree={par.fsdp.degree} must be -1 or divide the world size {world_size}"

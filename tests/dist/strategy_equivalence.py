@@ -1,0 +1,146 @@
+"""Every parallel strategy of the tiny S2V model (fp32) against the single-rank model.
+
+Run under ``torchrun --nproc_per_node 2`` (gloo on the CPU; tests/test_parallel.py does).
+For each case it builds the strategy with setup_parallel, then checks on every rank:
+- the gathered full state dict equals the single-rank model's, tensor for tensor
+  (base weights and, where the case injects LoRA through before_wrap, the adapters);
+- the DiT output equals the single-rank output within 1e-5 relative, for a clip whose
+  token count is odd (so Ulysses must pad) with and without reference/motion tokens;
+- FSDP ranks hold about half the DiT parameters (param_gib note).
+Exits with status 1 and a message naming the case at the first mismatch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from peft import LoraConfig, inject_adapter_in_model
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from wan_exp.config import register_configs
+from wan_exp.models.wan_s2v import sequence_length
+from wan_exp.parallel.registry import setup_parallel
+from wan_exp.runtime import RankContext
+
+REPO = Path(__file__).resolve().parents[2]
+COMMON = ["model=tiny", "parallel.fsdp.param_dtype=fp32", "parallel.fsdp.reduce_dtype=fp32"]
+# name -> (overrides, inject LoRA in before_wrap)
+CASES = {
+    "ulysses": (["parallel=ulysses"], False),
+    "ulysses+lora": (["parallel=ulysses"], True),
+    "fsdp_fixed/fsdp1": (["parallel=fsdp_fixed"], False),
+    "fsdp_fixed/fsdp1+lora": (["parallel=fsdp_fixed"], True),
+    "fsdp_fixed/fsdp2": (["parallel=fsdp_fixed", "parallel.fsdp.api=fsdp2"], False),
+    "fsdp_fixed/fsdp2+lora": (["parallel=fsdp_fixed", "parallel.fsdp.api=fsdp2"], True),
+    "hybrid/fsdp1 (sp and fsdp over all ranks)": (["parallel=hybrid"], False),
+    "hybrid/fsdp2 (sp and fsdp over all ranks)": (["parallel=hybrid", "parallel.fsdp.api=fsdp2"], True),
+    "hybrid/fsdp1 2-D mesh (sp=2 x fsdp=1)": (["parallel=hybrid", "parallel.fsdp.degree=1"], False),
+}
+RELATIVE_TOLERANCE = 1e-5
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose("config", overrides=COMMON + overrides)
+
+
+def inject_lora(dit: torch.nn.Module) -> None:
+    """peft LoRA on the attention projections, with non-zero B so the adapters matter."""
+    torch.manual_seed(1)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=r"blocks\.\d+\.self_attn\.(q|v)"), dit)
+    with torch.no_grad():
+        for name, param in dit.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+
+
+# 2 latent frames of 14x14 latents: 49 tokens per frame, 147 tokens with the reference
+# frame and 209 with the motion history too; both odd, so Ulysses must pad
+FRAMES, LAT_H, LAT_W = 2, 14, 14
+
+
+def clip_inputs(model_cfg, with_motion: bool) -> dict:
+    """A clip with reference latents, and the motion history when ``with_motion``."""
+    g = torch.Generator().manual_seed(7)
+    frames, lat_h, lat_w = FRAMES, LAT_H, LAT_W
+    inputs = dict(
+        noisy=torch.randn(1, model_cfg.in_dim, frames, lat_h, lat_w, generator=g),
+        timestep=torch.tensor([600.0]),
+        context=torch.randn(1, model_cfg.text_len, model_cfg.text_dim, generator=g),
+        audio=torch.randn(1, model_cfg.audio_layers, 4 * frames, model_cfg.audio_dim, generator=g),
+        ref=torch.randn(1, model_cfg.in_dim, 1, lat_h, lat_w, generator=g),
+    )
+    if with_motion:
+        inputs["motion"] = torch.randn(1, model_cfg.in_dim, model_cfg.motion_frames, lat_h, lat_w, generator=g)
+    return inputs
+
+
+def full_state(dit: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return get_model_state_dict(dit, options=StateDictOptions(full_state_dict=True))
+
+
+def run(cfg, rank: int, world_size: int, lora: bool):
+    ctx = RankContext(cfg, rank, rank, world_size, torch.device("cpu"), None)
+    parallel_model = setup_parallel(cfg, ctx, before_wrap=inject_lora if lora else None)
+    return parallel_model, ctx
+
+
+def fail(case: str, message: str) -> None:
+    print(f"MISMATCH [{case}] rank {dist.get_rank()}: {message}", flush=True)
+    sys.exit(1)
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    register_configs()
+    torch.set_num_threads(1)
+
+    single_cfg = compose_config(["parallel=single"])
+    inputs = {motion: clip_inputs(single_cfg.model, motion) for motion in (False, True)}
+    counts = {motion: sequence_length(single_cfg.model, 8 * LAT_H, 8 * LAT_W, 4 * FRAMES, motion)
+              for motion in inputs}
+    if any(n % world_size == 0 for n in counts.values()):
+        fail("inputs", f"token counts {counts} should not divide by {world_size}")
+    references = {}
+    for lora in (False, True):
+        single, single_ctx = run(single_cfg, rank, 1, lora)
+        with torch.no_grad():
+            outputs = {motion: single.dit(**x) for motion, x in inputs.items()}
+        references[lora] = (full_state(single.dit), outputs, single_ctx.metrics.notes["param_gib"])
+
+    for case, (overrides, lora) in CASES.items():
+        cfg = compose_config(overrides)
+        parallel_model, ctx = run(cfg, rank, world_size, lora)
+        ref_state, ref_outputs, ref_param_gib = references[lora]
+        state = full_state(parallel_model.dit)
+        if state.keys() != ref_state.keys():
+            fail(case, f"state dict keys differ: {sorted(state.keys() ^ ref_state.keys())[:5]}")
+        for key, value in state.items():
+            if not torch.equal(value, ref_state[key]):
+                fail(case, f"loaded weight {key} differs from the single-rank model")
+        with torch.no_grad():
+            for motion, x in inputs.items():
+                out = parallel_model.dit(**x)
+                ref = ref_outputs[motion]
+                err = (out - ref).abs().max().item() / ref.abs().max().item()
+                if not err <= RELATIVE_TOLERANCE:
+                    fail(case, f"output ({counts[motion]} tokens, motion={motion}) relative error {err:.2e}")
+        share = ctx.metrics.notes["param_gib"] / ref_param_gib
+        if cfg.parallel.fsdp.enabled and cfg.parallel.fsdp.degree == -1 and not share < 0.6:
+            fail(case, f"FSDP rank holds {share:.2f} of the parameters, expected about 1/{world_size}")
+        if rank == 0:
+            print(f"ok [{case}] param share {share:.2f}", flush=True)
+        dist.barrier()
+    if rank == 0:
+        print(f"ALL {len(CASES)} STRATEGY CASES MATCH (token counts {sorted(counts.values())})", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    main()

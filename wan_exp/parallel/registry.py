@@ -1,0 +1,131 @@
+"""The one place that turns ``parallel.name`` into a built, loaded and split model.
+
+Every strategy follows the same path (DESIGN.md §3):
+
+    build the DiT on the meta device            phase "build"
+    read its weights (all, or this rank's part) phase "load"
+    before_wrap(dit)                            (train_lora injects peft adapters here)
+    split it: sequence sharding and/or FSDP     phase "wrap"
+
+STRATEGIES maps each name to one of two setups:
+
+- replicated (single, ulysses): every rank loads the whole DiT onto its device; Ulysses
+  sets ``dit.sequence_sharding`` when the sp degree is above 1.
+- sharded (fsdp, fsdp_fixed, hybrid): FSDP over the "fsdp" mesh axis, plus Ulysses over
+  the "sp" axis for hybrid. ``parallel.fsdp.load_full_on_every_rank`` picks upstream's
+  full load on the CPU (fsdp) or shard-only loading (fsdp_fixed, hybrid); for the
+  latter ``before_wrap`` runs before the weights are read: it sees the model's structure
+  with zero placeholders as base weights (see materialise.py).
+
+Which settings go with which name is checked before launch by ``config.validate``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
+
+from wan_exp.config import ConfigError, Placement
+from wan_exp.models.checkpoint import open_weights
+from wan_exp.models.encoders import build_audio_encoder, build_text_encoder
+from wan_exp.models.wan_s2v import WanModel
+from wan_exp.parallel.fsdp import check_fsdp_device, shard_dit, torch_dtype
+from wan_exp.parallel.materialise import WeightPlan, local_param_bytes, plan_weights
+from wan_exp.parallel.mesh import ParallelMesh, build_mesh
+from wan_exp.parallel.ulysses import UlyssesSharding
+
+GIB = 1024**3
+BeforeWrap = Callable[[nn.Module], None]
+
+
+@dataclass
+class ParallelModel:
+    dit: nn.Module  # wrapped / sequence-sharded DiT, call it like the model
+    text_encoder: nn.Module | None  # placed per parallel.text_encoder_placement
+    audio_encoder: nn.Module | None  # placed per parallel.audio_encoder_placement
+    sp_group: ProcessGroup | None  # Ulysses group (None when degree 1)
+    mesh: DeviceMesh | None  # 2-D (fsdp, sp) mesh of a split, else the FSDP or Ulysses mesh
+
+
+def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) -> ParallelModel:
+    """Build, load and split the model as ``cfg.parallel.name`` says, on this rank."""
+    name = getattr(cfg.parallel.name, "value", cfg.parallel.name)
+    if name not in STRATEGIES:
+        raise ConfigError(f"parallel.name={name!r} is not a strategy; choose from {sorted(STRATEGIES)}")
+    check_fsdp_device(cfg.parallel.fsdp, ctx.device)  # before the first collective
+    meshes = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type)
+    dit = STRATEGIES[name](cfg, ctx, meshes, before_wrap or (lambda dit: None))
+    sp_group = meshes.sp.get_group() if meshes.sp is not None else None
+    text_encoder, audio_encoder = _encoders(cfg, ctx)
+    param_bytes = local_param_bytes(dit) + sum(
+        local_param_bytes(enc) for enc in (text_encoder, audio_encoder)
+        if enc is not None and next(enc.parameters()).device == ctx.device
+    )
+    ctx.metrics.note("param_gib", param_bytes / GIB)  # parameters in this rank's device memory
+    return ParallelModel(dit, text_encoder, audio_encoder, sp_group, meshes.mesh)
+
+
+def _build_dit(cfg: Any, ctx: Any, load_device: torch.device) -> tuple[nn.Module, WeightPlan]:
+    """The DiT on the meta device with zero placeholders on ``load_device``, and its plan."""
+    with ctx.phase("build"):
+        with torch.device("meta"):
+            dit = WanModel(cfg.model)
+        plan = plan_weights(dit, open_weights(cfg.model), torch_dtype(cfg.model.dtype), load_device)
+    return dit, plan
+
+
+def _sequence_sharding(dit: nn.Module, meshes: ParallelMesh) -> None:
+    if meshes.sp is not None:
+        dit.sequence_sharding = UlyssesSharding(meshes.sp.get_group())
+
+
+def setup_replicated(cfg: Any, ctx: Any, meshes: ParallelMesh, before_wrap: BeforeWrap) -> nn.Module:
+    """single / ulysses: the whole DiT on every rank's device."""
+    dit, plan = _build_dit(cfg, ctx, ctx.device)
+    with ctx.phase("load"):
+        plan.load(dit)
+        plan.check_all_loaded()
+    before_wrap(dit)
+    with ctx.phase("wrap"):
+        _sequence_sharding(dit, meshes)
+    return dit
+
+
+def setup_sharded(cfg: Any, ctx: Any, meshes: ParallelMesh, before_wrap: BeforeWrap) -> nn.Module:
+    """fsdp / fsdp_fixed / hybrid: FSDP over the "fsdp" axis (+ Ulysses over "sp")."""
+    fsdp_cfg = cfg.parallel.fsdp
+    full_load = fsdp_cfg.load_full_on_every_rank
+    # upstream's full load puts the whole model in host memory on every rank; FSDP then
+    # moves it to the GPU. Shard-only loading reads straight to the device.
+    dit, plan = _build_dit(cfg, ctx, torch.device("cpu") if full_load else ctx.device)
+    if full_load:
+        with ctx.phase("load"):
+            plan.load(dit)
+            plan.check_all_loaded()
+    before_wrap(dit)
+    _sequence_sharding(dit, meshes)
+    return shard_dit(dit, meshes.fsdp, fsdp_cfg, ctx.device, plan, ctx.phase)
+
+
+def _encoders(cfg: Any, ctx: Any) -> tuple[nn.Module | None, nn.Module | None]:
+    """Text and audio encoders, each on the device or the CPU as the config places it."""
+    def place(placement) -> torch.device:
+        return ctx.device if placement == Placement.device else torch.device("cpu")
+
+    with ctx.phase("load"):
+        text = build_text_encoder(cfg.model, place(cfg.parallel.text_encoder_placement))
+        audio = build_audio_encoder(cfg.model, place(cfg.parallel.audio_encoder_placement)) if cfg.model.s2v else None
+    return text, audio
+
+
+STRATEGIES: dict[str, Callable[[Any, Any, ParallelMesh, BeforeWrap], nn.Module]] = {
+    "single": setup_replicated,
+    "ulysses": setup_replicated,
+    "fsdp": setup_sharded,
+    "fsdp_fixed": setup_sharded,
+    "hybrid": setup_sharded,
+}
