@@ -52,3 +52,17 @@ def job_pids(job_dir: Path) -> list[int]:
 
 def output(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout + proc.stderr
+
+
+def run_fault_sweep(sweep_dir: Path, *overrides: str, **kwargs) -> list[dict]:
+    """A `workload=init` sweep with a fault in it: exits 1 (some job did not complete);
+    returns every job's results."""
+    proc = run_launch(sweep_dir, *overrides, "workload=init", "logger=disabled", multirun=True, **kwargs)
+    assert proc.returncode == 1, output(proc)
+    return job_results(sweep_dir)
+
+
+def root_cause(results: dict) -> tuple:
+    """(rank, phase, exitcode) of a job that did not complete."""
+    cause = results["root_cause"]
+    return cause["rank"], cause["phase"], cause["exitcode"]

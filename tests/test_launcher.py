@@ -7,7 +7,7 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from launch_helpers import REPO, job_results, output, run_launch
+from launch_helpers import REPO, job_results, output, root_cause, run_fault_sweep, run_launch
 from wan_exp.envvars import JOB_DIR_VAR, applied_environment
 
 import subprocess
@@ -95,16 +95,11 @@ def test_applied_environment_restores_the_parent_exactly(monkeypatch):
 
 
 def test_failing_rank_fails_the_job_and_the_sweep_continues(tmp_path):
-    proc = run_launch(tmp_path, "fault=raise,none", "fault.phase=build", "workload=init", "logger=disabled",
-                      multirun=True)
-    assert proc.returncode == 1, output(proc)
-    failed, completed = job_results(tmp_path)
-    assert failed["status"] == "failed"
-    cause = failed["root_cause"]
-    assert (cause["rank"], cause["phase"], cause["exitcode"]) == (0, "build", 1)
-    assert "InjectedFault" in cause["message"] and "build" in cause["message"]
+    failed, completed = run_fault_sweep(tmp_path, "fault=raise,none", "fault.phase=build")
+    assert failed["status"] == "failed" and root_cause(failed) == (0, "build", 1)
+    message = failed["root_cause"]["message"]
+    assert "InjectedFault" in message and "build" in message
     rank0 = next(r for r in failed["ranks"] if r["rank"] == 0)
     assert rank0["status"] == "failed" and rank0["error"]["phase"] == "build"
     assert "Traceback" in rank0["error"]["traceback"]
     assert completed["status"] == "completed" and len(completed["ranks"]) == 2
-    assert "FAILED" in proc.stdout and "root cause: rank 0 in phase build" in proc.stdout

@@ -8,19 +8,16 @@ import time
 
 import pytest
 
-from launch_helpers import job_pids, job_results, output, pid_alive, run_launch
+from launch_helpers import job_pids, job_results, output, pid_alive, root_cause, run_fault_sweep, run_launch
 from wan_exp import results
 
 HANG_TIMEOUT_S = 8
 
 
 def test_hang_is_detected_with_stacks_and_the_next_job_completes(tmp_path):
-    proc = run_launch(tmp_path, "fault=hang,none", "fault.phase=wrap", "workload=init", "logger=disabled",
-                      f"launcher.hang_timeout_s={HANG_TIMEOUT_S}", multirun=True)
-    assert proc.returncode == 1, output(proc)
-    hung, completed = job_results(tmp_path)
-    assert hung["status"] == "hang"
-    assert (hung["root_cause"]["rank"], hung["root_cause"]["phase"]) == (1, "wrap")
+    hung, completed = run_fault_sweep(tmp_path, "fault=hang,none", "fault.phase=wrap",
+                                      f"launcher.hang_timeout_s={HANG_TIMEOUT_S}")
+    assert hung["status"] == "hang" and root_cause(hung)[:2] == (1, "wrap")
     assert "launcher.hang_timeout_s" in hung["root_cause"]["message"]
     assert hung["wall_s"] <= HANG_TIMEOUT_S + 10
     job_dir = tmp_path / "0"
@@ -36,14 +33,9 @@ def test_hang_is_detected_with_stacks_and_the_next_job_completes(tmp_path):
 def test_signal_kill_and_slow_rank(tmp_path):
     """Rank 1 kills itself with SIGKILL in build (job 0); rank 1 sleeps 2 s on entering
     wrap, under the hang timeout (job 1)."""
-    proc = run_launch(tmp_path, "fault=signal,sleep", "fault.seconds=2", "workload=init", "logger=disabled",
-                      multirun=True)
-    assert proc.returncode == 1, output(proc)
-    killed, slow = job_results(tmp_path)
-    assert killed["status"] == "failed"
-    cause = killed["root_cause"]
-    assert (cause["rank"], cause["phase"], cause["exitcode"]) == (1, "build", -signal.SIGKILL)
-    assert "SIGKILL" in cause["message"]
+    killed, slow = run_fault_sweep(tmp_path, "fault=signal,sleep", "fault.seconds=2")
+    assert killed["status"] == "failed" and root_cause(killed) == (1, "build", -signal.SIGKILL)
+    assert "SIGKILL" in killed["root_cause"]["message"]
     assert not any(pid_alive(p) for p in job_pids(tmp_path / "0"))
     assert slow["status"] == "completed"
     wrap_s = {r["rank"]: r["init_phases_s"]["wrap"] for r in slow["ranks"]}

@@ -88,7 +88,8 @@ def run_rank(job_dir: Path) -> int:
         with ctx.phase("process_group"):
             dist.init_process_group(job["backend"], timeout=timedelta(seconds=cfg.nccl.timeout_s),
                                     device_id=device if on_gpu else None)
-        from wan_exp.workloads import WORKLOADS  # after the process group: imports the model code
+        ctx.heartbeat("workload")  # until the workload enters its first phase
+        from wan_exp.workloads import WORKLOADS  # imported here so an import error is recorded
 
         WORKLOADS[cfg.workload.name](cfg, ctx)
         record = ctx.metrics.rank_record()
