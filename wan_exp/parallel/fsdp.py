@@ -77,21 +77,25 @@ def _shard_fsdp1(dit, mesh, fsdp_cfg, device, plan, phase) -> FSDP:
         sync_module_states=fsdp_cfg.sync_module_states,
         use_orig_params=True,
     )
+    shard_only = bool(plan.pending)  # full load: everything is in memory already
+
+    def load_and_wrap(unit: nn.Module) -> FSDP:
+        if shard_only:
+            with phase("load"):
+                plan.load(unit)  # the whole unit; FSDP keeps this rank's shard of it
+        with phase("wrap"):
+            return FSDP(unit, **settings)
+
     # one unit per block, then the root takes what is left (as upstream's lambda policy)
     for index, block in enumerate(dit.blocks):
-        with phase("load"):
-            plan.load(block)
-        with phase("wrap"):
-            dit.blocks[index] = FSDP(block, **settings)
-    with phase("load"):
-        plan.load(dit)
-        plan.check_all_loaded()
-    with phase("wrap"):
-        return FSDP(dit, **settings)
+        dit.blocks[index] = load_and_wrap(block)
+    root = load_and_wrap(dit)
+    plan.check_all_loaded()
+    return root
 
 
 def _shard_fsdp2(dit, mesh, fsdp_cfg, device, plan, phase) -> nn.Module:
-    shard_only = bool(plan.pending)
+    shard_only = bool(plan.pending)  # full load: fully_shard shards the loaded values
     if shard_only:
         plan.to_meta(dit)
     policy = MixedPrecisionPolicy(
