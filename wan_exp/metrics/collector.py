@@ -182,15 +182,6 @@ def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     return num / den if num is not None and den else None
 
 
-def _get(config: Any, dotted: str, default: Any = None) -> Any:
-    node = config
-    for part in dotted.split("."):
-        if node is None:
-            return default
-        node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
-    return default if node is None else node
-
-
 def job_step_times(records: list[dict]) -> list[float]:
     """The job's time of each measured step: the slowest rank's (ranks wait for each
     other in collectives), over the steps every rank measured."""
@@ -246,7 +237,7 @@ def summarize(records: list[dict], config: Any) -> dict:
         else None
     )
     flops_per_step = work.get("flops_per_step")
-    dtype = str(_get(config, "model.dtype", "bf16"))
+    dtype = str((config.get("model") or {}).get("dtype", "bf16"))  # a dict or a DictConfig
     peak = peak_flops(rank0["device_name"], dtype)
 
     return {
