@@ -6,7 +6,7 @@ For each case it builds the strategy with setup_parallel, then checks on every r
   (base weights and, where the case injects LoRA through before_wrap, the adapters);
 - the DiT output equals the single-rank output within 1e-5 relative, for a clip whose
   token count is odd (so Ulysses must pad) with and without reference/motion tokens;
-- FSDP ranks hold about half the DiT parameters (param_gib note).
+- FSDP ranks hold about half the DiT parameters (dit_param_gib note).
 Exits with status 1 and a message naming the case at the first mismatch.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main() -> None:
         single, single_ctx = run(single_cfg, rank, 1, lora)
         with torch.no_grad():
             outputs = {motion: single.dit(**x) for motion, x in inputs.items()}
-        references[lora] = (full_state(single.dit), outputs, single_ctx.metrics.notes["param_gib"])
+        references[lora] = (full_state(single.dit), outputs, single_ctx.metrics.notes["dit_param_gib"])
 
     for case, (overrides, lora) in CASES.items():
         cfg = compose_config(overrides)
@@ -130,7 +130,7 @@ def main() -> None:
                 err = (out - ref).abs().max().item() / ref.abs().max().item()
                 if not err <= RELATIVE_TOLERANCE:
                     fail(case, f"output ({counts[motion]} tokens, motion={motion}) relative error {err:.2e}")
-        share = ctx.metrics.notes["param_gib"] / ref_param_gib
+        share = ctx.metrics.notes["dit_param_gib"] / ref_param_gib
         if cfg.parallel.fsdp.enabled and cfg.parallel.fsdp.degree == -1 and not share < 0.6:
             fail(case, f"FSDP rank holds {share:.2f} of the parameters, expected about 1/{world_size}")
         if rank == 0:

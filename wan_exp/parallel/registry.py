@@ -61,11 +61,11 @@ def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) ->
     dit = STRATEGIES[name](cfg, ctx, meshes, before_wrap or (lambda dit: None))
     sp_group = meshes.sp.get_group() if meshes.sp is not None else None
     text_encoder, audio_encoder = _encoders(cfg, ctx)
-    param_bytes = local_param_bytes(dit) + sum(
-        local_param_bytes(enc) for enc in (text_encoder, audio_encoder)
-        if enc is not None and next(enc.parameters()).device == ctx.device
-    )
-    ctx.metrics.note("param_gib", param_bytes / GIB)  # parameters in this rank's device memory
+    dit_bytes = local_param_bytes(dit)
+    encoder_bytes = sum(local_param_bytes(enc) for enc in (text_encoder, audio_encoder)
+                        if enc is not None and next(enc.parameters()).device == ctx.device)
+    ctx.metrics.note("dit_param_gib", dit_bytes / GIB)  # this rank's part of the DiT
+    ctx.metrics.note("param_gib", (dit_bytes + encoder_bytes) / GIB)  # all in this rank's device memory
     return ParallelModel(dit, text_encoder, audio_encoder, sp_group, meshes.mesh)
 
 
@@ -116,9 +116,11 @@ def _encoders(cfg: Any, ctx: Any) -> tuple[nn.Module | None, nn.Module | None]:
     def place(placement) -> torch.device:
         return ctx.device if placement == Placement.device else torch.device("cpu")
 
+    model, dtype = cfg.model, torch_dtype(cfg.model.dtype)
     with ctx.phase("load"):
-        text = build_text_encoder(cfg.model, place(cfg.parallel.text_encoder_placement))
-        audio = build_audio_encoder(cfg.model, place(cfg.parallel.audio_encoder_placement)) if cfg.model.s2v else None
+        text = build_text_encoder(model, place(cfg.parallel.text_encoder_placement), dtype, model.seed)
+        audio = (build_audio_encoder(model, place(cfg.parallel.audio_encoder_placement), dtype, model.seed)
+                 if model.s2v else None)
     return text, audio
 
 
