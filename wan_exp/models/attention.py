@@ -200,7 +200,7 @@ _DIAGNOSES = (
 )
 
 
-def _diagnose(error: str | None) -> str | None:
+def diagnose_flash_attn_error(error: str | None) -> str | None:
     if not error:
         return None
     for needle, meaning in _DIAGNOSES:
@@ -232,7 +232,7 @@ def flash_attn_status(timeout_s: float = 120.0) -> dict:
             "ok": False, "version": None, "forward_ran": False,
             "error": f"probe exited with code {proc.returncode}: " + " | ".join(tail),
         }
-    report["diagnosis"] = _diagnose(report["error"])
+    report["diagnosis"] = diagnose_flash_attn_error(report["error"])
     return report
 
 
@@ -243,5 +243,5 @@ def importable_backends() -> dict[str, bool]:
 
 __all__ = [
     "BACKENDS", "AttentionBackendError", "attention", "configure", "selected_backend",
-    "flash_attn_status", "importable_backends",
+    "flash_attn_status", "diagnose_flash_attn_error", "importable_backends",
 ]

@@ -1,0 +1,78 @@
+"""Attention entry point: backends agree with the softmax formula on CPU, `auto` records what
+ran, unknown or unusable backends fail with a clear message, and the flash-attn probe."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wan_exp.models import attention as attn
+
+
+@pytest.fixture(autouse=True)
+def restore_auto():
+    yield
+    attn.configure("auto")
+
+
+def qkv(seed=0, nq=7, nk=9):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, nq, 3, 16, generator=g), torch.randn(2, nk, 3, 16, generator=g),
+            torch.randn(2, nk, 3, 16, generator=g))
+
+
+def formula(q, k, v):
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_math", "sdpa_flash"])
+def test_cpu_backends_agree_with_the_formula(backend):
+    q, k, v = qkv()
+    attn.configure(backend)
+    out = attn.attention(q, k, v)
+    assert attn.selected_backend() == backend
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, formula(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_on_cpu_picks_sdpa_and_records_it():
+    attn.configure("auto")
+    assert attn.selected_backend() is None
+    q, k, v = qkv(1)
+    torch.testing.assert_close(attn.attention(q, k, v), formula(q, k, v), atol=1e-5, rtol=1e-5)
+    assert attn.selected_backend() == "sdpa"
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(attn.AttentionBackendError, match="model.attention_backend='flash3' is unknown; choose one of"):
+        attn.configure("flash3")
+
+
+def test_backend_that_cannot_run_names_itself_and_the_way_out():
+    attn.configure("sdpa_cudnn")  # needs a CUDA device
+    with pytest.raises(attn.AttentionBackendError) as err:
+        attn.attention(*qkv())
+    assert "model.attention_backend='sdpa_cudnn': no backend ran on cpu" in str(err.value)
+    assert "sdpa_math" in str(err.value)
+
+
+def test_flash_attn_status_reports_and_diagnoses():
+    status = attn.flash_attn_status()
+    assert set(status) == {"ok", "version", "error", "diagnosis", "forward_ran"}
+    if not attn.importable_backends()["flash_attn"]:
+        assert status["ok"] is False and status["forward_ran"] is False
+        assert "No module named 'flash_attn'" in status["error"]
+        assert status["diagnosis"].startswith("flash-attn is not installed")
+    elif not torch.cuda.is_available():
+        assert status["ok"] is False and "no CUDA device" in status["error"]
+
+
+@pytest.mark.parametrize("error, meaning", [
+    ("ImportError: /x/flash_attn_2_cuda.so: undefined symbol: _ZN3c10", "another torch version or C++ ABI"),
+    ("RuntimeError: CUDA error: no kernel image is available", "another GPU architecture"),
+    ("something new", "see the error text"),
+])
+def test_flash_attn_errors_are_diagnosed(error, meaning):
+    assert meaning in attn.diagnose_flash_attn_error(error)
