@@ -330,6 +330,7 @@ def start_ranks(plan: JobPlan, task_cfg: DictConfig) -> tuple[dict[int, dict], O
     exited non-zero to {"exitcode", "time", "phase", "message"}.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, launch_agent
 
@@ -361,6 +362,8 @@ def start_ranks(plan: JobPlan, task_cfg: DictConfig) -> tuple[dict[int, dict], O
             dead[rank] = {"exitcode": failure.exitcode, "time": failure.timestamp,
                           "phase": beats.get(rank, {}).get("phase", "start"),
                           "message": f"rank {rank} {how} without writing its record (see {plan.job_dir / 'logs'})"}
+    except SignalException:  # the launcher itself was told to stop: end the sweep, not just this job
+        raise
     except Exception as exc:  # rendezvous or agent failure: the job failed before its ranks ran
         launch_error = f"{type(exc).__name__}: {exc}"
         log.error("job %d: the elastic agent failed: %s", plan.num, launch_error)
