@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
@@ -51,6 +51,7 @@ from wan_exp.workloads.inputs import (
 from wan_exp.workloads.sampler import shift_sigma
 
 ADAPTER_DIR = "lora_adapter"
+ADAPTER_NAME = "default"  # peft's name for the one adapter inject_adapter_in_model adds
 # PeftModel.save_pretrained prefixes every key with the wrapper's attribute path.
 PEFT_KEY_PREFIX = "base_model.model."
 # Training FLOPs per step = this x one forward: the usual forward + 2x backward convention.
@@ -79,7 +80,7 @@ def inject_lora(dit: nn.Module, lora_cfg: Any, seed: int) -> list[str]:
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            inject_adapter_in_model(lora_config(lora_cfg), dit)
+            inject_adapter_in_model(lora_config(lora_cfg), dit, adapter_name=ADAPTER_NAME)
     except ValueError as exc:
         if "not found in the base model" not in str(exc):
             raise
@@ -151,19 +152,24 @@ def train_step(dit: nn.Module, inputs: ClipInputs, generator: torch.Generator, s
 
 
 def full_adapter_state_dict(dit: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter weight, whole, on the CPU of rank 0 (empty elsewhere under FSDP).
-    A collective under FSDP: every rank must call it."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return get_model_state_dict(dit, options=options)
+    """Every adapter weight, whole, on the CPU; a collective under FSDP (every rank calls it).
+
+    Gathered to every rank (adapters are small): FSDP1's rank-0-only CPU offload crashed
+    (segmentation fault) on CPU ranks with torch 2.13. FSDP still unshards one unit at a
+    time, so the frozen base is never whole in memory."""
+    options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+    return {k: v.detach().cpu() for k, v in get_model_state_dict(dit, options=options).items()}
 
 
-def save_adapter(state_dict: dict[str, torch.Tensor], dit: nn.Module, lora_cfg: Any, folder: Path) -> Path:
+def save_adapter(state_dict: dict[str, torch.Tensor], lora_cfg: Any, folder: Path) -> Path:
     """Write ``folder`` as PeftModel.save_pretrained would: adapter_config.json and
-    adapter_model.safetensors with keys ``base_model.model.<module>.lora_A.weight``."""
-    peft_state = get_peft_model_state_dict(dit, state_dict=state_dict)
+    adapter_model.safetensors with keys ``base_model.model.<module>.lora_A.weight``
+    (peft's saved names carry no adapter name; in the model it is ``lora_A.default``)."""
+    adapter = f".{ADAPTER_NAME}."
+    tensors = {PEFT_KEY_PREFIX + key.replace(adapter, "."): value.contiguous()
+               for key, value in state_dict.items() if ".lora_" in key}
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({PEFT_KEY_PREFIX + k: v.contiguous() for k, v in peft_state.items()},
-              str(folder / "adapter_model.safetensors"))
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
     lora_config(lora_cfg).save_pretrained(str(folder))
     return folder
 
@@ -191,7 +197,7 @@ def run_train_lora(cfg: Any, ctx: Any) -> dict:
     if wl.lora.save:
         state = full_adapter_state_dict(dit)
         if ctx.rank == 0 and ctx.job_dir is not None:
-            saved = str(save_adapter(state, dit, wl.lora, ctx.job_dir / ADAPTER_DIR))
+            saved = str(save_adapter(state, wl.lora, ctx.job_dir / ADAPTER_DIR))
 
     tokens = clip_token_counts(cfg, with_motion=True)
     info = {
