@@ -112,7 +112,8 @@ def setup_sharded(cfg: Any, ctx: Any, meshes: ParallelMesh, before_wrap: BeforeW
 
 
 def _encoders(cfg: Any, ctx: Any) -> tuple[nn.Module | None, nn.Module | None]:
-    """Text and audio encoders, each on the device or the CPU as the config places it."""
+    """Text and audio encoders, each on the device or the CPU as the config places it.
+    They come after the DiT is split (its phases first); their time adds to "load"."""
     def place(placement) -> torch.device:
         return ctx.device if placement == Placement.device else torch.device("cpu")
 
