@@ -151,7 +151,13 @@ def best_values(rows: list[Row]) -> dict[str, Optional[float]]:
 
 
 def format_value(value: Optional[float], digits: int) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
+    """Fixed decimals; scientific where they would round a non-zero value to zero (the
+    tiny model's TFLOP/s)."""
+    if value is None:
+        return "—"
+    if value and abs(value) < 10**-digits:
+        return f"{value:.2e}"
+    return f"{value:,.{digits}f}"
 
 
 def shown_columns(rows: list[Row]) -> list[Column]:
