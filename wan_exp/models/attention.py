@@ -138,6 +138,7 @@ def _auto_candidates(device: torch.device) -> list[str]:
     return candidates
 
 
+@torch.compiler.disable  # imports, subprocesses and retries: run eagerly inside a compiled block
 def _resolve_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     global _selected
     candidates = _auto_candidates(q.device) if _requested == "auto" else [_requested]

@@ -97,25 +97,30 @@ def rope_pairs(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, 3) integer (t, h, w) positions -> cos, sin of shape (L, head_dim/2), fp32.
+    """(L, 3) integer (t, h, w) positions -> the cos and signed sin tables of shape (L, head_dim)
+    that ``apply_rope`` multiplies with, fp32.
 
     Each axis with n pairs rotates pair j by ``position * theta^(-j/n)``; the pairs are
     laid out time first, then height, then width (interleaved (even, odd) channel pairs).
+    Both tables repeat each pair's value on its two channels, and the sine carries the sign of
+    the rotation (-sin on the even channel, +sin on the odd one), so the rotation is two
+    elementwise products with no complex numbers and no gathers.
     """
     columns = []
     for axis, n in enumerate(rope_pairs(head_dim)):
         inv_freq = torch.pow(ROPE_THETA, -torch.arange(n, device=positions.device, dtype=torch.float64) / n)
         columns.append(positions[:, axis : axis + 1].to(torch.float64) * inv_freq[None])
-    angles = torch.cat(columns, dim=1)
-    return angles.cos().float(), angles.sin().float()
+    angles = torch.cat(columns, dim=1)  # (L, head_dim/2)
+    cos = angles.cos().repeat_interleave(2, dim=1)
+    sin = torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(1)
+    return cos.float(), sin.float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (even, odd) channel pairs of x (B, L, H, d) by the angles (L, d/2), in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None], sin[:, None]
-    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    """Rotate (even, odd) channel pairs of x (B, L, H, d) by the tables of ``rope_angles``, in
+    fp32: ``x * cos + swap(x) * sin`` with swap exchanging the two channels of each pair."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x.float() * cos[:, None] + swapped * sin[:, None]
 
 
 def grid_positions(t: Sequence[int] | torch.Tensor, h: Sequence[int] | torch.Tensor,
@@ -197,7 +202,7 @@ class CrossAttention(Attention):
 class TokenLayout:
     """What a block needs to know about this rank's tokens, built once per forward."""
 
-    rope_cos: torch.Tensor  # (L, head_dim/2) fp32
+    rope_cos: torch.Tensor  # (L, head_dim) fp32 tables of rope_angles
     rope_sin: torch.Tensor
     n_noisy: int  # the local noisy tokens are the first n_noisy (timestep t; the rest use 0)
     frame_runs: list[tuple[int, int, int]]  # (start, end, latent frame) runs of noisy tokens
@@ -420,6 +425,18 @@ class WanModel(nn.Module):
             self.audio_injector = AudioInjector(dim, heads, len(cfg.audio_inject_layers), cfg.eps)
             self.trainable_cond_mask = nn.Embedding(3, dim)  # token type: noisy, reference, motion
             self.frame_packer = FramePacker(cfg.in_dim, dim)
+        if cfg.compile:
+            self.compile_blocks()
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each block (and the audio injector) on its own. The 40 blocks share
+        their code and shapes, so one compiled graph serves all of them and compilation costs
+        about one block; the fused kernels take one pass over the activations where the eager
+        norms, RoPE, modulation and gated residuals take several."""
+        for block in self.blocks:
+            block.compile()
+        if self.s2v:
+            self.audio_injector.compile()
 
     # ------------------------------------------------------------------ embeddings
     def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
