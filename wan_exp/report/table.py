@@ -126,10 +126,13 @@ def _is_variant(override: str) -> bool:
 
 
 def build_rows(results: list[dict]) -> list[Row]:
-    """Group the jobs into configurations (see the module docstring), in first-seen order."""
+    """Group the jobs into configurations (see the module docstring), in first-seen order.
+    Overrides every job shares (e.g. model=s2v_14b given for the whole sweep) tell no rows
+    apart and are left out of the variant."""
+    shared = set.intersection(*(set(job.get("overrides", [])) for job in results)) if len(results) > 1 else set()
     rows: dict[tuple, Row] = {}
     for job in results:
-        variant = " ".join(sorted(o for o in job.get("overrides", []) if _is_variant(o)))
+        variant = " ".join(sorted(o for o in job.get("overrides", []) if _is_variant(o) and o not in shared))
         key = (job.get("strategy"), job.get("world_size"), variant)
         if key not in rows:
             rows[key] = Row(str(job.get("strategy")), int(job.get("world_size") or 0), variant)
@@ -188,10 +191,15 @@ def table_cells(rows: list[Row]) -> tuple[list[str], list[list[tuple[str, bool]]
     return header, body
 
 
+def _clip(text: str, width: int = 100) -> str:
+    """Long root-cause messages cut for the console (report.md keeps them whole)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def text_table(rows: list[Row]) -> str:
     """Fixed-width console table; '*' marks the best value of a column."""
     header, body = table_cells(rows)
-    lines = [header] + [[text + ("*" if is_best else "") for text, is_best in cells] for cells in body]
+    lines = [header] + [[_clip(text) + ("*" if is_best else "") for text, is_best in cells] for cells in body]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
