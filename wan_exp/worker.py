@@ -32,9 +32,10 @@ from wan_exp.envvars import JOB_DIR_VAR
 from wan_exp.metrics.collector import gather_records, summarize
 from wan_exp.runtime import RankContext
 
-# Variables the rank records as it sees them (besides those the launcher set for the job),
-# so a test or a reader can check what reached the rank.
+# Variables the rank records as it sees them, so a reader can check what reached the rank:
+# the rendezvous, threads, and every NCCL / allocator / harness variable.
 RECORDED_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+RECORDED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "PYTORCH_", "WAN_EXP_")
 
 
 def load_job_config(job_dir: Path) -> Any:
@@ -51,9 +52,10 @@ def dump_stacks_on_sigusr1(job_dir: Path, rank: int) -> None:
 
 
 def seen_environment(job: dict) -> dict[str, str | None]:
-    """The launcher's variables and a few torchrun ones, as this rank sees them."""
+    """The launcher's variables, the rendezvous and every NCCL/allocator/harness
+    variable, as this rank sees them (None: not set)."""
     names = set(job.get("env", {})) | set(RECORDED_VARIABLES)
-    names |= {n for n in os.environ if n.startswith("WAN_EXP_")}
+    names |= {n for n in os.environ if n.startswith(RECORDED_PREFIXES)}
     return {name: os.environ.get(name) for name in sorted(names)}
 
 
