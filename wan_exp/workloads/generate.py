@@ -29,6 +29,7 @@ from wan_exp.workloads.inputs import (
     clip_audio,
     clip_token_counts,
     encode_job_inputs,
+    input_seed,
     random_latents,
     seconds_per_clip,
     workload_step,
@@ -72,7 +73,7 @@ def generate_clips(cfg: Any, dit: torch.nn.Module, inputs: ClipInputs,
         cond = dit_velocity(dit, inputs.context, clip_inputs, audio)
         # unconditional: negative prompt and silent audio (upstream zeroes the audio input)
         uncond = dit_velocity(dit, inputs.null_context, clip_inputs, None if audio is None else torch.zeros_like(audio))
-        noise = random_latents(tuple(inputs.latents.shape[1:]), cfg.seed + 100 + clip,
+        noise = random_latents(tuple(inputs.latents.shape[1:]), input_seed(cfg, "noise", clip),
                                inputs.latents.device, inputs.latents.dtype)
         first = clip * wl.sample_steps
 

@@ -31,6 +31,14 @@ SAMPLE_RATE = 16000  # wav2vec2's input rate
 TOKENIZER_SUBDIR = "google/umt5-xxl"  # inside model.checkpoint_dir (DESIGN.md §7)
 VAE_STRIDE = 8  # pixels per latent in height and width
 FRAMES_PER_LATENT = 4  # video frames per latent frame
+# Each random input draws from its own generator, seeded cfg.seed + its offset, so adding
+# one input never changes another (and every rank draws the same values).
+SEED_OFFSETS = {"prompt": 0, "null_prompt": 1, "audio": 2, "reference": 3, "latents": 4,
+                "motion": 5, "noise": 100}  # noise: + clip index
+
+
+def input_seed(cfg: Any, what: str, index: int = 0) -> int:
+    return cfg.seed + SEED_OFFSETS[what] + index
 
 
 @dataclass
@@ -153,7 +161,7 @@ def reference_latents(cfg: Any, device: torch.device, dtype: torch.dtype) -> tor
             "VAE is not supported yet; leave workload.image_path unset for a random reference frame"
         )
     channels, _, lat_h, lat_w = latent_shape(cfg)
-    return random_latents((channels, 1, lat_h, lat_w), cfg.seed + 3, device, dtype)
+    return random_latents((channels, 1, lat_h, lat_w), input_seed(cfg, "reference"), device, dtype)
 
 
 @torch.no_grad()
@@ -169,17 +177,17 @@ def encode_job_inputs(cfg: Any, parallel_model: ParallelModel, device: torch.dev
         ids, mask = prompt_token_ids(cfg, prompt, seed)
         return encode_text(parallel_model.text_encoder, ids.to(text_device), mask.to(text_device)).to(device, dtype)
 
-    context = text(wl.prompt, cfg.seed)
-    null_context = text("", cfg.seed + 1)  # the negative prompt
+    context = text(wl.prompt, input_seed(cfg, "prompt"))
+    null_context = text("", input_seed(cfg, "null_prompt"))  # the negative prompt
     audio = ref = None
     if cfg.model.s2v:
         video_frames = wl.clips * wl.frames_per_clip
-        waveform = job_waveform(cfg, video_frames / wl.fps, cfg.seed + 2)
+        waveform = job_waveform(cfg, video_frames / wl.fps, input_seed(cfg, "audio"))
         audio_device, audio_dtype = _encoder_placement(parallel_model.audio_encoder)
         audio = parallel_model.audio_encoder(waveform[None].to(audio_device, audio_dtype),
                                              num_frames=video_frames).to(device, dtype)
         ref = reference_latents(cfg, device, dtype)
-    latents = random_latents(latent_shape(cfg), cfg.seed + 4, device, dtype)
+    latents = random_latents(latent_shape(cfg), input_seed(cfg, "latents"), device, dtype)
     return ClipInputs(latents, context, null_context, audio, ref, motion=None)
 
 

@@ -43,6 +43,7 @@ from wan_exp.workloads.inputs import (
     clip_audio,
     clip_token_counts,
     encode_job_inputs,
+    input_seed,
     latent_shape,
     random_latents,
     seconds_per_clip,
@@ -125,8 +126,8 @@ def training_inputs(cfg: Any, parallel_model: ParallelModel, device: torch.devic
     inputs.audio = clip_audio(inputs.audio, 0, cfg.workload.frames_per_clip)
     if cfg.model.s2v:
         channels, _, lat_h, lat_w = latent_shape(cfg)
-        inputs.motion = random_latents((channels, cfg.model.motion_frames, lat_h, lat_w), cfg.seed + 5,
-                                       device, inputs.latents.dtype)
+        inputs.motion = random_latents((channels, cfg.model.motion_frames, lat_h, lat_w),
+                                       input_seed(cfg, "motion"), device, inputs.latents.dtype)
     return inputs
 
 
@@ -140,15 +141,16 @@ def flow_matching_loss(dit: nn.Module, inputs: ClipInputs, sigma: float, noise: 
 
 
 def train_step(dit: nn.Module, inputs: ClipInputs, generator: torch.Generator, shift: float,
-               loss_scale: float, sp_group: Optional[dist.ProcessGroup]) -> float:
-    """Forward, backward and gradient reduction of one step (no optimiser); the loss."""
+               loss_scale: float, sp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Forward, backward and gradient reduction of one step (no optimiser). Returns the
+    detached loss, still on the device: reading it would add a device sync to the step."""
     sigma = shift_sigma(torch.rand((), generator=generator).item(), shift)
     noise = torch.randn(inputs.latents.shape, generator=generator).to(inputs.latents)
     loss = flow_matching_loss(dit, inputs, sigma, noise)
     (loss * loss_scale).backward()
     if sp_group is not None:
         sum_gradients(adapter_parameters(dit), sp_group)
-    return loss.item()
+    return loss.detach()
 
 
 def full_adapter_state_dict(dit: nn.Module) -> dict[str, torch.Tensor]:
@@ -176,8 +178,13 @@ def save_adapter(state_dict: dict[str, torch.Tensor], lora_cfg: Any, folder: Pat
 
 def run_train_lora(cfg: Any, ctx: Any) -> dict:
     wl = cfg.workload
-    matched: list[str] = []
-    parallel_model = setup_parallel(cfg, ctx, before_wrap=lambda dit: matched.extend(inject_lora(dit, wl.lora, cfg.seed)))
+    adapters: dict[str, Any] = {}
+
+    def before_wrap(dit: nn.Module) -> None:  # on the whole, unsharded DiT
+        adapters["matched"] = inject_lora(dit, wl.lora, cfg.seed)
+        adapters["parameters"] = sum(p.numel() for p in adapter_parameters(dit))
+
+    parallel_model = setup_parallel(cfg, ctx, before_wrap=before_wrap)
     dit = parallel_model.dit
     params = adapter_parameters(dit)
     optimizer = torch.optim.AdamW(params, lr=wl.lora.lr)
@@ -205,9 +212,9 @@ def run_train_lora(cfg: Any, ctx: Any) -> dict:
         "forwards_per_step": 1,
         "flops_per_step": TRAIN_FLOPS_PER_FORWARD * dit_forward_flops(cfg.model, **tokens["flops_args"]),
         "video_seconds_per_step": seconds_per_clip(cfg),
-        "lora_matched_modules": matched,
-        "lora_trainable_parameters": sum(p.numel() for p in params),
-        "losses": losses,
+        "lora_matched_modules": adapters["matched"],
+        "lora_trainable_parameters": adapters["parameters"],
+        "losses": [loss.item() for loss in losses],
         "adapter_dir": saved,
     }
     ctx.metrics.set_workload_info(**info)
