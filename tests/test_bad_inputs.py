@@ -101,7 +101,7 @@ def test_bad_checkpoints_fail_their_jobs_with_the_loader_message(tmp_path):
     expected_names = [folders["missing"].name, "index.json", folders["shard"].name]
     for job, name in zip(jobs, expected_names):
         cause = job["root_cause"]
-        assert cause["rank"] == 0 and cause["phase"] == "load", cause
+        assert cause["rank"] == 0 and cause["phase"] in ("build", "load"), cause  # where weights open
         assert name in cause["message"], cause
     assert completed_results(sweep) == []
     assert json.loads((sweep / "0" / "job.json").read_text())["world_size"] == 1
