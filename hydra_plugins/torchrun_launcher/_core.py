@@ -340,14 +340,16 @@ def start_ranks(plan: JobPlan, task_cfg: DictConfig) -> tuple[dict[int, dict], O
         rdzv_configs["rank"] = lc.node_rank
     elif lc.nnodes > 1:
         rdzv_configs["is_host"] = lc.node_rank == 0
-    config = LaunchConfig(
-        min_nodes=lc.nnodes, max_nodes=lc.nnodes, nproc_per_node=plan.nproc_per_node,
-        run_id=f"wan-exp-{plan.num}-{uuid.uuid4().hex[:8]}",
-        rdzv_backend=lc.rdzv_backend, rdzv_endpoint=lc.rdzv_endpoint, rdzv_configs=rdzv_configs,
-        max_restarts=lc.max_restarts, monitor_interval=0.1, start_method="spawn",
-        logs_specs=DefaultLogsSpecs(log_dir=str(plan.job_dir / "logs"), redirects=Std.ALL),
-        shutdown_timeout=WORKER_SHUTDOWN_S,
-    )
+    # LaunchConfig asks torch.cuda.is_available(); answered from NVML, CUDA stays uninitialised here
+    with applied_environment({"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}):
+        config = LaunchConfig(
+            min_nodes=lc.nnodes, max_nodes=lc.nnodes, nproc_per_node=plan.nproc_per_node,
+            run_id=f"wan-exp-{plan.num}-{uuid.uuid4().hex[:8]}",
+            rdzv_backend=lc.rdzv_backend, rdzv_endpoint=lc.rdzv_endpoint, rdzv_configs=rdzv_configs,
+            max_restarts=lc.max_restarts, monitor_interval=0.1, start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=str(plan.job_dir / "logs"), redirects=Std.ALL),
+            shutdown_timeout=WORKER_SHUTDOWN_S,
+        )
     watchdog = HangWatchdog(plan.job_dir, plan.world_size, float(lc.hang_timeout_s))
     watchdog.start()
     dead: dict[int, dict] = {}
