@@ -129,7 +129,10 @@ def test_completed_results_are_never_overwritten(tmp_path):
     results.write_results(job_dir, done)
     with pytest.raises(FileExistsError, match="completed result"):
         results.write_results(job_dir, {**done, "status": "failed"})
-    assert results.read_results(job_dir)["summary"] == {"n": 1}
+    # nor by the launcher's finalisation, whatever it saw after rank 0 wrote the result
+    hang = {"rank": 1, "phase": "step", "message": "late"}
+    assert results.finalize_job(job_dir, {1: {"exitcode": -9, "message": "x"}}, hang) == done
+    assert results.read_results(job_dir) == done
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):

@@ -174,7 +174,7 @@ def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict]) -> Opti
 def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict],
                  launch_error: Optional[str] = None) -> dict:
     """The job's results after its ranks are gone; writes results.json unless rank 0
-    already wrote a completed one.
+    already wrote a completed one, which is returned as it is.
 
     dead_ranks: rank -> {"exitcode", "time", "phase", "message"} for every rank the agent
         saw exit non-zero (exit codes < 0 are signals).
@@ -182,7 +182,9 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
     launch_error: why the elastic agent itself failed (e.g. rendezvous), or None.
     """
     existing = read_results(job_dir)
-    if existing is not None and existing.get("status") == COMPLETED and not dead_ranks and hang is None:
+    if existing is not None and existing.get("status") == COMPLETED:
+        # rank 0 wrote it after gathering every rank's record: whatever happened after
+        # (a rank dying in teardown, the watchdog firing at the very end) does not undo it
         return existing
     records = read_rank_records(job_dir)
     if launch_error is not None:
@@ -199,7 +201,7 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
                           "message": "every rank exited cleanly but rank 0 wrote no results.json"}
         status = OOM if root_cause.pop("status", FAILED) == OOM else FAILED
     results = _results(job_dir, status, root_cause, records, None)
-    write_json_atomic(Path(job_dir) / RESULTS_FILE, results)
+    write_results(job_dir, results)
     return results
 
 
