@@ -17,14 +17,15 @@ DEVICE_PEAKS: dict[str, float] = {
     "h100 nvl": 835e12,  # H100 NVL datasheet, per GPU: 835 dense (1,671 sparse)
     "h100 pcie": 756e12,  # H100 PCIe datasheet: 756 dense (1,513 sparse)
     "h100": 989e12,  # H100 SXM5 80GB HBM3 ("NVIDIA H100 80GB HBM3")
+    "gh200": 989e12,  # GH200 datasheet: 989 dense bf16 for the Hopper GPU
     # H200 datasheet: same Hopper SXM core as H100 SXM, 989 dense (1,979 sparse).
     "h200": 989e12,
-    "gh200": 989e12,  # GH200 datasheet: 989 dense bf16 for the Hopper GPU
     # B200 datasheet (HGX B200, per GPU): 2.25 PFLOPS dense fp16/bf16 (4.5 sparse).
     "b200": 2250e12,
     # A100 datasheet: 312 TFLOPS bf16 dense (624 sparse), SXM and PCIe alike.
     "a100": 312e12,
-    # A10G (AWS g5): 70 dense; A10 datasheet: 125 dense (250 sparse).
+    # A10G (AWS g5; no public datasheet, about 70 dense by its clocks); A10 datasheet:
+    # 125 dense (250 sparse).
     "a10g": 70e12,
     "a10": 125e12,
     # L40S datasheet: 362.05 TFLOPS bf16 dense (733 sparse).
@@ -35,10 +36,10 @@ DEVICE_PEAKS: dict[str, float] = {
     "l4": 121e12,
     # RTX 6000 Ada datasheet: 364.2 sparse -> 182 dense bf16 with fp32 accumulate.
     "rtx 6000 ada": 182e12,
-    # GeForce RTX 4090 (Ada whitepaper, Appendix A): 165.2 dense fp16/bf16 with fp16
-    # accumulate, 82.6 with fp32 accumulate (what PyTorch uses) -> 165.2 is the ceiling.
-    "rtx 4090": 165e12,
-    # GeForce RTX 3090 (Ampere GA102 whitepaper): 71 dense fp16 tensor (fp16 accumulate).
+    # GeForce RTX 4090 (Ada whitepaper, appendix): bf16 with fp32 accumulate, which is
+    # what PyTorch's matmuls use, 82.6 dense (165.2 sparse); 165.2 only with fp16 accumulate.
+    "rtx 4090": 82.6e12,
+    # GeForce RTX 3090 (GA102 whitepaper): bf16 with fp32 accumulate 71 dense (142 sparse).
     "rtx 3090": 71e12,
     # V100 has no bf16; fp16 tensor peak (SXM2) 125 TFLOPS.
     "v100": 125e12,
