@@ -120,6 +120,11 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
         raise ConfigError(f"launcher.hang_timeout_s={lc.hang_timeout_s} must be > 0")
     if lc.max_restarts < 0:
         raise ConfigError(f"launcher.max_restarts={lc.max_restarts} must be >= 0")
+    if cfg.nccl.flight_recorder and cfg.nccl.timeout_s >= lc.hang_timeout_s:
+        # the recorder dumps on an NCCL timeout; the watchdog kills the ranks before that
+        log.warning("nccl.timeout_s=%s >= launcher.hang_timeout_s=%s: a hang ends before NCCL times out, "
+                    "so the flight recorder writes no dump; lower nccl.timeout_s to get one",
+                    cfg.nccl.timeout_s, lc.hang_timeout_s)
     fault = cfg.fault
     kind = fault.kind.name
     if kind == "none":
