@@ -29,21 +29,25 @@ CONFIG_FILE = "config.yaml"
 
 
 # ----------------------------------------------------------------------------- files
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, durable: bool = True) -> None:
     """Write `data` as JSON to `path` via a temporary file and a rename."""
-    write_text_atomic(path, json.dumps(data, indent=2, default=str))
+    write_text_atomic(path, json.dumps(data, indent=2, default=str), durable)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file via a temporary file in the same folder and a rename."""
+def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
+    """Write a text file via a temporary file in the same folder and a rename.
+
+    durable=False skips the fsync: readers still never see half a file, but a machine
+    crash may lose it (fine for heartbeats, which are rewritten every step)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

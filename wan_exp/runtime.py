@@ -52,7 +52,7 @@ class RankContext:
             return
         write_json_atomic(heartbeat_path(self.job_dir, self.rank), {
             "rank": self.rank, "pid": os.getpid(), "phase": phase, "step": step, "time": time.time(),
-        })
+        }, durable=False)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
