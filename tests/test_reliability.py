@@ -6,6 +6,7 @@ import signal
 
 import pytest
 
+from hydra_plugins.torchrun_launcher._core import furthest_behind
 from launch_helpers import job_pids, job_results, output, pid_alive, root_cause, run_fault_sweep, run_launch
 from wan_exp import results
 
@@ -85,6 +86,18 @@ def test_oom_is_recorded_with_memory_figures(tmp_path):
     record = oom["ranks"][0]
     assert record["status"] == "oom" and record["memory"]["peak_allocated_gib"] > 1
     assert record["error"]["device_total_gib"] > 0
+
+
+def test_the_hung_rank_is_the_one_furthest_behind():
+    # rank 0 finished early and waits to gather; rank 1 entered wrap later and stopped there
+    beats = {0: {"rank": 0, "phase": "gather", "step": None, "seq": 7, "time": 10.0},
+             1: {"rank": 1, "phase": "wrap", "step": None, "seq": 6, "time": 10.5}}
+    assert furthest_behind(beats, 2, started_at=0.0)["rank"] == 1
+    # equal progress: the older heartbeat; a rank with none never started
+    beats[0].update(phase="wrap", seq=6)
+    assert furthest_behind(beats, 2, started_at=0.0)["rank"] == 0
+    assert furthest_behind(beats, 3, started_at=0.0) == {"rank": 2, "phase": "start", "step": None,
+                                                         "seq": 0, "time": 0.0}
 
 
 # ----------------------------------------------------------------------------- results.py

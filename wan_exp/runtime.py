@@ -42,6 +42,7 @@ class RankContext:
         self.job_dir = Path(job_dir) if job_dir is not None else None
         self.metrics = MetricsCollector(self.device, rank, world_size)
         self.current_phase = "start"
+        self._heartbeats_sent = 0
         self._faults = FaultInjector(cfg.fault, rank, self.device) if self.job_dir else None
         self.heartbeat("start")
 
@@ -50,8 +51,12 @@ class RankContext:
         self.current_phase = phase
         if self.job_dir is None:
             return
+        # seq counts this rank's heartbeats: ranks run the same program, so on a hang the
+        # rank with the lowest seq is the one the others are waiting for
+        self._heartbeats_sent += 1
         write_json_atomic(heartbeat_path(self.job_dir, self.rank), {
-            "rank": self.rank, "pid": os.getpid(), "phase": phase, "step": step, "time": time.time(),
+            "rank": self.rank, "pid": os.getpid(), "phase": phase, "step": step,
+            "seq": self._heartbeats_sent, "time": time.time(),
         }, durable=False)
 
     @contextmanager

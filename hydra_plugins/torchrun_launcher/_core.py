@@ -271,13 +271,22 @@ def read_heartbeats(job_dir: Path) -> dict[int, dict]:
     return {b["rank"]: b for b in beats if b is not None}
 
 
+def furthest_behind(beats: dict[int, dict], world_size: int, started_at: float) -> dict:
+    """The heartbeat of the rank the others wait for on a hang: the fewest heartbeats
+    (ranks run the same program), then the oldest. A rank with no heartbeat yet never got
+    past start-up."""
+    ranks = [beats.get(r, {"rank": r, "phase": "start", "step": None, "seq": 0, "time": started_at})
+             for r in range(world_size)]
+    return min(ranks, key=lambda b: (b["seq"], b["time"], b["rank"]))
+
+
 class HangWatchdog(threading.Thread):
     """Ends a job whose ranks made no progress for `timeout_s`.
 
     Progress is a new heartbeat from any rank. On a hang: SIGUSR1 to every rank (each
     dumps all its threads' stacks into stacks/rank_<r>.txt), a short wait for the files,
-    then SIGKILL to every worker. `finding` then holds the rank whose heartbeat is oldest
-    and its phase: the rank the others were waiting for.
+    then SIGKILL to every worker. `finding` then holds the rank furthest behind (fewest
+    heartbeats, then the oldest) and its phase: the rank the others were waiting for.
     """
 
     def __init__(self, job_dir: Path, world_size: int, timeout_s: float) -> None:
@@ -300,10 +309,7 @@ class HangWatchdog(threading.Thread):
                 return
 
     def _end_hung_job(self, beats: dict[int, dict]) -> None:
-        # a rank with no heartbeat yet never got past start-up: it is the oldest
-        ranks = [beats.get(r, {"rank": r, "phase": "start", "step": None, "time": self._started_at})
-                 for r in range(self.world_size)]
-        stuck = min(ranks, key=lambda b: (b["time"], b["rank"]))
+        stuck = furthest_behind(beats, self.world_size, self._started_at)
         silent_s = time.time() - stuck["time"]
         where = stuck["phase"] if stuck["step"] is None else f"{stuck['phase']} {stuck['step']}"
         self.finding = {
@@ -313,7 +319,7 @@ class HangWatchdog(threading.Thread):
                         f"{where!r} {silent_s:.0f}s ago; stacks in {self.job_dir / 'stacks'}"),
         }
         log.error(self.finding["message"])
-        self._dump_stacks([b for b in ranks if "pid" in b])
+        self._dump_stacks(list(beats.values()))
         kill_workers(self.job_dir)
 
     def _dump_stacks(self, beats: list[dict]) -> None:
