@@ -372,8 +372,11 @@ def start_ranks(plan: JobPlan, task_cfg: DictConfig) -> tuple[dict[int, dict], O
         for rank, failure in exc.failures.items():
             how = (f"killed by {failure.signal_name()}" if failure.exitcode < 0
                    else f"exited with code {failure.exitcode}")
-            dead[rank] = {"exitcode": failure.exitcode, "time": failure.timestamp,
-                          "phase": beats.get(rank, {}).get("phase", "start"),
+            beat = beats.get(rank, {"phase": "start", "time": failure.timestamp})
+            # its last heartbeat, not the agent's whole-second timestamp, dates the death, so
+            # it sorts before the errors it caused in other ranks
+            dead[rank] = {"exitcode": failure.exitcode, "time": min(beat["time"], failure.timestamp),
+                          "phase": beat["phase"],
                           "message": f"rank {rank} {how} without writing its record (see {plan.job_dir / 'logs'})"}
     except SignalException:  # the launcher itself was told to stop: end the sweep, not just this job
         raise
