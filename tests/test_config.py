@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from hydra_plugins.torchrun_launcher._core import check_launch_settings, ranks_per_node
+from hydra_plugins.torchrun_launcher._core import JobPlan, check_launch_settings, launch_config, ranks_per_node
 from wan_exp.config import ConfigError, ExperimentConfig, register_configs, validate
 from wan_exp.envvars import JOB_DIR_VAR, rank_environment
 
@@ -75,3 +75,18 @@ def test_default_profiles_set_no_allocator_or_trace_variables(tmp_path, monkeypa
     monkeypatch.delenv("OMP_NUM_THREADS")
     env = rank_environment(_compose(), tmp_path, nproc_per_node=2)
     assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+
+
+@pytest.mark.parametrize("backend,expected_rdzv", [("c10d", {"is_host": False}), ("static", {"rank": 1})])
+def test_multi_node_settings_reach_the_agent(tmp_path, backend, expected_rdzv):
+    cfg = _compose("launcher.nnodes=2", "launcher.node_rank=1", "launcher.rdzv_endpoint=node0:29500",
+                   f"launcher.rdzv_backend={backend}", "launcher.max_restarts=2", "launcher.nproc_per_node=4")
+    check_launch_settings(cfg, gpus=4)
+    plan = JobPlan(num=3, overrides=[], hydra_overrides=[], config=cfg, job_dir=tmp_path, nproc_per_node=4,
+                   world_size=8, backend="nccl", already_completed=False)
+    agent = launch_config(plan, cfg.launcher)
+    assert (agent.min_nodes, agent.max_nodes, agent.nproc_per_node, agent.max_restarts) == (2, 2, 4, 2)
+    assert (agent.rdzv_backend, agent.rdzv_endpoint) == (backend, "node0:29500")
+    assert expected_rdzv.items() <= agent.rdzv_configs.items()
+    assert agent.logs_specs.root_log_dir == str(tmp_path / "logs")
+    assert agent.run_id.startswith("wan-exp-3-")

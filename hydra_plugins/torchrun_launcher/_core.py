@@ -334,18 +334,13 @@ class HangWatchdog(threading.Thread):
             time.sleep(0.1)
 
 
-def start_ranks(plan: JobPlan, task_cfg: DictConfig) -> tuple[dict[int, dict], Optional[dict], Optional[str]]:
-    """Run the job's ranks under the elastic agent (this thread) and the hang watchdog.
-
-    Returns (dead_ranks, hang finding, launch error): dead_ranks maps each rank that
-    exited non-zero to {"exitcode", "time", "phase", "message"}.
-    """
+def launch_config(plan: JobPlan, launcher_cfg: Any) -> Any:
+    """The elastic agent's LaunchConfig for one job: ranks, nodes, rendezvous, restarts,
+    per-rank logs under <job>/logs."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, launch_agent
+    from torch.distributed.launcher.api import LaunchConfig
 
-    lc = task_cfg.launcher
+    lc = launcher_cfg
     rdzv_configs: dict[str, Any] = {}
     if lc.rdzv_backend == "static":
         rdzv_configs["rank"] = lc.node_rank
@@ -353,7 +348,7 @@ def start_ranks(plan: JobPlan, task_cfg: DictConfig) -> tuple[dict[int, dict], O
         rdzv_configs["is_host"] = lc.node_rank == 0
     # LaunchConfig asks torch.cuda.is_available(); answered from NVML, CUDA stays uninitialised here
     with applied_environment({"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}):
-        config = LaunchConfig(
+        return LaunchConfig(
             min_nodes=lc.nnodes, max_nodes=lc.nnodes, nproc_per_node=plan.nproc_per_node,
             run_id=f"wan-exp-{plan.num}-{uuid.uuid4().hex[:8]}",
             rdzv_backend=lc.rdzv_backend, rdzv_endpoint=lc.rdzv_endpoint, rdzv_configs=rdzv_configs,
@@ -361,7 +356,20 @@ def start_ranks(plan: JobPlan, task_cfg: DictConfig) -> tuple[dict[int, dict], O
             logs_specs=DefaultLogsSpecs(log_dir=str(plan.job_dir / "logs"), redirects=Std.ALL),
             shutdown_timeout=WORKER_SHUTDOWN_S,
         )
-    watchdog = HangWatchdog(plan.job_dir, plan.world_size, float(lc.hang_timeout_s))
+
+
+def start_ranks(plan: JobPlan, task_cfg: DictConfig) -> tuple[dict[int, dict], Optional[dict], Optional[str]]:
+    """Run the job's ranks under the elastic agent (this thread) and the hang watchdog.
+
+    Returns (dead_ranks, hang finding, launch error): dead_ranks maps each rank that
+    exited non-zero to {"exitcode", "time", "phase", "message"}.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import launch_agent
+
+    config = launch_config(plan, task_cfg.launcher)
+    watchdog = HangWatchdog(plan.job_dir, plan.world_size, float(task_cfg.launcher.hang_timeout_s))
     watchdog.start()
     dead: dict[int, dict] = {}
     launch_error = None
