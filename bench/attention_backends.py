@@ -5,7 +5,8 @@
 
 Every backend runs through the model's own entry point (``wan_exp.models.attention``) with
 q, k, v in the model's layout, (B, N, H, d) = (1, N, 40, 128), so the figures include any
-copy a backend needs for that layout. TFLOP/s counts 4·N²·H·d per forward. Each backend's
+copy a backend needs for that layout; ``--heads-first`` adds rows with each head's tokens
+contiguous in memory, (B, H, N, d) viewed as (B, N, H, d), to show what the layout costs. TFLOP/s counts 4·N²·H·d per forward. Each backend's
 output is compared with the first backend that ran (relative L2 error), so a fast wrong
 kernel shows. flash-attn 2/3/4 rows appear when their modules import; otherwise the row
 says why it was not measured.
@@ -39,7 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS))
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
+    parser.add_argument("--heads-first", action="store_true", help="also time (B, H, N, d) memory layout")
     args = parser.parse_args()
+    layouts = ("tokens-first", "heads-first") if args.heads_first else ("tokens-first",)
     header(shape=f"(1, N, {WAN_HEADS}, {WAN_HEAD_DIM}) bf16, forward")
     importable = attn_backend.importable_backends()
     rows = []
@@ -49,28 +52,33 @@ def main() -> None:
                                generator=gen) for _ in range(3))
         flops = 4 * n * n * WAN_HEADS * WAN_HEAD_DIM
         reference = None
-        for backend in args.backends:
-            if backend in NOT_INSTALLABLE and not importable.get(backend, False):
-                rows.append((n, backend, None, None, f"not measured: {NOT_INSTALLABLE[backend]}"))
-                continue
-            try:
-                seconds, out = measure(backend, q, k, v)
-            except Exception as err:  # noqa: BLE001 - a backend that cannot run here is a row, not a crash
-                rows.append((n, backend, None, None, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:90]}"))
-                continue
-            if reference is None:
-                reference, error = out.float(), 0.0
-            else:
-                error = float((out.float() - reference).norm() / reference.norm())
-            rows.append((n, backend, seconds, flops / seconds / 1e12, f"rel. L2 vs first {error:.1e}"))
-            del out
+        for layout in layouts:
+            if layout == "heads-first":  # same values, (B, H, N, d) in memory
+                q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+            for backend in args.backends:
+                name = backend if layout == "tokens-first" else f"{backend} (B,H,N,d)"
+                if backend in NOT_INSTALLABLE and not importable.get(backend, False):
+                    if layout == "tokens-first":
+                        rows.append((n, name, None, None, f"not measured: {NOT_INSTALLABLE[backend]}"))
+                    continue
+                try:
+                    seconds, out = measure(backend, q, k, v)
+                except Exception as err:  # noqa: BLE001 - a backend that cannot run here is a row, not a crash
+                    rows.append((n, name, None, None, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:90]}"))
+                    continue
+                if reference is None:
+                    reference, error = out.float(), 0.0
+                else:
+                    error = float((out.float() - reference).norm() / reference.norm())
+                rows.append((n, name, seconds, flops / seconds / 1e12, f"rel. L2 vs first {error:.1e}"))
+                del out
         del q, k, v, reference
         torch.cuda.empty_cache()
-    print(f"{'tokens':>7} {'backend':<15} {'ms':>8} {'TFLOP/s':>8}  note")
+    print(f"{'tokens':>7} {'backend':<24} {'ms':>8} {'TFLOP/s':>8}  note")
     for n, backend, seconds, tflops, note in rows:
         ms = f"{seconds * 1e3:8.1f}" if seconds else f"{'-':>8}"
         rate = f"{tflops:8.0f}" if tflops else f"{'-':>8}"
-        print(f"{n:>7} {backend:<15} {ms} {rate}  {note}")
+        print(f"{n:>7} {backend:<24} {ms} {rate}  {note}")
 
 
 if __name__ == "__main__":

@@ -325,6 +325,28 @@ class AdaLayerNorm(nn.Module):
         return fp32_linear(self.linear, F.silu(cond.float())).chunk(2, dim=-1)
 
 
+def inject_audio(attn: "CrossAttention", adain: AdaLayerNorm, x: torch.Tensor, audio_tokens: torch.Tensor,
+                 audio_global: torch.Tensor, tokens: TokenLayout) -> torch.Tensor:
+    """One audio injection: AdaLN of the noisy tokens on their frame's global audio token, then
+    each noisy token attends to its own latent frame's audio tokens; returns the new x.
+
+    A function of the two layers rather than a method taking their index, so that one compiled
+    graph serves all injections (an index would be a constant of the graph: one compile each).
+    """
+    n = tokens.n_noisy
+    shift, scale = adain.shift_scale(audio_global)  # (B, F, D)
+    normed = F.layer_norm(x[:, :n].float(), x.shape[-1:], eps=ADAIN_EPS)
+    runs = tokens.frame_runs
+    h = torch.cat([  # AdaLN per latent frame: runs of consecutive tokens of one frame
+        torch.addcmul(shift[:, f : f + 1], normed[:, a:b], 1 + scale[:, f : f + 1]) for a, b, f in runs
+    ], dim=1).to(tokens.dtype)
+    q = attn.query(h)
+    k, v = attn.key_value(audio_tokens.to(tokens.dtype))  # (B, F, 5, H, d)
+    heads = torch.cat([attn_backend.attention(q[:, a:b], k[:, f], v[:, f]) for a, b, f in runs], dim=1)
+    update = attn.output(heads)
+    return torch.cat([x[:, :n] + update, x[:, n:]], dim=1)
+
+
 class AudioInjector(nn.Module):
     """After the listed blocks, each noisy token attends to its own latent frame's audio tokens."""
 
@@ -334,25 +356,15 @@ class AudioInjector(nn.Module):
             CrossAttention(dim, num_heads, qk_norm=True, eps=eps) for _ in range(num_injections)
         )
         self.injector_adain_layers = nn.ModuleList(AdaLayerNorm(dim) for _ in range(num_injections))
+        self.inject = inject_audio  # torch.compile(inject_audio) once the model is compiled
 
     def forward(self, x: torch.Tensor, index: int, audio_tokens: torch.Tensor,
                 audio_global: torch.Tensor, tokens: TokenLayout) -> torch.Tensor:
         """x (B, L, D); audio_tokens (B, F, 5, D); audio_global (B, F, D); returns the new x."""
-        n = tokens.n_noisy
-        if n == 0:
+        if tokens.n_noisy == 0:
             return x
-        attn = self.injector[index]
-        shift, scale = self.injector_adain_layers[index].shift_scale(audio_global)  # (B, F, D)
-        normed = F.layer_norm(x[:, :n].float(), x.shape[-1:], eps=ADAIN_EPS)
-        runs = tokens.frame_runs
-        h = torch.cat([  # AdaLN per latent frame: runs of consecutive tokens of one frame
-            torch.addcmul(shift[:, f : f + 1], normed[:, a:b], 1 + scale[:, f : f + 1]) for a, b, f in runs
-        ], dim=1).to(tokens.dtype)
-        q = attn.query(h)
-        k, v = attn.key_value(audio_tokens.to(tokens.dtype))  # (B, F, 5, H, d)
-        heads = torch.cat([attn_backend.attention(q[:, a:b], k[:, f], v[:, f]) for a, b, f in runs], dim=1)
-        update = attn.output(heads)
-        return torch.cat([x[:, :n] + update, x[:, n:]], dim=1)
+        return self.inject(self.injector[index], self.injector_adain_layers[index], x,
+                           audio_tokens, audio_global, tokens)
 
 
 class FramePacker(nn.Module):
@@ -436,7 +448,7 @@ class WanModel(nn.Module):
         for block in self.blocks:
             block.compile()
         if self.s2v:
-            self.audio_injector.compile()
+            self.audio_injector.inject = torch.compile(inject_audio)
 
     # ------------------------------------------------------------------ embeddings
     def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
