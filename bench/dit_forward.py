@@ -99,6 +99,8 @@ def floor_seconds(cfg, n_tokens: int, device: torch.device) -> dict:
 # ------------------------------------------------------------------ profile
 def kernel_class(name: str) -> str:
     lowered = name.lower()
+    if lowered.startswith("triton_"):  # inductor's fused elementwise kernels (names list the ops they fuse)
+        return "other"
     if any(s in lowered for s in ("fmha", "flash", "attention", "cudnn", "sdpa")):
         return "attention"
     if any(s in lowered for s in ("gemm", "nvjet", "xmma", "cutlass", "matmul", "sm90_")):
