@@ -233,7 +233,8 @@ def summary_text(results: dict) -> str:
                      f"{_gib(mem.get('peak_reserved_gib')):>17}  {_gib(mem.get('peak_host_rss_gib')):>12}  {median:>13}")
     cause = results.get("root_cause")
     if cause:
-        lines.append(f"  root cause: rank {cause.get('rank')} in phase {cause.get('phase')} "
-                     f"(exit code {cause.get('exitcode')}): {cause.get('message')}")
+        who = "the launcher" if cause.get("rank") is None else f"rank {cause['rank']}"
+        code = "" if cause.get("exitcode") is None else f" (exit code {cause['exitcode']})"
+        lines.append(f"  root cause: {who} in phase {cause.get('phase')}{code}: {cause.get('message')}")
     lines.append(f"  results: {Path(results.get('job_dir', '.')) / RESULTS_FILE}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ This process never initialises CUDA: GPUs are counted with NVML.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -346,6 +347,8 @@ def launch_config(plan: JobPlan, launcher_cfg: Any) -> Any:
         rdzv_configs["rank"] = lc.node_rank
     elif lc.nnodes > 1:
         rdzv_configs["is_host"] = lc.node_rank == 0
+    optional = {"shutdown_timeout": WORKER_SHUTDOWN_S}  # torch >= 2.13; older agents use their default
+    supported = {f.name for f in dataclasses.fields(LaunchConfig)}
     # LaunchConfig asks torch.cuda.is_available(); answered from NVML, CUDA stays uninitialised here
     with applied_environment({"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}):
         return LaunchConfig(
@@ -354,7 +357,7 @@ def launch_config(plan: JobPlan, launcher_cfg: Any) -> Any:
             rdzv_backend=lc.rdzv_backend, rdzv_endpoint=lc.rdzv_endpoint, rdzv_configs=rdzv_configs,
             max_restarts=lc.max_restarts, monitor_interval=0.1, start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=str(plan.job_dir / "logs"), redirects=Std.ALL),
-            shutdown_timeout=WORKER_SHUTDOWN_S,
+            **{name: value for name, value in optional.items() if name in supported},
         )
 
 
@@ -368,12 +371,12 @@ def start_ranks(plan: JobPlan, task_cfg: DictConfig) -> tuple[dict[int, dict], O
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import launch_agent
 
-    config = launch_config(plan, task_cfg.launcher)
     watchdog = HangWatchdog(plan.job_dir, plan.world_size, float(task_cfg.launcher.hang_timeout_s))
     watchdog.start()
     dead: dict[int, dict] = {}
     launch_error = None
     try:
+        config = launch_config(plan, task_cfg.launcher)
         launch_agent(config, sys.executable, ["-m", "wan_exp.worker", str(plan.job_dir)])
     except ChildFailedError as exc:
         beats = read_heartbeats(plan.job_dir)
@@ -388,9 +391,9 @@ def start_ranks(plan: JobPlan, task_cfg: DictConfig) -> tuple[dict[int, dict], O
                           "message": f"rank {rank} {how} without writing its record (see {plan.job_dir / 'logs'})"}
     except SignalException:  # the launcher itself was told to stop: end the sweep, not just this job
         raise
-    except Exception as exc:  # rendezvous or agent failure: the job failed before its ranks ran
+    except Exception as exc:  # config, rendezvous or agent failure: the job failed before its ranks ran
         launch_error = f"{type(exc).__name__}: {exc}"
-        log.error("job %d: the elastic agent failed: %s", plan.num, launch_error)
+        log.exception("job %d: the elastic agent failed: %s", plan.num, launch_error)
     finally:
         watchdog.stop()
         leftovers = kill_workers(plan.job_dir)  # nothing of this job may outlive it

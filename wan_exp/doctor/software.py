@@ -20,6 +20,8 @@ from wan_exp.doctor.rows import FAIL, OK, WARN, Row
 PACKAGES = ("hydra-core", "omegaconf", "wandb", "transformers", "safetensors", "peft", "nvidia-ml-py")
 NEEDED_ONLY_FOR = {
     "nvidia-ml-py": "GPU rows here and the ranks' NVML memory figure",
+    # the launcher logs to W&B after results.json is safe; without wandb it only warns
+    "wandb": "W&B runs (logger=offline|online); results.json and the report do not need it",
 }
 INSTALL_HINTS = {
     "wandb": "pip install wandb (or run with logger=disabled)",
