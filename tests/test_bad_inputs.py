@@ -36,6 +36,8 @@ BAD_OVERRIDES = [
     (["fault=signal", "fault.signal=SIGNOPE"], "fault.signal='SIGNOPE' is not a signal name"),
     (["launcher.rdzv_endpoint=nohost"], "launcher.rdzv_endpoint='nohost' is not host:port"),
     (["launcher.hang_timeout_s=0"], "launcher.hang_timeout_s=0.0 must be > 0"),
+    (["workload=init", "fault=raise", "fault.phase=step"], "fault.phase=step never happens in workload=init"),
+    (["parallel=fsdp"], "parallel.fsdp.sync_module_states=true needs GPUs"),
     (["parallel=hybrid", "parallel.ulysses_degree=2", "parallel.fsdp.degree=3", "launcher.nproc_per_node=4"],
      "parallel.fsdp.degree=3 must be -1 or divide the world size 4"),
 ]

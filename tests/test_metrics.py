@@ -177,6 +177,7 @@ def test_gather_records_brings_every_rank_to_rank_0():
 @pytest.mark.gpu
 def test_collector_on_cuda_reads_memory_nvml_and_allocator_settings():
     device = torch.device("cuda", 0)
+    torch.zeros(1, device=device)  # resetting peak stats before CUDA's first use is an error
     torch.cuda.reset_peak_memory_stats(device)
     collector = MetricsCollector(device, 0, 1)
     with collector.phase("build"):

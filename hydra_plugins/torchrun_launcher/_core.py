@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import psutil
+import torch
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -39,6 +40,7 @@ from wan_exp import results
 from wan_exp.config import ConfigError, Strategy, validate
 from wan_exp.envvars import applied_environment, rank_environment
 from wan_exp.faults import PHASES, signal_number
+from wan_exp.parallel.fsdp import check_fsdp_device
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ STACK_DUMP_WAIT_S = 5.0  # how long the watchdog waits for every rank's stack fi
 WATCHDOG_POLL_S = 0.5
 WORKER_SHUTDOWN_S = 5  # grace between the agent's SIGTERM and SIGKILL to surviving ranks
 RESUME_OVERRIDE = "launcher.resume"
+STEP_PHASES = ("first_step", "step")  # phases only workloads that run DiT steps pass through
 
 
 # ----------------------------------------------------------------------------- GPUs
@@ -126,12 +129,20 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
         log.warning("nccl.timeout_s=%s >= launcher.hang_timeout_s=%s: a hang ends before NCCL times out, "
                     "so the flight recorder writes no dump; lower nccl.timeout_s to get one",
                     cfg.nccl.timeout_s, lc.hang_timeout_s)
+    # e.g. parallel=fsdp (sync_module_states=true) on a machine without GPUs
+    check_fsdp_device(cfg.parallel.fsdp, torch.device("cuda" if gpus else "cpu"))
     fault = cfg.fault
     kind = fault.kind.name
     if kind == "none":
         return
     if fault.phase not in PHASES:
         raise ConfigError(f"fault.phase={fault.phase!r} is not a phase; use one of {', '.join(PHASES)}")
+    if cfg.workload.name.value == "init" and fault.phase in STEP_PHASES:
+        # a fault that never fires would report a healthy job as the demonstration's outcome
+        raise ConfigError(
+            f"fault.phase={fault.phase} never happens in workload=init, which stops after wrap; "
+            "use fault.phase=build, load or wrap, or another workload"
+        )
     if kind == "signal":
         try:
             signal_number(fault.signal)
