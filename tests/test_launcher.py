@@ -39,6 +39,7 @@ def test_one_job_default_workload(tmp_path):
     for record in results["ranks"]:
         assert record["status"] == "completed" and record["device"] == "cpu"
         assert record["step_times_s"], "generate measures steps"
+        assert record["attention_backend"] == "sdpa"  # what `auto` chose and ran on a CPU
         env = record["env"]
         assert env["WAN_EXP_PROBE"] == "seen"
         assert env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True,max_split_size_mb:512"

@@ -30,6 +30,7 @@ from wan_exp import results
 from wan_exp.config import ExperimentConfig
 from wan_exp.envvars import JOB_DIR_VAR
 from wan_exp.metrics.collector import gather_records, summarize
+from wan_exp.models.attention import selected_backend
 from wan_exp.runtime import RankContext
 
 # Variables the rank records as it sees them, so a reader can check what reached the rank:
@@ -94,6 +95,7 @@ def run_rank(job_dir: Path) -> int:
         from wan_exp.workloads import WORKLOADS  # imported here so an import error is recorded
 
         WORKLOADS[cfg.workload.name](cfg, ctx)
+        ctx.metrics.note("attention_backend", selected_backend())  # None: no attention ran (init)
         record = ctx.metrics.rank_record()
         record.update(status=results.COMPLETED, error=None, env=seen_environment(job))
         results.write_rank_record(job_dir, record)
