@@ -13,18 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from wan_exp.config import ConfigError, register_configs, validate
+from wan_exp.config import ConfigError, validate
+from wan_exp.config import compose_config as compose_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 
 
 def compose_config(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose("config", overrides=list(overrides))
+    return compose_experiment(overrides)
 
 
 def test_every_strategy_equals_the_single_rank_model():

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from wan_exp.config import register_configs
+from wan_exp.config import compose_config as compose_experiment
 from wan_exp.models.wan_s2v import WanModel
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.runtime import RankContext
@@ -27,9 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def compose_config(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose("config", overrides=["model=tiny", "workload=train_lora", *overrides])
+    return compose_experiment(["model=tiny", "workload=train_lora", *overrides])
 
 
 def single_rank_model(cfg, matched: list):

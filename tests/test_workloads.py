@@ -4,13 +4,11 @@ from __future__ import annotations
 import struct
 import wave
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from wan_exp.config import register_configs
+from wan_exp.config import compose_config as compose_experiment
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.models.wan_s2v import sequence_length
 from wan_exp.parallel.registry import setup_parallel
@@ -19,13 +17,10 @@ from wan_exp.workloads import WORKLOADS
 from wan_exp.workloads.generate import generate_clips
 from wan_exp.workloads.inputs import SAMPLE_RATE, encode_job_inputs, read_wav
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def compose_config(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose("config", overrides=["model=tiny", "parallel=single", *overrides])
+    return compose_experiment(["model=tiny", "parallel=single", *overrides])
 
 
 def rank_context(cfg) -> RankContext:

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from wan_exp.config import register_configs
+from wan_exp.config import compose_config as compose_experiment
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.runtime import RankContext
 from wan_exp.workloads.train_lora import (
@@ -33,7 +32,6 @@ from wan_exp.workloads.train_lora import (
     training_inputs,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 # 112x112 pixels: 14x14 latents, 209 tokens with reference and motion (odd: Ulysses pads)
 COMMON = ["model=tiny", "workload=train_lora", "workload.size=112*112",
           "parallel.fsdp.param_dtype=fp32", "parallel.fsdp.reduce_dtype=fp32"]
@@ -55,8 +53,7 @@ FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
 def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose("config", overrides=COMMON + overrides)
+    return compose_experiment(COMMON + overrides)
 
 
 def inject_with_nonzero_b(cfg):
@@ -104,7 +101,6 @@ def fail(case: str, message: str) -> None:
 def main() -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    register_configs()
     torch.set_num_threads(1)
     out_dir = Path(sys.argv[1])
 

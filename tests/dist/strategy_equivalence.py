@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 from peft import LoraConfig, inject_adapter_in_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from wan_exp.config import register_configs
+from wan_exp.config import compose_config as compose_experiment
 from wan_exp.models.wan_s2v import sequence_length
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.runtime import RankContext
 
-REPO = Path(__file__).resolve().parents[2]
 COMMON = ["model=tiny", "parallel.fsdp.param_dtype=fp32", "parallel.fsdp.reduce_dtype=fp32"]
 # name -> (overrides, inject LoRA in before_wrap)
 CASES = {
@@ -44,8 +41,7 @@ RELATIVE_TOLERANCE = 1e-5
 
 
 def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose("config", overrides=COMMON + overrides)
+    return compose_experiment(COMMON + overrides)
 
 
 def inject_lora(dit: torch.nn.Module) -> None:
@@ -97,7 +93,6 @@ def fail(case: str, message: str) -> None:
 def main() -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    register_configs()
     torch.set_num_threads(1)
 
     single_cfg = compose_config(["parallel=single"])
