@@ -26,7 +26,7 @@ BACKENDS = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn", "fa3", "
 NOT_INSTALLABLE = {  # why a flash-attn flavour is absent on the lent machine (docs/benchmarks.md)
     "flash_attn": "flash-attn 2 is an sdist that compiles CUDA for a long time; no wheel carried",
     "fa3": "flash-attn 3 (flash_attn_interface) has no wheel on the registry",
-    "fa4": "flash-attn 4 needs nvidia-cutlass-dsl-libs (~92 MB wheel), over the 64 MiB a device call carries",
+    "fa4": "flash-attn 4 not installed: carry it in two calls with bench/fa4_carry.sh",
 }
 
 

@@ -3,6 +3,7 @@ ran, unknown or unusable backends fail with a clear message, and the flash-attn 
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -76,3 +77,33 @@ def test_flash_attn_status_reports_and_diagnoses():
 ])
 def test_flash_attn_errors_are_diagnosed(error, meaning):
     assert meaning in attn.diagnose_flash_attn_error(error)
+
+
+def test_flash_attn_4_alone_is_not_taken_for_flash_attn_2(tmp_path, monkeypatch):
+    # flash-attn 4 installs flash_attn/cute without flash_attn/__init__.py: `flash_attn` is then a
+    # namespace package, findable although flash-attn 2 (flash_attn_func) is absent
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    try:
+        found = attn.importable_backends()
+    finally:
+        for name in ("flash_attn.cute", "flash_attn"):
+            sys.modules.pop(name, None)
+    assert found["fa4"] is True
+    assert found["flash_attn"] is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not attn.importable_backends()["fa4"], reason="flash-attn 4 not installed (bench/fa4_carry.sh)")
+def test_fa4_agrees_with_fp32_sdpa_at_the_wan_head_shape():
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4096, 40, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    attn.configure("fa4")
+    out = attn.attention(q, k, v)
+    assert attn.selected_backend() == "fa4" and out.shape == q.shape
+    attn.configure("sdpa_math")
+    reference = attn.attention(q.float(), k.float(), v.float())
+    assert float((out.float() - reference).norm() / reference.norm()) < 1e-2

@@ -31,8 +31,9 @@ SDPA_KERNELS = {
     "sdpa_math": SDPBackend.MATH,
 }
 BACKENDS = ("flash_attn", "fa3", "fa4", "sdpa", *SDPA_KERNELS)
-# `auto` on a GPU, fastest first (DESIGN §6: cuDNN 585, FA2 370, efficient 179 TFLOP/s on H100).
-AUTO_ORDER_CUDA = ("fa3", "sdpa_cudnn", "fa4", "flash_attn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
+# `auto` on a GPU, fastest first (DESIGN §6: cuDNN 585, FA2 370, efficient 179 TFLOP/s on H100;
+# flash-attn 4.0.0b36 663-678 TFLOP/s at the Wan shapes on H100, docs/benchmarks.md).
+AUTO_ORDER_CUDA = ("fa3", "fa4", "sdpa_cudnn", "flash_attn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
 # On a CPU PyTorch's own choice among its SDPA kernels is the fastest that exists.
 AUTO_ORDER_CPU = ("sdpa",)
 
@@ -74,6 +75,9 @@ def _fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return _first(flash_attn_func(q, k, v))
 
 
+# FA4 is Python that JIT-compiles CuTe DSL kernels and registers no torch op, so dynamo cannot
+# trace it: a compiled block calls it eagerly (one graph break per attention).
+@torch.compiler.disable
 def _fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from flash_attn.cute import flash_attn_func
 
@@ -119,9 +123,12 @@ def selected_backend() -> str | None:
 
 def _module_importable(module: str) -> bool:
     try:
-        return importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):  # a parent package that fails to import
         return False
+    # a bare folder (namespace package) is no module: flash-attn 4 ships flash_attn/cute alone,
+    # which makes `flash_attn` findable without flash-attn 2 being installed
+    return spec is not None and spec.origin is not None
 
 
 def _auto_candidates(device: torch.device) -> list[str]:
