@@ -96,14 +96,6 @@ def test_init_times_build_load_and_wrap():
     assert info["dit_local_parameters"] > 0
 
 
-def test_reference_image_is_refused_until_vae_encoding_exists(tmp_path):
-    cfg = compose_config(f"model.checkpoint_dir={tmp_path}", f"workload.image_path={tmp_path / 'face.png'}")
-    plain = compose_config()
-    parallel_model = setup_parallel(plain, rank_context(plain))
-    with pytest.raises(NotImplementedError, match="workload.image_path=.*not supported yet"):
-        encode_job_inputs(cfg, parallel_model, torch.device("cpu"))
-
-
 def test_wav_is_read_as_16khz_mono(tmp_path):
     # 8 kHz stereo 16-bit: left +0.5, right -0.25 -> mono 0.125 at twice the sample count
     path = tmp_path / "speech.wav"

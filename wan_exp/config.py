@@ -136,6 +136,9 @@ class ModelConfig:
     default_frames_per_clip: int = 8
     # weights
     checkpoint_dir: Optional[str] = None  # official folder layout; None = random weights
+    # Wan2.1 VAE (encoder only: the reference image of workload.image_path)
+    vae_checkpoint: Optional[str] = "Wan2.1_VAE.pth"  # relative to model.checkpoint_dir
+    vae_dim: int = 8  # base channel width (96 for the real VAE)
     dtype: DType = DType.bf16
     seed: int = 0
     attention_backend: AttentionBackend = AttentionBackend.auto

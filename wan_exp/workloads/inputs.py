@@ -6,8 +6,9 @@
 - Audio: a 16 kHz waveform (``workload.audio_path``, a wav file, or seeded noise of the
   job's duration) -> wav2vec2 hidden states (all layers) -> resampled in time to one
   feature per video frame, which is what the DiT's causal audio encoder takes.
-- Latents: (B=1, 16, frames_per_clip/4, H/8, W/8); the reference frame is random (VAE
-  encoding of ``workload.image_path`` is not supported yet and fails clearly).
+- Latents: (B=1, 16, frames_per_clip/4, H/8, W/8). The reference frame: the VAE encoding
+  of ``workload.image_path`` (scaled to cover H x W, centre-cropped; the VAE encoder is
+  loaded from the checkpoint folder only then), else random latents.
 Every rank draws the same values (same seed): under Ulysses the model shards the tokens.
 """
 from __future__ import annotations
@@ -18,11 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 from wan_exp.config import parse_size
 from wan_exp.models.encoders import encode_text
+from wan_exp.models.vae import load_vae_encoder, vae_checkpoint_path
 from wan_exp.models.wan_s2v import AUDIO_TOKENS_PER_FRAME, sequence_length
 from wan_exp.parallel.fsdp import torch_dtype
 from wan_exp.parallel.registry import ParallelModel
@@ -154,12 +158,33 @@ def random_latents(shape: tuple[int, ...], seed: int, device: torch.device, dtyp
     return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed)).to(device, dtype)
 
 
+def read_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """(1, 3, 1, height, width) RGB pixels in [-1, 1]: the image scaled (bilinear) so that it
+    covers height x width, then cropped about its centre."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"workload.image_path={str(path)!r} does not exist")
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"workload.image_path={str(path)!r} is not a readable image ({exc}); "
+                         "use a PNG or JPEG file") from None
+    scale = max(height / image.height, width / image.width)
+    scaled_w, scaled_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    image = image.resize((scaled_w, scaled_h), Image.BILINEAR)
+    left, top = round((scaled_w - width) / 2), round((scaled_h - height) / 2)
+    image = image.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)) / 127.5 - 1.0  # (H, W, 3)
+    return pixels.permute(2, 0, 1)[None, :, None]
+
+
 def reference_latents(cfg: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 16, 1, H/8, W/8): the VAE encoding of workload.image_path, else seeded noise."""
     if cfg.workload.image_path:
-        raise NotImplementedError(
-            f"workload.image_path={cfg.workload.image_path!r}: encoding a reference image with the "
-            "VAE is not supported yet; leave workload.image_path unset for a random reference frame"
-        )
+        pixels = read_image(cfg.workload.image_path, *parse_size(cfg.workload.size))
+        vae = load_vae_encoder(vae_checkpoint_path(cfg.model), cfg.model.vae_dim, device, dtype)
+        return vae(pixels.to(device, dtype))
     channels, _, lat_h, lat_w = latent_shape(cfg)
     return random_latents((channels, 1, lat_h, lat_w), input_seed(cfg, "reference"), device, dtype)
 

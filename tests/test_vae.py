@@ -1,0 +1,242 @@
+"""The Wan2.1 VAE encoder (one frame): official key names and shapes, pinned numerics,
+loading from an official-layout file, and the reference image through the generate inputs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from wan_exp.config import compose_config
+from wan_exp.models.checkpoint import CheckpointError, write_checkpoint
+from wan_exp.models.vae import (
+    LATENT_MEAN, LATENT_STD, AttentionBlock, CausalConv3d, ChannelRMSNorm, VAEEncoder, encoder_state,
+    load_vae_encoder, vae_checkpoint_path,
+)
+from wan_exp.models.wan_s2v import WanModel
+from wan_exp.parallel.registry import setup_parallel
+from wan_exp.runtime import RankContext
+from wan_exp.workloads import WORKLOADS
+from wan_exp.workloads.generate import generate_clips
+from wan_exp.workloads.inputs import encode_job_inputs, read_image
+
+TINY_DIM = 8
+# a few tensors of the official file's decoder half: the loader must skip them
+DECODER_TENSORS = {"conv2.weight": (16, 16, 1, 1, 1), "conv2.bias": (16,),
+                   "decoder.conv1.weight": (4 * TINY_DIM, 16, 3, 3, 3), "decoder.head.0.gamma": (TINY_DIM, 1, 1, 1)}
+
+
+def official_encoder_shapes(dim: int = 96, z: int = 16) -> dict[str, tuple[int, ...]]:
+    """The encoder tensors of Wan2.1_VAE.pth, written out from the upstream facts: base width
+    96, multipliers (1, 2, 4, 4), two residual blocks per level, down-sampling after levels
+    0 (spatial only), 1 and 2 (spatial + time_conv), a middle block with attention, a head
+    to 2*z channels, then conv1 (1x1x1) before the mean/log-var split."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv3d(name, cout, cin, k):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k, k), (cout,)
+
+    def residual(name, cin, cout):
+        shapes[f"{name}.residual.0.gamma"] = (cin, 1, 1, 1)
+        conv3d(f"{name}.residual.2", cout, cin, 3)
+        shapes[f"{name}.residual.3.gamma"] = (cout, 1, 1, 1)
+        conv3d(f"{name}.residual.6", cout, cout, 3)
+        if cin != cout:
+            conv3d(f"{name}.shortcut", cout, cin, 1)
+
+    def downsample(name, c, temporal):
+        shapes[f"{name}.resample.1.weight"], shapes[f"{name}.resample.1.bias"] = (c, c, 3, 3), (c,)
+        if temporal:
+            shapes[f"{name}.time_conv.weight"], shapes[f"{name}.time_conv.bias"] = (c, c, 3, 1, 1), (c,)
+
+    d1, d2, d4 = dim, 2 * dim, 4 * dim
+    conv3d("encoder.conv1", d1, 3, 3)
+    residual("encoder.downsamples.0", d1, d1)
+    residual("encoder.downsamples.1", d1, d1)
+    downsample("encoder.downsamples.2", d1, temporal=False)
+    residual("encoder.downsamples.3", d1, d2)
+    residual("encoder.downsamples.4", d2, d2)
+    downsample("encoder.downsamples.5", d2, temporal=True)
+    residual("encoder.downsamples.6", d2, d4)
+    residual("encoder.downsamples.7", d4, d4)
+    downsample("encoder.downsamples.8", d4, temporal=True)
+    residual("encoder.downsamples.9", d4, d4)
+    residual("encoder.downsamples.10", d4, d4)
+    residual("encoder.middle.0", d4, d4)
+    shapes["encoder.middle.1.norm.gamma"] = (d4, 1, 1)
+    shapes["encoder.middle.1.to_qkv.weight"], shapes["encoder.middle.1.to_qkv.bias"] = (3 * d4, d4, 1, 1), (3 * d4,)
+    shapes["encoder.middle.1.proj.weight"], shapes["encoder.middle.1.proj.bias"] = (d4, d4, 1, 1), (d4,)
+    residual("encoder.middle.2", d4, d4)
+    shapes["encoder.head.0.gamma"] = (d4, 1, 1, 1)
+    conv3d("encoder.head.2", 2 * z, d4, 3)
+    conv3d("conv1", 2 * z, 2 * z, 1)
+    return shapes
+
+
+def tiny_vae(seed: int = 0) -> VAEEncoder:
+    torch.manual_seed(seed)
+    model = VAEEncoder(TINY_DIM).eval()
+    with torch.no_grad():  # norms start at ones; give them values so that loading them is tested
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def write_vae_file(model: VAEEncoder, path, extra: dict | None = None, drop: str | None = None):
+    """An official-layout Wan2.1_VAE.pth: the encoder's tensors plus decoder tensors."""
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != drop}
+    state.update({k: torch.randn(shape) for k, shape in DECODER_TENSORS.items()})
+    state.update(extra or {})
+    torch.save(state, path)
+    return path
+
+
+def pixels(shape, seed: int = 1) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# ----------------------------------------------------------------------------- structure
+def test_tiny_encoder_maps_one_frame_to_16_latent_channels_at_stride_8():
+    out = tiny_vae()(pixels((2, 3, 1, 32, 48)))
+    assert out.shape == (2, 16, 1, 4, 6) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"one RGB frame \(B, 3, 1, H, W\), got \(1, 3, 5, 32, 32\)"):
+        tiny_vae()(pixels((1, 3, 5, 32, 32)))
+
+
+def test_real_encoder_names_and_shapes_equal_the_official_encoder():
+    with torch.device("meta"):
+        model = VAEEncoder(96)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == official_encoder_shapes()
+    # z_dim 16 and the 16 normalisation constants per channel
+    assert len(LATENT_MEAN) == len(LATENT_STD) == 16 and min(LATENT_STD) > 1
+
+
+# ----------------------------------------------------------------------------- numerics
+def test_causal_conv_on_one_frame_is_the_last_time_slice_as_a_2d_conv():
+    torch.manual_seed(0)
+    conv = CausalConv3d(4, 5, 3)
+    x = torch.randn(2, 4, 1, 7, 9)
+    expected = F.conv2d(x[:, :, 0], conv.weight[:, :, 2], conv.bias, padding=1)  # earlier frames are zeros
+    torch.testing.assert_close(conv(x)[:, :, 0], expected)
+    # and causal over several frames: frame t never sees frame t+1
+    clip = torch.randn(1, 4, 3, 7, 9)
+    later_changed = clip.clone()
+    later_changed[:, :, 2] += 1.0
+    torch.testing.assert_close(conv(clip)[:, :, :2], conv(later_changed)[:, :, :2])
+
+
+def test_rms_norm_is_root_mean_square_over_channels_times_gamma():
+    norm = ChannelRMSNorm(6, spatial_dims=3)
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 2.0)
+    x = torch.randn(2, 6, 1, 3, 4)
+    expected = x / x.pow(2).mean(dim=1, keepdim=True).sqrt() * norm.gamma
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_attention_block_is_single_head_softmax_over_positions():
+    torch.manual_seed(0)
+    block = AttentionBlock(6)
+    x = torch.randn(1, 6, 1, 3, 4)
+    frame = block.norm(x[:, :, 0])[0].flatten(1)  # (C, positions)
+    w, b = block.to_qkv.weight[:, :, 0, 0], block.to_qkv.bias
+    q, k, v = ((w[i * 6:(i + 1) * 6] @ frame + b[i * 6:(i + 1) * 6, None]).T for i in range(3))
+    attended = torch.softmax(q @ k.T / math.sqrt(6), dim=-1) @ v  # (positions, C)
+    projected = block.proj.weight[:, :, 0, 0] @ attended.T + block.proj.bias[:, None]
+    torch.testing.assert_close(block(x)[0, :, 0], x[0, :, 0] + projected.view(6, 3, 4))
+
+
+def test_output_is_the_normalised_posterior_mean():
+    model = tiny_vae()
+    x = pixels((1, 3, 1, 16, 16))
+    moments = F.conv3d(model.encoder(x), model.conv1.weight, model.conv1.bias)  # 1x1x1 conv
+    mean = moments[:, :16]  # channels 16..31 are the log-variance, unused
+    expected = (mean - torch.tensor(LATENT_MEAN).view(1, 16, 1, 1, 1)) / torch.tensor(LATENT_STD).view(1, 16, 1, 1, 1)
+    torch.testing.assert_close(model(x), expected)
+
+
+# ----------------------------------------------------------------------------- loading
+def test_official_layout_file_round_trips_and_skips_the_decoder(tmp_path):
+    source = tiny_vae()
+    path = write_vae_file(source, tmp_path / "Wan2.1_VAE.pth")
+    state, skipped = encoder_state(torch.load(path, weights_only=True))
+    assert skipped == sorted(DECODER_TENSORS) and set(state) == set(source.state_dict())
+    loaded = load_vae_encoder(path, TINY_DIM, "cpu", torch.float32)
+    x = pixels((1, 3, 1, 16, 24))
+    torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", r"1 missing keys \(in the model, not in the weights\): encoder\.middle\.1\.proj\.bias"),
+    ("unexpected", r"1 unexpected keys \(in the weights, not in the model\): encoder\.extra\.weight"),
+    ("shape", r"encoder\.head\.2\.bias: the weights have shape \(7,\), the model expects \(32,\)"),
+])
+def test_mismatched_file_names_the_tensor(tmp_path, problem, message):
+    source = tiny_vae()
+    extra = {"unexpected": {"encoder.extra.weight": torch.zeros(1)},
+             "shape": {"encoder.head.2.bias": torch.zeros(7)}}.get(problem)
+    drop = "encoder.middle.1.proj.bias" if problem == "missing" else None
+    path = write_vae_file(source, tmp_path / "Wan2.1_VAE.pth", extra=extra, drop=drop)
+    with pytest.raises(CheckpointError, match=rf"Wan2\.1_VAE\.pth \(model\.vae_dim=8\): .*{message}"):
+        load_vae_encoder(path, TINY_DIM, "cpu", torch.float32)
+
+
+def test_missing_or_unreadable_vae_file_says_what_to_do(tmp_path):
+    cfg = compose_config(["model=tiny", f"model.checkpoint_dir={tmp_path}"])
+    with pytest.raises(CheckpointError, match=r"Wan2\.1_VAE\.pth: VAE checkpoint not found .*copy Wan2\.1_VAE\.pth"):
+        vae_checkpoint_path(cfg.model)
+    (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"Wan2\.1_VAE\.pth: cannot read the VAE checkpoint"):
+        load_vae_encoder(vae_checkpoint_path(cfg.model), TINY_DIM, "cpu", torch.float32)
+
+
+# ----------------------------------------------------------------------------- the image
+def test_image_is_scaled_to_cover_and_centre_cropped(tmp_path):
+    wide = np.zeros((32, 64, 3), dtype=np.uint8)  # black outer quarters, a white centre half
+    wide[:, 16:48] = 255
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    out = read_image(tmp_path / "wide.png", 32, 32)
+    assert out.shape == (1, 3, 1, 32, 32) and torch.equal(out, torch.ones_like(out))
+    red = Image.new("RGB", (10, 30), (255, 0, 0))  # tall and small: scaled up to cover 16x48
+    red.save(tmp_path / "red.png")
+    out = read_image(tmp_path / "red.png", 16, 48)
+    assert out.shape == (1, 3, 1, 16, 48)
+    torch.testing.assert_close(out[0, :, 0, 5, 7], torch.tensor([1.0, -1.0, -1.0]))
+
+
+def test_missing_or_unreadable_image_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"workload\.image_path='.*nope\.png' does not exist"):
+        read_image(tmp_path / "nope.png", 16, 16)
+    (tmp_path / "bad.png").write_bytes(b"no image here")
+    with pytest.raises(ValueError, match=r"workload\.image_path='.*bad\.png' is not a readable image"):
+        read_image(tmp_path / "bad.png", 16, 16)
+
+
+def test_generate_uses_the_vae_encoding_of_the_image_as_reference(tmp_path):
+    overrides = ["model=tiny", "parallel=single", f"model.checkpoint_dir={tmp_path}",
+                 f"workload.image_path={tmp_path / 'face.png'}", "workload.sample_steps=1", "workload.warmup_steps=0"]
+    cfg = compose_config(overrides)
+    write_checkpoint(WanModel(cfg.model).state_dict(), tmp_path, shards=2)
+    vae = tiny_vae(seed=3)
+    write_vae_file(vae, tmp_path / "Wan2.1_VAE.pth")
+    face = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # = workload.size
+    Image.fromarray(face).save(tmp_path / "face.png")
+    expected = vae(torch.from_numpy(face).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None])
+
+    ctx = RankContext(cfg, 0, 0, 1, torch.device("cpu"), None)
+    parallel_model = setup_parallel(cfg, ctx)
+    inputs = encode_job_inputs(cfg, parallel_model, torch.device("cpu"))
+    torch.testing.assert_close(inputs.ref, expected)
+    seen = []
+    parallel_model.dit.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["ref"]), with_kwargs=True)
+    generate_clips(cfg, parallel_model.dit, inputs, lambda step: torch.no_grad())
+    assert len(seen) == 2 and all(torch.equal(ref, inputs.ref) for ref in seen)  # cond and uncond
+    # the whole workload runs with the image too
+    info = WORKLOADS["generate"](cfg, RankContext(cfg, 0, 0, 1, torch.device("cpu"), None))
+    assert info["clips"] == 1
