@@ -199,6 +199,8 @@ print("FLASH_ATTN_STATUS " + json.dumps(report))
 # substrings of an error and what they mean, first match wins
 _DIAGNOSES = (
     ("No module named 'flash_attn'", "flash-attn is not installed (optional; SDPA is used instead)"),
+    ("cannot import name 'flash_attn_func' from 'flash_attn' (unknown location)",
+     "flash-attn is not installed (flash_attn holds only flash-attn 4's cute package: use fa4)"),
     ("undefined symbol", "flash-attn was built against another torch version or C++ ABI; "
      "reinstall it built for the installed torch (pip install flash-attn --no-build-isolation)"),
     ("no kernel image", "flash-attn was built for another GPU architecture"),
