@@ -21,7 +21,7 @@ from wan_exp.parallel.registry import setup_parallel
 from wan_exp.runtime import RankContext
 from wan_exp.workloads import WORKLOADS
 from wan_exp.workloads.generate import generate_clips
-from wan_exp.workloads.inputs import encode_job_inputs, read_image
+from wan_exp.workloads.inputs import encode_job_inputs, read_image, reference_latents
 
 TINY_DIM = 8
 # a few tensors of the official file's decoder half: the loader must skip them
@@ -86,12 +86,13 @@ def tiny_vae(seed: int = 0) -> VAEEncoder:
     return model
 
 
-def write_vae_file(model: VAEEncoder, path, extra: dict | None = None, drop: str | None = None):
+def write_vae_file(model: VAEEncoder, path, extra: dict | None = None, drop: str | None = None,
+                   zip_format: bool = True):
     """An official-layout Wan2.1_VAE.pth: the encoder's tensors plus decoder tensors."""
     state = {k: v.clone() for k, v in model.state_dict().items() if k != drop}
     state.update({k: torch.randn(shape) for k, shape in DECODER_TENSORS.items()})
     state.update(extra or {})
-    torch.save(state, path)
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
     return path
 
 
@@ -161,9 +162,10 @@ def test_output_is_the_normalised_posterior_mean():
 
 
 # ----------------------------------------------------------------------------- loading
-def test_official_layout_file_round_trips_and_skips_the_decoder(tmp_path):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy_pickle"])
+def test_official_layout_file_round_trips_and_skips_the_decoder(tmp_path, zip_format):
     source = tiny_vae()
-    path = write_vae_file(source, tmp_path / "Wan2.1_VAE.pth")
+    path = write_vae_file(source, tmp_path / "Wan2.1_VAE.pth", zip_format=zip_format)
     state, skipped = encoder_state(torch.load(path, weights_only=True))
     assert skipped == sorted(DECODER_TENSORS) and set(state) == set(source.state_dict())
     loaded = load_vae_encoder(path, TINY_DIM, "cpu", torch.float32)
@@ -233,6 +235,8 @@ def test_generate_uses_the_vae_encoding_of_the_image_as_reference(tmp_path):
     parallel_model = setup_parallel(cfg, ctx)
     inputs = encode_job_inputs(cfg, parallel_model, torch.device("cpu"))
     torch.testing.assert_close(inputs.ref, expected)
+    # encoded in fp32 as upstream, then given the model's dtype
+    assert torch.equal(reference_latents(cfg, torch.device("cpu"), torch.bfloat16), expected.to(torch.bfloat16))
     seen = []
     parallel_model.dit.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["ref"]), with_kwargs=True)
     generate_clips(cfg, parallel_model.dit, inputs, lambda step: torch.no_grad())

@@ -26,6 +26,8 @@ padding, upstream's dropout slot) are kept so that the indices of the others mat
 from __future__ import annotations
 
 import logging
+import tarfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +203,19 @@ def encoder_state(official: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return {k: v for k, v in official.items() if not k.startswith(DECODER_PREFIXES)}, skipped
 
 
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A torch.save file in any of its formats: zip (memory-mapped), the older pickle stream,
+    or the oldest tar format. Upstream Wan2.2 loads Wan2.1_VAE.pth with weights_only=False
+    because the file is in the tar format, which torch refuses to read with weights_only=True;
+    so full unpickling is allowed for a tar file only (the user's own official download)."""
+    is_zip = zipfile.is_zipfile(path)
+    is_tar = not is_zip and tarfile.is_tarfile(path)
+    try:
+        return torch.load(path, map_location="cpu", mmap=is_zip, weights_only=not is_tar)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read the VAE checkpoint ({err})") from err
+
+
 class _StateDictShapes:
     """A state dict seen as a weight source for checkpoint.check_compatible."""
 
@@ -218,11 +233,7 @@ def load_vae_encoder(path: str | Path, dim: int, device: torch.device | str,
                      dtype: torch.dtype) -> VAEEncoder:
     """The encoder from an official-layout VAE file (decoder tensors skipped), in eval mode.
     Any other missing or unexpected tensor, or a wrong shape, is a CheckpointError naming it."""
-    try:
-        official = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot read the VAE checkpoint ({err})") from err
-    state, skipped = encoder_state(official)
+    state, skipped = encoder_state(read_state_dict(path))
     log.info("%s: loading the VAE encoder, skipping %d decoder tensors", path, len(skipped))
     with torch.device("meta"):
         model = VAEEncoder(dim)

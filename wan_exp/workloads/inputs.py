@@ -183,8 +183,9 @@ def reference_latents(cfg: Any, device: torch.device, dtype: torch.dtype) -> tor
     """(1, 16, 1, H/8, W/8): the VAE encoding of workload.image_path, else seeded noise."""
     if cfg.workload.image_path:
         pixels = read_image(cfg.workload.image_path, *parse_size(cfg.workload.size))
-        vae = load_vae_encoder(vae_checkpoint_path(cfg.model), cfg.model.vae_dim, device, dtype)
-        return vae(pixels.to(device, dtype))
+        # fp32 as upstream S2V encodes it (the encoder is small; one frame)
+        vae = load_vae_encoder(vae_checkpoint_path(cfg.model), cfg.model.vae_dim, device, torch.float32)
+        return vae(pixels.to(device)).to(dtype)
     channels, _, lat_h, lat_w = latent_shape(cfg)
     return random_latents((channels, 1, lat_h, lat_w), input_seed(cfg, "reference"), device, dtype)
 
