@@ -74,11 +74,11 @@ def test_more_ranks_than_gpus():
 
 # ----------------------------------------------------------------------------- checkpoints
 def _bad_checkpoints(root):
-    """Three broken checkpoint folders: missing, unreadable index, truncated shard."""
+    """Two broken checkpoint folders: unreadable index, truncated shard (a missing folder
+    fails before launch: test_missing_input_paths_fail_before_any_worker)."""
     from wan_exp.models.checkpoint import write_checkpoint
     from wan_exp.models.wan_s2v import WanModel
 
-    missing = root / "does_not_exist"
     bad_index = root / "bad_index"
     bad_index.mkdir()
     (bad_index / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": {')
@@ -88,22 +88,32 @@ def _bad_checkpoints(root):
     write_checkpoint(WanModel(model_cfg).state_dict(), truncated, shards=2)
     shard = sorted(truncated.glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    return {"missing": missing, "bad_index": bad_index, "truncated": truncated, "shard": shard}
+    return {"bad_index": bad_index, "truncated": truncated, "shard": shard}
 
 
 def test_bad_checkpoints_fail_their_jobs_with_the_loader_message(tmp_path):
     folders = _bad_checkpoints(tmp_path)
     sweep = tmp_path / "sweep"
-    dirs = ",".join(str(folders[k]) for k in ("missing", "bad_index", "truncated"))
+    dirs = ",".join(str(folders[k]) for k in ("bad_index", "truncated"))
     proc = run_launch(sweep, f"model.checkpoint_dir={dirs}", "parallel=single", "workload=init",
                       "logger=disabled", multirun=True)
     assert proc.returncode == 1, output(proc)
     jobs = job_results(sweep)
-    assert [r["status"] for r in jobs] == ["failed"] * 3
-    expected_names = [folders["missing"].name, "index.json", folders["shard"].name]
+    assert [r["status"] for r in jobs] == ["failed"] * 2
+    expected_names = ["index.json", folders["shard"].name]
     for job, name in zip(jobs, expected_names):
         cause = job["root_cause"]
         assert cause["rank"] == 0 and cause["phase"] in ("build", "load"), cause  # where weights open
         assert name in cause["message"], cause
     assert completed_results(sweep) == []
     assert json.loads((sweep / "0" / "job.json").read_text())["world_size"] == 1
+
+
+def test_missing_input_paths_fail_before_any_worker(tmp_path):
+    for setting in ("model.checkpoint_dir", "workload.audio_path", "workload.image_path"):
+        missing = tmp_path / f"no_such_{setting.split('.')[1]}"
+        extra = [f"model.checkpoint_dir={tmp_path}"] if setting == "workload.image_path" else []
+        proc = run_launch(tmp_path / setting, f"{setting}={missing}", *extra, "logger=disabled", timeout=60)
+        assert proc.returncode != 0
+        assert f"{setting}='{missing}' does not exist" in output(proc), output(proc)
+        assert not (tmp_path / setting / "0").exists(), "no job may start"

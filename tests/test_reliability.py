@@ -36,6 +36,15 @@ def test_hang_is_detected_with_stacks_and_the_next_job_completes(tmp_path):
     assert wrap_s[1] >= 2.0, wrap_s
 
 
+def test_a_hang_ended_by_the_process_group_timeout_blames_the_stuck_rank(tmp_path):
+    """nccl.timeout_s below launcher.hang_timeout_s (as in nccl=debug): rank 0 times out in
+    a collective waiting for rank 1, which blocks on entering wrap. The job hung in rank 1."""
+    (hung,) = run_fault_sweep(tmp_path, "fault=hang", "fault.phase=wrap", "parallel=fsdp_fixed",
+                              "nccl.timeout_s=6", "launcher.hang_timeout_s=120")
+    assert hung["status"] == "hang" and root_cause(hung)[:2] == (1, "wrap"), hung["root_cause"]
+    assert "timed out in a collective" in hung["root_cause"]["message"]
+
+
 def test_raising_and_killed_ranks_fail_their_jobs_and_the_sweep_goes_on(tmp_path):
     """Job 0: rank 0 raises on entering build. Job 1: rank 1 kills itself with SIGKILL
     on entering build. Both are failed with the right root cause; launch.py exits 1."""

@@ -221,3 +221,12 @@ def test_html_renders_in_headless_chromium(sweep_dir, tmp_path):
     assert non_white > 0.02, f"screenshot is nearly blank ({non_white:.1%} non-white)"
     assert len(set(pixels)) > 50  # text, table shading and plot colours, not one flat colour
     shutil.copy(shot, Path(tempfile.gettempdir()) / "wan_exp_report_screenshot.png")
+
+
+def test_strategy_options_are_variants_but_strategy_seed_and_logger_are_not():
+    from wan_exp.report.table import _is_variant
+
+    assert _is_variant("parallel.fsdp.api=fsdp2") and _is_variant("parallel.ulysses_degree=4")
+    assert not _is_variant("parallel=hybrid") and not _is_variant("seed=3")
+    assert not _is_variant("logger=disabled") and not _is_variant("logger.mode=offline")
+    assert not _is_variant("launcher.nproc_per_node=8") and _is_variant("launcher.nnodes=2")

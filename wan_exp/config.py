@@ -194,7 +194,9 @@ class LoraConfig:
     rank: int = 16
     alpha: int = 16
     dropout: float = 0.0
-    # regex over module names (DESIGN.md §9: a regex avoids unrelated modules ending in q/o)
+    # regex over module names (DESIGN.md §9: a regex avoids unrelated modules ending in q/o).
+    # Under Ulysses keep it inside `blocks.`: modules after the sequence gather (head) see the
+    # whole sequence on every rank, and the sequence-parallel gradient sum would count them N times.
     target_regex: str = r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.ffn\.(0|2)"
     lr: float = 1e-4
     save: bool = True
@@ -397,6 +399,12 @@ def validate(cfg: Any, world_size: int) -> None:
         raise ConfigError(f"workload.warmup_steps={wl.warmup_steps} must be >= 0")
     if wl.guidance_scale < 0:
         raise ConfigError(f"workload.guidance_scale={wl.guidance_scale} must be >= 0")
+    # a typo in a path would otherwise surface in every rank, after minutes of building
+    for name, path in (("model.checkpoint_dir", model.checkpoint_dir),
+                       ("workload.audio_path", wl.audio_path), ("workload.image_path", wl.image_path)):
+        if path and not Path(path).exists():
+            raise ConfigError(f"{name}={path!r} does not exist (relative to {Path.cwd()}); "
+                              "fix the path or leave it unset for synthetic inputs / random weights")
     if wl.image_path and not model.checkpoint_dir:
         raise ConfigError("workload.image_path needs model.checkpoint_dir (the VAE encodes the image)")
     if cfg.fault.kind != FaultKind["none"] and not 0 <= cfg.fault.rank < world_size:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -119,6 +120,11 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
         raise ConfigError(
             f"launcher.rdzv_endpoint={lc.rdzv_endpoint!r} is not host:port; "
             "use e.g. localhost:0 (a free port) or node0:29500"
+        )
+    if lc.nnodes > 1 and (host in ("localhost", "127.0.0.1") or port == "0"):
+        raise ConfigError(
+            f"launcher.nnodes={lc.nnodes} with launcher.rdzv_endpoint={lc.rdzv_endpoint!r}: the other "
+            "nodes cannot reach it; use node 0's host name and a fixed port, e.g. node0:29500"
         )
     if lc.hang_timeout_s <= 0:
         raise ConfigError(f"launcher.hang_timeout_s={lc.hang_timeout_s} must be > 0")
@@ -229,7 +235,7 @@ def prepare_job_dir(plan: JobPlan, task_cfg: DictConfig, env: dict[str, str]) ->
     """config.yaml and job.json, written once before the ranks start; leftovers of an
     earlier unfinished attempt (launcher.resume) are removed first."""
     job_dir = plan.job_dir
-    for stale in ("ranks", "progress", "stacks", "nccl_trace"):
+    for stale in ("ranks", "progress", "stacks", "nccl_trace", "wandb", "lora_adapter"):
         shutil.rmtree(job_dir / stale, ignore_errors=True)
     (job_dir / results.RESULTS_FILE).unlink(missing_ok=True)
     (job_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -335,6 +341,10 @@ class HangWatchdog(threading.Thread):
         kill_workers(self.job_dir)
 
     def _dump_stacks(self, beats: list[dict]) -> None:
+        # only this node's live workers: a PID from another node's heartbeat (shared job dir)
+        # or a reused one must never receive SIGUSR1, whose default action kills
+        local = {p.pid for p in job_workers(self.job_dir)}
+        beats = [b for b in beats if b["pid"] in local]
         for beat in beats:
             try:
                 os.kill(beat["pid"], signal.SIGUSR1)
@@ -344,6 +354,34 @@ class HangWatchdog(threading.Thread):
         deadline = time.time() + STACK_DUMP_WAIT_S
         while time.time() < deadline and not all(f.exists() and f.stat().st_size for f in stack_files):
             time.sleep(0.1)
+
+
+COLLECTIVE_TIMEOUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
+
+
+def collective_timeout_hang(job_dir: Path, world_size: int) -> Optional[dict]:
+    """A hang that the process group's own timeout ended before the watchdog did.
+
+    With nccl.timeout_s below launcher.hang_timeout_s (nccl=debug, nccl=container) the ranks
+    that wait in a collective raise a timeout first, and the agent then stops the rank they
+    were waiting for, which never wrote an error of its own. The job hung in that rank, not
+    in the ones that timed out: returns a finding like the watchdog's, or None.
+    """
+    records = {r["rank"]: r for r in results.read_rank_records(job_dir)}
+    timed_out = sorted(rank for rank, r in records.items()
+                       if r.get("error") and COLLECTIVE_TIMEOUT.search(
+                           f"{r['error'].get('type')} {r['error'].get('message')}"))
+    if not timed_out:
+        return None
+    stuck = furthest_behind(read_heartbeats(job_dir), world_size, started_at=0.0)
+    if stuck["rank"] in timed_out or records.get(stuck["rank"], {}).get("error"):
+        return None  # the slowest rank failed on its own: an ordinary failure
+    where = stuck["phase"] if stuck["step"] is None else f"{stuck['phase']} {stuck['step']}"
+    return {
+        "rank": stuck["rank"], "phase": stuck["phase"], "step": stuck["step"], "silent_s": None,
+        "message": (f"rank(s) {timed_out} timed out in a collective (nccl.timeout_s) waiting for "
+                    f"rank {stuck['rank']}, which last reported {where!r}"),
+    }
 
 
 def launch_config(plan: JobPlan, launcher_cfg: Any) -> Any:
@@ -423,15 +461,18 @@ def run_one_job(plan: JobPlan, task_cfg: DictConfig) -> dict:
     log.info("job %d: %d rank(s), backend %s, job dir %s", plan.num, plan.world_size, plan.backend, plan.job_dir)
     with applied_environment(env):
         dead, hang, launch_error = start_ranks(plan, task_cfg)
+    if hang is None and launch_error is None:
+        hang = collective_timeout_hang(plan.job_dir, plan.world_size)
     return results.finalize_job(plan.job_dir, dead, hang, launch_error)
 
 
-def report_job(job_results: dict, job_dir: Path) -> None:
-    """W&B run and the one-screen summary of one finished job."""
+def report_job(job_results: dict, job_dir: Path, log_to_wandb: bool) -> None:
+    """W&B run (not again for a job a resumed sweep skipped) and the one-screen summary."""
     from wan_exp.wandb_logger import log_job
 
     try:
-        log_job(job_results, job_dir)
+        if log_to_wandb:
+            log_job(job_results, job_dir)
     except Exception as exc:  # the result is safe on disk; W&B is a copy of it
         log.warning("job %s: W&B logging failed (results.json is unaffected): %s", job_results.get("job_num"), exc)
     print(results.summary_text(job_results), flush=True)
@@ -461,7 +502,7 @@ def launch_batch(hydra_context: HydraContext, sweep_config: DictConfig,
 
         def job_task(task_cfg: DictConfig, plan: JobPlan = plan) -> dict:
             job_results = run_one_job(plan, task_cfg)
-            report_job(job_results, plan.job_dir)
+            report_job(job_results, plan.job_dir, log_to_wandb=not plan.already_completed)
             return {"status": job_results["status"], "job_dir": str(plan.job_dir)}
 
         returns.append(run_job(hydra_context=hydra_context, task_function=job_task, config=plan.config,

@@ -7,7 +7,8 @@ record to rank 0, and :func:`summarize` turns the records into the job's compari
 metrics (balance, throughput, TFLOP/s, MFU). Metrics measure; they never drive the work.
 
 Timing rule: a phase or a step ends with exactly one device synchronisation, so the time
-covers the work the host queued inside it; nothing else synchronises inside a step.
+covers the work the host queued inside it; the collector adds no other. (The S2V forward
+itself reads its token-frame table on the host once per forward.)
 On the CPU every GPU figure is None (absent), never 0.
 """
 from __future__ import annotations

@@ -153,7 +153,9 @@ def _resolve_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     for name in candidates:
         try:
             out = _IMPLEMENTATIONS[name](q, k, v)
-        except Exception as err:  # noqa: BLE001 - any failure means "does not work here"
+        except torch.OutOfMemoryError:
+            raise  # the job ran out of memory: an OOM result, not a backend to skip
+        except Exception as err:  # noqa: BLE001 - any other failure means "does not work here"
             failures.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             continue
         _selected = name

@@ -140,10 +140,11 @@ def _local_shard(param: DTensor) -> tuple[torch.Tensor, slice]:
     return local, slice(start, stop)
 
 
+def local_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """This rank's part of each parameter of ``module`` (a DTensor's local shard)."""
+    return [p.to_local() if isinstance(p, DTensor) else p for p in module.parameters()]
+
+
 def local_param_bytes(module: nn.Module) -> int:
     """Bytes of parameter storage this rank holds for ``module`` (only local shards)."""
-    total = 0
-    for param in module.parameters():
-        local = param.to_local() if isinstance(param, DTensor) else param
-        total += local.numel() * local.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for t in local_parameters(module))

@@ -16,7 +16,11 @@ from typing import Callable, Optional
 
 # Overrides that do not make a new configuration: repeats (seed), where results are
 # logged (logger.*), and those already shown in their own columns.
-NOT_VARIANT_KEYS = ("seed", "logger", "parallel", "launcher.nproc_per_node")
+# Overrides that do not make a configuration of their own: the strategy and the rank count
+# have their own columns (exact keys only: parallel.fsdp.api or parallel.ulysses_degree ARE
+# variants), seeds are repeats, and where the logs go changes no measurement (with subkeys).
+NOT_VARIANT_KEYS = ("seed", "parallel", "launcher.nproc_per_node")
+NOT_VARIANT_PREFIXES = ("logger",)
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,8 @@ def load_results(sweep_dir: Path) -> list[dict]:
 
 def _is_variant(override: str) -> bool:
     key = override.split("=", 1)[0].lstrip("+~")
-    return not any(key == k or key.startswith(k + ".") for k in NOT_VARIANT_KEYS)
+    return key not in NOT_VARIANT_KEYS and not any(
+        key == k or key.startswith(k + ".") for k in NOT_VARIANT_PREFIXES)
 
 
 def build_rows(results: list[dict]) -> list[Row]:
