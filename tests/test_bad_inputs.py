@@ -38,6 +38,7 @@ BAD_OVERRIDES = [
     (["launcher.hang_timeout_s=0"], "launcher.hang_timeout_s=0.0 must be > 0"),
     (["workload=init", "fault=raise", "fault.phase=step"], "fault.phase=step never happens in workload=init"),
     (["parallel=fsdp"], "parallel.fsdp.sync_module_states=true needs GPUs"),
+    (["launcher.nnodes=2"], "the other nodes cannot reach it"),
     (["parallel=hybrid", "parallel.ulysses_degree=2", "parallel.fsdp.degree=3", "launcher.nproc_per_node=4"],
      "parallel.fsdp.degree=3 must be -1 or divide the world size 4"),
 ]
