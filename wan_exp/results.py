@@ -82,6 +82,17 @@ def write_rank_record(job_dir: Path, record: dict) -> None:
     write_json_atomic(rank_record_path(job_dir, record["rank"]), record)
 
 
+def heartbeat_path(job_dir: Path, rank: int) -> Path:
+    """The rank's progress file: {"rank", "pid", "phase", "step", "seq", "time"}."""
+    return Path(job_dir) / "progress" / f"rank_{rank}.json"
+
+
+def read_heartbeats(job_dir: Path) -> dict[int, dict]:
+    """rank -> its last heartbeat, for every rank that wrote one."""
+    beats = (read_json(p) for p in heartbeat_path(job_dir, 0).parent.glob("rank_*.json"))
+    return {b["rank"]: b for b in beats if b is not None}
+
+
 def read_rank_records(job_dir: Path) -> list[dict]:
     """Every rank record a job has, sorted by rank."""
     records = [read_json(p) for p in (Path(job_dir) / "ranks").glob("rank_*.json")]

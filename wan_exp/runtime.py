@@ -19,11 +19,7 @@ import torch
 
 from wan_exp.faults import FaultInjector
 from wan_exp.metrics.collector import MetricsCollector
-from wan_exp.results import write_json_atomic
-
-
-def heartbeat_path(job_dir: Path, rank: int) -> Path:
-    return Path(job_dir) / "progress" / f"rank_{rank}.json"
+from wan_exp.results import heartbeat_path, write_json_atomic
 
 
 class RankContext:

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from wan_exp import results
 from wan_exp.config import ExperimentConfig
 from wan_exp.envvars import JOB_DIR_VAR
-from wan_exp.metrics.collector import gather_records, summarize
+from wan_exp.metrics.collector import GIB, gather_records, summarize
 from wan_exp.models.attention import selected_backend
 from wan_exp.runtime import RankContext
 
@@ -71,8 +71,8 @@ def error_record(ctx: RankContext, exc: BaseException) -> dict:
     }
     if is_oom and ctx.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(ctx.device)
-        record["error"]["device_free_gib"] = free / 1024**3
-        record["error"]["device_total_gib"] = total / 1024**3
+        record["error"]["device_free_gib"] = free / GIB
+        record["error"]["device_total_gib"] = total / GIB
     return record
 
 

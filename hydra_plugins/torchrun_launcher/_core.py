@@ -284,11 +284,6 @@ def kill_workers(job_dir: Path) -> list[int]:
     return [p.pid for p in procs]
 
 
-def read_heartbeats(job_dir: Path) -> dict[int, dict]:
-    beats = (results.read_json(p) for p in (job_dir / "progress").glob("rank_*.json"))
-    return {b["rank"]: b for b in beats if b is not None}
-
-
 def furthest_behind(beats: dict[int, dict], world_size: int, started_at: float) -> dict:
     """The heartbeat of the rank the others wait for on a hang: the fewest heartbeats
     (ranks run the same program), then the oldest. A rank with no heartbeat yet never got
@@ -320,7 +315,7 @@ class HangWatchdog(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.wait(WATCHDOG_POLL_S):
-            beats = read_heartbeats(self.job_dir)
+            beats = results.read_heartbeats(self.job_dir)
             last_progress = max([b["time"] for b in beats.values()] + [self._started_at])
             if time.time() - last_progress > self.timeout_s:
                 self._end_hung_job(beats)
@@ -373,7 +368,7 @@ def collective_timeout_hang(job_dir: Path, world_size: int) -> Optional[dict]:
                            f"{r['error'].get('type')} {r['error'].get('message')}"))
     if not timed_out:
         return None
-    stuck = furthest_behind(read_heartbeats(job_dir), world_size, started_at=0.0)
+    stuck = furthest_behind(results.read_heartbeats(job_dir), world_size, started_at=0.0)
     if stuck["rank"] in timed_out or records.get(stuck["rank"], {}).get("error"):
         return None  # the slowest rank failed on its own: an ordinary failure
     where = stuck["phase"] if stuck["step"] is None else f"{stuck['phase']} {stuck['step']}"
@@ -428,7 +423,7 @@ def start_ranks(plan: JobPlan, task_cfg: DictConfig) -> tuple[dict[int, dict], O
         config = launch_config(plan, task_cfg.launcher)
         launch_agent(config, sys.executable, ["-m", "wan_exp.worker", str(plan.job_dir)])
     except ChildFailedError as exc:
-        beats = read_heartbeats(plan.job_dir)
+        beats = results.read_heartbeats(plan.job_dir)
         for rank, failure in exc.failures.items():
             how = (f"killed by {failure.signal_name()}" if failure.exitcode < 0
                    else f"exited with code {failure.exitcode}")

@@ -2,7 +2,6 @@
 environment (the launcher sets WAN_EXP_JOB_DIR for every rank, next to torchrun's RANK)."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from wan_exp.doctor.rows import OK, WARN, Row
 from wan_exp.envvars import JOB_DIR_VAR
+from wan_exp.results import heartbeat_path, read_json
 
 PROC = Path("/proc")
 
@@ -61,7 +61,7 @@ def find_workers(proc: Path = PROC) -> list[Worker]:
 def last_progress(worker: Worker) -> str:
     """'phase wrap, step 3, 12 s ago' from the rank's heartbeat file, if it has one."""
     try:
-        beat = json.loads((Path(worker.job_dir) / "progress" / f"rank_{worker.rank}.json").read_text())
+        beat = read_json(heartbeat_path(worker.job_dir, int(worker.rank)))
         return f", phase {beat['phase']}, step {beat['step']}, {time.time() - beat['time']:.0f} s ago"
     except (OSError, ValueError, KeyError, TypeError):  # no heartbeat yet, or caught mid-write
         return ""
