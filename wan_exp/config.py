@@ -237,6 +237,7 @@ class FaultConfig:
     phase: str = "wrap"  # process_group | build | load | wrap | first_step | step
     seconds: float = 0.0  # for sleep
     signal: str = "SIGKILL"  # for signal
+    host_gib: float = 0.0  # host memory the faulty rank fills before the fault fires
 
 
 # --------------------------------------------------------------------------- launcher
@@ -273,6 +274,7 @@ class ExperimentConfig:
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+TOKENIZER_SUBDIR = "google/umt5-xxl"  # the prompt's tokenizer, inside model.checkpoint_dir
 
 
 def compose_config(overrides: Sequence[str] = ()) -> Any:
@@ -291,7 +293,62 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)
 
 
+# --------------------------------------------------------------------------- keys
+def check_schema_keys(cfg: Any) -> None:
+    """Refuse keys the schema does not know (ConfigError naming the key).
+
+    Hydra composes ``+key=value`` with the config's struct flag lifted (``+`` means "add
+    this key"), so a key the schema lacks, e.g. ``+unknown=1`` or ``+model.dimm=3``, passes
+    composition; each rank would only meet it when it merges config.yaml into the schema
+    (worker.load_job_config), after start-up. This is that same merge, before launch.
+    Open dictionaries of the schema (``nccl.env``) take any key, as there."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)  # Hydra's own node, not part of the experiment
+    try:
+        OmegaConf.merge(OmegaConf.structured(ExperimentConfig), plain)
+    except ConfigKeyError as exc:
+        key = getattr(exc, "full_key", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"{key} is not a setting of the experiment config (an override '+{key}=...' adds a key "
+            "the schema does not know); check the spelling: `python launch.py --cfg job` prints every key"
+        ) from None
+
+
+# --------------------------------------------------------------------------- warnings
+def tokenizer_dir(model: Any) -> Optional[Path]:
+    """The prompt's tokenizer folder inside model.checkpoint_dir, None if there is none."""
+    if not model.checkpoint_dir:
+        return None
+    folder = Path(model.checkpoint_dir) / TOKENIZER_SUBDIR
+    return folder if folder.is_dir() else None
+
+
+def config_warnings(cfg: Any) -> list[str]:
+    """Settings that run but do not do what they say (printed before launch, kept in the
+    rank records and results.json)."""
+    found = []
+    if cfg.workload.prompt and cfg.workload.name != WorkloadName.init and tokenizer_dir(cfg.model) is None:
+        where = (f"{cfg.model.checkpoint_dir}/{TOKENIZER_SUBDIR} does not exist" if cfg.model.checkpoint_dir
+                 else "model.checkpoint_dir is not set")
+        found.append(f"workload.prompt is ignored: no tokenizer ({where}); the text embedding comes "
+                     "from seeded random token ids")
+    return found
+
+
 # --------------------------------------------------------------------------- cross-field rules
+def steps_run(wl: Any) -> Optional[int]:
+    """DiT steps the workload runs: clips x sample_steps (generate), steps (train_lora);
+    None for init, which runs none."""
+    if wl.name == WorkloadName.generate:
+        return wl.clips * wl.sample_steps
+    if wl.name == WorkloadName.train_lora:
+        return wl.steps
+    return None
+
+
 def parse_size(size: str) -> tuple[int, int]:
     """'480*832' -> (480, 832); raises ConfigError naming workload.size."""
     parts = str(size).lower().replace("x", "*").split("*")
@@ -397,6 +454,15 @@ def validate(cfg: Any, world_size: int) -> None:
             raise ConfigError(f"workload.{name}={getattr(wl, name)} must be >= 1")
     if wl.warmup_steps < 0:
         raise ConfigError(f"workload.warmup_steps={wl.warmup_steps} must be >= 0")
+    steps = steps_run(wl)
+    if steps is not None and wl.warmup_steps >= steps:
+        counted = ("workload.clips x workload.sample_steps" if wl.name == WorkloadName.generate
+                   else "workload.steps")
+        raise ConfigError(
+            f"workload.warmup_steps={wl.warmup_steps} but workload={WorkloadName(wl.name).value} runs "
+            f"{steps} step(s) ({counted}): no step would be measured; lower workload.warmup_steps "
+            f"below {steps} or run more steps"
+        )
     if wl.guidance_scale < 0:
         raise ConfigError(f"workload.guidance_scale={wl.guidance_scale} must be >= 0")
     # a typo in a path would otherwise surface in every rank, after minutes of building
@@ -409,3 +475,5 @@ def validate(cfg: Any, world_size: int) -> None:
         raise ConfigError("workload.image_path needs model.checkpoint_dir (the VAE encodes the image)")
     if cfg.fault.kind != FaultKind["none"] and not 0 <= cfg.fault.rank < world_size:
         raise ConfigError(f"fault.rank={cfg.fault.rank} is outside 0..{world_size - 1}")
+    if cfg.fault.host_gib < 0:
+        raise ConfigError(f"fault.host_gib={cfg.fault.host_gib} must be >= 0")

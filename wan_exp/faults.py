@@ -6,6 +6,9 @@ that rank enters phase `fault.phase` (RankContext calls :meth:`FaultInjector.on_
 
 Kinds: raise (RuntimeError), hang (block forever), sleep (fault.seconds), signal (the
 rank kills itself with fault.signal), oom (GPU only: allocate until the device is full).
+``fault.host_gib`` > 0 makes the rank first fill that much host memory and report it in
+its heartbeat, e.g. ``fault=signal fault.host_gib=1``: a SIGKILL at a high RSS, which is
+what a rank the kernel's OOM killer ends leaves behind.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 # The phases a rank passes through, in order (docs/architecture.md).
 PHASES = ("process_group", "build", "load", "wrap", "first_step", "step")
@@ -36,19 +39,35 @@ def signal_number(name: str) -> signal.Signals:
 class FaultInjector:
     """Fires the configured fault once, on the configured rank and phase."""
 
-    def __init__(self, fault_cfg: Any, rank: int, device: Any) -> None:
+    def __init__(self, fault_cfg: Any, rank: int, device: Any,
+                 report_memory: Optional[Callable[[], None]] = None) -> None:
         self.cfg = fault_cfg
         self.device = device
         kind = getattr(fault_cfg.kind, "name", fault_cfg.kind)
         self.kind = str(kind)
         self.armed = self.kind != "none" and rank == fault_cfg.rank
+        self.report_memory = report_memory  # rewrites the heartbeat's host memory figures
+        self.held: list[bytes] = []
 
     def on_phase(self, phase: str) -> None:
         if not self.armed or phase != self.cfg.phase:
             return
         self.armed = False
+        if self.cfg.host_gib > 0:
+            self._hold_host_memory(self.cfg.host_gib)
         inject = getattr(self, f"_{self.kind}")
         inject(phase)
+
+    def _hold_host_memory(self, gib: float) -> None:
+        """Fill `gib` of host memory (non-zero bytes, so every page is resident) and
+        keep it until the rank ends."""
+        chunk = 64 << 20
+        remaining = int(gib * (1 << 30))
+        while remaining > 0:
+            self.held.append(b"\x01" * min(chunk, remaining))
+            remaining -= chunk
+        if self.report_memory is not None:
+            self.report_memory()
 
     def _raise(self, phase: str) -> None:
         raise InjectedFault(f"injected fault: rank {self.cfg.rank} raised on entering phase {phase!r}")

@@ -2,6 +2,9 @@
 
 Every JSON file of a job is written atomically (a temporary file in the same folder, then
 ``os.replace``), so a reader never sees half a file and a crash never leaves one behind.
+Files get the permissions of an ordinary ``open`` under the process umask (0644 with the
+usual 022), not the 0600 of a bare temporary file; a write that fails (a full disk)
+raises :class:`WriteError` naming the path and what the file is.
 
 Two writers produce results.json, both through :func:`write_results`:
 - rank 0 of a job whose ranks all finished (:func:`completed_results`), and
@@ -13,8 +16,11 @@ No torch import: the launcher process uses this module.
 """
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
+import re
 import signal
 import tempfile
 from datetime import datetime, timezone
@@ -23,12 +29,52 @@ from typing import Any, Callable, Optional
 
 SCHEMA = 1
 COMPLETED, FAILED, OOM, HANG = "completed", "failed", "oom", "hang"
+HOST, GPU = "host", "gpu"  # which memory an oom job ran out of (root_cause["memory"])
 RESULTS_FILE = "results.json"
 JOB_FILE = "job.json"
 CONFIG_FILE = "config.yaml"
+GIB = 1024**3
+
+# What each file of a job or sweep is, for error messages: (file name pattern, role).
+FILE_ROLES = (
+    (r"results\.json", "the job's result"),
+    (r"job\.json", "the job record"),
+    (r"config\.yaml", "the job's resolved config"),
+    (r"ranks/rank_\d+\.json", "a rank record"),
+    (r"progress/rank_\d+\.json", "a rank heartbeat"),
+    (r"report\.(md|html)", "the sweep report"),
+)
 
 
-# ----------------------------------------------------------------------------- files
+class WriteError(OSError):
+    """A file could not be written (e.g. the disk is full); the message names the file,
+    its role and the operating system's reason. Keeps the OSError's errno."""
+
+
+def file_role(path: Path) -> str:
+    """What `path` is to wan-exp ("the job's result", "a rank record", ...)."""
+    tail = "/".join(Path(path).parts[-2:])
+    for pattern, role in FILE_ROLES:
+        if re.search(rf"(^|/){pattern}$", tail):
+            return role
+    return "a file"
+
+
+@functools.lru_cache(maxsize=1)
+def process_umask() -> int:
+    """This process's umask, read without changing it (os.umask can only be read by
+    setting it, which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (not Linux): read it the only other way
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, data: Any, durable: bool = True) -> None:
     """Write `data` as JSON to `path` via a temporary file and a rename."""
     write_text_atomic(path, json.dumps(data, indent=2, default=str), durable)
@@ -37,20 +83,33 @@ def write_json_atomic(path: Path, data: Any, durable: bool = True) -> None:
 def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
     """Write a text file via a temporary file in the same folder and a rename.
 
+    The file ends up with mode 0666 minus the umask, as ``open(path, "w")`` would give it.
     durable=False skips the fsync: readers still never see half a file, but a machine
-    crash may lose it (fine for heartbeats, which are rewritten every step)."""
+    crash may lose it (fine for heartbeats, which are rewritten every step).
+    Raises WriteError (an OSError) naming the file and its role when the disk is full or
+    the folder cannot be written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o666 & ~process_umask())  # mkstemp creates 0600
             f.write(text)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        hint = ("free space on that file system or write elsewhere (hydra.sweep.dir=...)"
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "check the folder's permissions")
+        raise WriteError(exc.errno, f"could not write {file_role(path)} {path}: "
+                                    f"{exc.strerror or exc}; {hint}") from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -83,7 +142,9 @@ def write_rank_record(job_dir: Path, record: dict) -> None:
 
 
 def heartbeat_path(job_dir: Path, rank: int) -> Path:
-    """The rank's progress file: {"rank", "pid", "phase", "step", "seq", "time"}."""
+    """The rank's progress file: {"rank", "pid", "phase", "step", "seq", "time",
+    "host_rss_gib", "host_rss_peak_gib", "memory_time"}. seq/time change with progress
+    only; the host memory figures are refreshed every few seconds in between."""
     return Path(job_dir) / "progress" / f"rank_{rank}.json"
 
 
@@ -141,12 +202,18 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
         "sweep_dir": job.get("sweep_dir"),
         "job_num": job.get("job_num"),
         "config": config,
+        "warnings": job_warnings(records),
         "ranks": records,
         "summary": summary,
         "started_at": started,
         "finished_at": finished,
         "wall_s": wall_s,
     }
+
+
+def job_warnings(records: list[dict]) -> list[str]:
+    """Every warning the ranks recorded (e.g. a prompt without a tokenizer), once each."""
+    return list(dict.fromkeys(w for r in records for w in r.get("warnings") or []))
 
 
 def completed_results(job_dir: Path, records: list[dict],
@@ -156,30 +223,91 @@ def completed_results(job_dir: Path, records: list[dict],
     return _results(job_dir, COMPLETED, None, records, summary)
 
 
-def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict]) -> Optional[dict]:
+# ----------------------------------------------------------------------------- memory exhaustion
+VMSTAT = Path("/proc/vmstat")
+
+
+def kernel_oom_kill_count() -> Optional[int]:
+    """How many processes the kernel's OOM killer has ended since boot (the ``oom_kill``
+    line of /proc/vmstat, Linux >= 4.13; it counts cgroup limits too); None where the
+    kernel does not say. The launcher reads it before and after a job's ranks run."""
+    try:
+        for line in VMSTAT.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def oom_memory(record: dict) -> str:
+    """HOST or GPU: which memory a rank that recorded an out-of-memory error ran out of.
+    CUDA's allocator says "CUDA out of memory"; the CPU allocator's error and Python's
+    MemoryError are host memory, and so is anything on a CPU rank."""
+    err = record.get("error") or {}
+    on_gpu = str(record.get("device", "")).startswith("cuda")
+    cpu_error = err.get("type") == "MemoryError" or "CPUAllocator" in str(err.get("message", ""))
+    return GPU if on_gpu and not cpu_error else HOST
+
+
+def killed_by_oom_killer(death: dict, kernel_oom_kills: Optional[int]) -> bool:
+    """A rank that died by SIGKILL without writing its record, in a job during which the
+    kernel's OOM killer ended processes: the kernel killed it for host memory. SIGKILL alone
+    proves nothing (a user, a scheduler or fault injection send it too)."""
+    return death.get("exitcode") == -signal.SIGKILL and bool(kernel_oom_kills)
+
+
+def _host_memory_seen(beat: Optional[dict]) -> str:
+    """"12.30 GiB host RSS (peak 14.10 GiB) at its last heartbeat" or "" without one."""
+    if not beat or beat.get("host_rss_gib") is None:
+        return ""
+    peak = beat.get("host_rss_peak_gib")
+    peak_text = "" if peak is None else f" (peak {peak:.2f} GiB)"
+    return f"{beat['host_rss_gib']:.2f} GiB host RSS{peak_text} at its last heartbeat"
+
+
+def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict],
+                       beats: Optional[dict[int, dict]] = None,
+                       kernel_oom_kills: Optional[int] = None) -> Optional[dict]:
     """The earliest failure among ranks that recorded an error and ranks that died
     without a record (`dead_ranks`: rank -> {"exitcode", "time", "phase", "message"}).
 
     Ranks ended by SIGTERM are what the elastic agent does to the survivors once one rank
-    failed, so they are the root cause only when nothing else failed.
+    failed, so they are the root cause only when nothing else failed. An out-of-memory
+    cause says which memory ran out ("memory": host or gpu): a recorded OOM error by its
+    allocator (:func:`oom_memory`), a rank without a record by the kernel's OOM-kill count
+    over the job (:func:`killed_by_oom_killer`), with the host RSS its heartbeat last saw.
     """
+    beats = beats or {}
     candidates, stopped_by_agent = [], []
     for r in records:
         if r.get("status") in (FAILED, OOM) and r.get("error"):
             err = r["error"]
             candidates.append((err.get("time", float("inf")), {
-                "rank": r["rank"], "phase": err.get("phase"),
+                "rank": r["rank"], "phase": err.get("phase"), "step": err.get("step"),
                 "message": f"{err.get('type')}: {err.get('message')}", "exitcode": 1,
-                "status": r["status"],
+                "status": r["status"], "memory": oom_memory(r) if r["status"] == OOM else None,
             }))
     recorded = {r["rank"] for r in records}
     for rank, death in dead_ranks.items():
-        if rank not in recorded:
-            found = stopped_by_agent if death.get("exitcode") == -signal.SIGTERM else candidates
-            found.append((death.get("time", float("inf")), {
-                "rank": rank, "phase": death.get("phase"), "message": death["message"],
-                "exitcode": death.get("exitcode"), "status": FAILED,
-            }))
+        if rank in recorded:
+            continue
+        found = stopped_by_agent if death.get("exitcode") == -signal.SIGTERM else candidates
+        beat = beats.get(rank)
+        seen = _host_memory_seen(beat)
+        cause = {"rank": rank, "phase": death.get("phase"), "step": (beat or {}).get("step"),
+                 "message": death["message"] + (f"; {seen}" if seen else ""),
+                 "exitcode": death.get("exitcode"), "status": FAILED, "memory": None,
+                 "host_rss_gib": (beat or {}).get("host_rss_gib")}
+        if killed_by_oom_killer(death, kernel_oom_kills):
+            cause.update(status=OOM, memory=HOST, message=(
+                f"rank {rank} ran out of host memory: killed by SIGKILL without writing its record "
+                f"while the kernel's OOM killer ended {kernel_oom_kills} process(es)"
+                + (f"; {seen}" if seen else "")
+                + ". Use a strategy that shards the weights (parallel=fsdp_fixed), fewer ranks per "
+                  "node, or a machine with more memory"))
+        found.append((death.get("time", float("inf")), cause))
     candidates = candidates or stopped_by_agent
     if not candidates:
         return None
@@ -187,7 +315,7 @@ def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict]) -> Opti
 
 
 def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict],
-                 launch_error: Optional[str] = None) -> dict:
+                 launch_error: Optional[str] = None, kernel_oom_kills: Optional[int] = None) -> dict:
     """The job's results after its ranks are gone; writes results.json unless rank 0
     already wrote a completed one, which is returned as it is.
 
@@ -195,6 +323,8 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
         saw exit non-zero (exit codes < 0 are signals).
     hang: the watchdog's finding {"rank", "phase", "step", "silent_s", "message"} or None.
     launch_error: why the elastic agent itself failed (e.g. rendezvous), or None.
+    kernel_oom_kills: processes the kernel's OOM killer ended while the ranks ran (the
+        difference of two :func:`kernel_oom_kill_count` readings), None if unknown.
     """
     existing = read_results(job_dir)
     if existing is not None and existing.get("status") == COMPLETED:
@@ -210,7 +340,7 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
         root_cause = {"rank": hang["rank"], "phase": hang["phase"], "message": hang["message"],
                       "exitcode": dead_ranks.get(hang["rank"], {}).get("exitcode")}
     else:
-        root_cause = failure_root_cause(records, dead_ranks)
+        root_cause = failure_root_cause(records, dead_ranks, read_heartbeats(job_dir), kernel_oom_kills)
         if root_cause is None:
             root_cause = {"rank": 0, "phase": None, "exitcode": None,
                           "message": "every rank exited cleanly but rank 0 wrote no results.json"}
@@ -242,10 +372,14 @@ def summary_text(results: dict) -> str:
         median = f"{steps[len(steps) // 2]:.3f}" if steps else "-"
         lines.append(f"  {r['rank']:>4}  {str(r.get('device')):<12}  {_gib(mem.get('peak_allocated_gib')):>14}  "
                      f"{_gib(mem.get('peak_reserved_gib')):>17}  {_gib(mem.get('peak_host_rss_gib')):>12}  {median:>13}")
+    for warning in results.get("warnings") or []:
+        lines.append(f"  warning: {warning}")
     cause = results.get("root_cause")
     if cause:
         who = "the launcher" if cause.get("rank") is None else f"rank {cause['rank']}"
+        where = f"phase {cause.get('phase')}" + ("" if cause.get("step") is None else f" step {cause['step']}")
         code = "" if cause.get("exitcode") is None else f" (exit code {cause['exitcode']})"
-        lines.append(f"  root cause: {who} in phase {cause.get('phase')}{code}: {cause.get('message')}")
+        memory = f" out of {cause['memory']} memory" if cause.get("memory") else ""
+        lines.append(f"  root cause: {who} in {where}{code}{memory}: {cause.get('message')}")
     lines.append(f"  results: {Path(results.get('job_dir', '.')) / RESULTS_FILE}")
     return "\n".join(lines)

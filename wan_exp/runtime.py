@@ -6,20 +6,37 @@ Every phase and step of a rank goes through :meth:`RankContext.phase` /
   reads these: no new heartbeat from any rank for launcher.hang_timeout_s = hang),
 - give fault injection its hook (on entry to the phase), and
 - time the phase or step in the rank's MetricsCollector.
+
+The heartbeat also carries the rank's host memory (RSS now and its peak). A rank that
+the kernel's OOM killer ends writes nothing more, so a background thread refreshes those
+figures every MEMORY_SAMPLE_S between heartbeats, leaving "seq" and "time" (progress, what
+the hang watchdog reads) as they were.
 """
 from __future__ import annotations
 
 import os
+import resource
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import psutil
 import torch
 
 from wan_exp.faults import FaultInjector
 from wan_exp.metrics.collector import MetricsCollector
-from wan_exp.results import heartbeat_path, write_json_atomic
+from wan_exp.results import GIB, heartbeat_path, write_json_atomic
+
+MEMORY_SAMPLE_S = 2.0  # how often the heartbeat's host memory figures are refreshed
+
+
+def host_memory_gib() -> tuple[float, float]:
+    """(RSS now, peak RSS since the process started) of this process, in GiB."""
+    rss = psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return rss / GIB, max(rss, peak) / GIB
 
 
 class RankContext:
@@ -38,22 +55,50 @@ class RankContext:
         self.job_dir = Path(job_dir) if job_dir is not None else None
         self.metrics = MetricsCollector(self.device, rank, world_size)
         self.current_phase = "start"
-        self._heartbeats_sent = 0
-        self._faults = FaultInjector(cfg.fault, rank, self.device) if self.job_dir else None
+        self.current_step: Optional[int] = None
+        self._beat: dict = {}
+        self._beat_lock = threading.Lock()
+        self._faults = (FaultInjector(cfg.fault, rank, self.device, self.refresh_memory)
+                        if self.job_dir else None)
         self.heartbeat("start")
+        if self.job_dir is not None:
+            threading.Thread(target=self._sample_memory, name="wan-exp-memory-sampler", daemon=True).start()
 
     def heartbeat(self, phase: str, step: Optional[int] = None) -> None:
         """Tell the launcher this rank is alive and where it is."""
-        self.current_phase = phase
+        self.current_phase, self.current_step = phase, step
         if self.job_dir is None:
             return
-        # seq counts this rank's heartbeats: ranks run the same program, so on a hang the
-        # rank with the lowest seq is the one the others are waiting for
-        self._heartbeats_sent += 1
+        with self._beat_lock:
+            # seq counts this rank's heartbeats: ranks run the same program, so on a hang the
+            # rank with the lowest seq is the one the others are waiting for
+            self._beat = {"rank": self.rank, "pid": os.getpid(), "phase": phase, "step": step,
+                          "seq": self._beat.get("seq", 0) + 1, "time": time.time()}
+            self._write_beat()
+
+    def refresh_memory(self) -> None:
+        """Rewrite the heartbeat with this moment's host memory, progress unchanged."""
+        if self.job_dir is None:
+            return
+        with self._beat_lock:
+            self._write_beat()
+
+    def _write_beat(self) -> None:  # under _beat_lock
+        rss, peak = host_memory_gib()
         write_json_atomic(heartbeat_path(self.job_dir, self.rank), {
-            "rank": self.rank, "pid": os.getpid(), "phase": phase, "step": step,
-            "seq": self._heartbeats_sent, "time": time.time(),
+            **self._beat, "host_rss_gib": rss, "host_rss_peak_gib": peak, "memory_time": time.time(),
         }, durable=False)
+
+    def _sample_memory(self) -> None:
+        progress_dir = heartbeat_path(self.job_dir, self.rank).parent
+        while True:
+            time.sleep(MEMORY_SAMPLE_S)
+            if not progress_dir.is_dir():
+                return  # the job dir is gone (e.g. a test's temporary folder): never recreate it
+            try:
+                self.refresh_memory()
+            except OSError:  # a full disk: the rank's own writes report it
+                pass
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -6,8 +6,9 @@ have no Hydra state), joins the process group, runs the workload and writes its 
 record; rank 0 gathers every record and writes results.json.
 
 On an exception the rank writes a record with status failed (oom for
-torch.OutOfMemoryError, with its memory figures) and the phase it was in, then exits
-non-zero at once; the launcher stops the other ranks and writes the job's result.
+torch.OutOfMemoryError or MemoryError, with its memory figures) and the phase and step it
+was in, then exits non-zero at once; the launcher stops the other ranks and writes the
+job's result.
 """
 from __future__ import annotations
 
@@ -18,16 +19,17 @@ import signal
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from wan_exp import results
-from wan_exp.config import ExperimentConfig
+from wan_exp.config import ExperimentConfig, config_warnings
 from wan_exp.envvars import JOB_DIR_VAR
 from wan_exp.metrics.collector import GIB, gather_records, summarize
 from wan_exp.models.attention import selected_backend
@@ -44,12 +46,27 @@ def load_job_config(job_dir: Path) -> Any:
     return OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.load(job_dir / results.CONFIG_FILE))
 
 
-def dump_stacks_on_sigusr1(job_dir: Path, rank: int) -> None:
-    """The hang watchdog sends SIGUSR1; faulthandler then writes every thread's stack."""
+@contextmanager
+def dump_stacks_on_sigusr1(job_dir: Path, rank: int) -> Iterator[None]:
+    """The hang watchdog sends SIGUSR1; faulthandler then writes every thread's stack.
+
+    faulthandler writes from a signal handler, so the file is opened up front; a rank
+    that ends without a dump removes its empty file (and the folder, once empty)."""
     stacks = job_dir / "stacks"
     stacks.mkdir(parents=True, exist_ok=True)
-    stack_file = open(stacks / f"rank_{rank}.txt", "w")  # kept open for the life of the rank
-    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    path = stacks / f"rank_{rank}.txt"
+    with open(path, "w") as stack_file:
+        faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+        try:
+            yield
+        finally:
+            faulthandler.unregister(signal.SIGUSR1)
+    if path.stat().st_size == 0:
+        path.unlink()
+        try:
+            stacks.rmdir()
+        except OSError:  # another rank's file is still there
+            pass
 
 
 def seen_environment(job: dict) -> dict[str, str | None]:
@@ -63,11 +80,12 @@ def seen_environment(job: dict) -> dict[str, str | None]:
 def error_record(ctx: RankContext, exc: BaseException) -> dict:
     """This rank's record after `exc`: status failed, or oom with the memory figures."""
     record = ctx.metrics.rank_record()
-    is_oom = isinstance(exc, torch.OutOfMemoryError)
+    is_oom = isinstance(exc, (torch.OutOfMemoryError, MemoryError))
     record["status"] = results.OOM if is_oom else results.FAILED
     record["error"] = {
         "type": type(exc).__name__, "message": str(exc).strip().splitlines()[0] if str(exc).strip() else "",
-        "traceback": traceback.format_exc(), "phase": ctx.current_phase, "time": time.time(),
+        "traceback": traceback.format_exc(), "phase": ctx.current_phase, "step": ctx.current_step,
+        "time": time.time(),
     }
     if is_oom and ctx.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(ctx.device)
@@ -81,12 +99,17 @@ def run_rank(job_dir: Path) -> int:
     cfg = load_job_config(job_dir)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
-    dump_stacks_on_sigusr1(job_dir, rank)
+    with dump_stacks_on_sigusr1(job_dir, rank):
+        return _run(job_dir, job, cfg, rank, local_rank, world_size)
+
+
+def _run(job_dir: Path, job: dict, cfg: Any, rank: int, local_rank: int, world_size: int) -> int:
     on_gpu = job["backend"] == "nccl"
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
     ctx = RankContext(cfg, rank, local_rank, world_size, device, job_dir)
+    ctx.metrics.note("warnings", config_warnings(cfg))
     try:
         with ctx.phase("process_group"):
             dist.init_process_group(job["backend"], timeout=timedelta(seconds=cfg.nccl.timeout_s),

@@ -38,9 +38,10 @@ from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from wan_exp import results
-from wan_exp.config import ConfigError, Strategy, validate
+from wan_exp.config import ConfigError, Strategy, check_schema_keys, config_warnings, validate
 from wan_exp.envvars import applied_environment, rank_environment
 from wan_exp.faults import PHASES, signal_number
+from wan_exp.memory_fit import check_memory_fits
 from wan_exp.parallel.fsdp import check_fsdp_device
 
 log = logging.getLogger(__name__)
@@ -186,10 +187,14 @@ def plan_job(hydra_context: HydraContext, sweep_config: DictConfig, overrides: S
     with open_dict(config):
         config.hydra.job.id = num
         config.hydra.job.num = num
+    check_schema_keys(config)  # a '+key=value' the schema lacks would fail in every rank
     nproc = ranks_per_node(config, gpus)
     check_launch_settings(config, gpus)
     world_size = nproc * config.launcher.nnodes
     validate(config, world_size)
+    check_memory_fits(config, world_size, nproc, gpus)
+    for warning in config_warnings(config):
+        log.warning("job %d: %s", num, warning)
     job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
     own_overrides = job_overrides_for_record(overrides)
     completed = check_existing_job_dir(job_dir, own_overrides, bool(config.launcher.resume))
@@ -454,11 +459,15 @@ def run_one_job(plan: JobPlan, task_cfg: DictConfig) -> dict:
     env = rank_environment(task_cfg, plan.job_dir, plan.nproc_per_node)
     prepare_job_dir(plan, task_cfg, env)
     log.info("job %d: %d rank(s), backend %s, job dir %s", plan.num, plan.world_size, plan.backend, plan.job_dir)
+    oom_kills_before = results.kernel_oom_kill_count()
     with applied_environment(env):
         dead, hang, launch_error = start_ranks(plan, task_cfg)
     if hang is None and launch_error is None:
         hang = collective_timeout_hang(plan.job_dir, plan.world_size)
-    return results.finalize_job(plan.job_dir, dead, hang, launch_error)
+    oom_kills_after = results.kernel_oom_kill_count()
+    oom_kills = (None if oom_kills_before is None or oom_kills_after is None
+                 else oom_kills_after - oom_kills_before)
+    return results.finalize_job(plan.job_dir, dead, hang, launch_error, oom_kills)
 
 
 def report_job(job_results: dict, job_dir: Path, log_to_wandb: bool) -> None:

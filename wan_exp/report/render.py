@@ -4,9 +4,12 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
+from typing import Sequence
 
 from wan_exp.report.plots import FIGURES
 from wan_exp.report.table import Row, table_cells
+
+UNREADABLE_TITLE = "Results that could not be read (left out)"
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -33,7 +36,7 @@ def _job_line(job: dict) -> str:
     )
 
 
-def markdown(sweep_dir: Path, rows: list[Row]) -> str:
+def markdown(sweep_dir: Path, rows: list[Row], unreadable: Sequence[str] = ()) -> str:
     header, body = table_cells(rows)
     lines = [
         f"# wan-exp sweep report: {sweep_dir.name}",
@@ -51,10 +54,12 @@ def markdown(sweep_dir: Path, rows: list[Row]) -> str:
     failed = _failed_jobs(rows)
     if failed:
         lines += ["", "## Jobs that did not complete", ""] + [f"- {_job_line(job)}" for job in failed]
+    if unreadable:
+        lines += ["", f"## {UNREADABLE_TITLE}", ""] + [f"- `{problem}`" for problem in unreadable]
     return "\n".join(lines) + "\n"
 
 
-def html_page(sweep_dir: Path, rows: list[Row]) -> str:
+def html_page(sweep_dir: Path, rows: list[Row], unreadable: Sequence[str] = ()) -> str:
     header, body = table_cells(rows)
     out = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
@@ -79,6 +84,10 @@ def html_page(sweep_dir: Path, rows: list[Row]) -> str:
     if failed:
         out.append("<h2>Jobs that did not complete</h2><ul>")
         out += [f"<li>{html.escape(_job_line(job))}</li>" for job in failed]
+        out.append("</ul>")
+    if unreadable:
+        out.append(f"<h2>{UNREADABLE_TITLE}</h2><ul>")
+        out += [f"<li><code>{html.escape(problem)}</code></li>" for problem in unreadable]
         out.append("</ul>")
     for title, figure in FIGURES:
         png = figure(rows)

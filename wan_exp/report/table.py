@@ -5,6 +5,11 @@ One row per configuration: strategy, rank count and whatever else the sweep vari
 are repeats of one row: its metrics are the median over the completed repeats and its
 stability is completed/total. A row with no completed job shows the status and root
 cause of its last job instead of numbers.
+
+Only comparable figures are ranked (marked best): GPU-only columns (TFLOP/s per GPU, MFU)
+among rows that ran on GPUs, and no column among CPU rows told apart by a setting that
+only acts on GPUs (the CUDA allocator, NCCL): on the CPU their differences are noise.
+A results.json that cannot be read is named and left out; the other jobs are reported.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 # Overrides that do not make a new configuration: repeats (seed), where results are
 # logged (logger.*), and those already shown in their own columns.
@@ -21,6 +26,8 @@ from typing import Callable, Optional
 # variants), seeds are repeats, and where the logs go changes no measurement (with subkeys).
 NOT_VARIANT_KEYS = ("seed", "parallel", "launcher.nproc_per_node")
 NOT_VARIANT_PREFIXES = ("logger",)
+# Config groups that only act on GPUs: the CUDA caching allocator's settings and NCCL's.
+GPU_ONLY_SETTINGS = ("allocator", "nccl")
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,7 @@ class Column:
     value: Callable[[dict], Optional[float]]  # from one completed job's results.json
     better: str  # "low" or "high": which end is marked best
     digits: int = 2
+    gpu_only: bool = False  # ranked only among rows that ran on GPUs
 
 
 def _summary(key: str) -> Callable[[dict], Optional[float]]:
@@ -51,8 +59,8 @@ METRIC_COLUMNS = (
     Column("steps/s", _summary("steps_per_s"), "high"),
     Column("tokens/s", _summary("tokens_per_s"), "high", 0),
     Column("video s/s", _summary("video_s_per_s"), "high", 4),
-    Column("TFLOP/s/GPU", _summary("tflops_per_gpu"), "high", 3),
-    Column("MFU %", _mfu_percent, "high", 1),
+    Column("TFLOP/s/GPU", _summary("tflops_per_gpu"), "high", 3, gpu_only=True),
+    Column("MFU %", _mfu_percent, "high", 1, gpu_only=True),
 )
 
 
@@ -94,9 +102,22 @@ class Row:
         if not failed:
             return ""
         cause = failed[-1].get("root_cause") or {}
-        where = ", ".join(f"{k} {cause[k]}" for k in ("rank", "phase", "exitcode") if cause.get(k) is not None)
+        where = ", ".join(f"{k} {cause[k]}" for k in ("rank", "phase", "step", "exitcode") if cause.get(k) is not None)
         message = " ".join(str(cause.get("message", "")).split())
         return f"{failed[-1].get('status')}: {message} ({where})" if where else f"{failed[-1].get('status')}: {message}"
+
+    @property
+    def on_gpu(self) -> bool:
+        """True when the row's completed jobs ran on GPUs."""
+        return any(str((j.get("summary") or {}).get("device_name", "cpu")) != "cpu" for j in self.completed)
+
+    def ranked_in(self, column: Column) -> bool:
+        """Whether this row's value of `column` competes for best (module docstring)."""
+        if self.on_gpu:
+            return True
+        gpu_setting = any(o.split("=", 1)[0].lstrip("+~").split(".")[0] in GPU_ONLY_SETTINGS
+                          for o in self.variant.split())
+        return not column.gpu_only and not gpu_setting
 
     def value(self, column: Column) -> Optional[float]:
         values = [v for v in (column.value(j) for j in self.completed) if v is not None]
@@ -108,20 +129,35 @@ class Row:
         return done[len(done) // 2] if done else None
 
 
-def load_results(sweep_dir: Path) -> list[dict]:
-    """Every ``<sweep dir>/<job>/results.json``, in job order."""
+@dataclass
+class SweepResults:
+    jobs: list[dict]  # results.json contents, in job order
+    unreadable: list[str]  # "<path>: why" for each results.json that could not be read
+
+
+def load_results(sweep_dir: Path) -> SweepResults:
+    """Every readable ``<sweep dir>/<job>/results.json``, in job order, and the unreadable
+    ones named (a corrupt file must not hide the rest of the sweep)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep dir {sweep_dir} does not exist; pass the folder that holds the job dirs")
-    results = []
+    results, unreadable = [], []
     for path in sorted(sweep_dir.glob("*/results.json")):
-        with open(path) as f:
-            results.append(json.load(f))
+        try:
+            job = json.loads(path.read_text())
+            if not isinstance(job, dict) or "status" not in job:
+                raise ValueError("not a job result (no status)")
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            unreadable.append(f"{path}: {type(exc).__name__}: {exc}")
+            continue
+        results.append(job)
     if not results:
+        found = f" ({len(unreadable)} unreadable: {'; '.join(unreadable)})" if unreadable else ""
         raise FileNotFoundError(
-            f"no <job>/results.json under {sweep_dir}; is it a sweep dir (outputs/<date>/<time>)?"
+            f"no readable <job>/results.json under {sweep_dir}{found}; is it a sweep dir (outputs/<date>/<time>)?"
         )
-    return sorted(results, key=lambda r: (r.get("job_num") is None, r.get("job_num"), r.get("job_dir", "")))
+    jobs = sorted(results, key=lambda r: (r.get("job_num") is None, r.get("job_num"), r.get("job_dir", "")))
+    return SweepResults(jobs, unreadable)
 
 
 def _is_variant(override: str) -> bool:
@@ -150,7 +186,7 @@ def best_values(rows: list[Row]) -> dict[str, Optional[float]]:
     differ (marking every row would say nothing)."""
     best: dict[str, Optional[float]] = {}
     for column in METRIC_COLUMNS:
-        values = [v for v in (row.value(column) for row in rows) if v is not None]
+        values = [v for v in (row.value(column) for row in rows if row.ranked_in(column)) if v is not None]
         pick = min if column.better == "low" else max
         best[column.title] = pick(values) if len(set(values)) > 1 else None
     stabilities = {row.stability for row in rows}
@@ -189,7 +225,7 @@ def table_cells(rows: list[Row]) -> tuple[list[str], list[list[tuple[str, bool]]
         ]
         for column in columns:
             value = row.value(column)
-            is_best = value is not None and value == best[column.title]
+            is_best = value is not None and value == best[column.title] and row.ranked_in(column)
             cells.append((format_value(value, column.digits), is_best))
         cells.append((row.root_cause or row.status, False))
         body.append(cells)
@@ -201,11 +237,14 @@ def _clip(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def text_table(rows: list[Row]) -> str:
-    """Fixed-width console table; '*' marks the best value of a column."""
+def text_table(rows: list[Row], unreadable: Sequence[str] = ()) -> str:
+    """Fixed-width console table; '*' marks the best value of a column. Unreadable
+    results.json files are named below it."""
     header, body = table_cells(rows)
     lines = [header] + [[_clip(text) + ("*" if is_best else "") for text, is_best in cells] for cells in body]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out) + "\n(* best in column; metrics are medians over completed repeats)"
+    out.append("(* best in column; metrics are medians over completed repeats)")
+    out += [f"left out, unreadable: {problem}" for problem in unreadable]
+    return "\n".join(out)

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from wan_exp.metrics.flops import dit_forward_flops
+from wan_exp.numerics import check_finite, checked_output
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.workloads.inputs import (
     ClipInputs,
@@ -80,7 +81,10 @@ def generate_clips(cfg: Any, dit: torch.nn.Module, inputs: ClipInputs,
         def scope(i: int, first: int = first):
             return step_scope(first + i)
 
-        latents = sample(guided_velocity(cond, uncond, wl.guidance_scale), noise, sigmas, step_context=scope)
+        # one finiteness check per step: the guided velocity is NaN/Inf if either DiT output is
+        velocity = checked_output(guided_velocity(cond, uncond, wl.guidance_scale), "DiT output (guided velocity)")
+        latents = sample(velocity, noise, sigmas, step_context=scope)
+        check_finite(latents, f"sampled latents of clip {clip}")
         clips.append(latents)
         motion = next_motion(motion, latents, cfg.model.motion_frames)
     return clips

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from wan_exp.config import parse_size
+from wan_exp.config import parse_size, tokenizer_dir
 from wan_exp.models.encoders import encode_text
 from wan_exp.models.vae import load_vae_encoder, vae_checkpoint_path
 from wan_exp.models.wan_s2v import AUDIO_TOKENS_PER_FRAME, sequence_length
@@ -32,7 +32,6 @@ from wan_exp.parallel.fsdp import torch_dtype
 from wan_exp.parallel.registry import ParallelModel
 
 SAMPLE_RATE = 16000  # wav2vec2's input rate
-TOKENIZER_SUBDIR = "google/umt5-xxl"  # inside model.checkpoint_dir (DESIGN.md §7)
 VAE_STRIDE = 8  # pixels per latent in height and width
 FRAMES_PER_LATENT = 4  # video frames per latent frame
 # Each random input draws from its own generator, seeded cfg.seed + its offset, so adding
@@ -84,18 +83,12 @@ def clip_token_counts(cfg: Any, with_motion: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------ text
-def _tokenizer_dir(cfg: Any) -> Optional[Path]:
-    if not cfg.model.checkpoint_dir:
-        return None
-    folder = Path(cfg.model.checkpoint_dir) / TOKENIZER_SUBDIR
-    return folder if folder.is_dir() else None
-
-
 def prompt_token_ids(cfg: Any, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask), each (1, text_len): the tokenised prompt when a tokenizer folder
-    exists, else deterministic ids from ``seed`` (all positions valid, as a long prompt)."""
+    exists, else deterministic ids from ``seed`` (all positions valid, as a long prompt;
+    config.config_warnings says so for a prompt given without a tokenizer)."""
     text_len = cfg.model.text_len
-    folder = _tokenizer_dir(cfg)
+    folder = tokenizer_dir(cfg.model)
     if prompt and folder is not None:
         from transformers import AutoTokenizer
 

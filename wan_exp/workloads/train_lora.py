@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from wan_exp.config import resolve_degrees
 from wan_exp.metrics.flops import dit_forward_flops
+from wan_exp.numerics import check_finite
 from wan_exp.parallel.registry import ParallelModel, setup_parallel
 from wan_exp.workloads.inputs import (
     ClipInputs,
@@ -143,7 +144,8 @@ def flow_matching_loss(dit: nn.Module, inputs: ClipInputs, sigma: float, noise: 
 def train_step(dit: nn.Module, inputs: ClipInputs, generator: torch.Generator, shift: float,
                loss_scale: float, sp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Forward, backward and gradient reduction of one step (no optimiser). Returns the
-    detached loss, still on the device: reading it would add a device sync to the step."""
+    detached loss, still on the device (the caller's finiteness check is the step's one
+    extra device sync)."""
     sigma = shift_sigma(torch.rand((), generator=generator).item(), shift)
     noise = torch.randn(inputs.latents.shape, generator=generator).to(inputs.latents)
     loss = flow_matching_loss(dit, inputs, sigma, noise)
@@ -197,6 +199,7 @@ def run_train_lora(cfg: Any, ctx: Any) -> dict:
     for i in range(wl.steps):
         with workload_step(ctx, i, wl.warmup_steps):
             losses.append(train_step(dit, inputs, generator, wl.shift, loss_scale, sp_group))
+            check_finite(losses[-1], "training loss")  # before the optimiser spreads it into the adapters
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

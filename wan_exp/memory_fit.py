@@ -1,0 +1,171 @@
+"""Before launch: refuse a job whose weights alone cannot fit in host or GPU memory.
+
+Without this check, ``model=s2v_14b`` on a small machine starts its ranks, which load for
+minutes and are then ended by the kernel's OOM killer (or CUDA runs out of memory). The
+weights are a lower bound of what a rank needs (activations, the CUDA context and NCCL
+buffers come on top), so a job refused here could never have run.
+
+Where the weights live, per strategy (wan_exp/parallel/registry.py):
+- ``single``, ``ulysses``: the whole DiT on every rank's device;
+- ``fsdp_fixed``, ``hybrid``: 1/fsdp_degree of the DiT per rank, read straight to the device;
+- ``fsdp`` (upstream, ``parallel.fsdp.load_full_on_every_rank``): every rank first loads the
+  whole DiT into host memory, then FSDP moves its shard to the device;
+- the text and audio encoders: whole, on the device or the host as
+  ``parallel.*_encoder_placement`` says.
+On a machine without GPUs the device is the host. Host memory is per node
+(``nproc_per_node`` ranks share it); it is compared with psutil's available memory, GPU
+memory with NVML's free memory of each GPU the node's ranks use.
+
+Parameter counts come from the models themselves, built on the meta device (no memory),
+once per model config. torch and transformers are imported only then, so importing this
+module keeps the launcher light.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import psutil
+from omegaconf import OmegaConf
+
+from wan_exp.config import ConfigError, Placement, Strategy, resolve_degrees
+
+GIB = 1024**3
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One model part's parameters."""
+
+    name: str
+    parameters: int
+    bytes: int
+
+    def describe(self, share: int = 1) -> str:
+        part = "" if share == 1 else f"1/{share} of "
+        return f"{part}the {self.name} ({self.parameters / 1e9:.2f}e9 parameters, {self.bytes / share / GIB:.2f} GiB)"
+
+
+@functools.lru_cache(maxsize=8)
+def _parameter_counts(model_yaml: str) -> tuple[int, int, int]:
+    """(DiT, text encoder, audio encoder) parameter counts, from the models built on the
+    meta device (tied weights counted once); audio 0 without S2V."""
+    import torch
+    from transformers import UMT5EncoderModel, Wav2Vec2Model
+
+    from wan_exp.config import ModelConfig
+    from wan_exp.models.encoders import audio_encoder_config, text_encoder_config
+    from wan_exp.models.wan_s2v import WanModel
+
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(model_yaml))
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        dit = count(WanModel(model_cfg))
+        text = count(UMT5EncoderModel(text_encoder_config(model_cfg)))
+        audio = count(Wav2Vec2Model(audio_encoder_config(model_cfg))) if model_cfg.s2v else 0
+    return dit, text, audio
+
+
+def model_weights(model_cfg: Any) -> tuple[Weights, Weights, Optional[Weights]]:
+    """(DiT, text encoder, audio encoder or None) at model.dtype, as the ranks load them."""
+    dit, text, audio = _parameter_counts(OmegaConf.to_yaml(model_cfg, resolve=True))
+    size = DTYPE_BYTES[getattr(model_cfg.dtype, "value", model_cfg.dtype)]
+    return (Weights("DiT", dit, dit * size), Weights("text encoder", text, text * size),
+            Weights("audio encoder", audio, audio * size) if audio else None)
+
+
+def gpu_free_bytes(count: int) -> Optional[list[int]]:
+    """NVML's free memory of the first `count` GPUs CUDA would give the ranks (honouring
+    CUDA_VISIBLE_DEVICES by index or UUID); None when NVML cannot tell (no driver, MIG)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        entries = ([e.strip() for e in visible.split(",")] if visible is not None
+                   else [str(i) for i in range(pynvml.nvmlDeviceGetCount())])
+        free = []
+        for entry in entries[:count]:
+            if entry.isdigit():
+                handle = pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+            elif entry.startswith("GPU-"):
+                handle = pynvml.nvmlDeviceGetHandleByUUID(entry)
+            else:  # MIG slices: NVML's figures are per parent GPU
+                return None
+            free.append(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+        return free
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _listing(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def check_memory_fits(cfg: Any, world_size: int, nproc_per_node: int, gpus: int) -> None:
+    """Raise ConfigError, with the figures, if the job's weights alone exceed the host
+    memory available (per node) or the free memory of a GPU (per rank)."""
+    par = cfg.parallel
+    dit, text, audio = model_weights(cfg.model)
+    sharded = bool(par.fsdp.enabled)
+    _, fsdp_degree = resolve_degrees(par, world_size)
+    share = fsdp_degree if sharded else 1
+    full_load = sharded and bool(par.fsdp.load_full_on_every_rank)
+    on_device: list[tuple[Weights, int]] = [(dit, share)]
+    on_host: list[tuple[Weights, int]] = [(dit, 1)] if full_load else []
+    for encoder, placement in ((text, par.text_encoder_placement), (audio, par.audio_encoder_placement)):
+        if encoder is not None:
+            (on_device if placement == Placement.device else on_host).append((encoder, 1))
+    if not gpus:  # the device is the host; a full load replaces the rank's DiT shard at its peak
+        on_host = ([(dit, 1)] if full_load else [(dit, share)]) + [p for p in on_device + on_host if p[0] is not dit]
+        on_device = []
+
+    strategy = f"parallel={Strategy(par.name).value}"
+    host_need = nproc_per_node * sum(w.bytes // s for w, s in on_host)
+    available = psutil.virtual_memory().available
+    if host_need > available:
+        raise ConfigError(
+            f"model={cfg.model.name} does not fit in host memory: with {strategy} each of the "
+            f"{nproc_per_node} rank(s) on this node holds {_listing([w.describe(s) for w, s in on_host])} "
+            f"in host memory: {host_need / GIB:.1f} GiB for the weights alone, but "
+            f"{available / GIB:.1f} GiB is available; {_hint(cfg, full_load, nproc_per_node > 1)}"
+        )
+    if not on_device:
+        return
+    device_need = sum(w.bytes // s for w, s in on_device)
+    free = gpu_free_bytes(nproc_per_node)
+    if not free or device_need <= min(free):
+        return
+    raise ConfigError(
+        f"model={cfg.model.name} does not fit in GPU memory: with {strategy} on {world_size} rank(s) each "
+        f"GPU holds {_listing([w.describe(s) for w, s in on_device])}: {device_need / GIB:.1f} GiB for the "
+        f"weights alone, but the fullest GPU has {min(free) / GIB:.1f} GiB free (NVML); "
+        f"{_hint(cfg, full_load, False, encoders_on_gpu=any(w is not dit for w, _ in on_device))}"
+    )
+
+
+def _hint(cfg: Any, full_load: bool, fewer_ranks: bool, encoders_on_gpu: bool = False) -> str:
+    """What would make the job fit, among the settings that apply to it."""
+    options = []
+    if not cfg.parallel.fsdp.enabled or full_load:
+        options.append("a strategy that shards the DiT over the ranks without a full load "
+                       "(parallel=fsdp_fixed or parallel=hybrid)")
+    elif fewer_ranks is False:
+        options.append("more ranks to shard over (launcher.nproc_per_node, launcher.nnodes)")
+    if fewer_ranks:
+        options.append("fewer ranks per node (launcher.nproc_per_node)")
+    if encoders_on_gpu:
+        options.append("the text encoder on the CPU (parallel.text_encoder_placement=cpu)")
+    options.append("a smaller model (model=tiny) or a machine with more memory")
+    return "use " + " or ".join(options)
