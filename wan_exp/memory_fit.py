@@ -46,7 +46,12 @@ class Weights:
 
     def describe(self, share: int = 1) -> str:
         part = "" if share == 1 else f"1/{share} of "
-        return f"{part}the {self.name} ({self.parameters / 1e9:.2f}e9 parameters, {self.bytes / share / GIB:.2f} GiB)"
+        count = f"{self.parameters / 1e9:.2f}e9" if self.parameters >= 1e8 else f"{self.parameters:,}"
+        return f"{part}the {self.name} ({count} parameters, {_size(self.bytes // share)})"
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB // 10 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 @functools.lru_cache(maxsize=8)
@@ -138,8 +143,8 @@ def check_memory_fits(cfg: Any, world_size: int, nproc_per_node: int, gpus: int)
         raise ConfigError(
             f"model={cfg.model.name} does not fit in host memory: with {strategy} each of the "
             f"{nproc_per_node} rank(s) on this node holds {_listing([w.describe(s) for w, s in on_host])} "
-            f"in host memory: {host_need / GIB:.1f} GiB for the weights alone, but "
-            f"{available / GIB:.1f} GiB is available; {_hint(cfg, full_load, nproc_per_node > 1)}"
+            f"in host memory: {_size(host_need)} for the weights alone, but "
+            f"{_size(available)} is available; {_hint(cfg, full_load, nproc_per_node > 1)}"
         )
     if not on_device:
         return
@@ -149,8 +154,8 @@ def check_memory_fits(cfg: Any, world_size: int, nproc_per_node: int, gpus: int)
         return
     raise ConfigError(
         f"model={cfg.model.name} does not fit in GPU memory: with {strategy} on {world_size} rank(s) each "
-        f"GPU holds {_listing([w.describe(s) for w, s in on_device])}: {device_need / GIB:.1f} GiB for the "
-        f"weights alone, but the fullest GPU has {min(free) / GIB:.1f} GiB free (NVML); "
+        f"GPU holds {_listing([w.describe(s) for w, s in on_device])}: {_size(device_need)} for the "
+        f"weights alone, but the fullest GPU has {_size(min(free))} free (NVML); "
         f"{_hint(cfg, full_load, False, encoders_on_gpu=any(w is not dit for w, _ in on_device))}"
     )
 
@@ -167,5 +172,6 @@ def _hint(cfg: Any, full_load: bool, fewer_ranks: bool, encoders_on_gpu: bool = 
         options.append("fewer ranks per node (launcher.nproc_per_node)")
     if encoders_on_gpu:
         options.append("the text encoder on the CPU (parallel.text_encoder_placement=cpu)")
-    options.append("a smaller model (model=tiny) or a machine with more memory")
+    options.append("a machine with more memory" if cfg.model.name == "tiny"
+                   else "a smaller model (model=tiny) or a machine with more memory")
     return "use " + " or ".join(options)
