@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import psutil
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -39,6 +40,8 @@ BAD_OVERRIDES = [
     (["workload=init", "fault=raise", "fault.phase=step"], "fault.phase=step never happens in workload=init"),
     (["parallel=fsdp"], "parallel.fsdp.sync_module_states=true needs GPUs"),
     (["launcher.nnodes=2"], "the other nodes cannot reach it"),
+    (["+unknown=1"], "unknown is not a setting of the experiment config"),
+    (["workload.sample_steps=2", "workload.warmup_steps=2"], "workload.warmup_steps=2 but workload=generate runs 2"),
     (["parallel=hybrid", "parallel.ulysses_degree=2", "parallel.fsdp.degree=3", "launcher.nproc_per_node=4"],
      "parallel.fsdp.degree=3 must be -1 or divide the world size 4"),
 ]
@@ -63,6 +66,15 @@ def test_one_bad_job_stops_the_whole_sweep_before_it_starts(tmp_path):
 def test_oom_fault_without_a_gpu(tmp_path):
     proc = run_launch(tmp_path, "fault=oom", "logger=disabled", timeout=60)
     assert proc.returncode != 0 and "fault=oom" in output(proc) and "no GPU is visible" in output(proc)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or psutil.virtual_memory().available > 80 * 1024**3,
+                    reason="the 14B model's weights (2 ranks x 41.5 GiB) fit on this machine")
+def test_s2v_14b_on_a_small_cpu_box_fails_before_any_worker(tmp_path):
+    proc = run_launch(tmp_path, "model=s2v_14b", "logger=disabled", timeout=120)
+    assert proc.returncode != 0
+    assert "model=s2v_14b does not fit in host memory" in output(proc) and "GiB is available" in output(proc)
+    assert not (tmp_path / "0").exists(), "no job may start"
 
 
 def test_more_ranks_than_gpus():
