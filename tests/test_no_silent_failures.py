@@ -350,3 +350,17 @@ def test_a_completed_job_leaves_readable_files_no_empty_stacks_and_its_warnings(
     assert job["status"] == "completed" and any(w.startswith(warning) for w in job["warnings"])
     assert any(w.startswith(warning) for w in job["ranks"][0]["warnings"])
     assert f"warning: {warning}" in proc.stdout  # the one-screen summary
+
+
+@pytest.mark.gpu
+def test_weights_beyond_a_real_gpu_are_refused_with_nvml_figures():
+    """On a GPU machine, with NVML's real free memory: the 14B model fits one GPU of 80 GiB or
+    more; five times its blocks (about 150 GiB of DiT in bf16) fit none."""
+    free = memory_fit.gpu_free_bytes(1)
+    assert free and free[0] > 0, "NVML reports the GPU's free memory"
+    single = compose_config(["model=s2v_14b", "parallel=single"])
+    if free[0] > 45 * GIB:
+        memory_fit.check_memory_fits(single, world_size=1, nproc_per_node=1, gpus=1)
+    huge = compose_config(["model=s2v_14b", "parallel=single", "model.num_layers=200"])
+    with pytest.raises(ConfigError, match=r"does not fit in GPU memory: with parallel=single.*free \(NVML\)"):
+        memory_fit.check_memory_fits(huge, world_size=1, nproc_per_node=1, gpus=1)
