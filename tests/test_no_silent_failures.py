@@ -102,6 +102,7 @@ def test_a_rank_killed_at_a_high_rss_is_reported_as_out_of_host_memory(tmp_path)
     assert cause["host_rss_gib"] >= 0.5, "the heartbeat saw the memory the rank filled"
     assert "out of host memory" in cause["message"] and "GiB host RSS" in cause["message"]
     assert "out of host memory" in proc.stdout  # the one-screen summary
+    assert not (tmp_path / "0" / "stacks").exists(), "no rank dumped stacks: no empty files are left"
 
 
 # ----------------------------------------------------------------------------- weights fit

@@ -314,10 +314,22 @@ def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict],
     return min(candidates, key=lambda c: (c[0], c[1]["rank"]))[1]
 
 
+def remove_empty_stack_files(job_dir: Path) -> None:
+    """Every rank opens stacks/rank_<r>.txt at start (its stack dump on a hang is written
+    from a signal handler); once the ranks are gone, the files no dump filled, and then the
+    folder if empty, are removed."""
+    stacks = Path(job_dir) / "stacks"
+    for path in stacks.glob("rank_*.txt"):
+        if path.stat().st_size == 0:
+            path.unlink()
+    if stacks.is_dir() and not any(stacks.iterdir()):
+        stacks.rmdir()
+
+
 def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict],
                  launch_error: Optional[str] = None, kernel_oom_kills: Optional[int] = None) -> dict:
     """The job's results after its ranks are gone; writes results.json unless rank 0
-    already wrote a completed one, which is returned as it is.
+    already wrote a completed one, which is returned as it is. Empty stack files go.
 
     dead_ranks: rank -> {"exitcode", "time", "phase", "message"} for every rank the agent
         saw exit non-zero (exit codes < 0 are signals).
@@ -326,6 +338,7 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
     kernel_oom_kills: processes the kernel's OOM killer ended while the ranks ran (the
         difference of two :func:`kernel_oom_kill_count` readings), None if unknown.
     """
+    remove_empty_stack_files(job_dir)
     existing = read_results(job_dir)
     if existing is not None and existing.get("status") == COMPLETED:
         # rank 0 wrote it after gathering every rank's record: whatever happened after
@@ -379,7 +392,6 @@ def summary_text(results: dict) -> str:
         who = "the launcher" if cause.get("rank") is None else f"rank {cause['rank']}"
         where = f"phase {cause.get('phase')}" + ("" if cause.get("step") is None else f" step {cause['step']}")
         code = "" if cause.get("exitcode") is None else f" (exit code {cause['exitcode']})"
-        memory = f" out of {cause['memory']} memory" if cause.get("memory") else ""
-        lines.append(f"  root cause: {who} in {where}{code}{memory}: {cause.get('message')}")
+        lines.append(f"  root cause: {who} in {where}{code}: {cause.get('message')}")
     lines.append(f"  results: {Path(results.get('job_dir', '.')) / RESULTS_FILE}")
     return "\n".join(lines)

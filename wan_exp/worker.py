@@ -19,10 +19,9 @@ import signal
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,27 +45,14 @@ def load_job_config(job_dir: Path) -> Any:
     return OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.load(job_dir / results.CONFIG_FILE))
 
 
-@contextmanager
-def dump_stacks_on_sigusr1(job_dir: Path, rank: int) -> Iterator[None]:
+def dump_stacks_on_sigusr1(job_dir: Path, rank: int) -> None:
     """The hang watchdog sends SIGUSR1; faulthandler then writes every thread's stack.
-
-    faulthandler writes from a signal handler, so the file is opened up front; a rank
-    that ends without a dump removes its empty file (and the folder, once empty)."""
+    (faulthandler writes from a signal handler, so the file is opened up front; the
+    launcher's finalisation removes the files that stayed empty.)"""
     stacks = job_dir / "stacks"
     stacks.mkdir(parents=True, exist_ok=True)
-    path = stacks / f"rank_{rank}.txt"
-    with open(path, "w") as stack_file:
-        faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
-        try:
-            yield
-        finally:
-            faulthandler.unregister(signal.SIGUSR1)
-    if path.stat().st_size == 0:
-        path.unlink()
-        try:
-            stacks.rmdir()
-        except OSError:  # another rank's file is still there
-            pass
+    stack_file = open(stacks / f"rank_{rank}.txt", "w")  # kept open for the life of the rank
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
 
 
 def seen_environment(job: dict) -> dict[str, str | None]:
@@ -99,11 +85,7 @@ def run_rank(job_dir: Path) -> int:
     cfg = load_job_config(job_dir)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
-    with dump_stacks_on_sigusr1(job_dir, rank):
-        return _run(job_dir, job, cfg, rank, local_rank, world_size)
-
-
-def _run(job_dir: Path, job: dict, cfg: Any, rank: int, local_rank: int, world_size: int) -> int:
+    dump_stacks_on_sigusr1(job_dir, rank)
     on_gpu = job["backend"] == "nccl"
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
