@@ -35,6 +35,8 @@ JOB_FILE = "job.json"
 CONFIG_FILE = "config.yaml"
 GIB = 1024**3
 
+
+# ----------------------------------------------------------------------------- files
 # What each file of a job or sweep is, for error messages: (file name pattern, role).
 FILE_ROLES = (
     (r"results\.json", "the job's result"),
@@ -62,8 +64,8 @@ def file_role(path: Path) -> str:
 
 @functools.lru_cache(maxsize=1)
 def process_umask() -> int:
-    """This process's umask, read without changing it (os.umask can only be read by
-    setting it, which would race with other threads creating files)."""
+    """This process's umask (read once), without changing it: os.umask can only be read
+    by setting it, which would race with other threads creating files."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
