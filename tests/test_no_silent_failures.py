@@ -365,3 +365,22 @@ def test_weights_beyond_a_real_gpu_are_refused_with_nvml_figures():
     huge = compose_config(["model=s2v_14b", "parallel=single", "model.num_layers=200"])
     with pytest.raises(ConfigError, match=r"does not fit in GPU memory: with parallel=single.*free \(NVML\)"):
         memory_fit.check_memory_fits(huge, world_size=1, nproc_per_node=1, gpus=1)
+
+
+def test_the_heartbeat_carries_host_memory_refreshed_without_faking_progress(tmp_path):
+    from wan_exp.runtime import RankContext
+
+    cfg = compose_config(["parallel=single"])
+    ctx = RankContext(cfg, 0, 0, 1, torch.device("cpu"), tmp_path)
+    ctx.heartbeat("load")
+    before = results.read_heartbeats(tmp_path)[0]
+    held = b"\x01" * (256 << 20)  # 256 MiB, every page touched
+    ctx.refresh_memory()
+    after = results.read_heartbeats(tmp_path)[0]
+    # the kernel's own figure as the oracle: resident pages x page size
+    rss_gib = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+    assert len(held) and after["host_rss_gib"] == pytest.approx(rss_gib, abs=0.05)
+    assert after["host_rss_gib"] >= before["host_rss_gib"] + 0.2 and after["host_rss_peak_gib"] >= after["host_rss_gib"]
+    # progress (what the hang watchdog reads) is untouched by a memory refresh
+    assert (after["phase"], after["seq"], after["time"]) == (before["phase"], before["seq"], before["time"])
+    assert after["memory_time"] > before["memory_time"]
