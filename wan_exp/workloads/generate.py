@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from wan_exp.metrics.flops import dit_forward_flops
+from wan_exp.parallel.cfg import Guidance
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.workloads.inputs import (
     ClipInputs,
@@ -59,10 +60,12 @@ def next_motion(motion: Optional[torch.Tensor], clip_latents: torch.Tensor, moti
 
 
 def generate_clips(cfg: Any, dit: torch.nn.Module, inputs: ClipInputs,
-                   step_scope: Callable[[int], ContextManager]) -> list[torch.Tensor]:
+                   step_scope: Callable[[int], ContextManager],
+                   guidance: Guidance = guided_velocity) -> list[torch.Tensor]:
     """Sample ``workload.clips`` clips one after the other, carrying motion latents.
 
-    ``step_scope(global_step)`` wraps each sampling step (timing, heartbeat, progress).
+    ``step_scope(global_step)`` wraps each sampling step (timing, heartbeat, progress);
+    ``guidance`` combines the two forwards (``ParallelModel.guidance``: CFG parallel or not).
     Returns the latents of every clip."""
     wl = cfg.workload
     sigmas = sigma_schedule(wl.sample_steps, wl.shift)
@@ -80,7 +83,7 @@ def generate_clips(cfg: Any, dit: torch.nn.Module, inputs: ClipInputs,
         def scope(i: int, first: int = first):
             return step_scope(first + i)
 
-        latents = sample(guided_velocity(cond, uncond, wl.guidance_scale), noise, sigmas, step_context=scope)
+        latents = sample(guidance(cond, uncond, wl.guidance_scale), noise, sigmas, step_context=scope)
         clips.append(latents)
         motion = next_motion(motion, latents, cfg.model.motion_frames)
     return clips
@@ -121,7 +124,9 @@ def run_generate(cfg: Any, ctx: Any) -> dict:
                 yield
             bar.update(1)
 
-        generate_clips(cfg, parallel_model.dit, inputs, scope)
+        generate_clips(cfg, parallel_model.dit, inputs, scope, parallel_model.guidance)
     info = generate_workload_info(cfg)
+    # CFG parallel: each rank runs one of the two forwards (FLOPs stay the whole job's)
+    info["forwards_per_step_per_rank"] = info["forwards_per_step"] // parallel_model.dims.cfg
     ctx.metrics.set_workload_info(**info)
     return info
