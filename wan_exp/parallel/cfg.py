@@ -33,9 +33,9 @@ def cfg_parallel_velocity(cond: Velocity, uncond: Velocity, guidance_scale: floa
 
     def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
         v = mine(x, sigma).contiguous()
-        both = v.new_empty((2, *v.shape))
+        both = v.new_empty((2 * v.shape[0], *v.shape[1:]))  # joined along dim 0, cfg rank order
         _all_gather_single(both, v, group=group)  # the one exchange of the step
-        v_cond, v_uncond = both[0], both[1]
+        v_cond, v_uncond = both.chunk(2)
         return v_uncond + guidance_scale * (v_cond - v_uncond)
 
     return velocity
