@@ -324,9 +324,9 @@ def parse_size(size: str) -> tuple[int, int]:
 FSDP_STRATEGIES = ("fsdp", "fsdp_fixed", "hybrid")
 
 
-def _check_strategy_settings(par: ParallelConfig, dims: Any) -> None:
-    """The settings each preset name needs (wan_exp/parallel/registry.py picks the loading
-    path by name: replicated, or FSDP)."""
+def _check_fsdp_flag(par: ParallelConfig) -> None:
+    """The preset name picks the loading path (wan_exp/parallel/registry.py: replicated, or
+    FSDP), so parallel.fsdp.enabled must agree with it."""
     name = Strategy(par.name).value
     uses_fsdp = name in FSDP_STRATEGIES
     if bool(par.fsdp.enabled) != uses_fsdp:
@@ -335,6 +335,11 @@ def _check_strategy_settings(par: ParallelConfig, dims: Any) -> None:
             + ("it shards with FSDP; set parallel.fsdp.enabled=true" if uses_fsdp
                else "it does not shard; use parallel=fsdp_fixed or parallel=hybrid for FSDP")
         )
+
+
+def _check_strategy_settings(par: ParallelConfig, dims: Any) -> None:
+    """The settings each preset name needs besides the FSDP flag."""
+    name = Strategy(par.name).value
     others = {axis: degree for axis, degree in dims.degrees.items() if axis != "fsdp" and degree > 1}
     if name in ("fsdp", "fsdp_fixed") and others:
         raise ConfigError(
@@ -381,6 +386,7 @@ def validate(cfg: Any, world_size: int) -> None:
         )
     if par.name == Strategy.single and world_size != 1:
         raise ConfigError(f"parallel=single runs one rank, got {world_size}")
+    _check_fsdp_flag(par)
     dims = parallel_dims(cfg, world_size)
     _check_strategy_settings(par, dims)
     if dims.cfg > 1 and wl.name == WorkloadName.generate and wl.guidance_scale in (0.0, 1.0):

@@ -7,7 +7,9 @@ For each case (tiny S2V model, fp32) on every rank:
    (through ``ParallelModel.guidance``: CFG parallel where cfg=2) equal the single-rank
    ones within 1e-5 relative, at 147 and 209 tokens (4 divides neither, so every split pads);
 2. train_lora's adapter gradients after one step equal one rank's (lora_train.py's check);
-3. for two cases, the collectives of one call counted by metrics.comm.CommCounter equal
+3. ring attention alone over the 4 ranks equals whole-sequence attention at odd lengths
+   (outputs and gradients);
+4. for two cases, the collectives of one call counted by metrics.comm.CommCounter equal
    the counts and bytes worked out by hand below.
 Prints "ALL <n> SPLIT CASES MATCH" at the end; exits 1 naming the case at the first mismatch.
 """
@@ -21,7 +23,7 @@ import torch.distributed as dist
 
 from lora_train import compose_config as compose_lora_config
 from lora_train import one_step_gradients
-from strategy_equivalence import FRAMES, LAT_H, LAT_W, clip_inputs, compose_config
+from strategy_equivalence import GUIDANCE, SIGMA, FRAMES, LAT_H, LAT_W, clip_inputs, compose_config, velocities
 from wan_exp.metrics.comm import CommCounter
 from wan_exp.models.wan_s2v import sequence_length
 from wan_exp.parallel.registry import setup_parallel
@@ -41,27 +43,12 @@ CASES = {
 GRADIENT_CASES = ("usp preset (ring2 x ulysses2)", "cfg2 x ring2", "ring2 x fsdp2 axis (fsdp1)",
                   "cfg2 x ring2, fsdp over all (fsdp2)")
 RELATIVE_TOLERANCE = 1e-5
-GUIDANCE, SIGMA = 4.5, 0.6
 F32 = 4  # bytes per fp32 element
 
 
 def fail(case: str, message: str) -> None:
     print(f"MISMATCH [{case}] rank {dist.get_rank()}: {message}", flush=True)
     sys.exit(1)
-
-
-def velocities(dit, x: dict):
-    """The conditional and unconditional velocity callables of one clip (as generate's)."""
-    uncond_context = torch.randn(x["context"].shape, generator=torch.Generator().manual_seed(11))
-
-    def make(context, audio):
-        def velocity(noisy, sigma):
-            with torch.no_grad():
-                return dit(noisy, torch.tensor([sigma * 1000.0]), context, audio=audio,
-                           ref=x["ref"], motion=x.get("motion"))
-        return velocity
-
-    return make(x["context"], x["audio"]), make(uncond_context, torch.zeros_like(x["audio"]))
 
 
 def hand_count_usp_forward(model_cfg, tokens: int) -> dict:
@@ -96,6 +83,38 @@ def hand_count_cfg_ring_step(model_cfg, tokens: int, flow_numel: int) -> dict:
     }
 
 
+def check_ring_attention_alone(rank: int, world_size: int) -> None:
+    """ring_attention over all ranks equals whole-sequence attention (SDPA, one process) at
+    lengths the ranks do not divide: the outputs of this rank's queries, and the gradients
+    of q, k, v (each rank's share summed over ranks)."""
+    from wan_exp.parallel.ring import ring_attention
+
+    lengths = [13, 29, 31]
+    for n in lengths:
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, n, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+        weight = torch.randn(1, n, 2, 8, generator=g)
+        ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+        chunk = -(-n // world_size)
+        rows = slice(rank * chunk, (rank + 1) * chunk)
+        pad = chunk * world_size - n
+        local = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad))[:, rows] for t in (q, k, v)]
+        out = ring_attention(*local, dist.group.WORLD, lambda c: max(0, min(chunk, n - c * chunk)))
+        valid = max(0, min(chunk, n - rank * chunk))
+        err = (out[:, :valid] - ref[:, rows][:, :valid]).abs().max().item() if valid else 0.0
+        if not err <= 1e-6:
+            fail("ring attention alone", f"length {n}: output error {err:.2e}")
+        grads = list(torch.autograd.grad((out[:, :valid] * weight[:, rows][:, :valid]).sum(), (q, k, v)))
+        for grad in grads:
+            dist.all_reduce(grad)
+        worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, ref_grads))
+        if not worst <= RELATIVE_TOLERANCE:
+            fail("ring attention alone", f"length {n}: gradient relative error {worst:.2e}")
+    if rank == 0:
+        print(f"ok [ring attention alone, lengths {lengths}]", flush=True)
+
+
 def check_counts(case: str, counted: dict, expected: dict) -> None:
     if counted != expected:
         fail(case, f"collectives counted {counted} != worked out by hand {expected}")
@@ -105,6 +124,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
+    check_ring_attention_alone(rank, world_size)
     single_cfg = compose_config(["parallel=single"])
     model_cfg = single_cfg.model
     inputs = {motion: clip_inputs(model_cfg, motion) for motion in (False, True)}

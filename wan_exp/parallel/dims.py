@@ -12,9 +12,11 @@ so the axis that talks most gets the fastest links):
 - ``cfg`` (1 or 2): classifier-free guidance parallel. With 2, one half of the ranks runs
   the conditional forward and the other half the unconditional one at the same time; one
   exchange per sampling step joins the two (parallel/cfg.py). Little traffic: outermost.
-- ``fsdp``: a replica axis whose ranks shard the parameters (``parallel.fsdp.degree`` > 0);
-  it is 1 when FSDP is off or shards over all ranks (``parallel.fsdp.degree=-1``, as
-  upstream Wan does: FSDP then shares its ranks with the other axes).
+- ``fsdp``: ranks that run the same sequence work on the same inputs (replicas). With
+  ``parallel.fsdp.degree=N`` it is an own axis of N ranks and FSDP shards over it; with
+  ``parallel.fsdp.degree=-1`` (as upstream Wan) FSDP shards over all ranks, sharing them
+  with the other axes, and this axis takes what cfg x ring x ulysses leave (pure FSDP: all
+  ranks). It is 1 when FSDP is off.
 - ``ring``: ring attention; keys/values travel around the ring (point-to-point, overlapped
   with compute).
 - ``ulysses``: heads exchanged with all-to-all, the heaviest traffic: innermost.
@@ -52,7 +54,7 @@ def usp_suggestion(sp_ranks: int, num_heads: int) -> str:
 @dataclass(frozen=True)
 class ParallelDims:
     cfg: int
-    fsdp: int  # size of the fsdp mesh axis (1 when FSDP is off or shards over all ranks)
+    fsdp: int  # size of the fsdp (replica) mesh axis; 1 when FSDP is off
     ring: int
     ulysses: int
     fsdp_enabled: bool
@@ -114,6 +116,10 @@ class ParallelDims:
                     f"number of ranks out of {world_size}; {cls._what_fits(world_size, num_heads, cfg, fsdp_axis)}")
             rest = world_size // fixed
             ring, ulysses = (rest, ulysses) if ring == -1 else (ring, rest)
+        if over_all and world_size % (cfg * ring * ulysses) == 0:
+            # FSDP over all ranks: the ranks cfg x ring x ulysses leave are replicas of the
+            # sequence work (pure FSDP: all of them), and FSDP shards over every rank
+            fsdp_axis = world_size // (cfg * ring * ulysses)
         product = cfg * fsdp_axis * ring * ulysses
         if product != world_size:
             raise DegreeError(
