@@ -179,11 +179,16 @@ class CommCounter(TorchDispatchMode):
         ``per_step`` is the measured steps' total divided by their number."""
         per_step: Optional[dict] = None
         if measured_steps:
-            per_step = {kind: {key: value / measured_steps for key, value in totals.items()}
+            per_step = {kind: {key: _per_step(value, measured_steps) for key, value in totals.items()}
                         for kind, totals in self.counts["step"].items()}
         return {"bytes_definition": BYTES_DEFINITION, "measured_steps": measured_steps,
                 "per_step": per_step,
                 **{bucket: {kind: dict(t) for kind, t in kinds.items()} for bucket, kinds in self.counts.items()}}
+
+
+def _per_step(total: float, steps: int) -> float:
+    """total / steps, an int where it divides (every measured step does the same calls)."""
+    return total // steps if isinstance(total, int) and total % steps == 0 else total / steps
 
 
 def totals(kinds: Optional[dict]) -> dict[str, float]:
