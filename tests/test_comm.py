@@ -119,3 +119,26 @@ def test_a_bucket_name_outside_the_list_is_refused():
     with pytest.raises(ValueError, match="comm bucket 'steps' is not one of"):
         with CommCounter().in_bucket("steps"):
             pass
+
+
+def test_compiled_code_still_compiles_and_its_collectives_are_counted(fake_group):
+    """model.compile=true must not fall back to eager under the counter (dynamo skips frames
+    under a dispatch mode unless it ignores compile internals), and a collective inside the
+    compiled graph is still counted once per call."""
+    import torch._dynamo
+    import torch.distributed._functional_collectives as funcol
+
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return torch._dynamo.backends.debugging.aot_eager(graph_module, example_inputs)
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: funcol.all_reduce(x * 2, "sum", dist.group.WORLD) + 1, backend=backend)
+    counter = CommCounter()
+    with counter:
+        for _ in range(2):
+            fn(torch.ones(5))
+    assert len(graphs) == 1
+    assert counter.counts["other"] == {"all_reduce": {"count": 2, "bytes": 40, "bus_bytes": 60.0}}

@@ -30,7 +30,9 @@ NCCL's ring algorithms, so ``bus_bytes / bus bandwidth`` is the call's time on t
 
 Which bucket a call lands in (``init``, ``step``, ``warmup`` or ``other``) is set by the
 MetricsCollector around phases and steps; see :meth:`MetricsCollector.phase`.
-The mode adds a Python call to every op while it is active (microseconds per op).
+The mode adds a Python call to every eager op while it is active (microseconds per op);
+torch.compile'd code still compiles (``ignore_compile_internals``) and its collectives,
+calls of ``_c10d_functional`` ops or eager graph breaks, are counted at run time.
 """
 from __future__ import annotations
 
@@ -134,6 +136,13 @@ class CommCounter(TorchDispatchMode):
         super().__init__()
         self.counts = _empty()  # bucket -> kind -> {"count", "bytes", "bus_bytes"}
         self._bucket_stack = ["other"]
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        """Let torch.compile compile while counting (by default dynamo skips every frame
+        under a dispatch mode, which would silently run model.compile=true eagerly); the
+        compiled code's collectives still dispatch through this mode at run time."""
+        return True
 
     @property
     def bucket(self) -> str:
