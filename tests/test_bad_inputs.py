@@ -23,8 +23,11 @@ BAD_OVERRIDES = [
     (["parallel=foo"], "Could not find 'parallel/foo'"),
     (["model.attention_backend=foo"], "Invalid value 'foo'"),
     (["logger.mode=sometimes"], "Invalid value 'sometimes'"),
-    (["parallel.ulysses_degree=3"], "parallel.ulysses_degree=3 does not divide the world size 2"),
-    (["parallel.ulysses_degree=-1", "launcher.nproc_per_node=3"], "does not divide model.num_heads=4"),
+    (["parallel.ulysses_degree=3"], "ulysses=3 = 3 ranks, but the job has 2; with cfg=1 and fsdp=1 this works: "
+                                     "parallel.ulysses_degree=2 parallel.ring_degree=1"),
+    (["parallel.ulysses_degree=-1", "launcher.nproc_per_node=3"],
+     "parallel.ulysses_degree=3 does not divide the 4 heads (model.num_heads); "
+     "parallel.ulysses_degree=1 parallel.ring_degree=3 does"),
     (["launcher.nproc_per_node=abc"], "launcher.nproc_per_node='abc'"),
     (["launcher.nproc_per_node=0"], "launcher.nproc_per_node='0'"),
     (["workload.size=100*64"], "workload.size='100*64': height 100 must be a positive multiple of 16"),
@@ -40,7 +43,7 @@ BAD_OVERRIDES = [
     (["parallel=fsdp"], "parallel.fsdp.sync_module_states=true needs GPUs"),
     (["launcher.nnodes=2"], "the other nodes cannot reach it"),
     (["parallel=hybrid", "parallel.ulysses_degree=2", "parallel.fsdp.degree=3", "launcher.nproc_per_node=4"],
-     "parallel.fsdp.degree=3 must be -1 or divide the world size 4"),
+     "cfg x fsdp = 3 does not divide 4 ranks; use degrees whose product is 4"),
 ]
 
 
