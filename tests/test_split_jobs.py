@@ -33,14 +33,23 @@ def test_usp_generate_completes_with_comm_counts_and_faults_are_caught(tmp_path)
     assert hung["status"] == "hang" and root_cause(hung)[:2] == (1, "step"), hung["root_cause"]
 
 
-def test_cfg_parallel_with_shard_only_fsdp_trains_and_initialises(tmp_path):
-    """cfg 2 x FSDP over both ranks, shard-only loading (fsdp_fixed's path), for train_lora
-    and init; FSDP's own all-gathers and reduce-scatters are counted."""
-    proc = run_launch(tmp_path, "parallel=hybrid", "parallel.cfg_degree=2", "workload=train_lora,init",
-                      "logger=disabled", "workload.steps=2", multirun=True, timeout=300)
+def test_cfg_parallel_with_shard_only_fsdp_generates_trains_and_initialises(tmp_path):
+    """cfg 2 x FSDP over both ranks, shard-only loading (fsdp_fixed's path), for every
+    workload; FSDP's own all-gathers and reduce-scatters are counted; generate counts the
+    job's two forwards per step, one per rank, and its MFU basis is every GPU."""
+    proc = run_launch(tmp_path, "parallel=hybrid", "parallel.cfg_degree=2", "workload=generate,train_lora,init",
+                      "logger=disabled", "workload.steps=2", "workload.sample_steps=2", multirun=True, timeout=400)
     assert proc.returncode == 0, output(proc)
-    train, init = job_results(tmp_path)
-    for results in (train, init):
+    generate, train, init = job_results(tmp_path)
+    work = generate["ranks"][0]["workload"]
+    assert work["forwards_per_step"] == 2 and work["forwards_per_step_per_rank"] == 1
+    summary = generate["summary"]
+    assert summary["flops_per_step"] == work["flops_per_step"]
+    assert summary["tflops_per_gpu"] == pytest.approx(
+        work["flops_per_step"] / (summary["step_time_s_median"] * 2 * 1e12))
+    # each measured step: the cfg pair's one all-gather of the velocity, besides FSDP's
+    assert generate["ranks"][0]["comm"]["per_step"]["all_gather"]["count"] > 1
+    for results in (generate, train, init):
         assert results["status"] == "completed"
         assert results["ranks"][0]["parallel_dims"] == {"cfg": 2, "fsdp": 1, "ring": 1, "ulysses": 1,
                                                         "fsdp_shard_ranks": 2, "describe": "cfg2 x ring1 x ulysses1 x fsdp(all 2)"}
