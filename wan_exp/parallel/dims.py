@@ -37,7 +37,7 @@ AXES = ("cfg", "fsdp", "ring", "ulysses")
 
 class DegreeError(ValueError):
     """A combination of degrees that cannot split the model; config.validate re-raises it
-    as ConfigError (this module cannot import config: config imports it)."""
+    as ConfigError (config imports this module, so it cannot import config)."""
 
 
 def _divisors(n: int) -> list[int]:

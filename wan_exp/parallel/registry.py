@@ -14,13 +14,14 @@ STRATEGIES maps each name to one of two setups:
   when ring x ulysses is above 1.
 - sharded (fsdp, fsdp_fixed, hybrid): FSDP over all ranks or its own "fsdp" mesh axis,
   plus sequence parallelism and CFG parallel where the degrees ask for them.
+  ``parallel.fsdp.load_full_on_every_rank`` picks upstream's full load on the CPU (fsdp)
+  or shard-only loading (fsdp_fixed, hybrid); for the latter ``before_wrap`` runs before
+  the weights are read: it sees the model's structure with zero placeholders as base
+  weights (see materialise.py).
 
-The degrees come from one place, ``parallel/dims.ParallelDims`` (checked before launch);
+The degrees come from one place, ``parallel/dims.ParallelDims`` (checked before launch).
 CFG parallel needs no change to the DiT: ``ParallelModel.guidance`` is what the generate
-workload combines the two forwards of a step with (parallel/cfg.py). ``parallel.fsdp.load_full_on_every_rank`` picks upstream's
-  full load on the CPU (fsdp) or shard-only loading (fsdp_fixed, hybrid); for the
-  latter ``before_wrap`` runs before the weights are read: it sees the model's structure
-  with zero placeholders as base weights (see materialise.py).
+workload combines the two forwards of a step with (parallel/cfg.py).
 
 Which settings go with which name is checked before launch by ``config.validate``.
 """
@@ -141,7 +142,7 @@ def _encoders(cfg: Any, ctx: Any) -> tuple[nn.Module | None, nn.Module | None]:
     return text, audio
 
 
-STRATEGIES: dict[str, Callable[[Any, Any, ParallelMesh, BeforeWrap], nn.Module]] = {
+STRATEGIES: dict[str, Callable[[Any, Any, ParallelMesh | None, BeforeWrap], nn.Module]] = {
     "single": setup_replicated,
     "ulysses": setup_replicated,
     "cfg": setup_replicated,
