@@ -79,8 +79,7 @@ _OPS: dict[str, tuple[str, int]] = {
     "reduce_scatter_tensor": ("reduce_scatter", 0),
     "reduce_scatter_tensor_coalesced": ("reduce_scatter", 0),
     "all_to_all_single": ("all_to_all", 0),
-    "broadcast": ("broadcast", 0),
-    "broadcast_": ("broadcast", 0),
+    "broadcast": ("broadcast", 0),  # (its in-place form has the c10d name broadcast_ above)
 }
 _FUNCTIONAL_GATHERS = ("all_gather_into_tensor", "all_gather_into_tensor_out", "all_gather_into_tensor_coalesced")
 BUCKETS = ("init", "step", "warmup", "other")
