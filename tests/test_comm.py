@@ -115,6 +115,13 @@ def test_summary_reports_the_busiest_rank():
     assert summary["comm_init_calls_max"] == 1
 
 
+def test_a_job_without_measured_steps_has_no_comm_per_step():
+    record = _record(0, 100, 7)
+    record["comm"]["per_step"] = None  # workload=init
+    summary = summarize([record], {"model": {"dtype": "bf16"}})
+    assert summary["comm_step_bytes_max"] is None and summary["comm_init_bytes_max"] == 7
+
+
 def test_a_bucket_name_outside_the_list_is_refused():
     with pytest.raises(ValueError, match="comm bucket 'steps' is not one of"):
         with CommCounter().in_bucket("steps"):

@@ -56,4 +56,4 @@ def test_cfg_parallel_with_shard_only_fsdp_generates_trains_and_initialises(tmp_
     step = train["ranks"][0]["comm"]["per_step"]
     assert step["all_gather"]["count"] > 0 and step["reduce_scatter"]["count"] > 0
     assert train["ranks"][0]["workload"]["forwards_per_step_per_rank"] == 1
-    assert init["ranks"][0]["comm"]["per_step"] is None  # no steps
+    assert init["ranks"][0]["comm"]["per_step"] is None and init["summary"]["comm_step_bytes_max"] is None

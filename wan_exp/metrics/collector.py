@@ -239,8 +239,12 @@ def summarize(records: list[dict], config: Any) -> dict:
             phases[name] = max(phases.get(name, 0.0), seconds)
 
     step_times = job_step_times(records)
-    comm_step = [totals((r.get("comm") or {}).get("per_step")) for r in records]
+    # per step: only where steps were measured (init has none: absent, not 0)
+    comm_step = [totals(r["comm"]["per_step"]) for r in records if (r.get("comm") or {}).get("per_step") is not None]
     comm_init = [totals((r.get("comm") or {}).get("init")) for r in records]
+
+    def comm_max(figures: list[dict], key: str) -> Optional[float]:
+        return max(f[key] for f in figures) if figures else None
     step_median = statistics.median(step_times) if step_times else None
 
     work = rank0.get("workload", {})
@@ -284,9 +288,9 @@ def summarize(records: list[dict], config: Any) -> dict:
         "attention_lse_backend": rank0.get("attention_lse_backend"),
         "parallel_dims": rank0.get("parallel_dims"),
         # communication: the busiest rank's collectives (metrics/comm.py defines bytes)
-        "comm_step_calls_max": max(c["count"] for c in comm_step),
-        "comm_step_bytes_max": max(c["bytes"] for c in comm_step),
-        "comm_step_bus_bytes_max": max(c["bus_bytes"] for c in comm_step),
-        "comm_init_calls_max": max(c["count"] for c in comm_init),
-        "comm_init_bytes_max": max(c["bytes"] for c in comm_init),
+        "comm_step_calls_max": comm_max(comm_step, "count"),
+        "comm_step_bytes_max": comm_max(comm_step, "bytes"),
+        "comm_step_bus_bytes_max": comm_max(comm_step, "bus_bytes"),
+        "comm_init_calls_max": comm_max(comm_init, "count"),
+        "comm_init_bytes_max": comm_max(comm_init, "bytes"),
     }
