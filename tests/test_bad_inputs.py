@@ -24,8 +24,11 @@ BAD_OVERRIDES = [
     (["parallel=foo"], "Could not find 'parallel/foo'"),
     (["model.attention_backend=foo"], "Invalid value 'foo'"),
     (["logger.mode=sometimes"], "Invalid value 'sometimes'"),
-    (["parallel.ulysses_degree=3"], "parallel.ulysses_degree=3 does not divide the world size 2"),
-    (["parallel.ulysses_degree=-1", "launcher.nproc_per_node=3"], "does not divide model.num_heads=4"),
+    (["parallel.ulysses_degree=3"], "ulysses=3 = 3 ranks, but the job has 2; with cfg=1 and fsdp=1 this works: "
+                                     "parallel.ulysses_degree=2 parallel.ring_degree=1"),
+    (["parallel.ulysses_degree=-1", "launcher.nproc_per_node=3"],
+     "parallel.ulysses_degree=3 does not divide the 4 heads (model.num_heads); "
+     "parallel.ulysses_degree=1 parallel.ring_degree=3 does"),
     (["launcher.nproc_per_node=abc"], "launcher.nproc_per_node='abc'"),
     (["launcher.nproc_per_node=0"], "launcher.nproc_per_node='0'"),
     (["workload.size=100*64"], "workload.size='100*64': height 100 must be a positive multiple of 16"),
@@ -43,7 +46,7 @@ BAD_OVERRIDES = [
     (["+unknown=1"], "unknown is not a setting of the experiment config"),
     (["workload.sample_steps=2", "workload.warmup_steps=2"], "workload.warmup_steps=2 but workload=generate runs 2"),
     (["parallel=hybrid", "parallel.ulysses_degree=2", "parallel.fsdp.degree=3", "launcher.nproc_per_node=4"],
-     "parallel.fsdp.degree=3 must be -1 or divide the world size 4"),
+     "cfg x fsdp = 3 does not divide 4 ranks; use degrees whose product is 4"),
 ]
 
 

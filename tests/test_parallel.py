@@ -1,7 +1,7 @@
 """Parallel strategies (wan_exp/parallel): equivalence with one rank, invalid settings, GPU init.
 
-The equivalence checks run in ONE torchrun launch of 2 CPU ranks (gloo):
-tests/dist/strategy_equivalence.py says what each case checks.
+The equivalence checks run in one torchrun launch of 2 CPU ranks and one of 4 (gloo):
+tests/dist/strategy_equivalence.py and tests/dist/split_equivalence.py say what each case checks.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan_exp.config import ConfigError, validate
+from wan_exp.config import ConfigError, parallel_dims, validate
 from wan_exp.config import compose_config as compose_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,25 +25,56 @@ def compose_config(*overrides: str):
     return compose_experiment(overrides)
 
 
-def test_every_strategy_equals_the_single_rank_model():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+def _torchrun(nproc: int, script: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-           str(REPO / "tests" / "dist" / "strategy_equivalence.py")]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=170,
+           str(REPO / "tests" / "dist" / script), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_cfg_ring_usp_and_fsdp_mixes_on_4_ranks_equal_one_rank():
+    proc = _torchrun(4, "split_equivalence.py")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
-    assert "ALL 9 STRATEGY CASES MATCH (token counts [147, 209])" in proc.stdout, output[-6000:]
+    assert "ALL 6 SPLIT CASES MATCH (token counts [147, 209]; 4 gradient cases)" in proc.stdout, output[-6000:]
+    assert "ok [ring attention alone, lengths [13, 29, 31]]" in proc.stdout, output[-6000:]
+
+
+@pytest.mark.slow
+def test_every_strategy_equals_the_single_rank_model():
+    proc = _torchrun(2, "strategy_equivalence.py")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    assert "ALL 11 STRATEGY CASES MATCH (token counts [147, 209])" in proc.stdout, output[-6000:]
 
 
 @pytest.mark.parametrize("world_size, overrides, message", [
-    (8, ["parallel=ulysses"], "parallel.ulysses_degree=8 does not divide model.num_heads=4"),
+    (8, ["parallel=ulysses"], "parallel.ulysses_degree=8 does not divide the 4 heads (model.num_heads); "
+                              "parallel.ulysses_degree=4 parallel.ring_degree=2 does"),
+    (16, ["parallel=ulysses", "model=s2v_14b"], "parallel.ulysses_degree=16 does not divide the 40 heads "
+                                                "(model.num_heads); parallel.ulysses_degree=8 parallel.ring_degree=2 does"),
     (2, ["parallel=ulysses", "parallel.fsdp.enabled=true"], "does not fit parallel=ulysses: it does not shard"),
     (2, ["parallel=fsdp_fixed", "parallel.fsdp.enabled=false"], "set parallel.fsdp.enabled=true"),
-    (2, ["parallel=fsdp_fixed", "parallel.ulysses_degree=2"], "use parallel=hybrid to combine Ulysses with FSDP"),
+    (2, ["parallel=fsdp_fixed", "parallel.ulysses_degree=2"],
+     "parallel=fsdp_fixed with ulysses=2: use parallel=hybrid to combine Ulysses, ring or CFG parallel with FSDP"),
+    (4, ["parallel=fsdp_fixed", "parallel.cfg_degree=2", "parallel.ring_degree=2"],
+     "parallel=fsdp_fixed with cfg=2 ring=2: use parallel=hybrid"),
     (2, ["parallel=fsdp", "parallel.fsdp.api=fsdp2"], "sync_module_states=true is an FSDP1 option"),
     (4, ["parallel=hybrid", "parallel.ulysses_degree=2", "parallel.fsdp.degree=1"],
-     "hybrid degrees ulysses=2 x fsdp=1 must equal the world size 4"),
+     "degrees cfg=1 x fsdp=1 x ring=1 x ulysses=2 = 2 ranks, but the job has 4; with cfg=1 and fsdp=1 "
+     "this works: parallel.ulysses_degree=4 parallel.ring_degree=1"),
+    (4, ["parallel=cfg"], "degrees cfg=2 x fsdp=1 x ring=1 x ulysses=1 = 2 ranks, but the job has 4; "
+                          "with cfg=2 and fsdp=1 this works: parallel.ulysses_degree=2 parallel.ring_degree=1"),
+    (3, ["parallel=usp"], "leave no whole number of ranks out of 3; with cfg=1 and fsdp=1 this works: "
+                          "parallel.ulysses_degree=1 parallel.ring_degree=3"),
+    (4, ["parallel=hybrid", "parallel.fsdp.degree=3"], "cfg x fsdp = 3 does not divide 4 ranks"),
+    (2, ["parallel=cfg", "parallel.cfg_degree=3"], "parallel.cfg_degree=3: use 1 (off) or 2"),
+    (4, ["parallel=usp", "parallel.ring_degree=-1"], "at most one degree can take the ranks the others leave"),
+    (2, ["parallel=usp", "parallel.ring_degree=0"], "parallel.ring_degree=0: use -1"),
+    (2, ["parallel=cfg", "workload.guidance_scale=1.0"],
+     "parallel.cfg_degree=2 with workload.guidance_scale=1.0: that scale needs one DiT forward per step"),
     (2, ["parallel=single"], "parallel=single runs one rank, got 2"),
 ])
 def test_invalid_combinations_fail_before_launch(world_size, overrides, message):
@@ -52,14 +83,30 @@ def test_invalid_combinations_fail_before_launch(world_size, overrides, message)
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("world_size, overrides", [
-    (2, ["parallel=ulysses"]), (2, ["parallel=fsdp_fixed"]), (2, ["parallel=fsdp"]),
-    (2, ["parallel=fsdp_fixed", "parallel.fsdp.api=fsdp2"]), (2, ["parallel=hybrid"]),
-    (8, ["parallel=hybrid", "parallel.ulysses_degree=4", "parallel.fsdp.degree=2"]),
-    (1, ["parallel=single"]),
+# world size, overrides, the resolved (cfg, fsdp axis, ring, ulysses), FSDP ranks per copy
+@pytest.mark.parametrize("world_size, overrides, degrees, shard_ranks", [
+    (2, ["parallel=ulysses"], (1, 1, 1, 2), 1), (2, ["parallel=fsdp_fixed"], (1, 2, 1, 1), 2),
+    (2, ["parallel=fsdp"], (1, 2, 1, 1), 2), (2, ["parallel=fsdp_fixed", "parallel.fsdp.api=fsdp2"], (1, 2, 1, 1), 2),
+    (8, ["parallel=hybrid", "parallel.ulysses_degree=2"], (1, 4, 1, 2), 8),
+    (2, ["parallel=hybrid"], (1, 1, 1, 2), 2),
+    (8, ["parallel=hybrid", "parallel.ulysses_degree=4", "parallel.fsdp.degree=2"], (1, 2, 1, 4), 2),
+    (1, ["parallel=single"], (1, 1, 1, 1), 1),
+    (2, ["parallel=cfg"], (2, 1, 1, 1), 1),
+    (4, ["parallel=usp"], (1, 1, 2, 2), 1),
+    (8, ["parallel=cfg_ulysses"], (2, 1, 1, 4), 1),
+    (16, ["parallel=usp", "model=s2v_14b", "parallel.ulysses_degree=8"], (1, 1, 2, 8), 1),
+    (3, ["parallel=usp", "parallel.ring_degree=3"], (1, 1, 3, 1), 1),
+    (4, ["parallel=hybrid", "parallel.ring_degree=2", "parallel.ulysses_degree=1", "parallel.fsdp.degree=2"],
+     (1, 2, 2, 1), 2),
+    (8, ["parallel=hybrid", "parallel.cfg_degree=2", "parallel.ring_degree=2"], (2, 1, 2, 2), 8),
 ])
-def test_shipped_combinations_are_valid(world_size, overrides):
-    validate(compose_config(*overrides), world_size)
+def test_shipped_and_explicit_splits_resolve_to_their_degrees(world_size, overrides, degrees, shard_ranks):
+    cfg = compose_config(*overrides)
+    validate(cfg, world_size)
+    dims = parallel_dims(cfg, world_size)
+    assert (dims.cfg, dims.fsdp, dims.ring, dims.ulysses) == degrees
+    assert dims.cfg * dims.fsdp * dims.ring * dims.ulysses == world_size
+    assert dims.fsdp_shard_ranks == shard_ranks
 
 
 def test_upstream_fsdp_on_cpu_is_a_clear_error_before_any_collective():

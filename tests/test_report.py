@@ -35,6 +35,7 @@ EXPECTED_COLUMNS = {
     "host RSS GiB": ("peak_host_rss_gib_max", True),
     "init s": ("init_s", True),
     "step s": ("step_time_s_median", True),
+    "comm bytes/step": ("comm_step_bytes_max", True),
     "steps/s": ("steps_per_s", False),
     "tokens/s": ("tokens_per_s", False),
     "video s/s": ("video_s_per_s", False),

@@ -30,6 +30,9 @@ class Strategy(str, Enum):
     fsdp = "fsdp"
     fsdp_fixed = "fsdp_fixed"
     hybrid = "hybrid"
+    cfg = "cfg"
+    usp = "usp"
+    cfg_ulysses = "cfg_ulysses"
 
 
 class FsdpApi(str, Enum):
@@ -158,14 +161,22 @@ class FsdpConfig:
     load_full_on_every_rank: bool = False
     param_dtype: DType = DType.bf16
     reduce_dtype: DType = DType.fp32
-    degree: int = -1  # ranks on the fsdp mesh axis; -1 = all ranks
+    # -1 = shard over all ranks (shared with the other axes, as upstream); N = an own
+    # "fsdp" mesh axis of N ranks (parallel/dims.py)
+    degree: int = -1
 
 
 @dataclass
 class ParallelConfig:
+    """One split = these degrees (resolved and checked by parallel/dims.ParallelDims);
+    ``name`` labels the preset and picks the loading path (replicated or FSDP)."""
+
     name: Strategy = Strategy.single
-    # Ulysses sequence-parallel degree; 1 = off, -1 = all ranks
-    ulysses_degree: int = 1
+    # degrees of the mesh axes; their product (with the fsdp axis) is the world size.
+    # -1 = the ranks the other axes leave (at most one of ulysses/ring)
+    cfg_degree: int = 1  # 2 = conditional and unconditional forwards on two rank groups
+    ring_degree: int = 1  # ring attention (keys/values passed around)
+    ulysses_degree: int = 1  # Ulysses (heads exchanged by all-to-all)
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     text_encoder_placement: Placement = Placement.device
     audio_encoder_placement: Placement = Placement.device
@@ -367,35 +378,47 @@ def parse_size(size: str) -> tuple[int, int]:
     return height, width
 
 
-def resolve_degrees(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
-    """(ulysses_degree, fsdp_degree) with -1 replaced by the world size."""
-    sp = world_size if parallel.ulysses_degree == -1 else parallel.ulysses_degree
-    fsdp = 1
-    if parallel.fsdp.enabled:
-        fsdp = world_size if parallel.fsdp.degree == -1 else parallel.fsdp.degree
-    return sp, fsdp
+FSDP_STRATEGIES = ("fsdp", "fsdp_fixed", "hybrid")
 
 
-def _check_strategy_settings(par: ParallelConfig, sp: int) -> None:
-    """The settings each strategy name needs (wan_exp/parallel/registry.py applies them)."""
+def _check_fsdp_flag(par: ParallelConfig) -> None:
+    """The preset name picks the loading path (wan_exp/parallel/registry.py: replicated, or
+    FSDP), so parallel.fsdp.enabled must agree with it."""
     name = Strategy(par.name).value
-    uses_fsdp = name in ("fsdp", "fsdp_fixed", "hybrid")
+    uses_fsdp = name in FSDP_STRATEGIES
     if bool(par.fsdp.enabled) != uses_fsdp:
         raise ConfigError(
             f"parallel.fsdp.enabled={par.fsdp.enabled} does not fit parallel={name}: "
             + ("it shards with FSDP; set parallel.fsdp.enabled=true" if uses_fsdp
                else "it does not shard; use parallel=fsdp_fixed or parallel=hybrid for FSDP")
         )
-    if name in ("fsdp", "fsdp_fixed") and sp > 1:
+
+
+def _check_strategy_settings(par: ParallelConfig, dims: Any) -> None:
+    """The settings each preset name needs besides the FSDP flag."""
+    name = Strategy(par.name).value
+    others = {axis: degree for axis, degree in dims.degrees.items() if axis != "fsdp" and degree > 1}
+    if name in ("fsdp", "fsdp_fixed") and others:
         raise ConfigError(
-            f"parallel={name} with parallel.ulysses_degree={par.ulysses_degree}: "
-            "use parallel=hybrid to combine Ulysses with FSDP"
+            f"parallel={name} with {' '.join(f'{a}={d}' for a, d in others.items())}: "
+            "use parallel=hybrid to combine Ulysses, ring or CFG parallel with FSDP"
         )
     if par.fsdp.api == FsdpApi.fsdp2 and par.fsdp.sync_module_states:
         raise ConfigError(
             "parallel.fsdp.sync_module_states=true is an FSDP1 option; FSDP2 (parallel.fsdp.api=fsdp2) "
             "has no broadcast. Use parallel.fsdp.api=fsdp1 to reproduce upstream, or parallel=fsdp_fixed"
         )
+
+
+def parallel_dims(cfg: Any, world_size: int) -> Any:
+    """The job's split as one ParallelDims (parallel/dims.py); ConfigError naming the
+    settings when the degrees do not fit the world size or the heads."""
+    from wan_exp.parallel.dims import DegreeError, ParallelDims  # dims imports no torch
+
+    try:
+        return ParallelDims.from_config(cfg.parallel, world_size, cfg.model.num_heads)
+    except DegreeError as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate(cfg: Any, world_size: int) -> None:
@@ -420,28 +443,14 @@ def validate(cfg: Any, world_size: int) -> None:
         )
     if par.name == Strategy.single and world_size != 1:
         raise ConfigError(f"parallel=single runs one rank, got {world_size}")
-    sp, fsdp = resolve_degrees(par, world_size)
-    if sp < 1:
-        raise ConfigError(f"parallel.ulysses_degree={par.ulysses_degree}; use -1 (all ranks) or >= 1")
-    if world_size % sp:
+    _check_fsdp_flag(par)
+    dims = parallel_dims(cfg, world_size)
+    _check_strategy_settings(par, dims)
+    if dims.cfg > 1 and wl.name == WorkloadName.generate and wl.guidance_scale in (0.0, 1.0):
         raise ConfigError(
-            f"parallel.ulysses_degree={sp} does not divide the world size {world_size}; "
-            f"allowed: {[d for d in range(1, world_size + 1) if world_size % d == 0]}"
-        )
-    if model.num_heads % sp:
-        raise ConfigError(
-            f"parallel.ulysses_degree={sp} does not divide model.num_heads={model.num_heads}; "
-            f"allowed: {[d for d in range(1, model.num_heads + 1) if model.num_heads % d == 0 and world_size % d == 0]}"
-        )
-    _check_strategy_settings(par, sp)
-    if par.fsdp.enabled and (fsdp < 1 or world_size % fsdp):
-        raise ConfigError(
-            f"parallel.fsdp.degree={par.fsdp.degree} must be -1 or divide the world size {world_size}"
-        )
-    if par.fsdp.enabled and sp > 1 and fsdp != world_size and sp * fsdp != world_size:
-        raise ConfigError(
-            f"hybrid degrees ulysses={sp} x fsdp={fsdp} must equal the world size {world_size} "
-            "(a 2-D mesh) or fsdp must span all ranks (both axes over the same ranks)"
+            f"parallel.cfg_degree=2 with workload.guidance_scale={wl.guidance_scale}: that scale needs "
+            "one DiT forward per step, so the second cfg group would have nothing to do; "
+            "set parallel.cfg_degree=1 or a guidance scale other than 0 and 1"
         )
     parse_size(wl.size)
     if wl.frames_per_clip < 4 or wl.frames_per_clip % 4:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from wan_exp.metrics.collector import job_step_times
+from wan_exp.metrics.comm import totals
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ TIME_LIMIT_S = {"offline": 120.0, "online": 300.0}
 RANK_TABLE_COLUMNS = [
     "rank", "device_name", "status", "peak_allocated_gib", "peak_reserved_gib",
     "nvml_used_gib", "peak_host_rss_gib", "alloc_retries", "ooms", "init_s", "step_time_s_median",
+    "comm_step_calls", "comm_step_bytes", "comm_init_bytes",
 ]  # fmt: skip
 
 
@@ -65,6 +67,8 @@ def log_job(results: dict, job_dir: Path) -> None:
 def _rank_row(record: dict) -> list[Any]:
     memory = record.get("memory", {})
     steps = record.get("step_times_s", [])
+    comm = record.get("comm") or {}
+    comm_step, comm_init = totals(comm.get("per_step")), totals(comm.get("init"))
     return [
         record.get("rank"),
         record.get("device_name"),
@@ -77,6 +81,7 @@ def _rank_row(record: dict) -> list[Any]:
         memory.get("ooms"),
         sum(record.get("init_phases_s", {}).values()),
         statistics.median(steps) if steps else None,
+        comm_step["count"], comm_step["bytes"], comm_init["bytes"],
     ]
 
 

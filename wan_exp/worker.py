@@ -31,7 +31,7 @@ from wan_exp import results
 from wan_exp.config import ExperimentConfig, config_warnings
 from wan_exp.envvars import JOB_DIR_VAR
 from wan_exp.metrics.collector import GIB, gather_records, summarize
-from wan_exp.models.attention import selected_backend
+from wan_exp.models.attention import selected_backend, selected_lse_backend
 from wan_exp.runtime import RankContext
 
 # Variables the rank records as it sees them, so a reader can check what reached the rank:
@@ -93,14 +93,16 @@ def run_rank(job_dir: Path) -> int:
     ctx = RankContext(cfg, rank, local_rank, world_size, device, job_dir)
     ctx.metrics.note("warnings", config_warnings(cfg))
     try:
-        with ctx.phase("process_group"):
-            dist.init_process_group(job["backend"], timeout=timedelta(seconds=cfg.nccl.timeout_s),
-                                    device_id=device if on_gpu else None)
-        ctx.heartbeat("workload")  # until the workload enters its first phase
-        from wan_exp.workloads import WORKLOADS  # imported here so an import error is recorded
+        with ctx.metrics.comm:  # count every collective from the process group to the last step
+            with ctx.phase("process_group"):
+                dist.init_process_group(job["backend"], timeout=timedelta(seconds=cfg.nccl.timeout_s),
+                                        device_id=device if on_gpu else None)
+            ctx.heartbeat("workload")  # until the workload enters its first phase
+            from wan_exp.workloads import WORKLOADS  # imported here so an import error is recorded
 
-        WORKLOADS[cfg.workload.name](cfg, ctx)
+            WORKLOADS[cfg.workload.name](cfg, ctx)
         ctx.metrics.note("attention_backend", selected_backend())  # None: no attention ran (init)
+        ctx.metrics.note("attention_lse_backend", selected_lse_backend())  # None: no ring attention
         record = ctx.metrics.rank_record()
         record.update(status=results.COMPLETED, error=None, env=seen_environment(job))
         results.write_rank_record(job_dir, record)

@@ -4,8 +4,10 @@ Run under ``torchrun --nproc_per_node 2`` (gloo on the CPU; tests/test_parallel.
 For each case it builds the strategy with setup_parallel, then checks on every rank:
 - the gathered full state dict equals the single-rank model's, tensor for tensor
   (base weights and, where the case injects LoRA through before_wrap, the adapters);
-- the DiT output equals the single-rank output within 1e-5 relative, for a clip whose
-  token count is odd (so Ulysses must pad) with and without reference/motion tokens;
+- the DiT output, and the guided velocity of one sampling step (through
+  ParallelModel.guidance: CFG parallel where cfg=2), equal the single-rank ones within 1e-5
+  relative, for a clip whose token count is odd (so sequence splits must pad) with and
+  without reference/motion tokens;
 - FSDP ranks hold about half the DiT parameters (dit_param_gib note).
 Exits with status 1 and a message naming the case at the first mismatch.
 """
@@ -23,6 +25,7 @@ from wan_exp.config import compose_config as compose_experiment
 from wan_exp.models.wan_s2v import sequence_length
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.runtime import RankContext
+from wan_exp.workloads.sampler import guided_velocity
 
 COMMON = ["model=tiny", "parallel.fsdp.param_dtype=fp32", "parallel.fsdp.reduce_dtype=fp32"]
 # name -> (overrides, inject LoRA in before_wrap)
@@ -36,8 +39,11 @@ CASES = {
     "hybrid/fsdp1 (sp and fsdp over all ranks)": (["parallel=hybrid"], False),
     "hybrid/fsdp2 (sp and fsdp over all ranks)": (["parallel=hybrid", "parallel.fsdp.api=fsdp2"], True),
     "hybrid/fsdp1 2-D mesh (sp=2 x fsdp=1)": (["parallel=hybrid", "parallel.fsdp.degree=1"], False),
+    "cfg (cfg=2)": (["parallel=cfg"], False),
+    "usp on 2 ranks (ring=2)": (["parallel=usp"], True),
 }
 RELATIVE_TOLERANCE = 1e-5
+GUIDANCE, SIGMA = 4.5, 0.6
 
 
 def compose_config(overrides: list[str]):
@@ -75,6 +81,21 @@ def clip_inputs(model_cfg, with_motion: bool) -> dict:
     return inputs
 
 
+def velocities(dit: torch.nn.Module, x: dict):
+    """The conditional and unconditional velocity callables of one clip (as generate's:
+    the unconditional one with another text embedding and silent audio)."""
+    uncond_context = torch.randn(x["context"].shape, generator=torch.Generator().manual_seed(11))
+
+    def make(context, audio):
+        def velocity(noisy, sigma):
+            with torch.no_grad():
+                return dit(noisy, torch.tensor([sigma * 1000.0]), context, audio=audio,
+                           ref=x["ref"], motion=x.get("motion"))
+        return velocity
+
+    return make(x["context"], x["audio"]), make(uncond_context, torch.zeros_like(x["audio"]))
+
+
 def full_state(dit: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(dit, options=StateDictOptions(full_state_dict=True))
 
@@ -106,12 +127,14 @@ def main() -> None:
         single, single_ctx = run(single_cfg, rank, 1, lora)
         with torch.no_grad():
             outputs = {motion: single.dit(**x) for motion, x in inputs.items()}
-        references[lora] = (full_state(single.dit), outputs, single_ctx.metrics.notes["dit_param_gib"])
+        guided = {motion: guided_velocity(*velocities(single.dit, x), GUIDANCE)(x["noisy"], SIGMA)
+                  for motion, x in inputs.items()}
+        references[lora] = (full_state(single.dit), outputs, guided, single_ctx.metrics.notes["dit_param_gib"])
 
     for case, (overrides, lora) in CASES.items():
         cfg = compose_config(overrides)
         parallel_model, ctx = run(cfg, rank, world_size, lora)
-        ref_state, ref_outputs, ref_param_gib = references[lora]
+        ref_state, ref_outputs, ref_guided, ref_param_gib = references[lora]
         state = full_state(parallel_model.dit)
         if state.keys() != ref_state.keys():
             fail(case, f"state dict keys differ: {sorted(state.keys() ^ ref_state.keys())[:5]}")
@@ -125,6 +148,10 @@ def main() -> None:
                 err = (out - ref).abs().max().item() / ref.abs().max().item()
                 if not err <= RELATIVE_TOLERANCE:
                     fail(case, f"output ({counts[motion]} tokens, motion={motion}) relative error {err:.2e}")
+                guided = parallel_model.guidance(*velocities(parallel_model.dit, x), GUIDANCE)(x["noisy"], SIGMA)
+                err = (guided - ref_guided[motion]).abs().max().item() / ref_guided[motion].abs().max().item()
+                if not err <= RELATIVE_TOLERANCE:
+                    fail(case, f"guided velocity ({counts[motion]} tokens) relative error {err:.2e}")
         share = ctx.metrics.notes["dit_param_gib"] / ref_param_gib
         if cfg.parallel.fsdp.enabled and cfg.parallel.fsdp.degree == -1 and not share < 0.6:
             fail(case, f"FSDP rank holds {share:.2f} of the parameters, expected about 1/{world_size}")

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from wan_exp.metrics.comm import CommCounter, totals
 from wan_exp.metrics.flops import mfu, peak_flops
 
 GIB = 1024**3
@@ -45,6 +46,8 @@ class MetricsCollector:
         self.warmup_steps = 0
         self.workload: dict[str, Any] = {}
         self.notes: dict[str, Any] = {}
+        # collectives per kind; counting while the worker holds it entered (`with comm:`)
+        self.comm = CommCounter()
         self._nvml_peak_bytes: Optional[int] = None
         self._nvml_handle = _nvml_handle(self.device) if self.device.type == "cuda" else None
 
@@ -55,9 +58,11 @@ class MetricsCollector:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time one phase (init phases are listed in INIT_PHASES; a name met twice adds up)."""
+        """Time one phase (init phases are listed in INIT_PHASES; a name met twice adds up).
+        Collectives inside count as "init" (an init phase) or "other"."""
         start = time.perf_counter()
-        yield
+        with self.comm.in_bucket("init" if name in INIT_PHASES else "other"):
+            yield
         self._sync()
         elapsed = time.perf_counter() - start
         target = self.init_phases_s if name in INIT_PHASES else self.other_phases_s
@@ -67,9 +72,11 @@ class MetricsCollector:
     @contextmanager
     def step(self, measured: bool = True) -> Iterator[None]:
         """Time one step. Warm-up steps (measured=False) are counted but not timed into
-        the record. The step begins where the previous one ended its synchronisation."""
+        the record. The step begins where the previous one ended its synchronisation.
+        Collectives inside count as "step" (measured) or "warmup"."""
         start = time.perf_counter()
-        yield
+        with self.comm.in_bucket("step" if measured else "warmup"):
+            yield
         self._sync()
         if measured:
             self.step_times_s.append(time.perf_counter() - start)
@@ -140,6 +147,7 @@ class MetricsCollector:
             "memory": self.memory(),
             "allocator_settings": self.allocator_settings(),
             "workload": dict(self.workload),
+            "comm": self.comm.record(len(self.step_times_s)),
         }
         record.update({k: v for k, v in self.notes.items() if k not in _MEMORY_NOTES})
         return record
@@ -200,6 +208,8 @@ def summarize(records: list[dict], config: Any) -> dict:
       time is the max over ranks, then median/min/max over the measured steps.
     - throughput from the median step: steps/s, tokens/s, video seconds per second,
       TFLOP/s per GPU, and MFU against the device's dense peak for ``model.dtype``.
+    - communication: calls, bytes and bus bytes per measured step and for initialisation,
+      of the rank that moves the most (rank records hold every kind, metrics/comm.py).
     """
     if not records:
         return {"ranks_reported": 0}
@@ -229,6 +239,12 @@ def summarize(records: list[dict], config: Any) -> dict:
             phases[name] = max(phases.get(name, 0.0), seconds)
 
     step_times = job_step_times(records)
+    # per step: only where steps were measured (init has none: absent, not 0)
+    comm_step = [totals(r["comm"]["per_step"]) for r in records if (r.get("comm") or {}).get("per_step") is not None]
+    comm_init = [totals((r.get("comm") or {}).get("init")) for r in records]
+
+    def comm_max(figures: list[dict], key: str) -> Optional[float]:
+        return max(f[key] for f in figures) if figures else None
     step_median = statistics.median(step_times) if step_times else None
 
     work = rank0.get("workload", {})
@@ -269,4 +285,12 @@ def summarize(records: list[dict], config: Any) -> dict:
         "peak_flops_per_gpu": peak,
         "mfu": mfu(flops_per_step or 0.0, step_median or 0.0, world_size, peak),
         "attention_backend": rank0.get("attention_backend"),
+        "attention_lse_backend": rank0.get("attention_lse_backend"),
+        "parallel_dims": rank0.get("parallel_dims"),
+        # communication: the busiest rank's collectives (metrics/comm.py defines bytes)
+        "comm_step_calls_max": comm_max(comm_step, "count"),
+        "comm_step_bytes_max": comm_max(comm_step, "bytes"),
+        "comm_step_bus_bytes_max": comm_max(comm_step, "bus_bytes"),
+        "comm_init_calls_max": comm_max(comm_init, "count"),
+        "comm_init_bytes_max": comm_max(comm_init, "bytes"),
     }

@@ -106,14 +106,14 @@ def _backend_name(name: object) -> str:
 
 def configure(name: object) -> None:
     """Record the backend requested by ``model.attention_backend``; resolved at the first call."""
-    global _requested, _selected
+    global _requested, _selected, _selected_lse
     name = _backend_name(name)
     if name != "auto" and name not in BACKENDS:
         raise AttentionBackendError(
             f"model.attention_backend={name!r} is unknown; choose one of auto, {', '.join(BACKENDS)}"
         )
     if name != _requested:
-        _requested, _selected = name, None
+        _requested, _selected, _selected_lse = name, None, None
 
 
 def selected_backend() -> str | None:
@@ -172,6 +172,131 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if _selected is None:
         return _resolve_and_run(q, k, v)
     return _IMPLEMENTATIONS[_selected](q, k, v)
+
+
+# ----------------------------------------------------------------------------- with log-sum-exp
+# Ring attention (parallel/ring.py) merges partial attentions over chunks of the keys, which
+# needs each partial's log-sum-exp of the scaled scores per query and head. Every function
+# here returns ``(out (B, Nq, H, d) in q's dtype, lse (B, H, Nq) float32)``.
+def lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention in fp32 from plain differentiable ops (the CPU path, and the path under
+    autograd): scores, their log-sum-exp, and the probabilities as exp(score - lse), so a
+    merge of chunks reproduces whole-sequence attention to fp32 rounding."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.exp(scores - lse.unsqueeze(-1)), v.float())
+    return out.to(q.dtype), lse
+
+
+def _normalise_lse(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(B, H, Nq) float32 from the layouts kernels return: (B, H, Nq[, 1]), padded Nq."""
+    b, n, h, _ = q.shape
+    lse = lse.reshape(b, h, -1) if lse.shape[0] == b and lse.shape[1] == h else lse.transpose(1, 2)
+    return lse[:, :, :n].float()
+
+
+def _lse_sdpa_op(op_name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        if op_name == "flash":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+        elif op_name == "efficient":
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True)[:2]
+        return out.transpose(1, 2), _normalise_lse(lse, q)
+
+    return run
+
+
+def _lse_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn import flash_attn_func
+
+    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+    return out, _normalise_lse(lse, q)
+
+
+def _lse_fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn_interface import flash_attn_func
+
+    result = flash_attn_func(q, k, v, return_attn_probs=True)
+    return result[0], _normalise_lse(result[1], q)
+
+
+@torch.compiler.disable
+def _lse_fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse = _flash_attn_fwd(q, k, v)[:2]  # the forward that flash_attn_func wraps
+    return out, _normalise_lse(lse, q)
+
+
+LSE_IMPLEMENTATIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "lse_math": lse_math,
+    "lse_sdpa_flash": _lse_sdpa_op("flash"),
+    "lse_sdpa_cudnn": _lse_sdpa_op("cudnn"),
+    "lse_sdpa_efficient": _lse_sdpa_op("efficient"),
+    "lse_flash_attn": _lse_flash_attn,
+    "lse_fa3": _lse_fa3,
+    "lse_fa4": _lse_fa4,
+}
+# model.attention_backend -> the LSE kernels to try, first that runs wins
+_LSE_CANDIDATES = {
+    "flash_attn": ("lse_flash_attn",), "fa3": ("lse_fa3",), "fa4": ("lse_fa4",),
+    "sdpa_flash": ("lse_sdpa_flash",), "sdpa_cudnn": ("lse_sdpa_cudnn",),
+    "sdpa_efficient": ("lse_sdpa_efficient",), "sdpa_math": ("lse_math",),
+    "sdpa": ("lse_sdpa_cudnn", "lse_sdpa_flash", "lse_sdpa_efficient"),
+}
+_selected_lse: str | None = None
+
+
+def selected_lse_backend() -> str | None:
+    """The log-sum-exp kernel ring attention last ran (None: no ring attention ran)."""
+    return _selected_lse
+
+
+def _lse_candidates(device: torch.device) -> list[str]:
+    if device.type != "cuda":
+        return ["lse_math"]
+    names = AUTO_ORDER_CUDA if _requested == "auto" else (_requested,)
+    candidates = []
+    for name in names:
+        module = _REQUIRED_MODULE.get(name)
+        if _requested == "auto" and module and not _module_importable(module):
+            continue
+        candidates.extend(c for c in _LSE_CANDIDATES[name] if c not in candidates)
+    return candidates
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and its log-sum-exp: ``(out (B, Nq, H, d), lse (B, H, Nq) fp32)``.
+
+    The kernel follows ``model.attention_backend`` (auto: fastest first). Kernels drop the
+    gradient of their log-sum-exp output, which a merge of chunks needs, so under autograd
+    (train_lora) the differentiable math path runs. The choice is recorded
+    (``selected_lse_backend``)."""
+    global _selected_lse
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        _selected_lse = "lse_math"
+        return lse_math(q, k, v)
+    if _selected_lse is not None and _selected_lse != "lse_math":
+        return LSE_IMPLEMENTATIONS[_selected_lse](q, k, v)
+    failures = []
+    for name in _lse_candidates(q.device):
+        try:
+            result = LSE_IMPLEMENTATIONS[name](q, k, v)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - "does not run here": try the next one
+            failures.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            continue
+        _selected_lse = name
+        return result
+    raise AttentionBackendError(
+        f"model.attention_backend={_requested!r}: no attention kernel returning the log-sum-exp ran on "
+        f"{q.device} with {q.dtype}: " + "; ".join(failures)
+        + ". Use model.attention_backend=sdpa_math (the math path always runs)."
+    )
 
 
 # ----------------------------------------------------------------------------- flash-attn probe
@@ -255,5 +380,6 @@ def importable_backends() -> dict[str, bool]:
 
 __all__ = [
     "BACKENDS", "AttentionBackendError", "attention", "configure", "selected_backend",
+    "attention_with_lse", "lse_math", "selected_lse_backend", "LSE_IMPLEMENTATIONS",
     "flash_attn_status", "diagnose_flash_attn_error", "importable_backends",
 ]

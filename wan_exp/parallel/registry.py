@@ -9,13 +9,19 @@ Every strategy follows the same path (DESIGN.md §3):
 
 STRATEGIES maps each name to one of two setups:
 
-- replicated (single, ulysses): every rank loads the whole DiT onto its device; Ulysses
-  sets ``dit.sequence_sharding`` when the sp degree is above 1.
-- sharded (fsdp, fsdp_fixed, hybrid): FSDP over the "fsdp" mesh axis, plus Ulysses over
-  the "sp" axis for hybrid. ``parallel.fsdp.load_full_on_every_rank`` picks upstream's
-  full load on the CPU (fsdp) or shard-only loading (fsdp_fixed, hybrid); for the
-  latter ``before_wrap`` runs before the weights are read: it sees the model's structure
-  with zero placeholders as base weights (see materialise.py).
+- replicated (single, ulysses, cfg, usp, cfg_ulysses): every rank loads the whole DiT onto
+  its device; sequence parallelism (Ulysses, ring or both) sets ``dit.sequence_sharding``
+  when ring x ulysses is above 1.
+- sharded (fsdp, fsdp_fixed, hybrid): FSDP over all ranks or its own "fsdp" mesh axis,
+  plus sequence parallelism and CFG parallel where the degrees ask for them.
+  ``parallel.fsdp.load_full_on_every_rank`` picks upstream's full load on the CPU (fsdp)
+  or shard-only loading (fsdp_fixed, hybrid); for the latter ``before_wrap`` runs before
+  the weights are read: it sees the model's structure with zero placeholders as base
+  weights (see materialise.py).
+
+The degrees come from one place, ``parallel/dims.ParallelDims`` (checked before launch).
+CFG parallel needs no change to the DiT: ``ParallelModel.guidance`` is what the generate
+workload combines the two forwards of a step with (parallel/cfg.py).
 
 Which settings go with which name is checked before launch by ``config.validate``.
 """
@@ -29,14 +35,15 @@ import torch.nn as nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
-from wan_exp.config import ConfigError, Placement
+from wan_exp.config import ConfigError, Placement, parallel_dims
 from wan_exp.models.checkpoint import open_weights
 from wan_exp.models.encoders import build_audio_encoder, build_text_encoder
 from wan_exp.models.wan_s2v import WanModel
 from wan_exp.parallel.fsdp import check_fsdp_device, shard_dit, torch_dtype
 from wan_exp.parallel.materialise import WeightPlan, local_param_bytes, plan_weights
-from wan_exp.parallel.mesh import ParallelMesh, build_mesh
-from wan_exp.parallel.ulysses import UlyssesSharding
+from wan_exp.parallel.cfg import Guidance, guidance_for
+from wan_exp.parallel.dims import ParallelDims, ParallelMesh
+from wan_exp.parallel.ulysses import SequenceSharding
 
 GIB = 1024**3
 BeforeWrap = Callable[[nn.Module], None]
@@ -47,8 +54,11 @@ class ParallelModel:
     dit: nn.Module  # wrapped / sequence-sharded DiT, call it like the model
     text_encoder: nn.Module | None  # placed per parallel.text_encoder_placement
     audio_encoder: nn.Module | None  # placed per parallel.audio_encoder_placement
-    sp_group: ProcessGroup | None  # Ulysses group (None when degree 1)
-    mesh: DeviceMesh | None  # 2-D (fsdp, sp) mesh of a split, else the FSDP or Ulysses mesh
+    sp_group: ProcessGroup | None  # sequence-parallel group, ring x ulysses (None when 1)
+    mesh: DeviceMesh | None  # (cfg, fsdp, ring, ulysses) mesh; None when nothing is split
+    dims: ParallelDims  # the degrees of the split
+    cfg_group: ProcessGroup | None  # this rank's cfg pair (None when cfg_degree is 1)
+    guidance: Guidance  # (cond, uncond, scale) -> guided velocity, sequential or CFG-parallel
 
 
 def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) -> ParallelModel:
@@ -57,16 +67,22 @@ def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) ->
     if name not in STRATEGIES:
         raise ConfigError(f"parallel.name={name!r} is not a strategy; choose from {sorted(STRATEGIES)}")
     check_fsdp_device(cfg.parallel.fsdp, ctx.device)  # before the first collective
-    meshes = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type)
+    dims = parallel_dims(cfg, ctx.world_size)
+    meshes = dims.build_mesh(ctx.device.type)
     dit = STRATEGIES[name](cfg, ctx, meshes, before_wrap or (lambda dit: None))
-    sp_group = meshes.sp.get_group() if meshes.sp is not None else None
+    ctx.metrics.note("parallel_dims", {**dims.degrees, "fsdp_shard_ranks": dims.fsdp_shard_ranks,
+                                       "describe": dims.describe()})
     text_encoder, audio_encoder = _encoders(cfg, ctx)
     dit_bytes = local_param_bytes(dit)
     encoder_bytes = sum(local_param_bytes(enc) for enc in (text_encoder, audio_encoder)
                         if enc is not None and next(enc.parameters()).device == ctx.device)
     ctx.metrics.note("dit_param_gib", dit_bytes / GIB)  # this rank's part of the DiT
     ctx.metrics.note("param_gib", (dit_bytes + encoder_bytes) / GIB)  # all in this rank's device memory
-    return ParallelModel(dit, text_encoder, audio_encoder, sp_group, meshes.mesh)
+    cfg_group = meshes.cfg if meshes is not None else None
+    return ParallelModel(dit, text_encoder, audio_encoder,
+                         sp_group=meshes.sp if meshes is not None else None,
+                         mesh=meshes.mesh if meshes is not None else None,
+                         dims=dims, cfg_group=cfg_group, guidance=guidance_for(cfg_group))
 
 
 def _build_dit(cfg: Any, ctx: Any, load_device: torch.device) -> tuple[nn.Module, WeightPlan]:
@@ -78,13 +94,13 @@ def _build_dit(cfg: Any, ctx: Any, load_device: torch.device) -> tuple[nn.Module
     return dit, plan
 
 
-def _sequence_sharding(dit: nn.Module, meshes: ParallelMesh) -> None:
-    if meshes.sp is not None:
-        dit.sequence_sharding = UlyssesSharding(meshes.sp.get_group())
+def _sequence_sharding(dit: nn.Module, meshes: ParallelMesh | None) -> None:
+    if meshes is not None and meshes.sp is not None:
+        dit.sequence_sharding = SequenceSharding(meshes.sp, meshes.ulysses, meshes.ring)
 
 
-def setup_replicated(cfg: Any, ctx: Any, meshes: ParallelMesh, before_wrap: BeforeWrap) -> nn.Module:
-    """single / ulysses: the whole DiT on every rank's device."""
+def setup_replicated(cfg: Any, ctx: Any, meshes: ParallelMesh | None, before_wrap: BeforeWrap) -> nn.Module:
+    """single / ulysses / cfg / usp / cfg_ulysses: the whole DiT on every rank's device."""
     dit, plan = _build_dit(cfg, ctx, ctx.device)
     with ctx.phase("load"):
         plan.load(dit)
@@ -96,7 +112,8 @@ def setup_replicated(cfg: Any, ctx: Any, meshes: ParallelMesh, before_wrap: Befo
 
 
 def setup_sharded(cfg: Any, ctx: Any, meshes: ParallelMesh, before_wrap: BeforeWrap) -> nn.Module:
-    """fsdp / fsdp_fixed / hybrid: FSDP over the "fsdp" axis (+ Ulysses over "sp")."""
+    """fsdp / fsdp_fixed / hybrid: FSDP over all ranks or the "fsdp" axis (+ sequence
+    parallelism over ring x ulysses)."""
     fsdp_cfg = cfg.parallel.fsdp
     full_load = fsdp_cfg.load_full_on_every_rank
     # upstream's full load puts the whole model in host memory on every rank; FSDP then
@@ -125,9 +142,12 @@ def _encoders(cfg: Any, ctx: Any) -> tuple[nn.Module | None, nn.Module | None]:
     return text, audio
 
 
-STRATEGIES: dict[str, Callable[[Any, Any, ParallelMesh, BeforeWrap], nn.Module]] = {
+STRATEGIES: dict[str, Callable[[Any, Any, ParallelMesh | None, BeforeWrap], nn.Module]] = {
     "single": setup_replicated,
     "ulysses": setup_replicated,
+    "cfg": setup_replicated,
+    "usp": setup_replicated,
+    "cfg_ulysses": setup_replicated,
     "fsdp": setup_sharded,
     "fsdp_fixed": setup_sharded,
     "hybrid": setup_sharded,

@@ -56,6 +56,7 @@ METRIC_COLUMNS = (
     Column("host RSS GiB", _summary("peak_host_rss_gib_max"), "low"),
     Column("init s", _summary("init_s"), "low"),
     Column("step s", _summary("step_time_s_median"), "low", 4),
+    Column("comm bytes/step", _summary("comm_step_bytes_max"), "low", 0),  # busiest rank
     Column("steps/s", _summary("steps_per_s"), "high"),
     Column("tokens/s", _summary("tokens_per_s"), "high", 0),
     Column("video s/s", _summary("video_s_per_s"), "high", 4),

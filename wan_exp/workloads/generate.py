@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.numerics import check_finite, checked_output
+from wan_exp.parallel.cfg import Guidance
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.workloads.inputs import (
     ClipInputs,
@@ -60,10 +61,12 @@ def next_motion(motion: Optional[torch.Tensor], clip_latents: torch.Tensor, moti
 
 
 def generate_clips(cfg: Any, dit: torch.nn.Module, inputs: ClipInputs,
-                   step_scope: Callable[[int], ContextManager]) -> list[torch.Tensor]:
+                   step_scope: Callable[[int], ContextManager],
+                   guidance: Guidance = guided_velocity) -> list[torch.Tensor]:
     """Sample ``workload.clips`` clips one after the other, carrying motion latents.
 
-    ``step_scope(global_step)`` wraps each sampling step (timing, heartbeat, progress).
+    ``step_scope(global_step)`` wraps each sampling step (timing, heartbeat, progress);
+    ``guidance`` combines the two forwards (``ParallelModel.guidance``: CFG parallel or not).
     Returns the latents of every clip."""
     wl = cfg.workload
     sigmas = sigma_schedule(wl.sample_steps, wl.shift)
@@ -82,7 +85,7 @@ def generate_clips(cfg: Any, dit: torch.nn.Module, inputs: ClipInputs,
             return step_scope(first + i)
 
         # one finiteness check per step: the guided velocity is NaN/Inf if either DiT output is
-        velocity = checked_output(guided_velocity(cond, uncond, wl.guidance_scale), "DiT output (guided velocity)")
+        velocity = checked_output(guidance(cond, uncond, wl.guidance_scale), "DiT output (guided velocity)")
         latents = sample(velocity, noise, sigmas, step_context=scope)
         check_finite(latents, f"sampled latents of clip {clip}")
         clips.append(latents)
@@ -125,7 +128,9 @@ def run_generate(cfg: Any, ctx: Any) -> dict:
                 yield
             bar.update(1)
 
-        generate_clips(cfg, parallel_model.dit, inputs, scope)
+        generate_clips(cfg, parallel_model.dit, inputs, scope, parallel_model.guidance)
     info = generate_workload_info(cfg)
+    # CFG parallel: each rank runs one of the two forwards (FLOPs stay the whole job's)
+    info["forwards_per_step_per_rank"] = info["forwards_per_step"] // parallel_model.dims.cfg
     ctx.metrics.set_workload_info(**info)
     return info

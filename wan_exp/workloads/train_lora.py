@@ -7,13 +7,16 @@
 - Loss (flow matching, as in the sampler): ``x_sigma = (1 - sigma) x0 + sigma noise``, the
   DiT predicts ``noise - x0``; mean squared error over the whole latent.
 - Every rank draws the same inputs (same seed). Gradients then come out right as follows:
-  * Ulysses: each rank backpropagates only through its own tokens (the sequence gather's
-    gradient is this rank's slice), so the adapter gradients are summed over the Ulysses
-    group;
-  * FSDP averages gradients over its group. Where that group contains the Ulysses group
+  * sequence parallel (Ulysses, ring, USP): each rank backpropagates only through its own
+    tokens (the sequence gather's gradient is this rank's slice), so the adapter gradients
+    are summed over the sequence-parallel (ring x ulysses) group;
+  * FSDP averages gradients over its group. Where that group contains the sequence group
     (FSDP over all ranks), the average already adds the token slices, divided by the
-    Ulysses degree: the loss is scaled up by that degree. Where it does not (a 2-D
-    split), FSDP's average is over identical replicas and the Ulysses sum follows.
+    sequence-parallel degree (cfg replicas add identical copies, divided by their number):
+    the loss is scaled up by that degree. Where it does not (an own fsdp mesh axis),
+    FSDP's average is over identical replicas and the sequence-parallel sum follows.
+  * CFG parallel: training has no guidance (one forward per step), so the two cfg groups
+    train as identical replicas: same inputs, same gradients, same updates.
   So the gradients before the optimiser equal single-rank ones (tests/test_train_lora.py).
 - AdamW over the adapter parameters only; ``workload.steps`` optimiser steps.
 - ``workload.lora.save``: rank 0 writes ``<job_dir>/lora_adapter`` in peft's format
@@ -35,7 +38,6 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from wan_exp.config import resolve_degrees
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.numerics import check_finite
 from wan_exp.parallel.registry import ParallelModel, setup_parallel
@@ -102,11 +104,11 @@ def loss_scale_and_sp_group(cfg: Any, parallel_model: ParallelModel,
                             world_size: int) -> tuple[float, Optional[dist.ProcessGroup]]:
     """(factor on the loss before backward, group to sum adapter gradients over or None);
     see the module docstring for why."""
-    sp_degree, fsdp_degree = resolve_degrees(cfg.parallel, world_size)
-    if sp_degree == 1:
+    dims = parallel_model.dims
+    if dims.sp == 1:
         return 1.0, None
-    if cfg.parallel.fsdp.enabled and fsdp_degree == world_size:
-        return float(sp_degree), None
+    if dims.fsdp_enabled and dims.fsdp_over_all_ranks:
+        return float(dims.sp), None
     return 1.0, parallel_model.sp_group
 
 
@@ -213,6 +215,7 @@ def run_train_lora(cfg: Any, ctx: Any) -> dict:
     info = {
         "tokens_per_forward": tokens["total"],
         "forwards_per_step": 1,
+        "forwards_per_step_per_rank": 1,  # cfg groups are replicas here
         "flops_per_step": TRAIN_FLOPS_PER_FORWARD * dit_forward_flops(cfg.model, **tokens["flops_args"]),
         "video_seconds_per_step": seconds_per_clip(cfg),
         "lora_matched_modules": adapters["matched"],

@@ -1,0 +1,151 @@
+"""Communication counting (wan_exp/metrics/comm.py) against counts and bytes worked out by
+hand, on torch's fake process group (4 ranks played by this one process: collectives
+return without moving data, the counter still sees every call), plus the rank record and
+the job summary. The counts of real gloo runs (Ulysses x ring, CFG x ring) are checked in
+tests/dist/split_equivalence.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from wan_exp.metrics.collector import MetricsCollector, summarize
+from wan_exp.metrics.comm import CommCounter
+
+WORLD = 4
+F32 = 4
+
+
+@pytest.fixture
+def fake_group():
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
+    yield
+    dist.destroy_process_group()
+
+
+def test_every_collective_kind_counts_its_bytes_as_documented(fake_group):
+    counter = CommCounter()
+    pair = dist.new_group([0, 1])
+    with counter:
+        dist.all_reduce(torch.ones(10))                                        # 40 B, x 2*3/4
+        dist.all_reduce(torch.ones(6, dtype=torch.bfloat16), group=pair)       # 12 B, x 2*1/2
+        dist.all_gather_into_tensor(torch.empty(4 * 5), torch.ones(5))         # output 80 B, x 3/4
+        dist.reduce_scatter_tensor(torch.empty(3), torch.ones(4 * 3))          # input 48 B, x 3/4
+        dist.all_to_all_single(torch.empty(8), torch.ones(8))                  # input 32 B, x 3/4
+        dist.broadcast(torch.ones(7), src=0)                                   # 28 B, x 1
+        dist.send(torch.ones(2, 3), dst=1)                                     # 24 B
+        dist.recv(torch.empty(5), src=3)                                       # 20 B
+        dist.barrier()
+    assert counter.counts["other"] == {
+        "all_reduce": {"count": 2, "bytes": 40 + 12, "bus_bytes": 40 * 1.5 + 12 * 1.0},
+        "all_gather": {"count": 1, "bytes": 80, "bus_bytes": 60.0},
+        "reduce_scatter": {"count": 1, "bytes": 48, "bus_bytes": 36.0},
+        "all_to_all": {"count": 1, "bytes": 32, "bus_bytes": 24.0},
+        "broadcast": {"count": 1, "bytes": 28, "bus_bytes": 28.0},
+        "send": {"count": 1, "bytes": 24, "bus_bytes": 24.0},
+        "recv": {"count": 1, "bytes": 20, "bus_bytes": 20.0},
+        "barrier": {"count": 1, "bytes": 0, "bus_bytes": 0.0},
+    }
+
+
+def test_collectives_inside_fsdp2_and_dtensor_are_counted(fake_group):
+    """Linear(8, 8) under fully_shard over 4 ranks: each rank holds 2 rows of the weight
+    and 2 of the bias = 18 floats. Forward: one all-gather of 4 x 18 floats (the root stays
+    unsharded for backward); backward: one reduce-scatter of the 72-float gradient.
+    DTensor's full_tensor() of an (8, 3) tensor sharded on dim 0: a functional all-gather
+    of 4 x 2 x 3 floats."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    counter = CommCounter()
+    with counter:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        layer = torch.nn.Linear(8, 8)
+        fully_shard(layer, mesh=mesh)
+        with counter.in_bucket("step"):
+            layer(torch.ones(2, 8)).sum().backward()
+        sharded = distribute_tensor(torch.ones(8, 3), mesh, [Shard(0)], src_data_rank=None)
+        with counter.in_bucket("warmup"):
+            sharded.full_tensor()
+    assert counter.counts["step"] == {
+        "all_gather": {"count": 1, "bytes": 72 * F32, "bus_bytes": 72 * F32 * 3 / 4},
+        "reduce_scatter": {"count": 1, "bytes": 72 * F32, "bus_bytes": 72 * F32 * 3 / 4},
+    }
+    assert counter.counts["warmup"] == {"all_gather": {"count": 1, "bytes": 24 * F32, "bus_bytes": 18 * F32}}
+
+
+def test_collector_buckets_calls_by_phase_and_step_into_the_rank_record(fake_group):
+    collector = MetricsCollector("cpu", 0, WORLD)
+    with collector.comm:
+        with collector.phase("wrap"):
+            dist.broadcast(torch.ones(4), src=0)
+        with collector.phase("encode"):
+            dist.all_reduce(torch.ones(1))
+        with collector.phase("first_step"), collector.step(measured=False):
+            dist.all_to_all_single(torch.empty(4), torch.ones(4))
+        for _ in range(2):
+            with collector.step(measured=True):
+                dist.all_to_all_single(torch.empty(8), torch.ones(8))
+                dist.all_to_all_single(torch.empty(8), torch.ones(8))
+    dist.all_reduce(torch.ones(3))  # outside the counting window: not counted
+    comm = collector.rank_record()["comm"]
+    assert comm["init"] == {"broadcast": {"count": 1, "bytes": 16, "bus_bytes": 16.0}}
+    assert comm["other"] == {"all_reduce": {"count": 1, "bytes": 4, "bus_bytes": 6.0}}
+    assert comm["warmup"] == {"all_to_all": {"count": 1, "bytes": 16, "bus_bytes": 12.0}}
+    assert comm["step"] == {"all_to_all": {"count": 4, "bytes": 128, "bus_bytes": 96.0}}
+    assert comm["measured_steps"] == 2
+    assert comm["per_step"] == {"all_to_all": {"count": 2, "bytes": 64, "bus_bytes": 48.0}}
+
+
+def _record(rank: int, step_bytes: int, init_bytes: int) -> dict:
+    return {"rank": rank, "world_size": 2, "device_name": "cpu", "step_times_s": [1.0],
+            "memory": {"peak_host_rss_gib": 1.0}, "workload": {},
+            "comm": {"per_step": {"all_to_all": {"count": 3, "bytes": step_bytes, "bus_bytes": step_bytes / 2}},
+                     "init": {"broadcast": {"count": 1, "bytes": init_bytes, "bus_bytes": init_bytes}}}}
+
+
+def test_summary_reports_the_busiest_rank():
+    summary = summarize([_record(0, 100, 7), _record(1, 300, 5)], {"model": {"dtype": "bf16"}})
+    assert summary["comm_step_bytes_max"] == 300
+    assert summary["comm_step_bus_bytes_max"] == 150
+    assert summary["comm_step_calls_max"] == 3
+    assert summary["comm_init_bytes_max"] == 7
+    assert summary["comm_init_calls_max"] == 1
+
+
+def test_a_job_without_measured_steps_has_no_comm_per_step():
+    record = _record(0, 100, 7)
+    record["comm"]["per_step"] = None  # workload=init
+    summary = summarize([record], {"model": {"dtype": "bf16"}})
+    assert summary["comm_step_bytes_max"] is None and summary["comm_init_bytes_max"] == 7
+
+
+def test_a_bucket_name_outside_the_list_is_refused():
+    with pytest.raises(ValueError, match="comm bucket 'steps' is not one of"):
+        with CommCounter().in_bucket("steps"):
+            pass
+
+
+def test_compiled_code_still_compiles_and_its_collectives_are_counted(fake_group):
+    """model.compile=true must not fall back to eager under the counter (dynamo skips frames
+    under a dispatch mode unless it ignores compile internals), and a collective inside the
+    compiled graph is still counted once per call."""
+    import torch._dynamo
+    import torch.distributed._functional_collectives as funcol
+
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return torch._dynamo.backends.debugging.aot_eager(graph_module, example_inputs)
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: funcol.all_reduce(x * 2, "sum", dist.group.WORLD) + 1, backend=backend)
+    counter = CommCounter()
+    with counter:
+        for _ in range(2):
+            fn(torch.ones(5))
+    assert len(graphs) == 1
+    assert counter.counts["other"] == {"all_reduce": {"count": 2, "bytes": 40, "bus_bytes": 60.0}}

@@ -1,0 +1,113 @@
+"""Attention with its log-sum-exp, and the ring merge, in one process.
+
+CPU: the math path against float64 softmax written here; merging key chunks with
+parallel.ring.merge_partials equals attention over the whole sequence at odd lengths.
+GPU (``gpu`` marker): every kernel that returns the log-sum-exp at the Wan head shape
+(40 heads x 128, bf16) against the fp32 math path. Ring attention across real processes
+is checked in tests/dist/split_equivalence.py."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from wan_exp.models import attention as attn
+from wan_exp.parallel.ring import merge_partials
+
+
+@pytest.fixture(autouse=True)
+def restore_auto():
+    yield
+    attn.configure("auto")
+
+
+def qkv(n_q: int, n_k: int, heads: int = 3, head_dim: int = 16, seed: int = 0, **kwargs):
+    g = torch.Generator(kwargs.get("device", "cpu")).manual_seed(seed)
+    return tuple(torch.randn(2, n, heads, head_dim, generator=g, **kwargs) for n in (n_q, n_k, n_k))
+
+
+def float64_reference(q, k, v):
+    """softmax(q k^T / sqrt(d)) v and log sum exp of the scores, in float64."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double()), scores.logsumexp(-1)
+
+
+@pytest.mark.parametrize("n_q, n_k", [(7, 9), (13, 1), (31, 29)])
+def test_math_path_returns_attention_and_its_log_sum_exp(n_q, n_k):
+    q, k, v = qkv(n_q, n_k)
+    out, lse = attn.lse_math(q, k, v)
+    ref_out, ref_lse = float64_reference(q, k, v)
+    assert out.dtype == torch.float32 and lse.shape == (2, 3, n_q) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_k, splits", [(29, [10, 10, 9]), (31, [1, 30]), (17, [5, 5, 5, 2])])
+def test_merging_key_chunks_equals_whole_sequence_attention(n_k, splits):
+    q, k, v = qkv(11, n_k, seed=n_k)
+    out = lse = None
+    for k_part, v_part in zip(k.split(splits, dim=1), v.split(splits, dim=1)):
+        out, lse = merge_partials(out, lse, *attn.lse_math(q, k_part, v_part))
+    ref_out, ref_lse = float64_reference(q, k, v)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-6, rtol=1e-6)
+
+
+def test_on_cpu_the_math_path_runs_and_is_recorded():
+    attn.configure("auto")
+    q, k, v = qkv(5, 6)
+    attn.attention_with_lse(q, k, v)
+    assert attn.selected_lse_backend() == "lse_math"
+
+
+def test_under_autograd_the_differentiable_math_path_runs():
+    """Kernels drop the gradient of their log-sum-exp; the merge needs it."""
+    q, k, v = (t.requires_grad_() for t in qkv(9, 9))
+    out, lse = attn.attention_with_lse(q, k, v)
+    assert attn.selected_lse_backend() == "lse_math"
+    grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = float64_reference(*leaves)
+    ref_grads = torch.autograd.grad(ref_out.sum() + ref_lse.sum(), leaves)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GPU kernels
+def _available(name: str) -> bool:
+    module = {"lse_flash_attn": "flash_attn", "lse_fa3": "flash_attn_interface", "lse_fa4": "flash_attn.cute"}.get(name)
+    if module is None:
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["lse_sdpa_flash", "lse_sdpa_cudnn", "lse_sdpa_efficient",
+                                  "lse_flash_attn", "lse_fa3", "lse_fa4"])
+@pytest.mark.parametrize("n_q, n_k", [(1031, 1031), (517, 1543)])
+def test_gpu_kernel_returns_the_log_sum_exp_at_the_wan_head_shape(name, n_q, n_k):
+    if not _available(name):
+        pytest.skip(f"{name}: its package is not installed")
+    q, k, v = qkv(n_q, n_k, heads=40, head_dim=128, device="cuda", dtype=torch.bfloat16)
+    out, lse = attn.LSE_IMPLEMENTATIONS[name](q, k, v)
+    ref_out, ref_lse = attn.lse_math(q.float(), k.float(), v.float())
+    assert out.shape == q.shape and lse.shape == (2, 40, n_q) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunks", [2, 4, 8])
+def test_gpu_ring_merge_of_kernel_chunks_equals_the_whole_sequence_kernel(chunks):
+    q, k, v = qkv(2053, 2053, heads=40, head_dim=128, device="cuda", dtype=torch.bfloat16)
+    attn.configure("auto")
+    whole = attn.attention(q, k, v).float()
+    out = lse = None
+    for k_part, v_part in zip(k.tensor_split(chunks, dim=1), v.tensor_split(chunks, dim=1)):
+        out, lse = merge_partials(out, lse, *attn.attention_with_lse(q, k_part, v_part))
+    assert attn.selected_lse_backend() != "lse_math"
+    torch.testing.assert_close(out, whole, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,174 @@
+"""One description of a split: the degrees of every parallel axis, resolved and checked once.
+
+``ParallelDims.from_config(parallel_cfg, world_size, num_heads)`` turns the ``parallel``
+config group into named degrees whose product is the world size (torchtitan's
+``ParallelDims`` is the model). ``config.validate`` calls it before any worker starts, so a
+bad combination fails in the launcher with a message that says what would work; each rank
+calls it again (same code, same answer) and then :meth:`ParallelDims.build_mesh`.
+
+Axes, outermost first (the order of the device mesh; ranks of an inner axis are neighbours,
+so the axis that talks most gets the fastest links):
+
+- ``cfg`` (1 or 2): classifier-free guidance parallel. With 2, one half of the ranks runs
+  the conditional forward and the other half the unconditional one at the same time; one
+  exchange per sampling step joins the two (parallel/cfg.py). Little traffic: outermost.
+- ``fsdp``: ranks that run the same sequence work on the same inputs (replicas). With
+  ``parallel.fsdp.degree=N`` it is an own axis of N ranks and FSDP shards over it; with
+  ``parallel.fsdp.degree=-1`` (as upstream Wan) FSDP shards over all ranks, sharing them
+  with the other axes, and this axis takes what cfg x ring x ulysses leave (pure FSDP: all
+  ranks). It is 1 when FSDP is off.
+- ``ring``: ring attention; keys/values travel around the ring (point-to-point, overlapped
+  with compute).
+- ``ulysses``: heads exchanged with all-to-all, the heaviest traffic: innermost.
+
+``ring`` x ``ulysses`` together are the sequence-parallel ranks ("sp"): the token sequence
+is split over them (USP). A degree of -1 means "the ranks the other axes leave"; at most
+one of ``ulysses_degree`` / ``ring_degree`` may be -1.
+
+This module imports no torch at import time (the launcher uses it); ``build_mesh`` does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+AXES = ("cfg", "fsdp", "ring", "ulysses")
+
+
+class DegreeError(ValueError):
+    """A combination of degrees that cannot split the model; config.validate re-raises it
+    as ConfigError (config imports this module, so it cannot import config)."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def usp_suggestion(sp_ranks: int, num_heads: int) -> str:
+    """The ulysses x ring split of ``sp_ranks`` sequence-parallel ranks with the largest
+    Ulysses degree the heads allow (Ulysses is faster where heads allow it)."""
+    ulysses = max(d for d in _divisors(sp_ranks) if num_heads % d == 0)
+    return f"parallel.ulysses_degree={ulysses} parallel.ring_degree={sp_ranks // ulysses}"
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    cfg: int
+    fsdp: int  # size of the fsdp (replica) mesh axis; 1 when FSDP is off
+    ring: int
+    ulysses: int
+    fsdp_enabled: bool
+    fsdp_over_all_ranks: bool  # FSDP shards over every rank (shares them with the other axes)
+    world_size: int
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def sp(self) -> int:
+        """Sequence-parallel ranks: the token sequence is split over ring x ulysses."""
+        return self.ring * self.ulysses
+
+    @property
+    def fsdp_shard_ranks(self) -> int:
+        """How many ranks share one copy of the parameters (1: FSDP off)."""
+        if not self.fsdp_enabled:
+            return 1
+        return self.world_size if self.fsdp_over_all_ranks else self.fsdp
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        return {axis: getattr(self, axis) for axis in AXES}
+
+    def describe(self) -> str:
+        """e.g. 'cfg2 x ring2 x ulysses1 x fsdp(all 4)' for records and reports."""
+        parts = [f"{axis}{getattr(self, axis)}" for axis in ("cfg", "ring", "ulysses")]
+        if self.fsdp_enabled:
+            parts.append(f"fsdp(all {self.world_size})" if self.fsdp_over_all_ranks else f"fsdp{self.fsdp}")
+        return " x ".join(parts)
+
+    # ------------------------------------------------------------------ resolve + check
+    @classmethod
+    def from_config(cls, parallel: Any, world_size: int, num_heads: int) -> "ParallelDims":
+        """Resolve -1 degrees and check the split; raises DegreeError saying what would work."""
+        cfg = int(parallel.cfg_degree)
+        if cfg not in (1, 2):
+            raise DegreeError(f"parallel.cfg_degree={cfg}: use 1 (off) or 2 (conditional and "
+                              "unconditional forwards on two rank groups)")
+        fsdp_enabled = bool(parallel.fsdp.enabled)
+        fsdp_degree = int(parallel.fsdp.degree)
+        if fsdp_enabled and (fsdp_degree == 0 or fsdp_degree < -1):
+            raise DegreeError(f"parallel.fsdp.degree={fsdp_degree}: use -1 (shard over all ranks, "
+                              "as upstream) or the size of an own fsdp mesh axis (>= 1)")
+        over_all = fsdp_enabled and fsdp_degree == -1
+        fsdp_axis = fsdp_degree if fsdp_enabled and not over_all else 1
+        ring, ulysses = int(parallel.ring_degree), int(parallel.ulysses_degree)
+        for name, value in (("ring_degree", ring), ("ulysses_degree", ulysses)):
+            if value == 0 or value < -1:
+                raise DegreeError(f"parallel.{name}={value}: use -1 (the ranks the other axes "
+                                  "leave) or >= 1")
+        if ring == -1 and ulysses == -1:
+            raise DegreeError("parallel.ring_degree=-1 and parallel.ulysses_degree=-1: at most one "
+                              "degree can take the ranks the others leave; set one of them")
+        fixed = cfg * fsdp_axis * (ring if ring != -1 else 1) * (ulysses if ulysses != -1 else 1)
+        if -1 in (ring, ulysses):
+            if world_size % fixed:
+                raise DegreeError(
+                    f"cfg={cfg} x fsdp={fsdp_axis} x the fixed sequence degree leave no whole "
+                    f"number of ranks out of {world_size}; {cls._what_fits(world_size, num_heads, cfg, fsdp_axis)}")
+            rest = world_size // fixed
+            ring, ulysses = (rest, ulysses) if ring == -1 else (ring, rest)
+        if over_all and world_size % (cfg * ring * ulysses) == 0:
+            # FSDP over all ranks: the ranks cfg x ring x ulysses leave are replicas of the
+            # sequence work (pure FSDP: all of them), and FSDP shards over every rank
+            fsdp_axis = world_size // (cfg * ring * ulysses)
+        product = cfg * fsdp_axis * ring * ulysses
+        if product != world_size:
+            raise DegreeError(
+                f"degrees cfg={cfg} x fsdp={fsdp_axis} x ring={ring} x ulysses={ulysses} = {product} "
+                f"ranks, but the job has {world_size}; {cls._what_fits(world_size, num_heads, cfg, fsdp_axis)}")
+        if num_heads % ulysses:
+            raise DegreeError(
+                f"parallel.ulysses_degree={ulysses} does not divide the {num_heads} heads "
+                f"(model.num_heads); {usp_suggestion(ring * ulysses, num_heads)} does")
+        return cls(cfg, fsdp_axis, ring, ulysses, fsdp_enabled, over_all, world_size)
+
+    @staticmethod
+    def _what_fits(world_size: int, num_heads: int, cfg: int, fsdp_axis: int) -> str:
+        sp_ranks, left = divmod(world_size, cfg * fsdp_axis)
+        if left:
+            return (f"cfg x fsdp = {cfg * fsdp_axis} does not divide {world_size} ranks; "
+                    f"use degrees whose product is {world_size}")
+        return f"with cfg={cfg} and fsdp={fsdp_axis} this works: {usp_suggestion(sp_ranks, num_heads)}"
+
+    # ------------------------------------------------------------------ device mesh
+    def build_mesh(self, device_type: str) -> "ParallelMesh | None":
+        """The device mesh over (cfg, fsdp, ring, ulysses) and the groups each part of the
+        split uses; None when nothing is split (no process group needed)."""
+        if self.world_size == 1 and not self.fsdp_enabled:
+            return None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device_type, tuple(getattr(self, a) for a in AXES), mesh_dim_names=AXES)
+        sp_mesh = mesh["ring", "ulysses"]._flatten("sp")
+        fsdp_mesh = None
+        if self.fsdp_enabled:
+            fsdp_mesh = mesh._flatten("all") if self.fsdp_over_all_ranks else mesh["fsdp"]
+        return ParallelMesh(
+            mesh=mesh,
+            cfg=mesh["cfg"].get_group() if self.cfg > 1 else None,
+            sp=sp_mesh.get_group() if self.sp > 1 else None,
+            ring=mesh["ring"].get_group() if self.ring > 1 else None,
+            ulysses=mesh["ulysses"].get_group() if self.ulysses > 1 else None,
+            fsdp=fsdp_mesh,
+        )
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """The mesh of a split and the process groups of its parts (None: degree 1)."""
+
+    mesh: Any  # DeviceMesh over AXES
+    cfg: Any  # ProcessGroup of this rank's cfg pair
+    sp: Any  # ring x ulysses flattened: the sequence is split over it
+    ring: Any
+    ulysses: Any
+    fsdp: Any  # DeviceMesh FSDP shards over (the flattened whole mesh, or the fsdp axis)
