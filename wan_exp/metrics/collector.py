@@ -45,6 +45,9 @@ class MetricsCollector:
         self.warmup_steps = 0
         self.workload: dict[str, Any] = {}
         self.notes: dict[str, Any] = {}
+        self.stages: dict[str, dict[str, Any]] = {}
+        # peaks seen before a stage reset the device's / the host's peak counters
+        self._folded_peaks: dict[str, float] = {}
         self._nvml_peak_bytes: Optional[int] = None
         self._nvml_handle = _nvml_handle(self.device) if self.device.type == "cuda" else None
 
@@ -76,6 +79,43 @@ class MetricsCollector:
         else:
             self.warmup_steps += 1
 
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time one pipeline stage and its peak memory: device allocated and reserved (the
+        allocator's peak counters are reset at the stage's start) and host RSS (the kernel's
+        high-water mark is reset too, where /proc allows). A name met again adds its seconds
+        and keeps the larger peaks. The job-wide peaks in ``memory()`` are unaffected."""
+        self._sync()
+        self._reset_peaks()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        elapsed = time.perf_counter() - start
+        entry = self.stages.setdefault(name, {"seconds": 0.0, "count": 0, "peak_allocated_gib": None,
+                                              "peak_reserved_gib": None, "peak_host_rss_gib": None})
+        entry["seconds"] += elapsed
+        entry["count"] += 1
+        for key, value in self._current_peaks().items():
+            if value is not None:
+                entry[key] = max(entry[key] or 0.0, value)
+        self._sample_nvml()
+
+    def _current_peaks(self) -> dict[str, Optional[float]]:
+        on_cuda = self.device.type == "cuda"
+        return {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB if on_cuda else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB if on_cuda else None,
+            "peak_host_rss_gib": _host_peak_bytes() / GIB,
+        }
+
+    def _reset_peaks(self) -> None:
+        for key, value in self._current_peaks().items():
+            if value is not None:
+                self._folded_peaks[key] = max(self._folded_peaks.get(key, 0.0), value)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        _reset_host_peak()
+
     # ------------------------------------------------------------------ facts from the rank
     def set_workload_info(self, **info: Any) -> None:
         """tokens_per_forward, forwards_per_step, flops_per_step (the whole job's FLOPs for
@@ -102,17 +142,24 @@ class MetricsCollector:
         stats = torch.cuda.memory_stats(self.device) if on_cuda else {}
         self._sample_nvml()
         mem: dict[str, Optional[float]] = {
-            "peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB if on_cuda else None,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB if on_cuda else None,
+            "peak_allocated_gib": self._job_peak("peak_allocated_gib", on_cuda and torch.cuda.max_memory_allocated(self.device)),
+            "peak_reserved_gib": self._job_peak("peak_reserved_gib", on_cuda and torch.cuda.max_memory_reserved(self.device)),
             "nvml_used_gib": self._nvml_peak_bytes / GIB if self._nvml_peak_bytes is not None else None,
             "alloc_retries": stats.get("num_alloc_retries") if on_cuda else None,
             "ooms": stats.get("num_ooms") if on_cuda else None,
             # ru_maxrss is in KiB on Linux
-            "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+            "peak_host_rss_gib": self._job_peak("peak_host_rss_gib", max(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _host_peak_bytes())),
         }
         for key in _MEMORY_NOTES:
             mem[key] = self.notes.get(key)
         return mem
+
+    def _job_peak(self, key: str, current_bytes: int | bool) -> Optional[float]:
+        """The job-wide peak: the current counter and what stages folded away (None on CPU)."""
+        if current_bytes is False:
+            return None
+        return max(current_bytes / GIB, self._folded_peaks.get(key, 0.0))
 
     def allocator_settings(self) -> Optional[dict]:
         """The caching allocator's settings actually in force (read back, not the env)."""
@@ -140,9 +187,34 @@ class MetricsCollector:
             "memory": self.memory(),
             "allocator_settings": self.allocator_settings(),
             "workload": dict(self.workload),
+            "stages": {name: dict(entry) for name, entry in self.stages.items()},
         }
         record.update({k: v for k, v in self.notes.items() if k not in _MEMORY_NOTES})
         return record
+
+
+def _host_peak_bytes() -> int:
+    """This process's resident-set high-water mark (VmHWM), else its current RSS."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _reset_host_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs); a no-op elsewhere,
+    where a stage's host figure is then the process's peak so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
 
 
 def _nvml_handle(device: torch.device) -> Any:
@@ -269,4 +341,36 @@ def summarize(records: list[dict], config: Any) -> dict:
         "peak_flops_per_gpu": peak,
         "mfu": mfu(flops_per_step or 0.0, step_median or 0.0, world_size, peak),
         "attention_backend": rank0.get("attention_backend"),
+        **stage_summary(records),
     }
+
+
+STAGE_PEAKS = ("peak_allocated_gib", "peak_reserved_gib", "peak_host_rss_gib")
+
+
+def stage_summary(records: list[dict]) -> dict:
+    """Per-stage figures of the job (empty when no rank timed stages): each stage's seconds and
+    peaks as the max over ranks (the slowest rank gates the job; the fullest one fails first),
+    and the figures people quote: seconds per clip and per second of video (all stages
+    together), and the DiT's share of that time (the ``denoise`` stage)."""
+    names: list[str] = []
+    for r in records:
+        names += [n for n in r.get("stages", {}) if n not in names]
+    if not names:
+        return {}
+
+    def over_ranks(name: str, key: str) -> Optional[float]:
+        values = [r["stages"][name][key] for r in records
+                  if name in r.get("stages", {}) and r["stages"][name].get(key) is not None]
+        return max(values) if values else None
+
+    seconds = {n: over_ranks(n, "seconds") for n in names}
+    total = sum(v for v in seconds.values() if v is not None)
+    work = records[0].get("workload", {})
+    out: dict[str, Any] = {"stages_s": seconds, "pipeline_s": total}
+    for key in STAGE_PEAKS:
+        out[f"stage_{key}"] = {n: over_ranks(n, key) for n in names}
+    out["seconds_per_clip"] = _ratio(total, work.get("clips"))
+    out["seconds_per_video_second"] = _ratio(total, work.get("video_seconds"))
+    out["dit_share"] = _ratio(seconds.get("denoise"), total)
+    return out

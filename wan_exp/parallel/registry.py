@@ -120,7 +120,8 @@ def _encoders(cfg: Any, ctx: Any) -> tuple[nn.Module | None, nn.Module | None]:
     model, dtype = cfg.model, torch_dtype(cfg.model.dtype)
     with ctx.phase("load"):
         text = build_text_encoder(model, place(cfg.parallel.text_encoder_placement), dtype, model.seed)
-        audio = (build_audio_encoder(model, place(cfg.parallel.audio_encoder_placement), dtype, model.seed)
+        # wav2vec2 runs in fp32 whatever the DiT's dtype, as upstream S2V
+        audio = (build_audio_encoder(model, place(cfg.parallel.audio_encoder_placement), torch.float32, model.seed)
                  if model.s2v else None)
     return text, audio
 
