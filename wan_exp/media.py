@@ -39,10 +39,12 @@ def read_audio(path: str | Path) -> np.ndarray:
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 raise ValueError("it has no audio stream")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            # resample each channel, then average them (ffmpeg's own down-mix would weight
+            # stereo by 1/sqrt(2) each; a mono read averages the channels)
+            resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
             for frame in container.decode(stream):
-                chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
-            chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+                chunks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(frame)]
+            chunks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(None)]
     except (av.FFmpegError, ValueError, OSError) as exc:
         raise ValueError(f"workload.audio_path={str(path)!r} is not a readable audio file ({exc}); "
                          "use a wav, flac or mp3 file") from None
