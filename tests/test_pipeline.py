@@ -20,6 +20,8 @@ from wan_exp.models.vae import (
 )
 from wan_exp.workloads.inputs import feature_extractor, features_per_video_frame
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
 
 # ----------------------------------------------------------------------------- audio
 def write_audio(path, codec: str, rate: int, left: np.ndarray, right: np.ndarray) -> None:
