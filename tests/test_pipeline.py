@@ -4,7 +4,11 @@ decoding, and the pre-launch input checks."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -19,6 +23,8 @@ from wan_exp.models.vae import (
     LATENT_MEAN, LATENT_STD, AttentionBlock, Downsample, ResidualBlock, Upsample, WanVAE, grid_tiles, stitch,
 )
 from wan_exp.workloads.inputs import feature_extractor, features_per_video_frame
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -279,3 +285,95 @@ def test_bad_inputs_are_config_errors_before_launch(tmp_path):
         validate(compose_config(["model=tiny", "parallel=single", "parallel.vae=sharded"]), 1)
     with pytest.raises(ConfigError, match=r"workload\.size='40\*64': height 40 must be a positive multiple of 16"):
         validate(generate_cfg("workload.size=40*64"), 2)
+
+
+# ----------------------------------------------------------------------------- distributed
+@pytest.mark.slow
+def test_every_vae_mode_equals_the_plain_decode_on_two_ranks():
+    """tests/dist/vae_modes.py under torchrun, 2 gloo ranks: every parallel.vae mode's pixels
+    and motion latents against the plain decode on every rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/dist/vae_modes.py"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    measured = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("max_abs_diff"))
+    assert set(measured) == {"every_rank", "rank0", "tiled", "sharded"}
+    assert all(float(v) <= 1e-5 for v in measured.values())
+
+
+# ----------------------------------------------------------------------------- a tiny job end to end
+def write_tiny_checkpoint_folder(folder: Path) -> None:
+    """The official folder layout at tiny size: DiT shards, umT5 file, VAE file, wav2vec2
+    folder with its preprocessor config, umT5 tokenizer folder (a word-level tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Wav2Vec2FeatureExtractor
+
+    from wan_exp.models.checkpoint import write_checkpoint
+    from wan_exp.models.encoders import (
+        audio_encoder_config, build_text_encoder, t5_hf_to_official,
+    )
+    from wan_exp.models.wan_s2v import WanModel
+
+    cfg = compose_config(["model=tiny"]).model
+    torch.manual_seed(0)
+    write_checkpoint(WanModel(cfg).state_dict(), folder, shards=2)
+    torch.save(t5_hf_to_official(build_text_encoder(cfg, "cpu", torch.float32).state_dict()), folder / "t5.pth")
+    torch.save(WanVAE(cfg.vae_dim).state_dict(), folder / "Wan2.1_VAE.pth")
+    from transformers import Wav2Vec2Model
+
+    Wav2Vec2Model(audio_encoder_config(cfg)).save_pretrained(folder / "wav2vec2")
+    Wav2Vec2FeatureExtractor().save_pretrained(folder / "wav2vec2")
+    words = ["<pad>", "</s>", "<unk>", "a", "person", "talks", "smiling"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder / "google" / "umt5-xxl")
+
+
+@pytest.mark.slow
+def test_tiny_job_from_a_checkpoint_folder_writes_the_video_and_stage_figures(tmp_path):
+    from launch_helpers import job_results, run_launch
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    write_tiny_checkpoint_folder(folder)
+    speech = tmp_path / "speech.flac"
+    t = np.arange(int(44100 * 0.8)) / 44100  # 0.8 s: 23 features at 30 fps -> int(23 / 15) + 1 = 2 clips
+    write_audio(speech, "flac", 44100, 0.5 * np.sin(2 * np.pi * 220 * t), 0.5 * np.sin(2 * np.pi * 330 * t))
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 90, 3), dtype=np.uint8)).save(tmp_path / "face.png")
+    sweep = tmp_path / "sweep"
+    proc = run_launch(sweep, "model=tiny", "parallel=ulysses", "launcher.nproc_per_node=2", "logger=disabled",
+                      f"model.checkpoint_dir={folder}", "model.text_encoder.checkpoint=t5.pth",
+                      "model.audio_encoder.checkpoint=wav2vec2", "model.vae_dim=4",
+                      "workload.prompt=a person talks", f"workload.audio_path={speech}",
+                      f"workload.image_path={tmp_path / 'face.png'}", "workload.clips=-1",
+                      "workload.sample_steps=2", "parallel.vae=sharded", timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = job_results(sweep)[0]
+    assert results["status"] == "completed"
+    work = results["ranks"][0]["workload"]
+    assert work["clips"] == 2 and work["text_branch"] == "tokenized" and work["height_width"] == [8, 8]
+
+    with av.open(str(sweep / "0" / "video.mp4")) as container:
+        video = container.streams.video[0]
+        audio = container.streams.audio[0]
+        assert video.average_rate == 16 and (video.width, video.height) == (64, 64)
+        frames = sum(1 for _ in container.decode(video))
+    assert frames == 2 * 8  # two clips of 8 frames
+    with av.open(str(sweep / "0" / "video.mp4")) as container:
+        samples = sum(f.samples for f in container.decode(container.streams.audio[0]))
+    assert audio.rate == 16000 and abs(samples / 16000 - frames / 16) < 0.1  # the video's second
+
+    summary = results["summary"]
+    stages = summary["stages_s"]
+    assert set(stages) == {"text_encode", "audio_encode", "reference_encode", "motion_encode", "denoise",
+                           "vae_decode", "video_write"}
+    assert all(v > 0 for v in stages.values())
+    assert summary["stage_peak_host_rss_gib"]["vae_decode"] > 0
+    assert summary["seconds_per_clip"] == pytest.approx(summary["pipeline_s"] / 2)
+    assert summary["seconds_per_video_second"] == pytest.approx(summary["pipeline_s"] / 1.0)
+    assert summary["dit_share"] == pytest.approx(stages["denoise"] / summary["pipeline_s"])
+    # only rank 0 writes the video
+    assert "video_write" in results["ranks"][0]["stages"] and "video_write" not in results["ranks"][1]["stages"]
+    page = (sweep / "report.html").read_text()
+    assert "Pipeline time per stage" in page and "Peak memory per stage" in page and "s/clip" in page
