@@ -285,6 +285,9 @@ def test_bad_inputs_are_config_errors_before_launch(tmp_path):
         validate(compose_config(["model=tiny", "parallel=single", "parallel.vae=sharded"]), 1)
     with pytest.raises(ConfigError, match=r"workload\.size='40\*64': height 40 must be a positive multiple of 16"):
         validate(generate_cfg("workload.size=40*64"), 2)
+    with pytest.raises(ConfigError, match=r"workload\.save_video='maybe'; use one of auto, true, false"):
+        validate(generate_cfg("workload.save_video=maybe"), 2)
+    validate(generate_cfg("workload.save_video=true"), 2)  # a boolean on the command line is fine
 
 
 # ----------------------------------------------------------------------------- distributed

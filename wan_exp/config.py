@@ -82,12 +82,6 @@ class SamplerName(str, Enum):
     euler = "euler"
 
 
-class SaveVideo(str, Enum):
-    auto = "auto"  # write <job dir>/video.mp4 when model.checkpoint_dir is set
-    true = "true"
-    false = "false"
-
-
 class LoggerMode(str, Enum):
     online = "online"
     offline = "offline"
@@ -223,6 +217,7 @@ class LoraConfig:
     save: bool = True
 
 
+SAVE_VIDEO_SETTINGS = ("auto", "true", "false")
 # Upstream S2V's default negative prompt (the unconditional text branch).
 S2V_NEGATIVE_PROMPT = (
     "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，"
@@ -251,7 +246,9 @@ class WorkloadConfig:
     audio_path: Optional[str] = None  # wav/flac/mp3/...; None = synthetic audio
     image_path: Optional[str] = None  # reference frame; needs model.checkpoint_dir (VAE)
     size_from_image: bool = True  # H*W chosen from image_path within the area of workload.size
-    save_video: SaveVideo = SaveVideo.auto  # <job dir>/video.mp4 (generate)
+    # <job dir>/video.mp4 (generate): auto = when model.checkpoint_dir is set, or true / false
+    # (a string, since YAML and the command line read true/false as booleans)
+    save_video: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -432,6 +429,8 @@ def validate(cfg: Any, world_size: int) -> None:
     if wl.clips == -1 and not wl.audio_path:
         raise ConfigError("workload.clips=-1 takes the clip count from workload.audio_path; set the file "
                           "or a clip count")
+    if str(wl.save_video).lower() not in SAVE_VIDEO_SETTINGS:
+        raise ConfigError(f"workload.save_video={wl.save_video!r}; use one of {', '.join(SAVE_VIDEO_SETTINGS)}")
     if par.vae == VaePlacement.sharded and world_size < 2:
         raise ConfigError("parallel.vae=sharded spreads the decode over the ranks and needs >= 2 ranks, "
                           f"got {world_size}; use parallel.vae=tiled on one rank")

@@ -164,9 +164,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, audio: Optional[
 
 def wants_video(workload: Any, checkpoint_dir: Optional[str]) -> bool:
     """``workload.save_video``: true/false, or auto = when a checkpoint folder is given."""
-    from wan_exp.config import SaveVideo
-
-    setting = SaveVideo(workload.save_video).value
+    setting = str(workload.save_video).lower()
     return setting == "true" or (setting == "auto" and bool(checkpoint_dir))
 
 
