@@ -358,7 +358,7 @@ def test_tiny_job_from_a_checkpoint_folder_writes_the_video_and_stage_figures(tm
     results = job_results(sweep)[0]
     assert results["status"] == "completed"
     work = results["ranks"][0]["workload"]
-    assert work["clips"] == 2 and work["text_branch"] == "tokenized" and work["height_width"] == [8, 8]
+    assert work["clips"] == 2 and work["text_branch"] == "tokenized" and work["size"] == "64*64"
 
     with av.open(str(sweep / "0" / "video.mp4")) as container:
         video = container.streams.video[0]

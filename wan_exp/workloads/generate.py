@@ -35,6 +35,7 @@ from wan_exp.parallel.fsdp import torch_dtype
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.parallel.vae import decode_clip, encode_motion
 from wan_exp.workloads.inputs import (
+    VAE_STRIDE,
     clip_audio,
     clip_token_counts,
     encode_audio,
@@ -59,13 +60,15 @@ def motion_pixel_frames(motion_latents: int) -> int:
 
 def denoise_clip(cfg: Any, dit: torch.nn.Module, cond: Condition, uncond: Condition, clip: int,
                  step_scope: Callable[[int], ContextManager]) -> torch.Tensor:
-    """One clip's latents from its seeded noise. ``step_scope(global_step)`` wraps each step."""
+    """One clip's latents (fp32) from its seeded noise. The solver keeps its state in fp32 as
+    upstream does; the DiT takes the latents in the model's dtype and returns an fp32 flow.
+    ``step_scope(global_step)`` wraps each step."""
     wl = cfg.workload
-    noise = random_latents(latent_shape(cfg), input_seed(cfg, "noise", clip), cond.context.device,
-                           cond.context.dtype)
+    model_dtype = cond.context.dtype
+    noise = random_latents(latent_shape(cfg), input_seed(cfg, "noise", clip), cond.context.device, torch.float32)
 
     def flow(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return guided_flow(dit, x, timestep, cond, uncond, wl.guidance_scale)
+        return guided_flow(dit, x.to(model_dtype), timestep, cond, uncond, wl.guidance_scale).float()
 
     first = clip * wl.sample_steps
     return sample(flow, noise, wl.sample_steps, wl.shift, SamplerName(wl.sampler).value,
@@ -99,7 +102,7 @@ def generate_workload_info(cfg: Any, clips: int) -> dict:
         "sample_steps": wl.sample_steps,
         "sampler": SamplerName(wl.sampler).value,
         "guidance_scale": wl.guidance_scale,
-        "height_width": list(latent_shape(cfg)[2:]),
+        "size": "{}*{}".format(*(VAE_STRIDE * n for n in latent_shape(cfg)[2:])),
         "text_branch": "synthetic" if text_is_synthetic(cfg, wl.prompt) else "tokenized",
         "vae_mode": VaePlacement(cfg.parallel.vae).value,
     }
@@ -123,7 +126,7 @@ def generate_video(cfg: Any, ctx: Any, dit: torch.nn.Module, parallel_model: Any
         ref = reference_latents(cfg, vae, device, dtype) if cfg.model.s2v else None
 
     channels, _, lat_h, lat_w = latent_shape(cfg)
-    height, width = lat_h * 8, lat_w * 8
+    height, width = lat_h * VAE_STRIDE, lat_w * VAE_STRIDE
     motion_frames = motion_pixel_frames(cfg.model.motion_frames)
     motion_shape = (1, channels, cfg.model.motion_frames, lat_h, lat_w)
     with ctx.stage("motion_encode"):  # before the first clip: zero pixels
@@ -140,7 +143,7 @@ def generate_video(cfg: Any, ctx: Any, dit: torch.nn.Module, parallel_model: Any
         with ctx.stage("denoise"):
             latents = denoise_clip(cfg, dit, cond, uncond, clip, step_scope)
         with ctx.stage("vae_decode"):
-            pixels = decode_clip(vae, torch.cat([motion, latents.float()], dim=2), mode, rank, world)
+            pixels = decode_clip(vae, torch.cat([motion, latents], dim=2), mode, rank, world)
         if keep_frames:
             frames.append(to_uint8_frames(pixels[:, :, -wl.frames_per_clip:]))
         if clip + 1 < clips:
