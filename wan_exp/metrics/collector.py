@@ -101,6 +101,7 @@ class MetricsCollector:
         for key, value in self._current_peaks().items():
             if value is not None:
                 entry[key] = max(entry[key] or 0.0, value)
+                self._folded_peaks[key] = max(self._folded_peaks.get(key, 0.0), value)
         self._sample_nvml()
 
     def _current_peaks(self) -> dict[str, Optional[float]]:
@@ -112,6 +113,7 @@ class MetricsCollector:
         }
 
     def _reset_peaks(self) -> None:
+        """Keep the peaks so far (for memory()'s job-wide figures), then reset the counters."""
         for key, value in self._current_peaks().items():
             if value is not None:
                 self._folded_peaks[key] = max(self._folded_peaks.get(key, 0.0), value)
