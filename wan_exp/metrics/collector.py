@@ -146,25 +146,23 @@ class MetricsCollector:
         on_cuda = self.device.type == "cuda"
         stats = torch.cuda.memory_stats(self.device) if on_cuda else {}
         self._sample_nvml()
+        current = self._current_peaks()
+        # ru_maxrss is in KiB on Linux
+        current["peak_host_rss_gib"] = max(current["peak_host_rss_gib"],
+                                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB)
+        # job-wide: the counters now, and what stages saw before they reset them
+        peaks = {k: None if v is None else max(v, self._folded_peaks.get(k, 0.0)) for k, v in current.items()}
         mem: dict[str, Optional[float]] = {
-            "peak_allocated_gib": self._job_peak("peak_allocated_gib", on_cuda and torch.cuda.max_memory_allocated(self.device)),
-            "peak_reserved_gib": self._job_peak("peak_reserved_gib", on_cuda and torch.cuda.max_memory_reserved(self.device)),
+            "peak_allocated_gib": peaks["peak_allocated_gib"],
+            "peak_reserved_gib": peaks["peak_reserved_gib"],
             "nvml_used_gib": self._nvml_peak_bytes / GIB if self._nvml_peak_bytes is not None else None,
             "alloc_retries": stats.get("num_alloc_retries") if on_cuda else None,
             "ooms": stats.get("num_ooms") if on_cuda else None,
-            # ru_maxrss is in KiB on Linux
-            "peak_host_rss_gib": self._job_peak("peak_host_rss_gib", max(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _host_peak_bytes())),
+            "peak_host_rss_gib": peaks["peak_host_rss_gib"],
         }
         for key in _MEMORY_NOTES:
             mem[key] = self.notes.get(key)
         return mem
-
-    def _job_peak(self, key: str, current_bytes: int | bool) -> Optional[float]:
-        """The job-wide peak: the current counter and what stages folded away (None on CPU)."""
-        if current_bytes is False:
-            return None
-        return max(current_bytes / GIB, self._folded_peaks.get(key, 0.0))
 
     def allocator_settings(self) -> Optional[dict]:
         """The caching allocator's settings actually in force (read back, not the env)."""

@@ -129,8 +129,9 @@ def generate_video(cfg: Any, ctx: Any, dit: torch.nn.Module, parallel_model: Any
     height, width = lat_h * VAE_STRIDE, lat_w * VAE_STRIDE
     motion_frames = motion_pixel_frames(cfg.model.motion_frames)
     motion_shape = (1, channels, cfg.model.motion_frames, lat_h, lat_w)
+    holds_pixels = mode != "rank0" or rank == 0
     with ctx.stage("motion_encode"):  # before the first clip: zero pixels
-        zeros = torch.zeros(1, 3, motion_frames, height, width, device=device) if mode != "rank0" or rank == 0 else None
+        zeros = torch.zeros(1, 3, motion_frames, height, width, device=device) if holds_pixels else None
         motion = encode_motion(vae, zeros, motion_frames, mode, rank, world, motion_shape)
     keep_frames = rank == 0 and ctx.job_dir is not None and wants_video(wl, cfg.model.checkpoint_dir)
     frames: list[np.ndarray] = []
