@@ -1,7 +1,6 @@
 """generate and init workloads on the tiny model, one rank in-process."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
