@@ -56,7 +56,6 @@ class ClipInputs:
     audio: Optional[torch.Tensor]  # (1, audio_layers, video frames, audio_dim), S2V only
     ref: Optional[torch.Tensor]  # (1, 16, 1, H/8, W/8) reference latents, S2V only
     motion: Optional[torch.Tensor]  # (1, 16, motion_frames, H/8, W/8) or None (first clip)
-    clips: int = 1  # clips the audio features span
 
 
 def latent_shape(cfg: Any) -> tuple[int, int, int, int]:
@@ -222,12 +221,11 @@ def encode_job_inputs(cfg: Any, parallel_model: ParallelModel, device: torch.dev
     dtype = torch_dtype(cfg.model.dtype)
     context, null_context = encode_prompts(cfg, parallel_model, device, dtype)
     audio = ref = None
-    clips = cfg.workload.clips
     if cfg.model.s2v:
-        audio, clips, _ = encode_audio(cfg, parallel_model, device, dtype)
+        audio, _clips, _waveform = encode_audio(cfg, parallel_model, device, dtype)
         ref = reference_latents(cfg, vae, device, dtype)
     latents = random_latents(latent_shape(cfg), input_seed(cfg, "latents"), device, dtype)
-    return ClipInputs(latents, context, null_context, audio, ref, motion=None, clips=clips)
+    return ClipInputs(latents, context, null_context, audio, ref, motion=None)
 
 
 def clip_audio(audio: Optional[torch.Tensor], clip: int, frames_per_clip: int) -> Optional[torch.Tensor]:
