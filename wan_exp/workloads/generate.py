@@ -32,7 +32,7 @@ from wan_exp.media import SAMPLE_RATE, wants_video, write_video
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.models.vae import TEMPORAL_STRIDE, WanVAE, build_vae
 from wan_exp.parallel.fsdp import torch_dtype
-from wan_exp.parallel.registry import setup_parallel
+from wan_exp.parallel.registry import ParallelModel, setup_parallel
 from wan_exp.parallel.vae import decode_clip, encode_motion
 from wan_exp.workloads.inputs import (
     VAE_STRIDE,
@@ -108,7 +108,7 @@ def generate_workload_info(cfg: Any, clips: int) -> dict:
     }
 
 
-def generate_video(cfg: Any, ctx: Any, dit: torch.nn.Module, parallel_model: Any,
+def generate_video(cfg: Any, ctx: Any, parallel_model: ParallelModel,
                    step_scope: Callable[[int], ContextManager]) -> tuple[Optional[np.ndarray], Any, int]:
     """The pipeline after the models are set up. Returns (the video's uint8 frames where it is
     written: rank 0 of a job with a job dir and workload.save_video on, else None; the
@@ -142,7 +142,7 @@ def generate_video(cfg: Any, ctx: Any, dit: torch.nn.Module, parallel_model: Any
         cond = Condition(context, clip_features, ref, dit_motion)
         uncond = Condition(null_context, silent, ref, dit_motion)  # negative prompt, zero audio
         with ctx.stage("denoise"):
-            latents = denoise_clip(cfg, dit, cond, uncond, clip, step_scope)
+            latents = denoise_clip(cfg, parallel_model.dit, cond, uncond, clip, step_scope)
         with ctx.stage("vae_decode"):
             pixels = decode_clip(vae, torch.cat([motion, latents], dim=2), mode, rank, world)
         if keep_frames:
@@ -165,7 +165,7 @@ def run_generate(cfg: Any, ctx: Any) -> dict:
                 yield
             bar.update(1)
 
-        frames, waveform, clips = generate_video(cfg, ctx, parallel_model.dit, parallel_model, scope)
+        frames, waveform, clips = generate_video(cfg, ctx, parallel_model, scope)
     if frames is not None:
         with ctx.stage("video_write"):
             audio = None if waveform is None else waveform.numpy()
