@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ def main() -> None:
         total = sum(e["seconds"] for e in result["stages"].values())
         print(json.dumps({"pipeline_s": total, "dit_share": result["stages"]["denoise"]["seconds"] / total,
                           "seconds_per_video_second": total / result["workload"]["video_seconds"],
-                          "step_s_median": sorted(result["step_times_s"])[len(result["step_times_s"]) // 2],
+                          "step_s_median": statistics.median(result["step_times_s"] or [float("nan")]),
                           "init_phases_s": result["init_phases_s"], "memory": result["memory"]}))
         torch.cuda.empty_cache()
     for row in decode_modes(cfg):
