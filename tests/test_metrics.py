@@ -191,3 +191,40 @@ def test_collector_on_cuda_reads_memory_nvml_and_allocator_settings():
     assert mem["alloc_retries"] == 0 and mem["ooms"] == 0
     record = collector.rank_record()
     assert isinstance(record["allocator_settings"], dict) and record["device_name"].startswith("NVIDIA")
+
+
+def test_stage_records_seconds_count_and_the_host_peak_of_the_stage():
+    collector = MetricsCollector("cpu", 0, 1)
+    with collector.stage("vae_decode"):
+        time.sleep(0.02)
+    with collector.stage("vae_decode"):
+        big = bytearray(64 * 2**20)  # 64 MiB touched inside the stage raises its host peak
+        big[::4096] = b"x" * len(big[::4096])
+        time.sleep(0.02)
+    del big
+    with collector.stage("video_write"):
+        pass
+    record = collector.rank_record()
+    decode, write = record["stages"]["vae_decode"], record["stages"]["video_write"]
+    assert decode["count"] == 2 and decode["seconds"] >= 0.04 and write["count"] == 1
+    assert decode["peak_allocated_gib"] is None and decode["peak_reserved_gib"] is None  # CPU: absent
+    # the second occurrence held 64 MiB more than the stage after it (its peak was reset at the start)
+    assert decode["peak_host_rss_gib"] - write["peak_host_rss_gib"] > 0.05
+    assert record["memory"]["peak_host_rss_gib"] >= decode["peak_host_rss_gib"]  # job-wide peak kept
+
+
+def test_stage_summary_takes_the_slowest_rank_and_the_quoted_figures():
+    def record(rank, denoise, decode):
+        return {"rank": rank, "world_size": 2, "device_name": "cpu", "memory": {"peak_host_rss_gib": 1.0},
+                "workload": {"clips": 2, "video_seconds": 10.0},
+                "stages": {"denoise": {"seconds": denoise, "peak_host_rss_gib": 1.0 + rank},
+                           "vae_decode": {"seconds": decode, "peak_host_rss_gib": 2.0}}}
+
+    summary = summarize([record(0, 8.0, 1.0), record(1, 6.0, 3.0)], {"model": {"dtype": "fp32"}})
+    assert summary["stages_s"] == {"denoise": 8.0, "vae_decode": 3.0}
+    assert summary["pipeline_s"] == 11.0
+    assert summary["seconds_per_clip"] == pytest.approx(5.5)
+    assert summary["seconds_per_video_second"] == pytest.approx(1.1)
+    assert summary["dit_share"] == pytest.approx(8.0 / 11.0)
+    assert summary["stage_peak_host_rss_gib"] == {"denoise": 2.0, "vae_decode": 2.0}
+    assert "stages_s" not in summarize([{**record(0, 1.0, 1.0), "stages": {}}], {})

@@ -240,7 +240,7 @@ def test_nan_weights_fail_a_generate_job_with_phase_step_and_tensor(tmp_path):
     (job,) = job_results(tmp_path / "sweep")
     cause = job["root_cause"]
     assert job["status"] == "failed" and (cause["rank"], cause["phase"], cause["step"]) == (0, "step", 0), cause
-    assert cause["message"].startswith("NonFiniteError: DiT output (guided velocity) is not finite"), cause
+    assert cause["message"].startswith("NonFiniteError: DiT output (guided flow) is not finite"), cause
 
 
 # ----------------------------------------------------------------------------- settings that do nothing

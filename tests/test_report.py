@@ -183,8 +183,10 @@ def test_html_is_self_contained_with_the_figures(sweep_dir):
     text = html_path.read_text()
     parser = _TableParser()
     parser.feed(text)
-    # per-rank memory, throughput, init phases, scaling (rank counts vary)
-    assert len(parser.images) == 4
+    # per-rank memory, throughput, init phases, scaling (rank counts vary), and the generate
+    # jobs' pipeline time per stage and peak memory per stage
+    assert len(parser.images) == 6
+    assert "Pipeline time per stage" in text and "Peak memory per stage" in text
     for src in parser.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,6 @@
-"""The Wan2.1 VAE encoder (one frame): official key names and shapes, pinned numerics,
-loading from an official-layout file, and the reference image through the generate inputs."""
+"""The Wan2.1 VAE: official key names and shapes (encoder and decoder), pinned numerics,
+loading from an official-layout file, and the reference image through the generate inputs.
+(The streaming decoder/encoder against whole-clip references: tests/test_pipeline.py.)"""
 from __future__ import annotations
 
 import math
@@ -12,21 +13,19 @@ from PIL import Image
 
 from wan_exp.config import compose_config
 from wan_exp.models.checkpoint import CheckpointError, write_checkpoint
+from wan_exp.media import reference_pixels
 from wan_exp.models.vae import (
-    LATENT_MEAN, LATENT_STD, AttentionBlock, CausalConv3d, ChannelRMSNorm, VAEEncoder, encoder_state,
-    load_vae_encoder, vae_checkpoint_path,
+    LATENT_MEAN, LATENT_STD, AttentionBlock, CausalConv3d, ChannelRMSNorm, WanVAE, load_vae, vae_checkpoint_path,
 )
 from wan_exp.models.wan_s2v import WanModel
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.runtime import RankContext
-from wan_exp.workloads import WORKLOADS
-from wan_exp.workloads.generate import generate_clips
-from wan_exp.workloads.inputs import encode_job_inputs, read_image, reference_latents
+from wan_exp.workloads import WORKLOADS, generate
+from wan_exp.workloads.inputs import encode_job_inputs, reference_latents
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 TINY_DIM = 8
-# a few tensors of the official file's decoder half: the loader must skip them
-DECODER_TENSORS = {"conv2.weight": (16, 16, 1, 1, 1), "conv2.bias": (16,),
-                   "decoder.conv1.weight": (4 * TINY_DIM, 16, 3, 3, 3), "decoder.head.0.gamma": (TINY_DIM, 1, 1, 1)}
 
 
 def official_encoder_shapes(dim: int = 96, z: int = 16) -> dict[str, tuple[int, ...]]:
@@ -76,9 +75,53 @@ def official_encoder_shapes(dim: int = 96, z: int = 16) -> dict[str, tuple[int, 
     return shapes
 
 
-def tiny_vae(seed: int = 0) -> VAEEncoder:
+def official_decoder_shapes(dim: int = 96, z: int = 16) -> dict[str, tuple[int, ...]]:
+    """The decoder tensors of Wan2.1_VAE.pth: conv2 (1x1x1), conv1 (z -> 4 dim), the middle
+    block, four levels of three residual blocks at widths 4, 4, 2, 1 x dim (levels 1-3 start
+    from half the previous width, as the up-sampling conv halves the channels), up-sampling
+    after levels 0 and 1 (time_conv to twice the width + 2-D conv) and 2 (2-D conv only), and
+    the head to 3 channels."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    encoder = official_encoder_shapes(dim, z)
+
+    def copy(ours: str, theirs: str) -> None:  # a residual/middle block of the same width
+        shapes.update({k.replace(theirs, ours): v for k, v in encoder.items() if k.startswith(theirs + ".")})
+
+    d1, d2, d4 = dim, 2 * dim, 4 * dim
+    shapes["conv2.weight"], shapes["conv2.bias"] = (z, z, 1, 1, 1), (z,)
+    shapes["decoder.conv1.weight"], shapes["decoder.conv1.bias"] = (d4, z, 3, 3, 3), (d4,)
+    for i in range(3):
+        copy(f"decoder.middle.{i}", f"encoder.middle.{i}")
+
+    def residual(name, cin, cout):
+        shapes[f"{name}.residual.0.gamma"] = (cin, 1, 1, 1)
+        shapes[f"{name}.residual.2.weight"], shapes[f"{name}.residual.2.bias"] = (cout, cin, 3, 3, 3), (cout,)
+        shapes[f"{name}.residual.3.gamma"] = (cout, 1, 1, 1)
+        shapes[f"{name}.residual.6.weight"], shapes[f"{name}.residual.6.bias"] = (cout, cout, 3, 3, 3), (cout,)
+        if cin != cout:
+            shapes[f"{name}.shortcut.weight"], shapes[f"{name}.shortcut.bias"] = (cout, cin, 1, 1, 1), (cout,)
+
+    def upsample(name, c, temporal):
+        shapes[f"{name}.resample.1.weight"], shapes[f"{name}.resample.1.bias"] = (c // 2, c, 3, 3), (c // 2,)
+        if temporal:
+            shapes[f"{name}.time_conv.weight"], shapes[f"{name}.time_conv.bias"] = (2 * c, c, 3, 1, 1), (2 * c,)
+
+    index = 0
+    for cin, cout, up in ((d4, d4, "3d"), (d2, d4, "3d"), (d2, d2, "2d"), (d1, d1, None)):
+        for _ in range(3):
+            residual(f"decoder.upsamples.{index}", cin, cout)
+            cin, index = cout, index + 1
+        if up:
+            upsample(f"decoder.upsamples.{index}", cout, temporal=up == "3d")
+            index += 1
+    shapes["decoder.head.0.gamma"] = (d1, 1, 1, 1)
+    shapes["decoder.head.2.weight"], shapes["decoder.head.2.bias"] = (3, d1, 3, 3, 3), (3,)
+    return shapes
+
+
+def tiny_vae(seed: int = 0) -> WanVAE:
     torch.manual_seed(seed)
-    model = VAEEncoder(TINY_DIM).eval()
+    model = WanVAE(TINY_DIM).eval()
     with torch.no_grad():  # norms start at ones; give them values so that loading them is tested
         for name, param in model.named_parameters():
             if name.endswith("gamma"):
@@ -86,11 +129,10 @@ def tiny_vae(seed: int = 0) -> VAEEncoder:
     return model
 
 
-def write_vae_file(model: VAEEncoder, path, extra: dict | None = None, drop: str | None = None,
+def write_vae_file(model: WanVAE, path, extra: dict | None = None, drop: str | None = None,
                    zip_format: bool = True):
-    """An official-layout Wan2.1_VAE.pth: the encoder's tensors plus decoder tensors."""
+    """An official-layout Wan2.1_VAE.pth: the encoder's and the decoder's tensors."""
     state = {k: v.clone() for k, v in model.state_dict().items() if k != drop}
-    state.update({k: torch.randn(shape) for k, shape in DECODER_TENSORS.items()})
     state.update(extra or {})
     torch.save(state, path, _use_new_zipfile_serialization=zip_format)
     return path
@@ -102,17 +144,17 @@ def pixels(shape, seed: int = 1) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- structure
 def test_tiny_encoder_maps_one_frame_to_16_latent_channels_at_stride_8():
-    out = tiny_vae()(pixels((2, 3, 1, 32, 48)))
+    out = tiny_vae().encode(pixels((2, 3, 1, 32, 48)))
     assert out.shape == (2, 16, 1, 4, 6) and torch.isfinite(out).all()
-    with pytest.raises(ValueError, match=r"one RGB frame \(B, 3, 1, H, W\), got \(1, 3, 5, 32, 32\)"):
-        tiny_vae()(pixels((1, 3, 5, 32, 32)))
+    with pytest.raises(ValueError, match=r"RGB video \(B, 3, 1 \+ 4k, H, W\), got \(1, 3, 4, 32, 32\)"):
+        tiny_vae().encode(pixels((1, 3, 4, 32, 32)))
 
 
-def test_real_encoder_names_and_shapes_equal_the_official_encoder():
+def test_real_vae_names_and_shapes_equal_the_official_file():
     with torch.device("meta"):
-        model = VAEEncoder(96)
+        model = WanVAE(96)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == official_encoder_shapes()
+    assert ours == {**official_encoder_shapes(), **official_decoder_shapes()}
     # z_dim 16 and the 16 normalisation constants per channel
     assert len(LATENT_MEAN) == len(LATENT_STD) == 16 and min(LATENT_STD) > 1
 
@@ -155,22 +197,22 @@ def test_attention_block_is_single_head_softmax_over_positions():
 def test_output_is_the_normalised_posterior_mean():
     model = tiny_vae()
     x = pixels((1, 3, 1, 16, 16))
-    moments = F.conv3d(model.encoder(x), model.conv1.weight, model.conv1.bias)  # 1x1x1 conv
+    moments = F.conv3d(model.encoder(x, {}), model.conv1.weight, model.conv1.bias)  # 1x1x1 conv
     mean = moments[:, :16]  # channels 16..31 are the log-variance, unused
     expected = (mean - torch.tensor(LATENT_MEAN).view(1, 16, 1, 1, 1)) / torch.tensor(LATENT_STD).view(1, 16, 1, 1, 1)
-    torch.testing.assert_close(model(x), expected)
+    torch.testing.assert_close(model.encode(x), expected)
 
 
 # ----------------------------------------------------------------------------- loading
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy_pickle"])
-def test_official_layout_file_round_trips_and_skips_the_decoder(tmp_path, zip_format):
+def test_official_layout_file_round_trips(tmp_path, zip_format):
     source = tiny_vae()
     path = write_vae_file(source, tmp_path / "Wan2.1_VAE.pth", zip_format=zip_format)
-    state, skipped = encoder_state(torch.load(path, weights_only=True))
-    assert skipped == sorted(DECODER_TENSORS) and set(state) == set(source.state_dict())
-    loaded = load_vae_encoder(path, TINY_DIM, "cpu", torch.float32)
+    loaded = load_vae(path, TINY_DIM, "cpu", torch.float32)
     x = pixels((1, 3, 1, 16, 24))
-    torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode(x), source.encode(x), rtol=0, atol=0)
+    z = torch.randn(1, 16, 2, 2, 3)
+    torch.testing.assert_close(loaded.decode(z)[0], source.decode(z)[0], rtol=0, atol=0)
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
@@ -186,7 +228,7 @@ def test_mismatched_file_names_the_tensor(tmp_path, problem, message):
     drop = "encoder.middle.1.proj.bias" if problem == "missing" else None
     path = write_vae_file(source, tmp_path / "Wan2.1_VAE.pth", extra=extra, drop=drop)
     with pytest.raises(CheckpointError, match=rf"Wan2\.1_VAE\.pth \(model\.vae_dim=8\): .*{message}"):
-        load_vae_encoder(path, TINY_DIM, "cpu", torch.float32)
+        load_vae(path, TINY_DIM, "cpu", torch.float32)
 
 
 def test_missing_or_unreadable_vae_file_says_what_to_do(tmp_path):
@@ -195,52 +237,46 @@ def test_missing_or_unreadable_vae_file_says_what_to_do(tmp_path):
         vae_checkpoint_path(cfg.model)
     (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match=r"Wan2\.1_VAE\.pth: cannot read the VAE checkpoint"):
-        load_vae_encoder(vae_checkpoint_path(cfg.model), TINY_DIM, "cpu", torch.float32)
+        load_vae(vae_checkpoint_path(cfg.model), TINY_DIM, "cpu", torch.float32)
 
 
 # ----------------------------------------------------------------------------- the image
-def test_image_is_scaled_to_cover_and_centre_cropped(tmp_path):
-    wide = np.zeros((32, 64, 3), dtype=np.uint8)  # black outer quarters, a white centre half
-    wide[:, 16:48] = 255
-    Image.fromarray(wide).save(tmp_path / "wide.png")
-    out = read_image(tmp_path / "wide.png", 32, 32)
-    assert out.shape == (1, 3, 1, 32, 32) and torch.equal(out, torch.ones_like(out))
-    red = Image.new("RGB", (10, 30), (255, 0, 0))  # tall and small: scaled up to cover 16x48
-    red.save(tmp_path / "red.png")
-    out = read_image(tmp_path / "red.png", 16, 48)
-    assert out.shape == (1, 3, 1, 16, 48)
-    torch.testing.assert_close(out[0, :, 0, 5, 7], torch.tensor([1.0, -1.0, -1.0]))
-
-
 def test_missing_or_unreadable_image_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"workload\.image_path='.*nope\.png' does not exist"):
-        read_image(tmp_path / "nope.png", 16, 16)
+        reference_pixels(tmp_path / "nope.png", 16, 16)
     (tmp_path / "bad.png").write_bytes(b"no image here")
     with pytest.raises(ValueError, match=r"workload\.image_path='.*bad\.png' is not a readable image"):
-        read_image(tmp_path / "bad.png", 16, 16)
+        reference_pixels(tmp_path / "bad.png", 16, 16)
 
 
-def test_generate_uses_the_vae_encoding_of_the_image_as_reference(tmp_path):
-    overrides = ["model=tiny", "parallel=single", f"model.checkpoint_dir={tmp_path}",
-                 f"workload.image_path={tmp_path / 'face.png'}", "workload.sample_steps=1", "workload.warmup_steps=0"]
+def test_generate_uses_the_vae_encoding_of_the_image_as_reference(tmp_path, monkeypatch):
+    overrides = ["model=tiny", "parallel=single", f"model.checkpoint_dir={tmp_path}", "workload.size=32*32",
+                 f"workload.image_path={tmp_path / 'face.png'}", "workload.size_from_image=false",
+                 "workload.sample_steps=1", "workload.warmup_steps=0", "workload.save_video=false"]
     cfg = compose_config(overrides)
     write_checkpoint(WanModel(cfg.model).state_dict(), tmp_path, shards=2)
     vae = tiny_vae(seed=3)
     write_vae_file(vae, tmp_path / "Wan2.1_VAE.pth")
-    face = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # = workload.size
+    face = np.random.default_rng(0).integers(0, 256, (40, 24, 3), dtype=np.uint8)
     Image.fromarray(face).save(tmp_path / "face.png")
-    expected = vae(torch.from_numpy(face).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None])
+    expected = vae.encode(torch.from_numpy(reference_pixels(tmp_path / "face.png", 32, 32)).permute(2, 0, 1)[None, :, None])
 
     ctx = RankContext(cfg, 0, 0, 1, torch.device("cpu"), None)
     parallel_model = setup_parallel(cfg, ctx)
     inputs = encode_job_inputs(cfg, parallel_model, torch.device("cpu"))
     torch.testing.assert_close(inputs.ref, expected)
     # encoded in fp32 as upstream, then given the model's dtype
-    assert torch.equal(reference_latents(cfg, torch.device("cpu"), torch.bfloat16), expected.to(torch.bfloat16))
+    assert torch.equal(reference_latents(cfg, None, torch.device("cpu"), torch.bfloat16), expected.to(torch.bfloat16))
     seen = []
-    parallel_model.dit.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["ref"]), with_kwargs=True)
-    generate_clips(cfg, parallel_model.dit, inputs, lambda step: torch.no_grad())
-    assert len(seen) == 2 and all(torch.equal(ref, inputs.ref) for ref in seen)  # cond and uncond
-    # the whole workload runs with the image too
-    info = WORKLOADS["generate"](cfg, RankContext(cfg, 0, 0, 1, torch.device("cpu"), None))
-    assert info["clips"] == 1
+    ctx = RankContext(cfg, 0, 0, 1, torch.device("cpu"), None)
+    original = generate.setup_parallel
+
+    def setup_and_watch(cfg, ctx):
+        model = original(cfg, ctx)
+        model.dit.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["ref"]), with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(generate, "setup_parallel", setup_and_watch)
+    info = WORKLOADS["generate"](cfg, ctx)
+    assert info["clips"] == 1 and len(seen) == 2  # cond and uncond of the one step
+    assert all(torch.equal(ref, inputs.ref) for ref in seen)

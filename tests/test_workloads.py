@@ -1,9 +1,5 @@
-"""generate and init workloads on the tiny model, one rank in-process; wav input."""
+"""generate and init workloads on the tiny model, one rank in-process."""
 from __future__ import annotations
-
-import struct
-import wave
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -11,12 +7,11 @@ import torch
 from wan_exp.config import compose_config as compose_experiment
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.models.wan_s2v import sequence_length
-from wan_exp.parallel.registry import setup_parallel
 from wan_exp.runtime import RankContext
-from wan_exp.workloads import WORKLOADS
-from wan_exp.workloads.generate import generate_clips
-from wan_exp.workloads.inputs import SAMPLE_RATE, encode_job_inputs, read_wav
+from wan_exp.workloads import WORKLOADS, generate
+from wan_exp.workloads.sampler import model_timesteps, sigma_schedule
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def compose_config(*overrides: str):
@@ -28,43 +23,44 @@ def rank_context(cfg) -> RankContext:
 
 
 class ForwardLog:
-    """Records the motion latents and the step of every DiT forward (a forward pre-hook)."""
+    """Records the timestep, context, audio and motion of every DiT forward (a forward pre-hook),
+    installed by wrapping the workload's setup_parallel."""
 
-    def __init__(self, dit: torch.nn.Module) -> None:
-        self.calls: list[tuple[int, torch.Tensor | None]] = []
-        self.step = -1
-        dit.register_forward_pre_hook(self.hook, with_kwargs=True)
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[dict] = []
+        original = generate.setup_parallel
+
+        def setup(cfg, ctx):
+            model = original(cfg, ctx)
+            model.dit.register_forward_pre_hook(self.hook, with_kwargs=True)
+            return model
+
+        monkeypatch.setattr(generate, "setup_parallel", setup)
 
     def hook(self, module, args, kwargs):
-        self.calls.append((self.step, kwargs.get("motion")))
-
-    def scope(self, step: int):
-        self.step = step
-        return nullcontext()
+        latents, timestep, context = args
+        self.calls.append({"timestep": int(timestep[0]), "context": context.clone(),
+                           "audio": kwargs.get("audio"), "motion": kwargs.get("motion")})
 
 
 @pytest.mark.parametrize("guidance_scale, forwards", [(4.5, 2), (1.0, 1)])
-def test_clip_loop_forwards_per_step_and_motion_carried_from_clip_to_clip(guidance_scale, forwards):
-    cfg = compose_config("workload.clips=3", "workload.sample_steps=2",
+def test_clip_loop_forwards_timesteps_guidance_branches_and_motion(monkeypatch, guidance_scale, forwards):
+    cfg = compose_config("workload.clips=2", "workload.sample_steps=3",
                          f"workload.guidance_scale={guidance_scale}")
-    parallel_model = setup_parallel(cfg, rank_context(cfg))
-    inputs = encode_job_inputs(cfg, parallel_model, torch.device("cpu"))
-    log = ForwardLog(parallel_model.dit)
-    clips = generate_clips(cfg, parallel_model.dit, inputs, log.scope)
-
-    steps = [step for step, _ in log.calls]
-    assert steps == [s for s in range(6) for _ in range(forwards)]
-    motion_of_clip = [log.calls[clip * 2 * forwards][1] for clip in range(3)]
-    assert motion_of_clip[0] is None  # the first clip has no motion history
-    frames = cfg.model.motion_frames  # 19 latent frames of history; a clip has 2
-    zeros = torch.zeros_like(clips[0][:, :, :1]).expand(-1, -1, frames - 2, -1, -1)
-    torch.testing.assert_close(motion_of_clip[1], torch.cat([zeros, clips[0]], dim=2))
-    torch.testing.assert_close(motion_of_clip[2], torch.cat([zeros[:, :, 2:], clips[0], clips[1]], dim=2))
-    # every forward of a clip sees that clip's motion
-    for step, motion in log.calls:
-        clip = step // 2
-        if clip > 0:
-            torch.testing.assert_close(motion, motion_of_clip[clip])
+    log = ForwardLog(monkeypatch)
+    WORKLOADS["generate"](cfg, rank_context(cfg))
+    assert len(log.calls) == 2 * 3 * forwards
+    expected_t = model_timesteps(sigma_schedule(3, cfg.workload.shift)).tolist()
+    assert [c["timestep"] for c in log.calls] == [t for _ in range(2) for t in expected_t for _ in range(forwards)]
+    first_clip, second_clip = log.calls[:3 * forwards], log.calls[3 * forwards:]
+    assert all(c["motion"] is None for c in first_clip)  # no motion tokens in the first clip
+    motion = second_clip[0]["motion"]
+    assert motion.shape == (1, 16, cfg.model.motion_frames, 8, 8)  # re-encoded from decoded pixels
+    assert all(torch.equal(c["motion"], motion) for c in second_clip)
+    if forwards == 2:  # the unconditional branch: the negative prompt and zero audio
+        cond, uncond = log.calls[0], log.calls[1]
+        assert not torch.equal(cond["context"], uncond["context"])
+        assert cond["audio"].abs().sum() > 0 and not uncond["audio"].any()
 
 
 def test_generate_records_measured_steps_and_token_counts():
@@ -73,7 +69,15 @@ def test_generate_records_measured_steps_and_token_counts():
     info = WORKLOADS["generate"](cfg, ctx)
     record = ctx.metrics.rank_record()
     assert len(record["step_times_s"]) == 3 and record["warmup_steps"] == 1
-    assert record["init_phases_s"]["first_step"] > 0 and record["other_phases_s"]["encode"] > 0
+    assert record["init_phases_s"]["first_step"] > 0
+    stages = record["stages"]
+    assert {"text_encode", "audio_encode", "reference_encode", "denoise", "vae_decode", "motion_encode"} == set(stages)
+    assert stages["denoise"]["count"] == 2 and stages["vae_decode"]["count"] == 2
+    assert stages["motion_encode"]["count"] == 2  # zero pixels before clip 0, then after clip 0
+    assert all(s["seconds"] > 0 and s["peak_host_rss_gib"] > 0 for s in stages.values())
+    assert stages["denoise"]["peak_allocated_gib"] is None  # CPU: no device figures, never 0
+    assert sum(record["step_times_s"]) < stages["denoise"]["seconds"]  # the steps are inside denoise
+    assert info["text_branch"] == "synthetic" and info["video_seconds"] == pytest.approx(2 * 8 / 16)
     first, later = (sequence_length(cfg.model, 64, 64, 8, with_motion=m) for m in (False, True))
     assert info["tokens_per_clip"] == [first, later] and first < later
     # measured steps: one of the first clip (no motion), two of the second
@@ -94,21 +98,3 @@ def test_init_times_build_load_and_wrap():
     assert all(phases[name] > 0 for name in ("build", "load", "wrap"))
     assert "first_step" not in phases and ctx.metrics.rank_record()["step_times_s"] == []
     assert info["dit_local_parameters"] > 0
-
-
-def test_wav_is_read_as_16khz_mono(tmp_path):
-    # 8 kHz stereo 16-bit: left +0.5, right -0.25 -> mono 0.125 at twice the sample count
-    path = tmp_path / "speech.wav"
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(2)
-        wav.setsampwidth(2)
-        wav.setframerate(SAMPLE_RATE // 2)
-        wav.writeframes(struct.pack("<hh", 16384, -8192) * 800)
-    mono = read_wav(path)
-    assert mono.shape == (1600,)
-    torch.testing.assert_close(mono, torch.full((1600,), 0.125))
-
-
-def test_missing_wav_names_the_setting(tmp_path):
-    with pytest.raises(FileNotFoundError, match="workload.audio_path=.*does not exist"):
-        read_wav(tmp_path / "none.wav")

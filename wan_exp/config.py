@@ -71,6 +71,20 @@ class WorkloadName(str, Enum):
     train_lora = "train_lora"
 
 
+class VaePlacement(str, Enum):
+    """Where each clip's VAE decode runs (docs/pipeline.md, "Where the decode runs")."""
+
+    every_rank = "every_rank"  # every rank decodes the whole clip (upstream S2V)
+    rank0 = "rank0"  # rank 0 decodes and broadcasts the motion latents (upstream T2V)
+    tiled = "tiled"  # every rank decodes the whole clip in spatial tiles, one after another
+    sharded = "sharded"  # the tiles are spread over the ranks and gathered
+
+
+class SamplerName(str, Enum):
+    unipc = "unipc"  # upstream S2V's default: flow-matching UniPC multistep
+    euler = "euler"
+
+
 class LoggerMode(str, Enum):
     online = "online"
     offline = "offline"
@@ -180,6 +194,7 @@ class ParallelConfig:
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     text_encoder_placement: Placement = Placement.device
     audio_encoder_placement: Placement = Placement.device
+    vae: VaePlacement = VaePlacement.every_rank
 
 
 # --------------------------------------------------------------------------- environment
@@ -213,21 +228,38 @@ class LoraConfig:
     save: bool = True
 
 
+SAVE_VIDEO_SETTINGS = ("auto", "true", "false")
+# Upstream S2V's default negative prompt (the unconditional text branch).
+S2V_NEGATIVE_PROMPT = (
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，"
+    "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+
+
 @dataclass
 class WorkloadConfig:
     name: WorkloadName = WorkloadName.generate
     size: str = "${model.default_size}"  # H*W in pixels, as upstream's --size
     frames_per_clip: int = "${model.default_frames_per_clip}"  # type: ignore[assignment]  # 4 per latent frame
+    # generate: at most this many clips (fewer when workload.audio_path is shorter); -1 = as
+    # many as the audio file gives (upstream's default); synthetic audio: exactly this many
     clips: int = 1
     sample_steps: int = 2
+    sampler: SamplerName = SamplerName.unipc
     shift: float = 3.0
     guidance_scale: float = 4.5
     warmup_steps: int = 1  # DiT steps excluded from the measurement
     steps: int = 2  # optimiser steps for train_lora
     fps: int = 16
     prompt: str = ""  # empty = synthetic embeddings
-    audio_path: Optional[str] = None  # wav file; None = synthetic audio features
+    negative_prompt: str = S2V_NEGATIVE_PROMPT  # the unconditional branch's text
+    audio_path: Optional[str] = None  # wav/flac/mp3/...; None = synthetic audio
     image_path: Optional[str] = None  # reference frame; needs model.checkpoint_dir (VAE)
+    size_from_image: bool = True  # H*W chosen from image_path within the area of workload.size
+    # <job dir>/video.mp4 (generate): auto = when model.checkpoint_dir is set, or true / false
+    # (a string, since YAML and the command line read true/false as booleans)
+    save_video: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -458,7 +490,17 @@ def validate(cfg: Any, world_size: int) -> None:
             f"workload.frames_per_clip={wl.frames_per_clip} must be a positive multiple of 4 "
             "(the VAE packs 4 frames per latent frame; upstream uses 80)"
         )
-    for name in ("clips", "sample_steps", "steps"):
+    if wl.clips < 1 and wl.clips != -1:
+        raise ConfigError(f"workload.clips={wl.clips} must be >= 1, or -1 for as many as the audio gives")
+    if wl.clips == -1 and not wl.audio_path:
+        raise ConfigError("workload.clips=-1 takes the clip count from workload.audio_path; set the file "
+                          "or a clip count")
+    if str(wl.save_video).lower() not in SAVE_VIDEO_SETTINGS:
+        raise ConfigError(f"workload.save_video={wl.save_video!r}; use one of {', '.join(SAVE_VIDEO_SETTINGS)}")
+    if par.vae == VaePlacement.sharded and world_size < 2:
+        raise ConfigError("parallel.vae=sharded spreads the decode over the ranks and needs >= 2 ranks, "
+                          f"got {world_size}; use parallel.vae=tiled on one rank")
+    for name in ("sample_steps", "steps"):
         if getattr(wl, name) < 1:
             raise ConfigError(f"workload.{name}={getattr(wl, name)} must be >= 1")
     if wl.warmup_steps < 0:
@@ -486,3 +528,7 @@ def validate(cfg: Any, world_size: int) -> None:
         raise ConfigError(f"fault.rank={cfg.fault.rank} is outside 0..{world_size - 1}")
     if cfg.fault.host_gib < 0:
         raise ConfigError(f"fault.host_gib={cfg.fault.host_gib} must be >= 0")
+    if wl.name == WorkloadName.generate:
+        from wan_exp.media import check_inputs  # reads the files; imported here to keep this module light
+
+        check_inputs(cfg, world_size)

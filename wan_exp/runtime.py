@@ -110,6 +110,16 @@ class RankContext:
             yield
 
     @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """One pipeline stage of a workload (text_encode, denoise, vae_decode, ...): heartbeat,
+        fault hook, and its time and peak memory in the collector (metrics.stage)."""
+        self.heartbeat(name)
+        with self.metrics.stage(name):
+            if self._faults:
+                self._faults.on_phase(name)
+            yield
+
+    @contextmanager
     def step(self, index: int, measured: bool) -> Iterator[None]:
         """One workload step (warm-up steps have measured=False)."""
         self.heartbeat("step", index)

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # Seconds the child may take: offline runs finish in about a second; online ones upload.
 TIME_LIMIT_S = {"offline": 120.0, "online": 300.0}
 
+STAGE_TABLE_COLUMNS = ["rank", "stage", "seconds", "count", "peak_allocated_gib", "peak_reserved_gib",
+                       "peak_host_rss_gib"]
 RANK_TABLE_COLUMNS = [
     "rank", "device_name", "status", "peak_allocated_gib", "peak_reserved_gib",
     "nvml_used_gib", "peak_host_rss_gib", "alloc_retries", "ooms", "init_s", "step_time_s_median",
@@ -85,6 +87,14 @@ def _rank_row(record: dict) -> list[Any]:
     ]
 
 
+def stage_table_rows(ranks: list[dict]) -> list[list[Any]]:
+    """One row per rank and pipeline stage: seconds and peak memory (the dashboard's per-stage
+    figures, per rank); the run summary holds the job-level stage figures."""
+    return [[r.get("rank"), name, entry.get("seconds"), entry.get("count"), entry.get("peak_allocated_gib"),
+             entry.get("peak_reserved_gib"), entry.get("peak_host_rss_gib")]
+            for r in ranks for name, entry in r.get("stages", {}).items()]
+
+
 def run_summary(results: dict) -> dict:
     """What the run's summary holds: results.json's summary plus status and root cause."""
     summary = dict(results.get("summary") or {})
@@ -123,6 +133,9 @@ def _write_run(results: dict, job_dir: Path) -> None:
         row.update({f"rank_step_time_s/{r['rank']}": r["step_times_s"][step] for r in ranks})
         run.log(row, step=step)
     run.log({"ranks": wandb.Table(columns=RANK_TABLE_COLUMNS, data=[_rank_row(r) for r in ranks])})
+    stage_rows = stage_table_rows(ranks)
+    if stage_rows:
+        run.log({"stages": wandb.Table(columns=STAGE_TABLE_COLUMNS, data=stage_rows)})
     run.summary.update(run_summary(results))
     run.finish(exit_code=0 if results.get("status") == "completed" else 1)
 

@@ -23,12 +23,12 @@ import torch.distributed as dist
 
 from lora_train import compose_config as compose_lora_config
 from lora_train import one_step_gradients
-from strategy_equivalence import GUIDANCE, SIGMA, FRAMES, LAT_H, LAT_W, clip_inputs, compose_config, velocities
+from strategy_equivalence import GUIDANCE, FRAMES, LAT_H, LAT_W, clip_inputs, compose_config, conditions
 from wan_exp.metrics.comm import CommCounter
 from wan_exp.models.wan_s2v import sequence_length
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.runtime import RankContext
-from wan_exp.workloads.sampler import guided_velocity
+from wan_exp.workloads.sampler import Condition, dit_flow, guided_flow
 
 CASES = {
     "usp preset (ring2 x ulysses2)": ["parallel=usp"],
@@ -135,19 +135,20 @@ def main() -> None:
     single = setup_parallel(single_cfg, RankContext(single_cfg, rank, rank, 1, torch.device("cpu"), None))
     references = {}
     for motion, x in inputs.items():
-        cond, uncond = velocities(single.dit, x)
-        references[motion] = (cond(x["noisy"], SIGMA), guided_velocity(cond, uncond, GUIDANCE)(x["noisy"], SIGMA))
+        cond, uncond = conditions(x)
+        references[motion] = (dit_flow(single.dit, x["noisy"], x["timestep"], cond),
+                              guided_flow(single.dit, x["noisy"], x["timestep"], cond, uncond, GUIDANCE))
 
     for case, overrides in CASES.items():
         cfg = compose_config(overrides)
         parallel_model = setup_parallel(cfg, RankContext(cfg, rank, rank, world_size, torch.device("cpu"), None))
         for motion, x in inputs.items():
-            cond, uncond = velocities(parallel_model.dit, x)
+            cond, uncond = conditions(x)
             ref_cond, ref_guided = references[motion]
             counter = CommCounter()
             with counter:
-                guided = parallel_model.guidance(cond, uncond, GUIDANCE)(x["noisy"], SIGMA)
-            out = cond(x["noisy"], SIGMA)
+                guided = parallel_model.guidance(parallel_model.dit, x["noisy"], x["timestep"], cond, uncond, GUIDANCE)
+            out = dit_flow(parallel_model.dit, x["noisy"], x["timestep"], cond)
             for what, value, ref in (("conditional output", out, ref_cond), ("guided velocity", guided, ref_guided)):
                 err = (value - ref).abs().max().item() / ref.abs().max().item()
                 if not err <= RELATIVE_TOLERANCE:

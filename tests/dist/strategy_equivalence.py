@@ -25,7 +25,7 @@ from wan_exp.config import compose_config as compose_experiment
 from wan_exp.models.wan_s2v import sequence_length
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.runtime import RankContext
-from wan_exp.workloads.sampler import guided_velocity
+from wan_exp.workloads.sampler import Condition, dit_flow, guided_flow
 
 COMMON = ["model=tiny", "parallel.fsdp.param_dtype=fp32", "parallel.fsdp.reduce_dtype=fp32"]
 # name -> (overrides, inject LoRA in before_wrap)
@@ -43,7 +43,7 @@ CASES = {
     "usp on 2 ranks (ring=2)": (["parallel=usp"], True),
 }
 RELATIVE_TOLERANCE = 1e-5
-GUIDANCE, SIGMA = 4.5, 0.6
+GUIDANCE = 4.5
 
 
 def compose_config(overrides: list[str]):
@@ -81,19 +81,12 @@ def clip_inputs(model_cfg, with_motion: bool) -> dict:
     return inputs
 
 
-def velocities(dit: torch.nn.Module, x: dict):
-    """The conditional and unconditional velocity callables of one clip (as generate's:
-    the unconditional one with another text embedding and silent audio)."""
+def conditions(x: dict) -> tuple[Condition, Condition]:
+    """The conditional and unconditional branch of one clip (as generate's: the
+    unconditional one with another text embedding and silent audio)."""
     uncond_context = torch.randn(x["context"].shape, generator=torch.Generator().manual_seed(11))
-
-    def make(context, audio):
-        def velocity(noisy, sigma):
-            with torch.no_grad():
-                return dit(noisy, torch.tensor([sigma * 1000.0]), context, audio=audio,
-                           ref=x["ref"], motion=x.get("motion"))
-        return velocity
-
-    return make(x["context"], x["audio"]), make(uncond_context, torch.zeros_like(x["audio"]))
+    return (Condition(x["context"], x["audio"], x["ref"], x.get("motion")),
+            Condition(uncond_context, torch.zeros_like(x["audio"]), x["ref"], x.get("motion")))
 
 
 def full_state(dit: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -127,7 +120,7 @@ def main() -> None:
         single, single_ctx = run(single_cfg, rank, 1, lora)
         with torch.no_grad():
             outputs = {motion: single.dit(**x) for motion, x in inputs.items()}
-        guided = {motion: guided_velocity(*velocities(single.dit, x), GUIDANCE)(x["noisy"], SIGMA)
+        guided = {motion: guided_flow(single.dit, x["noisy"], x["timestep"], *conditions(x), GUIDANCE)
                   for motion, x in inputs.items()}
         references[lora] = (full_state(single.dit), outputs, guided, single_ctx.metrics.notes["dit_param_gib"])
 
@@ -148,7 +141,7 @@ def main() -> None:
                 err = (out - ref).abs().max().item() / ref.abs().max().item()
                 if not err <= RELATIVE_TOLERANCE:
                     fail(case, f"output ({counts[motion]} tokens, motion={motion}) relative error {err:.2e}")
-                guided = parallel_model.guidance(*velocities(parallel_model.dit, x), GUIDANCE)(x["noisy"], SIGMA)
+                guided = parallel_model.guidance(parallel_model.dit, x["noisy"], x["timestep"], *conditions(x), GUIDANCE)
                 err = (guided - ref_guided[motion]).abs().max().item() / ref_guided[motion].abs().max().item()
                 if not err <= RELATIVE_TOLERANCE:
                     fail(case, f"guided velocity ({counts[motion]} tokens) relative error {err:.2e}")

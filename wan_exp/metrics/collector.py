@@ -29,6 +29,9 @@ from wan_exp.metrics.flops import mfu, peak_flops
 
 GIB = 1024**3
 INIT_PHASES = ("process_group", "build", "load", "wrap", "first_step")
+# the generate workload's stages, in pipeline order (MetricsCollector.stage)
+PIPELINE_STAGES = ("text_encode", "audio_encode", "reference_encode", "motion_encode", "denoise",
+                   "vae_decode", "video_write")
 # Notes that belong in the record's "memory" block rather than at its top level.
 _MEMORY_NOTES = ("param_gib",)
 
@@ -48,6 +51,9 @@ class MetricsCollector:
         self.notes: dict[str, Any] = {}
         # collectives per kind; counting while the worker holds it entered (`with comm:`)
         self.comm = CommCounter()
+        self.stages: dict[str, dict[str, Any]] = {}
+        # peaks seen before a stage reset the device's / the host's peak counters
+        self._folded_peaks: dict[str, float] = {}
         self._nvml_peak_bytes: Optional[int] = None
         self._nvml_handle = _nvml_handle(self.device) if self.device.type == "cuda" else None
 
@@ -83,6 +89,45 @@ class MetricsCollector:
         else:
             self.warmup_steps += 1
 
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time one pipeline stage and its peak memory: device allocated and reserved (the
+        allocator's peak counters are reset at the stage's start) and host RSS (the kernel's
+        high-water mark is reset too, where /proc allows). A name met again adds its seconds
+        and keeps the larger peaks. The job-wide peaks in ``memory()`` are unaffected."""
+        self._sync()
+        self._reset_peaks()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        elapsed = time.perf_counter() - start
+        entry = self.stages.setdefault(name, {"seconds": 0.0, "count": 0, "peak_allocated_gib": None,
+                                              "peak_reserved_gib": None, "peak_host_rss_gib": None})
+        entry["seconds"] += elapsed
+        entry["count"] += 1
+        for key, value in self._current_peaks().items():
+            if value is not None:
+                entry[key] = max(entry[key] or 0.0, value)
+                self._folded_peaks[key] = max(self._folded_peaks.get(key, 0.0), value)
+        self._sample_nvml()
+
+    def _current_peaks(self) -> dict[str, Optional[float]]:
+        on_cuda = self.device.type == "cuda"
+        return {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB if on_cuda else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB if on_cuda else None,
+            "peak_host_rss_gib": _host_peak_bytes() / GIB,
+        }
+
+    def _reset_peaks(self) -> None:
+        """Keep the peaks so far (for memory()'s job-wide figures), then reset the counters."""
+        for key, value in self._current_peaks().items():
+            if value is not None:
+                self._folded_peaks[key] = max(self._folded_peaks.get(key, 0.0), value)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        _reset_host_peak()
+
     # ------------------------------------------------------------------ facts from the rank
     def set_workload_info(self, **info: Any) -> None:
         """tokens_per_forward, forwards_per_step, flops_per_step (the whole job's FLOPs for
@@ -108,14 +153,19 @@ class MetricsCollector:
         on_cuda = self.device.type == "cuda"
         stats = torch.cuda.memory_stats(self.device) if on_cuda else {}
         self._sample_nvml()
+        current = self._current_peaks()
+        # ru_maxrss is in KiB on Linux
+        current["peak_host_rss_gib"] = max(current["peak_host_rss_gib"],
+                                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB)
+        # job-wide: the counters now, and what stages saw before they reset them
+        peaks = {k: None if v is None else max(v, self._folded_peaks.get(k, 0.0)) for k, v in current.items()}
         mem: dict[str, Optional[float]] = {
-            "peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB if on_cuda else None,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB if on_cuda else None,
+            "peak_allocated_gib": peaks["peak_allocated_gib"],
+            "peak_reserved_gib": peaks["peak_reserved_gib"],
             "nvml_used_gib": self._nvml_peak_bytes / GIB if self._nvml_peak_bytes is not None else None,
             "alloc_retries": stats.get("num_alloc_retries") if on_cuda else None,
             "ooms": stats.get("num_ooms") if on_cuda else None,
-            # ru_maxrss is in KiB on Linux
-            "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+            "peak_host_rss_gib": peaks["peak_host_rss_gib"],
         }
         for key in _MEMORY_NOTES:
             mem[key] = self.notes.get(key)
@@ -148,9 +198,34 @@ class MetricsCollector:
             "allocator_settings": self.allocator_settings(),
             "workload": dict(self.workload),
             "comm": self.comm.record(len(self.step_times_s)),
+            "stages": {name: dict(entry) for name, entry in self.stages.items()},
         }
         record.update({k: v for k, v in self.notes.items() if k not in _MEMORY_NOTES})
         return record
+
+
+def _host_peak_bytes() -> int:
+    """This process's resident-set high-water mark (VmHWM), else its current RSS."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _reset_host_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs); a no-op elsewhere,
+    where a stage's host figure is then the process's peak so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
 
 
 def _nvml_handle(device: torch.device) -> Any:
@@ -293,4 +368,36 @@ def summarize(records: list[dict], config: Any) -> dict:
         "comm_step_bus_bytes_max": comm_max(comm_step, "bus_bytes"),
         "comm_init_calls_max": comm_max(comm_init, "count"),
         "comm_init_bytes_max": comm_max(comm_init, "bytes"),
+        **stage_summary(records),
     }
+
+
+STAGE_PEAKS = ("peak_allocated_gib", "peak_reserved_gib", "peak_host_rss_gib")
+
+
+def stage_summary(records: list[dict]) -> dict:
+    """Per-stage figures of the job (empty when no rank timed stages): each stage's seconds and
+    peaks as the max over ranks (the slowest rank gates the job; the fullest one fails first),
+    and the figures people quote: seconds per clip and per second of video (all stages
+    together), and the DiT's share of that time (the ``denoise`` stage)."""
+    names: list[str] = []
+    for r in records:
+        names += [n for n in r.get("stages", {}) if n not in names]
+    if not names:
+        return {}
+
+    def over_ranks(name: str, key: str) -> Optional[float]:
+        values = [r["stages"][name][key] for r in records
+                  if name in r.get("stages", {}) and r["stages"][name].get(key) is not None]
+        return max(values) if values else None
+
+    seconds = {n: over_ranks(n, "seconds") for n in names}
+    total = sum(v for v in seconds.values() if v is not None)
+    work = records[0].get("workload", {})
+    out: dict[str, Any] = {"stages_s": seconds, "pipeline_s": total}
+    for key in STAGE_PEAKS:
+        out[f"stage_{key}"] = {n: over_ranks(n, key) for n in names}
+    out["seconds_per_clip"] = _ratio(total, work.get("clips"))
+    out["seconds_per_video_second"] = _ratio(total, work.get("video_seconds"))
+    out["dit_share"] = _ratio(seconds.get("denoise"), total)
+    return out

@@ -16,7 +16,6 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import UMT5Config, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
 
 from wan_exp.models.checkpoint import CheckpointError
@@ -151,16 +150,10 @@ class AudioEncoder(nn.Module):
         super().__init__()
         self.wav2vec2 = wav2vec2
 
-    def forward(self, waveform: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
-        """``num_frames``: resample the ~50 Hz features linearly to this many (video) frames."""
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(B, samples) normalised 16 kHz audio -> (B, layers + 1, T, hidden) at about 50 Hz."""
         out = self.wav2vec2(waveform, output_hidden_states=True)
-        states = torch.stack(out.hidden_states, dim=1)  # (B, L, T, C)
-        if num_frames is not None and num_frames != states.shape[2]:
-            b, layers, t, c = states.shape
-            flat = states.permute(0, 1, 3, 2).reshape(b, layers * c, t)
-            flat = F.interpolate(flat.float(), size=num_frames, mode="linear", align_corners=True)
-            states = flat.to(states.dtype).reshape(b, layers, c, num_frames).permute(0, 1, 3, 2)
-        return states
+        return torch.stack(out.hidden_states, dim=1)
 
 
 def build_audio_encoder(model_cfg: Any, device: torch.device | str, dtype: torch.dtype,

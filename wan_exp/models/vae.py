@@ -1,35 +1,44 @@
-"""The encoder half of the Wan2.1 VAE, for one image: the S2V reference frame -> latents.
+"""The Wan2.1 VAE (``Wan2.1_VAE.pth``): causal video encoder and decoder with a feature cache.
 
-What it computes, for pixels (B, 3, 1, H, W) in [-1, 1]:
+Pixels (B, 3, T, H, W) in [-1, 1] <-> latents (B, 16, 1 + (T - 1) / 4, H / 8, W / 8).
 
-    conv (3 -> dim) -> 4 levels of two residual blocks, widths dim x (1, 2, 4, 4), each level
-    but the last followed by a stride-2 down-sampling in height and width -> middle (residual
-    block, single-head attention over the H/8 x W/8 positions, residual block) -> RMS norm,
-    SiLU, conv to 2 x 16 channels -> 1x1x1 conv -> split into posterior mean and log-variance
+Encoder: conv (3 -> dim) -> 4 levels of two residual blocks, widths dim x (1, 2, 4, 4), each
+level but the last followed by a stride-2 down-sampling in height and width (levels 1 and 2
+also halve time) -> middle (residual block, single-head attention over the positions of each
+frame, residual block) -> RMS norm, SiLU, conv to 2 x 16 channels -> 1x1x1 conv -> the
+posterior MEAN (no sampling), normalised per channel with Wan's latent mean/std.
 
-and returns the posterior MEAN (no sampling), normalised per channel with Wan's latent
-mean/std: (B, 16, 1, H/8, W/8), what the DiT takes as ``ref``.
+Decoder: the mirror image: 1x1x1 conv (``conv2``) -> conv (16 -> 4 dim) -> middle -> 4 levels
+of three residual blocks, widths dim x (4, 4, 2, 1), the first two levels followed by a 2x
+up-sampling of time, height and width, the third of height and width only -> RMS norm, SiLU,
+conv to 3 channels; the pixels are clamped to [-1, 1].
 
-ONE FRAME ONLY. Upstream encodes a video causally, the first frame alone and then groups of
-four frames that see cached features of the frames before. For the first frame every causal
-time padding is zeros, so a 3-D convolution reduces to its last temporal kernel slice, and
-the temporal down-sampling convolutions (``time_conv``) are not applied at all (upstream
-only caches the first frame for them). This module implements exactly that first-frame path;
-``time_conv`` weights exist so that the official file loads, and are never used. A clip of
-more than one frame is refused.
+Causal streaming, as upstream (docs/pipeline.md, "VAE"): the encoder reads the first frame
+alone, then four frames at a time; the decoder one latent frame at a time. Every causal
+convolution keeps the last ``kernel_t - 1`` frames of its input in a cache (a dict keyed by
+the module, one per stream), so a chunk sees exactly what a causal convolution over the whole
+clip would. The temporal re-samplers treat the first chunk apart: the down-sampler passes it
+through and keeps its last frame, the up-sampler passes it through without time up-sampling
+(so latent frame 0 <-> pixel frame 0, and every later latent frame <-> four pixel frames).
 
-Parameter names and shapes are those of the official ``Wan2.1_VAE.pth`` (``encoder.*`` and
-``conv1.*``), so its encoder part loads without renaming; its decoder part (``decoder.*``,
-``conv2.*``) is skipped on purpose. Sequential indices that hold no parameters (activations,
-padding, upstream's dropout slot) are kept so that the indices of the others match.
+Tiled decoding (``decode(..., tiles=...)``): the middle attention sees the whole frame, so the
+low-resolution part (conv1 + middle) always runs on the whole frame; only the up-sampling part
+(where the activations, and the memory peak, are large) runs per spatial tile, each tile with
+its own cache and a halo of ``DECODER_HALO`` latent pixels on every inner side. The halo covers
+the receptive field of that part, so tiles equal the whole-frame decode up to float rounding.
+
+Parameter names and shapes are those of the official file (``encoder.*``, ``conv1.*``,
+``decoder.*``, ``conv2.*``). Sequential indices that hold no parameters (activations, padding,
+upstream's dropout slot) are kept so that the indices of the others match.
 """
 from __future__ import annotations
 
 import logging
 import tarfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,30 +49,45 @@ from wan_exp.models.checkpoint import CheckpointError, check_compatible
 log = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16  # z_dim of the Wan2.1 VAE = the DiT's in_dim
-WIDTH_MULTIPLIERS = (1, 2, 4, 4)  # channel width of each level, times vae_dim
-TEMPORAL_DOWNSAMPLE = (False, True, True)  # after levels 0, 1, 2 (3 has no down-sampling)
+SPATIAL_STRIDE = 8  # pixels per latent in height and width
+TEMPORAL_STRIDE = 4  # pixel frames per latent frame after the first
+WIDTH_MULTIPLIERS = (1, 2, 4, 4)  # channel width of each encoder level, times vae_dim
+TEMPORAL_DOWNSAMPLE = (False, True, True)  # after encoder levels 0, 1, 2 (3 has no down-sampling)
+TEMPORAL_UPSAMPLE = TEMPORAL_DOWNSAMPLE[::-1]  # after decoder levels 0, 1, 2
+# Receptive field of the decoder's up-sampling part, in latent pixels: 3 residual blocks of
+# two 3x3 convs per level at scales 1, 1/2, 1/4, 1/8 latent (6 + 3 + 1.5 + 0.75), the three
+# re-sampling convs (0.5 + 0.25 + 0.125), the head conv (0.125) = 12.25, plus up to one latent
+# for the nearest-neighbour rounding; 16 keeps a margin.
+DECODER_HALO = 16
 # Per-channel statistics of the posterior mean over Wan's training data: latents are
 # (mean - LATENT_MEAN) / LATENT_STD so that the DiT sees roughly unit-variance inputs.
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
-# tensors of the official file that belong to the decoder, which we never build
-DECODER_PREFIXES = ("decoder.", "conv2.")
+
+Cache = dict  # module -> what it keeps between chunks of one stream
 
 
 class CausalConv3d(nn.Conv3d):
-    """A 3-D convolution over (time, height, width) that never looks at later frames:
-    time is padded with kernel_t - 1 zero frames in front and none behind; height and width
-    keep their size (symmetric padding of kernel // 2)."""
+    """A 3-D convolution over (time, height, width) that never looks at later frames: time is
+    padded with kernel_t - 1 frames in front (zeros, or the cached frames of the previous chunk)
+    and none behind; height and width keep their size (symmetric padding of kernel // 2)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
-        super().__init__(in_channels, out_channels, kernel_size)
-        half = kernel_size // 2
-        self.causal_padding = (half, half, half, half, kernel_size - 1, 0)  # F.pad order: W, H, T
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int]) -> None:
+        kernel = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+        super().__init__(in_channels, out_channels, kernel)
+        self.time_context = kernel[0] - 1
+        self.spatial_padding = (kernel[2] // 2, kernel[2] // 2, kernel[1] // 2, kernel[1] // 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, self.causal_padding))
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        context = x
+        if cache is not None and self.time_context:
+            previous = cache.get(self)
+            context = x if previous is None else torch.cat([previous, x], dim=2)
+            cache[self] = context[:, :, -self.time_context:].clone()
+        front = self.time_context - (context.shape[2] - x.shape[2])
+        return super().forward(F.pad(context, (*self.spatial_padding, front, 0)))
 
 
 class ChannelRMSNorm(nn.Module):
@@ -79,11 +103,18 @@ class ChannelRMSNorm(nn.Module):
         return F.normalize(x, dim=1) * (x.shape[1] ** 0.5) * self.gamma
 
 
-def _per_frame(layer: nn.Module, video: torch.Tensor) -> torch.Tensor:
+def _per_frame(layer: Any, video: torch.Tensor) -> torch.Tensor:
     """Apply a 2-D ``layer`` to each frame of (B, C, T, H, W)."""
     b, _, t = video.shape[:3]
     frames = layer(video.transpose(1, 2).flatten(0, 1))
     return frames.unflatten(0, (b, t)).transpose(1, 2)
+
+
+def _run(layers: nn.Sequential, x: torch.Tensor, cache: Optional[Cache]) -> torch.Tensor:
+    """Run a sequence of layers, handing the stream's cache to those that keep one."""
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, (CausalConv3d, ResidualBlock, Resample)) else layer(x)
+    return x
 
 
 class ResidualBlock(nn.Module):
@@ -100,22 +131,64 @@ class ResidualBlock(nn.Module):
         self.shortcut = (CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels
                          else nn.Identity())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shortcut(x) + self.residual(x)
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        return self.shortcut(x) + _run(self.residual, x, cache)
 
 
-class Downsample(nn.Module):
+class Resample(nn.Module):
+    """Base of the two re-samplers (they take the stream's cache)."""
+
+
+class Downsample(Resample):
     """Halve height and width: pad one zero row/column at the bottom/right, then a 3x3
-    convolution of stride 2 on each frame. ``temporal`` adds the (unused) time_conv, see the
-    module docstring."""
+    convolution of stride 2 on each frame. ``temporal`` then halves time with ``time_conv``
+    (kernel 3, stride 2, no padding) over the last frame of the previous chunk and this chunk;
+    the first chunk passes through (see the module docstring)."""
 
     def __init__(self, channels: int, temporal: bool) -> None:
         super().__init__()
         self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(channels, channels, 3, stride=2))
+        self.temporal = temporal
         if temporal:
             self.time_conv = nn.Conv3d(channels, channels, (3, 1, 1), stride=(2, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        x = _per_frame(self.resample, x)
+        if not self.temporal:
+            return x
+        if cache is None:
+            if x.shape[2] != 1:
+                raise ValueError("the VAE encoder reads a video as a stream: pass a cache (WanVAE.encode)")
+            return x
+        previous = cache.get(self)
+        cache[self] = x[:, :, -1:].clone()
+        return x if previous is None else self.time_conv(torch.cat([previous, x], dim=2))
+
+
+class Upsample(Resample):
+    """Double height and width (nearest neighbour, then a 3x3 conv halving the channels) of
+    each frame; ``temporal`` first doubles time with ``time_conv`` (a causal conv to twice the
+    channels, whose two halves become two consecutive frames), except for the first chunk."""
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                      nn.Conv2d(channels, channels // 2, 3, padding=1))
+        self.temporal = temporal
+        if temporal:
+            self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1))
+
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        if self.temporal:
+            if cache is None:
+                if x.shape[2] != 1:
+                    raise ValueError("the VAE decoder reads latents as a stream: pass a cache (WanVAE.decode)")
+            elif self not in cache:
+                cache[self] = True  # the first chunk: no time up-sampling
+            else:
+                b, c, t, h, w = x.shape
+                pairs = self.time_conv(x, cache).view(b, 2, c, t, h, w)
+                x = torch.stack((pairs[:, 0], pairs[:, 1]), dim=3).reshape(b, c, 2 * t, h, w)
         return _per_frame(self.resample, x)
 
 
@@ -139,8 +212,16 @@ class AttentionBlock(nn.Module):
         return x + _per_frame(self.attend, x)
 
 
+def _middle(width: int) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(width, width), AttentionBlock(width), ResidualBlock(width, width))
+
+
+def _head(width: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(ChannelRMSNorm(width, spatial_dims=3), nn.SiLU(), CausalConv3d(width, out_channels, 3))
+
+
 class Encoder(nn.Module):
-    """Pixels (B, 3, 1, H, W) -> (B, out_channels, 1, H/8, W/8) before the posterior split."""
+    """Pixels (B, 3, T, H, W) -> (B, out_channels, T', H/8, W/8) before the posterior split."""
 
     def __init__(self, dim: int, out_channels: int) -> None:
         super().__init__()
@@ -153,29 +234,132 @@ class Encoder(nn.Module):
                 layers.append(Downsample(width, temporal=TEMPORAL_DOWNSAMPLE[level]))
         self.downsamples = nn.Sequential(*layers)
         top = widths[-1]
-        self.middle = nn.Sequential(ResidualBlock(top, top), AttentionBlock(top), ResidualBlock(top, top))
-        self.head = nn.Sequential(ChannelRMSNorm(top, spatial_dims=3), nn.SiLU(), CausalConv3d(top, out_channels, 3))
+        self.middle = _middle(top)
+        self.head = _head(top, out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.middle(self.downsamples(self.conv1(x))))
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        x = _run(self.downsamples, self.conv1(x, cache), cache)
+        return _run(self.head, _run(self.middle, x, cache), cache)
 
 
-class VAEEncoder(nn.Module):
-    """The Wan2.1 VAE encoder: one frame of pixels -> normalised reference latents."""
+class Decoder(nn.Module):
+    """Latents after ``conv2`` (B, 16, T, h, w) -> pixels (B, 3, T', 8h, 8w), in two parts:
+    ``low`` (conv1 + middle, at latent resolution, attention over the whole frame) and
+    ``high`` (up-sampling levels + head, local: it can run per spatial tile)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        widths = [dim * m for m in (WIDTH_MULTIPLIERS[-1], *WIDTH_MULTIPLIERS[::-1])]  # 4,4,4,2,1
+        self.conv1 = CausalConv3d(LATENT_CHANNELS, widths[0], 3)
+        self.middle = _middle(widths[0])
+        layers: list[nn.Module] = []
+        for level, (in_width, width) in enumerate(zip(widths[:-1], widths[1:])):
+            if level > 0:
+                in_width //= 2  # the up-sampling conv before this level halved the channels
+            for _ in range(3):
+                layers.append(ResidualBlock(in_width, width))
+                in_width = width
+            if level < len(TEMPORAL_UPSAMPLE):
+                layers.append(Upsample(width, temporal=TEMPORAL_UPSAMPLE[level]))
+        self.upsamples = nn.Sequential(*layers)
+        self.head = _head(widths[-1], 3)
+
+    def low(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        return _run(self.middle, self.conv1(x, cache), cache)
+
+    def high(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        return _run(self.head, _run(self.upsamples, x, cache), cache)
+
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        return self.high(self.low(x, cache), cache)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A rectangle of the latent frame, rows [top, bottom) and columns [left, right)."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+
+def grid_tiles(height: int, width: int, rows: int, cols: int) -> list[Tile]:
+    """``rows`` x ``cols`` tiles covering a latent frame of height x width (sizes differ by at
+    most one; rows/cols are capped at the frame's size)."""
+    rows, cols = min(rows, height), min(cols, width)
+    row_edges = [round(i * height / rows) for i in range(rows + 1)]
+    col_edges = [round(j * width / cols) for j in range(cols + 1)]
+    return [Tile(row_edges[i], row_edges[i + 1], col_edges[j], col_edges[j + 1])
+            for i in range(rows) for j in range(cols)]
+
+
+class WanVAE(nn.Module):
+    """The whole Wan2.1 VAE: ``encode`` pixels -> normalised latents, ``decode`` back."""
 
     def __init__(self, dim: int = 96) -> None:
         super().__init__()
         self.encoder = Encoder(dim, 2 * LATENT_CHANNELS)
         self.conv1 = CausalConv3d(2 * LATENT_CHANNELS, 2 * LATENT_CHANNELS, 1)
+        self.conv2 = CausalConv3d(LATENT_CHANNELS, LATENT_CHANNELS, 1)
+        self.decoder = Decoder(dim)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 1, H, W) in [-1, 1], H and W multiples of 8 -> (B, 16, 1, H/8, W/8)."""
-        if pixels.dim() != 5 or pixels.shape[1] != 3 or pixels.shape[2] != 1:
-            raise ValueError(f"VAEEncoder takes one RGB frame (B, 3, 1, H, W), got {tuple(pixels.shape)}")
-        mean, _log_var = self.conv1(self.encoder(pixels)).chunk(2, dim=1)
-        shift = torch.tensor(LATENT_MEAN, device=mean.device, dtype=mean.dtype).view(1, -1, 1, 1, 1)
-        scale = torch.tensor(LATENT_STD, device=mean.device, dtype=mean.dtype).view(1, -1, 1, 1, 1)
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, LATENT_CHANNELS, 1, 1, 1)
+        return (torch.tensor(LATENT_MEAN, device=like.device, dtype=like.dtype).view(shape),
+                torch.tensor(LATENT_STD, device=like.device, dtype=like.dtype).view(shape))
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 1 + 4k, H, W) in [-1, 1], H and W multiples of 8 -> (B, 16, 1 + k, H/8, W/8):
+        the first frame alone, then four at a time, through one cache."""
+        frames = pixels.shape[2]
+        if pixels.dim() != 5 or pixels.shape[1] != 3 or (frames - 1) % TEMPORAL_STRIDE:
+            raise ValueError(f"WanVAE.encode takes RGB video (B, 3, 1 + 4k, H, W), got {tuple(pixels.shape)}")
+        cache: Cache = {}
+        chunks = [pixels[:, :, :1]] + [pixels[:, :, i:i + TEMPORAL_STRIDE]
+                                       for i in range(1, frames, TEMPORAL_STRIDE)]
+        features = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
+        mean, _log_var = self.conv1(features).chunk(2, dim=1)
+        shift, scale = self._latent_stats(mean)
         return (mean - shift) / scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tiles: Optional[Sequence[Tile]] = None) -> list[torch.Tensor]:
+        """(B, 16, T, h, w) normalised latents -> pixels (B, 3, 1 + 4(T - 1), 8h, 8w) in [-1, 1],
+        one latent frame at a time. Returns one tensor per tile (the pixels of the tile's
+        rectangle), or ``[whole frame]`` when ``tiles`` is None."""
+        shift, scale = self._latent_stats(latents)
+        x = self.conv2(latents * scale + shift)
+        regions = tiles if tiles is not None else [Tile(0, x.shape[3], 0, x.shape[4])]
+        low_cache: Cache = {}
+        tile_caches: list[Cache] = [{} for _ in regions]
+        pieces: list[list[torch.Tensor]] = [[] for _ in regions]
+        for t in range(x.shape[2]):
+            low = self.decoder.low(x[:, :, t:t + 1], low_cache)
+            for tile, cache, out in zip(regions, tile_caches, pieces):
+                out.append(self._decode_tile(low, tile, cache))
+        return [torch.cat(out, dim=2).clamp_(-1.0, 1.0) for out in pieces]
+
+    def _decode_tile(self, low: torch.Tensor, tile: Tile, cache: Cache) -> torch.Tensor:
+        """The up-sampling part over the tile plus its halo (clipped at the frame's edges),
+        cropped back to the tile's pixels."""
+        height, width = low.shape[3], low.shape[4]
+        top, left = max(tile.top - DECODER_HALO, 0), max(tile.left - DECODER_HALO, 0)
+        bottom, right = min(tile.bottom + DECODER_HALO, height), min(tile.right + DECODER_HALO, width)
+        pixels = self.decoder.high(low[:, :, :, top:bottom, left:right], cache)
+        s = SPATIAL_STRIDE
+        return pixels[:, :, :, (tile.top - top) * s:(tile.bottom - top) * s,
+                      (tile.left - left) * s:(tile.right - left) * s]
+
+
+def stitch(tiles: Sequence[Tile], pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The whole frame from the pixels of tiles that cover it (``grid_tiles``)."""
+    rows: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    for tile, piece in zip(tiles, pieces):
+        rows.setdefault(tile.top, []).append((tile.left, piece))
+    return torch.cat([torch.cat([p for _, p in sorted(row, key=lambda lp: lp[0])], dim=4)
+                      for _, row in sorted(rows.items())], dim=3)
 
 
 # ============================================================================ loading
@@ -183,24 +367,17 @@ def vae_checkpoint_path(model_cfg: Any) -> Path:
     """``model.checkpoint_dir`` / ``model.vae_checkpoint``; CheckpointError if it is not there."""
     if not model_cfg.checkpoint_dir or not model_cfg.vae_checkpoint:
         raise CheckpointError(
-            "encoding workload.image_path needs the VAE: set model.checkpoint_dir to the official "
-            "folder and model.vae_checkpoint to the file in it (Wan2.1_VAE.pth)"
+            "loading the VAE needs model.checkpoint_dir (the official folder) and model.vae_checkpoint "
+            "(the file in it, Wan2.1_VAE.pth)"
         )
     path = Path(model_cfg.checkpoint_dir) / model_cfg.vae_checkpoint
     if not path.is_file():
         raise CheckpointError(
             f"{path}: VAE checkpoint not found (model.checkpoint_dir={model_cfg.checkpoint_dir!r}, "
             f"model.vae_checkpoint={model_cfg.vae_checkpoint!r}); copy Wan2.1_VAE.pth from the "
-            "official Wan2.2-S2V-14B folder there, or leave workload.image_path unset for a random "
-            "reference frame"
+            "official Wan2.2-S2V-14B folder there, or leave model.checkpoint_dir unset for random weights"
         )
     return path
-
-
-def encoder_state(official: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(the encoder's tensors, the names of the decoder tensors skipped) of a full VAE state dict."""
-    skipped = sorted(k for k in official if k.startswith(DECODER_PREFIXES))
-    return {k: v for k, v in official.items() if not k.startswith(DECODER_PREFIXES)}, skipped
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -229,18 +406,31 @@ class _StateDictShapes:
         return tuple(self.state[key].shape)
 
 
-def load_vae_encoder(path: str | Path, dim: int, device: torch.device | str,
-                     dtype: torch.dtype) -> VAEEncoder:
-    """The encoder from an official-layout VAE file (decoder tensors skipped), in eval mode.
-    Any other missing or unexpected tensor, or a wrong shape, is a CheckpointError naming it."""
-    state, skipped = encoder_state(read_state_dict(path))
-    log.info("%s: loading the VAE encoder, skipping %d decoder tensors", path, len(skipped))
+def load_vae(path: str | Path, dim: int, device: torch.device | str, dtype: torch.dtype) -> WanVAE:
+    """The whole VAE from an official-layout file, in eval mode. A missing or unexpected tensor,
+    or a wrong shape, is a CheckpointError naming it."""
+    state = read_state_dict(path)
+    log.info("%s: loading the VAE (%d tensors)", path, len(state))
     with torch.device("meta"):
-        model = VAEEncoder(dim)
+        model = WanVAE(dim)
     try:
         check_compatible(model, _StateDictShapes(state))
     except CheckpointError as err:
         raise CheckpointError(f"{path} (model.vae_dim={dim}): {err}") from None
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
                           strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def build_vae(model_cfg: Any, device: torch.device | str, dtype: torch.dtype = torch.float32) -> WanVAE:
+    """The VAE of a job: the official file when ``model.checkpoint_dir`` is set, else random
+    weights (deterministic by ``model.seed``) of width ``model.vae_dim``. Upstream S2V runs the
+    VAE in fp32."""
+    if model_cfg.checkpoint_dir:
+        return load_vae(vae_checkpoint_path(model_cfg), model_cfg.vae_dim, device, dtype)
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(model_cfg.seed)
+        with torch.device(device):
+            model = WanVAE(model_cfg.vae_dim).to(dtype)
     return model.eval().requires_grad_(False)

@@ -41,7 +41,7 @@ from wan_exp.models.encoders import build_audio_encoder, build_text_encoder
 from wan_exp.models.wan_s2v import WanModel
 from wan_exp.parallel.fsdp import check_fsdp_device, shard_dit, torch_dtype
 from wan_exp.parallel.materialise import WeightPlan, local_param_bytes, plan_weights
-from wan_exp.parallel.cfg import Guidance, guidance_for
+from wan_exp.parallel.cfg import guidance_for
 from wan_exp.parallel.dims import ParallelDims, ParallelMesh
 from wan_exp.parallel.ulysses import SequenceSharding
 
@@ -58,7 +58,9 @@ class ParallelModel:
     mesh: DeviceMesh | None  # (cfg, fsdp, ring, ulysses) mesh; None when nothing is split
     dims: ParallelDims  # the degrees of the split
     cfg_group: ProcessGroup | None  # this rank's cfg pair (None when cfg_degree is 1)
-    guidance: Guidance  # (cond, uncond, scale) -> guided velocity, sequential or CFG-parallel
+    # sampler.guided_flow's signature (dit, latents, timestep, cond, uncond, scale) -> guided flow:
+    # sequential, or CFG-parallel over cfg_group
+    guidance: Callable[..., torch.Tensor]
 
 
 def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) -> ParallelModel:
@@ -137,7 +139,8 @@ def _encoders(cfg: Any, ctx: Any) -> tuple[nn.Module | None, nn.Module | None]:
     model, dtype = cfg.model, torch_dtype(cfg.model.dtype)
     with ctx.phase("load"):
         text = build_text_encoder(model, place(cfg.parallel.text_encoder_placement), dtype, model.seed)
-        audio = (build_audio_encoder(model, place(cfg.parallel.audio_encoder_placement), dtype, model.seed)
+        # wav2vec2 runs in fp32 whatever the DiT's dtype, as upstream S2V
+        audio = (build_audio_encoder(model, place(cfg.parallel.audio_encoder_placement), torch.float32, model.seed)
                  if model.s2v else None)
     return text, audio
 

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
-from wan_exp.metrics.collector import INIT_PHASES  # noqa: E402
+from wan_exp.metrics.collector import INIT_PHASES, PIPELINE_STAGES  # noqa: E402
 from wan_exp.report.table import Row, column  # noqa: E402
 
 # Per-rank GPU memory bars, most telling first; host RSS only where there is no GPU figure.
@@ -124,9 +124,64 @@ def scaling(rows: list[Row]) -> Optional[bytes]:
     return _png(fig)
 
 
+def _with_stages(rows: list[Row]) -> list[tuple[Row, dict]]:
+    shown = [(row, row.representative()) for row in rows if row.representative()]
+    return [(row, job["summary"]) for row, job in shown if job["summary"].get("stages_s")]
+
+
+def _stage_order(summaries: list[dict]) -> list[str]:
+    """The known stages in pipeline order, then any other stage name met."""
+    names = [n for s in summaries for n in s["stages_s"]]
+    return [n for n in PIPELINE_STAGES if n in names] + sorted(set(names) - set(PIPELINE_STAGES))
+
+
+def pipeline_stages(rows: list[Row]) -> Optional[bytes]:
+    """Where the time goes: the pipeline's seconds per configuration, stacked by stage
+    (slowest rank per stage)."""
+    shown = _with_stages(rows)
+    if not shown:
+        return None
+    stages = _stage_order([summary for _, summary in shown])
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(shown) + 1.8))
+    labels = [row.label for row, _ in shown]
+    left = [0.0] * len(shown)
+    for stage in stages:
+        widths = [summary["stages_s"].get(stage) or 0.0 for _, summary in shown]
+        ax.barh(labels, widths, left=left, label=stage)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    return _png(fig)
+
+
+def stage_peak_memory(rows: list[Row]) -> Optional[bytes]:
+    """Where memory peaks: each stage's peak (reserved on GPUs, host RSS on CPU; highest
+    rank) per configuration, one group of bars per stage."""
+    shown = _with_stages(rows)
+    if not shown:
+        return None
+    key = "stage_peak_reserved_gib"
+    if not any(v is not None for _, s in shown for v in (s.get(key) or {}).values()):
+        key = "stage_peak_host_rss_gib"
+    stages = _stage_order([summary for _, summary in shown])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(stages) + 2), 3.4))
+    width = 0.8 / len(shown)
+    for i, (row, summary) in enumerate(shown):
+        xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(stages))]
+        ax.bar(xs, [(summary.get(key) or {}).get(stage) or 0.0 for stage in stages], width, label=row.label)
+    ax.set_xticks(range(len(stages)), stages, fontsize=7, rotation=20)
+    ax.set_ylabel(f"GiB ({'peak reserved' if key == 'stage_peak_reserved_gib' else 'host RSS'})")
+    ax.legend(fontsize=6, frameon=False)
+    return _png(fig)
+
+
 FIGURES = (
     ("Per-rank peak memory", per_rank_memory),
     ("Throughput and MFU", throughput),
     ("Initialisation phases", init_phases),
     ("Scaling over rank counts", scaling),
+    ("Pipeline time per stage", pipeline_stages),
+    ("Peak memory per stage", stage_peak_memory),
 )

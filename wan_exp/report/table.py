@@ -62,6 +62,10 @@ METRIC_COLUMNS = (
     Column("video s/s", _summary("video_s_per_s"), "high", 4),
     Column("TFLOP/s/GPU", _summary("tflops_per_gpu"), "high", 3, gpu_only=True),
     Column("MFU %", _mfu_percent, "high", 1, gpu_only=True),
+    Column("s/clip", _summary("seconds_per_clip"), "low"),
+    Column("s per video s", _summary("seconds_per_video_second"), "low"),
+    Column("DiT share %", lambda r: None if _summary("dit_share")(r) is None else 100.0 * _summary("dit_share")(r),
+           "high", 1),
 )
 
 

@@ -1,15 +1,19 @@
-"""The `generate` workload: the S2V clip loop, as upstream Wan2.2 S2V samples a video.
+"""The `generate` workload: Wan2.2's S2V pipeline end to end (docs/pipeline.md).
 
-Per job: encode the prompt (umT5) and the whole audio (wav2vec2) once. Per clip: start
-from seeded noise and run ``workload.sample_steps`` flow-matching steps (sampler.py), each
-one or two DiT forwards (conditional, then unconditional with the null text and silent
-audio, as upstream). The DiT's own causal audio encoder turns the clip's audio features
-into audio tokens inside each forward.
+Per job, each a timed stage of the rank (MetricsCollector.stage): encode the prompt and the
+negative prompt (``text_encode``), the audio (``audio_encode``), the reference image
+(``reference_encode``, the VAE encoder). Per clip: sample the latents from seeded noise with
+``workload.sample_steps`` steps of ``workload.sampler`` (``denoise``; each step one or two DiT
+forwards through sampler.guided_flow), decode the motion latents followed by the clip's
+latents to pixels (``vae_decode``; where, by ``parallel.vae``), keep the clip's last
+``frames_per_clip`` frames, and encode the last 73 decoded frames again into the next clip's
+19 motion latents (``motion_encode``). At the end one rank writes ``<job dir>/video.mp4``
+with the audio muxed in (``video_write``).
 
-Motion: the model conditions each clip on the last ``model.motion_frames`` latent frames
-generated so far. Before the first clip there are none; upstream feeds zeros there and
-drops them from the token sequence, so the first clip runs without motion tokens
-(DESIGN.md §7: 21·hw tokens at 80 frames) and later clips with them (22.5·hw).
+Motion: before the first clip the motion frames are zero pixels, encoded; the DiT sees no
+motion tokens in the first clip (upstream's drop_first_motion: 21·hw tokens at 80 frames),
+motion tokens in later ones (22.5·hw); the decode always starts from the motion latents, so
+consecutive clips join without a seam.
 
 Steps are numbered across clips; the first ``workload.warmup_steps`` are not measured.
 """
@@ -19,87 +23,78 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from wan_exp.config import SamplerName, VaePlacement
+from wan_exp.media import SAMPLE_RATE, wants_video, write_video
 from wan_exp.metrics.flops import dit_forward_flops
+from wan_exp.models.vae import TEMPORAL_STRIDE, WanVAE, build_vae
 from wan_exp.numerics import check_finite, checked_output
-from wan_exp.parallel.cfg import Guidance
-from wan_exp.parallel.registry import setup_parallel
+from wan_exp.parallel.fsdp import torch_dtype
+from wan_exp.parallel.registry import ParallelModel, setup_parallel
+from wan_exp.parallel.vae import decode_clip, encode_motion
 from wan_exp.workloads.inputs import (
-    ClipInputs,
+    VAE_STRIDE,
     clip_audio,
     clip_token_counts,
-    encode_job_inputs,
+    encode_audio,
+    encode_prompts,
     input_seed,
+    latent_shape,
     random_latents,
+    reference_latents,
     seconds_per_clip,
+    text_is_synthetic,
     workload_step,
 )
-from wan_exp.workloads.sampler import Velocity, forwards_per_step, guided_velocity, sample, sigma_schedule
+from wan_exp.workloads.sampler import Condition, GuidedFlow, forwards_per_step, sample
+
+VIDEO_FILE = "video.mp4"
 
 
-def dit_velocity(dit: torch.nn.Module, context: torch.Tensor, inputs: ClipInputs,
-                 audio: Optional[torch.Tensor]) -> Velocity:
-    """The DiT as a velocity callable ``(x, sigma) -> v`` for one clip and one condition."""
-
-    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        timestep = torch.full((x.shape[0],), sigma * 1000.0, device=x.device)
-        with torch.no_grad():
-            return dit(x, timestep, context, audio=audio, ref=inputs.ref, motion=inputs.motion)
-
-    return velocity
+def motion_pixel_frames(motion_latents: int) -> int:
+    """Pixel frames that encode into ``motion_latents`` latent frames (19 -> 73)."""
+    return 1 + TEMPORAL_STRIDE * (motion_latents - 1)
 
 
-def next_motion(motion: Optional[torch.Tensor], clip_latents: torch.Tensor, motion_frames: int) -> torch.Tensor:
-    """The last ``motion_frames`` latent frames of the history followed by this clip
-    (zeros where the history is shorter)."""
-    if motion is None:
-        b, c, _, h, w = clip_latents.shape
-        motion = clip_latents.new_zeros(b, c, motion_frames, h, w)
-    return torch.cat([motion, clip_latents], dim=2)[:, :, -motion_frames:]
-
-
-def generate_clips(cfg: Any, dit: torch.nn.Module, inputs: ClipInputs,
-                   step_scope: Callable[[int], ContextManager],
-                   guidance: Guidance = guided_velocity) -> list[torch.Tensor]:
-    """Sample ``workload.clips`` clips one after the other, carrying motion latents.
-
-    ``step_scope(global_step)`` wraps each sampling step (timing, heartbeat, progress);
-    ``guidance`` combines the two forwards (``ParallelModel.guidance``: CFG parallel or not).
-    Returns the latents of every clip."""
+def denoise_clip(cfg: Any, dit: torch.nn.Module, guidance: GuidedFlow, cond: Condition, uncond: Condition,
+                 clip: int, step_scope: Callable[[int], ContextManager]) -> torch.Tensor:
+    """One clip's latents (fp32) from its seeded noise. The solver keeps its state in fp32 as
+    upstream does; the DiT takes the latents in the model's dtype and returns an fp32 flow.
+    ``guidance`` is ParallelModel.guidance (sampler.guided_flow, or its CFG-parallel version);
+    ``step_scope(global_step)`` wraps each step. The guided flow is checked for NaN/Inf once
+    per step, the sampled latents once per clip."""
     wl = cfg.workload
-    sigmas = sigma_schedule(wl.sample_steps, wl.shift)
-    motion, clips = None, []
-    for clip in range(wl.clips):
-        audio = clip_audio(inputs.audio, clip, wl.frames_per_clip)
-        clip_inputs = ClipInputs(inputs.latents, inputs.context, inputs.null_context, audio, inputs.ref, motion)
-        cond = dit_velocity(dit, inputs.context, clip_inputs, audio)
-        # unconditional: negative prompt and silent audio (upstream zeroes the audio input)
-        uncond = dit_velocity(dit, inputs.null_context, clip_inputs, None if audio is None else torch.zeros_like(audio))
-        noise = random_latents(tuple(inputs.latents.shape[1:]), input_seed(cfg, "noise", clip),
-                               inputs.latents.device, inputs.latents.dtype)
-        first = clip * wl.sample_steps
+    model_dtype = cond.context.dtype
+    noise = random_latents(latent_shape(cfg), input_seed(cfg, "noise", clip), cond.context.device, torch.float32)
 
-        def scope(i: int, first: int = first):
-            return step_scope(first + i)
+    guided = checked_output(guidance, "DiT output (guided flow)")
 
-        # one finiteness check per step: the guided velocity is NaN/Inf if either DiT output is
-        velocity = checked_output(guidance(cond, uncond, wl.guidance_scale), "DiT output (guided velocity)")
-        latents = sample(velocity, noise, sigmas, step_context=scope)
-        check_finite(latents, f"sampled latents of clip {clip}")
-        clips.append(latents)
-        motion = next_motion(motion, latents, cfg.model.motion_frames)
-    return clips
+    def flow(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return guided(dit, x.to(model_dtype), timestep, cond, uncond, wl.guidance_scale).float()
+
+    first = clip * wl.sample_steps
+    latents = sample(flow, noise, wl.sample_steps, wl.shift, SamplerName(wl.sampler).value,
+                     step_context=lambda i: step_scope(first + i))
+    check_finite(latents, f"sampled latents of clip {clip}")
+    return latents
 
 
-def generate_workload_info(cfg: Any) -> dict:
+def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
+    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 on the host."""
+    frames = ((pixels[0].float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def generate_workload_info(cfg: Any, clips: int) -> dict:
     """Tokens, forwards and FLOPs per step, averaged over the measured steps (the first
-    clip has no motion tokens, later ones do)."""
+    clip has no motion tokens, later ones do), and the video's size."""
     wl = cfg.workload
     forwards = forwards_per_step(wl.guidance_scale)
-    per_clip = [clip_token_counts(cfg, with_motion=clip > 0) for clip in range(wl.clips)]
-    per_step = [per_clip[step // wl.sample_steps] for step in range(wl.clips * wl.sample_steps)]
+    per_clip = [clip_token_counts(cfg, with_motion=clip > 0) for clip in range(clips)]
+    per_step = [per_clip[step // wl.sample_steps] for step in range(clips * wl.sample_steps)]
     measured = per_step[wl.warmup_steps:] or per_step  # all warm-up: describe the steps run
     tokens = sum(c["total"] for c in measured) / len(measured)
     flops = sum(forwards * dit_forward_flops(cfg.model, **c["flops_args"]) for c in measured) / len(measured)
@@ -108,28 +103,81 @@ def generate_workload_info(cfg: Any) -> dict:
         "forwards_per_step": forwards,
         "flops_per_step": flops,
         "video_seconds_per_step": seconds_per_clip(cfg) / wl.sample_steps,
+        "video_seconds": clips * seconds_per_clip(cfg),
         "tokens_per_clip": [c["total"] for c in per_clip],
-        "clips": wl.clips,
+        "clips": clips,
         "sample_steps": wl.sample_steps,
+        "sampler": SamplerName(wl.sampler).value,
         "guidance_scale": wl.guidance_scale,
+        "size": "{}*{}".format(*(VAE_STRIDE * n for n in latent_shape(cfg)[2:])),
+        "text_branch": "synthetic" if text_is_synthetic(cfg, wl.prompt) else "tokenized",
+        "vae_mode": VaePlacement(cfg.parallel.vae).value,
     }
+
+
+def generate_video(cfg: Any, ctx: Any, parallel_model: ParallelModel,
+                   step_scope: Callable[[int], ContextManager]) -> tuple[Optional[np.ndarray], Any, int]:
+    """The pipeline after the models are set up. Returns (the video's uint8 frames where it is
+    written: rank 0 of a job with a job dir and workload.save_video on, else None; the
+    waveform; the clip count)."""
+    wl, dtype, device = cfg.workload, torch_dtype(cfg.model.dtype), ctx.device
+    mode, rank, world = VaePlacement(cfg.parallel.vae).value, ctx.rank, ctx.world_size
+    with ctx.stage("text_encode"):
+        context, null_context = encode_prompts(cfg, parallel_model, device, dtype)
+    audio, waveform, clips = None, None, wl.clips
+    with ctx.stage("audio_encode"):
+        if cfg.model.s2v:
+            audio, clips, waveform = encode_audio(cfg, parallel_model, device, dtype)
+    with ctx.stage("reference_encode"):
+        vae: WanVAE = build_vae(cfg.model, device)
+        ref = reference_latents(cfg, vae, device, dtype) if cfg.model.s2v else None
+
+    channels, _, lat_h, lat_w = latent_shape(cfg)
+    height, width = lat_h * VAE_STRIDE, lat_w * VAE_STRIDE
+    motion_frames = motion_pixel_frames(cfg.model.motion_frames)
+    motion_shape = (1, channels, cfg.model.motion_frames, lat_h, lat_w)
+    holds_pixels = mode != "rank0" or rank == 0
+    with ctx.stage("motion_encode"):  # before the first clip: zero pixels
+        zeros = torch.zeros(1, 3, motion_frames, height, width, device=device) if holds_pixels else None
+        motion = encode_motion(vae, zeros, motion_frames, mode, rank, world, motion_shape)
+    keep_frames = rank == 0 and ctx.job_dir is not None and wants_video(wl, cfg.model.checkpoint_dir)
+    frames: list[np.ndarray] = []
+    for clip in range(clips):
+        clip_features = clip_audio(audio, clip, wl.frames_per_clip)
+        silent = None if clip_features is None else torch.zeros_like(clip_features)
+        dit_motion = None if clip == 0 else motion.to(dtype)  # drop_first_motion
+        cond = Condition(context, clip_features, ref, dit_motion)
+        uncond = Condition(null_context, silent, ref, dit_motion)  # negative prompt, zero audio
+        with ctx.stage("denoise"):
+            latents = denoise_clip(cfg, parallel_model.dit, parallel_model.guidance, cond, uncond, clip, step_scope)
+        with ctx.stage("vae_decode"):
+            pixels = decode_clip(vae, torch.cat([motion, latents], dim=2), mode, rank, world)
+        if keep_frames:
+            frames.append(to_uint8_frames(pixels[:, :, -wl.frames_per_clip:]))
+        if clip + 1 < clips:
+            with ctx.stage("motion_encode"):
+                motion = encode_motion(vae, pixels, motion_frames, mode, rank, world, motion_shape)
+        del pixels
+    return (np.concatenate(frames) if keep_frames else None), waveform, clips
 
 
 def run_generate(cfg: Any, ctx: Any) -> dict:
     wl = cfg.workload
     parallel_model = setup_parallel(cfg, ctx)
-    with ctx.phase("encode"):
-        inputs = encode_job_inputs(cfg, parallel_model, ctx.device)
     show = ctx.rank == 0 and sys.stdout.isatty()
-    with tqdm(total=wl.clips * wl.sample_steps, desc="generate", unit="step", disable=not show) as bar:
+    with tqdm(total=None, desc="generate", unit="step", disable=not show) as bar:
         @contextmanager
         def scope(step: int) -> Iterator[None]:
             with workload_step(ctx, step, wl.warmup_steps):
                 yield
             bar.update(1)
 
-        generate_clips(cfg, parallel_model.dit, inputs, scope, parallel_model.guidance)
-    info = generate_workload_info(cfg)
+        frames, waveform, clips = generate_video(cfg, ctx, parallel_model, scope)
+    if frames is not None:
+        with ctx.stage("video_write"):
+            audio = None if waveform is None else waveform.numpy()
+            write_video(ctx.job_dir / VIDEO_FILE, frames, wl.fps, audio, SAMPLE_RATE)
+    info = generate_workload_info(cfg, clips)
     # CFG parallel: each rank runs one of the two forwards (FLOPs stay the whole job's)
     info["forwards_per_step_per_rank"] = info["forwards_per_step"] // parallel_model.dims.cfg
     ctx.metrics.set_workload_info(**info)

@@ -1,19 +1,20 @@
 """Inputs of real shape for one S2V clip, shared by the generate and train_lora workloads.
 
-- Text: umT5 over token ids. Real ids only when ``workload.prompt`` is set and the
-  checkpoint folder holds the tokenizer (``google/umt5-xxl``); otherwise deterministic ids
-  from the seed. Nothing is ever downloaded.
-- Audio: a 16 kHz waveform (``workload.audio_path``, a wav file, or seeded noise of the
-  job's duration) -> wav2vec2 hidden states (all layers) -> resampled in time to one
-  feature per video frame, which is what the DiT's causal audio encoder takes.
-- Latents: (B=1, 16, frames_per_clip/4, H/8, W/8). The reference frame: the VAE encoding
-  of ``workload.image_path`` (scaled to cover H x W, centre-cropped; the VAE encoder is
-  loaded from the checkpoint folder only then), else random latents.
+- Text: umT5 over token ids. Real ids only when the prompt (or the negative prompt) is set
+  and the checkpoint folder holds the tokenizer (``google/umt5-xxl``); otherwise deterministic
+  ids from the seed, and the record says the text branch is synthetic. Nothing is ever
+  downloaded. The unconditional branch uses ``workload.negative_prompt`` (upstream's default).
+- Audio (docs/pipeline.md, "Audio"): ``workload.audio_path`` read as 16 kHz mono (media.py),
+  or seeded noise of the job's duration -> normalised as wav2vec2's feature extractor does ->
+  wav2vec2 in fp32, all hidden states (50 Hz) -> linearly interpolated to 30 fps -> video frame
+  i takes the 30 fps feature round(i * 30 / fps); frames past the audio's end take zeros.
+- Latents: (B=1, 16, frames_per_clip/4, H/8, W/8), H x W from ``media.output_size``. The
+  reference frame: the VAE encoding of ``workload.image_path`` (media.reference_pixels), else
+  random latents.
 Every rank draws the same values (same seed): under Ulysses the model shards the tokens.
 """
 from __future__ import annotations
 
-import wave
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +23,19 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from wan_exp.config import parse_size, tokenizer_dir
+from wan_exp.media import SAMPLE_RATE, output_size, read_audio, reference_pixels
 from wan_exp.models.encoders import encode_text
-from wan_exp.models.vae import load_vae_encoder, vae_checkpoint_path
+from wan_exp.models.vae import WanVAE, build_vae
 from wan_exp.models.wan_s2v import AUDIO_TOKENS_PER_FRAME, sequence_length
 from wan_exp.parallel.fsdp import torch_dtype
 from wan_exp.parallel.registry import ParallelModel
 
-SAMPLE_RATE = 16000  # wav2vec2's input rate
 VAE_STRIDE = 8  # pixels per latent in height and width
 FRAMES_PER_LATENT = 4  # video frames per latent frame
+FEATURE_RATE = 50  # wav2vec2 hidden states per second of 16 kHz audio
+AUDIO_FEATURE_FPS = 30  # upstream interpolates the features to this rate before picking frames
 # Each random input draws from its own generator, seeded cfg.seed + its offset, so adding
 # one input never changes another (and every rank draws the same values).
 SEED_OFFSETS = {"prompt": 0, "null_prompt": 1, "audio": 2, "reference": 3, "latents": 4,
@@ -58,7 +60,7 @@ class ClipInputs:
 
 def latent_shape(cfg: Any) -> tuple[int, int, int, int]:
     """(channels, latent frames, latent height, latent width) of one clip."""
-    height, width = parse_size(cfg.workload.size)
+    height, width = output_size(cfg.workload)
     return (cfg.model.in_dim, cfg.workload.frames_per_clip // FRAMES_PER_LATENT,
             height // VAE_STRIDE, width // VAE_STRIDE)
 
@@ -69,7 +71,7 @@ def seconds_per_clip(cfg: Any) -> float:
 
 def clip_token_counts(cfg: Any, with_motion: bool) -> dict:
     """Tokens of one forward and the arguments of metrics.flops.dit_forward_flops for it."""
-    height, width = parse_size(cfg.workload.size)
+    height, width = output_size(cfg.workload)
     total = sequence_length(cfg.model, height, width, cfg.workload.frames_per_clip, with_motion=with_motion)
     pt, ph, pw = cfg.model.patch_size
     _, frames, lat_h, lat_w = latent_shape(cfg)
@@ -86,7 +88,8 @@ def clip_token_counts(cfg: Any, with_motion: bool) -> dict:
 def prompt_token_ids(cfg: Any, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask), each (1, text_len): the tokenised prompt when a tokenizer folder
     exists, else deterministic ids from ``seed`` (all positions valid, as a long prompt;
-    config.config_warnings says so for a prompt given without a tokenizer)."""
+    config.config_warnings says so for a prompt given without a tokenizer); ``text_is_synthetic``
+    says which.
     text_len = cfg.model.text_len
     folder = tokenizer_dir(cfg.model)
     if prompt and folder is not None:
@@ -101,6 +104,11 @@ def prompt_token_ids(cfg: Any, prompt: str, seed: int) -> tuple[torch.Tensor, to
     return ids, torch.ones_like(ids)
 
 
+def text_is_synthetic(cfg: Any, prompt: str) -> bool:
+    """True where prompt_token_ids draws ids instead of tokenising ``prompt``."""
+    return not (prompt and tokenizer_dir(cfg.model) is not None)
+
+
 def _encoder_placement(encoder: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where an encoder runs (parallel.*_encoder_placement) and its dtype."""
     param = next(encoder.parameters())
@@ -108,41 +116,60 @@ def _encoder_placement(encoder: torch.nn.Module) -> tuple[torch.device, torch.dt
 
 
 # ------------------------------------------------------------------------------ audio
-def read_wav(path: str | Path) -> torch.Tensor:
-    """Mono float waveform at 16 kHz from a PCM wav file (standard library ``wave``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"workload.audio_path={str(path)!r} does not exist")
-    try:
-        with wave.open(str(path), "rb") as wav:
-            width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
-            raw = wav.readframes(wav.getnframes())
-    except wave.Error as exc:
-        raise ValueError(f"workload.audio_path={str(path)!r} is not a PCM wav file ({exc}); "
-                         "convert it, e.g. ffmpeg -i in.mp3 -ar 16000 -ac 1 out.wav") from None
-    dtypes = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
-    if width not in dtypes:
-        raise ValueError(f"workload.audio_path={str(path)!r}: {8 * width}-bit samples are not supported; "
-                         "use 8, 16 or 32-bit PCM")
-    samples = torch.frombuffer(bytearray(raw), dtype=dtypes[width]).float()
-    if width == 1:
-        samples = samples - 128.0  # 8-bit wav is unsigned
-    samples = samples / float(2 ** (8 * width - 1))
-    mono = samples.view(-1, channels).mean(dim=1)
-    if rate != SAMPLE_RATE:
-        n_out = round(mono.numel() * SAMPLE_RATE / rate)
-        mono = F.interpolate(mono[None, None], size=n_out, mode="linear", align_corners=False)[0, 0]
-    return mono
-
-
-def job_waveform(cfg: Any, seconds: float, seed: int) -> torch.Tensor:
-    """(samples,) for ``seconds`` of audio: the wav file cut or zero-padded to length,
-    or seeded noise."""
-    n = round(seconds * SAMPLE_RATE)
-    if cfg.workload.audio_path:
-        audio = read_wav(cfg.workload.audio_path)[:n]
-        return F.pad(audio, (0, n - audio.numel()))
+def job_waveform(cfg: Any, seed: int) -> torch.Tensor:
+    """(samples,) 16 kHz mono: the audio file whole, or seeded noise of ``workload.clips``
+    clips' duration."""
+    wl = cfg.workload
+    if wl.audio_path:
+        return torch.from_numpy(read_audio(wl.audio_path))
+    n = round(wl.clips * wl.frames_per_clip / wl.fps * SAMPLE_RATE)
     return 0.1 * torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def feature_extractor(cfg: Any) -> Any:
+    """wav2vec2's feature extractor: the checkpoint folder's preprocessor_config.json, else
+    transformers' defaults (16 kHz, zero mean / unit variance normalisation)."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    folder = (Path(cfg.model.checkpoint_dir) / cfg.model.audio_encoder.checkpoint
+              if cfg.model.checkpoint_dir and cfg.model.audio_encoder.checkpoint else None)
+    if folder is not None and (folder / "preprocessor_config.json").is_file():
+        return Wav2Vec2FeatureExtractor.from_pretrained(str(folder), local_files_only=True)
+    return Wav2Vec2FeatureExtractor()
+
+
+def features_per_video_frame(states: torch.Tensor, fps: int, frames_per_clip: int,
+                             max_clips: int) -> tuple[torch.Tensor, int]:
+    """(B, layers, T, C) hidden states at 50 Hz -> ((B, layers, clips * frames_per_clip, C), clips).
+
+    Linear interpolation (align_corners) to int(T * 30 / 50) features at 30 fps; video frame i
+    takes feature round(i * 30 / fps) (numpy rounding), zeros past the end. The audio gives
+    int(T30 / (frames_per_clip * 30 / fps)) + 1 clips, at most ``max_clips`` (-1: no cap)."""
+    b, layers, t, c = states.shape
+    t30 = int(t * AUDIO_FEATURE_FPS / FEATURE_RATE)
+    flat = states.permute(0, 1, 3, 2).reshape(b, layers * c, t).float()
+    at30 = F.interpolate(flat, size=t30, mode="linear", align_corners=True)
+    clips = int(t30 / (frames_per_clip * AUDIO_FEATURE_FPS / fps)) + 1
+    if max_clips != -1:
+        clips = min(clips, max_clips)
+    index = np.round(np.arange(clips * frames_per_clip) * AUDIO_FEATURE_FPS / fps).astype(np.int64)
+    inside = torch.from_numpy(index < t30)
+    picked = at30[:, :, torch.from_numpy(np.minimum(index, t30 - 1))] * inside.to(at30.dtype)
+    return picked.reshape(b, layers, c, -1).permute(0, 1, 3, 2).to(states.dtype), clips
+
+
+@torch.no_grad()
+def encode_audio(cfg: Any, parallel_model: ParallelModel, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(features (1, layers, clips * frames_per_clip, C) in ``dtype``, clips, waveform)."""
+    wl = cfg.workload
+    waveform = job_waveform(cfg, input_seed(cfg, "audio"))
+    normalised = feature_extractor(cfg)(waveform.numpy(), sampling_rate=SAMPLE_RATE,
+                                        return_tensors="pt").input_values
+    audio_device, audio_dtype = _encoder_placement(parallel_model.audio_encoder)
+    states = parallel_model.audio_encoder(normalised.to(audio_device, audio_dtype))
+    features, clips = features_per_video_frame(states, wl.fps, wl.frames_per_clip, wl.clips)
+    return features.to(device, dtype), clips, waveform
 
 
 # ------------------------------------------------------------------------------ all inputs
@@ -151,61 +178,46 @@ def random_latents(shape: tuple[int, ...], seed: int, device: torch.device, dtyp
     return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed)).to(device, dtype)
 
 
-def read_image(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """(1, 3, 1, height, width) RGB pixels in [-1, 1]: the image scaled (bilinear) so that it
-    covers height x width, then cropped about its centre."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"workload.image_path={str(path)!r} does not exist")
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"workload.image_path={str(path)!r} is not a readable image ({exc}); "
-                         "use a PNG or JPEG file") from None
-    scale = max(height / image.height, width / image.width)
-    scaled_w, scaled_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    image = image.resize((scaled_w, scaled_h), Image.BILINEAR)
-    left, top = round((scaled_w - width) / 2), round((scaled_h - height) / 2)
-    image = image.crop((left, top, left + width, top + height))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)) / 127.5 - 1.0  # (H, W, 3)
-    return pixels.permute(2, 0, 1)[None, :, None]
-
-
-def reference_latents(cfg: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(1, 16, 1, H/8, W/8): the VAE encoding of workload.image_path, else seeded noise."""
+@torch.no_grad()
+def reference_latents(cfg: Any, vae: Optional[WanVAE], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 16, 1, H/8, W/8): the VAE encoding (fp32, as upstream) of workload.image_path, else
+    seeded noise."""
     if cfg.workload.image_path:
-        pixels = read_image(cfg.workload.image_path, *parse_size(cfg.workload.size))
-        # fp32 as upstream S2V encodes it (the encoder is small; one frame)
-        vae = load_vae_encoder(vae_checkpoint_path(cfg.model), cfg.model.vae_dim, device, torch.float32)
-        return vae(pixels.to(device)).to(dtype)
+        height, width = output_size(cfg.workload)
+        pixels = torch.from_numpy(reference_pixels(cfg.workload.image_path, height, width))
+        vae = vae if vae is not None else build_vae(cfg.model, device)
+        return vae.encode(pixels.permute(2, 0, 1)[None, :, None].to(device)).to(dtype)
     channels, _, lat_h, lat_w = latent_shape(cfg)
     return random_latents((channels, 1, lat_h, lat_w), input_seed(cfg, "reference"), device, dtype)
 
 
 @torch.no_grad()
-def encode_job_inputs(cfg: Any, parallel_model: ParallelModel, device: torch.device) -> ClipInputs:
-    """Text, audio (all clips at once) and reference for the job, motion None.
-
-    ``audio`` spans every clip: ``clip_audio`` picks one clip's frames out of it."""
-    dtype = torch_dtype(cfg.model.dtype)
-    wl = cfg.workload
+def encode_prompts(cfg: Any, parallel_model: ParallelModel, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context, null context): the prompt and the negative prompt through umT5."""
     text_device, _ = _encoder_placement(parallel_model.text_encoder)
 
     def text(prompt: str, seed: int) -> torch.Tensor:
         ids, mask = prompt_token_ids(cfg, prompt, seed)
         return encode_text(parallel_model.text_encoder, ids.to(text_device), mask.to(text_device)).to(device, dtype)
 
-    context = text(wl.prompt, input_seed(cfg, "prompt"))
-    null_context = text("", input_seed(cfg, "null_prompt"))  # the negative prompt
+    return (text(cfg.workload.prompt, input_seed(cfg, "prompt")),
+            text(cfg.workload.negative_prompt, input_seed(cfg, "null_prompt")))
+
+
+@torch.no_grad()
+def encode_job_inputs(cfg: Any, parallel_model: ParallelModel, device: torch.device,
+                      vae: Optional[WanVAE] = None) -> ClipInputs:
+    """Text, audio (all clips at once) and reference for the job, motion None (the generate
+    workload calls the three parts one by one to time them).
+
+    ``audio`` spans every clip: ``clip_audio`` picks one clip's frames out of it."""
+    dtype = torch_dtype(cfg.model.dtype)
+    context, null_context = encode_prompts(cfg, parallel_model, device, dtype)
     audio = ref = None
     if cfg.model.s2v:
-        video_frames = wl.clips * wl.frames_per_clip
-        waveform = job_waveform(cfg, video_frames / wl.fps, input_seed(cfg, "audio"))
-        audio_device, audio_dtype = _encoder_placement(parallel_model.audio_encoder)
-        audio = parallel_model.audio_encoder(waveform[None].to(audio_device, audio_dtype),
-                                             num_frames=video_frames).to(device, dtype)
-        ref = reference_latents(cfg, device, dtype)
+        audio, _clips, _waveform = encode_audio(cfg, parallel_model, device, dtype)
+        ref = reference_latents(cfg, vae, device, dtype)
     latents = random_latents(latent_shape(cfg), input_seed(cfg, "latents"), device, dtype)
     return ClipInputs(latents, context, null_context, audio, ref, motion=None)
 

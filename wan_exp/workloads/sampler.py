@@ -1,49 +1,75 @@
-"""Flow-matching sampler with a shifted sigma schedule and classifier-free guidance.
+"""Flow-matching samplers (UniPC multistep, as upstream S2V, or Euler) and classifier-free guidance.
 
 Flow matching (as Wan trains it) mixes data ``x0`` and noise ``n`` along a straight line,
-``x_sigma = (1 - sigma) * x0 + sigma * n``, and the DiT predicts the velocity
-``v = n - x0``. Sampling walks sigma from 1 (pure noise) down to 0 (data) with Euler
-steps, ``x <- x + (sigma_next - sigma) * v(x, sigma)``.
+``x_sigma = (1 - sigma) * x0 + sigma * n``, and the DiT predicts the flow ``v = n - x0``.
+Sampling walks sigma from (almost) 1 down to 0 (docs/pipeline.md, "Sampler"):
 
-Everything here is a pure function of a *velocity callable* ``(x, sigma) -> v`` so it can
-be checked on a toy velocity; the generate workload wraps the DiT into such a callable.
+- the grid: ``steps`` unshifted sigmas ``linspace(0.999, 0, steps + 1)[:-1]`` (0.999 is the
+  largest sigma of the shift-1 training schedule of 1000 steps), each shifted by
+  ``shift * s / (1 + (shift - 1) * s)``, then a final 0;
+- the DiT gets the integer timestep ``int64(sigma * 1000)`` (truncated), the solver the
+  float sigma;
+- ``unipc`` (the default): diffusers' ``UniPCMultistepScheduler`` configured as upstream's
+  flow UniPC (order 2, bh2, data prediction, corrector on, lower order at the last step,
+  final sigma 0) and handed the shifted grid as a numpy array, which reproduces upstream's
+  timesteps and updates; ``euler``: ``x <- x + (sigma_next - sigma) * v`` on the same grid.
+
+Everything here is a pure function of a *flow callable* ``(x, timestep) -> v`` so it can be
+checked on a toy flow; the generate workload wraps the guided DiT into such a callable.
 
 Guidance scale, and how many DiT forwards a step costs:
-  * ``scale == 1``: the guided velocity equals the conditional one -> 1 forward (conditional).
+  * ``scale == 1``: the guided flow equals the conditional one -> 1 forward (conditional).
   * ``scale == 0``: it equals the unconditional one -> 1 forward (unconditional).
   * any other scale: ``uncond + scale * (cond - uncond)`` -> 2 forwards, conditional
     first, then unconditional, one after the other (as upstream Wan does; not batched).
-So the result always equals the guidance formula; a forward is skipped only when the
-formula does not need it.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
 
+import numpy as np
 import torch
 
-Velocity = Callable[[torch.Tensor, float], torch.Tensor]
+SAMPLERS = ("unipc", "euler")
+TRAIN_TIMESTEPS = 1000
+LARGEST_TRAIN_SIGMA = 0.999  # sigma of the shift-1 training schedule at its first of 1000 steps
+
+Flow = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, timestep (1,) int64) -> flow
 StepContext = Callable[[int], ContextManager]
 
 
-def shift_sigma(t: float, shift: float) -> float:
-    """Warp a uniform time t in [0, 1] so more steps are spent at high noise:
-    ``shift * t / (1 + (shift - 1) * t)`` (identity for shift 1; 0 -> 0, 1 -> 1)."""
-    return shift * t / (1.0 + (shift - 1.0) * t)
+def shift_sigma(sigma: np.ndarray, shift: float) -> np.ndarray:
+    """``shift * s / (1 + (shift - 1) * s)``: more steps at high noise (identity for shift 1)."""
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
-def sigma_schedule(steps: int, shift: float) -> list[float]:
-    """``steps + 1`` sigmas from 1 down to 0: uniform times 1, 1 - 1/steps, ..., 0, shifted.
-
-    The velocity is evaluated at the first ``steps`` of them; the last (0) is where the
-    final Euler step lands.
-    """
+def sigma_schedule(steps: int, shift: float) -> np.ndarray:
+    """The ``steps`` shifted sigmas the model is evaluated at (float64, descending, no final 0)."""
     if steps < 1:
-        raise ValueError(f"sample steps must be >= 1, got {steps}")
+        raise ValueError(f"workload.sample_steps must be >= 1, got {steps}")
     if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    return [shift_sigma(1.0 - i / steps, shift) for i in range(steps + 1)]
+        raise ValueError(f"workload.shift must be > 0, got {shift}")
+    return shift_sigma(np.linspace(LARGEST_TRAIN_SIGMA, 0.0, steps + 1)[:-1], shift)
+
+
+def model_timesteps(sigmas: np.ndarray) -> torch.Tensor:
+    """The DiT's integer timesteps of a sigma grid: ``int64(sigma * 1000)``, truncated."""
+    return torch.from_numpy((np.asarray(sigmas) * TRAIN_TIMESTEPS).astype(np.int64))
+
+
+def unipc_scheduler(steps: int, shift: float):
+    """A fresh diffusers UniPC scheduler on upstream's grid (it keeps per-run state: one per clip)."""
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=TRAIN_TIMESTEPS, prediction_type="flow_prediction", use_flow_sigmas=True,
+        flow_shift=1.0,  # the grid below is already shifted; its own shift would move it
+        solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
+        final_sigmas_type="zero")
+    scheduler.set_timesteps(sigmas=sigma_schedule(steps, shift))  # a numpy array, not a list
+    return scheduler
 
 
 def forwards_per_step(guidance_scale: float) -> int:
@@ -51,34 +77,60 @@ def forwards_per_step(guidance_scale: float) -> int:
     return 1 if guidance_scale in (0.0, 1.0) else 2
 
 
-def guided_velocity(cond: Velocity, uncond: Velocity, guidance_scale: float) -> Velocity:
-    """Classifier-free guidance ``uncond + scale * (cond - uncond)`` as one velocity callable,
-    calling only the forwards the scale needs (conditional before unconditional)."""
+@dataclass
+class Condition:
+    """What the DiT takes for one branch of guidance besides the latents and the timestep."""
+
+    context: torch.Tensor  # (1, text_len, text_dim)
+    audio: Optional[torch.Tensor] = None  # (1, audio_layers, video frames, audio_dim)
+    ref: Optional[torch.Tensor] = None  # (1, 16, 1, h, w)
+    motion: Optional[torch.Tensor] = None  # (1, 16, motion latents, h, w); None: no motion tokens
+
+
+def dit_flow(dit: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
+             condition: Condition) -> torch.Tensor:
+    """One DiT forward for one branch of guidance (no autograd: sampling only)."""
+    with torch.no_grad():
+        return dit(latents, timestep, condition.context, audio=condition.audio,
+                   ref=condition.ref, motion=condition.motion)
+
+
+def guided_flow(dit: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
+                cond: Condition, uncond: Condition, guidance_scale: float) -> torch.Tensor:
+    """The two forwards of one denoising step and their guidance, ``u + g * (c - u)``:
+    conditional first, then unconditional; only the forward the formula needs when g is 1 or 0.
+    This is the one call a CFG-parallel split replaces (parallel/cfg.py)."""
     if guidance_scale == 1.0:
-        return cond
+        return dit_flow(dit, latents, timestep, cond)
     if guidance_scale == 0.0:
-        return uncond
-
-    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        v_cond = cond(x, sigma)
-        v_uncond = uncond(x, sigma)
-        return v_uncond + guidance_scale * (v_cond - v_uncond)
-
-    return velocity
+        return dit_flow(dit, latents, timestep, uncond)
+    flow_cond = dit_flow(dit, latents, timestep, cond)
+    flow_uncond = dit_flow(dit, latents, timestep, uncond)
+    return flow_uncond + guidance_scale * (flow_cond - flow_uncond)
 
 
-def sample(
-    velocity: Velocity,
-    x: torch.Tensor,
-    sigmas: list[float],
-    step_context: Optional[StepContext] = None,
-) -> torch.Tensor:
-    """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` with one Euler step per interval.
+# guided_flow's signature: what ParallelModel.guidance is, sequential or CFG-parallel
+GuidedFlow = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Condition, Condition, float], torch.Tensor]
 
-    ``step_context(i)`` (optional) wraps step i, e.g. to time it; the caller decides what
-    a step means for its measurements. Returns the final x (the input is not modified).
-    """
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+
+def sample(flow: Flow, noise: torch.Tensor, steps: int, shift: float, sampler: str = "unipc",
+           step_context: Optional[StepContext] = None) -> torch.Tensor:
+    """Integrate from noise to data with ``steps`` evaluations of ``flow``.
+
+    ``step_context(i)`` (optional) wraps step i, e.g. to time it. Returns the final x in the
+    dtype of ``noise`` (the input is not modified)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"workload.sampler={sampler!r} is not one of {SAMPLERS}")
+    sigmas = sigma_schedule(steps, shift)
+    timesteps = model_timesteps(sigmas).to(noise.device)
+    x = noise
+    scheduler = unipc_scheduler(steps, shift) if sampler == "unipc" else None
+    next_sigmas = [*sigmas[1:], 0.0]
+    for i in range(steps):
         with step_context(i) if step_context is not None else nullcontext():
-            x = x + (sigma_next - sigma) * velocity(x, sigma)
-    return x
+            v = flow(x, timesteps[i:i + 1])
+            if scheduler is not None:
+                x = scheduler.step(v, scheduler.timesteps[i], x, return_dict=False)[0]
+            else:
+                x = x + float(next_sigmas[i] - sigmas[i]) * v
+    return x.to(noise.dtype)

@@ -1,0 +1,54 @@
+"""Every parallel.vae mode against the plain whole-frame decode, on the ranks of one launch.
+
+Run under ``torchrun --nproc_per_node 2`` (gloo on the CPU; tests/test_pipeline.py does).
+On every rank, for each mode: the pixels equal the plain decode within TOLERANCE where the
+mode leaves pixels (rank0: rank 0 only, None elsewhere), and the motion latents re-encoded
+from them equal the plain ones on every rank (rank0 broadcasts them). The largest difference
+of each mode is printed by rank 0 as ``max_abs_diff <mode> <value>``. Exits with status 1
+naming the mode at the first mismatch.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from wan_exp.models.vae import WanVAE
+from wan_exp.parallel.vae import VAE_MODES, decode_clip, encode_motion
+
+TOLERANCE = 1e-5
+MOTION_FRAMES = 5  # pixel frames re-encoded (2 latent frames)
+
+
+def main() -> int:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    vae = WanVAE(4).eval()
+    z = torch.randn(1, 16, 2, 4, 40)  # 40 latents wide: strips and tiles wider than the halo
+    plain = vae.decode(z)[0]
+    plain_motion = vae.encode(plain[:, :, -MOTION_FRAMES:])
+    for mode in VAE_MODES:
+        pixels = decode_clip(vae, z, mode, rank, world)
+        if mode == "rank0" and rank != 0:
+            if pixels is not None:
+                print(f"FAIL {mode}: rank {rank} holds pixels", flush=True)
+                return 1
+        else:
+            diff = (pixels - plain).abs().max().item()
+            if rank == 0:
+                print(f"max_abs_diff {mode} {diff:.3e}", flush=True)
+            if diff > TOLERANCE:
+                print(f"FAIL {mode}: rank {rank} pixels differ by {diff}", flush=True)
+                return 1
+        motion = encode_motion(vae, pixels, MOTION_FRAMES, mode, rank, world, tuple(plain_motion.shape))
+        if (motion - plain_motion).abs().max().item() > 1e-4:
+            print(f"FAIL {mode}: rank {rank} motion latents differ", flush=True)
+            return 1
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

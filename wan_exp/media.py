@@ -1,0 +1,190 @@
+"""Files in and out of the generate workload: the audio, the reference image, the video.
+
+No torch here: the launcher calls :func:`check_inputs` (through ``config.validate``) before any
+rank starts, and the ranks use the readers below. docs/pipeline.md states the rules.
+
+- Audio: any file ffmpeg decodes (wav, flac, mp3, ...; any rate, any channel layout), read
+  and resampled to 16 kHz mono by PyAV (ffmpeg's resampler, shipped in the PyAV wheel).
+- Reference image: the output size chosen from the image within the area of ``workload.size``
+  (multiples of 64), then the shorter side resized and the centre cropped, padded with black
+  where the aspect ratios differ.
+- Video: H.264 in an mp4 with the audio muxed in (AAC), through PyAV.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+SAMPLE_RATE = 16000  # wav2vec2's input rate
+SIZE_MULTIPLE = 64  # the output size chosen from an image is padded up to multiples of this
+SILENCE_PEAK = 1e-4  # an audio file whose samples all stay below this is silent
+AUDIO_FRAME_SAMPLES = 1024  # samples per AAC frame when muxing
+
+
+# ------------------------------------------------------------------------------ audio
+def read_audio(path: str | Path) -> np.ndarray:
+    """(samples,) float32 mono waveform at 16 kHz from any audio file ffmpeg decodes.
+    ValueError naming ``workload.audio_path`` for a missing or unreadable file."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"workload.audio_path={str(path)!r} does not exist")
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise ValueError("it has no audio stream")
+            # resample each channel, then average them (ffmpeg's own down-mix would weight
+            # stereo by 1/sqrt(2) each; a mono read averages the channels)
+            resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+            for frame in container.decode(stream):
+                chunks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(frame)]
+            chunks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(None)]
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        raise ValueError(f"workload.audio_path={str(path)!r} is not a readable audio file ({exc}); "
+                         "use a wav, flac or mp3 file") from None
+    waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if waveform.size == 0:
+        raise ValueError(f"workload.audio_path={str(path)!r} holds no audio samples")
+    return waveform
+
+
+# ------------------------------------------------------------------------------ image
+def size_within_area(height: int, width: int, area: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    """(H, W) for an image of height x width: the image scaled by the largest factor s <= 1
+    for which ``ceil_m(int(height*s)) * ceil_m(int(width*s)) <= area`` (ceil_m: up to a
+    multiple of ``multiple``), at that s, padded up. Found by bisection (the padded area
+    only grows with s)."""
+
+    def padded(scale: float) -> tuple[int, int]:
+        return (-(-int(height * scale) // multiple) * multiple, -(-int(width * scale) // multiple) * multiple)
+
+    def fits(scale: float) -> bool:
+        h, w = padded(scale)
+        return h * w <= area
+
+    if not fits(1e-9):
+        raise ValueError(f"workload.size: area {area} is smaller than one {multiple}x{multiple} block")
+    low, high = 1e-9, 1.0
+    if fits(high):
+        return padded(high)
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return padded(low)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file from its header; ValueError if it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"workload.image_path={str(path)!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+            return image.height, image.width
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"workload.image_path={str(path)!r} is not a readable image ({exc}); "
+                         "use a PNG or JPEG file") from None
+
+
+def output_size(workload: Any) -> tuple[int, int]:
+    """(H, W) of the generated video: chosen from ``workload.image_path`` within the area of
+    ``workload.size`` when ``workload.size_from_image`` (upstream's behaviour), else the size."""
+    from wan_exp.config import parse_size
+
+    height, width = parse_size(workload.size)
+    if workload.image_path and workload.size_from_image:
+        return size_within_area(*image_size(workload.image_path), height * width)
+    return height, width
+
+
+def reference_pixels(path: str | Path, height: int, width: int) -> np.ndarray:
+    """(height, width, 3) float32 in [-1, 1]: the image's shorter side resized (bilinear) to
+    min(height, width), the longer by the same factor (truncated), then the centre
+    height x width cut out; where the resized image is smaller it is padded with black (-1)."""
+    from PIL import Image
+
+    image_size(path)  # the clear errors
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    short = min(height, width)
+    if image.width <= image.height:
+        new_w, new_h = short, int(short * image.height / image.width)
+    else:
+        new_w, new_h = int(short * image.width / image.height), short
+    pixels = np.asarray(image.resize((new_w, new_h), Image.BILINEAR), dtype=np.uint8)
+    pad_top, pad_left = max(height - new_h, 0) // 2, max(width - new_w, 0) // 2
+    pad_bottom, pad_right = max(height - new_h + 1, 0) // 2, max(width - new_w + 1, 0) // 2
+    pixels = np.pad(pixels, ((pad_top, pad_bottom), (pad_left, pad_right), (0, 0)))
+    top = int(round((pixels.shape[0] - height) / 2.0))
+    left = int(round((pixels.shape[1] - width) / 2.0))
+    crop = pixels[top:top + height, left:left + width]
+    return crop.astype(np.float32) / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------ video
+def write_video(path: str | Path, frames: np.ndarray, fps: int, audio: Optional[np.ndarray],
+                sample_rate: int = SAMPLE_RATE) -> Path:
+    """Write (T, H, W, 3) uint8 frames as H.264 (yuv420p) at ``fps`` into an mp4, with the mono
+    float waveform ``audio`` muxed in as AAC (cut or zero-padded to the video's duration)."""
+    import av
+
+    path = Path(path)
+    frames = np.ascontiguousarray(frames)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        sound = None
+        if audio is not None:
+            sound = container.add_stream("aac", rate=sample_rate)
+            sound.layout = "mono"
+        for frame in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode(None))
+        if sound is not None:
+            n = round(len(frames) * sample_rate / fps)
+            samples = np.zeros(n, np.float32)
+            samples[:min(n, audio.size)] = audio[:n]
+            for start in range(0, n, AUDIO_FRAME_SAMPLES):
+                chunk = samples[start:start + AUDIO_FRAME_SAMPLES][None]
+                frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+                frame.sample_rate, frame.pts, frame.time_base = sample_rate, start, Fraction(1, sample_rate)
+                container.mux(sound.encode(frame))
+            container.mux(sound.encode(None))
+    return path
+
+
+def wants_video(workload: Any, checkpoint_dir: Optional[str]) -> bool:
+    """``workload.save_video``: true/false, or auto = when a checkpoint folder is given."""
+    setting = str(workload.save_video).lower()
+    return setting == "true" or (setting == "auto" and bool(checkpoint_dir))
+
+
+# ------------------------------------------------------------------------------ pre-launch checks
+def check_inputs(cfg: Any, world_size: int) -> None:
+    """The input files of a generate job, read before any rank loads weights: an audio file that
+    ffmpeg cannot read, or that is silent; an image that is not an image; the size the image
+    gives. Raises ConfigError naming the setting and what to do."""
+    from wan_exp.config import ConfigError, parse_size
+
+    wl = cfg.workload
+    try:
+        if wl.audio_path:
+            peak = float(np.abs(read_audio(wl.audio_path)).max())
+            if peak < SILENCE_PEAK:
+                raise ValueError(f"workload.audio_path={wl.audio_path!r} is silent (peak {peak:.1e}); "
+                                 "S2V animates speech: give a file with sound, or leave it unset "
+                                 "for synthetic audio")
+        if wl.image_path:
+            height, width = output_size(wl)
+            parse_size(f"{height}*{width}")  # the VAE and patch strides
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from None
