@@ -207,17 +207,21 @@ def test_check_finite_names_the_tensor_and_counts():
 
 
 def _nan_checkpoint(folder: Path) -> Path:
-    """The tiny DiT's weights in the official layout, one element of one weight NaN."""
+    """The tiny DiT's weights in the official layout, one element of one weight NaN, beside
+    a finite tiny VAE (a checkpoint folder holds the VAE too)."""
     from omegaconf import OmegaConf
 
     from wan_exp.config import ModelConfig
     from wan_exp.models.checkpoint import write_checkpoint
+    from wan_exp.models.vae import WanVAE
     from wan_exp.models.wan_s2v import WanModel
 
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf/model/tiny.yaml"))
     state = WanModel(model_cfg).state_dict()
     state["blocks.0.ffn.0.weight"][0, 0] = float("nan")
-    return write_checkpoint(state, folder, shards=2)
+    written = write_checkpoint(state, folder, shards=2)
+    torch.save(WanVAE(model_cfg.vae_dim).state_dict(), folder / model_cfg.vae_checkpoint)
+    return written
 
 
 def test_nan_weights_fail_train_lora_at_its_loss(tmp_path):

@@ -383,10 +383,11 @@ def config_warnings(cfg: Any) -> list[str]:
 
 # --------------------------------------------------------------------------- cross-field rules
 def steps_run(wl: Any) -> Optional[int]:
-    """DiT steps the workload runs: clips x sample_steps (generate), steps (train_lora);
+    """DiT steps the workload runs: clips x sample_steps (generate; one clip where the audio
+    decides the count, workload.clips=-1, since it gives at least one), steps (train_lora);
     None for init, which runs none."""
     if wl.name == WorkloadName.generate:
-        return wl.clips * wl.sample_steps
+        return max(wl.clips, 1) * wl.sample_steps
     if wl.name == WorkloadName.train_lora:
         return wl.steps
     return None

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import psutil
 from omegaconf import OmegaConf
 
-from wan_exp.config import ConfigError, Placement, Strategy, resolve_degrees
+from wan_exp.config import ConfigError, Placement, Strategy, parallel_dims
 
 GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -124,8 +124,7 @@ def check_memory_fits(cfg: Any, world_size: int, nproc_per_node: int, gpus: int)
     par = cfg.parallel
     dit, text, audio = model_weights(cfg.model)
     sharded = bool(par.fsdp.enabled)
-    _, fsdp_degree = resolve_degrees(par, world_size)
-    share = fsdp_degree if sharded else 1
+    share = parallel_dims(cfg, world_size).fsdp_shard_ranks  # ranks sharing one copy of the DiT
     full_load = sharded and bool(par.fsdp.load_full_on_every_rank)
     on_device: list[tuple[Weights, int]] = [(dit, share)]
     on_host: list[tuple[Weights, int]] = [(dit, 1)] if full_load else []

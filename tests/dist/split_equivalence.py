@@ -28,7 +28,7 @@ from wan_exp.metrics.comm import CommCounter
 from wan_exp.models.wan_s2v import sequence_length
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.runtime import RankContext
-from wan_exp.workloads.sampler import Condition, dit_flow, guided_flow
+from wan_exp.workloads.sampler import dit_flow, guided_flow
 
 CASES = {
     "usp preset (ring2 x ulysses2)": ["parallel=usp"],

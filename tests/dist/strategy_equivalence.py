@@ -25,7 +25,7 @@ from wan_exp.config import compose_config as compose_experiment
 from wan_exp.models.wan_s2v import sequence_length
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.runtime import RankContext
-from wan_exp.workloads.sampler import Condition, dit_flow, guided_flow
+from wan_exp.workloads.sampler import Condition, guided_flow
 
 COMMON = ["model=tiny", "parallel.fsdp.param_dtype=fp32", "parallel.fsdp.reduce_dtype=fp32"]
 # name -> (overrides, inject LoRA in before_wrap)

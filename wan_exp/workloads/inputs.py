@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wan_exp.config import parse_size, tokenizer_dir
+from wan_exp.config import tokenizer_dir
 from wan_exp.media import SAMPLE_RATE, output_size, read_audio, reference_pixels
 from wan_exp.models.encoders import encode_text
 from wan_exp.models.vae import WanVAE, build_vae
@@ -89,7 +89,7 @@ def prompt_token_ids(cfg: Any, prompt: str, seed: int) -> tuple[torch.Tensor, to
     """(ids, attention mask), each (1, text_len): the tokenised prompt when a tokenizer folder
     exists, else deterministic ids from ``seed`` (all positions valid, as a long prompt;
     config.config_warnings says so for a prompt given without a tokenizer); ``text_is_synthetic``
-    says which.
+    says which."""
     text_len = cfg.model.text_len
     folder = tokenizer_dir(cfg.model)
     if prompt and folder is not None:
