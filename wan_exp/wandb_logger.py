@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wan_exp.metrics.collector import job_step_times
+from wan_exp.metrics.summary import job_step_times
 
 log = logging.getLogger(__name__)
 

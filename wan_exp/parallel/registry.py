@@ -29,11 +29,11 @@ import torch.nn as nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
-from wan_exp.config import ConfigError, Placement
+from wan_exp.config import ConfigError, Placement, check_fsdp_device
 from wan_exp.models.checkpoint import open_weights
 from wan_exp.models.encoders import build_audio_encoder, build_text_encoder
 from wan_exp.models.wan_s2v import WanModel
-from wan_exp.parallel.fsdp import check_fsdp_device, shard_dit, torch_dtype
+from wan_exp.parallel.fsdp import shard_dit, torch_dtype
 from wan_exp.parallel.materialise import WeightPlan, local_param_bytes, plan_weights
 from wan_exp.parallel.mesh import ParallelMesh, build_mesh
 from wan_exp.parallel.ulysses import UlyssesSharding
@@ -56,7 +56,7 @@ def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) ->
     name = getattr(cfg.parallel.name, "value", cfg.parallel.name)
     if name not in STRATEGIES:
         raise ConfigError(f"parallel.name={name!r} is not a strategy; choose from {sorted(STRATEGIES)}")
-    check_fsdp_device(cfg.parallel.fsdp, ctx.device)  # before the first collective
+    check_fsdp_device(cfg.parallel.fsdp, ctx.device.type)  # before the first collective
     meshes = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type)
     dit = STRATEGIES[name](cfg, ctx, meshes, before_wrap or (lambda dit: None))
     sp_group = meshes.sp.get_group() if meshes.sp is not None else None
