@@ -35,7 +35,18 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- enums
-class Strategy(str, Enum):
+class ConfigEnum(str, Enum):
+    """A choice that prints as its name: paths, tables and logs show ``ulysses``, not
+    ``Strategy.ulysses`` (e.g. ``hydra.sweep.subdir=${parallel.name}``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Strategy(ConfigEnum):
     single = "single"
     ulysses = "ulysses"
     fsdp = "fsdp"
@@ -43,18 +54,18 @@ class Strategy(str, Enum):
     hybrid = "hybrid"
 
 
-class FsdpApi(str, Enum):
+class FsdpApi(ConfigEnum):
     fsdp1 = "fsdp1"
     fsdp2 = "fsdp2"
 
 
-class DType(str, Enum):
+class DType(ConfigEnum):
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
 
 
-class AttentionBackend(str, Enum):
+class AttentionBackend(ConfigEnum):
     auto = "auto"
     flash_attn = "flash_attn"  # flash-attn 2 API
     fa3 = "fa3"
@@ -66,20 +77,20 @@ class AttentionBackend(str, Enum):
     sdpa_math = "sdpa_math"
 
 
-class Placement(str, Enum):
+class Placement(ConfigEnum):
     """Where an encoder runs: on the rank's device or on the host CPU."""
 
     device = "device"
     cpu = "cpu"
 
 
-class WorkloadName(str, Enum):
+class WorkloadName(ConfigEnum):
     generate = "generate"
     init = "init"
     train_lora = "train_lora"
 
 
-class LoggerMode(str, Enum):
+class LoggerMode(ConfigEnum):
     online = "online"
     offline = "offline"
     disabled = "disabled"
@@ -91,11 +102,7 @@ STEP_PHASES = ("first_step", "step")  # phases only workloads that run DiT steps
 CPU_DEFAULT_NPROC = 2  # launcher.nproc_per_node=auto on a machine without GPUs
 
 # Functional form because "raise" is a keyword; OmegaConf matches members by name.
-FaultKind = Enum(
-    "FaultKind",
-    {k: k for k in ("none", "raise", "hang", "sleep", "signal", "oom")},
-    type=str,
-)
+FaultKind = ConfigEnum("FaultKind", {k: k for k in ("none", "raise", "hang", "sleep", "signal", "oom")})
 
 
 # --------------------------------------------------------------------------- model

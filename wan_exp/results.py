@@ -3,13 +3,13 @@
 Every JSON file of a job is written atomically (a temporary file in the same folder, then
 ``os.replace``), so a reader never sees half a file and a crash never leaves one behind.
 
-Two writers produce results.json, both through :func:`write_results`:
-- rank 0 of a job whose ranks all finished (:func:`completed_results`), and
-- the launcher when ranks failed, died or hung (:func:`finalize_job`), from the rank
-  records that exist, the agent's view of the dead processes, and the watchdog.
-A completed results.json is never overwritten.
+One writer produces results.json: :func:`finalize_job`, called by wan_exp.job on the
+host that ran global rank 0 once every rank is gone. It builds the result from the rank
+records (each rank writes its own), every host's agent outcome (dead ranks, rendezvous
+errors) and the job process's own findings (hang, start-up bound, interrupt). A
+completed results.json is never overwritten.
 
-No torch import: the launcher process uses this module.
+No torch import: the job process on the host uses this module.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 SCHEMA = 1
-COMPLETED, FAILED, OOM, HANG = "completed", "failed", "oom", "hang"
+COMPLETED, FAILED, OOM, HANG, INTERRUPTED = "completed", "failed", "oom", "hang", "interrupted"
 RESULTS_FILE = "results.json"
 JOB_FILE = "job.json"
 CONFIG_FILE = "config.yaml"
@@ -151,7 +151,7 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
 
 def completed_results(job_dir: Path, records: list[dict],
                       summarize: Callable[[list[dict], Any], dict]) -> dict:
-    """The results of a job whose ranks all finished (written by rank 0)."""
+    """The results of a job whose ranks all finished."""
     summary = summarize(records, read_job_config(job_dir))
     return _results(job_dir, COMPLETED, None, records, summary)
 
@@ -187,22 +187,30 @@ def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict]) -> Opti
 
 
 def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict],
-                 launch_error: Optional[str] = None) -> dict:
-    """The job's results after its ranks are gone; writes results.json unless rank 0
-    already wrote a completed one, which is returned as it is.
+                 launch_error: Optional[str] = None, interrupted: Optional[dict] = None) -> dict:
+    """The job's results after its ranks are gone; writes results.json (the only writer)
+    unless it already holds a completed result, which is returned as it is.
 
-    dead_ranks: rank -> {"exitcode", "time", "phase", "message"} for every rank the agent
+    dead_ranks: rank -> {"exitcode", "time", "phase", "message"} for every rank an agent
         saw exit non-zero (exit codes < 0 are signals).
-    hang: the watchdog's finding {"rank", "phase", "step", "silent_s", "message"} or None.
-    launch_error: why the elastic agent itself failed (e.g. rendezvous), or None.
+    hang: the watchdog's finding {"rank", "phase", "step", "message"} or None.
+    launch_error: why no rank could run (rendezvous, start-up bound, agent), or None.
+    interrupted: {"rank", "phase", "message"} when Ctrl-C or SIGTERM ended the job, or None.
+    The job completed when none of these happened and every rank of job.json's world
+    size wrote a completed record.
     """
+    from wan_exp.metrics.summary import summarize
+
     existing = read_results(job_dir)
     if existing is not None and existing.get("status") == COMPLETED:
-        # rank 0 wrote it after gathering every rank's record: whatever happened after
-        # (a rank dying in teardown, the watchdog firing at the very end) does not undo it
         return existing
     records = read_rank_records(job_dir)
-    if launch_error is not None:
+    world_size = (read_json(Path(job_dir) / JOB_FILE) or {}).get("world_size")
+    if interrupted is not None:
+        status = INTERRUPTED
+        root_cause = {"rank": interrupted["rank"], "phase": interrupted["phase"],
+                      "message": interrupted["message"], "exitcode": None}
+    elif launch_error is not None:
         status = FAILED
         root_cause = {"rank": None, "phase": "rendezvous", "message": launch_error, "exitcode": None}
     elif hang is not None:
@@ -212,8 +220,13 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
     else:
         root_cause = failure_root_cause(records, dead_ranks)
         if root_cause is None:
-            root_cause = {"rank": 0, "phase": None, "exitcode": None,
-                          "message": "every rank exited cleanly but rank 0 wrote no results.json"}
+            missing = sorted(set(range(world_size or 0)) - {r["rank"] for r in records})
+            if not missing and all(r.get("status") == COMPLETED for r in records):
+                results = completed_results(job_dir, records, summarize)
+                write_results(job_dir, results)
+                return results
+            root_cause = {"rank": missing[0] if missing else None, "phase": None, "exitcode": None,
+                          "message": f"rank(s) {missing} exited cleanly without writing a record"}
         status = OOM if root_cause.pop("status", FAILED) == OOM else FAILED
     results = _results(job_dir, status, root_cause, records, None)
     write_results(job_dir, results)

@@ -2,12 +2,13 @@
 
 The launcher's elastic agent starts this once per rank with RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT set. The rank reads the job's resolved config.yaml (children
-have no Hydra state), joins the process group, runs the workload and writes its rank
-record; rank 0 gathers every record and writes results.json.
+have no Hydra state), joins the process group, runs the workload and writes its own rank
+record. Nothing is gathered: the job process on the host (wan_exp.job) reads every
+rank's record and writes results.json.
 
 On an exception the rank writes a record with status failed (oom for
 torch.OutOfMemoryError, with its memory figures) and the phase it was in, then exits
-non-zero at once; the launcher stops the other ranks and writes the job's result.
+non-zero at once; the agent stops the other ranks and the job process writes the result.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from omegaconf import OmegaConf
 from wan_exp import results
 from wan_exp.config import ExperimentConfig
 from wan_exp.envvars import JOB_DIR_VAR
-from wan_exp.metrics.collector import GIB, gather_records, summarize
+from wan_exp.metrics.collector import GIB
 from wan_exp.models.attention import selected_backend
 from wan_exp.runtime import RankContext
 
@@ -99,10 +100,6 @@ def run_rank(job_dir: Path) -> int:
         record = ctx.metrics.rank_record()
         record.update(status=results.COMPLETED, error=None, env=seen_environment(job))
         results.write_rank_record(job_dir, record)
-        ctx.heartbeat("gather")
-        records = gather_records(record)
-        if rank == 0:
-            results.write_results(job_dir, results.completed_results(job_dir, records, summarize))
         ctx.heartbeat("done")
         dist.destroy_process_group()
         return 0
