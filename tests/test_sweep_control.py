@@ -47,8 +47,8 @@ def free_port() -> int:
 
 
 # ----------------------------------------------------------------------------- interrupts
-SLOW_SWEEP = ("-m", "seed=0,1", "parallel=single", "workload=init", "fault=sleep", "fault.phase=build",
-              "fault.seconds=6", "logger=disabled")
+SLOW_SWEEP = ("-m", "seed=0,1", "parallel=single", "workload=init", "fault=sleep", "fault.rank=0",
+              "fault.phase=build", "fault.seconds=6", "logger=disabled")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -60,7 +60,9 @@ def test_an_interrupt_stops_the_sweep_records_the_job_and_prints_the_resume_comm
     first = subprocess.Popen(launch_cmd(tmp_path, *SLOW_SWEEP), cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: heartbeat_phase(tmp_path / "0") == "build", 120, "job 0 to enter build")
+        wait_for(lambda: heartbeat_phase(tmp_path / "0") == "build" or first.poll() is not None, 120,
+                 "job 0 to enter build")
+        assert first.poll() is None, first.communicate()[0]
         second = run_launch(tmp_path, *SLOW_SWEEP[1:], multirun=True, timeout=60)
         assert second.returncode != 0
         assert f"in use by process {first.pid} on this host" in output(second), output(second)
