@@ -45,7 +45,7 @@ import psutil
 from omegaconf import DictConfig, OmegaConf
 
 from wan_exp import results
-from wan_exp.config import ConfigError, check_job
+from wan_exp.config import ConfigError, JobShape, check_job
 from wan_exp.doctor.gpus import visible_gpu_count
 from wan_exp.envvars import rank_environment
 from wan_exp.progress import ProgressDisplay, steps_in_job
@@ -249,7 +249,7 @@ def dead_ranks(job_dir: Path, node_outcomes: list[dict]) -> dict[int, dict]:
 
 
 # ----------------------------------------------------------------------------- the job
-def prepare_job_dir(job_dir: Path, cfg: DictConfig, overrides: list[str], job_num: int, shape: Any,
+def prepare_job_dir(job_dir: Path, cfg: DictConfig, overrides: list[str], job_num: int, shape: JobShape,
                     layout: NodeLayout, env: dict[str, str]) -> None:
     """config.yaml and job.json, written once by node 0 before its ranks start; leftovers
     of an earlier unfinished attempt (launcher.resume) are removed first."""
@@ -319,7 +319,11 @@ def run_job(cfg: DictConfig) -> dict:
     layout = node_layout(cfg.launcher, os.environ)
     with_layout = OmegaConf.merge(cfg, {"launcher": {"nnodes": layout.nnodes, "node_rank": layout.node_rank,
                                                           "rdzv_endpoint": layout.rdzv_endpoint}})
-    shape = check_job(with_layout, visible_gpu_count())  # again here: another launcher or host
+    try:
+        shape = check_job(with_layout, visible_gpu_count())  # again here: another launcher or host
+    except ConfigError as exc:
+        # launchers without a batch check (submitit) meet a bad job here: a result, not a crash
+        return record_config_error(job_dir, with_layout, job_overrides(cfg), job_num, layout, str(exc))
     node_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     env = rank_environment(with_layout, job_dir, shape.nproc_per_node)
     if layout.node_rank == 0:
@@ -382,6 +386,17 @@ def run_job(cfg: DictConfig) -> dict:
     if interrupted is not None:
         raise SweepInterrupted(interrupted["message"])
     return {"status": status, "job_dir": str(job_dir), "results_owner": owner, "skipped": False}
+
+
+def record_config_error(job_dir: Path, cfg: DictConfig, overrides: list[str], job_num: int,
+                        layout: NodeLayout, message: str) -> dict:
+    """The result of a job its own host refuses to start (phase "config")."""
+    log.error("job %d: not started: %s", job_num, message)
+    if layout.node_rank != 0:
+        return {"status": results.FAILED, "job_dir": str(job_dir), "results_owner": False, "skipped": False}
+    prepare_job_dir(job_dir, cfg, overrides, job_num, JobShape(0, 0, "none"), layout, env={})
+    final = results.finalize_job(job_dir, {}, None, launch_error=message, launch_phase="config")
+    return {"status": final["status"], "job_dir": str(job_dir), "results_owner": True, "skipped": False}
 
 
 def watch(agent: subprocess.Popen, job_dir: Path, world_size: int, cfg: DictConfig, endpoint: str,

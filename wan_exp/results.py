@@ -187,14 +187,16 @@ def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict]) -> Opti
 
 
 def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict],
-                 launch_error: Optional[str] = None, interrupted: Optional[dict] = None) -> dict:
+                 launch_error: Optional[str] = None, interrupted: Optional[dict] = None,
+                 launch_phase: str = "rendezvous") -> dict:
     """The job's results after its ranks are gone; writes results.json (the only writer)
     unless it already holds a completed result, which is returned as it is.
 
     dead_ranks: rank -> {"exitcode", "time", "phase", "message"} for every rank an agent
         saw exit non-zero (exit codes < 0 are signals).
     hang: the watchdog's finding {"rank", "phase", "step", "message"} or None.
-    launch_error: why no rank could run (rendezvous, start-up bound, agent), or None.
+    launch_error: why no rank could run, or None; launch_phase says where it failed
+        ("rendezvous": start-up bound, agent; "config": the job's check on its host).
     interrupted: {"rank", "phase", "message"} when Ctrl-C or SIGTERM ended the job, or None.
     The job completed when none of these happened and every rank of job.json's world
     size wrote a completed record.
@@ -212,7 +214,7 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
                       "message": interrupted["message"], "exitcode": None}
     elif launch_error is not None:
         status = FAILED
-        root_cause = {"rank": None, "phase": "rendezvous", "message": launch_error, "exitcode": None}
+        root_cause = {"rank": None, "phase": launch_phase, "message": launch_error, "exitcode": None}
     elif hang is not None:
         status = HANG
         root_cause = {"rank": hang["rank"], "phase": hang["phase"], "message": hang["message"],
