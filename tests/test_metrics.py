@@ -25,7 +25,7 @@ def test_flops_of_14b_trunk_at_480x832_match_the_formula():
     n, m, d, f, layers = 21 * 30 * 52, 512, 5120, 13824, 40
     expected = layers * (12 * n * d**2 + 4 * n * d * f + 4 * n**2 * d + 4 * n * m * d + 4 * m * d**2)
     assert dit_forward_flops(cfg, n_tokens=n) == pytest.approx(expected, rel=1e-12)
-    # DESIGN.md §6: 4.06 s per forward on one H100 is 41.8 % MFU at this shape
+    # docs/facts.md §6: 4.06 s per forward on one H100 is 41.8 % MFU at this shape
     assert mfu(expected, 4.06, 1, peak_flops("NVIDIA H100 80GB HBM3")) == pytest.approx(0.418, abs=0.002)
 
 

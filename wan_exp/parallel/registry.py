@@ -1,6 +1,6 @@
 """The one place that turns ``parallel.name`` into a built, loaded and split model.
 
-Every strategy follows the same path (DESIGN.md §3):
+Every strategy follows the same path (docs/facts.md §3):
 
     build the DiT on the meta device            phase "build"
     read its weights (all, or this rank's part) phase "load"

@@ -9,7 +9,7 @@ into audio tokens inside each forward.
 Motion: the model conditions each clip on the last ``model.motion_frames`` latent frames
 generated so far. Before the first clip there are none; upstream feeds zeros there and
 drops them from the token sequence, so the first clip runs without motion tokens
-(DESIGN.md §7: 21·hw tokens at 80 frames) and later clips with them (22.5·hw).
+(docs/facts.md §7: 21·hw tokens at 80 frames) and later clips with them (22.5·hw).
 
 Steps are numbered across clips; the first ``workload.warmup_steps`` are not measured.
 """

@@ -32,7 +32,7 @@ from wan_exp.parallel.fsdp import torch_dtype
 from wan_exp.parallel.registry import ParallelModel
 
 SAMPLE_RATE = 16000  # wav2vec2's input rate
-TOKENIZER_SUBDIR = "google/umt5-xxl"  # inside model.checkpoint_dir (DESIGN.md §7)
+TOKENIZER_SUBDIR = "google/umt5-xxl"  # inside model.checkpoint_dir (docs/facts.md §7)
 VAE_STRIDE = 8  # pixels per latent in height and width
 FRAMES_PER_LATENT = 4  # video frames per latent frame
 # Each random input draws from its own generator, seeded cfg.seed + its offset, so adding
