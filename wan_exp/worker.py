@@ -1,6 +1,6 @@
 """One rank of a job, start to end: ``python -m wan_exp.worker <job_dir>``.
 
-The launcher's elastic agent starts this once per rank with RANK, LOCAL_RANK, WORLD_SIZE,
+This host's elastic agent (wan_exp.agent) starts this once per rank with RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT set. The rank reads the job's resolved config.yaml (children
 have no Hydra state), joins the process group, runs the workload and writes its own rank
 record. Nothing is gathered: the job process on the host (wan_exp.job) reads every
