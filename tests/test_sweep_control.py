@@ -3,7 +3,6 @@ colliding job dirs, a rendezvous that cannot form, live progress on a terminal, 
 job spread over two "hosts" (two launch.py processes on loopback)."""
 from __future__ import annotations
 
-import json
 import os
 import pty
 import select

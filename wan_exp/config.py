@@ -312,6 +312,15 @@ def compose_config(overrides: Sequence[str] = ()) -> Any:
         return compose("config", overrides=list(overrides))
 
 
+def typed_config(cfg: Any) -> ExperimentConfig:
+    """The resolved config as the schema's dataclasses (enums, ints, nested objects): what
+    a rank works with, converted once when it starts."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), cfg)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
 def register_configs() -> None:
     """Store the schema that conf/config.yaml names first in its defaults list, so that
     every group file merged into it is checked field by field."""

@@ -21,14 +21,13 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from wan_exp import results
-from wan_exp.config import ExperimentConfig
+from wan_exp.config import ExperimentConfig, typed_config
 from wan_exp.envvars import JOB_DIR_VAR
 from wan_exp.metrics.collector import GIB
 from wan_exp.models.attention import selected_backend
@@ -40,9 +39,9 @@ RECORDED_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
 RECORDED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "PYTORCH_", "WAN_EXP_")
 
 
-def load_job_config(job_dir: Path) -> Any:
-    """The job's config.yaml merged into the schema (enums and types as the launcher had them)."""
-    return OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.load(job_dir / results.CONFIG_FILE))
+def load_job_config(job_dir: Path) -> ExperimentConfig:
+    """The job's config.yaml as typed objects (the schema's dataclasses), converted once."""
+    return typed_config(OmegaConf.load(job_dir / results.CONFIG_FILE))
 
 
 def dump_stacks_on_sigusr1(job_dir: Path, rank: int) -> None:
