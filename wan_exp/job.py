@@ -280,6 +280,21 @@ def sweep_title(sweep_dir: Path, job_num: int) -> str:
     return f"job {job_num + 1} of {total}" if total else f"job {job_num + 1}"
 
 
+def agent_spec(cfg: DictConfig, job_dir: Path, job_num: int, layout: NodeLayout, shape: JobShape,
+               node_id: str) -> dict:
+    """What this host's agent (python -m wan_exp.agent) needs to start its ranks."""
+    return {
+        "job_dir": str(job_dir), "node_rank": layout.node_rank, "nnodes": layout.nnodes, "node_id": node_id,
+        "nproc_per_node": shape.nproc_per_node, "rdzv_backend": str(cfg.launcher.rdzv_backend),
+        "rdzv_endpoint": layout.rdzv_endpoint, "rdzv_timeout_s": float(cfg.launcher.rdzv_timeout_s),
+        "max_restarts": int(cfg.launcher.max_restarts),
+        "log_dir": str(job_dir / "logs" / f"node_{layout.node_rank}"),
+        "node_file": str(job_dir / "nodes" / f"node_{layout.node_rank}.json"),
+        # the same on every host of the job: the sweep dir's name and the job number
+        "run_id": f"wan-exp-{job_dir.parent.name}-{job_num}"[:60],
+    }
+
+
 def owns_result(job_dir: Path, node_id: str, layout: NodeLayout) -> bool:
     """True on the host that ran global rank 0 (its record carries this host's node id);
     node 0 when rank 0 left no record."""
@@ -328,18 +343,10 @@ def run_job(cfg: DictConfig) -> dict:
     env = rank_environment(with_layout, job_dir, shape.nproc_per_node)
     if layout.node_rank == 0:
         prepare_job_dir(job_dir, with_layout, job_overrides(cfg), job_num, shape, layout, env)
-    node_file = job_dir / "nodes" / f"node_{layout.node_rank}.json"
+    spec = agent_spec(cfg, job_dir, job_num, layout, shape, node_id)
+    node_file, log_dir = Path(spec["node_file"]), Path(spec["log_dir"])
     node_file.unlink(missing_ok=True)
-    log_dir = job_dir / "logs" / f"node_{layout.node_rank}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    spec = {
-        "job_dir": str(job_dir), "node_rank": layout.node_rank, "nnodes": layout.nnodes, "node_id": node_id,
-        "nproc_per_node": shape.nproc_per_node, "rdzv_backend": str(cfg.launcher.rdzv_backend),
-        "rdzv_endpoint": layout.rdzv_endpoint, "rdzv_timeout_s": float(cfg.launcher.rdzv_timeout_s),
-        "max_restarts": int(cfg.launcher.max_restarts), "log_dir": str(log_dir), "node_file": str(node_file),
-        # the same on every host of the job: the sweep dir's name and the job number
-        "run_id": f"wan-exp-{job_dir.parent.name}-{job_num}"[:60],
-    }
     log.info("job %d: %d rank(s) (%d node(s)), backend %s, job dir %s", job_num, shape.world_size,
              layout.nnodes, shape.backend, job_dir)
     finding, interrupted = None, None
