@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from hydra import version as hydra_version
 from hydra.test_utils.launcher_common_tests import (
     BatchedSweeperTestSuite,
     IntegrationTestSuite,
@@ -13,6 +14,19 @@ from hydra.test_utils.launcher_common_tests import (
 )
 
 from launch_helpers import REPO
+
+# Hydra's suites assume the version base of a fresh process; other tests compose configs
+# with version_base="1.3" (no chdir into the job dir), which Hydra keeps process-wide.
+FRESH_VERSION_BASE = hydra_version.VersionBase.instance().getbase()
+
+
+@pytest.fixture(autouse=True)
+def fresh_hydra_version_base():
+    base = hydra_version.VersionBase.instance()
+    saved = base.getbase()
+    base.version_base = FRESH_VERSION_BASE  # may be Hydra's "unspecified" marker, which setbase refuses
+    yield
+    base.version_base = saved
 
 
 @pytest.mark.parametrize("launcher_name, overrides", [("torchrun", [])])

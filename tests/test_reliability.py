@@ -98,7 +98,7 @@ def test_resume_runs_only_the_missing_jobs(tmp_path):
 
     # a finished sweep dir is never reused silently, nor resumed with other arguments
     again = run_launch(tmp_path, *sweep, multirun=True)
-    assert again.returncode == 1 and "already holds a sweep; use launcher.resume=true" in output(again)
+    assert again.returncode == 1 and "already holds a job; use launcher.resume=true" in output(again)
     other = run_launch(tmp_path, "seed=0,1", "parallel=single", "workload=generate", "logger=disabled",
                        "launcher.resume=true", multirun=True)
     assert other.returncode == 1

@@ -1,13 +1,14 @@
 """Hydra callbacks: the work around jobs and sweeps (registered in conf/config.yaml).
 
 - :class:`SweepCallback` (the sweep's life, on the machine that launches it):
-  ``on_multirun_start`` takes the sweep dir's lock (one sweep per directory), records the
-  sweep's overrides in ``<sweep>/.wan_exp/sweep.json`` or, with ``launcher.resume=true``,
-  puts the recorded ones back (so ``hydra.sweep.dir=<dir> launcher.resume=true`` alone
-  resumes); :meth:`SweepCallback.check_batch` checks every job of a batch before the
-  first starts (the torchrun launcher calls it); ``on_multirun_end`` writes the
-  dashboard, prints the comparison table and, when a job did not complete, the resume
-  command, and exits non-zero. The exit status comes from the job results on disk.
+  ``on_multirun_start`` takes the sweep dir's lock (one launch at a time per directory),
+  records the launch's overrides in ``<sweep>/.wan_exp/sweep.json`` or, with
+  ``launcher.resume=true``, puts the recorded ones back (so ``hydra.sweep.dir=<dir>
+  launcher.resume=true`` alone resumes); :meth:`SweepCallback.check_batch` checks every
+  job of a batch before the first starts (the torchrun launcher calls it);
+  ``on_multirun_end`` writes the dashboard, prints the comparison table and, after an
+  interrupt, the resume command, and exits 1 when a job of the sweep dir did not
+  complete. The exit status comes from the job results on disk.
 - :class:`JobReportCallback` (after each job, where the job ran): the W&B run and the
   one-screen summary, on the host that wrote results.json.
 
@@ -142,37 +143,48 @@ class SweepCallback(Callback):
             self._record_or_restore(config, sweep_dir)
 
     def _record_or_restore(self, config: DictConfig, sweep_dir: Path) -> None:
+        """A new launch is appended to the sweep record; a resume (launcher.resume=true)
+        puts back the recorded overrides of the launch it names (none given: the only one)."""
         record_path = sweep_dir / SWEEP_STATE_DIR / SWEEP_RECORD
-        record = results.read_json(record_path)
-        task = list(config.hydra.overrides.task)
-        given, jobs = effective_overrides(dict(config.hydra.sweeper.params or {}), task)
+        record = results.read_json(record_path) or {"launches": []}
+        launches = record["launches"]
+        given, jobs = effective_overrides(dict(config.hydra.sweeper.params or {}), list(config.hydra.overrides.task))
         hydra_given = sorted(o for o in config.hydra.overrides.hydra if override_key(o) != "hydra.sweep.dir")
-        resume = bool(config.launcher.resume)
-        if record is not None and not resume:
-            self._refuse(f"{sweep_dir} already holds a sweep; use launcher.resume=true to finish it, "
-                         "or a new hydra.sweep.dir")
-        if record is None:
-            if resume and not given:
+        if not config.launcher.resume:
+            launches.append({"overrides": given, "hydra_overrides": hydra_given, "jobs": jobs, "argv": sys.argv,
+                             "started_at": results.now_iso()})
+            record["active"] = len(launches) - 1
+            results.write_json_atomic(record_path, record)
+            return
+        if not launches:
+            if not given:
                 self._refuse(f"launcher.resume=true: {sweep_dir} holds no sweep record; give the sweep's "
                              "overrides again, or check hydra.sweep.dir")
-            results.write_json_atomic(record_path, {"overrides": given, "hydra_overrides": hydra_given,
-                                                    "jobs": jobs, "argv": sys.argv, "started_at": results.now_iso()})
-            return
-        recorded = record["overrides"]
+            return  # a sweep dir from before sweep records: the job dirs' own overrides are checked
         if given:
-            differences = override_differences(recorded, given)
-            if differences:
+            matching = [i for i, launch in enumerate(launches) if not override_differences(launch["overrides"], given)]
+            if not matching:
+                differences = override_differences(launches[-1]["overrides"], given)
                 self._refuse("launcher.resume=true with other overrides than the sweep's: " + "; ".join(differences)
                              + f". Resume with the same overrides (any order) or none: {resume_command(sweep_dir)}")
-        missing_hydra = sorted(set(record.get("hydra_overrides", [])) - set(hydra_given))
+            chosen = matching[-1]
+        elif len(launches) == 1:
+            chosen = 0
+        else:
+            self._refuse(f"launcher.resume=true: {sweep_dir} holds {len(launches)} launches; give the overrides of "
+                         "the one to resume: " + " | ".join(" ".join(l["overrides"]) for l in launches))
+        launch = launches[chosen]
+        missing_hydra = sorted(set(launch["hydra_overrides"]) - set(hydra_given))
         if missing_hydra:
             self._refuse(f"launcher.resume=true: the sweep was started with {' '.join(missing_hydra)}; "
                          "give those hydra.* settings again")
+        record["active"] = chosen
+        results.write_json_atomic(record_path, record)
         # the sweeper reads these after this callback: it runs the recorded sweep again
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.sweeper.params = {}
-            config.hydra.overrides.task = recorded + [f"{RESUME_KEY}=true"]
-        log.info("resuming %s: %s", sweep_dir, " ".join(recorded) or "no overrides")
+            config.hydra.overrides.task = launch["overrides"] + [f"{RESUME_KEY}=true"]
+        log.info("resuming %s: %s", sweep_dir, " ".join(launch["overrides"]) or "no overrides")
 
     def _refuse(self, message: str) -> None:
         if self.lock is not None:
@@ -222,21 +234,18 @@ class SweepCallback(Callback):
         sweep_dir = sweep_dir_of(config)
         if int(config.launcher.node_rank) > 0:
             wait_for_results(sweep_dir, int(config.launcher.node_rank))
-        record = results.read_json(sweep_dir / SWEEP_STATE_DIR / SWEEP_RECORD) or {}
         jobs = job_results_of(sweep_dir)
         if jobs:
             markdown, html = write_report(sweep_dir)
             print(comparison_table(sweep_dir), flush=True)
             print(f"report: {markdown}  {html}", flush=True)
-        expected = int(record.get("jobs") or len(jobs))
-        not_completed = [j for j in jobs if j.get("status") != results.COMPLETED]
-        unfinished = expected - len(jobs) + sum(j.get("status") == results.INTERRUPTED for j in jobs)
         if self.lock is not None:
             release_lock(self.lock)
-        if unfinished > 0:
-            print(f"sweep stopped with {unfinished} of {expected} job(s) unfinished; resume it with:\n"
+        interrupted = [j for j in jobs if j.get("status") == results.INTERRUPTED]
+        if interrupted:
+            print(f"sweep stopped at job {interrupted[0].get('job_num')} (interrupted); resume it with:\n"
                   f"  {resume_command(sweep_dir)}", flush=True)
-        if not_completed or unfinished > 0:
+        if any(j.get("status") != results.COMPLETED for j in jobs):
             sys.exit(1)
 
 

@@ -276,7 +276,8 @@ def job_overrides(cfg: DictConfig) -> list[str]:
 
 def sweep_title(sweep_dir: Path, job_num: int) -> str:
     record = results.read_json(sweep_dir / SWEEP_STATE_DIR / SWEEP_RECORD) or {}
-    total = record.get("jobs")
+    launches = record.get("launches") or [{}]
+    total = launches[record.get("active", -1)].get("jobs")
     return f"job {job_num + 1} of {total}" if total else f"job {job_num + 1}"
 
 
