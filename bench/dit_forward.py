@@ -9,7 +9,7 @@ Weights are random (``RandomWeights``, drawn on the GPU, bf16), so no checkpoint
 The time is the median of ``--repeat`` forwards after ``--warmup`` ones; with ``--compile``
 the first warm-up forward includes compilation and is reported separately as compile time.
 ``--floor`` also measures the GEMM and attention rates at this shape and prints the time a
-forward would take if every FLOP ran at those rates (the floor, METHOD.md's first number).
+forward would take if every FLOP ran at those rates (the floor, docs/facts.md §M, the first number).
 ``--profile`` prints where the device time of one forward goes (GEMM / attention / other).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def latent_frames(cfg, frames: int) -> int:
 
 
 def make_inputs(cfg, height: int, width: int, frames: int, device: torch.device) -> dict:
-    """Random inputs of one clip (never zeros: METHOD.md)."""
+    """Random inputs of one clip (never zeros: docs/facts.md §M)."""
     lat_f, lat_h, lat_w = latent_frames(cfg, frames), height // VAE_STRIDE, width // VAE_STRIDE
     gen = torch.Generator(device).manual_seed(0)
 
@@ -71,7 +71,7 @@ def forward_flops(cfg, n_tokens: int, n_noisy: int, lat_f: int) -> float:
                              audio_tokens=lat_f * per_query, audio_tokens_per_query=per_query)
 
 
-# ------------------------------------------------------------------ floor (METHOD.md)
+# ------------------------------------------------------------------ floor (docs/facts.md §M)
 def floor_seconds(cfg, n_tokens: int, device: torch.device) -> dict:
     """Measured rates of this forward's GEMMs and self-attention, and the time every FLOP of
     the trunk would take at them (text cross-attention counted at the GEMM rate)."""

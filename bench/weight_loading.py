@@ -11,7 +11,7 @@
    sequential read bandwidth (one stream), and again with one stream per shard at once.
 3. The page cache is dropped again and the folder is loaded the way a rank loads it:
    ``CheckpointReader`` + ``load_into`` a meta-device model, onto the GPU, bf16.
-The goal (issue 8): step 3 at no less than half the one-stream bandwidth of step 2.
+The goal: step 3 at no less than half the one-stream bandwidth of step 2.
 """
 from __future__ import annotations
 

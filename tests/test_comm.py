@@ -12,7 +12,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from wan_exp.metrics.collector import MetricsCollector, summarize
+from wan_exp.metrics.collector import MetricsCollector
+from wan_exp.metrics.summary import summarize
 from wan_exp.metrics.comm import CommCounter
 
 WORLD = 4

@@ -9,9 +9,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from hydra_plugins.torchrun_launcher._core import JobPlan, check_launch_settings, launch_config, ranks_per_node
-from wan_exp.config import ConfigError, ExperimentConfig, register_configs, validate
+from wan_exp.agent import launch_config
+from wan_exp.config import (ConfigError, ExperimentConfig, JobShape, check_launch_settings, ranks_per_node,
+                            register_configs, validate)
 from wan_exp.envvars import JOB_DIR_VAR, rank_environment
+from wan_exp.job import agent_spec, node_layout
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "parallel", "nccl", "allocator", "workload", "logger", "fault")
@@ -82,11 +84,13 @@ def test_multi_node_settings_reach_the_agent(tmp_path, backend, expected_rdzv):
     cfg = _compose("launcher.nnodes=2", "launcher.node_rank=1", "launcher.rdzv_endpoint=node0:29500",
                    f"launcher.rdzv_backend={backend}", "launcher.max_restarts=2", "launcher.nproc_per_node=4")
     check_launch_settings(cfg, gpus=4)
-    plan = JobPlan(num=3, overrides=[], hydra_overrides=[], config=cfg, job_dir=tmp_path, nproc_per_node=4,
-                   world_size=8, backend="nccl", already_completed=False)
-    agent = launch_config(plan, cfg.launcher)
+    layout = node_layout(cfg.launcher, environ={})
+    spec = agent_spec(cfg, tmp_path / "sweep" / "3", 3, layout, JobShape(4, 8, "nccl"), node_id="n1")
+    agent = launch_config(spec)
     assert (agent.min_nodes, agent.max_nodes, agent.nproc_per_node, agent.max_restarts) == (2, 2, 4, 2)
     assert (agent.rdzv_backend, agent.rdzv_endpoint) == (backend, "node0:29500")
     assert expected_rdzv.items() <= agent.rdzv_configs.items()
-    assert agent.logs_specs.root_log_dir == str(tmp_path / "logs")
-    assert agent.run_id.startswith("wan-exp-3-")
+    assert agent.logs_specs.root_log_dir == str(tmp_path / "sweep" / "3" / "logs" / "node_1")
+    assert agent.run_id == "wan-exp-sweep-3", "the same on every host of the job"
+    if backend == "c10d":
+        assert agent.rdzv_configs["join_timeout"] == 120, "launcher.rdzv_timeout_s bounds the rendezvous"

@@ -14,6 +14,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from omegaconf import OmegaConf
 import torch
 from packaging.requirements import Requirement
 
@@ -293,6 +294,34 @@ def test_cuda_visible_devices_order_uuids_and_bad_entries():
         True, False, True, True]
     rows, visible = gpu_rows(NvmlView(gpus, "12.8"), {"CUDA_VISIBLE_DEVICES": "-1"}, "12.8", required_gpus=0)
     assert visible == [] and exit_status(rows) == 0  # hiding every GPU on purpose is fine
+
+
+# what CUDA exposes of two GPUs, written out by hand for each CUDA_VISIBLE_DEVICES value
+VISIBLE_OF_TWO = [(None, 2), ("0,0", 1), ("1,0", 2), ("GPU-1aa1", 1), ("GPU-1aa1,0", 2), ("", 0), ("-1", 0),
+                  ("0,-1,1", 1), ("7", 0)]
+
+
+@pytest.mark.parametrize("cvd,expected", VISIBLE_OF_TWO, ids=[repr(v) for v, _ in VISIBLE_OF_TWO])
+def test_the_job_and_the_doctor_count_the_same_visible_gpus(cvd, expected):
+    """One rule: the rank count of a job (nproc_per_node=auto) and the doctor's table."""
+    from wan_exp.config import ExperimentConfig, ranks_per_node
+    from wan_exp.doctor.gpus import visible_gpu_count
+
+    nvml = NvmlView([make_gpu(0), make_gpu(1)], "12.8")
+    env = {} if cvd is None else {"CUDA_VISIBLE_DEVICES": cvd}
+    count = visible_gpu_count(nvml, env)
+    assert count == expected
+    _, doctor_visible = gpu_rows(nvml, env, "12.8", required_gpus=0)
+    assert len(doctor_visible) == expected
+    cfg = OmegaConf.structured(ExperimentConfig)
+    cfg.parallel.name = "ulysses"
+    assert ranks_per_node(cfg, count) == (expected or 2)  # no visible GPU: 2 CPU ranks
+
+
+def test_no_driver_counts_no_gpu():
+    from wan_exp.doctor.gpus import visible_gpu_count
+
+    assert visible_gpu_count(NvmlView([], None, error="no NVIDIA driver"), {"CUDA_VISIBLE_DEVICES": "0"}) == 0
 
 
 def test_busy_gpu_old_driver_and_missing_gpus():

@@ -22,7 +22,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 REDUCED = {"dim": 512, "ffn_dim": 1382, "num_heads": 4, "num_layers": 3, "text_dim": 256,
            "text_len": 64, "freq_dim": 256, "audio_dim": 64, "audio_layers": 5,
            "audio_inject_layers": [0, 2]}
-BF16_TOLERANCE = 2e-2  # relative L2 error of bf16 operands (METHOD.md: 1e-3 .. 1e-2)
+BF16_TOLERANCE = 2e-2  # relative L2 error of bf16 operands (docs/facts.md §M: 1e-3 .. 1e-2)
 
 pytestmark = pytest.mark.gpu
 

@@ -6,12 +6,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from omegaconf import OmegaConf
 
 from launch_helpers import REPO, job_results, output, run_launch
 from wan_exp.envvars import JOB_DIR_VAR, applied_environment
 
 
+@pytest.mark.slow
 def test_info_plugins_lists_the_torchrun_launcher():
     proc = subprocess.run([sys.executable, "launch.py", "--info", "plugins"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
@@ -19,6 +22,7 @@ def test_info_plugins_lists_the_torchrun_launcher():
     assert "TorchrunLauncher" in proc.stdout
 
 
+@pytest.mark.slow
 def test_one_job_default_workload(tmp_path):
     """A plain run (no -m) is one job through the launcher: 2 ranks on CPU, the default
     generate workload, rank environment from the nccl and allocator groups."""
@@ -51,6 +55,7 @@ def test_one_job_default_workload(tmp_path):
     assert str(job_dir / "results.json") in proc.stdout
 
 
+@pytest.mark.slow
 def test_three_job_sweep_over_nccl_profiles(tmp_path):
     """Three jobs, one per NCCL profile: each gets its own rendezvous port and exactly its
     profile's variables. Job 1 (default) sets none and would show job 0's if the launching

@@ -360,7 +360,7 @@ def test_audio_shorter_than_the_clip_is_rejected(tiny, tiny_inputs):
 
 # ============================================================================ 14B on meta
 def official_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """The official state-dict names and shapes, written out from DESIGN.md §7."""
+    """The official state-dict names and shapes, written out from docs/facts.md §7."""
     d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_dim
     shapes = {
         "patch_embedding.weight": (d, 16, 1, 2, 2), "patch_embedding.bias": (d,),
@@ -423,7 +423,7 @@ def test_14b_configs_on_meta_have_the_official_keys_shapes_and_size(name, n_keys
 
 def test_sequence_length_of_the_official_sizes():
     cfg = model_cfg("s2v_14b")
-    # 704x1024: 20*1408 noisy + 1408 ref + 1.5*1408 motion (DESIGN §7)
+    # 704x1024: 20*1408 noisy + 1408 ref + 1.5*1408 motion (docs/facts.md §7)
     assert sequence_length(cfg, 704, 1024, 80) == 63360
     # 480x832: 60 latent rows do not divide by the 4x packer's 8, so motion has 1560+390+364 tokens
     assert sequence_length(cfg, 480, 832, 80) == 31200 + 1560 + 1560 + 390 + 364

@@ -5,17 +5,21 @@ import json
 import signal
 
 import pytest
+from omegaconf import OmegaConf
 
-from hydra_plugins.torchrun_launcher._core import furthest_behind
 from launch_helpers import job_pids, job_results, output, pid_alive, root_cause, run_fault_sweep, run_launch
 from wan_exp import results
+from wan_exp.job import check_progress, furthest_behind
 
 HANG_TIMEOUT_S = 8
 
 
+@pytest.mark.slow
 def test_hang_is_detected_with_stacks_and_the_next_job_completes(tmp_path):
-    """Job 0: rank 1 blocks on entering wrap. Job 1: rank 1 sleeps 2 s on entering wrap
-    (a slow rank, under the timeout), and completes."""
+    """Job 0: rank 1 blocks on entering wrap (rank 0, with nothing to wait for in
+    workload=init, finishes). Job 1: rank 1 sleeps 2 s on entering wrap (a slow rank, under the
+    timeout), and completes. Start-up (process start, imports) does not count against
+    the hang timeout, however slow the machine: launcher.rdzv_timeout_s bounds it."""
     hung, slow = run_fault_sweep(tmp_path, "fault=hang,sleep", "fault.phase=wrap", "fault.seconds=2",
                                  f"launcher.hang_timeout_s={HANG_TIMEOUT_S}")
     assert hung["status"] == "hang" and root_cause(hung)[:2] == (1, "wrap")
@@ -24,7 +28,9 @@ def test_hang_is_detected_with_stacks_and_the_next_job_completes(tmp_path):
     # from rank 1 entering wrap (its last heartbeat) to the job's result on disk
     hang_began = json.loads((job_dir / "progress" / "rank_1.json").read_text())["time"]
     assert (job_dir / "results.json").stat().st_mtime - hang_began <= HANG_TIMEOUT_S + 10
-    for rank in (0, 1):
+    finished = {r["rank"] for r in hung["ranks"] if r["status"] == "completed"}
+    assert 1 not in finished
+    for rank in set(range(2)) - finished:  # every rank still running when the hang was found
         stacks = (job_dir / "stacks" / f"rank_{rank}.txt").read_text()
         assert "most recent call first" in stacks, f"rank {rank} wrote no stack"
     assert "_hang" in (job_dir / "stacks" / "rank_1.txt").read_text(), "the hung rank's stack shows where"
@@ -36,15 +42,20 @@ def test_hang_is_detected_with_stacks_and_the_next_job_completes(tmp_path):
     assert wrap_s[1] >= 2.0, wrap_s
 
 
+@pytest.mark.slow
 def test_a_hang_ended_by_the_process_group_timeout_blames_the_stuck_rank(tmp_path):
     """nccl.timeout_s below launcher.hang_timeout_s (as in nccl=debug): rank 0 times out in
-    a collective waiting for rank 1, which blocks on entering wrap. The job hung in rank 1."""
-    (hung,) = run_fault_sweep(tmp_path, "fault=hang", "fault.phase=wrap", "parallel=fsdp_fixed",
-                              "nccl.timeout_s=6", "launcher.hang_timeout_s=120")
-    assert hung["status"] == "hang" and root_cause(hung)[:2] == (1, "wrap"), hung["root_cause"]
+    the first step's all-to-all (Ulysses) waiting for rank 1, which blocks on entering
+    that step. The job hung in rank 1."""
+    proc = run_launch(tmp_path, "fault=hang", "fault.phase=first_step", "parallel=ulysses", "nccl.timeout_s=6",
+                      "launcher.hang_timeout_s=120", "logger=disabled")
+    assert proc.returncode == 1, output(proc)
+    (hung,) = job_results(tmp_path)
+    assert hung["status"] == "hang" and root_cause(hung)[:2] == (1, "first_step"), hung["root_cause"]
     assert "timed out in a collective" in hung["root_cause"]["message"]
 
 
+@pytest.mark.slow
 def test_raising_and_killed_ranks_fail_their_jobs_and_the_sweep_goes_on(tmp_path):
     """Job 0: rank 0 raises on entering build. Job 1: rank 1 kills itself with SIGKILL
     on entering build. Both are failed with the right root cause; launch.py exits 1."""
@@ -62,28 +73,37 @@ def test_raising_and_killed_ranks_fail_their_jobs_and_the_sweep_goes_on(tmp_path
         assert not any(pid_alive(p) for p in job_pids(job_dir)), "no worker outlives its job"
 
 
+@pytest.mark.slow
 def test_resume_runs_only_the_missing_jobs(tmp_path):
+    """Resume reads the sweep's own overrides: none given, or the same in another order,
+    re-run only the jobs without a completed result; a real difference is named."""
     sweep = ("seed=0,1", "parallel=single", "workload=init", "logger=disabled")
     assert run_launch(tmp_path, *sweep, multirun=True).returncode == 0
     kept = (tmp_path / "0" / "results.json").read_bytes()
     kept_mtime = (tmp_path / "0" / "results.json").stat().st_mtime_ns
-    (tmp_path / "1" / "results.json").unlink()  # as if the sweep had been stopped during job 1
-    first_pid = results.read_rank_records(tmp_path / "1")[0]["pid"]
 
-    proc = run_launch(tmp_path, *sweep, "launcher.resume=true", multirun=True)
-    assert proc.returncode == 0, output(proc)
-    assert [r["status"] for r in job_results(tmp_path)] == ["completed"] * 2
-    assert results.read_rank_records(tmp_path / "1")[0]["pid"] != first_pid, "job 1 ran again"
-    assert (tmp_path / "0" / "results.json").read_bytes() == kept
-    assert (tmp_path / "0" / "results.json").stat().st_mtime_ns == kept_mtime
-    assert output(proc).count("already completed") == 1
+    for resume_args in ((), tuple(reversed(sweep))):
+        (tmp_path / "1" / "results.json").unlink()  # as if the sweep had been stopped during job 1
+        first_pid = results.read_rank_records(tmp_path / "1")[0]["pid"]
+        proc = run_launch(tmp_path, *resume_args, "launcher.resume=true")
+        assert proc.returncode == 0, output(proc)
+        assert [r["status"] for r in job_results(tmp_path)] == ["completed"] * 2
+        assert [r["overrides"] for r in job_results(tmp_path)] == [
+            ["seed=0", "parallel=single", "workload=init", "logger=disabled"],
+            ["seed=1", "parallel=single", "workload=init", "logger=disabled"]]
+        assert results.read_rank_records(tmp_path / "1")[0]["pid"] != first_pid, "job 1 ran again"
+        assert (tmp_path / "0" / "results.json").read_bytes() == kept
+        assert (tmp_path / "0" / "results.json").stat().st_mtime_ns == kept_mtime
+        assert output(proc).count("already completed") == 1
 
     # a finished sweep dir is never reused silently, nor resumed with other arguments
     again = run_launch(tmp_path, *sweep, multirun=True)
-    assert again.returncode == 1 and "launcher.resume=true" in output(again)
+    assert again.returncode == 1 and "already holds a job; use launcher.resume=true" in output(again)
     other = run_launch(tmp_path, "seed=0,1", "parallel=single", "workload=generate", "logger=disabled",
                        "launcher.resume=true", multirun=True)
-    assert other.returncode == 1 and "resume with the same sweep arguments" in output(other)
+    assert other.returncode == 1
+    assert "workload: the sweep has 'workload=init', given 'workload=generate'" in output(other), output(other)
+    assert "Traceback" not in output(other)
 
 
 @pytest.mark.gpu
@@ -97,9 +117,29 @@ def test_oom_is_recorded_with_memory_figures(tmp_path):
     assert record["error"]["device_total_gib"] > 0
 
 
+def test_start_up_is_bounded_by_the_rdzv_timeout_and_then_the_hang_timeout_applies():
+    launcher = OmegaConf.create({"rdzv_timeout_s": 60.0, "hang_timeout_s": 8.0})
+    beat = {"rank": 0, "pid": 1, "phase": "build", "step": None, "seq": 3, "time": 100.0}
+    # 30 s into the job, rank 1 still starting (a loaded machine): no verdict yet
+    assert check_progress({0: beat}, 2, started_at=95.0, now=125.0, launcher_cfg=launcher, endpoint="h:1") is None
+    # past the start-up bound: the rank that never started is named, in phase start
+    late = check_progress({0: beat}, 2, started_at=0.0, now=61.0, launcher_cfg=launcher, endpoint="h:1")
+    assert (late["status"], late["rank"], late["phase"]) == ("hang", 1, "start")
+    assert "launcher.rdzv_timeout_s=60s" in late["message"]
+    # no rank at all: the rendezvous did not form, and its endpoint is named
+    none = check_progress({}, 2, started_at=0.0, now=61.0, launcher_cfg=launcher, endpoint="node0:29500")
+    assert (none["status"], none["rank"], none["phase"]) == ("failed", None, "rendezvous")
+    assert "node0:29500" in none["message"]
+    # every rank started: 8 s without progress from any rank is a hang in the rank furthest behind
+    beats = {0: beat, 1: {**beat, "rank": 1, "phase": "wrap", "seq": 2, "time": 101.0}}
+    assert check_progress(beats, 2, started_at=0.0, now=108.5, launcher_cfg=launcher, endpoint="h:1") is None
+    hang = check_progress(beats, 2, started_at=0.0, now=109.5, launcher_cfg=launcher, endpoint="h:1")
+    assert (hang["status"], hang["rank"], hang["phase"]) == ("hang", 1, "wrap")
+
+
 def test_the_hung_rank_is_the_one_furthest_behind():
-    # rank 0 finished early and waits to gather; rank 1 entered wrap later and stopped there
-    beats = {0: {"rank": 0, "phase": "gather", "step": None, "seq": 7, "time": 10.0},
+    # rank 0 got further and waits in a collective; rank 1 entered wrap later and stopped there
+    beats = {0: {"rank": 0, "phase": "first_step", "step": None, "seq": 7, "time": 10.0},
              1: {"rank": 1, "phase": "wrap", "step": None, "seq": 6, "time": 10.5}}
     assert furthest_behind(beats, 2, started_at=0.0)["rank"] == 1
     # equal progress: the older heartbeat; a rank with none never started
@@ -151,10 +191,29 @@ def test_completed_results_are_never_overwritten(tmp_path):
     results.write_results(job_dir, done)
     with pytest.raises(FileExistsError, match="completed result"):
         results.write_results(job_dir, {**done, "status": "failed"})
-    # nor by the launcher's finalisation, whatever it saw after rank 0 wrote the result
+    # nor by a second finalisation, whatever it saw after the first
     hang = {"rank": 1, "phase": "step", "message": "late"}
     assert results.finalize_job(job_dir, {1: {"exitcode": -9, "message": "x"}}, hang) == done
     assert results.read_results(job_dir) == done
+
+
+def test_finalize_job_completes_only_when_every_rank_recorded_completion(tmp_path):
+    job_dir = _job_dir(tmp_path)  # world size 2
+    done = {"rank": 0, "world_size": 2, "status": "completed", "error": None, "device_name": "cpu",
+            "memory": {"peak_host_rss_gib": 1.0}, "step_times_s": [0.5], "workload": {}}
+    results.write_rank_record(job_dir, done)
+    missing = results.finalize_job(job_dir, {}, None)
+    assert missing["status"] == "failed" and missing["root_cause"]["rank"] == 1
+    assert "without writing a record" in missing["root_cause"]["message"]
+    (job_dir / "results.json").unlink()
+    results.write_rank_record(job_dir, {**done, "rank": 1, "step_times_s": [0.7]})
+    final = results.finalize_job(job_dir, {}, None)
+    assert final["status"] == "completed" and final["root_cause"] is None
+    assert [r["rank"] for r in final["ranks"]] == [0, 1]
+    assert final["summary"]["step_time_s_median"] == 0.7  # the slowest rank's step
+    interrupted = results.finalize_job(_job_dir(tmp_path / "other"), {}, None,
+                                       interrupted={"rank": 1, "phase": "wrap", "message": "interrupted by SIGINT"})
+    assert interrupted["status"] == "interrupted" and interrupted["root_cause"]["phase"] == "wrap"
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("wandb")  # a dependency of wan-exp; absent only where it was left out on purpose
 
-from wan_exp.metrics.collector import job_step_times  # noqa: E402
+from wan_exp.metrics.summary import job_step_times  # noqa: E402
 from wan_exp.wandb_logger import log_job  # noqa: E402
 from wan_exp.wandb_reader import WandbFileError, find_run_file, read_run  # noqa: E402
 

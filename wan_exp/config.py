@@ -2,15 +2,24 @@
 
 Every Hydra config group under ``conf/`` is validated against a dataclass here, so a
 typo, a wrong type or an unknown option fails while Hydra composes the config, before
-any process starts. Rules that tie several fields together (a Ulysses degree that must
-divide the head count and the world size, a size divisible by 16, ...) live in
-:func:`validate`, which the launcher calls for every job of a batch before it starts
-the first one.
+any process starts. Every rule that ties fields together, or a field to the machine,
+lives here too and nowhere else:
+- :func:`validate` (model, parallel, workload, fault rank: the rules a job has whatever
+  machine it runs on),
+- :func:`check_launch_settings` (the ``launcher`` node, the FSDP device rule, the fault
+  phases) and :func:`ranks_per_node`,
+- :func:`check_job`, which runs all of them for one job on this machine and says how many
+  ranks it gets. The torchrun launcher calls it (through the batch check of
+  wan_exp.callbacks) for every job of a batch before the first starts; wan_exp.job calls
+  it again where the job runs (another launcher, another host).
 
 This module imports no torch, so the launcher process can use it freely.
 """
 from __future__ import annotations
 
+import logging
+import os
+import signal
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -18,13 +27,26 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
+log = logging.getLogger(__name__)
+
 
 class ConfigError(ValueError):
     """A setting is out of range or inconsistent with another; the message names it."""
 
 
 # --------------------------------------------------------------------------- enums
-class Strategy(str, Enum):
+class ConfigEnum(str, Enum):
+    """A choice that prints as its name: paths, tables and logs show ``ulysses``, not
+    ``Strategy.ulysses`` (e.g. ``hydra.sweep.subdir=${parallel.name}``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Strategy(ConfigEnum):
     single = "single"
     ulysses = "ulysses"
     fsdp = "fsdp"
@@ -35,18 +57,18 @@ class Strategy(str, Enum):
     cfg_ulysses = "cfg_ulysses"
 
 
-class FsdpApi(str, Enum):
+class FsdpApi(ConfigEnum):
     fsdp1 = "fsdp1"
     fsdp2 = "fsdp2"
 
 
-class DType(str, Enum):
+class DType(ConfigEnum):
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
 
 
-class AttentionBackend(str, Enum):
+class AttentionBackend(ConfigEnum):
     auto = "auto"
     flash_attn = "flash_attn"  # flash-attn 2 API
     fa3 = "fa3"
@@ -58,20 +80,20 @@ class AttentionBackend(str, Enum):
     sdpa_math = "sdpa_math"
 
 
-class Placement(str, Enum):
+class Placement(ConfigEnum):
     """Where an encoder runs: on the rank's device or on the host CPU."""
 
     device = "device"
     cpu = "cpu"
 
 
-class WorkloadName(str, Enum):
+class WorkloadName(ConfigEnum):
     generate = "generate"
     init = "init"
     train_lora = "train_lora"
 
 
-class VaePlacement(str, Enum):
+class VaePlacement(ConfigEnum):
     """Where each clip's VAE decode runs (docs/pipeline.md, "Where the decode runs")."""
 
     every_rank = "every_rank"  # every rank decodes the whole clip (upstream S2V)
@@ -80,23 +102,24 @@ class VaePlacement(str, Enum):
     sharded = "sharded"  # the tiles are spread over the ranks and gathered
 
 
-class SamplerName(str, Enum):
+class SamplerName(ConfigEnum):
     unipc = "unipc"  # upstream S2V's default: flow-matching UniPC multistep
     euler = "euler"
 
 
-class LoggerMode(str, Enum):
+class LoggerMode(ConfigEnum):
     online = "online"
     offline = "offline"
     disabled = "disabled"
 
 
+# The phases a rank passes through, in order (docs/architecture.md); fault.phase names one.
+PHASES = ("process_group", "build", "load", "wrap", "first_step", "step")
+STEP_PHASES = ("first_step", "step")  # phases only workloads that run DiT steps pass through
+CPU_DEFAULT_NPROC = 2  # launcher.nproc_per_node=auto on a machine without GPUs
+
 # Functional form because "raise" is a keyword; OmegaConf matches members by name.
-FaultKind = Enum(
-    "FaultKind",
-    {k: k for k in ("none", "raise", "hang", "sleep", "signal", "oom")},
-    type=str,
-)
+FaultKind = ConfigEnum("FaultKind", {k: k for k in ("none", "raise", "hang", "sleep", "signal", "oom")})
 
 
 # --------------------------------------------------------------------------- model
@@ -128,7 +151,7 @@ class AudioEncoderConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    # DiT trunk (DESIGN.md §7)
+    # DiT trunk (docs/facts.md "Wan2.2 S2V-14B")
     dim: int = 64
     ffn_dim: int = 128
     num_heads: int = 4
@@ -220,7 +243,7 @@ class LoraConfig:
     rank: int = 16
     alpha: int = 16
     dropout: float = 0.0
-    # regex over module names (DESIGN.md §9: a regex avoids unrelated modules ending in q/o).
+    # regex over module names (docs/facts.md "peft": a regex avoids unrelated modules ending in q/o).
     # Under Ulysses keep it inside `blocks.`: modules after the sequence gather (head) see the
     # whole sequence on every rank, and the sequence-parallel gradient sum would count them N times.
     target_regex: str = r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.ffn\.(0|2)"
@@ -298,7 +321,11 @@ class LauncherConfig:
     rdzv_backend: str = "c10d"
     rdzv_endpoint: str = "localhost:0"  # port 0: a free port per job
     max_restarts: int = 0
-    hang_timeout_s: float = 300.0  # no progress from any rank for this long = hang
+    # start-up bound: every rank must send its first heartbeat (rendezvous formed, torch
+    # imported, process started) within this many seconds of the job's start
+    rdzv_timeout_s: float = 120.0
+    # after its first heartbeat: no progress from any rank for this long = hang
+    hang_timeout_s: float = 300.0
     resume: bool = False  # skip jobs whose job dir already holds a complete result
 
 
@@ -328,6 +355,15 @@ def compose_config(overrides: Sequence[str] = ()) -> Any:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
+
+
+def typed_config(cfg: Any) -> ExperimentConfig:
+    """The resolved config as the schema's dataclasses (enums, ints, nested objects): what
+    a rank works with, converted once when it starts."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), cfg)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 def register_configs() -> None:
@@ -533,3 +569,130 @@ def validate(cfg: Any, world_size: int) -> None:
         from wan_exp.media import check_inputs  # reads the files; imported here to keep this module light
 
         check_inputs(cfg, world_size)
+
+
+# --------------------------------------------------------------------------- launch rules
+def signal_number(name: str) -> signal.Signals:
+    """SIGKILL -> signal.SIGKILL; raises ConfigError naming fault.signal otherwise."""
+    try:
+        return signal.Signals[str(name).upper()]
+    except KeyError:
+        raise ConfigError(
+            f"fault.signal={name!r} is not a signal name; use e.g. SIGKILL, SIGTERM, SIGSEGV"
+        ) from None
+
+
+def ranks_per_node(cfg: Any, gpus: int) -> int:
+    """launcher.nproc_per_node resolved: auto = visible GPUs (2 on a CPU machine);
+    parallel=single always runs one rank. Raises ConfigError naming the setting."""
+    requested = str(cfg.launcher.nproc_per_node).strip()
+    if requested == "auto":
+        nproc = gpus or CPU_DEFAULT_NPROC
+    elif requested.isdigit() and int(requested) > 0:
+        nproc = int(requested)
+    else:
+        raise ConfigError(
+            f"launcher.nproc_per_node={requested!r} is not allowed; use auto or a positive integer"
+        )
+    if cfg.parallel.name == Strategy.single:
+        if requested != "auto" and nproc != 1:
+            log.warning("parallel=single runs one rank; ignoring launcher.nproc_per_node=%s", requested)
+        return 1
+    if gpus and nproc > gpus:
+        raise ConfigError(
+            f"launcher.nproc_per_node={nproc} but only {gpus} GPU(s) are visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            f"use at most {gpus} or auto"
+        )
+    return nproc
+
+
+def check_fsdp_device(fsdp_cfg: Any, device_type: str) -> None:
+    """Fail early, with the setting to change, where FSDP1 itself would refuse."""
+    if fsdp_cfg.enabled and fsdp_cfg.sync_module_states and device_type != "cuda":
+        raise ConfigError(
+            "parallel.fsdp.sync_module_states=true needs GPUs: FSDP1 broadcasts rank 0's "
+            f"weights from GPU memory and raises ValueError for a {device_type} module. "
+            "parallel=fsdp (the upstream hang reproducer) is a GPU-only experiment; "
+            "on the CPU use parallel=fsdp_fixed"
+        )
+
+
+def check_launch_settings(cfg: Any, gpus: int) -> None:
+    """The launcher node, the FSDP device rule and the fault settings on a machine with
+    `gpus` visible GPUs. Raises ConfigError naming the setting."""
+    lc = cfg.launcher
+    if lc.nnodes < 1:
+        raise ConfigError(f"launcher.nnodes={lc.nnodes} must be >= 1")
+    if not 0 <= lc.node_rank < lc.nnodes:
+        raise ConfigError(f"launcher.node_rank={lc.node_rank} is outside 0..{lc.nnodes - 1}")
+    if lc.rdzv_backend not in ("c10d", "static"):
+        raise ConfigError(f"launcher.rdzv_backend={lc.rdzv_backend!r} is not allowed; use c10d or static")
+    host, _, port = str(lc.rdzv_endpoint).rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"launcher.rdzv_endpoint={lc.rdzv_endpoint!r} is not host:port; "
+            "use e.g. localhost:0 (a free port) or node0:29500"
+        )
+    if lc.nnodes > 1 and port == "0":
+        raise ConfigError(
+            f"launcher.nnodes={lc.nnodes} with launcher.rdzv_endpoint={lc.rdzv_endpoint!r}: the other "
+            "nodes cannot reach it (port 0 is a random port on each host); use node 0's host name "
+            "and a fixed port, e.g. node0:29500"
+        )
+    if lc.nnodes > 1 and host in ("localhost", "127.0.0.1"):
+        log.warning("launcher.nnodes=%s with launcher.rdzv_endpoint=%s: only processes on this host can "
+                    "join; other hosts need node 0's host name", lc.nnodes, lc.rdzv_endpoint)
+    for name in ("rdzv_timeout_s", "hang_timeout_s"):
+        if getattr(lc, name) <= 0:
+            raise ConfigError(f"launcher.{name}={getattr(lc, name)} must be > 0")
+    if lc.max_restarts < 0:
+        raise ConfigError(f"launcher.max_restarts={lc.max_restarts} must be >= 0")
+    if cfg.nccl.flight_recorder and cfg.nccl.timeout_s >= lc.hang_timeout_s:
+        # the recorder dumps on an NCCL timeout; the watchdog kills the ranks before that
+        log.warning("nccl.timeout_s=%s >= launcher.hang_timeout_s=%s: a hang ends before NCCL times out, "
+                    "so the flight recorder writes no dump; lower nccl.timeout_s to get one",
+                    cfg.nccl.timeout_s, lc.hang_timeout_s)
+    # e.g. parallel=fsdp (sync_module_states=true) on a machine without GPUs
+    check_fsdp_device(cfg.parallel.fsdp, "cuda" if gpus else "cpu")
+    fault = cfg.fault
+    kind = fault.kind.name
+    if kind == "none":
+        return
+    if fault.phase not in PHASES:
+        raise ConfigError(f"fault.phase={fault.phase!r} is not a phase; use one of {', '.join(PHASES)}")
+    if WorkloadName(cfg.workload.name) == WorkloadName.init and fault.phase in STEP_PHASES:
+        # a fault that never fires would report a healthy job as the demonstration's outcome
+        raise ConfigError(
+            f"fault.phase={fault.phase} never happens in workload=init, which stops after wrap; "
+            "use fault.phase=build, load or wrap, or another workload"
+        )
+    if kind == "signal":
+        signal_number(fault.signal)
+    if kind == "sleep" and fault.seconds < 0:
+        raise ConfigError(f"fault.seconds={fault.seconds} must be >= 0")
+    if kind == "oom" and not gpus:
+        raise ConfigError("fault=oom allocates GPU memory until it runs out, but no GPU is visible")
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """How many ranks one checked job gets on this machine."""
+
+    nproc_per_node: int
+    world_size: int
+    backend: str  # "nccl" with GPUs, "gloo" without
+
+
+def check_job(cfg: Any, gpus: int) -> JobShape:
+    """Every rule for one job on a machine with `gpus` visible GPUs; raises ConfigError
+    naming the setting, else says how many ranks the job gets."""
+    from wan_exp.memory_fit import check_memory_fits  # imports this module
+
+    check_schema_keys(cfg)  # a '+key=value' the schema lacks would fail in every rank
+    nproc = ranks_per_node(cfg, gpus)
+    check_launch_settings(cfg, gpus)
+    world_size = nproc * int(cfg.launcher.nnodes)
+    validate(cfg, world_size)
+    check_memory_fits(cfg, world_size, nproc, gpus)
+    return JobShape(nproc_per_node=nproc, world_size=world_size, backend="nccl" if gpus else "gloo")

@@ -13,27 +13,15 @@ what a rank the kernel's OOM killer ends leaves behind.
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from typing import Any, Callable, Optional
 
-# The phases a rank passes through, in order (docs/architecture.md).
-PHASES = ("process_group", "build", "load", "wrap", "first_step", "step")
+from wan_exp.config import signal_number  # the fault settings are checked in wan_exp.config
 
 
 class InjectedFault(RuntimeError):
     """Raised by fault.kind=raise."""
-
-
-def signal_number(name: str) -> signal.Signals:
-    """SIGKILL -> signal.SIGKILL; raises ValueError naming fault.signal otherwise."""
-    try:
-        return signal.Signals[str(name).upper()]
-    except KeyError:
-        raise ValueError(
-            f"fault.signal={name!r} is not a signal name; use e.g. SIGKILL, SIGTERM, SIGSEGV"
-        ) from None
 
 
 class FaultInjector:

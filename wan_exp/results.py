@@ -6,13 +6,13 @@ Files get the permissions of an ordinary ``open`` under the process umask (0644 
 usual 022), not the 0600 of a bare temporary file; a write that fails (a full disk)
 raises :class:`WriteError` naming the path and what the file is.
 
-Two writers produce results.json, both through :func:`write_results`:
-- rank 0 of a job whose ranks all finished (:func:`completed_results`), and
-- the launcher when ranks failed, died or hung (:func:`finalize_job`), from the rank
-  records that exist, the agent's view of the dead processes, and the watchdog.
-A completed results.json is never overwritten.
+One writer produces results.json: :func:`finalize_job`, called by wan_exp.job on the
+host that ran global rank 0 once every rank is gone. It builds the result from the rank
+records (each rank writes its own), every host's agent outcome (dead ranks, rendezvous
+errors) and the job process's own findings (hang, start-up bound, interrupt). A
+completed results.json is never overwritten.
 
-No torch import: the launcher process uses this module.
+No torch import: the job process on the host uses this module.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 SCHEMA = 1
-COMPLETED, FAILED, OOM, HANG = "completed", "failed", "oom", "hang"
+COMPLETED, FAILED, OOM, HANG, INTERRUPTED = "completed", "failed", "oom", "hang", "interrupted"
 HOST, GPU = "host", "gpu"  # which memory an oom job ran out of (root_cause["memory"])
 RESULTS_FILE = "results.json"
 JOB_FILE = "job.json"
@@ -220,7 +220,7 @@ def job_warnings(records: list[dict]) -> list[str]:
 
 def completed_results(job_dir: Path, records: list[dict],
                       summarize: Callable[[list[dict], Any], dict]) -> dict:
-    """The results of a job whose ranks all finished (written by rank 0)."""
+    """The results of a job whose ranks all finished."""
     summary = summarize(records, read_job_config(job_dir))
     return _results(job_dir, COMPLETED, None, records, summary)
 
@@ -329,27 +329,38 @@ def remove_empty_stack_files(job_dir: Path) -> None:
 
 
 def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict],
-                 launch_error: Optional[str] = None, kernel_oom_kills: Optional[int] = None) -> dict:
-    """The job's results after its ranks are gone; writes results.json unless rank 0
-    already wrote a completed one, which is returned as it is. Empty stack files go.
+                 launch_error: Optional[str] = None, interrupted: Optional[dict] = None,
+                 launch_phase: str = "rendezvous", kernel_oom_kills: Optional[int] = None) -> dict:
+    """The job's results after its ranks are gone; writes results.json (the only writer)
+    unless it already holds a completed result, which is returned as it is. Empty stack
+    files go.
 
-    dead_ranks: rank -> {"exitcode", "time", "phase", "message"} for every rank the agent
+    dead_ranks: rank -> {"exitcode", "time", "phase", "message"} for every rank an agent
         saw exit non-zero (exit codes < 0 are signals).
-    hang: the watchdog's finding {"rank", "phase", "step", "silent_s", "message"} or None.
-    launch_error: why the elastic agent itself failed (e.g. rendezvous), or None.
+    hang: the watchdog's finding {"rank", "phase", "step", "message"} or None.
+    launch_error: why no rank could run, or None; launch_phase says where it failed
+        ("rendezvous": start-up bound, agent; "config": the job's check on its host).
+    interrupted: {"rank", "phase", "message"} when Ctrl-C or SIGTERM ended the job, or None.
     kernel_oom_kills: processes the kernel's OOM killer ended while the ranks ran (the
         difference of two :func:`kernel_oom_kill_count` readings), None if unknown.
+    The job completed when none of these happened and every rank of job.json's world
+    size wrote a completed record.
     """
+    from wan_exp.metrics.summary import summarize
+
     remove_empty_stack_files(job_dir)
     existing = read_results(job_dir)
     if existing is not None and existing.get("status") == COMPLETED:
-        # rank 0 wrote it after gathering every rank's record: whatever happened after
-        # (a rank dying in teardown, the watchdog firing at the very end) does not undo it
         return existing
     records = read_rank_records(job_dir)
-    if launch_error is not None:
+    world_size = (read_json(Path(job_dir) / JOB_FILE) or {}).get("world_size")
+    if interrupted is not None:
+        status = INTERRUPTED
+        root_cause = {"rank": interrupted["rank"], "phase": interrupted["phase"],
+                      "message": interrupted["message"], "exitcode": None}
+    elif launch_error is not None:
         status = FAILED
-        root_cause = {"rank": None, "phase": "rendezvous", "message": launch_error, "exitcode": None}
+        root_cause = {"rank": None, "phase": launch_phase, "message": launch_error, "exitcode": None}
     elif hang is not None:
         status = HANG
         root_cause = {"rank": hang["rank"], "phase": hang["phase"], "message": hang["message"],
@@ -357,8 +368,13 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
     else:
         root_cause = failure_root_cause(records, dead_ranks, read_heartbeats(job_dir), kernel_oom_kills)
         if root_cause is None:
-            root_cause = {"rank": 0, "phase": None, "exitcode": None,
-                          "message": "every rank exited cleanly but rank 0 wrote no results.json"}
+            missing = sorted(set(range(world_size or 0)) - {r["rank"] for r in records})
+            if not missing and all(r.get("status") == COMPLETED for r in records):
+                results = completed_results(job_dir, records, summarize)
+                write_results(job_dir, results)
+                return results
+            root_cause = {"rank": missing[0] if missing else None, "phase": None, "exitcode": None,
+                          "message": f"rank(s) {missing} exited cleanly without writing a record"}
         status = OOM if root_cause.pop("status", FAILED) == OOM else FAILED
     results = _results(job_dir, status, root_cause, records, None)
     write_results(job_dir, results)

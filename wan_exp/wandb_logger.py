@@ -23,8 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wan_exp.metrics.collector import job_step_times
-from wan_exp.metrics.comm import totals
+from wan_exp.metrics.summary import comm_totals, job_step_times
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def _rank_row(record: dict) -> list[Any]:
     memory = record.get("memory", {})
     steps = record.get("step_times_s", [])
     comm = record.get("comm") or {}
-    comm_step, comm_init = totals(comm.get("per_step")), totals(comm.get("init"))
+    comm_step, comm_init = comm_totals(comm.get("per_step")), comm_totals(comm.get("init"))
     return [
         record.get("rank"),
         record.get("device_name"),

@@ -1,7 +1,7 @@
 """Read an offline W&B run (``run-<id>.wandb``) back: config, history, summary.
 
 Offline runs keep everything in one file and write no ``wandb-summary.json``
-(DESIGN.md §4b). The file uses the LevelDB log format:
+(docs/facts.md §4b). The file uses the LevelDB log format:
 
 - a 7-byte header: ``:W&B``, a 2-byte magic (0xBEE1, little-endian) and a version byte;
 - then 32 KiB blocks; the header counts as part of the first block;

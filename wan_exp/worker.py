@@ -1,14 +1,15 @@
 """One rank of a job, start to end: ``python -m wan_exp.worker <job_dir>``.
 
-The launcher's elastic agent starts this once per rank with RANK, LOCAL_RANK, WORLD_SIZE,
+This host's elastic agent (wan_exp.agent) starts this once per rank with RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT set. The rank reads the job's resolved config.yaml (children
-have no Hydra state), joins the process group, runs the workload and writes its rank
-record; rank 0 gathers every record and writes results.json.
+have no Hydra state), joins the process group, runs the workload and writes its own rank
+record. Nothing is gathered: the job process on the host (wan_exp.job) reads every
+rank's record and writes results.json.
 
 On an exception the rank writes a record with status failed (oom for
 torch.OutOfMemoryError or MemoryError, with its memory figures) and the phase and step it
-was in, then exits non-zero at once; the launcher stops the other ranks and writes the
-job's result.
+was in, then exits non-zero at once; the agent stops the other ranks and the job process
+writes the result.
 """
 from __future__ import annotations
 
@@ -21,16 +22,15 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from wan_exp import results
-from wan_exp.config import ExperimentConfig, config_warnings
+from wan_exp.config import ExperimentConfig, config_warnings, typed_config
 from wan_exp.envvars import JOB_DIR_VAR
-from wan_exp.metrics.collector import GIB, gather_records, summarize
+from wan_exp.metrics.collector import GIB
 from wan_exp.models.attention import selected_backend, selected_lse_backend
 from wan_exp.runtime import RankContext
 
@@ -40,9 +40,9 @@ RECORDED_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
 RECORDED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "PYTORCH_", "WAN_EXP_")
 
 
-def load_job_config(job_dir: Path) -> Any:
-    """The job's config.yaml merged into the schema (enums and types as the launcher had them)."""
-    return OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.load(job_dir / results.CONFIG_FILE))
+def load_job_config(job_dir: Path) -> ExperimentConfig:
+    """The job's config.yaml as typed objects (the schema's dataclasses), converted once."""
+    return typed_config(OmegaConf.load(job_dir / results.CONFIG_FILE))
 
 
 def dump_stacks_on_sigusr1(job_dir: Path, rank: int) -> None:
@@ -106,10 +106,6 @@ def run_rank(job_dir: Path) -> int:
         record = ctx.metrics.rank_record()
         record.update(status=results.COMPLETED, error=None, env=seen_environment(job))
         results.write_rank_record(job_dir, record)
-        ctx.heartbeat("gather")
-        records = gather_records(record)
-        if rank == 0:
-            results.write_results(job_dir, results.completed_results(job_dir, records, summarize))
         ctx.heartbeat("done")
         dist.destroy_process_group()
         return 0

@@ -1,7 +1,8 @@
 """Config of the `hydra/launcher=torchrun` plugin (discovered by Hydra, kept import-light).
 
-Per-job launch settings (ranks, rendezvous, hang timeout, resume) live in the job config's
-`launcher` node (wan_exp/config.py: LauncherConfig) so that a sweep can vary them.
+The launcher has no settings of its own: per-job launch settings (ranks, nodes,
+rendezvous, timeouts, resume) live in the job config's `launcher` node so that a sweep
+can vary them, and the job itself starts its ranks.
 """
 from dataclasses import dataclass
 

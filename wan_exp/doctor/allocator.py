@@ -3,7 +3,7 @@
 torch parses PYTORCH_ALLOC_CONF (new name) / PYTORCH_CUDA_ALLOC_CONF (old name) at the
 first CUDA allocation of a process and raises there on an unknown key or a bad value, so a
 typo surfaces only once every rank has loaded its weights. This module finds those errors
-up front, and also the settings torch accepts but which do nothing (DESIGN.md §9):
+up front, and also the settings torch accepts but which do nothing (docs/facts.md §9):
 ``max_split_size_mb`` next to ``expandable_segments:True``, ``garbage_collection_threshold``
 without a per-process memory fraction, native-allocator keys under ``backend:cudaMallocAsync``.
 

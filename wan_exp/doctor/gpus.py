@@ -1,13 +1,16 @@
 """GPUs as NVML sees them (nvidia-ml-py), without initialising CUDA in this process.
 
 NVML lists every physical GPU whatever CUDA_VISIBLE_DEVICES says, so the rows mark which
-ones this environment's ranks will see, and the visible count is what ``--gpus N`` is
-checked against.
+ones this environment's ranks will see. :func:`visible_gpus` is the one rule for which
+GPUs CUDA exposes: the doctor's rows, its ``--gpus N`` check and the job's rank count
+(:func:`visible_gpu_count`, used by wan_exp.job and the batch check) all go through it.
+No torch import: the job process on the host uses this module.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+import os
+from typing import Mapping, Optional
 
 from wan_exp.doctor.rows import FAIL, OK, WARN, Row
 
@@ -92,6 +95,16 @@ def visible_gpus(gpus: list[Gpu], cuda_visible_devices: str | None) -> tuple[lis
             return chosen, entry
         chosen.append(match)
     return chosen, None
+
+
+def visible_gpu_count(nvml: Optional[NvmlView] = None, env: Optional[Mapping[str, str]] = None) -> int:
+    """How many GPUs a job started from this process can give its ranks: NVML's GPUs
+    (read now unless given) as CUDA_VISIBLE_DEVICES in `env` (default: this process's
+    environment) exposes them; 0 on a machine without an NVIDIA driver."""
+    nvml = read_nvml() if nvml is None else nvml
+    env = os.environ if env is None else env
+    visible, _ = visible_gpus(nvml.gpus, env.get("CUDA_VISIBLE_DEVICES"))
+    return len(visible)
 
 
 def gpu_rows(nvml: NvmlView, env: Mapping[str, str], torch_cuda: str | None,

@@ -12,7 +12,7 @@ from wan_exp.envvars import DEPRECATED_NCCL_NAMES
 PREFIXES = ("NCCL_", "TORCH_NCCL_")
 BLOCKING_WAIT_NAMES = ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT")
 NVLS = "NCCL_NVLS_ENABLE"
-# DESIGN.md §9: on this workplace's H200 machines NVLink multicast (NVLS) must stay off.
+# docs/facts.md §9: on this workplace's H200 machines NVLink multicast (NVLS) must stay off.
 NVLS_OFF_GPUS = ("H200",)
 WATCHDOG_HINT = ("blocking wait disables the NCCL watchdog: a stuck collective surfaces only as a "
                  "timeout in the rank that waits on it")

@@ -1,10 +1,10 @@
-"""Per-rank measurements and the job-level summary (DESIGN.md §8).
+"""Per-rank measurements (how they are counted: docs/facts.md "Metrics").
 
 One :class:`MetricsCollector` lives in each rank. It times the initialisation phases and
 the measured steps, reads the memory figures once at the end, and turns all of that into
-the rank record of docs/architecture.md. :func:`gather_records` brings every rank's
-record to rank 0, and :func:`summarize` turns the records into the job's comparison
-metrics (balance, throughput, TFLOP/s, MFU). Metrics measure; they never drive the work.
+the rank record of docs/architecture.md, which the rank writes to its own file. The job
+process on the host reads every rank's file and summarises them
+(:mod:`wan_exp.metrics.summary`). Metrics measure; they never drive the work.
 
 Timing rule: a phase or a step ends with exactly one device synchronisation, so the time
 covers the work the host queued inside it; the collector adds no other. (The S2V forward
@@ -16,16 +16,13 @@ from __future__ import annotations
 import os
 import resource
 import socket
-import statistics
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
-from wan_exp.metrics.comm import CommCounter, totals
-from wan_exp.metrics.flops import mfu, peak_flops
+from wan_exp.metrics.comm import CommCounter
 
 GIB = 1024**3
 INIT_PHASES = ("process_group", "build", "load", "wrap", "first_step")
@@ -243,161 +240,4 @@ def _nvml_handle(device: torch.device) -> Any:
         return None
 
 
-def gather_records(record: dict) -> Optional[list[dict]]:
-    """Every rank's record on rank 0 (sorted by rank), None on the other ranks.
-
-    Works on gloo and nccl; for nccl the current CUDA device must be this rank's device
-    (object collectives stage through it), so it is set here from the record.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return [record]
-    if dist.get_backend() == "nccl" and record["device"].startswith("cuda"):
-        torch.cuda.set_device(torch.device(record["device"]))
-    is_root = dist.get_rank() == 0
-    gathered: Optional[list] = [None] * dist.get_world_size() if is_root else None
-    dist.gather_object(record, gathered, dst=0)
-    if not is_root:
-        return None
-    return sorted(gathered, key=lambda r: r["rank"])
-
-
-# ---------------------------------------------------------------------------- job level
-def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
-    return num / den if num is not None and den else None
-
-
-def job_step_times(records: list[dict]) -> list[float]:
-    """The job's time of each measured step: the slowest rank's (ranks wait for each
-    other in collectives), over the steps every rank measured."""
-    n_steps = min((len(r.get("step_times_s", [])) for r in records), default=0)
-    return [max(r["step_times_s"][i] for r in records) for i in range(n_steps)]
-
-
-def summarize(records: list[dict], config: Any) -> dict:
-    """Job-level metrics from the rank records (docs/architecture.md, DESIGN.md §8).
-
-    - balance: max/min of peak reserved memory over ranks, and rank 0 over the median of
-      the other ranks (the "GPU 0 overloaded" symptom); on CPU, peak host RSS stands in
-      and ``balance_basis`` says which was used.
-    - time: init phases as the max over ranks (the slowest rank gates the job); a step's
-      time is the max over ranks, then median/min/max over the measured steps.
-    - throughput from the median step: steps/s, tokens/s, video seconds per second,
-      TFLOP/s per GPU, and MFU against the device's dense peak for ``model.dtype``.
-    - communication: calls, bytes and bus bytes per measured step and for initialisation,
-      of the rank that moves the most (rank records hold every kind, metrics/comm.py).
-    """
-    if not records:
-        return {"ranks_reported": 0}
-    records = sorted(records, key=lambda r: r["rank"])
-    world_size = records[0]["world_size"]
-    rank0 = records[0]
-
-    reserved = [r["memory"].get("peak_reserved_gib") for r in records]
-    basis = "peak_reserved_gib"
-    if any(v is None for v in reserved):
-        reserved = [r["memory"].get("peak_host_rss_gib") for r in records]
-        basis = "peak_host_rss_gib"
-    others = reserved[1:]
-    rank0_over_median = _ratio(reserved[0], statistics.median(others)) if others else None
-
-    def column_max(key: str) -> Optional[float]:
-        values = [r["memory"].get(key) for r in records if r["memory"].get(key) is not None]
-        return max(values) if values else None
-
-    def column_sum(key: str) -> Optional[float]:
-        values = [r["memory"].get(key) for r in records if r["memory"].get(key) is not None]
-        return sum(values) if values else None
-
-    phases: dict[str, float] = {}
-    for r in records:
-        for name, seconds in r.get("init_phases_s", {}).items():
-            phases[name] = max(phases.get(name, 0.0), seconds)
-
-    step_times = job_step_times(records)
-    # per step: only where steps were measured (init has none: absent, not 0)
-    comm_step = [totals(r["comm"]["per_step"]) for r in records if (r.get("comm") or {}).get("per_step") is not None]
-    comm_init = [totals((r.get("comm") or {}).get("init")) for r in records]
-
-    def comm_max(figures: list[dict], key: str) -> Optional[float]:
-        return max(f[key] for f in figures) if figures else None
-    step_median = statistics.median(step_times) if step_times else None
-
-    work = rank0.get("workload", {})
-    tokens_per_step = (
-        work["tokens_per_forward"] * work.get("forwards_per_step", 1)
-        if work.get("tokens_per_forward") is not None
-        else None
-    )
-    flops_per_step = work.get("flops_per_step")
-    dtype = str((config.get("model") or {}).get("dtype", "bf16"))  # a dict or a DictConfig
-    peak = peak_flops(rank0["device_name"], dtype)
-
-    return {
-        "ranks_reported": len(records),
-        "world_size": world_size,
-        "device_name": rank0["device_name"],
-        "peak_allocated_gib_max": column_max("peak_allocated_gib"),
-        "peak_reserved_gib_max": column_max("peak_reserved_gib"),
-        "peak_reserved_gib_min": min(reserved) if basis == "peak_reserved_gib" else None,
-        "nvml_used_gib_max": column_max("nvml_used_gib"),
-        "peak_host_rss_gib_max": column_max("peak_host_rss_gib"),
-        "alloc_retries": column_sum("alloc_retries"),
-        "ooms": column_sum("ooms"),
-        "balance_basis": basis,
-        "balance_max_over_min": _ratio(max(reserved), min(reserved)),
-        "balance_rank0_over_median": rank0_over_median,
-        "init_phases_s": phases,
-        "init_s": sum(phases.values()) if phases else None,
-        "measured_steps": len(step_times),
-        "step_time_s_median": step_median,
-        "step_time_s_min": min(step_times) if step_times else None,
-        "step_time_s_max": max(step_times) if step_times else None,
-        "steps_per_s": _ratio(1.0, step_median),
-        "tokens_per_s": _ratio(tokens_per_step, step_median),
-        "video_s_per_s": _ratio(work.get("video_seconds_per_step"), step_median),
-        "flops_per_step": flops_per_step,
-        "tflops_per_gpu": _ratio(flops_per_step, step_median * world_size * 1e12) if step_median else None,
-        "peak_flops_per_gpu": peak,
-        "mfu": mfu(flops_per_step or 0.0, step_median or 0.0, world_size, peak),
-        "attention_backend": rank0.get("attention_backend"),
-        "attention_lse_backend": rank0.get("attention_lse_backend"),
-        "parallel_dims": rank0.get("parallel_dims"),
-        # communication: the busiest rank's collectives (metrics/comm.py defines bytes)
-        "comm_step_calls_max": comm_max(comm_step, "count"),
-        "comm_step_bytes_max": comm_max(comm_step, "bytes"),
-        "comm_step_bus_bytes_max": comm_max(comm_step, "bus_bytes"),
-        "comm_init_calls_max": comm_max(comm_init, "count"),
-        "comm_init_bytes_max": comm_max(comm_init, "bytes"),
-        **stage_summary(records),
-    }
-
-
-STAGE_PEAKS = ("peak_allocated_gib", "peak_reserved_gib", "peak_host_rss_gib")
-
-
-def stage_summary(records: list[dict]) -> dict:
-    """Per-stage figures of the job (empty when no rank timed stages): each stage's seconds and
-    peaks as the max over ranks (the slowest rank gates the job; the fullest one fails first),
-    and the figures people quote: seconds per clip and per second of video (all stages
-    together), and the DiT's share of that time (the ``denoise`` stage)."""
-    names: list[str] = []
-    for r in records:
-        names += [n for n in r.get("stages", {}) if n not in names]
-    if not names:
-        return {}
-
-    def over_ranks(name: str, key: str) -> Optional[float]:
-        values = [r["stages"][name][key] for r in records
-                  if name in r.get("stages", {}) and r["stages"][name].get(key) is not None]
-        return max(values) if values else None
-
-    seconds = {n: over_ranks(n, "seconds") for n in names}
-    total = sum(v for v in seconds.values() if v is not None)
-    work = records[0].get("workload", {})
-    out: dict[str, Any] = {"stages_s": seconds, "pipeline_s": total}
-    for key in STAGE_PEAKS:
-        out[f"stage_{key}"] = {n: over_ranks(n, key) for n in names}
-    out["seconds_per_clip"] = _ratio(total, work.get("clips"))
-    out["seconds_per_video_second"] = _ratio(total, work.get("video_seconds"))
-    out["dit_share"] = _ratio(seconds.get("denoise"), total)
-    return out
+# job-level figures (summarize, job_step_times) live in wan_exp.metrics.summary, which needs no torch

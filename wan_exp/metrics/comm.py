@@ -198,8 +198,3 @@ def _per_step(total: float, steps: int) -> float:
     """total / steps, an int where it divides (every measured step does the same calls)."""
     return total // steps if isinstance(total, int) and total % steps == 0 else total / steps
 
-
-def totals(kinds: Optional[dict]) -> dict[str, float]:
-    """Sum over kinds of one bucket: {"count", "bytes", "bus_bytes"} (zeros for None)."""
-    kinds = kinds or {}
-    return {key: sum(t[key] for t in kinds.values()) for key in ("count", "bytes", "bus_bytes")}

@@ -1,8 +1,8 @@
-"""FLOPs of one DiT forward, the table of device peaks, and MFU (DESIGN.md §8).
+"""FLOPs of one DiT forward, the table of device peaks, and MFU (docs/facts.md §8).
 
 Only the DiT trunk (plus the S2V audio cross-attention) is counted: the text and audio
 encoders, the patch embedding and the head are a small fraction of the work, and the
-public reference figures (DESIGN.md §6, "trunk MFU") count the same way. A multiply-add
+public reference figures (docs/facts.md §6, "trunk MFU") count the same way. A multiply-add
 is two FLOPs. The full token sequence is counted once, however many ranks share it.
 """
 from __future__ import annotations

@@ -31,7 +31,7 @@ SDPA_KERNELS = {
     "sdpa_math": SDPBackend.MATH,
 }
 BACKENDS = ("flash_attn", "fa3", "fa4", "sdpa", *SDPA_KERNELS)
-# `auto` on a GPU, fastest first (DESIGN §6: cuDNN 585, FA2 370, efficient 179 TFLOP/s on H100;
+# `auto` on a GPU, fastest first (docs/facts.md §6: cuDNN 585, FA2 370, efficient 179 TFLOP/s on H100;
 # flash-attn 4.0.0b36 663-678 TFLOP/s at the Wan shapes on H100, docs/benchmarks.md).
 AUTO_ORDER_CUDA = ("fa3", "fa4", "sdpa_cudnn", "flash_attn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
 # On a CPU PyTorch's own choice among its SDPA kernels is the fastest that exists.
@@ -140,7 +140,7 @@ def _auto_candidates(device: torch.device) -> list[str]:
         if module and not _module_importable(module):
             continue
         if name == "flash_attn" and not flash_attn_status()["ok"]:
-            continue  # importable but broken (DESIGN §9): never touch it in this process
+            continue  # importable but broken (docs/facts.md §9): never touch it in this process
         candidates.append(name)
     return candidates
 

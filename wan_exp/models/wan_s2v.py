@@ -1,6 +1,6 @@
 """The Wan2.2 14B DiT trunk and the speech-to-video (S2V) additions, in one readable file.
 
-Parameter names and shapes are the official ones (DESIGN.md §7), so an official
+Parameter names and shapes are the official ones (docs/facts.md §7), so an official
 ``Wan2.2-S2V-14B`` folder loads without renaming; ``model.s2v=false`` gives the plain trunk.
 
 One forward, for one clip::

@@ -6,7 +6,7 @@ Two ways to get the weights in, chosen by ``parallel.fsdp.load_full_on_every_ran
   then FSDP1 moves each unit to the GPU and, with ``sync_module_states=True``, broadcasts
   rank 0's values. This is the configuration users report hanging; it is kept as it is so
   the harness can reproduce and measure it. On the CPU FSDP1 refuses
-  ``sync_module_states=True``; :func:`check_fsdp_device` says so before anything is built.
+  ``sync_module_states=True``; wan_exp.config.check_fsdp_device says so before anything is built.
 - shard-only (``parallel=fsdp_fixed``): no broadcast, and no rank ever holds the whole
   model. FSDP1: each block is loaded in full, wrapped (FSDP keeps this rank's shard and
   frees the rest), then the next one. FSDP2 (``parallel.fsdp.api=fsdp2``): the model is
@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import MixedPrecision, MixedPrecisionPolicy, ShardingStrategy, fully_shard
 
-from wan_exp.config import ConfigError, FsdpApi, FsdpConfig
+from wan_exp.config import FsdpApi, FsdpConfig
 from wan_exp.parallel.materialise import WeightPlan
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -34,17 +34,6 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 def torch_dtype(name) -> torch.dtype:
     """'bf16' (or the DType enum) -> torch.bfloat16."""
     return TORCH_DTYPES[getattr(name, "value", name)]
-
-
-def check_fsdp_device(fsdp_cfg: FsdpConfig, device: torch.device) -> None:
-    """Fail early, with the setting to change, where FSDP1 itself would refuse."""
-    if fsdp_cfg.enabled and fsdp_cfg.sync_module_states and device.type != "cuda":
-        raise ConfigError(
-            "parallel.fsdp.sync_module_states=true needs GPUs: FSDP1 broadcasts rank 0's "
-            f"weights from GPU memory and raises ValueError for a {device.type} module. "
-            "parallel=fsdp (the upstream hang reproducer) is a GPU-only experiment; "
-            "on the CPU use parallel=fsdp_fixed"
-        )
 
 
 def shard_dit(

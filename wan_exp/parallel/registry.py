@@ -1,6 +1,6 @@
 """The one place that turns ``parallel.name`` into a built, loaded and split model.
 
-Every strategy follows the same path (DESIGN.md §3):
+Every strategy follows the same path (docs/facts.md §3):
 
     build the DiT on the meta device            phase "build"
     read its weights (all, or this rank's part) phase "load"
@@ -35,11 +35,11 @@ import torch.nn as nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
-from wan_exp.config import ConfigError, Placement, parallel_dims
+from wan_exp.config import ConfigError, Placement, check_fsdp_device, parallel_dims
 from wan_exp.models.checkpoint import open_weights
 from wan_exp.models.encoders import build_audio_encoder, build_text_encoder
 from wan_exp.models.wan_s2v import WanModel
-from wan_exp.parallel.fsdp import check_fsdp_device, shard_dit, torch_dtype
+from wan_exp.parallel.fsdp import shard_dit, torch_dtype
 from wan_exp.parallel.materialise import WeightPlan, local_param_bytes, plan_weights
 from wan_exp.parallel.cfg import guidance_for
 from wan_exp.parallel.dims import ParallelDims, ParallelMesh
@@ -68,7 +68,7 @@ def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) ->
     name = getattr(cfg.parallel.name, "value", cfg.parallel.name)
     if name not in STRATEGIES:
         raise ConfigError(f"parallel.name={name!r} is not a strategy; choose from {sorted(STRATEGIES)}")
-    check_fsdp_device(cfg.parallel.fsdp, ctx.device)  # before the first collective
+    check_fsdp_device(cfg.parallel.fsdp, ctx.device.type)  # before the first collective
     dims = parallel_dims(cfg, ctx.world_size)
     meshes = dims.build_mesh(ctx.device.type)
     dit = STRATEGIES[name](cfg, ctx, meshes, before_wrap or (lambda dit: None))

@@ -2,7 +2,7 @@
 
 - Adapters are injected with ``peft.inject_adapter_in_model`` through ``before_wrap``, so
   the DiT keeps its own module names and FSDP sees the adapters when it wraps. Targets are
-  a regex (``workload.lora.target_regex``, DESIGN.md §9); the matched module names go into
+  a regex (``workload.lora.target_regex``, docs/facts.md §9); the matched module names go into
   the workload info. peft freezes every base weight; only ``lora_A`` / ``lora_B`` train.
 - Loss (flow matching, as in the sampler): ``x_sigma = (1 - sigma) x0 + sigma noise``, the
   DiT predicts ``noise - x0``; mean squared error over the whole latent.

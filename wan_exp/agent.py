@@ -1,0 +1,81 @@
+"""One host's elastic agent for one job: ``python -m wan_exp.agent <spec json>``.
+
+wan_exp.job starts this process once per host and job (in its own session, so that a
+Ctrl-C meant for the sweep reaches the job process, which then ends this one). It runs
+torch's elastic agent: rendezvous (c10d or static) with the other hosts, then this
+host's ranks (``python -m wan_exp.worker <job dir>``), per-rank logs under
+``<job>/logs/node_<n>/``. What the agent saw is written to the node file named in the
+spec (``<job>/nodes/node_<n>.json``): ``{"node_rank", "node_id", "host", "failures":
+{rank: {"exitcode", "time"}}, "error": str | None}``; wan_exp.job builds the job's
+result from it and the rank records.
+
+The rendezvous gives up after ``launcher.rdzv_timeout_s`` (``join_timeout``); the job
+process bounds the whole start-up by the same setting in case the agent blocks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from wan_exp.envvars import applied_environment
+from wan_exp.results import write_json_atomic
+
+WORKER_SHUTDOWN_S = 5  # grace between the agent's SIGTERM and SIGKILL to surviving ranks
+
+
+def launch_config(spec: dict) -> Any:
+    """The elastic agent's LaunchConfig from the spec wan_exp.job wrote."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.launcher.api import LaunchConfig
+
+    rdzv_configs: dict[str, Any] = {"join_timeout": int(max(1, spec["rdzv_timeout_s"]))}
+    if spec["rdzv_backend"] == "static":
+        rdzv_configs = {"rank": spec["node_rank"]}
+    elif spec["nnodes"] > 1:
+        rdzv_configs["is_host"] = spec["node_rank"] == 0
+    optional = {"shutdown_timeout": WORKER_SHUTDOWN_S}  # torch >= 2.13; older agents use their default
+    supported = {f.name for f in dataclasses.fields(LaunchConfig)}
+    # LaunchConfig asks torch.cuda.is_available(); NVML answers it, CUDA stays uninitialised here
+    with applied_environment({"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}):
+        return LaunchConfig(
+            min_nodes=spec["nnodes"], max_nodes=spec["nnodes"], nproc_per_node=spec["nproc_per_node"],
+            run_id=spec["run_id"], rdzv_backend=spec["rdzv_backend"], rdzv_endpoint=spec["rdzv_endpoint"],
+            rdzv_configs=rdzv_configs, max_restarts=spec["max_restarts"], monitor_interval=0.1,
+            start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=spec["log_dir"], redirects=Std.ALL),
+            **{name: value for name, value in optional.items() if name in supported},
+        )
+
+
+def run_agent(spec: dict) -> dict:
+    """Run this host's ranks; return the node file's content."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import launch_agent
+
+    outcome: dict[str, Any] = {"node_rank": spec["node_rank"], "node_id": spec["node_id"],
+                               "host": socket.gethostname(), "failures": {}, "error": None}
+    try:
+        launch_agent(launch_config(spec), sys.executable, ["-m", "wan_exp.worker", spec["job_dir"]])
+    except ChildFailedError as exc:
+        outcome["failures"] = {str(rank): {"exitcode": f.exitcode, "time": f.timestamp}
+                               for rank, f in exc.failures.items()}
+    except Exception as exc:  # rendezvous or agent failure: the ranks never ran (or not all)
+        outcome["error"] = f"{type(exc).__name__}: {exc}"
+    return outcome
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m wan_exp.agent <spec json>  (started by wan_exp.job)")
+    spec = json.loads(sys.argv[1])
+    outcome = run_agent(spec)
+    write_json_atomic(Path(spec["node_file"]), outcome)
+    sys.exit(0 if not outcome["failures"] and outcome["error"] is None else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Hydra callbacks: the work around jobs and sweeps (registered in conf/config.yaml).
+
+- :class:`SweepCallback` (the sweep's life, on the machine that launches it):
+  ``on_multirun_start`` takes the sweep dir's lock (one launch at a time per directory),
+  records the launch's overrides in ``<sweep>/.wan_exp/sweep.json`` or, with
+  ``launcher.resume=true``, puts the recorded ones back (so ``hydra.sweep.dir=<dir>
+  launcher.resume=true`` alone resumes); :meth:`SweepCallback.check_batch` checks every
+  job of a batch before the first starts (the torchrun launcher calls it);
+  ``on_multirun_end`` writes the dashboard, prints the comparison table and, after an
+  interrupt, the resume command, and exits 1 when a job of the sweep dir did not
+  complete. The exit status comes from the job results on disk.
+- :class:`JobReportCallback` (after each job, where the job ran): the W&B run and the
+  one-screen summary, on the host that wrote results.json.
+
+Hydra turns an exception in a callback into a warning, so refusals here are SystemExit.
+No torch import.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Optional
+
+import psutil
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict, read_write
+
+from wan_exp import results
+from wan_exp.config import ConfigError
+from wan_exp.job import NODE_FILE_WAIT_S, SWEEP_RECORD, SWEEP_STATE_DIR, check_config
+
+log = logging.getLogger(__name__)
+
+RESUME_KEY = "launcher.resume"
+
+
+# ----------------------------------------------------------------------------- overrides
+def override_key(override: str) -> str:
+    """'+nccl.env.X=1' -> 'nccl.env.X'; 'parallel=a,b' -> 'parallel'."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def effective_overrides(params: dict, task_overrides: list[str]) -> tuple[list[str], int]:
+    """What Hydra's basic sweeper runs: the sweep config's params, then the command line
+    (a later value of the same key wins, in the first one's place), launcher.resume left
+    out; and the number of jobs it makes."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = [f"{k}={v}" for k, v in params.items()] + list(task_overrides)
+    lines = [line for line in lines if override_key(line) != RESUME_KEY]
+    by_key: "OrderedDict[str, str]" = OrderedDict()
+    for line in lines:
+        by_key[override_key(line)] = line
+    parsed = OverridesParser.create().parse_overrides(list(by_key.values()))
+    jobs = len(BasicSweeper.split_arguments(parsed, None)[0])
+    return list(by_key.values()), jobs
+
+
+def override_differences(recorded: list[str], given: list[str]) -> list[str]:
+    """Each key whose value differs, as "key: sweep has X, given Y" (order does not matter)."""
+    old = {override_key(o): o for o in recorded}
+    new = {override_key(o): o for o in given}
+    return [f"{key}: the sweep has {old.get(key, 'nothing')!r}, given {new.get(key, 'nothing')!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+# ----------------------------------------------------------------------------- lock
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def take_lock(path: Path) -> None:
+    """Create the lock file {pid, host}; refuse (SystemExit naming the holder) while the
+    process that holds it is alive. A lock left by a dead process on this host is taken
+    over; one from another host is refused, since its process cannot be checked from here."""
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": results.now_iso()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = results.read_json(path) or {}
+            same_host = holder.get("host") == me["host"]
+            if same_host and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"]):
+                path.unlink(missing_ok=True)  # its owner died without cleaning up
+                continue
+            where = "this host" if same_host else f"host {holder.get('host')}"
+            raise SystemExit(
+                f"{path.parent.parent} is in use by process {holder.get('pid')} on {where} (since "
+                f"{holder.get('since')}); wait for it, stop it, or use another hydra.sweep.dir"
+                + ("" if same_host else f" (remove {path} if that process is gone)"))
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return
+    raise SystemExit(f"could not take the lock {path}; another launch is racing for it")
+
+
+def release_lock(path: Path) -> None:
+    holder = results.read_json(path) or {}
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- sweep
+def sweep_dir_of(config: DictConfig) -> Path:
+    return Path(str(config.hydra.sweep.dir)).resolve()
+
+
+def resume_command(sweep_dir: Path) -> str:
+    return f"python {sys.argv[0]} hydra.sweep.dir={sweep_dir} launcher.resume=true"
+
+
+def job_results_of(sweep_dir: Path) -> list[dict]:
+    """Every job result of the sweep dir, in job order (unreadable files left out)."""
+    found = [results.read_json(p) for p in sweep_dir.glob(f"*/{results.RESULTS_FILE}")]
+    return sorted((r for r in found if r is not None), key=lambda r: r.get("job_num", 0))
+
+
+class SweepCallback(Callback):
+    """Lock, sweep record and resume, the batch check, the dashboard and the exit status."""
+
+    def __init__(self) -> None:
+        self.lock: Optional[Path] = None
+
+    # --- start
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = sweep_dir_of(config)
+        node_rank = int(config.launcher.node_rank)
+        self.lock = sweep_dir / SWEEP_STATE_DIR / f"lock.node_{node_rank}"
+        take_lock(self.lock)
+        if node_rank == 0:  # node 0's launch owns the sweep record; other hosts join its jobs
+            self._record_or_restore(config, sweep_dir)
+
+    def _record_or_restore(self, config: DictConfig, sweep_dir: Path) -> None:
+        """A new launch is appended to the sweep record; a resume (launcher.resume=true)
+        puts back the recorded overrides of the launch it names (none given: the only one)."""
+        record_path = sweep_dir / SWEEP_STATE_DIR / SWEEP_RECORD
+        record = results.read_json(record_path) or {"launches": []}
+        launches = record["launches"]
+        given, jobs = effective_overrides(dict(config.hydra.sweeper.params or {}), list(config.hydra.overrides.task))
+        hydra_given = sorted(o for o in config.hydra.overrides.hydra if override_key(o) != "hydra.sweep.dir")
+        if not config.launcher.resume:
+            launches.append({"overrides": given, "hydra_overrides": hydra_given, "jobs": jobs, "argv": sys.argv,
+                             "started_at": results.now_iso()})
+            record["active"] = len(launches) - 1
+            results.write_json_atomic(record_path, record)
+            return
+        if not launches:
+            if not given:
+                self._refuse(f"launcher.resume=true: {sweep_dir} holds no sweep record; give the sweep's "
+                             "overrides again, or check hydra.sweep.dir")
+            return  # a sweep dir from before sweep records: the job dirs' own overrides are checked
+        if given:
+            matching = [i for i, launch in enumerate(launches) if not override_differences(launch["overrides"], given)]
+            if not matching:
+                differences = override_differences(launches[-1]["overrides"], given)
+                self._refuse("launcher.resume=true with other overrides than the sweep's: " + "; ".join(differences)
+                             + f". Resume with the same overrides (any order) or none: {resume_command(sweep_dir)}")
+            chosen = matching[-1]
+        elif len(launches) == 1:
+            chosen = 0
+        else:
+            self._refuse(f"launcher.resume=true: {sweep_dir} holds {len(launches)} launches; give the overrides of "
+                         "the one to resume: " + " | ".join(" ".join(l["overrides"]) for l in launches))
+        launch = launches[chosen]
+        missing_hydra = sorted(set(launch["hydra_overrides"]) - set(hydra_given))
+        if missing_hydra:
+            self._refuse(f"launcher.resume=true: the sweep was started with {' '.join(missing_hydra)}; "
+                         "give those hydra.* settings again")
+        record["active"] = chosen
+        results.write_json_atomic(record_path, record)
+        # the sweeper reads these after this callback: it runs the recorded sweep again
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.sweeper.params = {}
+            config.hydra.overrides.task = launch["overrides"] + [f"{RESUME_KEY}=true"]
+        log.info("resuming %s: %s", sweep_dir, " ".join(launch["overrides"]) or "no overrides")
+
+    def _refuse(self, message: str) -> None:
+        if self.lock is not None:
+            release_lock(self.lock)
+        raise SystemExit(message)
+
+    # --- the batch check (called by the torchrun launcher before the first job starts)
+    def check_batch(self, configs: list[DictConfig]) -> None:
+        """Every job of the batch: the config rules on this machine, no two jobs in one
+        directory, and no job dir left by another sweep (launcher.resume=true reuses one
+        only for the same overrides, in any order). Raises ConfigError naming the job."""
+        seen: dict[Path, int] = {}
+        for cfg in configs:
+            num = int(cfg.hydra.job.num)
+            overrides = [o for o in cfg.hydra.overrides.task if override_key(o) != RESUME_KEY]
+            try:
+                check_config(cfg)
+                job_dir = (Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)).resolve()
+                if job_dir in seen:
+                    raise ConfigError(
+                        f"its job dir {job_dir} is job {seen[job_dir]}'s too (hydra.sweep.subdir="
+                        f"{cfg.hydra.sweep.subdir}); make hydra.sweep.subdir unique per job, e.g. "
+                        "add ${hydra.job.num}")
+                seen[job_dir] = num
+                if int(cfg.launcher.node_rank) == 0:
+                    self._check_existing_job_dir(job_dir, overrides, bool(cfg.launcher.resume))
+            except ConfigError as exc:
+                raise ConfigError(f"job {num} ({' '.join(overrides) or 'no overrides'}): {exc}") from None
+
+    @staticmethod
+    def _check_existing_job_dir(job_dir: Path, overrides: list[str], resume: bool) -> None:
+        job = results.read_json(job_dir / results.JOB_FILE)
+        if job is None:
+            return
+        if not resume:
+            raise ConfigError(f"{job_dir} already holds a job; use launcher.resume=true to finish that "
+                              "sweep, or a new hydra.sweep.dir")
+        differences = override_differences(job.get("overrides", []), overrides)
+        if differences:
+            raise ConfigError(f"launcher.resume=true: {job_dir} holds a job with other overrides ("
+                              + "; ".join(differences) + "); resume with the same sweep arguments")
+
+    # --- end
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from wan_exp.report import comparison_table, write_report
+
+        sweep_dir = sweep_dir_of(config)
+        if int(config.launcher.node_rank) > 0:
+            wait_for_results(sweep_dir, int(config.launcher.node_rank))
+        jobs = job_results_of(sweep_dir)
+        if jobs:
+            markdown, html = write_report(sweep_dir)
+            print(comparison_table(sweep_dir), flush=True)
+            print(f"report: {markdown}  {html}", flush=True)
+        if self.lock is not None:
+            release_lock(self.lock)
+        interrupted = [j for j in jobs if j.get("status") == results.INTERRUPTED]
+        if interrupted:
+            print(f"sweep stopped at job {interrupted[0].get('job_num')} (interrupted); resume it with:\n"
+                  f"  {resume_command(sweep_dir)}", flush=True)
+        if any(j.get("status") != results.COMPLETED for j in jobs):
+            sys.exit(1)
+
+
+def wait_for_results(sweep_dir: Path, node_rank: int) -> None:
+    """On a host other than node 0: the jobs this host took part in get their results.json
+    from global rank 0's host; wait for them (bounded)."""
+    deadline = time.time() + NODE_FILE_WAIT_S + 10
+    mine = [p.parent.parent for p in sweep_dir.glob(f"*/nodes/node_{node_rank}.json")]
+    while time.time() < deadline and not all((d / results.RESULTS_FILE).exists() for d in mine):
+        time.sleep(0.5)
+
+
+class JobReportCallback(Callback):
+    """After a job: its W&B run (not again for a job a resumed sweep skipped) and the
+    one-screen summary, on the host that wrote the job's results.json."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if job_return.status != JobStatus.COMPLETED:
+            return  # the task itself raised: Hydra reports it
+        outcome = job_return.return_value or {}
+        if not outcome.get("results_owner"):
+            return
+        job_dir = Path(outcome["job_dir"])
+        job_results = results.read_results(job_dir)
+        if job_results is None:
+            return
+        if not outcome.get("skipped"):
+            from wan_exp.wandb_logger import log_job
+
+            try:
+                log_job(job_results, job_dir)
+            except Exception as exc:  # the result is safe on disk; W&B is a copy of it
+                log.warning("job %s: W&B logging failed (results.json is unaffected): %s", job_results.get("job_num"), exc)
+        print(results.summary_text(job_results), flush=True)
+
+
+__all__ = ["JobReportCallback", "SweepCallback", "effective_overrides", "override_differences"]

@@ -1,0 +1,457 @@
+"""One job, end to end, on the host it runs on: the body of launch.py's Hydra task.
+
+Whatever Hydra launcher runs the task (torchrun: in the launching process; submitit:
+in a Slurm task or a local subprocess), :func:`run_job` does the same:
+
+1. checks the job on this machine (wan_exp.config.check_job) and finds its node layout:
+   ``launcher.nnodes / node_rank / rdzv_endpoint``, or Slurm's allocation
+   (:func:`node_layout`);
+2. on node 0: writes the job dir (config.yaml, job.json) once;
+3. starts this host's elastic agent (``python -m wan_exp.agent``, own session) with the
+   ranks' environment, and watches the ranks' heartbeats: every rank must send its first
+   one within ``launcher.rdzv_timeout_s`` of the start (the bounded start; a rendezvous
+   that cannot form ends here, naming the endpoint), then no progress from any rank for
+   ``launcher.hang_timeout_s`` is a hang (stacks dumped, ranks killed). Ctrl-C or SIGTERM
+   ends the ranks and records the job as interrupted;
+4. on the host that ran global rank 0: builds the job's result from every rank's record
+   and every host's agent outcome, and writes results.json (wan_exp.results.finalize_job,
+   the only writer).
+
+It returns ``{"status", "job_dir", "results_owner", "skipped"}`` to Hydra; the W&B run
+and the summary are the job-end callback's (wan_exp.callbacks). After an interrupt it
+raises :class:`SweepInterrupted` (a KeyboardInterrupt), which ends the sweep.
+
+No torch import: this runs in the launching process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import psutil
+from omegaconf import DictConfig, OmegaConf
+
+from wan_exp import results
+from wan_exp.config import ConfigError, JobShape, check_job, config_warnings
+from wan_exp.doctor.gpus import visible_gpu_count
+from wan_exp.envvars import rank_environment
+from wan_exp.progress import ProgressDisplay, steps_in_job
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2
+STACK_DUMP_WAIT_S = 5.0  # how long a hang waits for every rank's stack file
+NODE_FILE_WAIT_S = 30.0  # how long global rank 0's host waits for the other hosts' outcomes
+NODE_ID_VAR = "WAN_EXP_NODE_ID"  # set for the ranks; their record says which host ran them
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000  # rendezvous port from the Slurm job id
+STALE = ("ranks", "progress", "stacks", "nccl_trace", "wandb", "lora_adapter", "nodes")
+SWEEP_STATE_DIR = ".wan_exp"  # <sweep dir>/.wan_exp/: the sweep record and lock (wan_exp.callbacks)
+SWEEP_RECORD = "sweep.json"
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a job: the job is recorded as interrupted, the sweep ends."""
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """Where this host stands in a job of one or more hosts."""
+
+    nnodes: int
+    node_rank: int
+    rdzv_endpoint: str
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[03-05,9],cpu1" -> "gpu03"."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is not a Slurm node list")
+    prefix, ranges = match.groups()
+    return prefix if ranges is None else prefix + ranges.split(",")[0].split("-")[0]
+
+
+def node_layout(launcher_cfg: Any, environ: Mapping[str, str]) -> NodeLayout:
+    """The launcher settings, or, inside a Slurm allocation of several nodes (one task per
+    node), Slurm's: node count, this node's rank, and the rendezvous on the allocation's
+    first node at a port derived from the job id (so two jobs on one node differ)."""
+    nnodes = int(environ.get("SLURM_NNODES", "1"))
+    if "SLURM_JOB_ID" in environ and nnodes > 1:
+        port = SLURM_PORT_BASE + int(environ["SLURM_JOB_ID"]) % SLURM_PORT_SPAN
+        return NodeLayout(nnodes=nnodes, node_rank=int(environ["SLURM_NODEID"]),
+                          rdzv_endpoint=f"{first_slurm_host(environ['SLURM_JOB_NODELIST'])}:{port}")
+    return NodeLayout(nnodes=int(launcher_cfg.nnodes), node_rank=int(launcher_cfg.node_rank),
+                      rdzv_endpoint=str(launcher_cfg.rdzv_endpoint))
+
+
+def job_dir_of(cfg: DictConfig) -> Path:
+    """The job's folder: Hydra's output dir for this job (<sweep dir>/<subdir>)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir).resolve()
+
+
+# ----------------------------------------------------------------------------- processes
+def job_processes(agent: Optional[subprocess.Popen], job_dir: Path) -> list[psutil.Process]:
+    """This host's processes of the job: the agent and everything under it, and any worker
+    of this job dir still running under this process (found by its command line)."""
+    found: dict[int, psutil.Process] = {}
+
+    def add_tree(proc: psutil.Process) -> None:
+        found[proc.pid] = proc
+        for child in proc.children(recursive=True):
+            found[child.pid] = child
+
+    try:
+        if agent is not None and agent.returncode is None:
+            add_tree(psutil.Process(agent.pid))
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if str(job_dir) in proc.cmdline():
+                    add_tree(proc)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                continue
+    except psutil.NoSuchProcess:
+        pass
+    return list(found.values())
+
+
+def workers_of(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for proc in procs:
+        try:
+            if "wan_exp.worker" in proc.cmdline():
+                out.append(proc)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def kill_all(procs: list[psutil.Process]) -> list[int]:
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+    return [p.pid for p in procs]
+
+
+def dump_stacks(job_dir: Path, beats: dict[int, dict], workers: list[psutil.Process]) -> None:
+    """SIGUSR1 to this host's live ranks (each writes its stacks, see wan_exp.worker);
+    wait briefly for the files. A PID from another host's heartbeat is never signalled."""
+    local = {p.pid for p in workers}
+    mine = [b for b in beats.values() if b["pid"] in local]
+    for beat in mine:
+        try:
+            os.kill(beat["pid"], signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    stack_files = [job_dir / "stacks" / f"rank_{b['rank']}.txt" for b in mine]
+    deadline = time.time() + STACK_DUMP_WAIT_S
+    while time.time() < deadline and not all(f.exists() and f.stat().st_size for f in stack_files):
+        time.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------- findings
+def furthest_behind(beats: dict[int, dict], world_size: int, started_at: float) -> dict:
+    """The heartbeat of the rank the others wait for: the fewest heartbeats (ranks run the
+    same program), then the oldest. A rank with no heartbeat yet never got past start-up."""
+    ranks = [beats.get(r, {"rank": r, "phase": "start", "step": None, "seq": 0, "time": started_at})
+             for r in range(world_size)]
+    return min(ranks, key=lambda b: (b["seq"], b["time"], b["rank"]))
+
+
+def _where(beat: dict) -> str:
+    return beat["phase"] if beat.get("step") is None else f"{beat['phase']} {beat['step']}"
+
+
+def check_progress(beats: dict[int, dict], world_size: int, started_at: float, now: float,
+                   launcher_cfg: Any, endpoint: str) -> Optional[dict]:
+    """The watchdog's rule, once per poll. Until every rank has sent its first heartbeat the
+    start-up bound applies (launcher.rdzv_timeout_s from the job's start); after that, no
+    new heartbeat from any rank for launcher.hang_timeout_s is a hang. Returns a finding
+    {"status", "rank", "phase", "step", "message"} or None."""
+    start_s, hang_s = float(launcher_cfg.rdzv_timeout_s), float(launcher_cfg.hang_timeout_s)
+    if len(beats) < world_size:
+        if now - started_at <= start_s:
+            return None
+        if not beats:
+            return {"status": results.FAILED, "rank": None, "phase": "rendezvous", "step": None,
+                    "message": (f"no rank started within launcher.rdzv_timeout_s={start_s:g}s: the rendezvous "
+                                f"at {endpoint} did not form (port taken by another program, host unreachable, "
+                                "or another node not started?)")}
+        missing = min(set(range(world_size)) - set(beats))
+        return {"status": results.HANG, "rank": missing, "phase": "start", "step": None,
+                "message": (f"rank {missing} sent no heartbeat within launcher.rdzv_timeout_s={start_s:g}s "
+                            f"of the job's start ({len(beats)} of {world_size} ranks started)")}
+    last_progress = max(b["time"] for b in beats.values())
+    if now - last_progress <= hang_s:
+        return None
+    stuck = furthest_behind(beats, world_size, started_at)
+    return {"status": results.HANG, "rank": stuck["rank"], "phase": stuck["phase"], "step": stuck["step"],
+            "message": (f"no progress from any rank for {hang_s:g}s (launcher.hang_timeout_s); rank "
+                        f"{stuck['rank']} last reported {_where(stuck)!r} {now - stuck['time']:.0f}s ago")}
+
+
+COLLECTIVE_TIMEOUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
+
+
+def collective_timeout_hang(job_dir: Path, world_size: int) -> Optional[dict]:
+    """A hang that the process group's own timeout ended before the watchdog did.
+
+    With nccl.timeout_s below launcher.hang_timeout_s (nccl=debug, nccl=container) the ranks
+    that wait in a collective raise a timeout first, and the agent then stops the rank they
+    were waiting for, which never wrote an error of its own. The job hung in that rank.
+    """
+    records = {r["rank"]: r for r in results.read_rank_records(job_dir)}
+    timed_out = sorted(rank for rank, r in records.items()
+                       if r.get("error") and COLLECTIVE_TIMEOUT.search(
+                           f"{r['error'].get('type')} {r['error'].get('message')}"))
+    if not timed_out:
+        return None
+    stuck = furthest_behind(results.read_heartbeats(job_dir), world_size, started_at=0.0)
+    if stuck["rank"] in timed_out or records.get(stuck["rank"], {}).get("error"):
+        return None  # the slowest rank failed on its own: an ordinary failure
+    return {"status": results.HANG, "rank": stuck["rank"], "phase": stuck["phase"], "step": stuck["step"],
+            "message": (f"rank(s) {timed_out} timed out in a collective (nccl.timeout_s) waiting for "
+                        f"rank {stuck['rank']}, which last reported {_where(stuck)!r}")}
+
+
+def dead_ranks(job_dir: Path, node_outcomes: list[dict]) -> dict[int, dict]:
+    """rank -> {"exitcode", "time", "phase", "message"} for every rank an agent saw exit
+    non-zero; the rank's last heartbeat dates the death (the agent's timestamp has whole
+    seconds), so it sorts before the errors it caused in other ranks."""
+    beats = results.read_heartbeats(job_dir)
+    dead = {}
+    for outcome in node_outcomes:
+        for rank_text, failure in outcome.get("failures", {}).items():
+            rank, code = int(rank_text), failure["exitcode"]
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            beat = beats.get(rank, {"phase": "start", "time": failure["time"]})
+            dead[rank] = {"exitcode": code, "time": min(beat["time"], failure["time"]), "phase": beat["phase"],
+                          "message": (f"rank {rank} {how} without writing its record "
+                                      f"(see {job_dir / 'logs'} on {outcome.get('host')})")}
+    return dead
+
+
+# ----------------------------------------------------------------------------- the job
+def prepare_job_dir(job_dir: Path, cfg: DictConfig, overrides: list[str], job_num: int, shape: JobShape,
+                    layout: NodeLayout, env: dict[str, str]) -> None:
+    """config.yaml and job.json, written once by node 0 before its ranks start; leftovers
+    of an earlier unfinished attempt (launcher.resume) are removed first."""
+    for stale in STALE:
+        shutil.rmtree(job_dir / stale, ignore_errors=True)
+    (job_dir / results.RESULTS_FILE).unlink(missing_ok=True)
+    if cfg.nccl.flight_recorder:
+        (job_dir / "nccl_trace").mkdir(parents=True)
+    results.write_text_atomic(job_dir / results.CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    results.write_json_atomic(job_dir / results.JOB_FILE, {
+        "overrides": overrides, "job_num": job_num, "sweep_dir": str(job_dir.parent),
+        "world_size": shape.world_size, "nproc_per_node": shape.nproc_per_node,
+        "nnodes": layout.nnodes, "node_rank": layout.node_rank, "rdzv_endpoint": layout.rdzv_endpoint,
+        "backend": shape.backend, "env": env, "started_at": results.now_iso(),
+    })
+
+
+def job_overrides(cfg: DictConfig) -> list[str]:
+    """The job's own overrides as recorded in job.json (launcher.resume left out)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("launcher.resume")]
+
+
+def sweep_title(sweep_dir: Path, job_num: int) -> str:
+    record = results.read_json(sweep_dir / SWEEP_STATE_DIR / SWEEP_RECORD) or {}
+    launches = record.get("launches") or [{}]
+    total = launches[record.get("active", -1)].get("jobs")
+    return f"job {job_num + 1} of {total}" if total else f"job {job_num + 1}"
+
+
+def agent_spec(cfg: DictConfig, job_dir: Path, job_num: int, layout: NodeLayout, shape: JobShape,
+               node_id: str) -> dict:
+    """What this host's agent (python -m wan_exp.agent) needs to start its ranks."""
+    return {
+        "job_dir": str(job_dir), "node_rank": layout.node_rank, "nnodes": layout.nnodes, "node_id": node_id,
+        "nproc_per_node": shape.nproc_per_node, "rdzv_backend": str(cfg.launcher.rdzv_backend),
+        "rdzv_endpoint": layout.rdzv_endpoint, "rdzv_timeout_s": float(cfg.launcher.rdzv_timeout_s),
+        "max_restarts": int(cfg.launcher.max_restarts),
+        "log_dir": str(job_dir / "logs" / f"node_{layout.node_rank}"),
+        "node_file": str(job_dir / "nodes" / f"node_{layout.node_rank}.json"),
+        # the same on every host of the job: the sweep dir's name and the job number
+        "run_id": f"wan-exp-{job_dir.parent.name}-{job_num}"[:60],
+    }
+
+
+def owns_result(job_dir: Path, node_id: str, layout: NodeLayout) -> bool:
+    """True on the host that ran global rank 0 (its record carries this host's node id);
+    node 0 when rank 0 left no record."""
+    record = results.read_json(results.rank_record_path(job_dir, 0))
+    ran_on = (record or {}).get("env", {}).get(NODE_ID_VAR)
+    return ran_on == node_id if ran_on else layout.node_rank == 0
+
+
+def node_outcomes(job_dir: Path, nnodes: int, wait_s: float) -> list[dict]:
+    """Every host's agent outcome (nodes/node_<n>.json), waiting up to `wait_s` for the others."""
+    deadline = time.time() + wait_s
+    while True:
+        found = [results.read_json(p) for p in sorted((job_dir / "nodes").glob("node_*.json"))]
+        found = [f for f in found if f is not None]
+        if len(found) >= nnodes or time.time() > deadline:
+            return found
+        time.sleep(POLL_S)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise SweepInterrupted(signal.Signals(signum).name)
+
+
+def _exit_at_once(signum: int, frame: Any) -> None:
+    os._exit(128 + signum)  # a second Ctrl-C: no cleanup, no traceback
+
+
+def run_job(cfg: DictConfig) -> dict:
+    """Run this host's part of one job; see the module docstring."""
+    from hydra.core.hydra_config import HydraConfig
+
+    job_dir = job_dir_of(cfg)
+    job_num = int(HydraConfig.get().job.num)
+    if cfg.launcher.resume and results.is_completed(job_dir):
+        log.info("job %d: %s already completed (launcher.resume); skipping", job_num, job_dir)
+        return {"status": results.COMPLETED, "job_dir": str(job_dir), "results_owner": True, "skipped": True}
+    layout = node_layout(cfg.launcher, os.environ)
+    with_layout = OmegaConf.merge(cfg, {"launcher": {"nnodes": layout.nnodes, "node_rank": layout.node_rank,
+                                                          "rdzv_endpoint": layout.rdzv_endpoint}})
+    try:
+        shape = check_job(with_layout, visible_gpu_count())  # again here: another launcher or host
+    except ConfigError as exc:
+        # launchers without a batch check (submitit) meet a bad job here: a result, not a crash
+        return record_config_error(job_dir, with_layout, job_overrides(cfg), job_num, layout, str(exc))
+    for warning in config_warnings(cfg):
+        log.warning("job %d: %s", job_num, warning)
+    node_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    env = rank_environment(with_layout, job_dir, shape.nproc_per_node)
+    if layout.node_rank == 0:
+        prepare_job_dir(job_dir, with_layout, job_overrides(cfg), job_num, shape, layout, env)
+    spec = agent_spec(cfg, job_dir, job_num, layout, shape, node_id)
+    node_file, log_dir = Path(spec["node_file"]), Path(spec["log_dir"])
+    node_file.unlink(missing_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log.info("job %d: %d rank(s) (%d node(s)), backend %s, job dir %s", job_num, shape.world_size,
+             layout.nnodes, shape.backend, job_dir)
+    finding, interrupted = None, None
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    agent: Optional[subprocess.Popen] = None
+    oom_kills_before = results.kernel_oom_kill_count()  # the kernel's OOM killer, host-wide
+    try:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+            signal.signal(signal.SIGINT, _raise_interrupt)
+        with open(log_dir / "agent.log", "w") as agent_log:
+            agent = subprocess.Popen([sys.executable, "-m", "wan_exp.agent", json.dumps(spec)],
+                                     env={**os.environ, **env, NODE_ID_VAR: node_id}, stdout=agent_log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+            finding = watch(agent, job_dir, shape.world_size, cfg, layout.rdzv_endpoint,
+                            sweep_title(job_dir.parent, job_num))
+    except KeyboardInterrupt as exc:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, _exit_at_once)
+            signal.signal(signal.SIGTERM, _exit_at_once)
+        how = str(exc) if isinstance(exc, SweepInterrupted) else "SIGINT"
+        beats = results.read_heartbeats(job_dir)
+        stuck = furthest_behind(beats, shape.world_size, time.time())
+        interrupted = {"rank": stuck["rank"] if beats else None, "phase": stuck["phase"] if beats else "start",
+                       "message": f"interrupted by {how} while rank {stuck['rank']} was in {_where(stuck)!r}"}
+    finally:
+        leftovers = kill_all(job_processes(agent, job_dir))
+        if leftovers and finding is None and interrupted is None:
+            log.warning("job %d: killed leftover processes %s", job_num, leftovers)
+        if in_main_thread and interrupted is None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    outcome = results.read_json(node_file)
+    if outcome is None:  # the agent was killed (hang, start-up bound, interrupt) before writing
+        outcome = {"node_rank": layout.node_rank, "node_id": node_id, "host": socket.gethostname(),
+                   "failures": {}, "error": None}
+        results.write_json_atomic(node_file, outcome)
+    owner = owns_result(job_dir, node_id, layout)
+    status = None
+    if owner:
+        outcomes = node_outcomes(job_dir, layout.nnodes, NODE_FILE_WAIT_S if interrupted is None else 0)
+        oom_kills_after = results.kernel_oom_kill_count()
+        oom_kills = (None if oom_kills_before is None or oom_kills_after is None
+                     else oom_kills_after - oom_kills_before)
+        final = finalize(job_dir, shape.world_size, outcomes, finding, interrupted, layout.rdzv_endpoint, oom_kills)
+        status = final["status"]
+    if interrupted is not None:
+        raise SweepInterrupted(interrupted["message"])
+    return {"status": status, "job_dir": str(job_dir), "results_owner": owner, "skipped": False}
+
+
+def record_config_error(job_dir: Path, cfg: DictConfig, overrides: list[str], job_num: int,
+                        layout: NodeLayout, message: str) -> dict:
+    """The result of a job its own host refuses to start (phase "config")."""
+    log.error("job %d: not started: %s", job_num, message)
+    if layout.node_rank != 0:
+        return {"status": results.FAILED, "job_dir": str(job_dir), "results_owner": False, "skipped": False}
+    prepare_job_dir(job_dir, cfg, overrides, job_num, JobShape(0, 0, "none"), layout, env={})
+    final = results.finalize_job(job_dir, {}, None, launch_error=message, launch_phase="config")
+    return {"status": final["status"], "job_dir": str(job_dir), "results_owner": True, "skipped": False}
+
+
+def watch(agent: subprocess.Popen, job_dir: Path, world_size: int, cfg: DictConfig, endpoint: str,
+          title: str) -> Optional[dict]:
+    """Poll heartbeats until the agent exits; end the job on a finding (see check_progress)."""
+    started_at = time.time()
+    with ProgressDisplay(title, world_size, steps_in_job(cfg)) as display:
+        while agent.poll() is None:
+            beats = results.read_heartbeats(job_dir)
+            display.update(beats)
+            finding = check_progress(beats, world_size, started_at, time.time(), cfg.launcher, endpoint)
+            if finding is not None:
+                log.error(finding["message"])
+                procs = job_processes(agent, job_dir)
+                if finding["status"] == results.HANG:
+                    dump_stacks(job_dir, beats, workers_of(procs))
+                    finding["message"] += f"; stacks in {job_dir / 'stacks'}"
+                kill_all(procs)
+                return finding
+            time.sleep(POLL_S)
+    return None
+
+
+def finalize(job_dir: Path, world_size: int, outcomes: list[dict], finding: Optional[dict],
+             interrupted: Optional[dict], endpoint: str, kernel_oom_kills: Optional[int] = None) -> dict:
+    """The job's result from what every host saw; written by results.finalize_job.
+    ``kernel_oom_kills``: processes the kernel's OOM killer ended on this host meanwhile."""
+    errors = [f"{o.get('host')}: {o['error']}" for o in outcomes if o.get("error")]
+    launch_error = None
+    if finding is not None and finding["status"] == results.FAILED:
+        launch_error, finding = finding["message"], None
+    elif errors and finding is None:
+        launch_error = f"the elastic agent failed at the rendezvous {endpoint}: {'; '.join(errors)}"
+    hang = finding if finding is not None else collective_timeout_hang(job_dir, world_size)
+    return results.finalize_job(job_dir, dead_ranks(job_dir, outcomes), hang, launch_error, interrupted,
+                                kernel_oom_kills=kernel_oom_kills)
+
+
+def check_config(cfg: DictConfig) -> Any:
+    """check_job on this machine, for callers that hold a composed config (the batch check)."""
+    return check_job(cfg, visible_gpu_count())
+
+
+__all__ = ["ConfigError", "SweepInterrupted", "check_config", "node_layout", "run_job"]
