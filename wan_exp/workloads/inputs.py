@@ -153,8 +153,8 @@ def features_per_video_frame(states: torch.Tensor, fps: int, frames_per_clip: in
     if max_clips != -1:
         clips = min(clips, max_clips)
     index = np.round(np.arange(clips * frames_per_clip) * AUDIO_FEATURE_FPS / fps).astype(np.int64)
-    inside = torch.from_numpy(index < t30)
-    picked = at30[:, :, torch.from_numpy(np.minimum(index, t30 - 1))] * inside.to(at30.dtype)
+    inside = torch.from_numpy(index < t30).to(at30.device, at30.dtype)
+    picked = at30[:, :, torch.from_numpy(np.minimum(index, t30 - 1)).to(at30.device)] * inside
     return picked.reshape(b, layers, c, -1).permute(0, 1, 3, 2).to(states.dtype), clips
 
 
