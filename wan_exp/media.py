@@ -12,6 +12,7 @@ rank starts, and the ranks use the readers below. docs/pipeline.md states the ru
 """
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
@@ -97,12 +98,19 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 def output_size(workload: Any) -> tuple[int, int]:
     """(H, W) of the generated video: chosen from ``workload.image_path`` within the area of
-    ``workload.size`` when ``workload.size_from_image`` (upstream's behaviour), else the size."""
+    ``workload.size`` when ``workload.size_from_image`` (upstream's behaviour), else the size.
+    Worked out once per distinct setting (the size parsed, the image header read) however
+    often a rank asks."""
+    return _output_size(str(workload.size), workload.image_path or None, bool(workload.size_from_image))
+
+
+@functools.lru_cache(maxsize=8)
+def _output_size(size: str, image_path: Optional[str], size_from_image: bool) -> tuple[int, int]:
     from wan_exp.config import parse_size
 
-    height, width = parse_size(workload.size)
-    if workload.image_path and workload.size_from_image:
-        return size_within_area(*image_size(workload.image_path), height * width)
+    height, width = parse_size(size)
+    if image_path and size_from_image:
+        return size_within_area(*image_size(image_path), height * width)
     return height, width
 
 
