@@ -67,7 +67,7 @@ def test_bad_override_is_refused_by_the_schema_or_the_job_check(overrides, messa
 def test_a_bad_override_stops_launch_py_before_any_worker(tmp_path):
     proc = run_launch(tmp_path, "parallel.ulysses_degree=3", "logger=disabled", timeout=60)
     assert proc.returncode != 0
-    assert "bad config, no job started" in output(proc) and "does not divide the world size 2" in output(proc)
+    assert "bad config, no job started" in output(proc) and "ulysses=3 = 3 ranks, but the job has 2" in output(proc)
     assert "Traceback" not in output(proc)
     assert not (tmp_path / "0").exists(), "no job may start"
 

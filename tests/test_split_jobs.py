@@ -12,10 +12,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_usp_generate_completes_with_comm_counts_and_faults_are_caught(tmp_path):
-    """Job 0: ring 2 generate completes. Job 1: rank 1 raises entering its first step.
-    Job 2: rank 1 hangs there while rank 0 waits in the ring exchange: a hang."""
+    """Job 0: ring 2 generate completes. Job 1: rank 1 raises entering wrap. Job 2: rank 1
+    hangs there while rank 0 goes on to its first forward and waits in the ring exchange: a
+    hang blamed on rank 1, the one behind. (A hang injected at the step both ranks enter
+    would leave both with the same heartbeat count; which one the heartbeats blame would
+    then depend on timing.)"""
     proc = run_launch(tmp_path, "parallel=usp", "workload=generate", "logger=disabled", "fault=none,raise,hang",
-                      "fault.rank=1", "fault.phase=step", f"launcher.hang_timeout_s={HANG_TIMEOUT_S}",
+                      "fault.rank=1", "fault.phase=wrap", f"launcher.hang_timeout_s={HANG_TIMEOUT_S}",
                       "workload.sample_steps=2", multirun=True, timeout=300)
     assert proc.returncode == 1, output(proc)  # some job did not complete
     done, raised, hung = job_results(tmp_path)
@@ -29,8 +32,8 @@ def test_usp_generate_completes_with_comm_counts_and_faults_are_caught(tmp_path)
         assert comm["per_step"]["all_gather"]["count"] == 2
     assert done["summary"]["comm_step_bytes_max"] == max(
         sum(k["bytes"] for k in r["comm"]["per_step"].values()) for r in done["ranks"])
-    assert raised["status"] == "failed" and root_cause(raised)[:2] == (1, "step")
-    assert hung["status"] == "hang" and root_cause(hung)[:2] == (1, "step"), hung["root_cause"]
+    assert raised["status"] == "failed" and root_cause(raised)[:2] == (1, "wrap")
+    assert hung["status"] == "hang" and root_cause(hung)[:2] == (1, "wrap"), hung["root_cause"]
 
 
 def test_cfg_parallel_with_shard_only_fsdp_generates_trains_and_initialises(tmp_path):

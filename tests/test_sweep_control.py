@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from launch_helpers import REPO, job_pids, job_results, output, pid_alive, run_launch
@@ -187,4 +188,6 @@ def test_two_hosts_on_loopback_form_one_job_equal_to_one_host(tmp_path):
     for key in ("status", "world_size", "strategy", "workload"):
         assert two[key] == single[key]
     losses = [[r["workload"]["losses"] for r in job["ranks"]] for job in (two, single)]
-    assert losses[0] == losses[1], losses
+    # equal up to fp32 rounding: torch's agent sets OMP_NUM_THREADS=1 only where a host runs
+    # several ranks, so the one-rank hosts sum their matrix products in another order
+    assert np.allclose(losses[0], losses[1], rtol=1e-5, atol=0), losses
