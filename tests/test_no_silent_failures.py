@@ -110,8 +110,8 @@ FakeMemory = namedtuple("FakeMemory", "available")
 
 
 def _independent_tiny_weight_bytes() -> int:
-    """Bytes of the tiny model's DiT, T5 and wav2vec2, from real (not meta) modules cast to
-    model.dtype, as the ranks hold them."""
+    """Bytes of the tiny model's DiT, T5 and wav2vec2, from real (not meta) modules cast as
+    the ranks hold them: DiT and T5 at model.dtype, wav2vec2 in fp32."""
     from transformers import UMT5EncoderModel, Wav2Vec2Model
 
     from wan_exp.models.encoders import audio_encoder_config, text_encoder_config
@@ -119,8 +119,10 @@ def _independent_tiny_weight_bytes() -> int:
     from wan_exp.parallel.fsdp import torch_dtype
 
     model = compose_config(["model=tiny"]).model
-    modules = (WanModel(model), UMT5EncoderModel(text_encoder_config(model)), Wav2Vec2Model(audio_encoder_config(model)))
-    return sum(p.numel() * p.element_size() for m in modules for p in m.to(torch_dtype(model.dtype)).parameters())
+    modules = (WanModel(model).to(torch_dtype(model.dtype)),
+               UMT5EncoderModel(text_encoder_config(model)).to(torch_dtype(model.dtype)),
+               Wav2Vec2Model(audio_encoder_config(model)).to(torch.float32))
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
 def test_weights_that_cannot_fit_in_host_memory_are_refused_with_the_figures(monkeypatch):
@@ -153,10 +155,11 @@ def test_s2v_14b_on_a_small_cpu_box_is_refused_and_sharding_is_counted(monkeypat
     with pytest.raises(ConfigError, match=r"does not fit in host memory: with parallel=fsdp each of the 8 rank"):
         memory_fit.check_memory_fits(upstream, world_size=8, nproc_per_node=8, gpus=8)
 
-    # one 40 GiB GPU: the whole DiT plus both encoders (41.5 GiB) do not fit; T5 on the CPU does
+    # one 40 GiB GPU: the whole DiT plus both encoders (wav2vec2 in fp32: 42.11 GiB, the
+    # param_gib a real s2v_14b rank recorded on an H200) do not fit; T5 on the CPU does
     monkeypatch.setattr(memory_fit, "gpu_free_bytes", lambda count: [40 * GIB] * count)
     single = compose_config(["model=s2v_14b", "parallel=single"])
-    with pytest.raises(ConfigError, match=r"does not fit in GPU memory.*41\.52 GiB.*40\.00 GiB free"):
+    with pytest.raises(ConfigError, match=r"does not fit in GPU memory.*42\.11 GiB.*40\.00 GiB free"):
         memory_fit.check_memory_fits(single, world_size=1, nproc_per_node=1, gpus=1)
     single_t5_on_cpu = compose_config(["model=s2v_14b", "parallel=single", "parallel.text_encoder_placement=cpu"])
     memory_fit.check_memory_fits(single_t5_on_cpu, world_size=1, nproc_per_node=1, gpus=1)

@@ -63,11 +63,13 @@ def test_the_sbatch_script_matches_the_cluster_config(tmp_path):
 
 def test_a_job_reads_its_nodes_from_slurm():
     cfg = SimpleNamespace(nnodes=1, node_rank=0, rdzv_endpoint="localhost:0")
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "3", "SLURM_NODEID": "2",
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_NNODES": "3", "SLURM_NODEID": "2",
              "SLURM_JOB_NODELIST": "gpu[07-09]"}
     assert node_layout(cfg, slurm) == NodeLayout(nnodes=3, node_rank=2, rdzv_endpoint="gpu07:24242")
-    # one node, or no Slurm: the launcher settings
+    # one node, a shell inside the allocation (salloc: no job step), or no Slurm: the launcher settings
     assert node_layout(cfg, {**slurm, "SLURM_NNODES": "1"}) == NodeLayout(1, 0, "localhost:0")
+    in_salloc_shell = {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}
+    assert node_layout(cfg, in_salloc_shell) == NodeLayout(1, 0, "localhost:0")
     assert node_layout(cfg, {}) == NodeLayout(1, 0, "localhost:0")
     assert first_slurm_host("node12") == "node12"
     assert first_slurm_host("a[3,5-6],b1") == "a3"

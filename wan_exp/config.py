@@ -529,6 +529,9 @@ def validate(cfg: Any, world_size: int) -> None:
         )
     if wl.clips < 1 and wl.clips != -1:
         raise ConfigError(f"workload.clips={wl.clips} must be >= 1, or -1 for as many as the audio gives")
+    if wl.clips == -1 and not model.s2v:
+        raise ConfigError("workload.clips=-1 takes the clip count from the audio, which a model without "
+                          "speech input (model.s2v=false) does not read; set a clip count")
     if wl.clips == -1 and not wl.audio_path:
         raise ConfigError("workload.clips=-1 takes the clip count from workload.audio_path; set the file "
                           "or a clip count")

@@ -21,7 +21,8 @@ It returns ``{"status", "job_dir", "results_owner", "skipped"}`` to Hydra; the W
 and the summary are the job-end callback's (wan_exp.callbacks). After an interrupt it
 raises :class:`SweepInterrupted` (a KeyboardInterrupt), which ends the sweep.
 
-No torch import: this runs in the launching process.
+No torch import at module level: this runs in the launching process (the weights-fit check
+imports torch lazily, on the meta device, to count parameters).
 """
 from __future__ import annotations
 
@@ -45,10 +46,10 @@ import psutil
 from omegaconf import DictConfig, OmegaConf
 
 from wan_exp import results
-from wan_exp.config import ConfigError, JobShape, check_job, config_warnings
+from wan_exp.config import ConfigError, JobShape, check_job, config_warnings, steps_run
 from wan_exp.doctor.gpus import visible_gpu_count
 from wan_exp.envvars import rank_environment
-from wan_exp.progress import ProgressDisplay, steps_in_job
+from wan_exp.progress import ProgressDisplay
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,13 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def node_layout(launcher_cfg: Any, environ: Mapping[str, str]) -> NodeLayout:
-    """The launcher settings, or, inside a Slurm allocation of several nodes (one task per
-    node), Slurm's: node count, this node's rank, and the rendezvous on the allocation's
-    first node at a port derived from the job id (so two jobs on one node differ)."""
+    """The launcher settings, or, inside a Slurm task of an allocation of several nodes (one
+    task per node, as srun and submitit start them), Slurm's: node count, this node's rank,
+    and the rendezvous on the allocation's first node at a port derived from the job id (so
+    two jobs on one node differ). A shell inside the allocation (salloc) is no task
+    (no SLURM_STEP_ID): there the launcher settings hold."""
     nnodes = int(environ.get("SLURM_NNODES", "1"))
-    if "SLURM_JOB_ID" in environ and nnodes > 1:
+    if "SLURM_JOB_ID" in environ and "SLURM_STEP_ID" in environ and nnodes > 1:
         port = SLURM_PORT_BASE + int(environ["SLURM_JOB_ID"]) % SLURM_PORT_SPAN
         return NodeLayout(nnodes=nnodes, node_rank=int(environ["SLURM_NODEID"]),
                           rdzv_endpoint=f"{first_slurm_host(environ['SLURM_JOB_NODELIST'])}:{port}")
@@ -333,6 +336,13 @@ def run_job(cfg: DictConfig) -> dict:
         log.info("job %d: %s already completed (launcher.resume); skipping", job_num, job_dir)
         return {"status": results.COMPLETED, "job_dir": str(job_dir), "results_owner": True, "skipped": True}
     layout = node_layout(cfg.launcher, os.environ)
+    if (layout.node_rank == 0 and not cfg.launcher.resume
+            and results.read_json(job_dir / results.JOB_FILE) is not None):
+        # the torchrun launcher's batch check refuses this before any job; other launchers
+        # (submitit) arrive here: never clear a job dir an earlier launch left
+        log.error("job %d: not started: %s already holds a job; use launcher.resume=true to finish "
+                  "that sweep, or a new hydra.sweep.dir", job_num, job_dir)
+        return {"status": results.FAILED, "job_dir": str(job_dir), "results_owner": False, "skipped": False}
     with_layout = OmegaConf.merge(cfg, {"launcher": {"nnodes": layout.nnodes, "node_rank": layout.node_rank,
                                                           "rdzv_endpoint": layout.rdzv_endpoint}})
     try:
@@ -375,6 +385,7 @@ def run_job(cfg: DictConfig) -> dict:
         beats = results.read_heartbeats(job_dir)
         stuck = furthest_behind(beats, shape.world_size, time.time())
         interrupted = {"rank": stuck["rank"] if beats else None, "phase": stuck["phase"] if beats else "start",
+                       "step": stuck.get("step") if beats else None,
                        "message": f"interrupted by {how} while rank {stuck['rank']} was in {_where(stuck)!r}"}
     finally:
         leftovers = kill_all(job_processes(agent, job_dir))
@@ -388,10 +399,12 @@ def run_job(cfg: DictConfig) -> dict:
         outcome = {"node_rank": layout.node_rank, "node_id": node_id, "host": socket.gethostname(),
                    "failures": {}, "error": None}
         results.write_json_atomic(node_file, outcome)
+    # every host's outcome first: a host's agent writes it after its ranks are gone, so rank 0's
+    # record, which names the host that owns the result, is on disk by then wherever it ran
+    outcomes = node_outcomes(job_dir, layout.nnodes, NODE_FILE_WAIT_S if interrupted is None else 0)
     owner = owns_result(job_dir, node_id, layout)
     status = None
     if owner:
-        outcomes = node_outcomes(job_dir, layout.nnodes, NODE_FILE_WAIT_S if interrupted is None else 0)
         oom_kills_after = results.kernel_oom_kill_count()
         oom_kills = (None if oom_kills_before is None or oom_kills_after is None
                      else oom_kills_after - oom_kills_before)
@@ -417,7 +430,7 @@ def watch(agent: subprocess.Popen, job_dir: Path, world_size: int, cfg: DictConf
           title: str) -> Optional[dict]:
     """Poll heartbeats until the agent exits; end the job on a finding (see check_progress)."""
     started_at = time.time()
-    with ProgressDisplay(title, world_size, steps_in_job(cfg)) as display:
+    with ProgressDisplay(title, world_size, steps_run(cfg.workload)) as display:
         while agent.poll() is None:
             beats = results.read_heartbeats(job_dir)
             display.update(beats)

@@ -180,10 +180,19 @@ def wants_video(workload: Any, checkpoint_dir: Optional[str]) -> bool:
 def check_inputs(cfg: Any, world_size: int) -> None:
     """The input files of a generate job, read before any rank loads weights: an audio file that
     ffmpeg cannot read, or that is silent; an image that is not an image; the size the image
-    gives. Raises ConfigError naming the setting and what to do."""
+    gives, and for parallel.vae=sharded whether the world size can share a latent frame (one
+    strip per rank). Raises ConfigError naming the setting and what to do."""
     from wan_exp.config import ConfigError, parse_size
 
     wl = cfg.workload
+    if getattr(cfg.parallel.vae, "value", cfg.parallel.vae) == "sharded":
+        from wan_exp.parallel.vae import shard_strips  # torch: only for this setting
+
+        height, width = output_size(wl)
+        try:
+            shard_strips(height // 8, width // 8, world_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     try:
         if wl.audio_path:
             peak = float(np.abs(read_audio(wl.audio_path)).max())

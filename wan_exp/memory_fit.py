@@ -6,12 +6,14 @@ weights are a lower bound of what a rank needs (activations, the CUDA context an
 buffers come on top), so a job refused here could never have run.
 
 Where the weights live, per strategy (wan_exp/parallel/registry.py):
-- ``single``, ``ulysses``: the whole DiT on every rank's device;
-- ``fsdp_fixed``, ``hybrid``: 1/fsdp_degree of the DiT per rank, read straight to the device;
+- no FSDP (``single``, ``ulysses``, ``cfg``, ``usp``, ``cfg_ulysses``): the whole DiT on every
+  rank's device;
+- ``fsdp_fixed``, ``hybrid``: 1/(ranks sharing one copy) of the DiT per rank, read straight to the
+  device;
 - ``fsdp`` (upstream, ``parallel.fsdp.load_full_on_every_rank``): every rank first loads the
   whole DiT into host memory, then FSDP moves its shard to the device;
 - the text and audio encoders: whole, on the device or the host as
-  ``parallel.*_encoder_placement`` says.
+  ``parallel.*_encoder_placement`` says; wav2vec2 always in fp32.
 On a machine without GPUs the device is the host. Host memory is per node
 (``nproc_per_node`` ranks share it); it is compared with psutil's available memory, GPU
 memory with NVML's free memory of each GPU the node's ranks use.
@@ -78,40 +80,27 @@ def _parameter_counts(model_yaml: str) -> tuple[int, int, int]:
 
 
 def model_weights(model_cfg: Any) -> tuple[Weights, Weights, Optional[Weights]]:
-    """(DiT, text encoder, audio encoder or None) at model.dtype, as the ranks load them."""
+    """(DiT, text encoder, audio encoder or None) as the ranks load them: the DiT and the text
+    encoder at model.dtype, wav2vec2 always in fp32 (as upstream runs it)."""
     dit, text, audio = _parameter_counts(OmegaConf.to_yaml(model_cfg, resolve=True))
     size = DTYPE_BYTES[getattr(model_cfg.dtype, "value", model_cfg.dtype)]
     return (Weights("DiT", dit, dit * size), Weights("text encoder", text, text * size),
-            Weights("audio encoder", audio, audio * size) if audio else None)
+            Weights("audio encoder", audio, audio * DTYPE_BYTES["fp32"]) if audio else None)
 
 
 def gpu_free_bytes(count: int) -> Optional[list[int]]:
-    """NVML's free memory of the first `count` GPUs CUDA would give the ranks (honouring
-    CUDA_VISIBLE_DEVICES by index or UUID); None when NVML cannot tell (no driver, MIG)."""
-    try:
-        import pynvml
+    """NVML's free memory (total - used) of the first `count` GPUs CUDA would give the ranks,
+    as doctor.gpus reads them (CUDA_VISIBLE_DEVICES by index or UUID); None when NVML cannot
+    tell (no driver) or names fewer GPUs (MIG slices: NVML's figures are per parent GPU)."""
+    from wan_exp.doctor.gpus import read_nvml, visible_gpus
 
-        pynvml.nvmlInit()
-    except Exception:
+    nvml = read_nvml()
+    if nvml.error:
         return None
-    try:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        entries = ([e.strip() for e in visible.split(",")] if visible is not None
-                   else [str(i) for i in range(pynvml.nvmlDeviceGetCount())])
-        free = []
-        for entry in entries[:count]:
-            if entry.isdigit():
-                handle = pynvml.nvmlDeviceGetHandleByIndex(int(entry))
-            elif entry.startswith("GPU-"):
-                handle = pynvml.nvmlDeviceGetHandleByUUID(entry)
-            else:  # MIG slices: NVML's figures are per parent GPU
-                return None
-            free.append(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
-        return free
-    except Exception:
+    visible, _ = visible_gpus(nvml.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if len(visible) < count:
         return None
-    finally:
-        pynvml.nvmlShutdown()
+    return [gpu.total_bytes - gpu.used_bytes for gpu in visible[:count]]
 
 
 def _listing(parts: list[str]) -> str:

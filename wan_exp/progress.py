@@ -18,17 +18,6 @@ from rich.table import Table
 REFRESH_PER_S = 2
 
 
-def steps_in_job(cfg: Any) -> Optional[int]:
-    """The DiT steps (generate) or optimiser steps (train_lora) a job runs; None for init."""
-    wl = cfg.workload
-    name = getattr(wl.name, "value", wl.name)
-    if name == "generate":
-        return int(wl.clips) * int(wl.sample_steps)
-    if name == "train_lora":
-        return int(wl.steps)
-    return None
-
-
 def progress_table(title: str, beats: dict[int, dict], world_size: int, total_steps: Optional[int],
                    started_at: float, now: float) -> Table:
     """One row per rank: phase, step i/n (steps count from 1), seconds since the job

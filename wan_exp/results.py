@@ -356,14 +356,14 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
     world_size = (read_json(Path(job_dir) / JOB_FILE) or {}).get("world_size")
     if interrupted is not None:
         status = INTERRUPTED
-        root_cause = {"rank": interrupted["rank"], "phase": interrupted["phase"],
+        root_cause = {"rank": interrupted["rank"], "phase": interrupted["phase"], "step": interrupted.get("step"),
                       "message": interrupted["message"], "exitcode": None}
     elif launch_error is not None:
         status = FAILED
-        root_cause = {"rank": None, "phase": launch_phase, "message": launch_error, "exitcode": None}
+        root_cause = {"rank": None, "phase": launch_phase, "step": None, "message": launch_error, "exitcode": None}
     elif hang is not None:
         status = HANG
-        root_cause = {"rank": hang["rank"], "phase": hang["phase"], "message": hang["message"],
+        root_cause = {"rank": hang["rank"], "phase": hang["phase"], "step": hang.get("step"), "message": hang["message"],
                       "exitcode": dead_ranks.get(hang["rank"], {}).get("exitcode")}
     else:
         root_cause = failure_root_cause(records, dead_ranks, read_heartbeats(job_dir), kernel_oom_kills)

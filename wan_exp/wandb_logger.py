@@ -69,7 +69,9 @@ def _rank_row(record: dict) -> list[Any]:
     memory = record.get("memory", {})
     steps = record.get("step_times_s", [])
     comm = record.get("comm") or {}
-    comm_step, comm_init = comm_totals(comm.get("per_step")), comm_totals(comm.get("init"))
+    # no measured step (init): absent, as in the summary, not 0
+    comm_step = comm_totals(comm["per_step"]) if comm.get("per_step") is not None else {"count": None, "bytes": None}
+    comm_init = comm_totals(comm.get("init"))
     return [
         record.get("rank"),
         record.get("device_name"),

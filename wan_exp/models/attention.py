@@ -264,6 +264,8 @@ def _lse_candidates(device: torch.device) -> list[str]:
         module = _REQUIRED_MODULE.get(name)
         if _requested == "auto" and module and not _module_importable(module):
             continue
+        if _requested == "auto" and name == "flash_attn" and not flash_attn_status()["ok"]:
+            continue  # importable but broken, as in the whole-sequence search
         candidates.extend(c for c in _LSE_CANDIDATES[name] if c not in candidates)
     return candidates
 

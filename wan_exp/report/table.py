@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-# Overrides that do not make a new configuration: repeats (seed), where results are
-# logged (logger.*), and those already shown in their own columns.
 # Overrides that do not make a configuration of their own: the strategy and the rank count
 # have their own columns (exact keys only: parallel.fsdp.api or parallel.ulysses_degree ARE
 # variants), seeds are repeats, and where the logs go changes no measurement (with subkeys).
