@@ -37,9 +37,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.numerics import check_finite
+from wan_exp.parallel.materialise import local_param_bytes
 from wan_exp.parallel.registry import ParallelModel, setup_parallel
 from wan_exp.workloads.inputs import (
     ClipInputs,
@@ -180,6 +182,19 @@ def save_adapter(state_dict: dict[str, torch.Tensor], lora_cfg: Any, folder: Pat
     return folder
 
 
+def _tensor_bytes(tensors: Any) -> int:
+    local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def train_state_bytes(dit: nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
+    """This rank's training memory by kind, in bytes of its own shards: every parameter of the
+    DiT, the trainable ones, their gradients and the optimiser's state (AdamW: two moments)."""
+    return {"parameters": local_param_bytes(dit), "trainable": _tensor_bytes(params),
+            "gradients": _tensor_bytes(p.grad for p in params),
+            "optimizer_state": _tensor_bytes(v for state in optimizer.state.values() for v in state.values())}
+
+
 def run_train_lora(cfg: Any, ctx: Any) -> dict:
     wl = cfg.workload
     adapters: dict[str, Any] = {}
@@ -203,6 +218,8 @@ def run_train_lora(cfg: Any, ctx: Any) -> dict:
             losses.append(train_step(dit, inputs, generator, wl.shift, loss_scale, sp_group))
             check_finite(losses[-1], "training loss")  # before the optimiser spreads it into the adapters
             optimizer.step()
+            if i == wl.steps - 1:  # gradients and optimiser state exist now, not after zero_grad
+                ctx.metrics.note("train_state_bytes", train_state_bytes(dit, params, optimizer))
             optimizer.zero_grad(set_to_none=True)
 
     saved = None

@@ -1,0 +1,152 @@
+"""Rehearsing a world size: shared GPUs, the simulated world size (fake process group), link
+pricing and the plan (docs/rehearsal.md)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from launch_helpers import job_results, output, run_launch
+from wan_exp.config import ConfigError, check_job, compose_config, job_shape, rank_device, ranks_per_node
+from wan_exp.metrics.pricing import LINKS, comm_time_s, parse_link, predict_step
+
+
+# ----------------------------------------------------------------------------- config rules
+def test_share_gpus_without_gpus_is_refused_naming_the_flag():
+    cfg = compose_config(["parallel=ulysses", "launcher.share_gpus=true", "launcher.nproc_per_node=2"])
+    with pytest.raises(ConfigError, match=r"launcher\.share_gpus=true .*no GPU is visible"):
+        check_job(cfg, gpus=0)
+
+
+def test_more_ranks_than_gpus_names_share_gpus_and_the_flag_allows_them():
+    cfg = compose_config(["parallel=ulysses", "launcher.nproc_per_node=4"])
+    with pytest.raises(ConfigError, match=r"only 1 GPU\(s\).*launcher\.share_gpus=true"):
+        ranks_per_node(cfg, gpus=1)
+    shared = compose_config(["parallel=ulysses", "launcher.nproc_per_node=4", "launcher.share_gpus=true"])
+    shape = job_shape(shared, ranks_per_node(shared, gpus=2), gpus=2)
+    assert (shape.backend, shape.device, shape.shared_gpus, shape.world_size) == ("gloo", "cuda", True, 4)
+    job = {"backend": shape.backend, "device": shape.device, "gpus": shape.gpus}
+    assert [rank_device(job, r) for r in range(4)] == [("cuda", 0), ("cuda", 1), ("cuda", 0), ("cuda", 1)]
+    # without the flag a GPU per rank, over NCCL
+    plain = compose_config(["parallel=ulysses", "launcher.nproc_per_node=2"])
+    assert job_shape(plain, 2, gpus=2).backend == "nccl"
+    assert rank_device({"backend": "gloo", "device": "cpu", "gpus": 0}, 3) == ("cpu", None)
+
+
+def test_simulated_shape_and_bad_settings():
+    cfg = compose_config(["parallel=fsdp_fixed", "launcher.simulate_world_size=1024",
+                          "launcher.simulate_rank=7", "workload=init"])
+    shape = check_job(cfg, gpus=0)
+    assert (shape.nproc_per_node, shape.world_size, shape.processes, shape.backend, shape.simulated_rank) == (
+        1, 1024, 1, "fake", 7)
+    for override, message in (("launcher.simulate_rank=1024", r"launcher\.simulate_rank=1024 is outside 0\.\.1023"),
+                              ("launcher.link=fast", r"launcher\.link='fast' is not a link"),
+                              ("launcher.simulate_world_size=-2", r"launcher\.simulate_world_size=-2 must be >= 0")):
+        bad = compose_config(["parallel=fsdp_fixed", "launcher.simulate_world_size=1024", "workload=init", override])
+        with pytest.raises(ConfigError, match=message):
+            check_job(bad, gpus=0)
+    # the degrees still decide: ulysses over 3 ranks cannot split tiny's 4 heads
+    with pytest.raises(ConfigError, match="ulysses"):
+        check_job(compose_config(["parallel=ulysses", "launcher.simulate_world_size=3"]), gpus=0)
+
+
+# ----------------------------------------------------------------------------- pricing
+def test_pricing_against_hand_computed_times():
+    nvlink4 = LINKS["nvlink4"]
+    per_step = {"all_to_all": {"count": 4, "bytes": 8e9, "bus_bytes": 7.4e9},
+                "all_reduce": {"count": 1, "bytes": 1e9, "bus_bytes": 1.88e9},
+                "barrier": {"count": 1, "bytes": 0, "bus_bytes": 0}}
+    # 4 x 20 us + 7.4 GB / 370 GB/s, then 20 us + 1.88 GB / 470 GB/s; barriers are not priced
+    expected = 4 * 20e-6 + 0.02 + 20e-6 + 0.004
+    assert comm_time_s(per_step, nvlink4) == pytest.approx(expected)
+    prediction = predict_step({"step_times_s": [1.0, 3.0, 2.0], "comm": {"per_step": per_step}}, nvlink4)
+    assert prediction["step_s"] == pytest.approx(2.0 + expected)
+    assert "no overlap with compute" in prediction["assumption"]
+    custom = parse_link("100")
+    assert comm_time_s({"all_gather": {"count": 2, "bytes": 0, "bus_bytes": 1e9}}, custom) == pytest.approx(
+        2 * 20e-6 + 0.01)
+    assert predict_step({"step_times_s": [], "comm": {"per_step": None}}, nvlink4)["step_s"] is None
+
+
+# ----------------------------------------------------------------------------- simulated vs real
+def _by_world_size(sweep_dir: Path) -> dict[int, dict]:
+    found = {}
+    for res in job_results(sweep_dir):
+        assert res["status"] == "completed", res["root_cause"]
+        found[res["world_size"]] = res
+    return found
+
+
+def _comm_figures(record: dict) -> dict:
+    """Every bucket's collectives with their counts and bytes (bus bytes follow from them)."""
+    return {bucket: {kind: (f["count"], f["bytes"]) for kind, f in kinds.items()}
+            for bucket, kinds in record["comm"].items() if isinstance(kinds, dict) and bucket != "per_step"}
+
+
+@pytest.mark.slow
+def test_simulated_rank_matches_real_gloo_ranks(tmp_path):
+    """N=2 and N=4 of hybrid (FSDP + Ulysses) train_lora: the one simulated process holds the
+    parameter, gradient and optimiser-state bytes of a real rank and issues the same
+    collectives with the same bytes."""
+    common = ["model=tiny", "parallel=hybrid", "workload=train_lora", "workload.steps=2", "logger=disabled",
+              "workload.lora.save=false"]
+    real = run_launch(tmp_path / "real", *common, "launcher.nproc_per_node=2,4", multirun=True, timeout=400)
+    assert real.returncode == 0, output(real)
+    sim = run_launch(tmp_path / "sim", *common, "launcher.simulate_world_size=2,4", multirun=True, timeout=400)
+    assert sim.returncode == 0, output(sim)
+    real_jobs, sim_jobs = _by_world_size(tmp_path / "real"), _by_world_size(tmp_path / "sim")
+    assert sorted(real_jobs) == sorted(sim_jobs) == [2, 4]
+    for n in (2, 4):
+        simulated = sim_jobs[n]
+        assert simulated["simulated"] == {"world_size": n, "rank": 0}
+        assert len(simulated["ranks"]) == 1 and len(real_jobs[n]["ranks"]) == n
+        sim_rank, real_rank0 = simulated["ranks"][0], real_jobs[n]["ranks"][0]
+        state = sim_rank["train_state_bytes"]
+        assert state == real_rank0["train_state_bytes"]
+        assert state["gradients"] > 0 and state["optimizer_state"] > 2 * state["gradients"] - 1
+        assert _comm_figures(sim_rank) == _comm_figures(real_rank0), n
+        assert "non-finite checks were off" in sim_rank["simulated"]["note"]
+        assert simulated["prediction"]["step_s"] >= simulated["prediction"]["compute_s"] > 0
+    # sharded over more ranks, each holds less
+    assert (sim_jobs[4]["ranks"][0]["train_state_bytes"]["parameters"]
+            < sim_jobs[2]["ranks"][0]["train_state_bytes"]["parameters"])
+
+
+@pytest.mark.slow
+def test_1024_rank_simulation_of_s2v_14b_holds_its_own_rows_only(tmp_path):
+    """fsdp_fixed over 1024 ranks, one process: 1/1024 of the DiT per rank, and the process
+    never holds the whole DiT (about 30 GiB in bf16). FSDP2 reads only the rank's own rows
+    (FSDP1 reads one whole block at a time: minutes of random numbers on two cores). The
+    text encoder is cut to one small layer so the test measures the DiT (a umT5-xxl of
+    random weights alone is 11 GiB)."""
+    proc = run_launch(tmp_path, "model=s2v_14b", "parallel=fsdp_fixed", "parallel.fsdp.api=fsdp2",
+                      "workload=init", "logger=disabled",
+                      "launcher.simulate_world_size=1024", "launcher.simulate_rank=5",
+                      "model.text_encoder.num_layers=1", "model.text_encoder.vocab_size=64",
+                      "model.text_encoder.d_ff=64", timeout=900)
+    assert proc.returncode == 0, output(proc)
+    (res,) = job_results(tmp_path)
+    assert res["status"] == "completed" and res["simulated"] == {"world_size": 1024, "rank": 5}
+    record = res["ranks"][0]
+    shapes = _dit_shapes("s2v_14b")
+    full = sum(math.prod(s) for s in shapes)
+    # Shard(0) splits rows as torch.chunk: chunks of ceil(rows / 1024), rank 5 takes the sixth
+    # (none of a parameter with fewer than 6 chunks' rows)
+    chunks = [-(-s[0] // 1024) for s in shapes]
+    own_rows = sum(max(0, min(6 * c, s[0]) - 5 * c) * math.prod(s[1:]) for s, c in zip(shapes, chunks))
+    assert record["workload"]["dit_local_parameters"] == own_rows
+    assert 0.95 * full / 1024 < own_rows < 1.05 * full / 1024
+    assert full * 2 / 2**30 > 30  # the whole DiT in bf16
+    assert record["memory"]["peak_host_rss_gib"] < 6.0, record["memory"]
+
+
+def _dit_shapes(model: str) -> list[tuple[int, ...]]:
+    import torch
+
+    from wan_exp.config import typed_config
+    from wan_exp.models.wan_s2v import WanModel
+
+    cfg = typed_config(compose_config([f"model={model}"]))
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in WanModel(cfg.model).parameters()]
