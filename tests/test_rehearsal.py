@@ -2,6 +2,7 @@
 pricing and the plan (docs/rehearsal.md)."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -150,3 +151,58 @@ def _dit_shapes(model: str) -> list[tuple[int, ...]]:
     cfg = typed_config(compose_config([f"model={model}"]))
     with torch.device("meta"):
         return [tuple(p.shape) for p in WanModel(cfg.model).parameters()]
+
+
+# ----------------------------------------------------------------------------- the plan
+@pytest.mark.slow
+def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
+    import subprocess
+    import sys
+
+    from launch_helpers import REPO
+
+    out = tmp_path / "plan"
+    proc = subprocess.run([sys.executable, "-m", "wan_exp.plan", "model=tiny", "gpus=1,2", "gpu_memory_gib=0.5,64",
+                           "strategies=single,ulysses,fsdp", f"out={out}", f"measured={out / 'jobs'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    rows = {(r["strategy"], r["gpus"]): r for r in plan["rows"]}
+    assert sorted(rows) == [("fsdp", 1), ("fsdp", 2), ("single", 1), ("single", 2), ("ulysses", 1), ("ulysses", 2)]
+    # refused by the config rules, no job run
+    assert rows[("single", 2)]["status"] == "not allowed" and "runs one rank" in rows[("single", 2)]["note"]
+    assert rows[("fsdp", 1)]["status"] == "not allowed" and "needs GPUs" in rows[("fsdp", 1)]["note"]
+    nvlink4 = LINKS["nvlink4"]
+    steps = {}
+    for key in (("single", 1), ("ulysses", 1), ("ulysses", 2)):
+        row = rows[key]
+        results = json.loads((Path(row["job_dir"]) / "results.json").read_text())
+        assert results["status"] == row["status"] == "completed"
+        assert results["simulated"] == {"world_size": key[1], "rank": 0}
+        record = results["ranks"][0]
+        peak = record["memory"]["peak_host_rss_gib"]  # the CPU: host memory is the device's
+        assert row["peak_gib"] == peak
+        stage_peaks = {name: s["peak_host_rss_gib"] for name, s in record["stages"].items()}
+        expected_stage = max(stage_peaks, key=stage_peaks.get) if max(stage_peaks.values()) >= 0.999 * peak \
+            else "init (build/load/wrap)"
+        assert row["peak_stage"] == expected_stage
+        assert row["fits"] == {"0.5": peak <= 0.5, "64": True}
+        compute = sorted(record["step_times_s"])[0]  # one measured step
+        comm = sum(f["count"] * 20e-6 + f["bus_bytes"] / ((470 if kind == "all_reduce" else 370) * 1e9)
+                   for kind, f in (record["comm"]["per_step"] or {}).items() if kind != "barrier")
+        assert row["compute_s"] == pytest.approx(compute) and row["comm_s"] == pytest.approx(comm)
+        assert row["step_s"] == pytest.approx(compute + comm)
+        decode = sum(record["stages"][n]["seconds"] for n in ("vae_decode", "motion_encode") if n in record["stages"])
+        assert row["clip_s"] == pytest.approx(2 * (compute + comm) + decode)
+        steps[key] = compute + comm
+    assert nvlink4.name in plan["title"]
+    assert rows[("ulysses", 2)]["comm_s"] > 0  # Ulysses exchanges heads every attention
+    for key, step in steps.items():
+        assert rows[key]["efficiency"] == pytest.approx(steps[("single", 1)] / (key[1] * step))
+    # the plan's own simulated jobs are no measurement: nothing shown beside the prediction
+    assert all(r["measured_step_s"] is None for r in plan["rows"])
+    page = (out / "plan.md").read_text()
+    assert "no overlap with compute assumed" in page and "Measured:" in page and "Modelled:" in page
+    assert "none of the same model and size" in page
+    assert f"| ulysses | 2 | completed | {rows[('ulysses', 2)]['peak_gib']:.2f} |" in page
+    assert (out / "plan.html").read_text().count("<tr>") == 7
