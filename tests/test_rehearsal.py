@@ -52,6 +52,18 @@ def test_simulated_shape_and_bad_settings():
         check_job(compose_config(["parallel=ulysses", "launcher.simulate_world_size=3"]), gpus=0)
 
 
+def test_dashboard_says_shared_gpu_times_are_not_comparable(tmp_path):
+    from wan_exp.report.render import markdown
+    from wan_exp.report.table import Row
+
+    job = {"status": "completed", "shared_gpus": True, "simulated": None, "summary": {}, "ranks": [], "job_num": 0}
+    rows = [Row("ulysses", 4, "launcher.share_gpus=true", [job]), Row("single", 1, "", [{**job, "shared_gpus": False}])]
+    page = markdown(tmp_path, rows)
+    caveats = page.split("## Times not comparable")[1].strip().splitlines()
+    assert caveats == ["- ulysses x4 launcher.share_gpus=true: ranks shared GPUs (launcher.share_gpus) and ran their "
+                       "collectives over gloo, so its times are not comparable; memory per process holds"]
+
+
 # ----------------------------------------------------------------------------- pricing
 def test_pricing_against_hand_computed_times():
     nvlink4 = LINKS["nvlink4"]
@@ -109,6 +121,10 @@ def test_simulated_rank_matches_real_gloo_ranks(tmp_path):
         assert _comm_figures(sim_rank) == _comm_figures(real_rank0), n
         assert "non-finite checks were off" in sim_rank["simulated"]["note"]
         assert simulated["prediction"]["step_s"] >= simulated["prediction"]["compute_s"] > 0
+    # the dashboard says the simulated times are one rank's compute; the real sweep's need no caveat
+    sim_report = (tmp_path / "sim" / "report.md").read_text()
+    assert "## Times not comparable" in sim_report and "played rank 0 of 4 over the fake process group" in sim_report
+    assert "Times not comparable" not in (tmp_path / "real" / "report.md").read_text()
     # sharded over more ranks, each holds less
     assert (sim_jobs[4]["ranks"][0]["train_state_bytes"]["parameters"]
             < sim_jobs[2]["ranks"][0]["train_state_bytes"]["parameters"])

@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor
 
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.numerics import check_finite
-from wan_exp.parallel.materialise import local_param_bytes
+from wan_exp.parallel.materialise import gather_rows, local_param_bytes
 from wan_exp.parallel.registry import ParallelModel, setup_parallel
 from wan_exp.workloads.inputs import (
     ClipInputs,
@@ -164,7 +164,10 @@ def full_adapter_state_dict(dit: nn.Module) -> dict[str, torch.Tensor]:
 
     Gathered to every rank (adapters are small): FSDP1's rank-0-only CPU offload crashed
     (segmentation fault) on CPU ranks with torch 2.13. FSDP still unshards one unit at a
-    time, so the frozen base is never whole in memory."""
+    time, so the frozen base is never whole in memory. FSDP2's adapters are gathered with
+    c10d (materialise.gather_rows), which also holds for gloo ranks sharing a GPU."""
+    if any(isinstance(p, DTensor) for p in dit.parameters()):  # FSDP2: names unchanged, rows gathered by c10d
+        return {name: gather_rows(p.detach()).cpu() for name, p in dit.named_parameters() if p.requires_grad}
     options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
     return {k: v.detach().cpu() for k, v in get_model_state_dict(dit, options=options).items()}
 
