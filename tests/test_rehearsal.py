@@ -222,3 +222,64 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
     assert "none of the same model and size" in page
     assert f"| ulysses | 2 | completed | {rows[('ulysses', 2)]['peak_gib']:.2f} |" in page
     assert (out / "plan.html").read_text().count("<tr>") == 7
+
+
+# ----------------------------------------------------------------------------- GPU (the lead runs these)
+def _torchrun_shared_gpu(nproc: int) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from launch_helpers import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
+                           str(REPO / "tests" / "dist" / "strategy_equivalence.py")],
+                          cwd=REPO, capture_output=True, text=True, timeout=280,
+                          env={**os.environ, "WAN_EXP_TEST_DEVICE": "cuda"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_every_strategy_on_shared_gpu_ranks_equals_single(nproc):
+    """2 and 4 gloo ranks on the visible GPU(s), round robin: every split's weights equal the
+    single-rank model's and its output and guided velocity agree within bf16 tolerance."""
+    assert "ALL 11 STRATEGY CASES MATCH" in _torchrun_shared_gpu(nproc)
+
+
+GPU_MODEL = ["model=s2v_14b", "model.num_layers=8", "model.audio_inject_layers=[0,4]", "workload=generate",
+             "workload.size=256*256", "workload.frames_per_clip=16", "workload.sample_steps=2", "logger=disabled"]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_shared_gpu_jobs_of_every_preset_complete_and_say_so(tmp_path):
+    proc = run_launch(tmp_path, "model=tiny", "workload=generate", "logger=disabled", "launcher.nproc_per_node=4",
+                      "launcher.share_gpus=true", "parallel=ulysses,fsdp,fsdp_fixed,hybrid,usp,cfg_ulysses",
+                      multirun=True, timeout=280)
+    assert proc.returncode == 0, output(proc)
+    jobs = job_results(tmp_path)
+    assert len(jobs) == 6 and all(j["status"] == "completed" and j["shared_gpus"] for j in jobs)
+    assert all(r["device"].startswith("cuda") for j in jobs for r in j["ranks"])
+    assert "## Times not comparable" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_simulated_peak_allocated_within_5_percent_of_shared_gpu_process(tmp_path):
+    """fsdp_fixed, s2v_14b cut to 8 blocks: rank 0 simulated at N=2 and 4 against rank 0 of
+    real N-rank jobs sharing the GPU(s) (per-process allocator figures)."""
+    common = [*GPU_MODEL, "parallel=fsdp_fixed"]
+    real = run_launch(tmp_path / "real", *common, "launcher.share_gpus=true", "launcher.nproc_per_node=2,4",
+                      multirun=True, timeout=290)
+    assert real.returncode == 0, output(real)
+    sim = run_launch(tmp_path / "sim", *common, "launcher.simulate_world_size=2,4", multirun=True, timeout=290)
+    assert sim.returncode == 0, output(sim)
+    real_jobs, sim_jobs = _by_world_size(tmp_path / "real"), _by_world_size(tmp_path / "sim")
+    for n in (2, 4):
+        measured = real_jobs[n]["ranks"][0]["memory"]["peak_allocated_gib"]
+        simulated = sim_jobs[n]["ranks"][0]["memory"]["peak_allocated_gib"]
+        assert simulated == pytest.approx(measured, rel=0.05), (n, simulated, measured)
