@@ -82,6 +82,39 @@ def test_pricing_against_hand_computed_times():
     assert predict_step({"step_times_s": [], "comm": {"per_step": None}}, nvlink4)["step_s"] is None
 
 
+def test_measured_runs_sit_beside_the_prediction_and_fit_the_link(tmp_path):
+    """Two real runs whose steps took compute + 100 us per call + bus bytes at 50 GB/s: the
+    fitted link is 50 GB/s, and it re-prices a row with no real run."""
+    from wan_exp.plan import PlanRow, add_fitted, add_measured, fit_link
+
+    per_step = {2: {"all_to_all": {"count": 10, "bytes": 4e9, "bus_bytes": 2e9}},
+                4: {"all_to_all": {"count": 10, "bytes": 4e9, "bus_bytes": 3e9},
+                    "all_reduce": {"count": 2, "bytes": 1e9, "bus_bytes": 1.5e9}}}
+    compute = {2: 1.0, 4: 0.5}
+    for n in (2, 4):
+        calls = sum(f["count"] for f in per_step[n].values())
+        bus = sum(f["bus_bytes"] for f in per_step[n].values())
+        real = {"status": "completed", "simulated": None, "shared_gpus": False, "model": "tiny", "strategy": "ulysses",
+                "world_size": n, "config": {"workload": {"size": "64*64"}},
+                "summary": {"step_time_s_median": compute[n] + calls * 100e-6 + bus / 50e9},
+                "ranks": [{"memory": {"peak_reserved_gib": 3.0 + n, "peak_allocated_gib": 2.0}}]}
+        (tmp_path / str(n)).mkdir()
+        (tmp_path / str(n) / "results.json").write_text(json.dumps(real))
+    other = tmp_path / "other_size"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({**real, "config": {"workload": {"size": "32*32"}}, "world_size": 8}))
+    rows = [PlanRow("ulysses", n, "completed", compute_s=compute[n], comm_per_step=per_step[n]) for n in (2, 4)]
+    rows.append(PlanRow("ulysses", 8, "completed", compute_s=0.25, comm_per_step=per_step[4]))
+    assert add_measured(rows, tmp_path, "tiny", "64*64") == 2
+    assert [r.measured_peak_gib for r in rows] == [5.0, 7.0, None]  # reserved: what the GPU must hold
+    link = fit_link(rows, 100e-6, str(tmp_path))
+    assert link.other_gbps == pytest.approx(50.0) and link.all_reduce_gbps == pytest.approx(50.0)
+    add_fitted(rows, link)
+    assert rows[2].fitted_step_s == pytest.approx(0.25 + 12 * 100e-6 + 4.5e9 / 50e9)
+    assert [r.fitted_step_s for r in rows[:2]] == pytest.approx([r.measured_step_s for r in rows[:2]])
+    assert fit_link(rows[2:], 100e-6, "none") is None  # no measured run: nothing to fit
+
+
 # ----------------------------------------------------------------------------- simulated vs real
 def _by_world_size(sweep_dir: Path) -> dict[int, dict]:
     found = {}

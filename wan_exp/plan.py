@@ -12,7 +12,8 @@ predicted scaling efficiency.
 Measured (on this device, by the simulated rank): peak memory per stage, compute time per step
 and per stage, the collectives issued (count, bytes). Modelled: their time on ``link=`` (metrics/
 pricing.py; no overlap with compute), hence the step, clip and efficiency figures. With
-``measured=<sweep dir>`` the real runs of that sweep (same model and size) are shown beside.
+``measured=<sweep dir>`` the real runs of that sweep (same model and size) are shown beside, and a
+link fitted to them (``fit_link``) re-prices every row's collectives.
 
 Plan options (the rest are config overrides for every job): ``gpus``, ``gpu_memory_gib``,
 ``strategies``, ``link`` (launcher.link), ``out`` (default outputs/plan/<date>-<time>),
@@ -32,7 +33,7 @@ from typing import Any, Optional, Sequence
 
 from wan_exp.config import CONF_DIR, ConfigError, check_job, compose_config, parse_size, steps_run
 from wan_exp.doctor.gpus import visible_gpu_count
-from wan_exp.metrics.pricing import ASSUMPTION, parse_link
+from wan_exp.metrics.pricing import ASSUMPTION, GB, Link, comm_time_s, parse_link
 from wan_exp.results import read_json, write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +173,8 @@ class PlanRow:
     efficiency: Optional[float] = None
     measured_step_s: Optional[float] = None
     measured_peak_gib: Optional[float] = None
+    fitted_step_s: Optional[float] = None  # priced at the link fitted to the measured runs
+    comm_per_step: Optional[dict] = None  # the simulated rank's collectives per step (comm.per_step)
 
 
 def row_from_results(strategy: str, gpus: int, results: Optional[dict], sizes: list[float]) -> PlanRow:
@@ -189,6 +192,7 @@ def row_from_results(strategy: str, gpus: int, results: Optional[dict], sizes: l
         row.fits = {f"{size:g}": row.peak_gib <= size and results["status"] == "completed" for size in sizes}
     prediction = results.get("prediction") or {}
     row.compute_s, row.comm_s, row.step_s = (prediction.get(k) for k in ("compute_s", "comm_s", "step_s"))
+    row.comm_per_step = (record.get("comm") or {}).get("per_step")
     row.clip_s = clip_seconds(results, row.step_s)
     return row
 
@@ -219,6 +223,28 @@ def add_measured(rows: list[PlanRow], sweep_dir: Path, model: str, size: str) ->
     return found
 
 
+def fit_link(rows: list[PlanRow], latency_s: float, source: str) -> Optional[Link]:
+    """The bus bandwidth that makes the predictions meet the measured runs: over every row
+    with a measured step, sum(bus bytes) / sum(measured step - simulated compute - calls x
+    latency). The same GPU computes the same rank's work in both, so what is left of the
+    measured step is communication (and whatever else the real ranks waited for). None when
+    no measured row communicated or the measured steps leave no time for it."""
+    pairs = [(r.measured_step_s - r.compute_s - sum(f["count"] for f in r.comm_per_step.values()) * latency_s,
+              sum(f["bus_bytes"] for f in r.comm_per_step.values()))
+             for r in rows if r.measured_step_s is not None and r.compute_s is not None and r.comm_per_step]
+    seconds, bus_bytes = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+    if not pairs or bus_bytes <= 0 or seconds <= 0:
+        return None
+    gbps = bus_bytes / seconds / GB
+    return Link(f"fitted {gbps:.1f} GB/s", gbps, gbps, latency_s, f"fitted to {len(pairs)} measured run(s) in {source}")
+
+
+def add_fitted(rows: list[PlanRow], link: Link) -> None:
+    for row in rows:
+        if row.compute_s is not None and row.comm_per_step is not None:
+            row.fitted_step_s = row.compute_s + comm_time_s(row.comm_per_step, link)
+
+
 # ----------------------------------------------------------------------------- output
 def _f(value: Optional[float], fmt: str = ".2f") -> str:
     return "-" if value is None else format(value, fmt)
@@ -228,7 +254,7 @@ def table(rows: list[PlanRow], sizes: list[float], with_measured: bool) -> tuple
     header = (["strategy", "GPUs", "status", "peak GiB/rank", "peaks in"] + [f"{s:g} GiB" for s in sizes]
               + ["compute s/step", "comm s/step", "step s", "clip s", "efficiency"])
     if with_measured:
-        header += ["measured step s", "measured peak GiB"]
+        header += ["measured step s", "measured peak GiB", "step s at fitted link"]
     body = []
     for r in rows:
         fits = [("fits" if r.fits[f"{s:g}"] else "OOM") if r.fits else "-" for s in sizes]
@@ -237,7 +263,7 @@ def table(rows: list[PlanRow], sizes: list[float], with_measured: bool) -> tuple
                  + [_f(r.compute_s, ".3f"), _f(r.comm_s, ".4f"), _f(r.step_s, ".3f"), _f(r.clip_s, ".1f"),
                     _f(r.efficiency, ".0%")])
         if with_measured:
-            cells += [_f(r.measured_step_s, ".3f"), _f(r.measured_peak_gib)]
+            cells += [_f(r.measured_step_s, ".3f"), _f(r.measured_peak_gib), _f(r.fitted_step_s, ".3f")]
         body.append(cells)
     return header, body
 
@@ -309,6 +335,11 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
     if args.measured is not None:
         lines.append(f"Measured runs from {args.measured}: " + ("shown beside the prediction" if with_measured
                                                                    else "none of the same model and size"))
+        fitted = fit_link(rows, parse_link(args.link).latency_s, str(args.measured)) if with_measured else None
+        if fitted is not None:
+            add_fitted(rows, fitted)
+            lines.append(f"Fitted link: {fitted.name} ({fitted.source}); 'step s at fitted link' prices every "
+                         "row's collectives at it instead of the default figures")
     lines += [f"{r.strategy} on {r.gpus} GPU(s), {r.status}: {r.note}" for r in rows if r.note]
     header, body = table(rows, args.gpu_memory_gib, with_measured)
     write_text_atomic(args.out / "plan.md", markdown(title, lines, header, body))
