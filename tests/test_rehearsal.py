@@ -143,6 +143,7 @@ def _comm_figures(record: dict) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # several jobs, each starting torch, on a shared CPU
 def test_simulated_rank_matches_real_gloo_ranks(tmp_path):
     """N=2 and N=4 of hybrid (FSDP + Ulysses) train_lora: the one simulated process holds the
     parameter, gradient and optimiser-state bytes of a real rank and issues the same
@@ -196,7 +197,7 @@ def test_1024_rank_simulation_of_s2v_14b_holds_its_own_rows_only(tmp_path):
     # Shard(0) splits rows as torch.chunk: chunks of ceil(rows / 1024), rank 5 takes the sixth
     # (none of a parameter with fewer than 6 chunks' rows)
     chunks = [-(-s[0] // 1024) for s in shapes]
-    own_rows = sum(max(0, min(6 * c, s[0]) - 5 * c) * math.prod(s[1:]) for s, c in zip(shapes, chunks))
+    own_rows = sum(max(0, min(6 * c, s[0]) - 5 * c) * math.prod(s[1:]) for s, c in zip(shapes, chunks, strict=True))
     assert record["workload"]["dit_local_parameters"] == own_rows
     assert 0.95 * full / 1024 < own_rows < 1.05 * full / 1024
     assert full * 2 / 2**30 > 30  # the whole DiT in bf16
@@ -216,6 +217,7 @@ def _dit_shapes(model: str) -> list[tuple[int, ...]]:
 
 # ----------------------------------------------------------------------------- the plan
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # several jobs, each starting torch, on a shared CPU
 def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
     import subprocess
     import sys

@@ -23,13 +23,12 @@ Plan options (the rest are config overrides for every job): ``gpus``, ``gpu_memo
 from __future__ import annotations
 
 import html
-import json
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from wan_exp.config import CONF_DIR, ConfigError, check_job, compose_config, parse_size, steps_run
 from wan_exp.doctor.gpus import visible_gpu_count
@@ -299,7 +298,8 @@ def html_page(title: str, lines: list[str], header: list[str], body: list[list[s
 
 
 def run_plan(args: PlanArgs) -> list[PlanRow]:
-    """Run every allowed simulated job, then write and print the plan."""
+    """Run every allowed simulated job, then print the plan. The files are rewritten after
+    every job, so a plan cut short (a time limit) still leaves the rows it has."""
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -319,7 +319,25 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
             else:
                 results = run_simulated_job(overrides, args.out / "jobs" / f"{strategy}_{n}")
                 rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib))
+                write_plan(args, rows)
             progress.advance(task)
+    title, lines, header, body = write_plan(args, rows)
+    console = Console()
+    shown = Table(title=title)
+    for name in header:
+        shown.add_column(name)
+    for cells in body:
+        shown.add_row(*cells)
+    console.print(shown)
+    for line in lines:
+        console.print(f"- {line}", markup=False)
+    console.print(f"plan: {args.out / 'plan.md'}  {args.out / 'plan.html'}", markup=False)
+    return rows
+
+
+def write_plan(args: PlanArgs, rows: list[PlanRow]) -> tuple[str, list[str], list[str], list[list[str]]]:
+    """Efficiency, measured runs and the fitted link for ``rows``, then plan.md, plan.html and
+    plan.json; returns (title, notes, header, body)."""
     add_efficiency(rows)
     cfg = compose_config(args.overrides)
     model, size = str(cfg.model.name), str(cfg.workload.size)
@@ -347,17 +365,7 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
     write_json_atomic(args.out / "plan.json", {"title": title, "notes": lines, "overrides": args.overrides,
                                                "gpu_memory_gib": args.gpu_memory_gib, "link": args.link,
                                                "rows": [asdict(r) for r in rows]})
-    console = Console()
-    shown = Table(title=title)
-    for name in header:
-        shown.add_column(name)
-    for cells in body:
-        shown.add_row(*cells)
-    console.print(shown)
-    for line in lines:
-        console.print(f"- {line}", markup=False)
-    console.print(f"plan: {args.out / 'plan.md'}  {args.out / 'plan.html'}", markup=False)
-    return rows
+    return title, lines, header, body
 
 
 def _device_name(rows: list[PlanRow]) -> str:
