@@ -327,6 +327,16 @@ class LauncherConfig:
     # after its first heartbeat: no progress from any rank for this long = hang
     hang_timeout_s: float = 300.0
     resume: bool = False  # skip jobs whose job dir already holds a complete result
+    # more ranks than visible GPUs: ranks take the GPUs round robin over gloo (docs/rehearsal.md);
+    # times are not comparable, per-process memory is
+    share_gpus: bool = False
+    # N > 0: ONE process plays rank launcher.simulate_rank of an N-rank job over torch's fake
+    # process group (collectives counted, no data moved; docs/rehearsal.md)
+    simulate_world_size: int = 0
+    simulate_rank: int = 0
+    # the link a simulated job's collectives are priced at: nvlink4|nvlink3|pcie4|pcie5|ib400|<GB/s>,
+    # or measured:<sweep dir> (wan_exp/metrics/pricing.py)
+    link: str = "nvlink4"
 
 
 # --------------------------------------------------------------------------- root
@@ -597,15 +607,18 @@ def ranks_per_node(cfg: Any, gpus: int) -> int:
         raise ConfigError(
             f"launcher.nproc_per_node={requested!r} is not allowed; use auto or a positive integer"
         )
+    if int(cfg.launcher.simulate_world_size) > 0:
+        return 1  # one process plays one rank of the simulated job
     if cfg.parallel.name == Strategy.single:
         if requested != "auto" and nproc != 1:
             log.warning("parallel=single runs one rank; ignoring launcher.nproc_per_node=%s", requested)
         return 1
-    if gpus and nproc > gpus:
+    if gpus and nproc > gpus and not cfg.launcher.share_gpus:
         raise ConfigError(
             f"launcher.nproc_per_node={nproc} but only {gpus} GPU(s) are visible "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-            f"use at most {gpus} or auto"
+            f"use at most {gpus} or auto, or launcher.share_gpus=true to put several ranks on one GPU "
+            "over gloo (times then not comparable)"
         )
     return nproc
 
@@ -656,6 +669,7 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
         log.warning("nccl.timeout_s=%s >= launcher.hang_timeout_s=%s: a hang ends before NCCL times out, "
                     "so the flight recorder writes no dump; lower nccl.timeout_s to get one",
                     cfg.nccl.timeout_s, lc.hang_timeout_s)
+    _check_rehearsal_settings(lc, gpus)
     # e.g. parallel=fsdp (sync_module_states=true) on a machine without GPUs
     check_fsdp_device(cfg.parallel.fsdp, "cuda" if gpus else "cpu")
     fault = cfg.fault
@@ -678,13 +692,74 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
         raise ConfigError("fault=oom allocates GPU memory until it runs out, but no GPU is visible")
 
 
+def _check_rehearsal_settings(lc: Any, gpus: int) -> None:
+    """launcher.share_gpus / simulate_world_size / simulate_rank / link (docs/rehearsal.md)."""
+    from wan_exp.metrics.pricing import parse_link  # no torch
+
+    if lc.share_gpus and not gpus:
+        raise ConfigError(
+            "launcher.share_gpus=true puts several ranks on each GPU, but no GPU is visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); leave it false "
+            "(ranks run on the CPU over gloo) or run on a machine with a GPU"
+        )
+    n = int(lc.simulate_world_size)
+    if n < 0:
+        raise ConfigError(f"launcher.simulate_world_size={n} must be >= 0 (0 = off, N = simulate N ranks)")
+    if n and lc.nnodes != 1:
+        raise ConfigError(f"launcher.simulate_world_size={n} runs one process on one host; "
+                          f"set launcher.nnodes=1 (got {lc.nnodes})")
+    if n and lc.share_gpus:
+        raise ConfigError("launcher.simulate_world_size and launcher.share_gpus=true exclude each other: "
+                          "a simulation runs one process; set one of them")
+    if n and not 0 <= int(lc.simulate_rank) < n:
+        raise ConfigError(f"launcher.simulate_rank={lc.simulate_rank} is outside 0..{n - 1} "
+                          f"(launcher.simulate_world_size={n})")
+    parse_link(str(lc.link))  # ConfigError naming launcher.link
+
+
 @dataclass(frozen=True)
 class JobShape:
-    """How many ranks one checked job gets on this machine."""
+    """How many ranks one checked job gets on this machine, and where they run.
+
+    ``world_size`` is the job's rank count (a simulated job: N); ``nproc_per_node`` the
+    processes this host starts (a simulated job: 1)."""
 
     nproc_per_node: int
     world_size: int
-    backend: str  # "nccl" with GPUs, "gloo" without
+    backend: str  # "nccl" with GPUs, "gloo" without GPUs or with shared GPUs, "fake" simulated
+    device: str = "cpu"  # "cuda" or "cpu": what the ranks compute on
+    gpus: int = 0  # visible GPUs the ranks take round robin
+    shared_gpus: bool = False  # more ranks on this host than GPUs
+    simulated_rank: Optional[int] = None  # the rank the one process plays (simulated jobs)
+
+    @property
+    def processes(self) -> int:
+        """The processes of the job on all hosts (a simulated job: 1)."""
+        return 1 if self.simulated_rank is not None else self.world_size
+
+
+def job_shape(cfg: Any, nproc: int, gpus: int) -> JobShape:
+    """THE device and backend decision for a job (the job process writes it into job.json,
+    every rank reads it back through :func:`rank_device`)."""
+    lc = cfg.launcher
+    device = "cuda" if gpus else "cpu"
+    simulated = int(lc.simulate_world_size)
+    if simulated:
+        return JobShape(nproc_per_node=1, world_size=simulated, backend="fake", device=device,
+                        gpus=min(gpus, 1), simulated_rank=int(lc.simulate_rank))
+    shared = bool(gpus) and nproc > gpus
+    backend = "nccl" if gpus and not lc.share_gpus else "gloo"  # NCCL refuses two ranks on one GPU
+    return JobShape(nproc_per_node=nproc, world_size=nproc * int(lc.nnodes), backend=backend, device=device,
+                    gpus=gpus, shared_gpus=shared)
+
+
+def rank_device(job: dict, local_rank: int) -> tuple[str, Optional[int]]:
+    """(device type, index) of a rank from its job.json: GPUs round robin (local_rank % gpus),
+    which is one GPU per rank unless launcher.share_gpus put several ranks on one."""
+    if job.get("device", "cuda" if job["backend"] == "nccl" else "cpu") != "cuda":
+        return "cpu", None
+    gpus = int(job.get("gpus") or 1)
+    return "cuda", local_rank % gpus
 
 
 def check_job(cfg: Any, gpus: int) -> JobShape:
@@ -695,7 +770,7 @@ def check_job(cfg: Any, gpus: int) -> JobShape:
     check_schema_keys(cfg)  # a '+key=value' the schema lacks would fail in every rank
     nproc = ranks_per_node(cfg, gpus)
     check_launch_settings(cfg, gpus)
-    world_size = nproc * int(cfg.launcher.nnodes)
-    validate(cfg, world_size)
-    check_memory_fits(cfg, world_size, nproc, gpus)
-    return JobShape(nproc_per_node=nproc, world_size=world_size, backend="nccl" if gpus else "gloo")
+    shape = job_shape(cfg, nproc, gpus)
+    validate(cfg, shape.world_size)
+    check_memory_fits(cfg, shape.world_size, nproc, gpus)
+    return shape

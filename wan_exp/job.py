@@ -266,7 +266,10 @@ def prepare_job_dir(job_dir: Path, cfg: DictConfig, overrides: list[str], job_nu
         "overrides": overrides, "job_num": job_num, "sweep_dir": str(job_dir.parent),
         "world_size": shape.world_size, "nproc_per_node": shape.nproc_per_node,
         "nnodes": layout.nnodes, "node_rank": layout.node_rank, "rdzv_endpoint": layout.rdzv_endpoint,
-        "backend": shape.backend, "env": env, "started_at": results.now_iso(),
+        "backend": shape.backend, "device": shape.device, "gpus": shape.gpus, "shared_gpus": shape.shared_gpus,
+        "simulated": (None if shape.simulated_rank is None
+                      else {"world_size": shape.world_size, "rank": shape.simulated_rank}),
+        "processes": shape.processes, "env": env, "started_at": results.now_iso(),
     })
 
 
@@ -360,8 +363,10 @@ def run_job(cfg: DictConfig) -> dict:
     node_file, log_dir = Path(spec["node_file"]), Path(spec["log_dir"])
     node_file.unlink(missing_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
-    log.info("job %d: %d rank(s) (%d node(s)), backend %s, job dir %s", job_num, shape.world_size,
-             layout.nnodes, shape.backend, job_dir)
+    log.info("job %d: %d rank(s) (%d node(s)), backend %s%s, job dir %s", job_num, shape.world_size,
+             layout.nnodes, shape.backend,
+             " (simulated: one process plays rank %d)" % shape.simulated_rank if shape.simulated_rank is not None
+             else " (ranks share the GPUs)" if shape.shared_gpus else "", job_dir)
     finding, interrupted = None, None
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -375,7 +380,7 @@ def run_job(cfg: DictConfig) -> dict:
             agent = subprocess.Popen([sys.executable, "-m", "wan_exp.agent", json.dumps(spec)],
                                      env={**os.environ, **env, NODE_ID_VAR: node_id}, stdout=agent_log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-            finding = watch(agent, job_dir, shape.world_size, cfg, layout.rdzv_endpoint,
+            finding = watch(agent, job_dir, shape.processes, cfg, layout.rdzv_endpoint,
                             sweep_title(job_dir.parent, job_num))
     except KeyboardInterrupt as exc:
         if in_main_thread:
@@ -383,7 +388,7 @@ def run_job(cfg: DictConfig) -> dict:
             signal.signal(signal.SIGTERM, _exit_at_once)
         how = str(exc) if isinstance(exc, SweepInterrupted) else "SIGINT"
         beats = results.read_heartbeats(job_dir)
-        stuck = furthest_behind(beats, shape.world_size, time.time())
+        stuck = furthest_behind(beats, shape.processes, time.time())
         interrupted = {"rank": stuck["rank"] if beats else None, "phase": stuck["phase"] if beats else "start",
                        "step": stuck.get("step") if beats else None,
                        "message": f"interrupted by {how} while rank {stuck['rank']} was in {_where(stuck)!r}"}
@@ -408,7 +413,7 @@ def run_job(cfg: DictConfig) -> dict:
         oom_kills_after = results.kernel_oom_kill_count()
         oom_kills = (None if oom_kills_before is None or oom_kills_after is None
                      else oom_kills_after - oom_kills_before)
-        final = finalize(job_dir, shape.world_size, outcomes, finding, interrupted, layout.rdzv_endpoint, oom_kills)
+        final = finalize(job_dir, shape.processes, outcomes, finding, interrupted, layout.rdzv_endpoint, oom_kills)
         status = final["status"]
     if interrupted is not None:
         raise SweepInterrupted(interrupted["message"])

@@ -136,13 +136,14 @@ def check_memory_fits(cfg: Any, world_size: int, nproc_per_node: int, gpus: int)
         )
     if not on_device:
         return
-    device_need = sum(w.bytes // s for w, s in on_device)
-    free = gpu_free_bytes(nproc_per_node)
+    ranks_per_gpu = -(-nproc_per_node // gpus)  # launcher.share_gpus: ranks round robin on the GPUs
+    device_need = ranks_per_gpu * sum(w.bytes // s for w, s in on_device)
+    free = gpu_free_bytes(min(nproc_per_node, gpus))
     if not free or device_need <= min(free):
         return
     raise ConfigError(
-        f"model={cfg.model.name} does not fit in GPU memory: with {strategy} on {world_size} rank(s) each "
-        f"GPU holds {_listing([w.describe(s) for w, s in on_device])}: {_size(device_need)} for the "
+        f"model={cfg.model.name} does not fit in GPU memory: with {strategy} on {world_size} rank(s) "
+        f"({ranks_per_gpu} per GPU) each GPU holds {_listing([w.describe(s) for w, s in on_device])}: {_size(device_need)} for the "
         f"weights alone, but the fullest GPU has {_size(min(free))} free (NVML); "
         f"{_hint(cfg, full_load, False, encoders_on_gpu=any(w is not dit for w, _ in on_device))}"
     )

@@ -197,6 +197,12 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
         "root_cause": root_cause,
         "strategy": config.get("parallel", {}).get("name"),
         "world_size": job.get("world_size"),
+        # more ranks than GPUs (launcher.share_gpus): step times not comparable, memory per process is
+        "shared_gpus": bool(job.get("shared_gpus")),
+        # {"world_size": N, "rank": r}: one process played rank r of N over the fake process group
+        "simulated": job.get("simulated"),
+        # simulated: the rank's step priced at launcher.link (metrics/pricing.py)
+        "prediction": _prediction(job, config, records),
         "model": config.get("model", {}).get("name"),
         "workload": config.get("workload", {}).get("name"),
         "overrides": job.get("overrides", []),
@@ -211,6 +217,14 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
         "finished_at": finished,
         "wall_s": wall_s,
     }
+
+
+def _prediction(job: dict, config: dict, records: list[dict]) -> Optional[dict]:
+    if not job.get("simulated") or not records:
+        return None
+    from wan_exp.metrics.pricing import parse_link, predict_step
+
+    return predict_step(records[0], parse_link(config.get("launcher", {}).get("link", "nvlink4")))
 
 
 def job_warnings(records: list[dict]) -> list[str]:
@@ -353,7 +367,8 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
     if existing is not None and existing.get("status") == COMPLETED:
         return existing
     records = read_rank_records(job_dir)
-    world_size = (read_json(Path(job_dir) / JOB_FILE) or {}).get("world_size")
+    job = read_json(Path(job_dir) / JOB_FILE) or {}
+    processes = job.get("processes", job.get("world_size"))  # a simulated job: one process
     if interrupted is not None:
         status = INTERRUPTED
         root_cause = {"rank": interrupted["rank"], "phase": interrupted["phase"], "step": interrupted.get("step"),
@@ -368,7 +383,7 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
     else:
         root_cause = failure_root_cause(records, dead_ranks, read_heartbeats(job_dir), kernel_oom_kills)
         if root_cause is None:
-            missing = sorted(set(range(world_size or 0)) - {r["rank"] for r in records})
+            missing = sorted(set(range(processes or 0)) - {r["rank"] for r in records})
             if not missing and all(r.get("status") == COMPLETED for r in records):
                 results = completed_results(job_dir, records, summarize)
                 write_results(job_dir, results)

@@ -46,9 +46,12 @@ class RankContext:
     """
 
     def __init__(self, cfg: Any, rank: int, local_rank: int, world_size: int,
-                 device: torch.device, job_dir: Optional[Path]) -> None:
+                 device: torch.device, job_dir: Optional[Path], process_rank: Optional[int] = None) -> None:
         self.cfg = cfg
         self.rank = rank
+        # the index of this process's files in the job dir: the rank, except in a simulated
+        # job, whose one process plays rank `rank` of world_size and writes as process 0
+        self.process_rank = rank if process_rank is None else process_rank
         self.local_rank = local_rank
         self.world_size = world_size
         self.device = torch.device(device)
@@ -72,7 +75,7 @@ class RankContext:
         with self._beat_lock:
             # seq counts this rank's heartbeats: ranks run the same program, so on a hang the
             # rank with the lowest seq is the one the others are waiting for
-            self._beat = {"rank": self.rank, "pid": os.getpid(), "phase": phase, "step": step,
+            self._beat = {"rank": self.process_rank, "pid": os.getpid(), "phase": phase, "step": step,
                           "seq": self._beat.get("seq", 0) + 1, "time": time.time()}
             self._write_beat()
 
@@ -85,12 +88,12 @@ class RankContext:
 
     def _write_beat(self) -> None:  # under _beat_lock
         rss, peak = host_memory_gib()
-        write_json_atomic(heartbeat_path(self.job_dir, self.rank), {
+        write_json_atomic(heartbeat_path(self.job_dir, self.process_rank), {
             **self._beat, "host_rss_gib": rss, "host_rss_peak_gib": peak, "memory_time": time.time(),
         }, durable=False)
 
     def _sample_memory(self) -> None:
-        progress_dir = heartbeat_path(self.job_dir, self.rank).parent
+        progress_dir = heartbeat_path(self.job_dir, self.process_rank).parent
         while True:
             time.sleep(MEMORY_SAMPLE_S)
             if not progress_dir.is_dir():

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from wan_exp import results
-from wan_exp.config import ExperimentConfig, config_warnings, typed_config
+from wan_exp import numerics, results
+from wan_exp.config import ExperimentConfig, config_warnings, rank_device, typed_config
 from wan_exp.envvars import JOB_DIR_VAR
 from wan_exp.metrics.collector import GIB
 from wan_exp.models.attention import selected_backend, selected_lse_backend
@@ -80,23 +80,45 @@ def error_record(ctx: RankContext, exc: BaseException) -> dict:
     return record
 
 
+SIMULATED_NOTE = ("fake process group: collectives were counted but moved no data, so the outputs are "
+                  "meaningless and the non-finite checks were off; memory and compute are this rank's own")
+
+
+def init_process_group(backend: str, device: torch.device, rank: int, world_size: int, timeout_s: float) -> None:
+    """Join the job's process group. ``fake`` (a simulated job): torch's fake process group, in
+    which this one process is ``rank`` of ``world_size`` and collectives return at once."""
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "fake":
+        from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the backend
+
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size, timeout=timeout)
+        return
+    # gloo also on shared GPUs (NCCL refuses two ranks on one GPU); device_id binds NCCL only
+    dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+
+
 def run_rank(job_dir: Path) -> int:
     job = json.loads((job_dir / results.JOB_FILE).read_text())
     cfg = load_job_config(job_dir)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    dump_stacks_on_sigusr1(job_dir, rank)
-    on_gpu = job["backend"] == "nccl"
-    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
-    if on_gpu:
+    process_rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    simulated = job.get("simulated")  # one process plays rank simulated["rank"] of simulated["world_size"]
+    rank, world_size = ((simulated["rank"], simulated["world_size"]) if simulated
+                        else (process_rank, int(os.environ["WORLD_SIZE"])))
+    dump_stacks_on_sigusr1(job_dir, process_rank)
+    device = torch.device(*rank_device(job, local_rank))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    ctx = RankContext(cfg, rank, local_rank, world_size, device, job_dir)
+    ctx = RankContext(cfg, rank, local_rank, world_size, device, job_dir, process_rank=process_rank)
     ctx.metrics.note("warnings", config_warnings(cfg))
+    if simulated:
+        numerics.disable_checks()
+        ctx.metrics.note("simulated", {**simulated, "note": SIMULATED_NOTE})
+    if job.get("shared_gpus"):
+        ctx.metrics.note("shared_gpus", True)
     try:
         with ctx.metrics.comm:  # count every collective from the process group to the last step
             with ctx.phase("process_group"):
-                dist.init_process_group(job["backend"], timeout=timedelta(seconds=cfg.nccl.timeout_s),
-                                        device_id=device if on_gpu else None)
+                init_process_group(job["backend"], device, rank, world_size, cfg.nccl.timeout_s)
             ctx.heartbeat("workload")  # until the workload enters its first phase
             from wan_exp.workloads import WORKLOADS  # imported here so an import error is recorded
 
@@ -104,14 +126,14 @@ def run_rank(job_dir: Path) -> int:
         ctx.metrics.note("attention_backend", selected_backend())  # None: no attention ran (init)
         ctx.metrics.note("attention_lse_backend", selected_lse_backend())  # None: no ring attention
         record = ctx.metrics.rank_record()
-        record.update(status=results.COMPLETED, error=None, env=seen_environment(job))
+        record.update(status=results.COMPLETED, error=None, env=seen_environment(job), rank=process_rank)
         results.write_rank_record(job_dir, record)
         ctx.heartbeat("done")
         dist.destroy_process_group()
         return 0
     except BaseException as exc:  # record any failure, including KeyboardInterrupt, then leave
         record = error_record(ctx, exc)
-        record["env"] = seen_environment(job)
+        record.update(env=seen_environment(job), rank=process_rank)
         results.write_rank_record(job_dir, record)
         print(f"[rank {rank}] {record['status']} in phase {ctx.current_phase}:", file=sys.stderr)
         traceback.print_exc()

@@ -148,3 +148,21 @@ def local_parameters(module: nn.Module) -> list[torch.Tensor]:
 def local_param_bytes(module: nn.Module) -> int:
     """Bytes of parameter storage this rank holds for ``module`` (only local shards)."""
     return sum(t.numel() * t.element_size() for t in local_parameters(module))
+
+
+def gather_rows(param: torch.Tensor) -> torch.Tensor:
+    """The whole value of an FSDP2 parameter (Shard(0) over a 1-D mesh), gathered with one
+    c10d ``all_gather_into_tensor`` of the padded local rows; any other tensor as it is.
+
+    Not ``DTensor.full_tensor()``: its functional-collective path crashed both ranks (SIGSEGV)
+    under gloo with CUDA tensors, the backend of ranks that share a GPU (docs/rehearsal.md)."""
+    if not isinstance(param, DTensor):
+        return param
+    local, _ = _local_shard(param)
+    group = param.device_mesh.get_group()
+    per_rank = -(-param.shape[0] // param.device_mesh.size())
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    gathered = local.new_empty((per_rank * param.device_mesh.size(), *local.shape[1:]))
+    torch.distributed.all_gather_into_tensor(gathered, padded, group=group)
+    return gathered[: param.shape[0]]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from wan_exp.report.plots import FIGURES
-from wan_exp.report.table import Row, table_cells
+from wan_exp.report.table import CAVEATS_TITLE, Row, table_cells, time_caveats
 
 UNREADABLE_TITLE = "Results that could not be read (left out)"
 
@@ -51,6 +51,9 @@ def markdown(sweep_dir: Path, rows: list[Row], unreadable: Sequence[str] = ()) -
     for cells in body:
         texts = [f"**{text}**" if best else text for text, best in cells]
         lines.append("| " + " | ".join(t.replace("|", "\\|") for t in texts) + " |")
+    caveats = time_caveats(rows)
+    if caveats:
+        lines += ["", f"## {CAVEATS_TITLE}", ""] + [f"- {line}" for line in caveats]
     failed = _failed_jobs(rows)
     if failed:
         lines += ["", "## Jobs that did not complete", ""] + [f"- {_job_line(job)}" for job in failed]
@@ -80,6 +83,9 @@ def html_page(sweep_dir: Path, rows: list[Row], unreadable: Sequence[str] = ()) 
             tds.append(f"<td{attr}>{html.escape(text)}</td>")
         out.append(f"<tr{css_row}>" + "".join(tds) + "</tr>")
     out.append("</tbody></table>")
+    caveats = time_caveats(rows)
+    if caveats:
+        out.append(f"<h2>{CAVEATS_TITLE}</h2><ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in caveats) + "</ul>")
     failed = _failed_jobs(rows)
     if failed:
         out.append("<h2>Jobs that did not complete</h2><ul>")

@@ -251,3 +251,22 @@ def text_table(rows: list[Row], unreadable: Sequence[str] = ()) -> str:
     out.append("(* best in column; metrics are medians over completed repeats)")
     out += [f"left out, unreadable: {problem}" for problem in unreadable]
     return "\n".join(out)
+
+
+CAVEATS_TITLE = "Times not comparable"
+
+
+def time_caveats(rows: list[Row]) -> list[str]:
+    """One line per configuration whose step times do not measure the split on its own GPUs:
+    ranks that shared GPUs (launcher.share_gpus) or one simulated rank (launcher.simulate_world_size)."""
+    lines = []
+    for row in rows:
+        if any(j.get("shared_gpus") for j in row.jobs):
+            lines.append(f"{row.label}: ranks shared GPUs (launcher.share_gpus) and ran their collectives over "
+                         "gloo, so its times are not comparable; memory per process holds")
+        simulated = next((j["simulated"] for j in row.jobs if j.get("simulated")), None)
+        if simulated:
+            lines.append(f"{row.label}: simulated (one process played rank {simulated['rank']} of "
+                         f"{simulated['world_size']} over the fake process group): its step time is that rank's "
+                         "compute only, no data moved; results.json's prediction prices the communication")
+    return lines

@@ -37,9 +37,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.numerics import check_finite
+from wan_exp.parallel.materialise import gather_rows, local_param_bytes
 from wan_exp.parallel.registry import ParallelModel, setup_parallel
 from wan_exp.workloads.inputs import (
     ClipInputs,
@@ -162,7 +164,10 @@ def full_adapter_state_dict(dit: nn.Module) -> dict[str, torch.Tensor]:
 
     Gathered to every rank (adapters are small): FSDP1's rank-0-only CPU offload crashed
     (segmentation fault) on CPU ranks with torch 2.13. FSDP still unshards one unit at a
-    time, so the frozen base is never whole in memory."""
+    time, so the frozen base is never whole in memory. FSDP2's adapters are gathered with
+    c10d (materialise.gather_rows), which also holds for gloo ranks sharing a GPU."""
+    if any(isinstance(p, DTensor) for p in dit.parameters()):  # FSDP2: names unchanged, rows gathered by c10d
+        return {name: gather_rows(p.detach()).cpu() for name, p in dit.named_parameters() if p.requires_grad}
     options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
     return {k: v.detach().cpu() for k, v in get_model_state_dict(dit, options=options).items()}
 
@@ -178,6 +183,19 @@ def save_adapter(state_dict: dict[str, torch.Tensor], lora_cfg: Any, folder: Pat
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     lora_config(lora_cfg).save_pretrained(str(folder))
     return folder
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def train_state_bytes(dit: nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
+    """This rank's training memory by kind, in bytes of its own shards: every parameter of the
+    DiT, the trainable ones, their gradients and the optimiser's state (AdamW: two moments)."""
+    return {"parameters": local_param_bytes(dit), "trainable": _tensor_bytes(params),
+            "gradients": _tensor_bytes(p.grad for p in params),
+            "optimizer_state": _tensor_bytes(v for state in optimizer.state.values() for v in state.values())}
 
 
 def run_train_lora(cfg: Any, ctx: Any) -> dict:
@@ -203,6 +221,8 @@ def run_train_lora(cfg: Any, ctx: Any) -> dict:
             losses.append(train_step(dit, inputs, generator, wl.shift, loss_scale, sp_group))
             check_finite(losses[-1], "training loss")  # before the optimiser spreads it into the adapters
             optimizer.step()
+            if i == wl.steps - 1:  # gradients and optimiser state exist now, not after zero_grad
+                ctx.metrics.note("train_state_bytes", train_state_bytes(dit, params, optimizer))
             optimizer.zero_grad(set_to_none=True)
 
     saved = None

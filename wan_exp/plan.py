@@ -1,0 +1,390 @@
+"""``python -m wan_exp.plan``: will a split fit, and how fast will it be, on GPUs you do not have?
+
+    python -m wan_exp.plan model=s2v_14b workload.size=704*1024 gpus=1,2,4,8 gpu_memory_gib=24,48,80,141
+
+For every preset of conf/parallel (or ``strategies=a,b``) and every GPU count the degrees allow,
+it runs one simulated job (``launcher.simulate_world_size=N``: one process plays rank 0 of N over
+torch's fake process group, docs/rehearsal.md) on this machine's device, then prints and writes
+(``<out>/plan.md``, ``plan.html``, ``plan.json``) strategy x GPUs -> that rank's peak memory and the
+stage where it peaks, fits or OOM at each memory size, predicted step and clip time and the
+predicted scaling efficiency.
+
+Measured (on this device, by the simulated rank): peak memory per stage, compute time per step
+and per stage, the collectives issued (count, bytes). Modelled: their time on ``link=`` (metrics/
+pricing.py; no overlap with compute), hence the step, clip and efficiency figures. With
+``measured=<sweep dir>`` the real runs of that sweep (same model and size) are shown beside, and a
+link fitted to them (``fit_link``) re-prices every row's collectives.
+
+Plan options (the rest are config overrides for every job): ``gpus``, ``gpu_memory_gib``,
+``strategies``, ``link`` (launcher.link), ``out`` (default outputs/plan/<date>-<time>),
+``measured``. Jobs are short: workload=generate with one clip, ``workload.sample_steps=2`` and
+``workload.warmup_steps=1`` unless given.
+"""
+from __future__ import annotations
+
+import html
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from wan_exp.config import CONF_DIR, ConfigError, check_job, compose_config, parse_size, steps_run
+from wan_exp.doctor.gpus import visible_gpu_count
+from wan_exp.metrics.pricing import ASSUMPTION, GB, Link, comm_time_s, parse_link
+from wan_exp.results import read_json, write_json_atomic, write_text_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured")
+SHORT_JOB = {"workload.sample_steps": "2", "workload.warmup_steps": "1", "workload.clips": "1",
+             "logger": "disabled"}
+INIT_STAGE = "init (build/load/wrap)"
+MEASURED_NOTE = ("measured on {device} by the simulated rank: peak memory per stage, compute time, "
+                 "collectives issued")
+
+
+def presets() -> list[str]:
+    """The parallel presets (conf/parallel/*.yaml)."""
+    return sorted(p.stem for p in (CONF_DIR / "parallel").glob("*.yaml"))
+
+
+@dataclass
+class PlanArgs:
+    gpus: list[int]
+    gpu_memory_gib: list[float]
+    strategies: list[str]
+    link: str
+    out: Path
+    measured: Optional[Path]
+    overrides: list[str] = field(default_factory=list)
+
+
+def _numbers(key: str, text: str, kind: type) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise ConfigError(f"{key}={text!r}: give positive numbers separated by commas, e.g. {key}=1,2,4,8")
+    return values
+
+
+def parse_args(argv: Sequence[str]) -> PlanArgs:
+    """Plan options and config overrides; ConfigError naming a bad option."""
+    options: dict[str, str] = {}
+    overrides = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"{arg!r} is not key=value; e.g. gpus=1,2,4,8 or model=s2v_14b")
+        if key in PLAN_OPTIONS:
+            options[key] = value
+        else:
+            overrides.append(arg)
+    known = presets()
+    strategies = [s for s in options.get("strategies", ",".join(known)).split(",") if s]
+    unknown = [s for s in strategies if s not in known]
+    if unknown:
+        raise ConfigError(f"strategies={options['strategies']!r}: {unknown} not presets; use some of {known}")
+    link = options.get("link", "nvlink4")
+    parse_link(link)
+    given = {o.partition("=")[0] for o in overrides}
+    overrides = [f"{k}={v}" for k, v in SHORT_JOB.items() if k not in given] + overrides
+    if "workload" not in given:
+        overrides.insert(0, "workload=generate")
+    return PlanArgs(gpus=_numbers("gpus", options.get("gpus", "1,2,4,8"), int),
+                    gpu_memory_gib=_numbers("gpu_memory_gib", options.get("gpu_memory_gib", "24,48,80,141"), float),
+                    strategies=strategies, link=link,
+                    out=Path(options.get("out") or f"outputs/plan/{time.strftime('%Y-%m-%d/%H-%M-%S')}"),
+                    measured=Path(options["measured"]) if options.get("measured") else None,
+                    overrides=overrides)
+
+
+def job_overrides(args: PlanArgs, strategy: str, gpus: int) -> list[str]:
+    return [*args.overrides, f"parallel={strategy}", f"launcher.simulate_world_size={gpus}",
+            f"launcher.link={args.link}"]
+
+
+def check_candidate(overrides: list[str], gpus_here: int) -> Optional[str]:
+    """None if the simulated job may run here, else why not (the config rule's message)."""
+    try:
+        check_job(compose_config(overrides), gpus_here)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def run_simulated_job(overrides: list[str], sweep_dir: Path) -> Optional[dict]:
+    """One simulated job through launch.py; its results.json (None if it wrote none)."""
+    subprocess.run([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.sweep.dir={sweep_dir}"],
+                   cwd=REPO, capture_output=True, text=True)
+    return read_json(sweep_dir / "0" / "results.json")
+
+
+# ----------------------------------------------------------------------------- rows
+def memory_key(record: dict) -> str:
+    """What a rank's memory is judged by: the allocator's reserved peak on a GPU (what the
+    device must hold), the process's host RSS peak on the CPU."""
+    return "peak_reserved_gib" if record["memory"].get("peak_reserved_gib") is not None else "peak_host_rss_gib"
+
+
+def peak_and_stage(record: dict) -> tuple[Optional[float], Optional[str]]:
+    """The rank's peak memory and the stage it happened in (init when it came before every
+    pipeline stage, i.e. in build/load/wrap)."""
+    key = memory_key(record)
+    peak = record["memory"].get(key)
+    stages = {name: s.get(key) for name, s in (record.get("stages") or {}).items() if s.get(key) is not None}
+    if peak is None:
+        return None, None
+    if not stages or max(stages.values()) < peak * 0.999:
+        return peak, INIT_STAGE
+    return peak, max(stages, key=stages.get)
+
+
+def clip_seconds(results: dict, step_s: Optional[float]) -> Optional[float]:
+    """Predicted time of one clip: sample_steps x the predicted step, plus the measured
+    per-clip time of the stages around the DiT (VAE decode, motion re-encode)."""
+    if step_s is None:
+        return None
+    record = results["ranks"][0]
+    stages = record.get("stages") or {}
+    clips = (stages.get("denoise") or {}).get("count") or 1
+    around = sum((stages.get(name) or {}).get("seconds", 0.0) for name in ("vae_decode", "motion_encode"))
+    return results["config"]["workload"]["sample_steps"] * step_s + around / clips
+
+
+@dataclass
+class PlanRow:
+    strategy: str
+    gpus: int
+    status: str  # completed | failed | oom | not allowed | not run
+    note: str = ""
+    job_dir: Optional[str] = None
+    peak_gib: Optional[float] = None
+    memory_basis: Optional[str] = None
+    peak_stage: Optional[str] = None
+    fits: dict[str, bool] = field(default_factory=dict)  # "<GiB>" -> fits
+    compute_s: Optional[float] = None
+    comm_s: Optional[float] = None
+    step_s: Optional[float] = None
+    clip_s: Optional[float] = None
+    efficiency: Optional[float] = None
+    measured_step_s: Optional[float] = None
+    measured_peak_gib: Optional[float] = None
+    fitted_step_s: Optional[float] = None  # priced at the link fitted to the measured runs
+    comm_per_step: Optional[dict] = None  # the simulated rank's collectives per step (comm.per_step)
+
+
+def row_from_results(strategy: str, gpus: int, results: Optional[dict], sizes: list[float]) -> PlanRow:
+    if results is None:
+        return PlanRow(strategy, gpus, "not run", "the job wrote no results.json")
+    row = PlanRow(strategy, gpus, results["status"], job_dir=results["job_dir"])
+    if results["status"] != "completed":
+        row.note = " ".join(str((results.get("root_cause") or {}).get("message", "")).split())[:200]
+    if not results["ranks"]:
+        return row
+    record = results["ranks"][0]
+    row.peak_gib, row.peak_stage = peak_and_stage(record)
+    row.memory_basis = memory_key(record)
+    if row.peak_gib is not None:
+        row.fits = {f"{size:g}": row.peak_gib <= size and results["status"] == "completed" for size in sizes}
+    prediction = results.get("prediction") or {}
+    row.compute_s, row.comm_s, row.step_s = (prediction.get(k) for k in ("compute_s", "comm_s", "step_s"))
+    row.comm_per_step = (record.get("comm") or {}).get("per_step")
+    row.clip_s = clip_seconds(results, row.step_s)
+    return row
+
+
+def add_efficiency(rows: list[PlanRow]) -> None:
+    """Scaling efficiency = T(single, 1 GPU) / (N x T(N)), from predicted step times."""
+    base = next((r.step_s for r in rows if r.strategy == "single" and r.gpus == 1 and r.step_s), None)
+    for row in rows:
+        if base and row.step_s:
+            row.efficiency = base / (row.gpus * row.step_s)
+
+
+def add_measured(rows: list[PlanRow], sweep_dir: Path, model: str, size: str) -> int:
+    """Real runs of the same model and size in ``sweep_dir``: their median step and peak
+    memory beside the predicted figures. Returns how many rows got one."""
+    found = 0
+    for path in sorted(sweep_dir.rglob("results.json")):
+        real = read_json(path)
+        if (not real or real.get("status") != "completed" or real.get("simulated") or real.get("shared_gpus")
+                or real.get("model") != model or real["config"]["workload"]["size"] != size):
+            continue
+        for row in rows:
+            if row.strategy == real.get("strategy") and row.gpus == real.get("world_size"):
+                row.measured_step_s = (real.get("summary") or {}).get("step_time_s_median")
+                peaks = [r["memory"].get(memory_key(r)) for r in real["ranks"]]
+                row.measured_peak_gib = max((p for p in peaks if p is not None), default=None)
+                found += 1
+    return found
+
+
+def fit_link(rows: list[PlanRow], latency_s: float, source: str) -> Optional[Link]:
+    """The bus bandwidth that makes the predictions meet the measured runs: over every row
+    with a measured step, sum(bus bytes) / sum(measured step - simulated compute - calls x
+    latency). The same GPU computes the same rank's work in both, so what is left of the
+    measured step is communication (and whatever else the real ranks waited for). None when
+    no measured row communicated or the measured steps leave no time for it."""
+    pairs = [(r.measured_step_s - r.compute_s - sum(f["count"] for f in r.comm_per_step.values()) * latency_s,
+              sum(f["bus_bytes"] for f in r.comm_per_step.values()))
+             for r in rows if r.measured_step_s is not None and r.compute_s is not None and r.comm_per_step]
+    seconds, bus_bytes = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+    if not pairs or bus_bytes <= 0 or seconds <= 0:
+        return None
+    gbps = bus_bytes / seconds / GB
+    return Link(f"fitted {gbps:.1f} GB/s", gbps, gbps, latency_s, f"fitted to {len(pairs)} measured run(s) in {source}")
+
+
+def add_fitted(rows: list[PlanRow], link: Link) -> None:
+    for row in rows:
+        if row.compute_s is not None and row.comm_per_step is not None:
+            row.fitted_step_s = row.compute_s + comm_time_s(row.comm_per_step, link)
+
+
+# ----------------------------------------------------------------------------- output
+def _f(value: Optional[float], fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(rows: list[PlanRow], sizes: list[float], with_measured: bool) -> tuple[list[str], list[list[str]]]:
+    header = (["strategy", "GPUs", "status", "peak GiB/rank", "peaks in"] + [f"{s:g} GiB" for s in sizes]
+              + ["compute s/step", "comm s/step", "step s", "clip s", "efficiency"])
+    if with_measured:
+        header += ["measured step s", "measured peak GiB", "step s at fitted link"]
+    body = []
+    for r in rows:
+        fits = [("fits" if r.fits[f"{s:g}"] else "OOM") if r.fits else "-" for s in sizes]
+        cells = ([r.strategy, str(r.gpus), r.status, _f(r.peak_gib),
+                  r.peak_stage or "-"] + fits
+                 + [_f(r.compute_s, ".3f"), _f(r.comm_s, ".4f"), _f(r.step_s, ".3f"), _f(r.clip_s, ".1f"),
+                    _f(r.efficiency, ".0%")])
+        if with_measured:
+            cells += [_f(r.measured_step_s, ".3f"), _f(r.measured_peak_gib), _f(r.fitted_step_s, ".3f")]
+        body.append(cells)
+    return header, body
+
+
+def explanation(args: PlanArgs, device: str, memory_basis: str) -> list[str]:
+    link = parse_link(args.link)
+    return [
+        "Measured: " + MEASURED_NOTE.format(device=device) + f"; peak memory is {memory_basis}.",
+        "Modelled: " + ASSUMPTION.format(link=link.name) + f" ({link.source}). "
+        "Step s = compute + comm; clip s = sample_steps x step + the measured VAE decode and motion "
+        "re-encode of a clip; efficiency = T(single, 1 GPU) / (GPUs x T).",
+        "Fits: the peak against each memory size (no room left for other processes or fragmentation).",
+    ]
+
+
+def markdown(title: str, lines: list[str], header: list[str], body: list[list[str]]) -> str:
+    out = [f"# {title}", "", *[f"- {line}" for line in lines], "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(out) + "\n"
+
+
+def html_page(title: str, lines: list[str], header: list[str], body: list[list[str]]) -> str:
+    from wan_exp.report.render import CSS
+
+    rows = "".join("<tr>" + "".join(f"<td class='text'>{html.escape(c)}</td>" if i < 5 else f"<td>{html.escape(c)}</td>"
+                                    for i, c in enumerate(cells)) + "</tr>" for cells in body)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS} td.oom {{ background: #fde2e2; }}</style></head><body><h1>{html.escape(title)}</h1>"
+            + "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
+            + "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + rows
+            + "</table></body></html>\n")
+
+
+def run_plan(args: PlanArgs) -> list[PlanRow]:
+    """Run every allowed simulated job, then print the plan. The files are rewritten after
+    every job, so a plan cut short (a time limit) still leaves the rows it has."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    gpus_here = visible_gpu_count()
+    candidates = [(s, n) for s in args.strategies for n in args.gpus]
+    rows: list[PlanRow] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    with Progress() as progress:
+        task = progress.add_task("simulated jobs", total=len(candidates))
+        for strategy, n in candidates:
+            progress.update(task, description=f"{strategy} on {n} GPU(s)")
+            overrides = job_overrides(args, strategy, n)
+            refused = check_candidate(overrides, gpus_here)
+            if refused is not None:
+                rows.append(PlanRow(strategy, n, "not allowed", refused))
+            else:
+                results = run_simulated_job(overrides, args.out / "jobs" / f"{strategy}_{n}")
+                rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib))
+                write_plan(args, rows)
+            progress.advance(task)
+    title, lines, header, body = write_plan(args, rows)
+    console = Console()
+    shown = Table(title=title)
+    for name in header:
+        shown.add_column(name)
+    for cells in body:
+        shown.add_row(*cells)
+    console.print(shown)
+    for line in lines:
+        console.print(f"- {line}", markup=False)
+    console.print(f"plan: {args.out / 'plan.md'}  {args.out / 'plan.html'}", markup=False)
+    return rows
+
+
+def write_plan(args: PlanArgs, rows: list[PlanRow]) -> tuple[str, list[str], list[str], list[list[str]]]:
+    """Efficiency, measured runs and the fitted link for ``rows``, then plan.md, plan.html and
+    plan.json; returns (title, notes, header, body)."""
+    add_efficiency(rows)
+    cfg = compose_config(args.overrides)
+    model, size = str(cfg.model.name), str(cfg.workload.size)
+    parse_size(size)
+    with_measured = args.measured is not None and add_measured(rows, args.measured, model, size) > 0
+    device = _device_name(rows)
+    basis = next((r.memory_basis for r in rows if r.memory_basis), "peak_reserved_gib")
+    title = f"Plan: model={model} workload.size={size}, link {args.link}"
+    lines = explanation(args, device, basis) + [
+        f"Command: python -m wan_exp.plan {' '.join(sys.argv[1:])}",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; device: {device}; steps measured per job: "
+        f"{steps_run(cfg.workload) - int(cfg.workload.warmup_steps)} (warm-up {cfg.workload.warmup_steps})"]
+    if args.measured is not None:
+        lines.append(f"Measured runs from {args.measured}: " + ("shown beside the prediction" if with_measured
+                                                                   else "none of the same model and size"))
+        fitted = fit_link(rows, parse_link(args.link).latency_s, str(args.measured)) if with_measured else None
+        if fitted is not None:
+            add_fitted(rows, fitted)
+            lines.append(f"Fitted link: {fitted.name} ({fitted.source}); 'step s at fitted link' prices every "
+                         "row's collectives at it instead of the default figures")
+    lines += [f"{r.strategy} on {r.gpus} GPU(s), {r.status}: {r.note}" for r in rows if r.note]
+    header, body = table(rows, args.gpu_memory_gib, with_measured)
+    write_text_atomic(args.out / "plan.md", markdown(title, lines, header, body))
+    write_text_atomic(args.out / "plan.html", html_page(title, lines, header, body))
+    write_json_atomic(args.out / "plan.json", {"title": title, "notes": lines, "overrides": args.overrides,
+                                               "gpu_memory_gib": args.gpu_memory_gib, "link": args.link,
+                                               "rows": [asdict(r) for r in rows]})
+    return title, lines, header, body
+
+
+def _device_name(rows: list[PlanRow]) -> str:
+    for row in rows:
+        results = read_json(Path(row.job_dir) / "results.json") if row.job_dir else None
+        if results and results["ranks"]:
+            return results["ranks"][0].get("device_name") or "cpu"
+    return "unknown"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        rows = run_plan(args)
+    except ConfigError as err:
+        print(f"wan_exp.plan: {err}", file=sys.stderr)
+        return 2
+    return 0 if any(r.status == "completed" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
