@@ -29,23 +29,35 @@ from torch.distributed import ProcessGroup
 from wan_exp.models.attention import attention_with_lse
 
 
-def _exchange(send: torch.Tensor, group: ProcessGroup, to_rank: int, from_rank: int) -> tuple[torch.Tensor, list]:
+def _exchange(send: torch.Tensor, group: ProcessGroup, to_rank: int,
+              from_rank: int) -> Callable[[], torch.Tensor]:
     """Start sending ``send`` to group rank ``to_rank`` and receiving a tensor like it from
-    ``from_rank``; returns (received buffer, requests)."""
+    ``from_rank``; returns the function that waits and gives the received tensor.
+
+    gloo sends point-to-point messages from host memory only (a CUDA tensor fails in its TCP
+    transport with "Bad address", while its collectives stage CUDA tensors themselves), so
+    over gloo a CUDA tensor travels through the host (ranks sharing a GPU)."""
+    device = send.device
+    if send.is_cuda and dist.get_backend(group) == "gloo":
+        send = send.cpu()
     recv = torch.empty_like(send)
     ops = [dist.P2POp(dist.isend, send, dist.get_global_rank(group, to_rank), group),
            dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, from_rank), group)]
-    return recv, dist.batch_isend_irecv(ops)
+    requests = dist.batch_isend_irecv(ops)
+
+    def received() -> torch.Tensor:
+        for request in requests:
+            request.wait()
+        return recv.to(device)
+
+    return received
 
 
 def _shift(x: torch.Tensor, group: ProcessGroup, step: int) -> torch.Tensor:
     """Blocking: send ``x`` to the rank ``step`` further round the ring, receive from the
     rank ``step`` behind."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    recv, requests = _exchange(x.contiguous(), group, (rank + step) % size, (rank - step) % size)
-    for request in requests:
-        request.wait()
-    return recv
+    return _exchange(x.contiguous(), group, (rank + step) % size, (rank - step) % size)()
 
 
 class _RingShift(torch.autograd.Function):
@@ -65,18 +77,15 @@ class _Pending:
     """The next key/value chunk: in flight (no autograd) or already received (autograd)."""
 
     def __init__(self, kv: torch.Tensor, group: ProcessGroup) -> None:
-        self._received: Optional[torch.Tensor] = None
-        self._requests: list = []
         if torch.is_grad_enabled() and kv.requires_grad:
-            self._received = _RingShift.apply(kv, group)
+            received = _RingShift.apply(kv, group)
+            self._received: Callable[[], torch.Tensor] = lambda: received
         else:
             rank, size = dist.get_rank(group), dist.get_world_size(group)
-            self._received, self._requests = _exchange(kv, group, (rank + 1) % size, (rank - 1) % size)
+            self._received = _exchange(kv, group, (rank + 1) % size, (rank - 1) % size)
 
     def wait(self) -> torch.Tensor:
-        for request in self._requests:
-            request.wait()
-        return self._received
+        return self._received()
 
 
 def merge_partials(out: Optional[torch.Tensor], lse: Optional[torch.Tensor],
