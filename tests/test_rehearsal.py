@@ -285,7 +285,9 @@ def _torchrun_shared_gpu(nproc: int) -> str:
                            str(REPO / "tests" / "dist" / "strategy_equivalence.py")],
                           cwd=REPO, capture_output=True, text=True, timeout=280,
                           env={**os.environ, "WAN_EXP_TEST_DEVICE": "cuda"})
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    told = proc.stdout + proc.stderr
+    verdicts = "\n".join(line for line in told.splitlines() if "MISMATCH" in line or "Error" in line)
+    assert proc.returncode == 0, verdicts + "\n" + told[-3000:]
     return proc.stdout
 
 

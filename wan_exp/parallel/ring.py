@@ -44,11 +44,12 @@ def _exchange(send: torch.Tensor, group: ProcessGroup, to_rank: int,
     ops = [dist.P2POp(dist.isend, send, dist.get_global_rank(group, to_rank), group),
            dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, from_rank), group)]
     requests = dist.batch_isend_irecv(ops)
+    in_flight = (send, recv)  # both buffers (a host copy of ``send`` among them) live until done
 
     def received() -> torch.Tensor:
         for request in requests:
             request.wait()
-        return recv.to(device)
+        return in_flight[1].to(device)
 
     return received
 
