@@ -61,6 +61,17 @@ def test_on_cpu_the_math_path_runs_and_is_recorded():
     assert attn.selected_lse_backend() == "lse_math"
 
 
+def test_half_precision_kernels_are_never_handed_fp32_on_cuda():
+    """The raw kernel ops skip SDPA's dtype checks: fp32 goes to the efficient kernel or the
+    math path only; bf16 may use every kernel (the list is built without touching a GPU)."""
+    cuda = torch.device("cuda")
+    fp32 = attn._lse_candidates(cuda, torch.float32)
+    assert not set(fp32) & set(attn.HALF_PRECISION_ONLY), fp32
+    assert fp32[0] == "lse_sdpa_efficient" and "lse_math" in fp32
+    bf16 = attn._lse_candidates(cuda, torch.bfloat16)
+    assert bf16.index("lse_sdpa_cudnn") < bf16.index("lse_sdpa_efficient"), bf16
+
+
 def test_under_autograd_the_differentiable_math_path_runs():
     """Kernels drop the gradient of their log-sum-exp; the merge needs it."""
     q, k, v = (t.requires_grad_() for t in qkv(9, 9))

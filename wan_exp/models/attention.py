@@ -255,7 +255,13 @@ def selected_lse_backend() -> str | None:
     return _selected_lse
 
 
-def _lse_candidates(device: torch.device) -> list[str]:
+# Kernels for fp16/bf16 only. Called as raw ops they skip SDPA's input checks, so they are
+# never handed other dtypes (ring attention in fp32 on CUDA gave NaN on an H200 while these
+# were first in line; the efficient kernel and the math path take fp32).
+HALF_PRECISION_ONLY = ("lse_sdpa_flash", "lse_sdpa_cudnn", "lse_flash_attn", "lse_fa3", "lse_fa4")
+
+
+def _lse_candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
     if device.type != "cuda":
         return ["lse_math"]
     names = AUTO_ORDER_CUDA if _requested == "auto" else (_requested,)
@@ -266,7 +272,8 @@ def _lse_candidates(device: torch.device) -> list[str]:
             continue
         if _requested == "auto" and name == "flash_attn" and not flash_attn_status()["ok"]:
             continue  # importable but broken, as in the whole-sequence search
-        candidates.extend(c for c in _LSE_CANDIDATES[name] if c not in candidates)
+        candidates.extend(c for c in _LSE_CANDIDATES[name] if c not in candidates
+                          and (dtype in (torch.float16, torch.bfloat16) or c not in HALF_PRECISION_ONLY))
     return candidates
 
 
@@ -284,7 +291,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     if _selected_lse is not None and _selected_lse != "lse_math":
         return LSE_IMPLEMENTATIONS[_selected_lse](q, k, v)
     failures = []
-    for name in _lse_candidates(q.device):
+    for name in _lse_candidates(q.device, q.dtype):
         try:
             result = LSE_IMPLEMENTATIONS[name](q, k, v)
         except torch.OutOfMemoryError:
