@@ -33,21 +33,25 @@ def _torchrun(nproc: int, script: str, *args: str) -> subprocess.CompletedProces
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.slow
-def test_cfg_ring_usp_and_fsdp_mixes_on_4_ranks_equal_one_rank():
-    proc = _torchrun(4, "split_equivalence.py")
+def _assert_script_prints(nproc: int, script: str, *verdicts: str) -> None:
+    """The torchrun script exits 0 and prints every verdict line."""
+    proc = _torchrun(nproc, script)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
-    assert "ALL 6 SPLIT CASES MATCH (token counts [147, 209]; 4 gradient cases)" in proc.stdout, output[-6000:]
-    assert "ok [ring attention alone, lengths [13, 29, 31]]" in proc.stdout, output[-6000:]
+    for verdict in verdicts:
+        assert verdict in proc.stdout, output[-6000:]
+
+
+@pytest.mark.slow
+def test_cfg_ring_usp_and_fsdp_mixes_on_4_ranks_equal_one_rank():
+    _assert_script_prints(4, "split_equivalence.py",
+                          "ALL 6 SPLIT CASES MATCH (token counts [147, 209]; 4 gradient cases)",
+                          "ok [ring attention alone, lengths [13, 29, 31]]")
 
 
 @pytest.mark.slow
 def test_every_strategy_equals_the_single_rank_model():
-    proc = _torchrun(2, "strategy_equivalence.py")
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
-    assert "ALL 11 STRATEGY CASES MATCH (token counts [147, 209])" in proc.stdout, output[-6000:]
+    _assert_script_prints(2, "strategy_equivalence.py", "ALL 11 STRATEGY CASES MATCH (token counts [147, 209])")
 
 
 @pytest.mark.parametrize("world_size, overrides, message", [
