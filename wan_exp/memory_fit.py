@@ -33,8 +33,8 @@ import psutil
 from omegaconf import OmegaConf
 
 from wan_exp.config import ConfigError, Placement, Strategy, parallel_dims
+from wan_exp.results import GIB
 
-GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
