@@ -271,6 +271,21 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
     assert f"| ulysses | 2 | completed | {rows[('ulysses', 2)]['peak_gib']:.2f} |" in page
     assert (out / "plan.html").read_text().count("<tr>") == 7
 
+    # the same plan again keeps the jobs it ran (a plan cut short goes on where it stopped)
+    ran = {key: Path(r["job_dir"]) / "results.json" for key, r in rows.items() if r["job_dir"]}
+    written = {key: path.stat().st_mtime_ns for key, path in ran.items()}
+    again = subprocess.run(proc.args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("kept from an earlier run") == len(ran) == 3
+    assert {key: path.stat().st_mtime_ns for key, path in ran.items()} == written
+    assert json.loads((out / "plan.json").read_text())["rows"] == plan["rows"]
+    # other settings into the same out: refused, nothing overwritten
+    other = subprocess.run([*proc.args, "workload.sample_steps=3"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert other.returncode == 2 and "holds a job of other settings" in other.stderr, other.stderr
+    assert "give the plan another out=" in other.stderr
+    assert {key: path.stat().st_mtime_ns for key, path in ran.items()} == written
+
 
 # ----------------------------------------------------------------------------- GPU (the lead runs these)
 def _torchrun_shared_gpu(nproc: int) -> str:

@@ -72,6 +72,32 @@ def test_half_precision_kernels_are_never_handed_fp32_on_cuda():
     assert bf16.index("lse_sdpa_cudnn") < bf16.index("lse_sdpa_efficient"), bf16
 
 
+def test_the_kernel_chosen_for_one_dtype_is_not_reused_for_another(monkeypatch):
+    """A kernel that ran for bf16 is not handed fp32 later: the choice is kept per dtype."""
+    calls = []
+
+    def half_only(q, k, v):
+        calls.append(q.dtype)
+        if q.dtype != torch.bfloat16:
+            raise TypeError("half precision only")
+        return attn.lse_math(q, k, v)
+
+    monkeypatch.setitem(attn.LSE_IMPLEMENTATIONS, "half_only", half_only)
+    monkeypatch.setattr(attn, "_lse_candidates", lambda device, dtype: ["half_only", "lse_math"])
+    attn.configure("sdpa")  # a fresh choice (restore_auto sets auto back)
+    q, k, v = qkv(5, 6)
+    attn.attention_with_lse(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert attn.selected_lse_backend() == "half_only"
+    out, lse = attn.attention_with_lse(q, k, v)
+    assert attn.selected_lse_backend() == "lse_math"
+    ref_out, ref_lse = float64_reference(q, k, v)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    attn.attention_with_lse(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert attn.selected_lse_backend() == "half_only"
+    # bf16, fp32 (refused, then math), bf16 again from the kept choice: fp32 tried once only
+    assert calls == [torch.bfloat16, torch.float32, torch.bfloat16]
+
+
 def test_under_autograd_the_differentiable_math_path_runs():
     """Kernels drop the gradient of their log-sum-exp; the merge needs it."""
     q, k, v = (t.requires_grad_() for t in qkv(9, 9))
@@ -109,6 +135,22 @@ def test_gpu_kernel_returns_the_log_sum_exp_at_the_wan_head_shape(name, n_q, n_k
     assert out.shape == q.shape and lse.shape == (2, 40, n_q) and lse.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_ring_merge_at_the_tiny_model_shape_equals_float64_attention(dtype):
+    """The shape and dtype of the tiny model's ring attention (4 heads x 16, fp32): the kernel
+    auto picks returns finite values equal to float64 attention, merged over chunks too."""
+    attn.configure("auto")
+    q, k, v = qkv(37, 41, heads=4, head_dim=16, device="cuda", dtype=dtype)
+    ref_out, _ = float64_reference(q, k, v)
+    out = lse = None
+    for k_part, v_part in zip(k.tensor_split(3, dim=1), v.tensor_split(3, dim=1)):
+        out, lse = merge_partials(out, lse, *attn.attention_with_lse(q, k_part, v_part))
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all(), attn.selected_lse_backend()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref_out, atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.gpu

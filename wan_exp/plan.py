@@ -18,11 +18,13 @@ link fitted to them (``fit_link``) re-prices every row's collectives.
 Plan options (the rest are config overrides for every job): ``gpus``, ``gpu_memory_gib``,
 ``strategies``, ``link`` (launcher.link), ``out`` (default outputs/plan/<date>-<time>),
 ``measured``. Jobs are short: workload=generate with one clip, ``workload.sample_steps=2`` and
-``workload.warmup_steps=1`` unless given.
+``workload.warmup_steps=1`` unless given. The same command with the same ``out`` again keeps the
+jobs that finished (a plan cut short goes on where it stopped).
 """
 from __future__ import annotations
 
 import html
+import shutil
 import subprocess
 import sys
 import time
@@ -115,11 +117,30 @@ def check_candidate(overrides: list[str], gpus_here: int) -> Optional[str]:
     return None
 
 
-def run_simulated_job(overrides: list[str], sweep_dir: Path) -> Optional[dict]:
-    """One simulated job through launch.py; its results.json (None if it wrote none)."""
-    subprocess.run([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.sweep.dir={sweep_dir}"],
-                   cwd=REPO, capture_output=True, text=True)
-    return read_json(sweep_dir / "0" / "results.json")
+def earlier_results(overrides: list[str], sweep_dir: Path) -> Optional[dict]:
+    """The results of this job from an earlier run of the same plan (same ``out``), if it got
+    that far; a job cut short (no results.json) is cleared to run again. A job of other
+    overrides in its place is refused: the plan does not overwrite results it did not make."""
+    results_path = sweep_dir / "0" / "results.json"
+    if results_path.exists():
+        results = read_json(results_path)
+        if sorted(results.get("overrides", [])) == sorted(overrides):
+            return results
+        raise ConfigError(
+            f"{sweep_dir}: holds a job of other settings ({' '.join(results.get('overrides', []))}), "
+            f"not {' '.join(overrides)}; give the plan another out= (or remove that directory)")
+    if sweep_dir.exists():
+        shutil.rmtree(sweep_dir)  # a job this plan started and that was cut short: nothing to keep
+    return None
+
+
+def run_simulated_job(overrides: list[str], sweep_dir: Path) -> tuple[Optional[dict], str]:
+    """One simulated job through launch.py: its results.json (None if it wrote none) and the
+    last lines it printed (why, when there are no results)."""
+    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.sweep.dir={sweep_dir}"],
+                          cwd=REPO, capture_output=True, text=True)
+    told = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+    return read_json(sweep_dir / "0" / "results.json"), " | ".join(told[-2:])
 
 
 # ----------------------------------------------------------------------------- rows
@@ -176,9 +197,10 @@ class PlanRow:
     comm_per_step: Optional[dict] = None  # the simulated rank's collectives per step (comm.per_step)
 
 
-def row_from_results(strategy: str, gpus: int, results: Optional[dict], sizes: list[float]) -> PlanRow:
+def row_from_results(strategy: str, gpus: int, results: Optional[dict], sizes: list[float],
+                     told: str = "") -> PlanRow:
     if results is None:
-        return PlanRow(strategy, gpus, "not run", "the job wrote no results.json")
+        return PlanRow(strategy, gpus, "not run", "the job wrote no results.json" + (f": {told}" if told else ""))
     row = PlanRow(strategy, gpus, results["status"], job_dir=results["job_dir"])
     if results["status"] != "completed":
         row.note = " ".join(str((results.get("root_cause") or {}).get("message", "")).split())[:200]
@@ -299,7 +321,8 @@ def html_page(title: str, lines: list[str], header: list[str], body: list[list[s
 
 def run_plan(args: PlanArgs) -> list[PlanRow]:
     """Run every allowed simulated job, then print the plan. The files are rewritten after
-    every job, so a plan cut short (a time limit) still leaves the rows it has."""
+    every job, so a plan cut short (a time limit) still leaves the rows it has; run again with
+    the same ``out`` and the jobs that wrote results are kept, the rest run."""
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -317,8 +340,14 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
             if refused is not None:
                 rows.append(PlanRow(strategy, n, "not allowed", refused))
             else:
-                results = run_simulated_job(overrides, args.out / "jobs" / f"{strategy}_{n}")
-                rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib))
+                job_dir = args.out / "jobs" / f"{strategy}_{n}"
+                results, told = earlier_results(overrides, job_dir), ""
+                if results is None:
+                    results, told = run_simulated_job(overrides, job_dir)
+                else:
+                    progress.console.print(f"{strategy} on {n} GPU(s): kept from an earlier run ({job_dir})",
+                                           markup=False)
+                rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib, told))
                 write_plan(args, rows)
             progress.advance(task)
     title, lines, header, body = write_plan(args, rows)

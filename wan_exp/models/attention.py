@@ -114,6 +114,7 @@ def configure(name: object) -> None:
         )
     if name != _requested:
         _requested, _selected, _selected_lse = name, None, None
+        _lse_by_input.clear()
 
 
 def selected_backend() -> str | None:
@@ -248,6 +249,9 @@ _LSE_CANDIDATES = {
     "sdpa": ("lse_sdpa_cudnn", "lse_sdpa_flash", "lse_sdpa_efficient"),
 }
 _selected_lse: str | None = None
+# (device type, dtype) -> the LSE kernel that ran for such inputs: a kernel that takes bf16
+# need not take fp32, so one choice never carries over to another dtype
+_lse_by_input: dict[tuple[str, torch.dtype], str] = {}
 
 
 def selected_lse_backend() -> str | None:
@@ -288,8 +292,10 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         _selected_lse = "lse_math"
         return lse_math(q, k, v)
-    if _selected_lse is not None and _selected_lse != "lse_math":
-        return LSE_IMPLEMENTATIONS[_selected_lse](q, k, v)
+    chosen = _lse_by_input.get((q.device.type, q.dtype))
+    if chosen is not None:
+        _selected_lse = chosen
+        return LSE_IMPLEMENTATIONS[chosen](q, k, v)
     failures = []
     for name in _lse_candidates(q.device, q.dtype):
         try:
@@ -299,7 +305,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         except Exception as err:  # noqa: BLE001 - "does not run here": try the next one
             failures.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             continue
-        _selected_lse = name
+        _selected_lse = _lse_by_input[(q.device.type, q.dtype)] = name
         return result
     raise AttentionBackendError(
         f"model.attention_backend={_requested!r}: no attention kernel returning the log-sum-exp ran on "
