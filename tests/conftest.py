@@ -1,6 +1,21 @@
 """Shared test fixtures. GPU tests carry @pytest.mark.gpu and skip where CUDA is absent."""
+import os
+
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_dir(tmp_path_factory):
+    """The suite keeps what it caches (the launcher's parameter counts) in a folder of its
+    own, shared by its launches, never the user's ~/.cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
 
 
 def pytest_collection_modifyitems(config, items):

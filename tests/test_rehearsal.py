@@ -257,7 +257,7 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
         assert row["compute_s"] == pytest.approx(compute) and row["comm_s"] == pytest.approx(comm)
         assert row["step_s"] == pytest.approx(compute + comm)
         decode = sum(record["stages"][n]["seconds"] for n in ("vae_decode", "motion_encode") if n in record["stages"])
-        assert row["clip_s"] == pytest.approx(2 * (compute + comm) + decode)
+        assert row["clip_s"] == pytest.approx(40 * (compute + comm) + decode)  # upstream S2V: 40 steps
         steps[key] = compute + comm
     assert nvlink4.name in plan["title"]
     assert rows[("ulysses", 2)]["comm_s"] > 0  # Ulysses exchanges heads every attention
@@ -269,6 +269,7 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
     assert "no overlap with compute assumed" in page and "Measured:" in page and "Modelled:" in page
     assert "none of the same model and size" in page
     assert f"| ulysses | 2 | completed | {rows[('ulysses', 2)]['peak_gib']:.2f} |" in page
+    assert "clip s (40 steps)" in page and "clip s (40 steps)" in proc.stdout  # a log gets the whole table
     assert (out / "plan.html").read_text().count("<tr>") == 7
 
     # the same plan again keeps the jobs it ran (a plan cut short goes on where it stopped)

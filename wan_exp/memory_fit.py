@@ -19,21 +19,27 @@ On a machine without GPUs the device is the host. Host memory is per node
 memory with NVML's free memory of each GPU the node's ranks use.
 
 Parameter counts come from the models themselves, built on the meta device (no memory),
-once per model config. torch and transformers are imported only then, so importing this
-module keeps the launcher light.
+once per model config: importing torch and transformers and building them takes seconds, so
+the counts are kept in ``$XDG_CACHE_HOME/wan-exp/parameter_counts.json`` (default
+``~/.cache``), keyed by the model config and the model code, and later launches read them
+from there. torch and transformers are imported only for a count not yet kept, so importing
+this module keeps the launcher light.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import psutil
 from omegaconf import OmegaConf
 
 from wan_exp.config import ConfigError, Placement, Strategy, parallel_dims
-from wan_exp.results import GIB
+from wan_exp.results import GIB, write_json_atomic
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -56,8 +62,48 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB // 10 else f"{n_bytes / 2**20:.1f} MiB"
 
 
+# the code that decides the parameter counts: a change to it makes the kept counts stale
+_MODEL_SOURCES = ("models/wan_s2v.py", "models/encoders.py", "config.py")
+
+
+def counts_cache_path() -> Path:
+    """Where the parameter counts are kept between launches."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "wan-exp" / "parameter_counts.json"
+
+
+def _counts_key(model_yaml: str) -> str:
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(model_yaml.encode())
+    package = Path(__file__).resolve().parent
+    for relative in _MODEL_SOURCES:
+        digest.update((package / relative).read_bytes())
+    digest.update(version("transformers").encode())  # the encoders' classes are transformers'
+    return digest.hexdigest()
+
+
 @functools.lru_cache(maxsize=8)
 def _parameter_counts(model_yaml: str) -> tuple[int, int, int]:
+    """(DiT, text encoder, audio encoder) parameter counts of a model config: kept ones when
+    the config and the model code are unchanged, else counted (``count_parameters``) and kept.
+    A cache that cannot be read or written only costs the count."""
+    path, key = counts_cache_path(), _counts_key(model_yaml)
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    if isinstance(kept, dict) and isinstance(kept.get(key), list) and len(kept[key]) == 3:
+        return tuple(int(n) for n in kept[key])  # type: ignore[return-value]
+    counts = count_parameters(model_yaml)
+    try:
+        write_json_atomic(path, {**(kept if isinstance(kept, dict) else {}), key: list(counts)})
+    except OSError:
+        pass  # a read-only home: count again next time
+    return counts
+
+
+def count_parameters(model_yaml: str) -> tuple[int, int, int]:
     """(DiT, text encoder, audio encoder) parameter counts, from the models built on the
     meta device (tied weights counted once); audio 0 without S2V."""
     import torch

@@ -18,7 +18,8 @@ link fitted to them (``fit_link``) re-prices every row's collectives.
 Plan options (the rest are config overrides for every job): ``gpus``, ``gpu_memory_gib``,
 ``strategies``, ``link`` (launcher.link), ``out`` (default outputs/plan/<date>-<time>),
 ``measured``. Jobs are short: workload=generate with one clip, ``workload.sample_steps=2`` and
-``workload.warmup_steps=1`` unless given. The same command with the same ``out`` again keeps the
+``workload.warmup_steps=1`` unless given; the clip time is predicted for ``clip_steps`` sampling
+steps (default 40, upstream S2V's). The same command with the same ``out`` again keeps the
 jobs that finished (a plan cut short goes on where it stopped).
 """
 from __future__ import annotations
@@ -38,7 +39,9 @@ from wan_exp.metrics.pricing import ASSUMPTION, GB, Link, comm_time_s, parse_lin
 from wan_exp.results import read_json, write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
-PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured")
+PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured", "clip_steps")
+# sampling steps of the clip the plan predicts: upstream S2V's default (its jobs run 2 of them)
+DEFAULT_CLIP_STEPS = 40
 SHORT_JOB = {"workload.sample_steps": "2", "workload.warmup_steps": "1", "workload.clips": "1",
              "logger": "disabled"}
 INIT_STAGE = "init (build/load/wrap)"
@@ -60,6 +63,7 @@ class PlanArgs:
     out: Path
     measured: Optional[Path]
     overrides: list[str] = field(default_factory=list)
+    clip_steps: int = DEFAULT_CLIP_STEPS
 
 
 def _numbers(key: str, text: str, kind: type) -> list:
@@ -100,7 +104,8 @@ def parse_args(argv: Sequence[str]) -> PlanArgs:
                     strategies=strategies, link=link,
                     out=Path(options.get("out") or f"outputs/plan/{time.strftime('%Y-%m-%d/%H-%M-%S')}"),
                     measured=Path(options["measured"]) if options.get("measured") else None,
-                    overrides=overrides)
+                    overrides=overrides,
+                    clip_steps=_numbers("clip_steps", options.get("clip_steps", str(DEFAULT_CLIP_STEPS)), int)[0])
 
 
 def job_overrides(args: PlanArgs, strategy: str, gpus: int) -> list[str]:
@@ -163,16 +168,17 @@ def peak_and_stage(record: dict) -> tuple[Optional[float], Optional[str]]:
     return peak, max(stages, key=stages.get)
 
 
-def clip_seconds(results: dict, step_s: Optional[float]) -> Optional[float]:
-    """Predicted time of one clip: sample_steps x the predicted step, plus the measured
-    per-clip time of the stages around the DiT (VAE decode, motion re-encode)."""
+def clip_seconds(results: dict, step_s: Optional[float], clip_steps: int) -> Optional[float]:
+    """Predicted time of one clip of ``clip_steps`` sampling steps: clip_steps x the predicted
+    step, plus the measured per-clip time of the stages around the DiT (VAE decode, motion
+    re-encode). The job itself ran fewer steps (SHORT_JOB): its step is what is measured."""
     if step_s is None:
         return None
     record = results["ranks"][0]
     stages = record.get("stages") or {}
     clips = (stages.get("denoise") or {}).get("count") or 1
     around = sum((stages.get(name) or {}).get("seconds", 0.0) for name in ("vae_decode", "motion_encode"))
-    return results["config"]["workload"]["sample_steps"] * step_s + around / clips
+    return clip_steps * step_s + around / clips
 
 
 @dataclass
@@ -198,7 +204,7 @@ class PlanRow:
 
 
 def row_from_results(strategy: str, gpus: int, results: Optional[dict], sizes: list[float],
-                     told: str = "") -> PlanRow:
+                     clip_steps: int = DEFAULT_CLIP_STEPS, told: str = "") -> PlanRow:
     if results is None:
         return PlanRow(strategy, gpus, "not run", "the job wrote no results.json" + (f": {told}" if told else ""))
     row = PlanRow(strategy, gpus, results["status"], job_dir=results["job_dir"])
@@ -214,7 +220,7 @@ def row_from_results(strategy: str, gpus: int, results: Optional[dict], sizes: l
     prediction = results.get("prediction") or {}
     row.compute_s, row.comm_s, row.step_s = (prediction.get(k) for k in ("compute_s", "comm_s", "step_s"))
     row.comm_per_step = (record.get("comm") or {}).get("per_step")
-    row.clip_s = clip_seconds(results, row.step_s)
+    row.clip_s = clip_seconds(results, row.step_s, clip_steps)
     return row
 
 
@@ -271,9 +277,10 @@ def _f(value: Optional[float], fmt: str = ".2f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def table(rows: list[PlanRow], sizes: list[float], with_measured: bool) -> tuple[list[str], list[list[str]]]:
+def table(rows: list[PlanRow], sizes: list[float], with_measured: bool,
+          clip_steps: int = DEFAULT_CLIP_STEPS) -> tuple[list[str], list[list[str]]]:
     header = (["strategy", "GPUs", "status", "peak GiB/rank", "peaks in"] + [f"{s:g} GiB" for s in sizes]
-              + ["compute s/step", "comm s/step", "step s", "clip s", "efficiency"])
+              + ["compute s/step", "comm s/step", "step s", f"clip s ({clip_steps} steps)", "efficiency"])
     if with_measured:
         header += ["measured step s", "measured peak GiB", "step s at fitted link"]
     body = []
@@ -294,8 +301,9 @@ def explanation(args: PlanArgs, device: str, memory_basis: str) -> list[str]:
     return [
         "Measured: " + MEASURED_NOTE.format(device=device) + f"; peak memory is {memory_basis}.",
         "Modelled: " + ASSUMPTION.format(link=link.name) + f" ({link.source}). "
-        "Step s = compute + comm; clip s = sample_steps x step + the measured VAE decode and motion "
-        "re-encode of a clip; efficiency = T(single, 1 GPU) / (GPUs x T).",
+        f"Step s = compute + comm; clip s = {args.clip_steps} sampling steps (clip_steps=; upstream S2V's "
+        "default is 40) x step + the measured VAE decode and motion re-encode of a clip; "
+        "efficiency = T(single, 1 GPU) / (GPUs x T).",
         "Fits: the peak against each memory size (no room left for other processes or fragmentation).",
     ]
 
@@ -347,11 +355,14 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
                 else:
                     progress.console.print(f"{strategy} on {n} GPU(s): kept from an earlier run ({job_dir})",
                                            markup=False)
-                rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib, told))
+                rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib, args.clip_steps, told))
                 write_plan(args, rows)
             progress.advance(task)
     title, lines, header, body = write_plan(args, rows)
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: rich would squeeze the columns to 80 characters
+        print(markdown(title, lines, header, body) + f"plan: {args.out / 'plan.md'}  {args.out / 'plan.html'}")
+        return rows
     shown = Table(title=title)
     for name in header:
         shown.add_column(name)
@@ -388,7 +399,7 @@ def write_plan(args: PlanArgs, rows: list[PlanRow]) -> tuple[str, list[str], lis
             lines.append(f"Fitted link: {fitted.name} ({fitted.source}); 'step s at fitted link' prices every "
                          "row's collectives at it instead of the default figures")
     lines += [f"{r.strategy} on {r.gpus} GPU(s), {r.status}: {r.note}" for r in rows if r.note]
-    header, body = table(rows, args.gpu_memory_gib, with_measured)
+    header, body = table(rows, args.gpu_memory_gib, with_measured, args.clip_steps)
     write_text_atomic(args.out / "plan.md", markdown(title, lines, header, body))
     write_text_atomic(args.out / "plan.html", html_page(title, lines, header, body))
     write_json_atomic(args.out / "plan.json", {"title": title, "notes": lines, "overrides": args.overrides,
