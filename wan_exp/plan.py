@@ -336,27 +336,35 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
     from rich.table import Table
 
     gpus_here = visible_gpu_count()
-    candidates = [(s, n) for s in args.strategies for n in args.gpus]
-    rows: list[PlanRow] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    with Progress() as progress:
-        task = progress.add_task("simulated jobs", total=len(candidates))
-        for strategy, n in candidates:
-            progress.update(task, description=f"{strategy} on {n} GPU(s)")
+    # every row first (refused, kept from an earlier run, or still to run), so the files show
+    # all that is known at every moment; then the jobs still to run, each replacing its row
+    rows: list[PlanRow] = []
+    to_run: list[tuple[int, list[str], Path]] = []
+    for strategy in args.strategies:
+        for n in args.gpus:
             overrides = job_overrides(args, strategy, n)
             refused = check_candidate(overrides, gpus_here)
+            job_dir = args.out / "jobs" / f"{strategy}_{n}"
+            results = None if refused is not None else earlier_results(overrides, job_dir)
             if refused is not None:
                 rows.append(PlanRow(strategy, n, "not allowed", refused))
+            elif results is not None:
+                print(f"{strategy} on {n} GPU(s): kept from an earlier run ({job_dir})")
+                rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib, args.clip_steps))
             else:
-                job_dir = args.out / "jobs" / f"{strategy}_{n}"
-                results, told = earlier_results(overrides, job_dir), ""
-                if results is None:
-                    results, told = run_simulated_job(overrides, job_dir)
-                else:
-                    progress.console.print(f"{strategy} on {n} GPU(s): kept from an earlier run ({job_dir})",
-                                           markup=False)
-                rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib, args.clip_steps, told))
-                write_plan(args, rows)
+                to_run.append((len(rows), overrides, job_dir))
+                rows.append(PlanRow(strategy, n, "not run", "its simulated job has not run (yet)"))
+    write_plan(args, rows)
+    with Progress() as progress:
+        task = progress.add_task("simulated jobs", total=len(to_run))
+        for index, overrides, job_dir in to_run:
+            row = rows[index]
+            progress.update(task, description=f"{row.strategy} on {row.gpus} GPU(s)")
+            results, told = run_simulated_job(overrides, job_dir)
+            rows[index] = row_from_results(row.strategy, row.gpus, results, args.gpu_memory_gib, args.clip_steps,
+                                           told)
+            write_plan(args, rows)
             progress.advance(task)
     title, lines, header, body = write_plan(args, rows)
     console = Console()
