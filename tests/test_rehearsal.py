@@ -217,6 +217,23 @@ def _dit_shapes(model: str) -> list[tuple[int, ...]]:
 
 
 # ----------------------------------------------------------------------------- the plan
+def test_plan_options_are_parsed_and_bad_ones_named():
+    from wan_exp.plan import DEFAULT_CLIP_STEPS, parse_args
+
+    args = parse_args(["model=tiny", "gpus=1,8", "gpu_memory_gib=24,80", "strategies=single,ulysses", "clip_steps=30"])
+    assert (args.gpus, args.gpu_memory_gib, args.strategies, args.clip_steps) == ([1, 8], [24.0, 80.0],
+                                                                                   ["single", "ulysses"], 30)
+    assert "model=tiny" in args.overrides and "workload.sample_steps=2" in args.overrides  # a short job
+    assert parse_args(["workload.sample_steps=3"]).overrides.count("workload.sample_steps=3") == 1
+    assert parse_args([]).clip_steps == DEFAULT_CLIP_STEPS == 40
+    for bad, message in (["gpus=0,2", r"gpus='0,2': give positive numbers"],
+                         ["clip_steps=2.5", r"clip_steps='2\.5': give the sampling steps of one clip"],
+                         ["strategies=single,magic", r"\['magic'\] not presets"],
+                         ["gpus", r"'gpus' is not key=value"]):
+        with pytest.raises(ConfigError, match=message):
+            parse_args([bad])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # several jobs, each starting torch, on a shared CPU
 def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):

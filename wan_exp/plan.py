@@ -76,6 +76,13 @@ def _numbers(key: str, text: str, kind: type) -> list:
     return values
 
 
+def _clip_steps(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"clip_steps={text!r}: give the sampling steps of one clip, a positive whole number "
+                          f"(default {DEFAULT_CLIP_STEPS}, as upstream S2V samples)")
+    return int(text)
+
+
 def parse_args(argv: Sequence[str]) -> PlanArgs:
     """Plan options and config overrides; ConfigError naming a bad option."""
     options: dict[str, str] = {}
@@ -105,7 +112,7 @@ def parse_args(argv: Sequence[str]) -> PlanArgs:
                     out=Path(options.get("out") or f"outputs/plan/{time.strftime('%Y-%m-%d/%H-%M-%S')}"),
                     measured=Path(options["measured"]) if options.get("measured") else None,
                     overrides=overrides,
-                    clip_steps=_numbers("clip_steps", options.get("clip_steps", str(DEFAULT_CLIP_STEPS)), int)[0])
+                    clip_steps=_clip_steps(options.get("clip_steps", str(DEFAULT_CLIP_STEPS))))
 
 
 def job_overrides(args: PlanArgs, strategy: str, gpus: int) -> list[str]:
