@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +40,16 @@ def pid_alive(pid: int) -> bool:
     # a zombie has exited; it only waits to be reaped by its parent
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    """Poll ``condition`` every 0.2 s until it holds; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def job_pids(job_dir: Path) -> list[int]:

@@ -237,10 +237,12 @@ def test_plan_options_are_parsed_and_bad_ones_named():
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # several jobs, each starting torch, on a shared CPU
 def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
+    import shutil
+    import signal
     import subprocess
     import sys
 
-    from launch_helpers import REPO
+    from launch_helpers import REPO, job_pids, pid_alive, wait_for
 
     out = tmp_path / "plan"
     proc = subprocess.run([sys.executable, "-m", "wan_exp.plan", "model=tiny", "gpus=1,2", "gpu_memory_gib=0.5,64",
@@ -289,12 +291,29 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
     assert "clip s (40 steps)" in page and "clip s (40 steps)" in proc.stdout  # a log gets the whole table
     assert (out / "plan.html").read_text().count("<tr>") == 7
 
-    # the same plan again keeps the jobs that finished and runs the rest: a plan cut short
-    # (here: ulysses on 2 GPUs left without results, as a kill mid-job leaves it) goes on
+    # a plan stopped by SIGTERM (a time limit) mid-job: its job ends its ranks and records itself
+    # interrupted; the same plan again keeps the jobs that finished and runs the rest
     ran = {key: Path(r["job_dir"]) / "results.json" for key, r in rows.items() if r["job_dir"]}
     assert len(ran) == 3
-    ran.pop(("ulysses", 2)).unlink()
-    written = {key: path.stat().st_mtime_ns for key, path in ran.items()}
+    shutil.rmtree(out / "jobs" / "ulysses_2")
+    written = {key: path.stat().st_mtime_ns for key, path in ran.items() if key != ("ulysses", 2)}
+    stopped = subprocess.Popen(proc.args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_dir = out / "jobs" / "ulysses_2" / "0"
+    try:
+        wait_for(lambda: job_pids(job_dir) or stopped.poll() is not None, 120, "the ulysses_2 job's ranks")
+        assert stopped.poll() is None, stopped.communicate()
+        stopped.terminate()
+        told = stopped.communicate(timeout=180)
+    finally:
+        if stopped.poll() is None:
+            stopped.kill()
+    assert stopped.returncode == 128 + signal.SIGTERM, told
+    assert "stopped by SIGTERM" in told[1] and "the same command again keeps the jobs done" in told[1], told
+    assert json.loads((job_dir / "results.json").read_text())["status"] == "interrupted"
+    assert not any(pid_alive(pid) for pid in job_pids(job_dir)), "the job's ranks are ended"
+    halted = {(r["strategy"], r["gpus"]): r for r in json.loads((out / "plan.json").read_text())["rows"]}
+    assert halted[("ulysses", 2)]["status"] == "not run" and halted[("single", 1)] == rows[("single", 1)]
+    ran.pop(("ulysses", 2))
     again = subprocess.run(proc.args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("kept from an earlier run") == 2

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch_helpers import REPO, job_pids, job_results, output, pid_alive, run_launch
+from launch_helpers import REPO, job_pids, job_results, output, pid_alive, run_launch, wait_for
 from wan_exp import results
 
 pytestmark = pytest.mark.slow
@@ -24,15 +24,6 @@ pytestmark = pytest.mark.slow
 
 def launch_cmd(sweep_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.sweep.dir={sweep_dir}"]
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def heartbeat_phase(job_dir: Path, rank: int = 0):

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import html
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +38,7 @@ from typing import Optional, Sequence
 from wan_exp.config import CONF_DIR, ConfigError, check_job, compose_config, parse_size, steps_run
 from wan_exp.doctor.gpus import visible_gpu_count
 from wan_exp.metrics.pricing import ASSUMPTION, GB, Link, comm_time_s, parse_link
-from wan_exp.results import read_json, write_json_atomic, write_text_atomic
+from wan_exp.results import INTERRUPTED, read_json, write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured", "clip_steps")
@@ -45,6 +47,7 @@ DEFAULT_CLIP_STEPS = 40
 SHORT_JOB = {"workload.sample_steps": "2", "workload.warmup_steps": "1", "workload.clips": "1",
              "logger": "disabled"}
 INIT_STAGE = "init (build/load/wrap)"
+JOB_STOP_TIMEOUT_S = 120  # a stopped plan waits this long for its job to end its ranks
 MEASURED_NOTE = ("measured on {device} by the simulated rank: peak memory per stage, compute time, "
                  "collectives issued")
 
@@ -131,11 +134,10 @@ def check_candidate(overrides: list[str], gpus_here: int) -> Optional[str]:
 
 def earlier_results(overrides: list[str], sweep_dir: Path) -> Optional[dict]:
     """The results of this job from an earlier run of the same plan (same ``out``), if it got
-    that far; a job cut short (no results.json) is cleared to run again. A job of other
+    that far; a job cut short (interrupted, or no readable results.json) is cleared to run again. A job of other
     overrides in its place is refused: the plan does not overwrite results it did not make."""
-    results_path = sweep_dir / "0" / "results.json"
-    if results_path.exists():
-        results = read_json(results_path)
+    results = read_json(sweep_dir / "0" / "results.json")  # None: absent or unreadable (cut short)
+    if results is not None and results.get("status") != INTERRUPTED:
         if sorted(results.get("overrides", [])) == sorted(overrides):
             return results
         raise ConfigError(
@@ -146,13 +148,35 @@ def earlier_results(overrides: list[str], sweep_dir: Path) -> Optional[dict]:
     return None
 
 
+class PlanStopped(Exception):
+    """SIGTERM (a time limit) or Ctrl-C while the plan runs."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise PlanStopped(signal.Signals(signum).name)
+
+
 def run_simulated_job(overrides: list[str], sweep_dir: Path) -> tuple[Optional[dict], str]:
     """One simulated job through launch.py: its results.json (None if it wrote none) and the
-    last lines it printed (why, when there are no results)."""
-    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.sweep.dir={sweep_dir}"],
-                          cwd=REPO, capture_output=True, text=True)
-    told = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
-    return read_json(sweep_dir / "0" / "results.json"), " | ".join(told[-2:])
+    last lines it printed (why, when there are no results).
+
+    The job runs in a session of its own, so a Ctrl-C at the terminal reaches the plan only;
+    when the plan is stopped, the job gets one SIGTERM, ends its ranks and records itself as
+    interrupted (never left running on the GPU after the plan is gone)."""
+    job = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.sweep.dir={sweep_dir}"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        told, _ = job.communicate()
+    except BaseException:
+        job.send_signal(signal.SIGTERM)
+        try:
+            job.communicate(timeout=JOB_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            job.kill()
+        raise
+    lines = [line for line in told.splitlines() if line.strip()]
+    return read_json(sweep_dir / "0" / "results.json"), " | ".join(lines[-2:])
 
 
 # ----------------------------------------------------------------------------- rows
@@ -432,12 +456,23 @@ def _device_name(rows: list[PlanRow]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be caught
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
+    args: Optional[PlanArgs] = None
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         rows = run_plan(args)
     except ConfigError as err:
         print(f"wan_exp.plan: {err}", file=sys.stderr)
         return 2
+    except PlanStopped as stop:
+        where = f"the rows so far are in {args.out / 'plan.md'}; " if args is not None else ""
+        print(f"wan_exp.plan: stopped by {stop}; {where}the same command again keeps the jobs done and runs "
+              "the rest", file=sys.stderr)
+        return 128 + getattr(signal, str(stop)).value
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0 if any(r.status == "completed" for r in rows) else 1
 
 
