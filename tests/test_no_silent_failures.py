@@ -165,13 +165,14 @@ def test_s2v_14b_on_a_small_cpu_box_is_refused_and_sharding_is_counted(monkeypat
     memory_fit.check_memory_fits(single_t5_on_cpu, world_size=1, nproc_per_node=1, gpus=1)
 
 
-def test_parameter_counts_are_kept_between_launches_and_recounted_when_stale(tmp_path, monkeypatch):
+def test_parameter_counts_are_kept_between_launches_and_recounted_when_stale(tmp_path, monkeypatch, request):
     """The launcher's weights check counts a model config once; later launches read the counts
     back (no model built) until the config or the model code changes."""
     from omegaconf import OmegaConf
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     memory_fit._parameter_counts.cache_clear()
+    request.addfinalizer(memory_fit._parameter_counts.cache_clear)  # no made-up count leaks out
     tiny = OmegaConf.to_yaml(compose_config(["model=tiny"]).model, resolve=True)
     counts = memory_fit._parameter_counts(tiny)
     assert counts == memory_fit.count_parameters(tiny)
@@ -193,10 +194,17 @@ def test_parameter_counts_are_kept_between_launches_and_recounted_when_stale(tmp
     monkeypatch.setattr(memory_fit, "count_parameters", lambda yaml: (4, 5, 6))
     assert memory_fit._parameter_counts(tiny) == (4, 5, 6)
 
-    kept_path.write_text("{not json")  # a corrupt cache only costs the count
+    kept_path.write_text("{not json")  # a corrupt cache only costs the count, and is rewritten
     memory_fit._parameter_counts.cache_clear()
-    assert memory_fit._parameter_counts(tiny) == (4, 5, 6)
+    monkeypatch.setattr(memory_fit, "count_parameters", lambda yaml: (7, 8, 9))
+    assert memory_fit._parameter_counts(tiny) == (7, 8, 9)
+    assert list(json.loads(kept_path.read_text()).values()) == [[7, 8, 9]]
+
+    kept_path.unlink()  # a cache that cannot be written (its folder is a file) only costs the count
+    kept_path.parent.rmdir()
+    kept_path.parent.write_text("")
     memory_fit._parameter_counts.cache_clear()
+    assert memory_fit._parameter_counts(tiny) == (7, 8, 9)
 
 
 # ----------------------------------------------------------------------------- full disk

@@ -234,6 +234,52 @@ def test_plan_options_are_parsed_and_bad_ones_named():
             parse_args([bad])
 
 
+def test_what_a_plan_run_again_keeps_reruns_and_refuses(tmp_path):
+    """The job dirs an earlier run of the plan left, read back: completed and OOM jobs of the same
+    settings are kept, cut-short ones cleared to run again, others refused before any is cleared."""
+    import os
+    import socket
+
+    from wan_exp.plan import earlier_results, parse_args, run_plan
+
+    args = parse_args(["model=tiny", "gpus=1", "strategies=single,ulysses", f"out={tmp_path}"])
+    single = [*args.overrides, "parallel=single", "launcher.simulate_world_size=1", "launcher.link=nvlink4"]
+
+    def job_dir(name: str, results=None, job=None) -> Path:
+        where = tmp_path / "jobs" / name
+        (where / "0").mkdir(parents=True)
+        for file, content in (("results.json", results), ("job.json", job)):
+            if content is not None:
+                (where / "0" / file).write_text(content if isinstance(content, str) else json.dumps(content))
+        return where
+
+    for status, kept in (("completed", True), ("oom", True), ("failed", False), ("hang", False),
+                         ("interrupted", False)):
+        where = job_dir(f"a_{status}", {"status": status, "overrides": list(reversed(single))})
+        results, clear = earlier_results(single, where)
+        assert (results is not None, clear) == (kept, not kept), status
+    assert earlier_results(single, job_dir("unreadable", "[1, 2]")) == (None, True)
+    assert earlier_results(single, job_dir("no_files")) == (None, True)
+    assert earlier_results(single, tmp_path / "jobs" / "absent") == (None, False)
+    other = job_dir("other", job={"overrides": [o.replace("model=tiny", "model=s2v_14b") for o in single]})
+    with pytest.raises(ConfigError, match=r"holds a job of other settings \(model: the sweep has "
+                                          r"'model=s2v_14b', given 'model=tiny'\)"):
+        earlier_results(single, other)
+    running = job_dir("running", job={"overrides": single})
+    (running / ".wan_exp").mkdir()
+    (running / ".wan_exp" / "lock.node_0").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    with pytest.raises(ConfigError, match=rf"its job is still running \(process {os.getpid()} on"):
+        earlier_results(single, running)
+
+    # the whole plan: a refusal at a later job comes before an earlier cut-short dir is cleared
+    cut_short = job_dir("single_1")
+    ulysses = [o.replace("parallel=single", "parallel=ulysses") for o in single]
+    job_dir("ulysses_1", {"status": "completed", "overrides": [*ulysses, "seed=3"]})
+    with pytest.raises(ConfigError, match=r"seed: the sweep has 'seed=3', given 'nothing'"):
+        run_plan(args)
+    assert cut_short.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # several jobs, each starting torch, on a shared CPU
 def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
@@ -312,7 +358,7 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
     assert json.loads((job_dir / "results.json").read_text())["status"] == "interrupted"
     assert not any(pid_alive(pid) for pid in job_pids(job_dir)), "the job's ranks are ended"
     halted = {(r["strategy"], r["gpus"]): r for r in json.loads((out / "plan.json").read_text())["rows"]}
-    assert halted[("ulysses", 2)]["status"] == "not run" and halted[("single", 1)] == rows[("single", 1)]
+    assert halted[("ulysses", 2)]["status"] == "interrupted" and halted[("single", 1)] == rows[("single", 1)]
     ran.pop(("ulysses", 2))
     again = subprocess.run(proc.args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr

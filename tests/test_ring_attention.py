@@ -18,8 +18,10 @@ from wan_exp.parallel.ring import merge_partials
 
 @pytest.fixture(autouse=True)
 def restore_auto():
+    attn._lse_by_input.clear()  # every test chooses its kernels afresh
     yield
     attn.configure("auto")
+    attn._lse_by_input.clear()
 
 
 def qkv(n_q: int, n_k: int, heads: int = 3, head_dim: int = 16, seed: int = 0, **kwargs):
@@ -98,6 +100,25 @@ def test_the_kernel_chosen_for_one_dtype_is_not_reused_for_another(monkeypatch):
     assert calls == [torch.bfloat16, torch.float32, torch.bfloat16]
 
 
+def test_a_kept_kernel_that_refuses_a_new_shape_is_replaced_by_one_that_runs(monkeypatch):
+    def head_16_only(q, k, v):
+        if q.shape[-1] != 16:
+            raise RuntimeError("head size not supported")
+        return attn.lse_math(q, k, v)
+
+    monkeypatch.setitem(attn.LSE_IMPLEMENTATIONS, "head_16_only", head_16_only)
+    monkeypatch.setattr(attn, "_lse_candidates", lambda device, dtype: ["head_16_only", "lse_math"])
+    attn.configure("sdpa")
+    attn.attention_with_lse(*qkv(5, 6))
+    assert attn.selected_lse_backend() == "head_16_only"
+    q, k, v = qkv(5, 6, head_dim=8)
+    out, lse = attn.attention_with_lse(q, k, v)
+    assert attn.selected_lse_backend() == "lse_math"
+    ref_out, ref_lse = float64_reference(q, k, v)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_under_autograd_the_differentiable_math_path_runs():
     """Kernels drop the gradient of their log-sum-exp; the merge needs it."""
     q, k, v = (t.requires_grad_() for t in qkv(9, 9))
@@ -140,8 +161,8 @@ def test_gpu_kernel_returns_the_log_sum_exp_at_the_wan_head_shape(name, n_q, n_k
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_ring_merge_at_the_tiny_model_shape_equals_float64_attention(dtype):
-    """The shape and dtype of the tiny model's ring attention (4 heads x 16, fp32): the kernel
-    auto picks returns finite values equal to float64 attention, merged over chunks too."""
+    """The tiny model's ring attention shape (4 heads x 16), in fp32 (its dtype) and bf16: the
+    kernel auto picks returns finite values equal to float64 attention, merged over chunks."""
     attn.configure("auto")
     q, k, v = qkv(37, 41, heads=4, head_dim=16, device="cuda", dtype=dtype)
     ref_out, _ = float64_reference(q, k, v)

@@ -83,6 +83,29 @@ def test_an_interrupt_stops_the_sweep_records_the_job_and_prints_the_resume_comm
     assert [(r["job_num"], r["status"]) for r in job_results(tmp_path)] == [(0, "completed"), (1, "completed")]
 
 
+def test_ranks_do_not_outlive_a_job_process_that_is_killed(tmp_path):
+    """A job process killed outright (SIGKILL, or a second Ctrl-C, which exits at once without
+    cleaning up): its agent sees it gone and ends the ranks."""
+    stuck = [o.replace("fault.seconds=6", "fault.seconds=300") for o in SLOW_SWEEP]  # no rank ends by itself
+    job = subprocess.Popen(launch_cmd(tmp_path, *stuck), cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: heartbeat_phase(tmp_path / "0") == "build" or job.poll() is not None, 120,
+                 "job 0 to enter build")
+        assert job.poll() is None
+        ranks = job_pids(tmp_path / "0")
+        assert ranks and all(pid_alive(pid) for pid in ranks)
+        job.kill()
+        job.wait(timeout=10)
+        wait_for(lambda: not any(pid_alive(pid) for pid in ranks), 30, "the ranks to end")
+    finally:
+        if job.poll() is None:
+            job.kill()
+        for pid in job_pids(tmp_path / "0"):  # this test's own leftovers, should it fail
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_job_dirs_that_would_collide_are_refused_before_any_job_starts(tmp_path):
     proc = run_launch(tmp_path, "seed=0,1", "parallel=single", "workload=init", "logger=disabled",
                       "hydra.sweep.subdir=${parallel.name}", multirun=True, timeout=60)

@@ -11,13 +11,20 @@ result from it and the rank records.
 
 The rendezvous gives up after ``launcher.rdzv_timeout_s`` (``join_timeout``); the job
 process bounds the whole start-up by the same setting in case the agent blocks.
+
+When the job process is gone without ending this agent (killed, or a second Ctrl-C made it exit
+at once), the agent ends its ranks itself (``end_with_parent``): no rank outlives its job.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,7 @@ from wan_exp.envvars import applied_environment
 from wan_exp.results import write_json_atomic
 
 WORKER_SHUTDOWN_S = 5  # grace between the agent's SIGTERM and SIGKILL to surviving ranks
+PARENT_POLL_S = 1.0  # how often the agent checks that the job process that started it is there
 
 
 def launch_config(spec: dict) -> Any:
@@ -68,10 +76,25 @@ def run_agent(spec: dict) -> dict:
     return outcome
 
 
+def end_with_parent() -> None:
+    """Watch the job process that started this agent; once it is gone, SIGTERM this agent,
+    which ends its ranks as torch's elastic agent does on SIGTERM (terminate, then kill after
+    WORKER_SHUTDOWN_S)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+
+
 def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: python -m wan_exp.agent <spec json>  (started by wan_exp.job)")
     spec = json.loads(sys.argv[1])
+    end_with_parent()
     outcome = run_agent(spec)
     write_json_atomic(Path(spec["node_file"]), outcome)
     sys.exit(0 if not outcome["failures"] and outcome["error"] is None else 1)

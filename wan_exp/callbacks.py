@@ -80,6 +80,20 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def lock_holder(path: Path) -> Optional[dict]:
+    """The {pid, host, since} of the process holding the lock file ``path``; None when there is
+    no lock or its process, on this host, is gone. One from another host counts as held, since
+    its process cannot be checked from here."""
+    if not path.exists():
+        return None
+    holder = results.read_json(path)
+    holder = holder if isinstance(holder, dict) else {}
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+            and not pid_alive(holder["pid"]):
+        return None
+    return holder
+
+
 def take_lock(path: Path) -> None:
     """Create the lock file {pid, host}; refuse (SystemExit naming the holder) while the
     process that holds it is alive. A lock left by a dead process on this host is taken
@@ -90,11 +104,11 @@ def take_lock(path: Path) -> None:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = results.read_json(path) or {}
-            same_host = holder.get("host") == me["host"]
-            if same_host and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"]):
+            holder = lock_holder(path)
+            if holder is None:
                 path.unlink(missing_ok=True)  # its owner died without cleaning up
                 continue
+            same_host = holder.get("host") == me["host"]
             where = "this host" if same_host else f"host {holder.get('host')}"
             raise SystemExit(
                 f"{path.parent.parent} is in use by process {holder.get('pid')} on {where} (since "

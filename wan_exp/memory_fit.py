@@ -63,7 +63,7 @@ def _size(n_bytes: int) -> str:
 
 
 # the code that decides the parameter counts: a change to it makes the kept counts stale
-_MODEL_SOURCES = ("models/wan_s2v.py", "models/encoders.py", "config.py")
+_MODEL_SOURCES = ("models/wan_s2v.py", "models/encoders.py", "config.py", "memory_fit.py")
 
 
 def counts_cache_path() -> Path:
@@ -93,10 +93,11 @@ def _parameter_counts(model_yaml: str) -> tuple[int, int, int]:
         kept = json.loads(path.read_text())
     except (OSError, ValueError):
         kept = {}
-    if isinstance(kept, dict) and isinstance(kept.get(key), list) and len(kept[key]) == 3:
-        return tuple(int(n) for n in kept[key])  # type: ignore[return-value]
+    entry = kept.get(key) if isinstance(kept, dict) else None
+    if isinstance(entry, list) and len(entry) == 3 and all(isinstance(n, int) for n in entry):
+        return tuple(entry)  # type: ignore[return-value]
     counts = count_parameters(model_yaml)
-    try:
+    try:  # two launches writing at once: the file stays whole, the last writer's entries win
         write_json_atomic(path, {**(kept if isinstance(kept, dict) else {}), key: list(counts)})
     except OSError:
         pass  # a read-only home: count again next time

@@ -35,10 +35,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from wan_exp.callbacks import lock_holder, override_differences
 from wan_exp.config import CONF_DIR, ConfigError, check_job, compose_config, parse_size, steps_run
 from wan_exp.doctor.gpus import visible_gpu_count
+from wan_exp.job import SWEEP_STATE_DIR
 from wan_exp.metrics.pricing import ASSUMPTION, GB, Link, comm_time_s, parse_link
-from wan_exp.results import INTERRUPTED, read_json, write_json_atomic, write_text_atomic
+from wan_exp.results import COMPLETED, OOM, read_json, write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured", "clip_steps")
@@ -132,20 +134,36 @@ def check_candidate(overrides: list[str], gpus_here: int) -> Optional[str]:
     return None
 
 
-def earlier_results(overrides: list[str], sweep_dir: Path) -> Optional[dict]:
-    """The results of this job from an earlier run of the same plan (same ``out``), if it got
-    that far; a job cut short (interrupted, or no readable results.json) is cleared to run again. A job of other
-    overrides in its place is refused: the plan does not overwrite results it did not make."""
-    results = read_json(sweep_dir / "0" / "results.json")  # None: absent or unreadable (cut short)
-    if results is not None and results.get("status") != INTERRUPTED:
-        if sorted(results.get("overrides", [])) == sorted(overrides):
-            return results
-        raise ConfigError(
-            f"{sweep_dir}: holds a job of other settings ({' '.join(results.get('overrides', []))}), "
-            f"not {' '.join(overrides)}; give the plan another out= (or remove that directory)")
-    if sweep_dir.exists():
-        shutil.rmtree(sweep_dir)  # a job this plan started and that was cut short: nothing to keep
-    return None
+# results kept when the same plan runs again; any other status (failed, hang, interrupted) runs again
+KEPT_STATUSES = (COMPLETED, OOM)
+
+
+def earlier_results(overrides: list[str], sweep_dir: Path) -> tuple[Optional[dict], bool]:
+    """What an earlier run of the same plan (same ``out``) left for this job: ``(results to
+    keep or None, whether its directory must be cleared before the job runs)``. Kept: a
+    completed or OOM job of these overrides. Cleared: one of these overrides that was cut short
+    (interrupted, failed, hung, or no readable results.json). ConfigError, before anything is
+    cleared, for a job of other settings (the plan does not delete what it did not make) or one
+    still running."""
+    if not sweep_dir.exists():
+        return None, False
+    job = sweep_dir / "0"
+    for lock in sorted((sweep_dir / SWEEP_STATE_DIR).glob("lock.*")):
+        holder = lock_holder(lock)
+        if holder is not None:
+            raise ConfigError(f"{sweep_dir}: its job is still running (process {holder.get('pid')} on "
+                              f"{holder.get('host')}); wait for it or stop it, or give the plan another out=")
+    results = read_json(job / "results.json")
+    results = results if isinstance(results, dict) else None
+    job_record = read_json(job / "job.json")
+    recorded = (results or (job_record if isinstance(job_record, dict) else None) or {}).get("overrides")
+    if recorded is not None and sorted(recorded) != sorted(overrides):
+        raise ConfigError(f"{sweep_dir}: holds a job of other settings ("
+                          + "; ".join(override_differences(recorded, overrides))
+                          + "); give the plan another out= (or remove that directory)")
+    if results is not None and results.get("status") in KEPT_STATUSES:
+        return results, False
+    return None, True
 
 
 class PlanStopped(Exception):
@@ -167,16 +185,29 @@ def run_simulated_job(overrides: list[str], sweep_dir: Path) -> tuple[Optional[d
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     try:
-        told, _ = job.communicate()
+        output, _ = job.communicate()
     except BaseException:
-        job.send_signal(signal.SIGTERM)
-        try:
-            job.communicate(timeout=JOB_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            job.kill()
+        _stop_job(job)
         raise
-    lines = [line for line in told.splitlines() if line.strip()]
+    lines = [line for line in output.splitlines() if line.strip()]
     return read_json(sweep_dir / "0" / "results.json"), " | ".join(lines[-2:])
+
+
+def _stop_job(job: subprocess.Popen) -> None:
+    """One SIGTERM (the job ends its ranks and records itself interrupted), then wait; a further
+    signal or JOB_STOP_TIMEOUT_S kills it (its agent, seeing its parent gone, ends the ranks)."""
+    job.send_signal(signal.SIGTERM)
+    forced = {}
+    if threading.current_thread() is threading.main_thread():
+        forced = {sig: signal.signal(sig, lambda signum, frame: job.kill()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        job.communicate(timeout=JOB_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        job.communicate()
+    finally:
+        for sig, handler in forced.items():
+            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -235,9 +266,9 @@ class PlanRow:
 
 
 def row_from_results(strategy: str, gpus: int, results: Optional[dict], sizes: list[float],
-                     clip_steps: int = DEFAULT_CLIP_STEPS, told: str = "") -> PlanRow:
+                     clip_steps: int = DEFAULT_CLIP_STEPS, output_tail: str = "") -> PlanRow:
     if results is None:
-        return PlanRow(strategy, gpus, "not run", "the job wrote no results.json" + (f": {told}" if told else ""))
+        return PlanRow(strategy, gpus, "not run", "the job wrote no results.json" + (f": {output_tail}" if output_tail else ""))
     row = PlanRow(strategy, gpus, results["status"], job_dir=results["job_dir"])
     if results["status"] != "completed":
         row.note = " ".join(str((results.get("root_cause") or {}).get("message", "")).split())[:200]
@@ -372,12 +403,13 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
     # all that is known at every moment; then the jobs still to run, each replacing its row
     rows: list[PlanRow] = []
     to_run: list[tuple[int, list[str], Path]] = []
+    to_clear: list[Path] = []  # job dirs of these settings left by a run cut short
     for strategy in args.strategies:
         for n in args.gpus:
             overrides = job_overrides(args, strategy, n)
             refused = check_candidate(overrides, gpus_here)
             job_dir = args.out / "jobs" / f"{strategy}_{n}"
-            results = None if refused is not None else earlier_results(overrides, job_dir)
+            results, clear = (None, False) if refused is not None else earlier_results(overrides, job_dir)
             if refused is not None:
                 rows.append(PlanRow(strategy, n, "not allowed", refused))
             elif results is not None:
@@ -385,16 +417,25 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
                 rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib, args.clip_steps))
             else:
                 to_run.append((len(rows), overrides, job_dir))
+                to_clear.extend([job_dir] if clear else [])
                 rows.append(PlanRow(strategy, n, "not run", "its simulated job has not run (yet)"))
+    for job_dir in to_clear:  # only once every job dir has been checked
+        shutil.rmtree(job_dir)
     write_plan(args, rows)
     with Progress() as progress:
         task = progress.add_task("simulated jobs", total=len(to_run))
         for index, overrides, job_dir in to_run:
             row = rows[index]
             progress.update(task, description=f"{row.strategy} on {row.gpus} GPU(s)")
-            results, told = run_simulated_job(overrides, job_dir)
+            try:
+                results, output_tail = run_simulated_job(overrides, job_dir)
+            except PlanStopped:
+                rows[index] = PlanRow(row.strategy, row.gpus, "interrupted", "the plan was stopped during this "
+                                      "job; the same command again runs it", job_dir=str(job_dir / "0"))
+                write_plan(args, rows)
+                raise
             rows[index] = row_from_results(row.strategy, row.gpus, results, args.gpu_memory_gib, args.clip_steps,
-                                           told)
+                                           output_tail)
             write_plan(args, rows)
             progress.advance(task)
     title, lines, header, body = write_plan(args, rows)

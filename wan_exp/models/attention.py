@@ -294,8 +294,15 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         return lse_math(q, k, v)
     chosen = _lse_by_input.get((q.device.type, q.dtype))
     if chosen is not None:
-        _selected_lse = chosen
-        return LSE_IMPLEMENTATIONS[chosen](q, k, v)
+        try:
+            result = LSE_IMPLEMENTATIONS[chosen](q, k, v)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - not for this shape (head size, length): search again
+            del _lse_by_input[(q.device.type, q.dtype)]
+        else:
+            _selected_lse = chosen
+            return result
     failures = []
     for name in _lse_candidates(q.device, q.dtype):
         try:
