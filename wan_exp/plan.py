@@ -16,7 +16,7 @@ pricing.py; no overlap with compute), hence the step, clip and efficiency figure
 link fitted to them (``fit_link``) re-prices every row's collectives.
 
 Plan options (the rest are config overrides for every job): ``gpus``, ``gpu_memory_gib``,
-``strategies``, ``link`` (launcher.link), ``out`` (default outputs/plan/<date>-<time>),
+``strategies``, ``link`` (launcher.link), ``out`` (default outputs/plan/<date>/<time>),
 ``measured``. Jobs are short: workload=generate with one clip, ``workload.sample_steps=2`` and
 ``workload.warmup_steps=1`` unless given; the clip time is predicted for ``clip_steps`` sampling
 steps (default 40, upstream S2V's). The same command with the same ``out`` again keeps the
