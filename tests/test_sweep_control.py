@@ -83,6 +83,32 @@ def test_an_interrupt_stops_the_sweep_records_the_job_and_prints_the_resume_comm
     assert [(r["job_num"], r["status"]) for r in job_results(tmp_path)] == [(0, "completed"), (1, "completed")]
 
 
+def test_a_ctrl_c_between_two_jobs_stops_the_sweep_and_says_how_to_resume(tmp_path):
+    """The first of two jobs has ended, the second has not started (a test callback pauses
+    there) when Ctrl-C comes: the sweep exits non-zero, names the job not run and prints the
+    resume command; no job is left half-recorded."""
+    pause = ["+hydra.callbacks.pause._target_=pause_callback.PauseAfterJob", "+hydra.callbacks.pause.seconds=60"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    sweep = subprocess.Popen(launch_cmd(tmp_path, "-m", "seed=0,1", "parallel=single", "workload=init",
+                                        "logger=disabled", *pause),
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_for(lambda: (tmp_path / "between_jobs").exists() or sweep.poll() is not None, 120, "job 0 to end")
+        assert sweep.poll() is None, sweep.communicate()[0]
+        sweep.send_signal(signal.SIGINT)
+        out, _ = sweep.communicate(timeout=60)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 1, out
+    assert "Traceback" not in out, out
+    assert [(r["job_num"], r["status"]) for r in job_results(tmp_path)] == [(0, "completed")]
+    assert not (tmp_path / "1").exists()
+    assert "sweep stopped before job 1 started (1 job(s) not run); resume it with:" in out, out
+    assert f"launch.py hydra.sweep.dir={tmp_path.resolve()} launcher.resume=true" in out
+    assert not list((tmp_path / ".wan_exp").glob("lock.*")), "the lock is released"
+
+
 def test_ranks_do_not_outlive_a_job_process_that_is_killed(tmp_path):
     """A job process killed outright (SIGKILL, or a second Ctrl-C, which exits at once without
     cleaning up): its agent sees it gone and ends the ranks."""

@@ -146,6 +146,8 @@ class SweepCallback(Callback):
 
     def __init__(self) -> None:
         self.lock: Optional[Path] = None
+        self.batch_jobs: set[int] = set()  # every job num the launcher was given (node 0)
+        self.started_jobs: set[int] = set()
 
     # --- start
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -225,6 +227,7 @@ class SweepCallback(Callback):
                 seen[job_dir] = num
                 if int(cfg.launcher.node_rank) == 0:
                     self._check_existing_job_dir(job_dir, overrides, bool(cfg.launcher.resume))
+                    self.batch_jobs.add(num)
             except ConfigError as exc:
                 raise ConfigError(f"job {num} ({' '.join(overrides) or 'no overrides'}): {exc}") from None
 
@@ -241,6 +244,9 @@ class SweepCallback(Callback):
             raise ConfigError(f"launcher.resume=true: {job_dir} holds a job with other overrides ("
                               + "; ".join(differences) + "); resume with the same sweep arguments")
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started_jobs.add(int(config.hydra.job.num))
+
     # --- end
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from wan_exp.report import comparison_table, write_report
@@ -256,10 +262,15 @@ class SweepCallback(Callback):
         if self.lock is not None:
             release_lock(self.lock)
         interrupted = [j for j in jobs if j.get("status") == results.INTERRUPTED]
+        # jobs never started: the sweep was stopped between two jobs (Ctrl-C after one ended)
+        not_run = sorted(self.batch_jobs - self.started_jobs)
         if interrupted:
             print(f"sweep stopped at job {interrupted[0].get('job_num')} (interrupted); resume it with:\n"
                   f"  {resume_command(sweep_dir)}", flush=True)
-        if any(j.get("status") != results.COMPLETED for j in jobs):
+        elif not_run:
+            print(f"sweep stopped before job {not_run[0]} started ({len(not_run)} job(s) not run); resume it "
+                  f"with:\n  {resume_command(sweep_dir)}", flush=True)
+        if not_run or any(j.get("status") != results.COMPLETED for j in jobs):
             sys.exit(1)
 
 

@@ -59,8 +59,8 @@ def launch(launcher: "TorchrunLauncher", job_overrides: Sequence[Sequence[str]],
     log.info("Launching %d job(s) into %s", len(configs), sweep_dir)
     returns = []
     for overrides, config in zip(job_overrides, configs):
-        log.info("\t#%d : %s", config.hydra.job.num, " ".join(filter_overrides(overrides)))
-        try:
+        try:  # a Ctrl-C anywhere in the loop, in a job or between two, ends the sweep the same way
+            log.info("\t#%d : %s", config.hydra.job.num, " ".join(filter_overrides(overrides)))
             returns.append(run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function,
                                    config=config, job_dir_key="hydra.sweep.dir",
                                    job_subdir_key="hydra.sweep.subdir"))
