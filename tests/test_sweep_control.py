@@ -83,11 +83,14 @@ def test_an_interrupt_stops_the_sweep_records_the_job_and_prints_the_resume_comm
     assert [(r["job_num"], r["status"]) for r in job_results(tmp_path)] == [(0, "completed"), (1, "completed")]
 
 
-def test_a_ctrl_c_between_two_jobs_stops_the_sweep_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("batch", [[], ["hydra.sweeper.max_batch_size=1"]], ids=["one_batch", "batches_of_one"])
+def test_a_ctrl_c_between_two_jobs_stops_the_sweep_and_says_how_to_resume(tmp_path, batch):
     """The first of two jobs has ended, the second has not started (a test callback pauses
     there) when Ctrl-C comes: the sweep exits non-zero, names the job not run and prints the
-    resume command; no job is left half-recorded."""
-    pause = ["+hydra.callbacks.pause._target_=pause_callback.PauseAfterJob", "+hydra.callbacks.pause.seconds=60"]
+    resume command; no job is left half-recorded. In batches of one job the second batch is
+    never even checked: the sweep record says how many jobs there are."""
+    pause = ["+hydra.callbacks.pause._target_=pause_callback.PauseAfterJob", "+hydra.callbacks.pause.seconds=60",
+             *batch]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     sweep = subprocess.Popen(launch_cmd(tmp_path, "-m", "seed=0,1", "parallel=single", "workload=init",
                                         "logger=disabled", *pause),
@@ -104,7 +107,7 @@ def test_a_ctrl_c_between_two_jobs_stops_the_sweep_and_says_how_to_resume(tmp_pa
     assert "Traceback" not in out, out
     assert [(r["job_num"], r["status"]) for r in job_results(tmp_path)] == [(0, "completed")]
     assert not (tmp_path / "1").exists()
-    assert "sweep stopped before job 1 started (1 job(s) not run); resume it with:" in out, out
+    assert "sweep stopped before job 1 finished (1 job(s) without results: 1); resume it with:" in out, out
     assert f"launch.py hydra.sweep.dir={tmp_path.resolve()} launcher.resume=true" in out
     assert not list((tmp_path / ".wan_exp").glob("lock.*")), "the lock is released"
 

@@ -6,8 +6,9 @@ torch's elastic agent: rendezvous (c10d or static) with the other hosts, then th
 host's ranks (``python -m wan_exp.worker <job dir>``), per-rank logs under
 ``<job>/logs/node_<n>/``. What the agent saw is written to the node file named in the
 spec (``<job>/nodes/node_<n>.json``): ``{"node_rank", "node_id", "host", "failures":
-{rank: {"exitcode", "time"}}, "error": str | None}``; wan_exp.job builds the job's
-result from it and the rank records.
+{rank: {"exitcode", "time"}}, "error": str | None}``, plus ``"ended_by": "signal SIGTERM"``
+when the agent was ended from outside; wan_exp.job builds the job's result from it and the
+rank records.
 
 The rendezvous gives up after ``launcher.rdzv_timeout_s`` (``join_timeout``); the job
 process bounds the whole start-up by the same setting in case the agent blocks.
@@ -61,6 +62,7 @@ def launch_config(spec: dict) -> Any:
 
 def run_agent(spec: dict) -> dict:
     """Run this host's ranks; return the node file's content."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import launch_agent
 
@@ -71,16 +73,18 @@ def run_agent(spec: dict) -> dict:
     except ChildFailedError as exc:
         outcome["failures"] = {str(rank): {"exitcode": f.exitcode, "time": f.timestamp}
                                for rank, f in exc.failures.items()}
+    except SignalException as exc:  # ended from outside (the job process, or its end): no agent error
+        outcome["ended_by"] = f"signal {exc.sigval.name}"
     except Exception as exc:  # rendezvous or agent failure: the ranks never ran (or not all)
         outcome["error"] = f"{type(exc).__name__}: {exc}"
     return outcome
 
 
-def end_with_parent() -> None:
-    """Watch the job process that started this agent; once it is gone, SIGTERM this agent,
-    which ends its ranks as torch's elastic agent does on SIGTERM (terminate, then kill after
+def end_with_parent(parent: int) -> None:
+    """Watch the job process ``parent`` that started this agent (its pid comes in the spec, so
+    a parent gone before this runs is seen too); once it is gone, SIGTERM this agent, which
+    ends its ranks as torch's elastic agent does on SIGTERM (terminate, then kill after
     WORKER_SHUTDOWN_S)."""
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -94,7 +98,7 @@ def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: python -m wan_exp.agent <spec json>  (started by wan_exp.job)")
     spec = json.loads(sys.argv[1])
-    end_with_parent()
+    end_with_parent(int(spec["parent_pid"]))
     outcome = run_agent(spec)
     write_json_atomic(Path(spec["node_file"]), outcome)
     sys.exit(0 if not outcome["failures"] and outcome["error"] is None else 1)

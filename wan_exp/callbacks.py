@@ -146,8 +146,10 @@ class SweepCallback(Callback):
 
     def __init__(self) -> None:
         self.lock: Optional[Path] = None
-        self.batch_jobs: set[int] = set()  # every job num the launcher was given (node 0)
-        self.started_jobs: set[int] = set()
+        # what the torchrun launcher's batch checks saw: job num -> job dir; and how many jobs the
+        # sweep has (its record), later batches included
+        self.batch_job_dirs: dict[int, Path] = {}
+        self.sweep_jobs: Optional[int] = None
 
     # --- start
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -171,6 +173,7 @@ class SweepCallback(Callback):
                              "started_at": results.now_iso()})
             record["active"] = len(launches) - 1
             results.write_json_atomic(record_path, record)
+            self.sweep_jobs = jobs
             return
         if not launches:
             if not given:
@@ -196,6 +199,7 @@ class SweepCallback(Callback):
                          "give those hydra.* settings again")
         record["active"] = chosen
         results.write_json_atomic(record_path, record)
+        self.sweep_jobs = launch["jobs"]
         # the sweeper reads these after this callback: it runs the recorded sweep again
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.sweeper.params = {}
@@ -227,7 +231,7 @@ class SweepCallback(Callback):
                 seen[job_dir] = num
                 if int(cfg.launcher.node_rank) == 0:
                     self._check_existing_job_dir(job_dir, overrides, bool(cfg.launcher.resume))
-                    self.batch_jobs.add(num)
+                    self.batch_job_dirs[num] = job_dir
             except ConfigError as exc:
                 raise ConfigError(f"job {num} ({' '.join(overrides) or 'no overrides'}): {exc}") from None
 
@@ -244,9 +248,6 @@ class SweepCallback(Callback):
             raise ConfigError(f"launcher.resume=true: {job_dir} holds a job with other overrides ("
                               + "; ".join(differences) + "); resume with the same sweep arguments")
 
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.started_jobs.add(int(config.hydra.job.num))
-
     # --- end
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from wan_exp.report import comparison_table, write_report
@@ -262,16 +263,39 @@ class SweepCallback(Callback):
         if self.lock is not None:
             release_lock(self.lock)
         interrupted = [j for j in jobs if j.get("status") == results.INTERRUPTED]
-        # jobs never started: the sweep was stopped between two jobs (Ctrl-C after one ended)
-        not_run = sorted(self.batch_jobs - self.started_jobs)
+        not_run = self.unfinished_jobs()
         if interrupted:
             print(f"sweep stopped at job {interrupted[0].get('job_num')} (interrupted); resume it with:\n"
                   f"  {resume_command(sweep_dir)}", flush=True)
         elif not_run:
-            print(f"sweep stopped before job {not_run[0]} started ({len(not_run)} job(s) not run); resume it "
-                  f"with:\n  {resume_command(sweep_dir)}", flush=True)
+            print(f"sweep stopped before job {not_run[0]} finished ({len(not_run)} job(s) without results: "
+                  f"{', '.join(map(str, not_run))}); resume it with:\n  {resume_command(sweep_dir)}", flush=True)
         if not_run or any(j.get("status") != results.COMPLETED for j in jobs):
             sys.exit(1)
+
+
+    def unfinished_jobs(self) -> list[int]:
+        """The sweep's jobs without a results.json: never started (a Ctrl-C between two jobs, or
+        in an earlier batch), or stopped before their result was written. Judged only where the
+        torchrun launcher's batch check ran (other launchers run jobs elsewhere); a job several
+        hosts ran gets its results.json from the host of global rank 0: waited for (bounded)."""
+        if not self.batch_job_dirs:
+            return []
+        total = self.sweep_jobs if self.sweep_jobs is not None else max(self.batch_job_dirs) + 1
+        missing = []
+        for num in range(total):
+            job_dir = self.batch_job_dirs.get(num)
+            if job_dir is None:
+                missing.append(num)
+                continue
+            done = job_dir / results.RESULTS_FILE
+            job = results.read_json(job_dir / results.JOB_FILE) or {}
+            deadline = time.time() + (NODE_FILE_WAIT_S + 10 if int(job.get("nnodes") or 1) > 1 else 0)
+            while not done.exists() and time.time() < deadline:
+                time.sleep(0.5)
+            if not done.exists():
+                missing.append(num)
+        return missing
 
 
 def wait_for_results(sweep_dir: Path, node_rank: int) -> None:

@@ -299,6 +299,8 @@ def agent_spec(cfg: DictConfig, job_dir: Path, job_num: int, layout: NodeLayout,
         "node_file": str(job_dir / "nodes" / f"node_{layout.node_rank}.json"),
         # the same on every host of the job: the sweep dir's name and the job number
         "run_id": f"wan-exp-{job_dir.parent.name}-{job_num}"[:60],
+        # the agent ends its ranks once this process is gone (agent.end_with_parent)
+        "parent_pid": os.getpid(),
     }
 
 

@@ -114,7 +114,7 @@ def parse_args(argv: Sequence[str]) -> PlanArgs:
     return PlanArgs(gpus=_numbers("gpus", options.get("gpus", "1,2,4,8"), int),
                     gpu_memory_gib=_numbers("gpu_memory_gib", options.get("gpu_memory_gib", "24,48,80,141"), float),
                     strategies=strategies, link=link,
-                    out=Path(options.get("out") or f"outputs/plan/{time.strftime('%Y-%m-%d/%H-%M-%S')}"),
+                    out=Path(options.get("out") or f"outputs/plan/{time.strftime('%Y-%m-%d/%H-%M-%S')}").resolve(),
                     measured=Path(options["measured"]) if options.get("measured") else None,
                     overrides=overrides,
                     clip_steps=_clip_steps(options.get("clip_steps", str(DEFAULT_CLIP_STEPS))))
@@ -181,10 +181,17 @@ def run_simulated_job(overrides: list[str], sweep_dir: Path) -> tuple[Optional[d
     The job runs in a session of its own, so a Ctrl-C at the terminal reaches the plan only;
     when the plan is stopped, the job gets one SIGTERM, ends its ranks and records itself as
     interrupted (never left running on the GPU after the plan is gone)."""
-    job = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.sweep.dir={sweep_dir}"],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # a stop is held until ``job`` exists
     try:
+        job = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.sweep.dir={sweep_dir}"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # a stop held meanwhile is handled here
         output, _ = job.communicate()
     except BaseException:
         _stop_job(job)
