@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("wandb")  # a dependency of wan-exp; absent only where it was left out on purpose
 
 from wan_exp.metrics.summary import job_step_times  # noqa: E402
-from wan_exp.wandb_logger import log_job  # noqa: E402
+from wan_exp.wandb_logger import is_logged, log_job  # noqa: E402
 from wan_exp.wandb_reader import WandbFileError, find_run_file, read_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,3 +79,27 @@ def test_reader_rejects_damaged_files(job_dir, tmp_path):
     not_wandb.write_text("hello world")
     with pytest.raises(WandbFileError, match="not a W&B run file"):
         read_run(not_wandb)
+
+
+def test_a_resumed_sweep_logs_a_skipped_job_only_if_its_run_was_not_written(job_dir, tmp_path):
+    """A Ctrl-C can cut a completed job's report short (before or during its W&B run); the
+    resume skips the job but writes its run then, and only then."""
+    import shutil
+
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from wan_exp.callbacks import JobReportCallback
+
+    assert is_logged(job_dir)  # the launch wrote the run in full
+    cut = tmp_path / "0"
+    shutil.copytree(job_dir, cut, ignore=shutil.ignore_patterns("wandb"))
+    assert not is_logged(cut)
+    skipped = JobReturn(status=JobStatus.COMPLETED,
+                        _return_value={"job_dir": str(cut), "results_owner": True, "skipped": True})
+    JobReportCallback().on_job_end(config=None, job_return=skipped)
+    assert is_logged(cut)
+    (run_file,) = list((cut / "wandb").rglob("run-*.wandb"))
+    results = json.loads((cut / "results.json").read_text())
+    assert read_run(run_file).summary["status"] == results["status"] == "completed"
+    JobReportCallback().on_job_end(config=None, job_return=skipped)  # logged: not again
+    assert list((cut / "wandb").rglob("run-*.wandb")) == [run_file]

@@ -308,8 +308,8 @@ def wait_for_results(sweep_dir: Path, node_rank: int) -> None:
 
 
 class JobReportCallback(Callback):
-    """After a job: its W&B run (not again for a job a resumed sweep skipped) and the
-    one-screen summary, on the host that wrote the job's results.json."""
+    """After a job: its W&B run (not again for a job a resumed sweep skipped, if its run was
+    written in full) and the one-screen summary, on the host that wrote the job's results.json."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status != JobStatus.COMPLETED:
@@ -321,9 +321,10 @@ class JobReportCallback(Callback):
         job_results = results.read_results(job_dir)
         if job_results is None:
             return
-        if not outcome.get("skipped"):
-            from wan_exp.wandb_logger import log_job
+        from wan_exp.wandb_logger import is_logged, log_job
 
+        # a job a resumed sweep skipped was logged then, unless a Ctrl-C cut its report short
+        if not outcome.get("skipped") or not is_logged(job_dir):
             try:
                 log_job(job_results, job_dir)
             except Exception as exc:  # the result is safe on disk; W&B is a copy of it

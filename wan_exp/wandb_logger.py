@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from wan_exp.metrics.summary import comm_totals, job_step_times
+from wan_exp.results import now_iso, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,17 @@ RANK_TABLE_COLUMNS = [
 ]  # fmt: skip
 
 
+LOGGED_MARKER = Path("wandb") / "logged.json"  # in a job dir: its W&B run was written in full
+
+
+def is_logged(job_dir: Path) -> bool:
+    """True once ``log_job`` has written the job's W&B run to the end."""
+    return (Path(job_dir) / LOGGED_MARKER).exists()
+
+
 def log_job(results: dict, job_dir: Path) -> None:
-    """Write the job's W&B run (mode from ``logger.mode``); never raises, never hangs."""
+    """Write the job's W&B run (mode from ``logger.mode``), then the marker ``is_logged``
+    reads; never raises, never hangs."""
     mode = str(results.get("config", {}).get("logger", {}).get("mode", "offline"))
     if mode == "disabled":
         return
@@ -63,6 +73,8 @@ def log_job(results: dict, job_dir: Path) -> None:
         log.warning(message)
         (job_dir / "wandb").mkdir(parents=True, exist_ok=True)
         (job_dir / "wandb" / "warning.txt").write_text(message + "\n")
+        return
+    write_json_atomic(job_dir / LOGGED_MARKER, {"mode": mode, "at": now_iso()})
 
 
 def _rank_row(record: dict) -> list[Any]:
