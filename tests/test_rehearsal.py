@@ -283,12 +283,12 @@ def test_what_a_plan_run_again_keeps_reruns_and_refuses(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # several jobs, each starting torch, on a shared CPU
 def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
-    import shutil
     import signal
     import subprocess
     import sys
 
     from launch_helpers import REPO, job_pids, pid_alive, wait_for
+    from wan_exp.results import heartbeat_path, read_json
 
     out = tmp_path / "plan"
     proc = subprocess.run([sys.executable, "-m", "wan_exp.plan", "model=tiny", "gpus=1,2", "gpu_memory_gib=0.5,64",
@@ -337,29 +337,12 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
     assert "clip s (40 steps)" in page and "clip s (40 steps)" in proc.stdout  # a log gets the whole table
     assert (out / "plan.html").read_text().count("<tr>") == 7
 
-    # a plan stopped by SIGTERM (a time limit) mid-job: its job ends its ranks and records itself
-    # interrupted; the same plan again keeps the jobs that finished and runs the rest
+    # the same plan again keeps the jobs that finished and runs the rest: a plan cut short
+    # (here ulysses on 2 GPUs without results, as a kill mid-job leaves it) goes on
     ran = {key: Path(r["job_dir"]) / "results.json" for key, r in rows.items() if r["job_dir"]}
     assert len(ran) == 3
-    shutil.rmtree(out / "jobs" / "ulysses_2")
-    written = {key: path.stat().st_mtime_ns for key, path in ran.items() if key != ("ulysses", 2)}
-    stopped = subprocess.Popen(proc.args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    job_dir = out / "jobs" / "ulysses_2" / "0"
-    try:
-        wait_for(lambda: job_pids(job_dir) or stopped.poll() is not None, 120, "the ulysses_2 job's ranks")
-        assert stopped.poll() is None, stopped.communicate()
-        stopped.terminate()
-        told = stopped.communicate(timeout=180)
-    finally:
-        if stopped.poll() is None:
-            stopped.kill()
-    assert stopped.returncode == 128 + signal.SIGTERM, told
-    assert "stopped by SIGTERM" in told[1] and "the same command again keeps the jobs done" in told[1], told
-    assert json.loads((job_dir / "results.json").read_text())["status"] == "interrupted"
-    assert not any(pid_alive(pid) for pid in job_pids(job_dir)), "the job's ranks are ended"
-    halted = {(r["strategy"], r["gpus"]): r for r in json.loads((out / "plan.json").read_text())["rows"]}
-    assert halted[("ulysses", 2)]["status"] == "interrupted" and halted[("single", 1)] == rows[("single", 1)]
-    ran.pop(("ulysses", 2))
+    ran.pop(("ulysses", 2)).unlink()
+    written = {key: path.stat().st_mtime_ns for key, path in ran.items()}
     again = subprocess.run(proc.args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("kept from an earlier run") == 2
@@ -369,6 +352,31 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
     assert rerun[("ulysses", 2)]["comm_per_step"] == rows[("ulysses", 2)]["comm_per_step"]  # the same job
     assert {k: r for k, r in rerun.items() if k != ("ulysses", 2)} == \
         {k: r for k, r in rows.items() if k != ("ulysses", 2)}
+
+    # a plan stopped by SIGTERM (a time limit) mid-job: its job ends its ranks and records itself
+    # interrupted, the row says so, and the plan says how to go on
+    slow = tmp_path / "slow"
+    stopped = subprocess.Popen([sys.executable, "-m", "wan_exp.plan", "model=tiny", "gpus=1", "strategies=single",
+                                f"out={slow}", "fault=sleep", "fault.rank=0", "fault.phase=build",
+                                "fault.seconds=120"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_dir = slow / "jobs" / "single_1" / "0"
+    try:
+        wait_for(lambda: (read_json(heartbeat_path(job_dir, 0)) or {}).get("phase") == "build"
+                 or stopped.poll() is not None, 120, "the job to sleep in build")
+        assert stopped.poll() is None, stopped.communicate()
+        ranks = job_pids(job_dir)
+        stopped.terminate()
+        told = stopped.communicate(timeout=180)
+    finally:
+        if stopped.poll() is None:
+            stopped.kill()
+    assert stopped.returncode == 128 + signal.SIGTERM, told
+    assert "stopped by SIGTERM" in told[1] and "the same command again keeps the jobs done" in told[1], told
+    assert json.loads((job_dir / "results.json").read_text())["status"] == "interrupted"
+    assert ranks and not any(pid_alive(pid) for pid in ranks), "the job's ranks are ended"
+    (halted,) = json.loads((slow / "plan.json").read_text())["rows"]
+    assert halted["status"] == "interrupted" and "the same command again runs it" in halted["note"]
+
     # other settings into the same out: refused, nothing overwritten
     other = subprocess.run([*proc.args, "workload.sample_steps=3"], cwd=REPO, capture_output=True, text=True,
                            timeout=300)

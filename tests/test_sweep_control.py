@@ -26,6 +26,12 @@ def launch_cmd(sweep_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.sweep.dir={sweep_dir}"]
 
 
+def with_sigint() -> None:
+    """A child's SIGINT as at a terminal: a shell starts background jobs with SIGINT ignored,
+    and a Python started so never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def heartbeat_phase(job_dir: Path, rank: int = 0):
     beat = results.read_json(results.heartbeat_path(job_dir, rank))
     return beat and beat["phase"]
@@ -94,7 +100,8 @@ def test_a_ctrl_c_between_two_jobs_stops_the_sweep_and_says_how_to_resume(tmp_pa
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     sweep = subprocess.Popen(launch_cmd(tmp_path, "-m", "seed=0,1", "parallel=single", "workload=init",
                                         "logger=disabled", *pause),
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             preexec_fn=with_sigint)
     try:
         wait_for(lambda: (tmp_path / "between_jobs").exists() or sweep.poll() is not None, 120, "job 0 to end")
         assert sweep.poll() is None, sweep.communicate()[0]

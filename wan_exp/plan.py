@@ -170,8 +170,28 @@ class PlanStopped(Exception):
     """SIGTERM (a time limit) or Ctrl-C while the plan runs."""
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise PlanStopped(signal.Signals(signum).name)
+class _StopSignals:
+    """SIGTERM/SIGINT handler of the plan: raises PlanStopped, except while a job is being
+    started (no handle on it yet to stop it with): then the stop waits for ``started``.
+    (Blocking the signals instead would hand the blocked mask on to the job.)"""
+
+    def __init__(self) -> None:
+        self.starting = False
+        self.pending: Optional[str] = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.starting:
+            self.pending = signal.Signals(signum).name
+            return
+        raise PlanStopped(signal.Signals(signum).name)
+
+    def started(self) -> None:
+        self.starting = False
+        if self.pending is not None:
+            raise PlanStopped(self.pending)
+
+
+_stop = _StopSignals()
 
 
 def run_simulated_job(overrides: list[str], sweep_dir: Path) -> tuple[Optional[dict], str]:
@@ -181,17 +201,16 @@ def run_simulated_job(overrides: list[str], sweep_dir: Path) -> tuple[Optional[d
     The job runs in a session of its own, so a Ctrl-C at the terminal reaches the plan only;
     when the plan is stopped, the job gets one SIGTERM, ends its ranks and records itself as
     interrupted (never left running on the GPU after the plan is gone)."""
-    stops = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # a stop is held until ``job`` exists
+    _stop.starting = True
     try:
         job = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.sweep.dir={sweep_dir}"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        _stop.starting = False
         raise
     try:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # a stop held meanwhile is handled here
+        _stop.started()  # a stop that came meanwhile is handled here
         output, _ = job.communicate()
     except BaseException:
         _stop_job(job)
