@@ -141,6 +141,17 @@ def job_results_of(sweep_dir: Path) -> list[dict]:
     return sorted((r for r in found if r is not None), key=lambda r: r.get("job_num", 0))
 
 
+# how long a host waits for a results.json that global rank 0's host writes
+RESULTS_WAIT_S = NODE_FILE_WAIT_S + 10
+
+
+def wait_for_files(paths: list[Path], timeout_s: float) -> None:
+    """Poll until every file in ``paths`` exists, for at most ``timeout_s``."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not all(p.exists() for p in paths):
+        time.sleep(0.5)
+
+
 class SweepCallback(Callback):
     """Lock, sweep record and resume, the batch check, the dashboard and the exit status."""
 
@@ -273,7 +284,6 @@ class SweepCallback(Callback):
         if not_run or any(j.get("status") != results.COMPLETED for j in jobs):
             sys.exit(1)
 
-
     def unfinished_jobs(self) -> list[int]:
         """The sweep's jobs without a results.json: never started (a Ctrl-C between two jobs, or
         in an earlier batch), or stopped before their result was written. Judged only where the
@@ -282,29 +292,18 @@ class SweepCallback(Callback):
         if not self.batch_job_dirs:
             return []
         total = self.sweep_jobs if self.sweep_jobs is not None else max(self.batch_job_dirs) + 1
-        missing = []
-        for num in range(total):
-            job_dir = self.batch_job_dirs.get(num)
-            if job_dir is None:
-                missing.append(num)
-                continue
-            done = job_dir / results.RESULTS_FILE
-            job = results.read_json(job_dir / results.JOB_FILE) or {}
-            deadline = time.time() + (NODE_FILE_WAIT_S + 10 if int(job.get("nnodes") or 1) > 1 else 0)
-            while not done.exists() and time.time() < deadline:
-                time.sleep(0.5)
-            if not done.exists():
-                missing.append(num)
-        return missing
+        multi_host = [job_dir / results.RESULTS_FILE for job_dir in self.batch_job_dirs.values()
+                      if int((results.read_json(job_dir / results.JOB_FILE) or {}).get("nnodes") or 1) > 1]
+        wait_for_files(multi_host, RESULTS_WAIT_S)
+        return [num for num in range(total) if num not in self.batch_job_dirs
+                or not (self.batch_job_dirs[num] / results.RESULTS_FILE).exists()]
 
 
 def wait_for_results(sweep_dir: Path, node_rank: int) -> None:
     """On a host other than node 0: the jobs this host took part in get their results.json
     from global rank 0's host; wait for them (bounded)."""
-    deadline = time.time() + NODE_FILE_WAIT_S + 10
     mine = [p.parent.parent for p in sweep_dir.glob(f"*/nodes/node_{node_rank}.json")]
-    while time.time() < deadline and not all((d / results.RESULTS_FILE).exists() for d in mine):
-        time.sleep(0.5)
+    wait_for_files([d / results.RESULTS_FILE for d in mine], RESULTS_WAIT_S)
 
 
 class JobReportCallback(Callback):

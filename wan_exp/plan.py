@@ -40,7 +40,8 @@ from wan_exp.config import CONF_DIR, ConfigError, check_job, compose_config, par
 from wan_exp.doctor.gpus import visible_gpu_count
 from wan_exp.job import SWEEP_STATE_DIR
 from wan_exp.metrics.pricing import ASSUMPTION, GB, Link, comm_time_s, parse_link
-from wan_exp.results import COMPLETED, OOM, read_json, write_json_atomic, write_text_atomic
+from wan_exp.results import (COMPLETED, JOB_FILE, OOM, RESULTS_FILE, read_json, read_results, write_json_atomic,
+                             write_text_atomic)
 
 REPO = Path(__file__).resolve().parents[1]
 PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured", "clip_steps")
@@ -153,9 +154,9 @@ def earlier_results(overrides: list[str], sweep_dir: Path) -> tuple[Optional[dic
         if holder is not None:
             raise ConfigError(f"{sweep_dir}: its job is still running (process {holder.get('pid')} on "
                               f"{holder.get('host')}); wait for it or stop it, or give the plan another out=")
-    results = read_json(job / "results.json")
+    results = read_results(job)
     results = results if isinstance(results, dict) else None
-    job_record = read_json(job / "job.json")
+    job_record = read_json(job / JOB_FILE)
     recorded = (results or (job_record if isinstance(job_record, dict) else None) or {}).get("overrides")
     if recorded is not None and sorted(recorded) != sorted(overrides):
         raise ConfigError(f"{sweep_dir}: holds a job of other settings ("
@@ -216,7 +217,7 @@ def run_simulated_job(overrides: list[str], sweep_dir: Path) -> tuple[Optional[d
         _stop_job(job)
         raise
     lines = [line for line in output.splitlines() if line.strip()]
-    return read_json(sweep_dir / "0" / "results.json"), " | ".join(lines[-2:])
+    return read_results(sweep_dir / "0"), " | ".join(lines[-2:])
 
 
 def _stop_job(job: subprocess.Popen) -> None:
@@ -324,7 +325,7 @@ def add_measured(rows: list[PlanRow], sweep_dir: Path, model: str, size: str) ->
     """Real runs of the same model and size in ``sweep_dir``: their median step and peak
     memory beside the predicted figures. Returns how many rows got one."""
     found = 0
-    for path in sorted(sweep_dir.rglob("results.json")):
+    for path in sorted(sweep_dir.rglob(RESULTS_FILE)):
         real = read_json(path)
         if (not real or real.get("status") != "completed" or real.get("simulated") or real.get("shared_gpus")
                 or real.get("model") != model or real["config"]["workload"]["size"] != size):
@@ -434,11 +435,12 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
         for n in args.gpus:
             overrides = job_overrides(args, strategy, n)
             refused = check_candidate(overrides, gpus_here)
-            job_dir = args.out / "jobs" / f"{strategy}_{n}"
-            results, clear = (None, False) if refused is not None else earlier_results(overrides, job_dir)
             if refused is not None:
                 rows.append(PlanRow(strategy, n, "not allowed", refused))
-            elif results is not None:
+                continue
+            job_dir = args.out / "jobs" / f"{strategy}_{n}"
+            results, clear = earlier_results(overrides, job_dir)
+            if results is not None:
                 print(f"{strategy} on {n} GPU(s): kept from an earlier run ({job_dir})")
                 rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib, args.clip_steps))
             else:
@@ -516,7 +518,7 @@ def write_plan(args: PlanArgs, rows: list[PlanRow]) -> tuple[str, list[str], lis
 
 def _device_name(rows: list[PlanRow]) -> str:
     for row in rows:
-        results = read_json(Path(row.job_dir) / "results.json") if row.job_dir else None
+        results = read_results(Path(row.job_dir)) if row.job_dir else None
         if results and results["ranks"]:
             return results["ranks"][0].get("device_name") or "cpu"
     return "unknown"
