@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from omegaconf import OmegaConf
 from wan_exp import numerics, results
 from wan_exp.config import ExperimentConfig, config_warnings, rank_device, typed_config
 from wan_exp.envvars import JOB_DIR_VAR
+from wan_exp.fake_collectives import RealisticFakeCollectives
 from wan_exp.metrics.collector import GIB
 from wan_exp.models.attention import selected_backend, selected_lse_backend
 from wan_exp.runtime import RankContext
@@ -80,8 +82,9 @@ def error_record(ctx: RankContext, exc: BaseException) -> dict:
     return record
 
 
-SIMULATED_NOTE = ("fake process group: collectives were counted but moved no data, so the outputs are "
-                  "meaningless and the non-finite checks were off; memory and compute are this rank's own")
+SIMULATED_NOTE = ("fake process group: collectives were counted but moved no data (what they deliver was "
+                  "filled from this rank's own data), so the outputs are meaningless and the non-finite "
+                  "checks were off; memory and compute are this rank's own")
 
 
 def init_process_group(backend: str, device: torch.device, rank: int, world_size: int, timeout_s: float) -> None:
@@ -116,7 +119,8 @@ def run_rank(job_dir: Path) -> int:
     if job.get("shared_gpus"):
         ctx.metrics.note("shared_gpus", True)
     try:
-        with ctx.metrics.comm:  # count every collective from the process group to the last step
+        fake_data = RealisticFakeCollectives() if simulated else nullcontext()
+        with ctx.metrics.comm, fake_data:  # count every collective from the process group to the last step
             with ctx.phase("process_group"):
                 init_process_group(job["backend"], device, rank, world_size, cfg.nccl.timeout_s)
             ctx.heartbeat("workload")  # until the workload enters its first phase

@@ -1,0 +1,92 @@
+"""A simulated rank's collectives deliver this rank's own data (wan_exp/fake_collectives.py):
+torch's fake process group leaves the output of a receive (and, in some versions, of an
+all-to-all or a reduce-scatter) unwritten, so without the mode those buffers keep what they
+were allocated with (here NaN)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from wan_exp.fake_collectives import RealisticFakeCollectives, fill_from
+from wan_exp.metrics.comm import CommCounter
+from wan_exp.parallel.ulysses import _all_to_all
+
+WORLD = 4
+
+
+@pytest.fixture
+def fake_group():
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
+    yield
+    dist.destroy_process_group()
+
+
+def nans(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def test_the_fake_group_alone_leaves_a_receive_unwritten(fake_group):
+    """(torch 2.11's fake group also left all-to-all and reduce-scatter outputs unwritten;
+    later versions copy the input there, as the mode does.)"""
+    received = nans(3)
+    for request in dist.batch_isend_irecv([dist.P2POp(dist.isend, torch.ones(3), 1),
+                                           dist.P2POp(dist.irecv, received, WORLD - 1)]):
+        request.wait()
+    assert received.isnan().all()
+
+
+def test_outputs_get_this_ranks_input(fake_group):
+    source = torch.randn(8, 5)
+    with RealisticFakeCollectives():
+        output = nans(8, 5)
+        dist.all_to_all_single(output, source)
+        scattered = nans(2, 5)
+        dist.reduce_scatter_tensor(scattered, source)
+        listed = [nans(3)]
+        dist.reduce_scatter(listed[0], [torch.arange(3.0) + i for i in range(WORLD)])
+        functional = funcol.all_to_all_single(source, None, None, dist.group.WORLD).wait()
+    assert torch.equal(output, source)
+    assert torch.equal(scattered, source[:2])
+    assert torch.equal(listed[0], torch.arange(3.0))
+    assert torch.equal(functional, source)
+
+
+def test_ulysses_exchange_of_a_simulated_rank_carries_real_values(fake_group):
+    heads_first = torch.randn(WORLD * 2, 6, dtype=torch.bfloat16)
+    with RealisticFakeCollectives():
+        exchanged = _all_to_all(heads_first, dist.group.WORLD)
+    assert exchanged.shape == heads_first.shape and torch.equal(exchanged, heads_first)
+
+
+def test_a_receive_gets_what_this_rank_last_sent_of_its_shape(fake_group):
+    block, other = torch.randn(4, 3), torch.randn(2)
+    with RealisticFakeCollectives():
+        received, unmatched = nans(4, 3), nans(7)
+        ops = [dist.P2POp(dist.isend, block, 1), dist.P2POp(dist.isend, other, 1),
+               dist.P2POp(dist.irecv, received, 3), dist.P2POp(dist.irecv, unmatched, 3)]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    assert torch.equal(received, block)
+    assert unmatched.isnan().all()  # nothing of its shape was sent: left as it was
+
+
+def test_counting_under_both_modes_counts_each_call_once(fake_group):
+    counter = CommCounter()
+    with counter, RealisticFakeCollectives():
+        dist.all_to_all_single(nans(8), torch.ones(8))
+        dist.reduce_scatter_tensor(nans(3), torch.ones(12))
+    assert counter.counts["other"]["all_to_all"]["count"] == 1
+    assert counter.counts["other"]["reduce_scatter"]["count"] == 1
+
+
+@pytest.mark.parametrize("target_size, expected", [(6, [0, 1, 2, 0, 1, 2]), (2, [0, 1])])
+def test_fill_repeats_or_cuts_the_source(target_size, expected):
+    target = torch.zeros(target_size, dtype=torch.bfloat16)
+    fill_from(target, torch.arange(3.0))
+    assert target.tolist() == expected
+    strided = torch.zeros(2, 4)[:, ::2]  # not contiguous
+    fill_from(strided, torch.arange(4.0))
+    assert strided.tolist() == [[0.0, 1.0], [2.0, 3.0]]
