@@ -73,6 +73,18 @@ def test_a_receive_gets_what_this_rank_last_sent_of_its_shape(fake_group):
     assert unmatched.isnan().all()  # nothing of its shape was sent: left as it was
 
 
+def test_a_sent_block_is_not_kept_alive_for_later_receives(fake_group):
+    with RealisticFakeCollectives():
+        sent = torch.randn(4, 3)
+        for request in dist.batch_isend_irecv([dist.P2POp(dist.isend, sent, 1)]):
+            request.wait()
+        del sent  # freed: a later receive of its shape gets nothing rather than keeping it
+        received = nans(4, 3)
+        for request in dist.batch_isend_irecv([dist.P2POp(dist.irecv, received, WORLD - 1)]):
+            request.wait()
+    assert received.isnan().all()
+
+
 def test_counting_under_both_modes_counts_each_call_once(fake_group):
     counter = CommCounter()
     with counter, RealisticFakeCollectives():

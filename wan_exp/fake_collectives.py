@@ -17,6 +17,7 @@ memory traffic the real collective has, a few tenths of a percent of a 14B step.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -46,7 +47,8 @@ class RealisticFakeCollectives(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self._last_sent: dict[tuple, torch.Tensor] = {}
+        # weak: holding a sent block would keep it alive and add to the peak being measured
+        self._last_sent: dict[tuple, weakref.ref] = {}
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -75,10 +77,11 @@ class RealisticFakeCollectives(TorchDispatchMode):
                 fill_from(output, source)
         elif name == "send":  # (tensors, ...)
             for tensor in args[0]:
-                self._last_sent[_shape_key(tensor)] = tensor
+                self._last_sent[_shape_key(tensor)] = weakref.ref(tensor)
         elif name in ("recv_", "recv_any_source_"):  # (tensors, ...)
             for tensor in args[0]:
-                sent = self._last_sent.get(_shape_key(tensor))
+                sent_ref = self._last_sent.get(_shape_key(tensor))
+                sent = sent_ref() if sent_ref is not None else None
                 if sent is not None:
                     fill_from(tensor, sent)
 
