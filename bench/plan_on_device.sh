@@ -6,6 +6,10 @@
 # To go on in a later call on a fresh machine, put each <strategy>_<gpus>_results.json back as
 # <out>/jobs/<strategy>_<gpus>/0/results.json here and carry <out> (`restore` does that).
 #
+# <seconds> must leave room inside the call's own limit: a stopped plan waits for its job to end
+# (seconds usually, up to 120 s when it hangs) and then the files are packed; the device's 600 s
+# calls took 545 here, with room to spare only because the jobs ended at once.
+#
 #   device:  bash bench/plan_on_device.sh run <seconds> <plan options and overrides, out=... last>
 #   here:    bash bench/plan_on_device.sh restore <fetched .tgz> <out>
 # The device image lacks hydra-core/omegaconf/diffusers/av: their wheels are carried in .whl.
@@ -14,7 +18,12 @@ set -uo pipefail
 case "${1:-}" in
 run)
     seconds=$2; shift 2
-    out="${!#}"; out="${out#out=}"
+    last="${!#}"
+    if [[ $# -eq 0 || $last != out=* ]]; then
+        echo "plan_on_device.sh run: give out=<dir> last (got ${last:-nothing}); its files are what comes back" >&2
+        exit 2
+    fi
+    out="${last#out=}"
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
     timeout -s TERM "$seconds" python3 -m wan_exp.plan "$@"
@@ -32,10 +41,13 @@ restore)
     fetched=$(mktemp -d); out=$3
     tar xzf "$2" -C "$fetched"
     for results in "$fetched"/*/*_results.json; do
+        [ -f "$results" ] || continue
         job=$(basename "$results" _results.json)
         mkdir -p "$out/jobs/$job/0"
         cp "$results" "$out/jobs/$job/0/results.json"
+        echo "kept for the next run: $out/jobs/$job"
     done
+    rm -r "$fetched"
     ;;
 *)
     echo "usage: $0 run <seconds> <plan arguments> out=<dir> | $0 restore <fetched .tgz> <out>" >&2

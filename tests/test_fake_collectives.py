@@ -102,3 +102,50 @@ def test_fill_repeats_or_cuts_the_source(target_size, expected):
     strided = torch.zeros(2, 4)[:, ::2]  # not contiguous
     fill_from(strided, torch.arange(4.0))
     assert strided.tolist() == [[0.0, 1.0], [2.0, 3.0]]
+
+
+# op -> (its output argument, its input argument), by name in torch's schema, written out here
+# independently of the module; each is handed NaN outputs directly, whatever this torch's fake
+# group does with them itself
+C10D_OUTPUT_INPUT = {
+    "alltoall_base_": ("output", "input"),
+    "_reduce_scatter_base_": ("output_tensor", "input_tensor"),
+    "alltoall_": ("output_tensors", "input_tensors"),
+    "reduce_scatter_": ("output_tensors", "input_tensors"),
+    "reduce_scatter_tensor_coalesced_": ("outputs", "inputs"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(C10D_OUTPUT_INPUT))
+def test_each_c10d_output_is_filled_from_its_input_by_schema_position(name):
+    schema = [a.name for a in getattr(torch.ops.c10d, name).default._schema.arguments]
+    output_name, input_name = C10D_OUTPUT_INPUT[name]
+    source = torch.randn(6)
+    outputs, inputs = {
+        "alltoall_base_": (nans(6), source), "_reduce_scatter_base_": (nans(3), source),
+        "alltoall_": ([nans(6), nans(6)], [source, source * 2]),
+        "reduce_scatter_": ([nans(3)], [[source, source * 2]]),
+        "reduce_scatter_tensor_coalesced_": ([nans(3), nans(3)], [source, source * 2]),
+    }[name]
+    args = [None] * len(schema)
+    args[schema.index(output_name)], args[schema.index(input_name)] = outputs, inputs
+    RealisticFakeCollectives()._fill_c10d(name, tuple(args))
+    filled = outputs if isinstance(outputs, list) else [outputs]
+    expected = {"alltoall_": [source, source * 2], "reduce_scatter_": [source[:3]],
+                "reduce_scatter_tensor_coalesced_": [source[:3], source[:3] * 2]}.get(name, [source[:filled[0].numel()]])
+    assert all(torch.equal(f, e) for f, e in zip(filled, expected, strict=True))
+
+
+def test_a_receive_from_any_source_and_a_functional_out_are_filled():
+    mode = RealisticFakeCollectives()
+    block = torch.randn(2, 2)
+    for name in ("send", "recv_any_source_"):
+        assert getattr(torch.ops.c10d, name).default._schema.arguments[0].name == "tensors"
+    mode._fill_c10d("send", ([block], None, 1))
+    received = nans(2, 2)
+    mode._fill_c10d("recv_any_source_", ([received], None, 0))
+    assert torch.equal(received, block)
+    assert getattr(torch.ops._c10d_functional, "reduce_scatter_tensor_out").default._schema.arguments[0].name == "input"
+    out = nans(3)
+    mode._fill_functional("reduce_scatter_tensor_out", (torch.arange(12.0), "sum", 4, "0"), {"out": out}, out)
+    assert torch.equal(out, torch.arange(3.0))
