@@ -237,3 +237,13 @@ def test_strategy_options_are_variants_but_strategy_seed_and_logger_are_not():
     assert not _is_variant("parallel=hybrid") and not _is_variant("seed=3")
     assert not _is_variant("logger=disabled") and not _is_variant("logger.mode=offline")
     assert not _is_variant("launcher.nproc_per_node=8") and _is_variant("launcher.nnodes=2")
+
+
+def test_the_report_imports_no_torch():
+    """The report runs on the host after every sweep (and from `python -m wan_exp.report`): it
+    reads files, so it must not pay for importing torch (1.5 s of every launch here)."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, wan_exp.report, wan_exp.report.__main__\n"
+                           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

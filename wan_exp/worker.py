@@ -32,7 +32,7 @@ from wan_exp import numerics, results
 from wan_exp.config import ExperimentConfig, config_warnings, rank_device, typed_config
 from wan_exp.envvars import JOB_DIR_VAR
 from wan_exp.fake_collectives import RealisticFakeCollectives
-from wan_exp.metrics.collector import GIB
+from wan_exp.metrics.phases import GIB
 from wan_exp.models.attention import selected_backend, selected_lse_backend
 from wan_exp.runtime import RankContext
 

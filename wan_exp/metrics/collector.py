@@ -23,12 +23,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from wan_exp.metrics.comm import CommCounter
+from wan_exp.metrics.phases import GIB, INIT_PHASES
 
-GIB = 1024**3
-INIT_PHASES = ("process_group", "build", "load", "wrap", "first_step")
-# the generate workload's stages, in pipeline order (MetricsCollector.stage)
-PIPELINE_STAGES = ("text_encode", "audio_encode", "reference_encode", "motion_encode", "denoise",
-                   "vae_decode", "video_write")
 # Notes that belong in the record's "memory" block rather than at its top level.
 _MEMORY_NOTES = ("param_gib",)
 

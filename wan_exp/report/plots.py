@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
-from wan_exp.metrics.collector import INIT_PHASES, PIPELINE_STAGES  # noqa: E402
+from wan_exp.metrics.phases import INIT_PHASES, PIPELINE_STAGES  # noqa: E402
 from wan_exp.report.table import Row, column  # noqa: E402
 
 # Per-rank GPU memory bars, most telling first; host RSS only where there is no GPU figure.
