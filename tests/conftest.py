@@ -28,6 +28,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def fake_group(request):
+    """torch's fake process group in this one process: rank 0 of the test module's ``WORLD`` ranks
+    (collectives return without moving data, as for a simulated rank)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=request.module.WORLD)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture
 def one_cpu_thread():
     """Run torch on one CPU thread: on a shared machine, OpenMP threads of small convolutions
     (the VAE at test size) wait on each other and run tens of times slower."""

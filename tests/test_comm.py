@@ -10,21 +10,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from wan_exp.metrics.collector import MetricsCollector
 from wan_exp.metrics.summary import summarize
 from wan_exp.metrics.comm import CommCounter
 
-WORLD = 4
+WORLD = 4  # ranks of the fake process group (conftest's fake_group)
 F32 = 4
-
-
-@pytest.fixture
-def fake_group():
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
-    yield
-    dist.destroy_process_group()
 
 
 def test_every_collective_kind_counts_its_bytes_as_documented(fake_group):

@@ -8,20 +8,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from wan_exp.fake_collectives import RealisticFakeCollectives, fill_from
 from wan_exp.metrics.comm import CommCounter
 from wan_exp.parallel.ulysses import _all_to_all
 
-WORLD = 4
-
-
-@pytest.fixture
-def fake_group():
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
-    yield
-    dist.destroy_process_group()
+WORLD = 4  # ranks of the fake process group (conftest's fake_group)
 
 
 def nans(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -69,15 +69,12 @@ class RealisticFakeCollectives(TorchDispatchMode):
     def _fill_c10d(self, name: str, args: tuple) -> None:
         if name in ("alltoall_base_", "_reduce_scatter_base_"):  # (output, input, ...)
             fill_from(args[0], args[1])
-        elif name == "alltoall_":  # (outputs, inputs, ...)
+        elif name in ("alltoall_", "reduce_scatter_tensor_coalesced_"):  # (outputs, inputs, ...)
             for output, source in zip(args[0], args[1]):
                 fill_from(output, source)
         elif name == "reduce_scatter_":  # (outputs, [inputs per output], ...)
             for output, sources in zip(args[0], args[1]):
                 fill_from(output, sources[0])
-        elif name == "reduce_scatter_tensor_coalesced_":  # (outputs, inputs, ...)
-            for output, source in zip(args[0], args[1]):
-                fill_from(output, source)
         elif name == "send":  # (tensors, ...)
             for tensor in args[0]:
                 self._last_sent[_shape_key(tensor)] = weakref.ref(tensor)
