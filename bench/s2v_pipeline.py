@@ -27,7 +27,7 @@ from benchlib import GIB, REPO, header
 from wan_exp.config import ExperimentConfig
 from wan_exp.models.vae import build_vae
 from wan_exp.parallel.vae import decode_clip
-from wan_exp.runtime import RankContext
+from wan_exp.rank.runtime import RankContext
 
 SINGLE_GPU_MODES = ("every_rank", "rank0", "tiled")
 

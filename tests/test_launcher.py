@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from launch_helpers import REPO, job_results, output, run_launch
-from wan_exp.envvars import JOB_DIR_VAR, applied_environment
+from wan_exp.host.envvars import JOB_DIR_VAR, applied_environment
 
 
 @pytest.mark.slow

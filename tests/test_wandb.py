@@ -88,7 +88,7 @@ def test_a_resumed_sweep_logs_a_skipped_job_only_if_its_run_was_not_written(job_
 
     from hydra.core.utils import JobReturn, JobStatus
 
-    from wan_exp.callbacks import JobReportCallback
+    from wan_exp.host.callbacks import JobReportCallback
 
     assert is_logged(job_dir)  # the launch wrote the run in full
     cut = tmp_path / "0"

@@ -6,7 +6,7 @@ Files get the permissions of an ordinary ``open`` under the process umask (0644 
 usual 022), not the 0600 of a bare temporary file; a write that fails (a full disk)
 raises :class:`WriteError` naming the path and what the file is.
 
-One writer produces results.json: :func:`finalize_job`, called by wan_exp.job on the
+One writer produces results.json: :func:`finalize_job`, called by wan_exp.host.job on the
 host that ran global rank 0 once every rank is gone. It builds the result from the rank
 records (each rank writes its own), every host's agent outcome (dead ranks, rendezvous
 errors) and the job process's own findings (hang, start-up bound, interrupt). A
@@ -201,7 +201,7 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
         "shared_gpus": bool(job.get("shared_gpus")),
         # {"world_size": N, "rank": r}: one process played rank r of N over the fake process group
         "simulated": job.get("simulated"),
-        # simulated: the rank's step priced at launcher.link (metrics/pricing.py)
+        # simulated: the rank's step priced at launcher.link (plan/pricing.py)
         "prediction": _prediction(job, config, records),
         "model": config.get("model", {}).get("name"),
         "workload": config.get("workload", {}).get("name"),
@@ -222,7 +222,7 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
 def _prediction(job: dict, config: dict, records: list[dict]) -> Optional[dict]:
     if not job.get("simulated") or not records:
         return None
-    from wan_exp.metrics.pricing import parse_link, predict_step
+    from wan_exp.plan.pricing import parse_link, predict_step
 
     return predict_step(records[0], parse_link(config.get("launcher", {}).get("link", "nvlink4")))
 

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 import psutil
 import torch
 
-from wan_exp.faults import FaultInjector
+from wan_exp.rank.faults import FaultInjector
 from wan_exp.metrics.collector import MetricsCollector
 from wan_exp.results import GIB, heartbeat_path, write_json_atomic
 

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from wan_exp import results
 from wan_exp.config import ConfigError
-from wan_exp.job import NODE_FILE_WAIT_S, SWEEP_RECORD, SWEEP_STATE_DIR, check_config
+from wan_exp.host.job import NODE_FILE_WAIT_S, SWEEP_RECORD, SWEEP_STATE_DIR, check_config
 
 log = logging.getLogger(__name__)
 
