@@ -12,7 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 from wan_exp.config import ModelConfig
-from wan_exp.models.wan_s2v import WanModel, apply_rope, rope_angles, rope_pairs, sequence_length
+from wan_exp.geometry import sequence_length
+from wan_exp.models.wan_s2v import WanModel, apply_rope, rope_angles, rope_pairs
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 

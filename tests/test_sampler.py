@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from wan_exp.workloads.sampler import Condition, guided_flow, model_timesteps, sample, sigma_schedule
+from wan_exp.parallel.cfg import Condition, guided_flow
+from wan_exp.workloads.sampler import model_timesteps, sample, sigma_schedule
 
 
 def test_timesteps_of_upstreams_grid():

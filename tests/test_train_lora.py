@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from wan_exp.geometry import job_geometry
 from wan_exp.config import compose_config as compose_experiment
 from wan_exp.models.wan_s2v import WanModel
 from wan_exp.parallel.registry import setup_parallel
@@ -53,7 +54,7 @@ def test_one_training_step_moves_only_the_adapters():
     params = adapter_parameters(dit)
     assert params and all("lora_" in name for name, p in dit.named_parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    inputs = training_inputs(cfg, parallel_model, torch.device("cpu"))
+    inputs = training_inputs(cfg, job_geometry(cfg), parallel_model, torch.device("cpu"))
     loss = train_step(dit, inputs, torch.Generator().manual_seed(0), 3.0, 1.0, None)
     optimizer.step()
     assert loss > 0

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from wan_exp.geometry import job_geometry
 from wan_exp.config import compose_config
 from wan_exp.models.checkpoint import CheckpointError, write_checkpoint
 from wan_exp.media import reference_pixels
@@ -263,10 +264,10 @@ def test_generate_uses_the_vae_encoding_of_the_image_as_reference(tmp_path, monk
 
     ctx = RankContext(cfg, 0, 0, 1, torch.device("cpu"), None)
     parallel_model = setup_parallel(cfg, ctx)
-    inputs = encode_job_inputs(cfg, parallel_model, torch.device("cpu"))
+    inputs = encode_job_inputs(cfg, job_geometry(cfg), parallel_model, torch.device("cpu"))
     torch.testing.assert_close(inputs.ref, expected)
     # encoded in fp32 as upstream, then given the model's dtype
-    assert torch.equal(reference_latents(cfg, None, torch.device("cpu"), torch.bfloat16), expected.to(torch.bfloat16))
+    assert torch.equal(reference_latents(cfg, job_geometry(cfg), None, torch.device("cpu"), torch.bfloat16), expected.to(torch.bfloat16))
     seen = []
     ctx = RankContext(cfg, 0, 0, 1, torch.device("cpu"), None)
     original = generate.setup_parallel

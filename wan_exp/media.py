@@ -1,7 +1,8 @@
 """Files in and out of the generate workload: the audio, the reference image, the video.
 
-No torch here: the launcher calls :func:`check_inputs` (through ``config.validate``) before any
-rank starts, and the ranks use the readers below. docs/pipeline.md states the rules.
+No torch here and nothing of wan_exp: the launcher's checks (``preflight``, ``geometry``) read
+the files with these readers before any rank starts, and the ranks use them too.
+docs/pipeline.md states the rules.
 
 - Audio: any file ffmpeg decodes (wav, flac, mp3, ...; any rate, any channel layout), read
   and resampled to 16 kHz mono by PyAV (ffmpeg's resampler, shipped in the PyAV wheel).
@@ -12,7 +13,6 @@ rank starts, and the ranks use the readers below. docs/pipeline.md states the ru
 """
 from __future__ import annotations
 
-import functools
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
@@ -96,24 +96,6 @@ def image_size(path: str | Path) -> tuple[int, int]:
                          "use a PNG or JPEG file") from None
 
 
-def output_size(workload: Any) -> tuple[int, int]:
-    """(H, W) of the generated video: chosen from ``workload.image_path`` within the area of
-    ``workload.size`` when ``workload.size_from_image`` (upstream's behaviour), else the size.
-    Worked out once per distinct setting (the size parsed, the image header read) however
-    often a rank asks."""
-    return _output_size(str(workload.size), workload.image_path or None, bool(workload.size_from_image))
-
-
-@functools.lru_cache(maxsize=8)
-def _output_size(size: str, image_path: Optional[str], size_from_image: bool) -> tuple[int, int]:
-    from wan_exp.config import parse_size
-
-    height, width = parse_size(size)
-    if image_path and size_from_image:
-        return size_within_area(*image_size(image_path), height * width)
-    return height, width
-
-
 def reference_pixels(path: str | Path, height: int, width: int) -> np.ndarray:
     """(height, width, 3) float32 in [-1, 1]: the image's shorter side resized (bilinear) to
     min(height, width), the longer by the same factor (truncated), then the centre
@@ -174,34 +156,3 @@ def wants_video(workload: Any, checkpoint_dir: Optional[str]) -> bool:
     """``workload.save_video``: true/false, or auto = when a checkpoint folder is given."""
     setting = str(workload.save_video).lower()
     return setting == "true" or (setting == "auto" and bool(checkpoint_dir))
-
-
-# ------------------------------------------------------------------------------ pre-launch checks
-def check_inputs(cfg: Any, world_size: int) -> None:
-    """The input files of a generate job, read before any rank loads weights: an audio file that
-    ffmpeg cannot read, or that is silent; an image that is not an image; the size the image
-    gives, and for parallel.vae=sharded whether the world size can share a latent frame (one
-    strip per rank). Raises ConfigError naming the setting and what to do."""
-    from wan_exp.config import ConfigError, parse_size
-
-    wl = cfg.workload
-    if getattr(cfg.parallel.vae, "value", cfg.parallel.vae) == "sharded":
-        from wan_exp.parallel.vae import shard_strips  # torch: only for this setting
-
-        height, width = output_size(wl)
-        try:
-            shard_strips(height // 8, width // 8, world_size)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    try:
-        if wl.audio_path:
-            peak = float(np.abs(read_audio(wl.audio_path)).max())
-            if peak < SILENCE_PEAK:
-                raise ValueError(f"workload.audio_path={wl.audio_path!r} is silent (peak {peak:.1e}); "
-                                 "S2V animates speech: give a file with sound, or leave it unset "
-                                 "for synthetic audio")
-        if wl.image_path:
-            height, width = output_size(wl)
-            parse_size(f"{height}*{width}")  # the VAE and patch strides
-    except (ValueError, FileNotFoundError) as exc:
-        raise ConfigError(str(exc)) from None

@@ -5,41 +5,40 @@ minutes and are then ended by the kernel's OOM killer (or CUDA runs out of memor
 weights are a lower bound of what a rank needs (activations, the CUDA context and NCCL
 buffers come on top), so a job refused here could never have run.
 
-Where the weights live, per strategy (wan_exp/parallel/registry.py):
-- no FSDP (``single``, ``ulysses``, ``cfg``, ``usp``, ``cfg_ulysses``): the whole DiT on every
-  rank's device;
-- ``fsdp_fixed``, ``hybrid``: 1/(ranks sharing one copy) of the DiT per rank, read straight to the
-  device;
-- ``fsdp`` (upstream, ``parallel.fsdp.load_full_on_every_rank``): every rank first loads the
-  whole DiT into host memory, then FSDP moves its shard to the device;
+Where the weights live, by the split's degrees (wan_exp/parallel/registry.py):
+- no FSDP (``parallel.fsdp.degree=0``: ``single``, ``ulysses``, ``cfg``, ``usp``, ``cfg_ulysses``):
+  the whole DiT on every rank's device;
+- FSDP with shard-only loading (``fsdp_fixed``, ``hybrid``): 1/(ranks sharing one copy) of the
+  DiT per rank, read straight to the device;
+- FSDP with ``parallel.fsdp.load_full_on_every_rank`` (upstream, ``fsdp``): every rank first
+  loads the whole DiT into host memory, then FSDP moves its shard to the device;
 - the text and audio encoders: whole, on the device or the host as
   ``parallel.*_encoder_placement`` says; wav2vec2 always in fp32.
 On a machine without GPUs the device is the host. Host memory is per node
 (``nproc_per_node`` ranks share it); it is compared with psutil's available memory, GPU
 memory with NVML's free memory of each GPU the node's ranks use.
 
-Parameter counts come from the models themselves, built on the meta device (no memory),
-once per model config: importing torch and transformers and building them takes seconds, so
-the counts are kept in ``$XDG_CACHE_HOME/wan-exp/parameter_counts.json`` (default
-``~/.cache``), keyed by the model config and the model code, and later launches read them
-from there. torch and transformers are imported only for a count not yet kept, so importing
-this module keeps the launcher light.
+Parameter counts come from the config's shapes (``models/sizes.py``: a formula per layer,
+checked against the built models by the tests), so this check builds no model and imports
+no torch.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import psutil
-from omegaconf import OmegaConf
 
-from wan_exp.config import ConfigError, Placement, Strategy, parallel_dims
-from wan_exp.results import GIB, write_json_atomic
+from wan_exp.config import ConfigError, Placement
+from wan_exp.devices import read_nvml, visible_gpus
+from wan_exp.models.sizes import (
+    audio_encoder_parameters,
+    dit_parameters,
+    text_encoder_parameters,
+)
+from wan_exp.parallel.dims import fsdp_shards, parallel_dims
+from wan_exp.results import GIB
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -62,85 +61,20 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB // 10 else f"{n_bytes / 2**20:.1f} MiB"
 
 
-# the code that decides the parameter counts: a change to it makes the kept counts stale
-_MODEL_SOURCES = ("models/wan_s2v.py", "models/encoders.py", "config.py", "memory_fit.py")
-
-
-def counts_cache_path() -> Path:
-    """Where the parameter counts are kept between launches."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "wan-exp" / "parameter_counts.json"
-
-
-def _counts_key(model_yaml: str) -> str:
-    from importlib.metadata import version
-
-    digest = hashlib.sha256(model_yaml.encode())
-    package = Path(__file__).resolve().parent
-    for relative in _MODEL_SOURCES:
-        digest.update((package / relative).read_bytes())
-    digest.update(version("transformers").encode())  # the encoders' classes are transformers'
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=8)
-def _parameter_counts(model_yaml: str) -> tuple[int, int, int]:
-    """(DiT, text encoder, audio encoder) parameter counts of a model config: kept ones when
-    the config and the model code are unchanged, else counted (``count_parameters``) and kept.
-    A cache that cannot be read or written only costs the count."""
-    path, key = counts_cache_path(), _counts_key(model_yaml)
-    try:
-        kept = json.loads(path.read_text())
-    except (OSError, ValueError):
-        kept = {}
-    entry = kept.get(key) if isinstance(kept, dict) else None
-    if isinstance(entry, list) and len(entry) == 3 and all(isinstance(n, int) for n in entry):
-        return tuple(entry)  # type: ignore[return-value]
-    counts = count_parameters(model_yaml)
-    try:  # two launches writing at once: the file stays whole, the last writer's entries win
-        write_json_atomic(path, {**(kept if isinstance(kept, dict) else {}), key: list(counts)})
-    except OSError:
-        pass  # a read-only home: count again next time
-    return counts
-
-
-def count_parameters(model_yaml: str) -> tuple[int, int, int]:
-    """(DiT, text encoder, audio encoder) parameter counts, from the models built on the
-    meta device (tied weights counted once); audio 0 without S2V."""
-    import torch
-    from transformers import UMT5EncoderModel, Wav2Vec2Model
-
-    from wan_exp.config import ModelConfig
-    from wan_exp.models.encoders import audio_encoder_config, text_encoder_config
-    from wan_exp.models.wan_s2v import WanModel
-
-    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(model_yaml))
-
-    def count(module: torch.nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
-    with torch.device("meta"):
-        dit = count(WanModel(model_cfg))
-        text = count(UMT5EncoderModel(text_encoder_config(model_cfg)))
-        audio = count(Wav2Vec2Model(audio_encoder_config(model_cfg))) if model_cfg.s2v else 0
-    return dit, text, audio
-
-
-def model_weights(model_cfg: Any) -> tuple[Weights, Weights, Optional[Weights]]:
+def model_weights(model_cfg: Any) -> tuple[Weights, Weights, Weights | None]:
     """(DiT, text encoder, audio encoder or None) as the ranks load them: the DiT and the text
     encoder at model.dtype, wav2vec2 always in fp32 (as upstream runs it)."""
-    dit, text, audio = _parameter_counts(OmegaConf.to_yaml(model_cfg, resolve=True))
+    dit, text, audio = (dit_parameters(model_cfg), text_encoder_parameters(model_cfg),
+                        audio_encoder_parameters(model_cfg))
     size = DTYPE_BYTES[getattr(model_cfg.dtype, "value", model_cfg.dtype)]
     return (Weights("DiT", dit, dit * size), Weights("text encoder", text, text * size),
             Weights("audio encoder", audio, audio * DTYPE_BYTES["fp32"]) if audio else None)
 
 
-def gpu_free_bytes(count: int) -> Optional[list[int]]:
+def gpu_free_bytes(count: int) -> list[int] | None:
     """NVML's free memory (total - used) of the first `count` GPUs CUDA would give the ranks,
     as wan_exp.devices reads them (CUDA_VISIBLE_DEVICES by index or UUID); None when NVML cannot
     tell (no driver) or names fewer GPUs (MIG slices: NVML's figures are per parent GPU)."""
-    from wan_exp.devices import read_nvml, visible_gpus
-
     nvml = read_nvml()
     if nvml.error:
         return None
@@ -159,8 +93,9 @@ def check_memory_fits(cfg: Any, world_size: int, nproc_per_node: int, gpus: int)
     memory available (per node) or the free memory of a GPU (per rank)."""
     par = cfg.parallel
     dit, text, audio = model_weights(cfg.model)
-    sharded = bool(par.fsdp.enabled)
-    share = parallel_dims(cfg, world_size).fsdp_shard_ranks  # ranks sharing one copy of the DiT
+    dims = parallel_dims(cfg, world_size)
+    sharded = dims.fsdp_enabled
+    share = dims.fsdp_shard_ranks  # ranks sharing one copy of the DiT
     full_load = sharded and bool(par.fsdp.load_full_on_every_rank)
     on_device: list[tuple[Weights, int]] = [(dit, share)]
     on_host: list[tuple[Weights, int]] = [(dit, 1)] if full_load else []
@@ -171,7 +106,7 @@ def check_memory_fits(cfg: Any, world_size: int, nproc_per_node: int, gpus: int)
         on_host = ([(dit, 1)] if full_load else [(dit, share)]) + [p for p in on_device + on_host if p[0] is not dit]
         on_device = []
 
-    strategy = f"parallel={Strategy(par.name).value}"
+    strategy = f"parallel={par.name}"
     host_need = nproc_per_node * sum(w.bytes // s for w, s in on_host)
     available = psutil.virtual_memory().available
     if host_need > available:
@@ -199,7 +134,7 @@ def check_memory_fits(cfg: Any, world_size: int, nproc_per_node: int, gpus: int)
 def _hint(cfg: Any, full_load: bool, fewer_ranks: bool, encoders_on_gpu: bool = False) -> str:
     """What would make the job fit, among the settings that apply to it."""
     options = []
-    if not cfg.parallel.fsdp.enabled or full_load:
+    if not fsdp_shards(cfg.parallel.fsdp) or full_load:
         options.append("a strategy that shards the DiT over the ranks without a full load "
                        "(parallel=fsdp_fixed or parallel=hybrid)")
     elif fewer_ranks is False:

@@ -27,6 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from wan_exp.metrics.summary import summarize
+from wan_exp.plan.pricing import parse_link, predict_step
+
 SCHEMA = 1
 COMPLETED, FAILED, OOM, HANG, INTERRUPTED = "completed", "failed", "oom", "hang", "interrupted"
 HOST, GPU = "host", "gpu"  # which memory an oom job ran out of (root_cause["memory"])
@@ -222,8 +225,6 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
 def _prediction(job: dict, config: dict, records: list[dict]) -> Optional[dict]:
     if not job.get("simulated") or not records:
         return None
-    from wan_exp.plan.pricing import parse_link, predict_step
-
     return predict_step(records[0], parse_link(config.get("launcher", {}).get("link", "nvlink4")))
 
 
@@ -360,8 +361,6 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
     The job completed when none of these happened and every rank of job.json's world
     size wrote a completed record.
     """
-    from wan_exp.metrics.summary import summarize
-
     remove_empty_stack_files(job_dir)
     existing = read_results(job_dir)
     if existing is not None and existing.get("status") == COMPLETED:

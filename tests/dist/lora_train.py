@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+from wan_exp.geometry import job_geometry
 from wan_exp.config import compose_config as compose_experiment
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.rank.runtime import RankContext
@@ -82,7 +83,7 @@ def full_adapter_gradients(dit: torch.nn.Module) -> dict[str, torch.Tensor]:
 def one_step_gradients(cfg, rank: int, world_size: int) -> dict[str, torch.Tensor]:
     ctx = RankContext(cfg, rank, rank, world_size, torch.device("cpu"), None)
     parallel_model = setup_parallel(cfg, ctx, before_wrap=inject_with_nonzero_b(cfg))
-    inputs = training_inputs(cfg, parallel_model, ctx.device)
+    inputs = training_inputs(cfg, job_geometry(cfg), parallel_model, ctx.device)
     loss_scale, sp_group = loss_scale_and_sp_group(cfg, parallel_model, world_size)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_step(parallel_model.dit, inputs, generator, cfg.workload.shift, loss_scale, sp_group)

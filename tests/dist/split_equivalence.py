@@ -25,10 +25,10 @@ from lora_train import compose_config as compose_lora_config
 from lora_train import one_step_gradients
 from strategy_equivalence import GUIDANCE, FRAMES, LAT_H, LAT_W, clip_inputs, compose_config, conditions
 from wan_exp.metrics.comm import CommCounter
-from wan_exp.models.wan_s2v import sequence_length
+from wan_exp.geometry import sequence_length
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.rank.runtime import RankContext
-from wan_exp.workloads.sampler import dit_flow, guided_flow
+from wan_exp.parallel.cfg import dit_flow, guided_flow
 
 CASES = {
     "usp preset (ring2 x ulysses2)": ["parallel=usp"],

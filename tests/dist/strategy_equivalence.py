@@ -27,11 +27,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from wan_exp.config import compose_config as compose_experiment
-from wan_exp.models.wan_s2v import sequence_length
+from wan_exp.geometry import sequence_length
 from wan_exp.parallel.materialise import gather_rows
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.rank.runtime import RankContext
-from wan_exp.workloads.sampler import Condition, guided_flow
+from wan_exp.parallel.cfg import Condition, guided_flow
 
 COMMON = ["model=tiny", "parallel.fsdp.param_dtype=fp32", "parallel.fsdp.reduce_dtype=fp32"]
 # name -> (overrides, inject LoRA in before_wrap)

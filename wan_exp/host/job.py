@@ -3,7 +3,7 @@
 Whatever Hydra launcher runs the task (torchrun: in the launching process; submitit:
 in a Slurm task or a local subprocess), :func:`run_job` does the same:
 
-1. checks the job on this machine (wan_exp.config.check_job) and finds its node layout:
+1. checks the job on this machine (wan_exp.preflight.check_job) and finds its node layout:
    ``launcher.nnodes / node_rank / rdzv_endpoint``, or Slurm's allocation
    (:func:`node_layout`);
 2. on node 0: writes the job dir (config.yaml, job.json) once;
@@ -21,8 +21,8 @@ It returns ``{"status", "job_dir", "results_owner", "skipped"}`` to Hydra; the W
 and the summary are the job-end callback's (wan_exp.host.callbacks). After an interrupt it
 raises :class:`SweepInterrupted` (a KeyboardInterrupt), which ends the sweep.
 
-No torch import at module level: this runs in the launching process (the weights-fit check
-imports torch lazily, on the meta device, to count parameters).
+No torch import: this runs in the launching process (the weights-fit check counts parameters
+from the config's shapes, wan_exp.models.sizes).
 """
 from __future__ import annotations
 
@@ -46,10 +46,11 @@ import psutil
 from omegaconf import DictConfig, OmegaConf
 
 from wan_exp import results
-from wan_exp.config import ConfigError, JobShape, check_job, config_warnings, steps_run
+from wan_exp.config import ConfigError, steps_run
 from wan_exp.devices import visible_gpu_count
 from wan_exp.host.envvars import rank_environment
 from wan_exp.host.progress import ProgressDisplay
+from wan_exp.preflight import JobShape, check_job, config_warnings
 
 log = logging.getLogger(__name__)
 

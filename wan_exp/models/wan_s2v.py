@@ -33,13 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wan_exp.geometry import AUDIO_TOKENS_PER_FRAME, FRAME_PACK_BUCKETS, FRAME_PACK_KERNELS
 from wan_exp.models import attention as attn_backend
 
 ROPE_THETA = 10000.0
 REF_TIME_POSITION = 30  # reference tokens sit at latent time 30 (upstream convention)
-FRAME_PACK_BUCKETS = (1, 2, 16)  # motion latents, newest first: 1 at full, 2 at 2x, 16 at 4x
-FRAME_PACK_KERNELS = ((1, 2, 2), (2, 4, 4), (4, 8, 8))
-AUDIO_TOKENS_PER_FRAME = 4  # local tokens per latent frame, plus one learned padding token
 ADAIN_EPS = 1e-5  # the audio AdaLN's LayerNorm (upstream uses diffusers' default)
 
 
@@ -566,22 +564,3 @@ class WanModel(nn.Module):
         out = out.view(b, frames // pt, height // ph, width // pw, pt, ph, pw, self.out_dim)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, self.out_dim, frames, height, width)
-
-
-def sequence_length(cfg: Any, height: int, width: int, frames_per_clip: int, with_motion: bool = True) -> int:
-    """Tokens of one DiT forward for a clip of ``height`` x ``width`` pixels (VAE stride 8).
-
-    S2V: noisy + reference + frame-packed motion tokens (the first clip has no motion);
-    480x832, 80 frames -> 31200 + 1560 + 2314 = 35074.
-    """
-    pt, ph, pw = cfg.patch_size
-    lat_h, lat_w, lat_f = height // 8, width // 8, frames_per_clip // 4
-    hw = (lat_h // ph) * (lat_w // pw)
-    n = (lat_f // pt) * hw
-    if not cfg.s2v:
-        return n
-    n += hw
-    if with_motion:
-        for (kt, kh, kw), bucket in zip(FRAME_PACK_KERNELS, FRAME_PACK_BUCKETS):
-            n += (bucket // kt) * (lat_h // kh) * (lat_w // kw)
-    return n

@@ -1,10 +1,12 @@
 """One description of a split: the degrees of every parallel axis, resolved and checked once.
 
-``ParallelDims.from_config(parallel_cfg, world_size, num_heads)`` turns the ``parallel``
+``parallel_dims(cfg, world_size)`` (``ParallelDims.from_config``) turns the ``parallel``
 config group into named degrees whose product is the world size (torchtitan's
-``ParallelDims`` is the model). ``config.validate`` calls it before any worker starts, so a
-bad combination fails in the launcher with a message that says what would work; each rank
-calls it again (same code, same answer) and then :meth:`ParallelDims.build_mesh`.
+``ParallelDims`` is the model, and like it this module imports the config).
+``preflight.validate`` calls it before any worker starts, so a bad combination fails in the
+launcher with a message that says what would work; each rank calls it again (same code, same
+answer) and then :meth:`ParallelDims.build_mesh`. A strategy is its degrees: whether FSDP
+shards is ``parallel.fsdp.degree`` (0 = off), never the preset's name.
 
 Axes, outermost first (the order of the device mesh; ranks of an inner axis are neighbours,
 so the axis that talks most gets the fastest links):
@@ -32,12 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from wan_exp.config import ConfigError
+
 AXES = ("cfg", "fsdp", "ring", "ulysses")
-
-
-class DegreeError(ValueError):
-    """A combination of degrees that cannot split the model; config.validate re-raises it
-    as ConfigError (config imports this module, so it cannot import config)."""
 
 
 def _divisors(n: int) -> list[int]:
@@ -49,6 +48,24 @@ def usp_suggestion(sp_ranks: int, num_heads: int) -> str:
     Ulysses degree the heads allow (Ulysses is faster where heads allow it)."""
     ulysses = max(d for d in _divisors(sp_ranks) if num_heads % d == 0)
     return f"parallel.ulysses_degree={ulysses} parallel.ring_degree={sp_ranks // ulysses}"
+
+
+def fsdp_shards(fsdp: Any) -> bool:
+    """FSDP is on: ``parallel.fsdp.degree`` is not 0 (the degree is the only switch)."""
+    return int(fsdp.degree) != 0
+
+
+def runs_one_rank(parallel: Any) -> bool:
+    """Every degree is 1 and FSDP is off: the split is one rank holding the whole model
+    (``parallel=single``), whatever launcher.nproc_per_node=auto would give."""
+    return (not fsdp_shards(parallel.fsdp)
+            and all(int(getattr(parallel, f"{axis}_degree")) == 1 for axis in ("cfg", "ring", "ulysses")))
+
+
+def parallel_dims(cfg: Any, world_size: int) -> "ParallelDims":
+    """The job's split as one ParallelDims; ConfigError naming the settings when the degrees
+    do not fit the world size or the heads."""
+    return ParallelDims.from_config(cfg.parallel, world_size, cfg.model.num_heads)
 
 
 @dataclass(frozen=True)
@@ -88,30 +105,30 @@ class ParallelDims:
     # ------------------------------------------------------------------ resolve + check
     @classmethod
     def from_config(cls, parallel: Any, world_size: int, num_heads: int) -> "ParallelDims":
-        """Resolve -1 degrees and check the split; raises DegreeError saying what would work."""
+        """Resolve -1 degrees and check the split; raises ConfigError saying what would work."""
         cfg = int(parallel.cfg_degree)
         if cfg not in (1, 2):
-            raise DegreeError(f"parallel.cfg_degree={cfg}: use 1 (off) or 2 (conditional and "
+            raise ConfigError(f"parallel.cfg_degree={cfg}: use 1 (off) or 2 (conditional and "
                               "unconditional forwards on two rank groups)")
-        fsdp_enabled = bool(parallel.fsdp.enabled)
+        fsdp_enabled = fsdp_shards(parallel.fsdp)
         fsdp_degree = int(parallel.fsdp.degree)
-        if fsdp_enabled and (fsdp_degree == 0 or fsdp_degree < -1):
-            raise DegreeError(f"parallel.fsdp.degree={fsdp_degree}: use -1 (shard over all ranks, "
-                              "as upstream) or the size of an own fsdp mesh axis (>= 1)")
+        if fsdp_degree < -1:
+            raise ConfigError(f"parallel.fsdp.degree={fsdp_degree}: use 0 (no FSDP), -1 (shard over all "
+                              "ranks, as upstream) or the size of an own fsdp mesh axis (>= 1)")
         over_all = fsdp_enabled and fsdp_degree == -1
         fsdp_axis = fsdp_degree if fsdp_enabled and not over_all else 1
         ring, ulysses = int(parallel.ring_degree), int(parallel.ulysses_degree)
         for name, value in (("ring_degree", ring), ("ulysses_degree", ulysses)):
             if value == 0 or value < -1:
-                raise DegreeError(f"parallel.{name}={value}: use -1 (the ranks the other axes "
+                raise ConfigError(f"parallel.{name}={value}: use -1 (the ranks the other axes "
                                   "leave) or >= 1")
         if ring == -1 and ulysses == -1:
-            raise DegreeError("parallel.ring_degree=-1 and parallel.ulysses_degree=-1: at most one "
+            raise ConfigError("parallel.ring_degree=-1 and parallel.ulysses_degree=-1: at most one "
                               "degree can take the ranks the others leave; set one of them")
         fixed = cfg * fsdp_axis * (ring if ring != -1 else 1) * (ulysses if ulysses != -1 else 1)
         if -1 in (ring, ulysses):
             if world_size % fixed:
-                raise DegreeError(
+                raise ConfigError(
                     f"cfg={cfg} x fsdp={fsdp_axis} x the fixed sequence degree leave no whole "
                     f"number of ranks out of {world_size}; {cls._what_fits(world_size, num_heads, cfg, fsdp_axis)}")
             rest = world_size // fixed
@@ -122,11 +139,11 @@ class ParallelDims:
             fsdp_axis = world_size // (cfg * ring * ulysses)
         product = cfg * fsdp_axis * ring * ulysses
         if product != world_size:
-            raise DegreeError(
+            raise ConfigError(
                 f"degrees cfg={cfg} x fsdp={fsdp_axis} x ring={ring} x ulysses={ulysses} = {product} "
                 f"ranks, but the job has {world_size}; {cls._what_fits(world_size, num_heads, cfg, fsdp_axis)}")
         if num_heads % ulysses:
-            raise DegreeError(
+            raise ConfigError(
                 f"parallel.ulysses_degree={ulysses} does not divide the {num_heads} heads "
                 f"(model.num_heads); {usp_suggestion(ring * ulysses, num_heads)} does")
         return cls(cfg, fsdp_axis, ring, ulysses, fsdp_enabled, over_all, world_size)

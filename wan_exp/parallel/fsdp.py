@@ -6,7 +6,7 @@ Two ways to get the weights in, chosen by ``parallel.fsdp.load_full_on_every_ran
   then FSDP1 moves each unit to the GPU and, with ``sync_module_states=True``, broadcasts
   rank 0's values. This is the configuration users report hanging; it is kept as it is so
   the harness can reproduce and measure it. On the CPU FSDP1 refuses
-  ``sync_module_states=True``; wan_exp.config.check_fsdp_device says so before anything is built.
+  ``sync_module_states=True``; wan_exp.preflight.check_fsdp_device says so before anything is built.
 - shard-only (``parallel=fsdp_fixed``): no broadcast, and no rank ever holds the whole
   model. FSDP1: each block is loaded in full, wrapped (FSDP keeps this rank's shard and
   frees the rest), then the next one. FSDP2 (``parallel.fsdp.api=fsdp2``): the model is

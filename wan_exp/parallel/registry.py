@@ -1,49 +1,49 @@
-"""The one place that turns ``parallel.name`` into a built, loaded and split model.
+"""The one place that turns the split's degrees into a built, loaded and split model.
 
-Every strategy follows the same path (docs/facts.md §3):
+Every split follows the same path (docs/facts.md §3), driven by ``ParallelDims`` (the degrees,
+parallel/dims.py) and the loading path of ``parallel.fsdp``; no code looks at the preset's
+name, so a preset is one YAML file under conf/parallel/:
 
     build the DiT on the meta device            phase "build"
     read its weights (all, or this rank's part) phase "load"
     before_wrap(dit)                            (train_lora injects peft adapters here)
     split it: sequence sharding and/or FSDP     phase "wrap"
 
-STRATEGIES maps each name to one of two setups:
-
-- replicated (single, ulysses, cfg, usp, cfg_ulysses): every rank loads the whole DiT onto
-  its device; sequence parallelism (Ulysses, ring or both) sets ``dit.sequence_sharding``
-  when ring x ulysses is above 1.
-- sharded (fsdp, fsdp_fixed, hybrid): FSDP over all ranks or its own "fsdp" mesh axis,
+- FSDP off (``parallel.fsdp.degree=0``: single, ulysses, cfg, usp, cfg_ulysses): every rank
+  loads the whole DiT onto its device; sequence parallelism (Ulysses, ring or both) sets
+  ``dit.sequence_sharding`` when ring x ulysses is above 1.
+- FSDP on (fsdp, fsdp_fixed, hybrid): FSDP over all ranks or its own "fsdp" mesh axis,
   plus sequence parallelism and CFG parallel where the degrees ask for them.
   ``parallel.fsdp.load_full_on_every_rank`` picks upstream's full load on the CPU (fsdp)
   or shard-only loading (fsdp_fixed, hybrid); for the latter ``before_wrap`` runs before
   the weights are read: it sees the model's structure with zero placeholders as base
   weights (see materialise.py).
 
-The degrees come from one place, ``parallel/dims.ParallelDims`` (checked before launch).
 CFG parallel needs no change to the DiT: ``ParallelModel.guidance`` is what the generate
-workload combines the two forwards of a step with (parallel/cfg.py).
-
-Which settings go with which name is checked before launch by ``config.validate``.
+workload combines the two forwards of a step with (parallel/cfg.py). The settings are
+checked before launch by ``preflight.validate``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
-from wan_exp.config import ConfigError, Placement, check_fsdp_device, parallel_dims
+from wan_exp.config import Placement
 from wan_exp.models.checkpoint import open_weights
 from wan_exp.models.encoders import build_audio_encoder, build_text_encoder
 from wan_exp.models.wan_s2v import WanModel
+from wan_exp.parallel.cfg import guidance_for
+from wan_exp.parallel.dims import ParallelDims, ParallelMesh, parallel_dims
 from wan_exp.parallel.fsdp import shard_dit, torch_dtype
 from wan_exp.parallel.materialise import WeightPlan, local_param_bytes, plan_weights
-from wan_exp.parallel.cfg import guidance_for
-from wan_exp.parallel.dims import ParallelDims, ParallelMesh
 from wan_exp.parallel.ulysses import SequenceSharding
+from wan_exp.preflight import check_fsdp_device
 
 GIB = 1024**3
 BeforeWrap = Callable[[nn.Module], None]
@@ -58,20 +58,17 @@ class ParallelModel:
     mesh: DeviceMesh | None  # (cfg, fsdp, ring, ulysses) mesh; None when nothing is split
     dims: ParallelDims  # the degrees of the split
     cfg_group: ProcessGroup | None  # this rank's cfg pair (None when cfg_degree is 1)
-    # sampler.guided_flow's signature (dit, latents, timestep, cond, uncond, scale) -> guided flow:
+    # parallel.cfg.guided_flow's signature (dit, latents, timestep, cond, uncond, scale) -> guided flow:
     # sequential, or CFG-parallel over cfg_group
     guidance: Callable[..., torch.Tensor]
 
 
 def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) -> ParallelModel:
-    """Build, load and split the model as ``cfg.parallel.name`` says, on this rank."""
-    name = getattr(cfg.parallel.name, "value", cfg.parallel.name)
-    if name not in STRATEGIES:
-        raise ConfigError(f"parallel.name={name!r} is not a strategy; choose from {sorted(STRATEGIES)}")
+    """Build, load and split the model on this rank as the split's degrees say."""
     check_fsdp_device(cfg.parallel.fsdp, ctx.device.type)  # before the first collective
     dims = parallel_dims(cfg, ctx.world_size)
     meshes = dims.build_mesh(ctx.device.type)
-    dit = STRATEGIES[name](cfg, ctx, meshes, before_wrap or (lambda dit: None))
+    dit = _split_dit(cfg, ctx, dims, meshes, before_wrap or (lambda dit: None))
     ctx.metrics.note("parallel_dims", {**dims.degrees, "fsdp_shard_ranks": dims.fsdp_shard_ranks,
                                        "describe": dims.describe()})
     text_encoder, audio_encoder = _encoders(cfg, ctx)
@@ -101,31 +98,25 @@ def _sequence_sharding(dit: nn.Module, meshes: ParallelMesh | None) -> None:
         dit.sequence_sharding = SequenceSharding(meshes.sp, meshes.ulysses, meshes.ring)
 
 
-def setup_replicated(cfg: Any, ctx: Any, meshes: ParallelMesh | None, before_wrap: BeforeWrap) -> nn.Module:
-    """single / ulysses / cfg / usp / cfg_ulysses: the whole DiT on every rank's device."""
-    dit, plan = _build_dit(cfg, ctx, ctx.device)
-    with ctx.phase("load"):
-        plan.load(dit)
-        plan.check_all_loaded()
-    before_wrap(dit)
-    with ctx.phase("wrap"):
-        _sequence_sharding(dit, meshes)
-    return dit
-
-
-def setup_sharded(cfg: Any, ctx: Any, meshes: ParallelMesh, before_wrap: BeforeWrap) -> nn.Module:
-    """fsdp / fsdp_fixed / hybrid: FSDP over all ranks or the "fsdp" axis (+ sequence
-    parallelism over ring x ulysses)."""
+def _split_dit(cfg: Any, ctx: Any, dims: ParallelDims, meshes: ParallelMesh | None,
+               before_wrap: BeforeWrap) -> nn.Module:
+    """The DiT built, loaded and split: whole on every rank's device without FSDP; with FSDP
+    sharded over all ranks or the "fsdp" axis, after upstream's full load into host memory
+    (``load_full_on_every_rank``) or unit by unit with no rank holding the whole model."""
     fsdp_cfg = cfg.parallel.fsdp
-    full_load = fsdp_cfg.load_full_on_every_rank
+    full_load = not dims.fsdp_enabled or bool(fsdp_cfg.load_full_on_every_rank)
     # upstream's full load puts the whole model in host memory on every rank; FSDP then
-    # moves it to the GPU. Shard-only loading reads straight to the device.
-    dit, plan = _build_dit(cfg, ctx, torch.device("cpu") if full_load else ctx.device)
+    # moves it to the GPU. Without FSDP and with shard-only loading it goes to the device.
+    dit, plan = _build_dit(cfg, ctx, torch.device("cpu") if dims.fsdp_enabled and full_load else ctx.device)
     if full_load:
         with ctx.phase("load"):
             plan.load(dit)
             plan.check_all_loaded()
     before_wrap(dit)
+    if not dims.fsdp_enabled:
+        with ctx.phase("wrap"):
+            _sequence_sharding(dit, meshes)
+        return dit
     _sequence_sharding(dit, meshes)
     return shard_dit(dit, meshes.fsdp, fsdp_cfg, ctx.device, plan, ctx.phase)
 
@@ -143,15 +134,3 @@ def _encoders(cfg: Any, ctx: Any) -> tuple[nn.Module | None, nn.Module | None]:
         audio = (build_audio_encoder(model, place(cfg.parallel.audio_encoder_placement), torch.float32, model.seed)
                  if model.s2v else None)
     return text, audio
-
-
-STRATEGIES: dict[str, Callable[[Any, Any, ParallelMesh | None, BeforeWrap], nn.Module]] = {
-    "single": setup_replicated,
-    "ulysses": setup_replicated,
-    "cfg": setup_replicated,
-    "usp": setup_replicated,
-    "cfg_ulysses": setup_replicated,
-    "fsdp": setup_sharded,
-    "fsdp_fixed": setup_sharded,
-    "hybrid": setup_sharded,
-}

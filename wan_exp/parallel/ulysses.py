@@ -14,7 +14,7 @@ group's tokens with an all-to-all; ring attention (ring.py) passes keys/values a
 - ``gather(t, dim)`` before the head: all ranks' slices joined and the padding removed.
 
 Any token count works. Only the head count must divide by the Ulysses degree (checked by
-config.validate).
+preflight.validate).
 
 The collectives are plain ``dist.all_to_all_single`` / ``dist.all_gather_single``
 (gloo supports both; gloo lacks the list form of all_to_all), wrapped in small autograd
@@ -144,7 +144,7 @@ class SequenceSharding:
         if heads % self.ulysses:
             raise ValueError(
                 f"Ulysses degree {self.ulysses} does not divide the {heads} attention heads; "
-                "config.validate should have rejected parallel.ulysses_degree"
+                "preflight.validate should have rejected parallel.ulysses_degree"
             )
         if self.ulysses > 1:
             q, k, v = (self._tokens_to_heads(x) for x in (q, k, v))

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from wan_exp.geometry import strip_axis
 from wan_exp.models.vae import SPATIAL_STRIDE, Tile, WanVAE, grid_tiles, stitch
 
 VAE_MODES = ("every_rank", "rank0", "tiled", "sharded")
@@ -28,11 +29,7 @@ TILED_GRID = (2, 2)  # rows x columns of latent tiles for parallel.vae=tiled
 
 def shard_strips(height: int, width: int, world_size: int) -> tuple[list[Tile], int]:
     """One strip per rank along the longer latent axis: (strips, the pixel axis they split)."""
-    along_width = width >= height
-    length = width if along_width else height
-    if world_size > length:
-        raise ValueError(f"parallel.vae=sharded: {world_size} ranks cannot share a latent frame "
-                         f"{length} wide; use parallel.vae=tiled or a larger workload.size")
+    along_width, _ = strip_axis(height, width, world_size)
     strips = grid_tiles(height, width, 1, world_size) if along_width else grid_tiles(height, width, world_size, 1)
     return strips, 4 if along_width else 3
 

@@ -17,6 +17,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from wan_exp.config import ConfigError
+
 GB = 1e9  # link figures are decimal GB/s, as nccl-tests prints them
 ASSUMPTION = ("comm priced at {link}: per call latency + bus bytes / bus bandwidth, summed per step; "
               "no overlap with compute assumed")
@@ -61,8 +63,6 @@ CUSTOM_LATENCY_S = 20e-6  # launcher.link=<GB/s>
 def parse_link(text: str) -> Link:
     """``launcher.link``: a name of LINKS or a bus bandwidth in GB/s. Raises ConfigError
     naming the setting."""
-    from wan_exp.config import ConfigError
-
     key = str(text).strip().lower()
     if key in LINKS:
         return LINKS[key]

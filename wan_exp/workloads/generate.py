@@ -4,7 +4,7 @@ Per job, each a timed stage of the rank (MetricsCollector.stage): encode the pro
 negative prompt (``text_encode``), the audio (``audio_encode``), the reference image
 (``reference_encode``, the VAE encoder). Per clip: sample the latents from seeded noise with
 ``workload.sample_steps`` steps of ``workload.sampler`` (``denoise``; each step one or two DiT
-forwards through sampler.guided_flow), decode the motion latents followed by the clip's
+forwards through parallel.cfg.guided_flow), decode the motion latents followed by the clip's
 latents to pixels (``vae_decode``; where, by ``parallel.vae``), keep the clip's last
 ``frames_per_clip`` frames, and encode the last 73 decoded frames again into the next clip's
 19 motion latents (``motion_encode``). At the end one rank writes ``<job dir>/video.mp4``
@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from wan_exp.config import SamplerName, VaePlacement
+from wan_exp.geometry import JobGeometry, job_geometry
 from wan_exp.media import SAMPLE_RATE, wants_video, write_video
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.models.vae import TEMPORAL_STRIDE, WanVAE, build_vae
@@ -36,20 +37,17 @@ from wan_exp.parallel.fsdp import torch_dtype
 from wan_exp.parallel.registry import ParallelModel, setup_parallel
 from wan_exp.parallel.vae import decode_clip, encode_motion
 from wan_exp.workloads.inputs import (
-    VAE_STRIDE,
     clip_audio,
-    clip_token_counts,
     encode_audio,
     encode_prompts,
     input_seed,
-    latent_shape,
     random_latents,
     reference_latents,
-    seconds_per_clip,
     text_is_synthetic,
     workload_step,
 )
-from wan_exp.workloads.sampler import Condition, GuidedFlow, forwards_per_step, sample
+from wan_exp.parallel.cfg import Condition, GuidedFlow, forwards_per_step
+from wan_exp.workloads.sampler import sample
 
 VIDEO_FILE = "video.mp4"
 
@@ -59,16 +57,16 @@ def motion_pixel_frames(motion_latents: int) -> int:
     return 1 + TEMPORAL_STRIDE * (motion_latents - 1)
 
 
-def denoise_clip(cfg: Any, dit: torch.nn.Module, guidance: GuidedFlow, cond: Condition, uncond: Condition,
-                 clip: int, step_scope: Callable[[int], ContextManager]) -> torch.Tensor:
+def denoise_clip(cfg: Any, geometry: JobGeometry, dit: torch.nn.Module, guidance: GuidedFlow, cond: Condition,
+                 uncond: Condition, clip: int, step_scope: Callable[[int], ContextManager]) -> torch.Tensor:
     """One clip's latents (fp32) from its seeded noise. The solver keeps its state in fp32 as
     upstream does; the DiT takes the latents in the model's dtype and returns an fp32 flow.
-    ``guidance`` is ParallelModel.guidance (sampler.guided_flow, or its CFG-parallel version);
+    ``guidance`` is ParallelModel.guidance (parallel.cfg.guided_flow, or its CFG-parallel version);
     ``step_scope(global_step)`` wraps each step. The guided flow is checked for NaN/Inf once
     per step, the sampled latents once per clip."""
     wl = cfg.workload
     model_dtype = cond.context.dtype
-    noise = random_latents(latent_shape(cfg), input_seed(cfg, "noise", clip), cond.context.device, torch.float32)
+    noise = random_latents(geometry.latent_shape, input_seed(cfg, "noise", clip), cond.context.device, torch.float32)
 
     guided = checked_output(guidance, "DiT output (guided flow)")
 
@@ -88,34 +86,34 @@ def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def generate_workload_info(cfg: Any, clips: int) -> dict:
+def generate_workload_info(cfg: Any, geometry: JobGeometry, clips: int) -> dict:
     """Tokens, forwards and FLOPs per step, averaged over the measured steps (the first
     clip has no motion tokens, later ones do), and the video's size."""
     wl = cfg.workload
     forwards = forwards_per_step(wl.guidance_scale)
-    per_clip = [clip_token_counts(cfg, with_motion=clip > 0) for clip in range(clips)]
-    per_step = [per_clip[step // wl.sample_steps] for step in range(clips * wl.sample_steps)]
+    with_motion = [clip > 0 for clip in range(clips)]
+    per_step = [with_motion[step // wl.sample_steps] for step in range(clips * wl.sample_steps)]
     measured = per_step[wl.warmup_steps:] or per_step  # all warm-up: describe the steps run
-    tokens = sum(c["total"] for c in measured) / len(measured)
-    flops = sum(forwards * dit_forward_flops(cfg.model, **c["flops_args"]) for c in measured) / len(measured)
+    tokens = sum(geometry.tokens(m) for m in measured) / len(measured)
+    flops = sum(forwards * dit_forward_flops(cfg.model, **geometry.flops_args(m)) for m in measured) / len(measured)
     return {
         "tokens_per_forward": tokens,
         "forwards_per_step": forwards,
         "flops_per_step": flops,
-        "video_seconds_per_step": seconds_per_clip(cfg) / wl.sample_steps,
-        "video_seconds": clips * seconds_per_clip(cfg),
-        "tokens_per_clip": [c["total"] for c in per_clip],
+        "video_seconds_per_step": geometry.seconds_per_clip / wl.sample_steps,
+        "video_seconds": clips * geometry.seconds_per_clip,
+        "tokens_per_clip": [geometry.tokens(m) for m in with_motion],
         "clips": clips,
         "sample_steps": wl.sample_steps,
         "sampler": SamplerName(wl.sampler).value,
         "guidance_scale": wl.guidance_scale,
-        "size": "{}*{}".format(*(VAE_STRIDE * n for n in latent_shape(cfg)[2:])),
+        "size": geometry.size,
         "text_branch": "synthetic" if text_is_synthetic(cfg, wl.prompt) else "tokenized",
         "vae_mode": VaePlacement(cfg.parallel.vae).value,
     }
 
 
-def generate_video(cfg: Any, ctx: Any, parallel_model: ParallelModel,
+def generate_video(cfg: Any, geometry: JobGeometry, ctx: Any, parallel_model: ParallelModel,
                    step_scope: Callable[[int], ContextManager]) -> tuple[Optional[np.ndarray], Any, int]:
     """The pipeline after the models are set up. Returns (the video's uint8 frames where it is
     written: rank 0 of a job with a job dir and workload.save_video on, else None; the
@@ -130,12 +128,11 @@ def generate_video(cfg: Any, ctx: Any, parallel_model: ParallelModel,
             audio, clips, waveform = encode_audio(cfg, parallel_model, device, dtype)
     with ctx.stage("reference_encode"):
         vae: WanVAE = build_vae(cfg.model, device)
-        ref = reference_latents(cfg, vae, device, dtype) if cfg.model.s2v else None
+        ref = reference_latents(cfg, geometry, vae, device, dtype) if cfg.model.s2v else None
 
-    channels, _, lat_h, lat_w = latent_shape(cfg)
-    height, width = lat_h * VAE_STRIDE, lat_w * VAE_STRIDE
-    motion_frames = motion_pixel_frames(cfg.model.motion_frames)
-    motion_shape = (1, channels, cfg.model.motion_frames, lat_h, lat_w)
+    height, width = geometry.height, geometry.width
+    motion_frames = motion_pixel_frames(geometry.motion_frames)
+    motion_shape = (1, *geometry.motion_shape)
     holds_pixels = mode != "rank0" or rank == 0
     with ctx.stage("motion_encode"):  # before the first clip: zero pixels
         zeros = torch.zeros(1, 3, motion_frames, height, width, device=device) if holds_pixels else None
@@ -149,7 +146,8 @@ def generate_video(cfg: Any, ctx: Any, parallel_model: ParallelModel,
         cond = Condition(context, clip_features, ref, dit_motion)
         uncond = Condition(null_context, silent, ref, dit_motion)  # negative prompt, zero audio
         with ctx.stage("denoise"):
-            latents = denoise_clip(cfg, parallel_model.dit, parallel_model.guidance, cond, uncond, clip, step_scope)
+            latents = denoise_clip(cfg, geometry, parallel_model.dit, parallel_model.guidance, cond, uncond, clip,
+                                   step_scope)
         with ctx.stage("vae_decode"):
             pixels = decode_clip(vae, torch.cat([motion, latents], dim=2), mode, rank, world)
         if keep_frames:
@@ -163,6 +161,7 @@ def generate_video(cfg: Any, ctx: Any, parallel_model: ParallelModel,
 
 def run_generate(cfg: Any, ctx: Any) -> dict:
     wl = cfg.workload
+    geometry = job_geometry(cfg)
     parallel_model = setup_parallel(cfg, ctx)
     show = ctx.rank == 0 and sys.stdout.isatty()
     with tqdm(total=None, desc="generate", unit="step", disable=not show) as bar:
@@ -172,12 +171,12 @@ def run_generate(cfg: Any, ctx: Any) -> dict:
                 yield
             bar.update(1)
 
-        frames, waveform, clips = generate_video(cfg, ctx, parallel_model, scope)
+        frames, waveform, clips = generate_video(cfg, geometry, ctx, parallel_model, scope)
     if frames is not None:
         with ctx.stage("video_write"):
             audio = None if waveform is None else waveform.numpy()
             write_video(ctx.job_dir / VIDEO_FILE, frames, wl.fps, audio, SAMPLE_RATE)
-    info = generate_workload_info(cfg, clips)
+    info = generate_workload_info(cfg, geometry, clips)
     # CFG parallel: each rank runs one of the two forwards (FLOPs stay the whole job's)
     info["forwards_per_step_per_rank"] = info["forwards_per_step"] // parallel_model.dims.cfg
     ctx.metrics.set_workload_info(**info)

@@ -8,7 +8,7 @@
   or seeded noise of the job's duration -> normalised as wav2vec2's feature extractor does ->
   wav2vec2 in fp32, all hidden states (50 Hz) -> linearly interpolated to 30 fps -> video frame
   i takes the 30 fps feature round(i * 30 / fps); frames past the audio's end take zeros.
-- Latents: (B=1, 16, frames_per_clip/4, H/8, W/8), H x W from ``media.output_size``. The
+- Latents: (B=1, 16, frames_per_clip/4, H/8, W/8), the job's ``geometry.JobGeometry``. The
   reference frame: the VAE encoding of ``workload.image_path`` (media.reference_pixels), else
   random latents.
 Every rank draws the same values (same seed): under Ulysses the model shards the tokens.
@@ -25,15 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from wan_exp.config import tokenizer_dir
-from wan_exp.media import SAMPLE_RATE, output_size, read_audio, reference_pixels
+from wan_exp.geometry import JobGeometry
+from wan_exp.media import SAMPLE_RATE, read_audio, reference_pixels
 from wan_exp.models.encoders import encode_text
 from wan_exp.models.vae import WanVAE, build_vae
-from wan_exp.models.wan_s2v import AUDIO_TOKENS_PER_FRAME, sequence_length
 from wan_exp.parallel.fsdp import torch_dtype
 from wan_exp.parallel.registry import ParallelModel
 
-VAE_STRIDE = 8  # pixels per latent in height and width
-FRAMES_PER_LATENT = 4  # video frames per latent frame
 FEATURE_RATE = 50  # wav2vec2 hidden states per second of 16 kHz audio
 AUDIO_FEATURE_FPS = 30  # upstream interpolates the features to this rate before picking frames
 # Each random input draws from its own generator, seeded cfg.seed + its offset, so adding
@@ -58,37 +56,11 @@ class ClipInputs:
     motion: Optional[torch.Tensor]  # (1, 16, motion_frames, H/8, W/8) or None (first clip)
 
 
-def latent_shape(cfg: Any) -> tuple[int, int, int, int]:
-    """(channels, latent frames, latent height, latent width) of one clip."""
-    height, width = output_size(cfg.workload)
-    return (cfg.model.in_dim, cfg.workload.frames_per_clip // FRAMES_PER_LATENT,
-            height // VAE_STRIDE, width // VAE_STRIDE)
-
-
-def seconds_per_clip(cfg: Any) -> float:
-    return cfg.workload.frames_per_clip / cfg.workload.fps
-
-
-def clip_token_counts(cfg: Any, with_motion: bool) -> dict:
-    """Tokens of one forward and the arguments of metrics.flops.dit_forward_flops for it."""
-    height, width = output_size(cfg.workload)
-    total = sequence_length(cfg.model, height, width, cfg.workload.frames_per_clip, with_motion=with_motion)
-    pt, ph, pw = cfg.model.patch_size
-    _, frames, lat_h, lat_w = latent_shape(cfg)
-    noisy = (frames // pt) * (lat_h // ph) * (lat_w // pw)
-    audio_per_frame = AUDIO_TOKENS_PER_FRAME + 1  # local tokens + the padding token
-    flops_args = {"n_tokens": total}
-    if cfg.model.s2v:
-        flops_args.update(audio_query_tokens=noisy, audio_tokens=frames * audio_per_frame,
-                          audio_tokens_per_query=audio_per_frame)
-    return {"total": total, "flops_args": flops_args}
-
-
 # ------------------------------------------------------------------------------ text
 def prompt_token_ids(cfg: Any, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask), each (1, text_len): the tokenised prompt when a tokenizer folder
     exists, else deterministic ids from ``seed`` (all positions valid, as a long prompt;
-    config.config_warnings says so for a prompt given without a tokenizer); ``text_is_synthetic``
+    preflight.config_warnings says so for a prompt given without a tokenizer); ``text_is_synthetic``
     says which."""
     text_len = cfg.model.text_len
     folder = tokenizer_dir(cfg.model)
@@ -179,16 +151,15 @@ def random_latents(shape: tuple[int, ...], seed: int, device: torch.device, dtyp
 
 
 @torch.no_grad()
-def reference_latents(cfg: Any, vae: Optional[WanVAE], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def reference_latents(cfg: Any, geometry: JobGeometry, vae: Optional[WanVAE], device: torch.device,
+                      dtype: torch.dtype) -> torch.Tensor:
     """(1, 16, 1, H/8, W/8): the VAE encoding (fp32, as upstream) of workload.image_path, else
     seeded noise."""
     if cfg.workload.image_path:
-        height, width = output_size(cfg.workload)
-        pixels = torch.from_numpy(reference_pixels(cfg.workload.image_path, height, width))
+        pixels = torch.from_numpy(reference_pixels(cfg.workload.image_path, geometry.height, geometry.width))
         vae = vae if vae is not None else build_vae(cfg.model, device)
         return vae.encode(pixels.permute(2, 0, 1)[None, :, None].to(device)).to(dtype)
-    channels, _, lat_h, lat_w = latent_shape(cfg)
-    return random_latents((channels, 1, lat_h, lat_w), input_seed(cfg, "reference"), device, dtype)
+    return random_latents(geometry.reference_shape, input_seed(cfg, "reference"), device, dtype)
 
 
 @torch.no_grad()
@@ -206,7 +177,7 @@ def encode_prompts(cfg: Any, parallel_model: ParallelModel, device: torch.device
 
 
 @torch.no_grad()
-def encode_job_inputs(cfg: Any, parallel_model: ParallelModel, device: torch.device,
+def encode_job_inputs(cfg: Any, geometry: JobGeometry, parallel_model: ParallelModel, device: torch.device,
                       vae: Optional[WanVAE] = None) -> ClipInputs:
     """Text, audio (all clips at once) and reference for the job, motion None (the generate
     workload calls the three parts one by one to time them).
@@ -217,8 +188,8 @@ def encode_job_inputs(cfg: Any, parallel_model: ParallelModel, device: torch.dev
     audio = ref = None
     if cfg.model.s2v:
         audio, _clips, _waveform = encode_audio(cfg, parallel_model, device, dtype)
-        ref = reference_latents(cfg, vae, device, dtype)
-    latents = random_latents(latent_shape(cfg), input_seed(cfg, "latents"), device, dtype)
+        ref = reference_latents(cfg, geometry, vae, device, dtype)
+    latents = random_latents(geometry.latent_shape, input_seed(cfg, "latents"), device, dtype)
     return ClipInputs(latents, context, null_context, audio, ref, motion=None)
 
 

@@ -1,4 +1,4 @@
-"""Flow-matching samplers (UniPC multistep, as upstream S2V, or Euler) and classifier-free guidance.
+"""Flow-matching samplers (UniPC multistep, as upstream S2V, or Euler).
 
 Flow matching (as Wan trains it) mixes data ``x0`` and noise ``n`` along a straight line,
 ``x_sigma = (1 - sigma) * x0 + sigma * n``, and the DiT predicts the flow ``v = n - x0``.
@@ -16,17 +16,12 @@ Sampling walks sigma from (almost) 1 down to 0 (docs/pipeline.md, "Sampler"):
 
 Everything here is a pure function of a *flow callable* ``(x, timestep) -> v`` so it can be
 checked on a toy flow; the generate workload wraps the guided DiT into such a callable.
-
-Guidance scale, and how many DiT forwards a step costs:
-  * ``scale == 1``: the guided flow equals the conditional one -> 1 forward (conditional).
-  * ``scale == 0``: it equals the unconditional one -> 1 forward (unconditional).
-  * any other scale: ``uncond + scale * (cond - uncond)`` -> 2 forwards, conditional
-    first, then unconditional, one after the other (as upstream Wan does; not batched).
+Classifier-free guidance (the two forwards of a step and their formula) is in
+wan_exp/parallel/cfg.py, beside its CFG-parallel version.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
 
 import numpy as np
@@ -70,47 +65,6 @@ def unipc_scheduler(steps: int, shift: float):
         final_sigmas_type="zero")
     scheduler.set_timesteps(sigmas=sigma_schedule(steps, shift))  # a numpy array, not a list
     return scheduler
-
-
-def forwards_per_step(guidance_scale: float) -> int:
-    """DiT forwards one sampling step costs (see the module docstring)."""
-    return 1 if guidance_scale in (0.0, 1.0) else 2
-
-
-@dataclass
-class Condition:
-    """What the DiT takes for one branch of guidance besides the latents and the timestep."""
-
-    context: torch.Tensor  # (1, text_len, text_dim)
-    audio: Optional[torch.Tensor] = None  # (1, audio_layers, video frames, audio_dim)
-    ref: Optional[torch.Tensor] = None  # (1, 16, 1, h, w)
-    motion: Optional[torch.Tensor] = None  # (1, 16, motion latents, h, w); None: no motion tokens
-
-
-def dit_flow(dit: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
-             condition: Condition) -> torch.Tensor:
-    """One DiT forward for one branch of guidance (no autograd: sampling only)."""
-    with torch.no_grad():
-        return dit(latents, timestep, condition.context, audio=condition.audio,
-                   ref=condition.ref, motion=condition.motion)
-
-
-def guided_flow(dit: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
-                cond: Condition, uncond: Condition, guidance_scale: float) -> torch.Tensor:
-    """The two forwards of one denoising step and their guidance, ``u + g * (c - u)``:
-    conditional first, then unconditional; only the forward the formula needs when g is 1 or 0.
-    This is the one call a CFG-parallel split replaces (parallel/cfg.py)."""
-    if guidance_scale == 1.0:
-        return dit_flow(dit, latents, timestep, cond)
-    if guidance_scale == 0.0:
-        return dit_flow(dit, latents, timestep, uncond)
-    flow_cond = dit_flow(dit, latents, timestep, cond)
-    flow_uncond = dit_flow(dit, latents, timestep, uncond)
-    return flow_uncond + guidance_scale * (flow_cond - flow_uncond)
-
-
-# guided_flow's signature: what ParallelModel.guidance is, sequential or CFG-parallel
-GuidedFlow = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Condition, Condition, float], torch.Tensor]
 
 
 def sample(flow: Flow, noise: torch.Tensor, steps: int, shift: float, sampler: str = "unipc",

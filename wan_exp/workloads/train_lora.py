@@ -39,6 +39,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from wan_exp.geometry import JobGeometry, job_geometry
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.rank.numerics import check_finite
 from wan_exp.parallel.materialise import gather_rows, local_param_bytes
@@ -46,12 +47,9 @@ from wan_exp.parallel.registry import ParallelModel, setup_parallel
 from wan_exp.workloads.inputs import (
     ClipInputs,
     clip_audio,
-    clip_token_counts,
     encode_job_inputs,
     input_seed,
-    latent_shape,
     random_latents,
-    seconds_per_clip,
     workload_step,
 )
 from wan_exp.workloads.sampler import shift_sigma
@@ -124,15 +122,15 @@ def sum_gradients(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
         dist.all_reduce(local, group=group)
 
 
-def training_inputs(cfg: Any, parallel_model: ParallelModel, device: torch.device) -> ClipInputs:
+def training_inputs(cfg: Any, geometry: JobGeometry, parallel_model: ParallelModel,
+                    device: torch.device) -> ClipInputs:
     """One clip that continues a video: the first clip's text, audio and reference, plus
     random motion latents (so the token count is that of a clip after the first)."""
-    inputs = encode_job_inputs(cfg, parallel_model, device)
+    inputs = encode_job_inputs(cfg, geometry, parallel_model, device)
     inputs.audio = clip_audio(inputs.audio, 0, cfg.workload.frames_per_clip)
     if cfg.model.s2v:
-        channels, _, lat_h, lat_w = latent_shape(cfg)
-        inputs.motion = random_latents((channels, cfg.model.motion_frames, lat_h, lat_w),
-                                       input_seed(cfg, "motion"), device, inputs.latents.dtype)
+        inputs.motion = random_latents(geometry.motion_shape, input_seed(cfg, "motion"), device,
+                                       inputs.latents.dtype)
     return inputs
 
 
@@ -200,6 +198,7 @@ def train_state_bytes(dit: nn.Module, params: list[torch.Tensor], optimizer: tor
 
 def run_train_lora(cfg: Any, ctx: Any) -> dict:
     wl = cfg.workload
+    geometry = job_geometry(cfg)
     adapters: dict[str, Any] = {}
 
     def before_wrap(dit: nn.Module) -> None:  # on the whole, unsharded DiT
@@ -213,7 +212,7 @@ def run_train_lora(cfg: Any, ctx: Any) -> dict:
     loss_scale, sp_group = loss_scale_and_sp_group(cfg, parallel_model, ctx.world_size)
 
     with ctx.phase("encode"):
-        inputs = training_inputs(cfg, parallel_model, ctx.device)
+        inputs = training_inputs(cfg, geometry, parallel_model, ctx.device)
     generator = torch.Generator().manual_seed(cfg.seed)
     losses = []
     for i in range(wl.steps):
@@ -231,13 +230,12 @@ def run_train_lora(cfg: Any, ctx: Any) -> dict:
         if ctx.rank == 0 and ctx.job_dir is not None:
             saved = str(save_adapter(state, wl.lora, ctx.job_dir / ADAPTER_DIR))
 
-    tokens = clip_token_counts(cfg, with_motion=True)
     info = {
-        "tokens_per_forward": tokens["total"],
+        "tokens_per_forward": geometry.tokens(with_motion=True),
         "forwards_per_step": 1,
         "forwards_per_step_per_rank": 1,  # cfg groups are replicas here
-        "flops_per_step": TRAIN_FLOPS_PER_FORWARD * dit_forward_flops(cfg.model, **tokens["flops_args"]),
-        "video_seconds_per_step": seconds_per_clip(cfg),
+        "flops_per_step": TRAIN_FLOPS_PER_FORWARD * dit_forward_flops(cfg.model, **geometry.flops_args(with_motion=True)),
+        "video_seconds_per_step": geometry.seconds_per_clip,
         "lora_matched_modules": adapters["matched"],
         "lora_trainable_parameters": adapters["parameters"],
         "losses": [loss.item() for loss in losses],
