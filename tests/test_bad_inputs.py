@@ -1,7 +1,7 @@
 """Every bad input fails fast with a message naming the problem, and no result claims success.
 
 Settings that are wrong on their own or together fail while the config is composed
-(Hydra, against the schema) or checked (wan_exp.config.check_job, which the launcher's
+(Hydra, against the schema) or checked (wan_exp.preflight.check_job, which the launcher's
 batch check runs for every job before any worker starts): those are checked in-process.
 A few end-to-end runs prove the launch path refuses before any job dir exists.
 Checkpoint problems surface in the ranks (the model loader); their job must be failed
@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from launch_helpers import completed_results, job_results, output, run_launch
-from wan_exp.config import ConfigError, ExperimentConfig, check_job, compose_config, ranks_per_node
+from wan_exp.config import ConfigError, ExperimentConfig, compose_config
+from wan_exp.preflight import check_job, ranks_per_node
 
 BAD_OVERRIDES = [
     # (overrides, what the message must say)

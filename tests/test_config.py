@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from wan_exp.host.agent import launch_config
-from wan_exp.config import (ConfigError, ExperimentConfig, JobShape, check_launch_settings, ranks_per_node,
-                            register_configs, validate)
+from wan_exp.config import ConfigError, ExperimentConfig, register_configs
+from wan_exp.preflight import JobShape, check_launch_settings, ranks_per_node, validate
 from wan_exp.host.envvars import JOB_DIR_VAR, rank_environment
 from wan_exp.host.job import agent_spec, node_layout
 
@@ -28,7 +28,7 @@ def _compose(*overrides: str):
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
 def test_every_group_option_composes_and_validates(group, option):
     cfg = _compose(f"{group}={option}")
-    world_size = 1 if cfg.parallel.name.name == "single" else 2
+    world_size = {"single": 1}.get(str(cfg.parallel.name), 2)
     validate(cfg, world_size)
     check_launch_settings(cfg, gpus=2)  # fault=oom needs a GPU: give it two
     assert OmegaConf.select(cfg, "model.name") is not None
@@ -36,19 +36,19 @@ def test_every_group_option_composes_and_validates(group, option):
 
 def test_the_default_config_is_tiny_ulysses_through_torchrun():
     cfg = _compose()
-    assert (cfg.model.name, cfg.parallel.name.name, cfg.workload.name.name) == ("tiny", "ulysses", "generate")
+    assert (cfg.model.name, cfg.parallel.name, cfg.workload.name.name) == ("tiny", "ulysses", "generate")
     assert cfg.launcher.nproc_per_node == "auto" and cfg.fault.kind.name == "none"
 
 
 def test_ranks_per_node():
     cfg = OmegaConf.structured(ExperimentConfig)
-    cfg.parallel.name = "ulysses"
+    cfg.parallel.name, cfg.parallel.ulysses_degree = "ulysses", -1
     assert ranks_per_node(cfg, gpus=0) == 2  # auto on a CPU machine
     assert ranks_per_node(cfg, gpus=8) == 8  # auto = visible GPUs
     cfg.launcher.nproc_per_node = "3"
     assert ranks_per_node(cfg, gpus=0) == 3  # CPU ranks are not limited by GPUs
-    cfg.parallel.name = "single"
-    assert ranks_per_node(cfg, gpus=8) == 1  # single always runs one rank
+    cfg.parallel.name, cfg.parallel.ulysses_degree = "single", 1
+    assert ranks_per_node(cfg, gpus=8) == 1  # a split of one rank always runs one rank
     cfg.launcher.nproc_per_node = "two"
     with pytest.raises(ConfigError, match="launcher.nproc_per_node='two'"):
         ranks_per_node(cfg, gpus=0)

@@ -305,7 +305,8 @@ VISIBLE_OF_TWO = [(None, 2), ("0,0", 1), ("1,0", 2), ("GPU-1aa1", 1), ("GPU-1aa1
 @pytest.mark.parametrize("cvd,expected", VISIBLE_OF_TWO, ids=[repr(v) for v, _ in VISIBLE_OF_TWO])
 def test_the_job_and_the_doctor_count_the_same_visible_gpus(cvd, expected):
     """One rule: the rank count of a job (nproc_per_node=auto) and the doctor's table."""
-    from wan_exp.config import ExperimentConfig, ranks_per_node
+    from wan_exp.config import ExperimentConfig
+    from wan_exp.preflight import ranks_per_node
     from wan_exp.devices import visible_gpu_count
 
     nvml = NvmlView([make_gpu(0), make_gpu(1)], "12.8")

@@ -20,7 +20,8 @@ import torch
 
 from launch_helpers import REPO, job_results, output, run_launch
 from wan_exp import memory_fit, results
-from wan_exp.config import ConfigError, check_schema_keys, compose_config, config_warnings, validate
+from wan_exp.config import ConfigError, compose_config
+from wan_exp.preflight import check_schema_keys, config_warnings, validate
 from wan_exp.rank.numerics import NonFiniteError, check_finite
 
 GIB = 1024**3
@@ -165,49 +166,6 @@ def test_s2v_14b_on_a_small_cpu_box_is_refused_and_sharding_is_counted(monkeypat
     memory_fit.check_memory_fits(single_t5_on_cpu, world_size=1, nproc_per_node=1, gpus=1)
 
 
-def test_parameter_counts_are_kept_between_launches_and_recounted_when_stale(tmp_path, monkeypatch, request):
-    """The launcher's weights check counts a model config once; later launches read the counts
-    back (no model built) until the config or the model code changes."""
-    from omegaconf import OmegaConf
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    memory_fit._parameter_counts.cache_clear()
-    request.addfinalizer(memory_fit._parameter_counts.cache_clear)  # no made-up count leaks out
-    tiny = OmegaConf.to_yaml(compose_config(["model=tiny"]).model, resolve=True)
-    counts = memory_fit._parameter_counts(tiny)
-    assert counts == memory_fit.count_parameters(tiny)
-    kept_path = tmp_path / "wan-exp" / "parameter_counts.json"
-    assert list(json.loads(kept_path.read_text()).values()) == [list(counts)]
-
-    memory_fit._parameter_counts.cache_clear()  # a later launch: read back, nothing built
-    monkeypatch.setattr(memory_fit, "count_parameters", lambda yaml: pytest.fail("counted again"))
-    assert memory_fit._parameter_counts(tiny) == counts
-
-    # another config (or changed model code: another key) is counted, the first one stays
-    memory_fit._parameter_counts.cache_clear()
-    monkeypatch.setattr(memory_fit, "count_parameters", lambda yaml: (1, 2, 3))
-    wider = tiny.replace("num_layers: 4", "num_layers: 5")
-    assert memory_fit._parameter_counts(wider) == (1, 2, 3)
-    assert sorted(json.loads(kept_path.read_text()).values()) == sorted([list(counts), [1, 2, 3]])
-    monkeypatch.setattr(memory_fit, "_MODEL_SOURCES", memory_fit._MODEL_SOURCES[:1])  # other code
-    memory_fit._parameter_counts.cache_clear()
-    monkeypatch.setattr(memory_fit, "count_parameters", lambda yaml: (4, 5, 6))
-    assert memory_fit._parameter_counts(tiny) == (4, 5, 6)
-
-    kept_path.write_text("{not json")  # a corrupt cache only costs the count, and is rewritten
-    memory_fit._parameter_counts.cache_clear()
-    monkeypatch.setattr(memory_fit, "count_parameters", lambda yaml: (7, 8, 9))
-    assert memory_fit._parameter_counts(tiny) == (7, 8, 9)
-    assert list(json.loads(kept_path.read_text()).values()) == [[7, 8, 9]]
-
-    kept_path.unlink()  # a cache that cannot be written (its folder is a file) only costs the count
-    kept_path.parent.rmdir()
-    kept_path.parent.write_text("")
-    memory_fit._parameter_counts.cache_clear()
-    assert memory_fit._parameter_counts(tiny) == (7, 8, 9)
-
-
-# ----------------------------------------------------------------------------- full disk
 def test_a_write_that_fails_names_the_file_and_its_role(tmp_path):
     """RLIMIT_FSIZE makes the kernel refuse the write (EFBIG), as a full disk refuses with ENOSPC."""
     target = tmp_path / "3" / "results.json"

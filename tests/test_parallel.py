@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan_exp.config import ConfigError, parallel_dims, validate
+from wan_exp.config import ConfigError
 from wan_exp.config import compose_config as compose_experiment
+from wan_exp.parallel.dims import parallel_dims
+from wan_exp.preflight import validate
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -59,12 +61,8 @@ def test_every_strategy_equals_the_single_rank_model():
                               "parallel.ulysses_degree=4 parallel.ring_degree=2 does"),
     (16, ["parallel=ulysses", "model=s2v_14b"], "parallel.ulysses_degree=16 does not divide the 40 heads "
                                                 "(model.num_heads); parallel.ulysses_degree=8 parallel.ring_degree=2 does"),
-    (2, ["parallel=ulysses", "parallel.fsdp.enabled=true"], "does not fit parallel=ulysses: it does not shard"),
-    (2, ["parallel=fsdp_fixed", "parallel.fsdp.enabled=false"], "set parallel.fsdp.enabled=true"),
-    (2, ["parallel=fsdp_fixed", "parallel.ulysses_degree=2"],
-     "parallel=fsdp_fixed with ulysses=2: use parallel=hybrid to combine Ulysses, ring or CFG parallel with FSDP"),
-    (4, ["parallel=fsdp_fixed", "parallel.cfg_degree=2", "parallel.ring_degree=2"],
-     "parallel=fsdp_fixed with cfg=2 ring=2: use parallel=hybrid"),
+    (2, ["parallel=fsdp_fixed", "parallel.fsdp.degree=-3"],
+     "parallel.fsdp.degree=-3: use 0 (no FSDP), -1 (shard over all ranks, as upstream)"),
     (2, ["parallel=fsdp", "parallel.fsdp.api=fsdp2"], "sync_module_states=true is an FSDP1 option"),
     (4, ["parallel=hybrid", "parallel.ulysses_degree=2", "parallel.fsdp.degree=1"],
      "degrees cfg=1 x fsdp=1 x ring=1 x ulysses=2 = 2 ranks, but the job has 4; with cfg=1 and fsdp=1 "
@@ -91,6 +89,10 @@ def test_invalid_combinations_fail_before_launch(world_size, overrides, message)
 @pytest.mark.parametrize("world_size, overrides, degrees, shard_ranks", [
     (2, ["parallel=ulysses"], (1, 1, 1, 2), 1), (2, ["parallel=fsdp_fixed"], (1, 2, 1, 1), 2),
     (2, ["parallel=fsdp"], (1, 2, 1, 1), 2), (2, ["parallel=fsdp_fixed", "parallel.fsdp.api=fsdp2"], (1, 2, 1, 1), 2),
+    # a strategy is its degrees: FSDP presets take sequence and CFG degrees, and back
+    (2, ["parallel=fsdp_fixed", "parallel.ulysses_degree=2"], (1, 1, 1, 2), 2),
+    (4, ["parallel=fsdp_fixed", "parallel.cfg_degree=2", "parallel.ring_degree=2"], (2, 1, 2, 1), 4),
+    (2, ["parallel=ulysses", "parallel.fsdp.degree=-1"], (1, 1, 1, 2), 2),
     (8, ["parallel=hybrid", "parallel.ulysses_degree=2"], (1, 4, 1, 2), 8),
     (2, ["parallel=hybrid"], (1, 1, 1, 2), 2),
     (8, ["parallel=hybrid", "parallel.ulysses_degree=4", "parallel.fsdp.degree=2"], (1, 2, 1, 4), 2),

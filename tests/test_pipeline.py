@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from wan_exp.config import ConfigError, compose_config, validate
+from wan_exp.config import ConfigError, compose_config
+from wan_exp.preflight import validate
 from wan_exp.media import check_inputs, read_audio, reference_pixels, size_within_area
 from wan_exp.models.vae import (
     LATENT_MEAN, LATENT_STD, AttentionBlock, Downsample, ResidualBlock, Upsample, WanVAE, grid_tiles, stitch,

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from launch_helpers import job_results, output, run_launch
-from wan_exp.config import ConfigError, check_job, compose_config, job_shape, rank_device, ranks_per_node
+from wan_exp.config import ConfigError, compose_config
+from wan_exp.preflight import check_job, job_shape, rank_device, ranks_per_node
 from wan_exp.plan.pricing import LINKS, comm_time_s, parse_link, predict_step
 
 
