@@ -98,7 +98,7 @@ def test_s2v_14b_on_a_small_cpu_box_fails_before_any_worker(tmp_path):
 
 def test_more_ranks_than_gpus():
     cfg = OmegaConf.structured(ExperimentConfig)
-    cfg.parallel.name = "ulysses"
+    cfg.parallel.name, cfg.parallel.ulysses_degree = "ulysses", -1  # the degree makes it ulysses
     cfg.launcher.nproc_per_node = "2"
     with pytest.raises(ConfigError, match=r"launcher.nproc_per_node=2 but only 1 GPU\(s\) are visible"):
         ranks_per_node(cfg, gpus=1)

@@ -316,7 +316,7 @@ def test_the_job_and_the_doctor_count_the_same_visible_gpus(cvd, expected):
     _, doctor_visible = gpu_rows(nvml, env, "12.8", required_gpus=0)
     assert len(doctor_visible) == expected
     cfg = OmegaConf.structured(ExperimentConfig)
-    cfg.parallel.name = "ulysses"
+    cfg.parallel.name, cfg.parallel.ulysses_degree = "ulysses", -1  # the degree makes it ulysses
     assert ranks_per_node(cfg, count) == (expected or 2)  # no visible GPU: 2 CPU ranks
 
 

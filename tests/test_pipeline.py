@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from wan_exp.config import ConfigError, compose_config
-from wan_exp.preflight import validate
-from wan_exp.media import check_inputs, read_audio, reference_pixels, size_within_area
+from wan_exp.geometry import job_geometry
+from wan_exp.preflight import check_inputs, validate
+from wan_exp.media import read_audio, reference_pixels, size_within_area
 from wan_exp.models.vae import (
     LATENT_MEAN, LATENT_STD, AttentionBlock, Downsample, ResidualBlock, Upsample, WanVAE, grid_tiles, stitch,
 )
@@ -276,7 +277,8 @@ def test_bad_inputs_are_config_errors_before_launch(tmp_path):
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"RIFF but not really audio" * 10)
     with pytest.raises(ConfigError, match=r"workload\.audio_path=.*junk\.wav' is not a readable audio file"):
-        check_inputs(generate_cfg(f"workload.audio_path={junk}"), 2)
+        junk_cfg = generate_cfg(f"workload.audio_path={junk}")
+        check_inputs(junk_cfg, job_geometry(junk_cfg), 2)
     (tmp_path / "face.png").write_bytes(b"not an image")
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(ConfigError, match=r"workload\.image_path=.*face\.png' is not a readable image"):
