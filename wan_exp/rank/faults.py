@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from wan_exp.config import signal_number  # the fault settings are checked in wan_exp.config
+from wan_exp.config import signal_number  # the fault settings are checked in wan_exp.preflight
 
 
 class InjectedFault(RuntimeError):
