@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchlib import GIB, event_time, header, load_model_config, median, timed_runs
+from benchlib import event_time, header, load_model_config, median, timed_runs
 from wan_exp.metrics.flops import dit_forward_flops, mfu, peak_flops
 from wan_exp.models import attention as attn_backend
 from wan_exp.models.checkpoint import RandomWeights, load_into
 from wan_exp.models.wan_s2v import AUDIO_TOKENS_PER_FRAME, WanModel
+from wan_exp.units import GIB
 
 VAE_STRIDE = 8  # pixels per latent pixel
 TEMPORAL_STRIDE = 4  # video frames per latent frame

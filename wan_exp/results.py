@@ -33,7 +33,6 @@ HOST, GPU = "host", "gpu"  # which memory an oom job ran out of (root_cause["mem
 RESULTS_FILE = "results.json"
 JOB_FILE = "job.json"
 CONFIG_FILE = "config.yaml"
-GIB = 1024**3
 
 
 # ----------------------------------------------------------------------------- files

@@ -23,7 +23,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from wan_exp.metrics.comm import CommCounter
-from wan_exp.metrics.phases import GIB, INIT_PHASES
+from wan_exp.metrics.phases import INIT_PHASES
+from wan_exp.units import GIB
 
 # Notes that belong in the record's "memory" block rather than at its top level.
 _MEMORY_NOTES = ("param_gib",)

@@ -44,8 +44,8 @@ from wan_exp.parallel.materialise import WeightPlan, local_param_bytes, plan_wei
 from wan_exp.parallel.cfg import guidance_for
 from wan_exp.parallel.dims import ParallelDims, ParallelMesh
 from wan_exp.parallel.ulysses import SequenceSharding
+from wan_exp.units import GIB
 
-GIB = 1024**3
 BeforeWrap = Callable[[nn.Module], None]
 
 
