@@ -21,11 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def job_dir(tmp_path_factory) -> Path:
-    """One real 2-rank job of the tiny model through launch.py, logged offline to W&B."""
+    """One real 2-rank job of the tiny model through launch.py, logged offline to W&B (with an
+    attention backend other than auto's choice on a CPU, for the test below)."""
     sweep_dir = tmp_path_factory.mktemp("wandb_sweep")
     done = subprocess.run(
         [sys.executable, "launch.py", "logger=offline", "workload.sample_steps=3",
-         f"hydra.sweep.dir={sweep_dir}"],
+         "model.attention_backend=sdpa_math", f"hydra.sweep.dir={sweep_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -71,6 +72,13 @@ def test_wandb_and_the_console_show_each_rank_median_the_record_holds(job_dir):
         assert logged[record["rank"]]["step_time_s_median"] == median
         assert logged[record["rank"]]["init_s"] == record["init_s"]
         assert console[record["rank"]][-1] == f"{median:.3f}"
+
+
+def test_each_rank_applies_the_configured_attention_backend(job_dir):
+    """The model's constructor leaves the backend alone; the rank's setup applies
+    model.attention_backend (auto would have chosen sdpa on a CPU)."""
+    results = json.loads((job_dir / "results.json").read_text())
+    assert [r["attention_backend"] for r in results["ranks"]] == ["sdpa_math", "sdpa_math"]
 
 
 def test_a_failing_wandb_is_a_warning_not_an_error(job_dir, tmp_path):

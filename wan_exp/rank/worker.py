@@ -34,6 +34,7 @@ from wan_exp.config import ExperimentConfig, config_warnings, rank_device, typed
 from wan_exp.host.envvars import JOB_DIR_VAR
 from wan_exp.plan.fake_collectives import RealisticFakeCollectives
 from wan_exp.units import GIB
+from wan_exp.models.attention import configure as configure_attention
 from wan_exp.models.attention import selected_backend, selected_lse_backend
 from wan_exp.rank.runtime import RankContext
 
@@ -113,6 +114,7 @@ def run_rank(job_dir: Path) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ctx = RankContext(cfg, rank, local_rank, world_size, device, job_dir, process_rank=process_rank)
+    configure_attention(cfg.model.attention_backend)  # process-wide: every attention call of this rank
     ctx.metrics.note("warnings", config_warnings(cfg))
     if simulated:
         numerics.disable_checks()
