@@ -14,7 +14,13 @@ from omegaconf import OmegaConf
 from wan_exp.config import ModelConfig
 from wan_exp.models import attention as attn_backend
 from wan_exp.models.wan_s2v import (
-    WanModel, apply_compile, apply_rope, inject_audio, rope_angles, rope_pairs, sequence_length,
+    WanModel,
+    apply_compile,
+    apply_rope,
+    inject_audio,
+    rope_angles,
+    rope_pairs,
+    sequence_length,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"

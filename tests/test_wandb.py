@@ -14,7 +14,7 @@ pytest.importorskip("wandb")  # a dependency of wan-exp; absent only where it wa
 from wan_exp.metrics.summary import job_step_times  # noqa: E402
 from wan_exp.results import summary_text  # noqa: E402
 from wan_exp.wandb_logger import is_logged, log_job  # noqa: E402
-from wan_exp.wandb_reader import WandbFileError, find_run_file, read_run  # noqa: E402
+from wandb_reader import WandbFileError, find_run_file, read_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

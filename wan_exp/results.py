@@ -413,9 +413,12 @@ def summary_text(results: dict) -> str:
     lines.append("  rank  device        peak_alloc_GiB  peak_reserved_GiB  host_rss_GiB  median_step_s")
     for r in results.get("ranks", []):
         mem = r.get("memory") or {}
-        median = "-" if r.get("step_time_s_median") is None else f"{r['step_time_s_median']:.3f}"
-        lines.append(f"  {r['rank']:>4}  {str(r.get('device')):<12}  {_gib(mem.get('peak_allocated_gib')):>14}  "
-                     f"{_gib(mem.get('peak_reserved_gib')):>17}  {_gib(mem.get('peak_host_rss_gib')):>12}  {median:>13}")
+        median = r.get("step_time_s_median")  # the rank's own (metrics.summary.rank_figures)
+        median_text = "-" if median is None else f"{median:.3f}"
+        lines.append(
+            f"  {r['rank']:>4}  {str(r.get('device')):<12}  {_gib(mem.get('peak_allocated_gib')):>14}  "
+            f"{_gib(mem.get('peak_reserved_gib')):>17}  {_gib(mem.get('peak_host_rss_gib')):>12}  {median_text:>13}"
+        )
     for warning in results.get("warnings") or []:
         lines.append(f"  warning: {warning}")
     cause = results.get("root_cause")

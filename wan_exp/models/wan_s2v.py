@@ -185,7 +185,7 @@ class Attention(nn.Module):
 
 
 class SelfAttention(Attention):
-    def forward(self, x: torch.Tensor, tokens: "TokenLayout", sharding: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: TokenLayout, sharding: Any) -> torch.Tensor:
         q = apply_rope(self.query(x), tokens.rope_cos, tokens.rope_sin).to(x.dtype)
         k, v = self.key_value(x)
         k = apply_rope(k, tokens.rope_cos, tokens.rope_sin).to(x.dtype)
@@ -328,7 +328,7 @@ class AdaLayerNorm(nn.Module):
         return fp32_linear(self.linear, F.silu(cond.float())).chunk(2, dim=-1)
 
 
-def inject_audio(attn: "CrossAttention", adain: AdaLayerNorm, x: torch.Tensor, audio_tokens: torch.Tensor,
+def inject_audio(attn: CrossAttention, adain: AdaLayerNorm, x: torch.Tensor, audio_tokens: torch.Tensor,
                  audio_global: torch.Tensor, tokens: TokenLayout) -> torch.Tensor:
     """One audio injection: AdaLN of the noisy tokens on their frame's global audio token, then
     each noisy token attends to its own latent frame's audio tokens; returns the new x.

@@ -33,10 +33,10 @@ from wan_exp.rank import numerics
 from wan_exp.config import ExperimentConfig, config_warnings, rank_device, typed_config
 from wan_exp.host.envvars import JOB_DIR_VAR
 from wan_exp.plan.fake_collectives import RealisticFakeCollectives
-from wan_exp.units import GIB
 from wan_exp.models.attention import configure as configure_attention
 from wan_exp.models.attention import selected_backend, selected_lse_backend
 from wan_exp.rank.runtime import RankContext
+from wan_exp.units import GIB
 
 # Variables the rank records as it sees them, so a reader can check what reached the rank:
 # the rendezvous, threads, and every NCCL / allocator / harness variable.

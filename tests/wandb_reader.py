@@ -1,4 +1,5 @@
-"""Read an offline W&B run (``run-<id>.wandb``) back: config, history, summary.
+"""Read an offline W&B run (``run-<id>.wandb``) back: config, history, summary (for the tests:
+the package writes runs and never reads them).
 
 Offline runs keep everything in one file and write no ``wandb-summary.json``
 (docs/facts.md §4b). The file uses the LevelDB log format:
