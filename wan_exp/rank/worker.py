@@ -149,7 +149,7 @@ def run_rank(job_dir: Path) -> int:
 
 def main() -> None:
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m wan_exp.rank.worker <job_dir>  (started by the torchrun launcher)")
+        sys.exit("usage: python -m wan_exp.rank.worker <job_dir>  (started by wan_exp.host.agent)")
     job_dir = Path(sys.argv[1])
     os.environ.setdefault(JOB_DIR_VAR, str(job_dir))
     code = run_rank(job_dir)
