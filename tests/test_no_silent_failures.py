@@ -23,8 +23,7 @@ from wan_exp import memory_fit, results
 from wan_exp.config import ConfigError, compose_config
 from wan_exp.preflight import check_schema_keys, config_warnings, validate
 from wan_exp.rank.numerics import NonFiniteError, check_finite
-
-GIB = 1024**3
+from wan_exp.units import GIB
 
 
 # ----------------------------------------------------------------------------- host OOM

@@ -18,9 +18,9 @@ from wan_exp.config import ConfigError
 from wan_exp.config import compose_config as compose_experiment
 from wan_exp.parallel.dims import parallel_dims
 from wan_exp.preflight import validate
+from wan_exp.units import GIB
 
 REPO = Path(__file__).resolve().parents[1]
-GIB = 1024**3
 
 
 def compose_config(*overrides: str):

@@ -38,7 +38,7 @@ from wan_exp.models.sizes import (
     text_encoder_parameters,
 )
 from wan_exp.parallel.dims import fsdp_shards, parallel_dims
-from wan_exp.results import GIB
+from wan_exp.units import GIB
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
