@@ -125,7 +125,8 @@ def check_memory_fits(cfg: Any, world_size: int, nproc_per_node: int, gpus: int)
         return
     raise ConfigError(
         f"model={cfg.model.name} does not fit in GPU memory: with {strategy} on {world_size} rank(s) "
-        f"({ranks_per_gpu} per GPU) each GPU holds {_listing([w.describe(s) for w, s in on_device])}: {_size(device_need)} for the "
+        f"({ranks_per_gpu} per GPU) each GPU holds {_listing([w.describe(s) for w, s in on_device])}: "
+        f"{_size(device_need)} for the "
         f"weights alone, but the fullest GPU has {_size(min(free))} free (NVML); "
         f"{_hint(cfg, full_load, False, encoders_on_gpu=any(w is not dit for w, _ in on_device))}"
     )

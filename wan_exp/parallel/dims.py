@@ -62,7 +62,7 @@ def runs_one_rank(parallel: Any) -> bool:
             and all(int(getattr(parallel, f"{axis}_degree")) == 1 for axis in ("cfg", "ring", "ulysses")))
 
 
-def parallel_dims(cfg: Any, world_size: int) -> "ParallelDims":
+def parallel_dims(cfg: Any, world_size: int) -> ParallelDims:
     """The job's split as one ParallelDims; ConfigError naming the settings when the degrees
     do not fit the world size or the heads."""
     return ParallelDims.from_config(cfg.parallel, world_size, cfg.model.num_heads)
@@ -104,7 +104,7 @@ class ParallelDims:
 
     # ------------------------------------------------------------------ resolve + check
     @classmethod
-    def from_config(cls, parallel: Any, world_size: int, num_heads: int) -> "ParallelDims":
+    def from_config(cls, parallel: Any, world_size: int, num_heads: int) -> ParallelDims:
         """Resolve -1 degrees and check the split; raises ConfigError saying what would work."""
         cfg = int(parallel.cfg_degree)
         if cfg not in (1, 2):
@@ -157,7 +157,7 @@ class ParallelDims:
         return f"with cfg={cfg} and fsdp={fsdp_axis} this works: {usp_suggestion(sp_ranks, num_heads)}"
 
     # ------------------------------------------------------------------ device mesh
-    def build_mesh(self, device_type: str) -> "ParallelMesh | None":
+    def build_mesh(self, device_type: str) -> ParallelMesh | None:
         """The device mesh over (cfg, fsdp, ring, ulysses) and the groups each part of the
         split uses; None when nothing is split (no process group needed)."""
         if self.world_size == 1 and not self.fsdp_enabled:

@@ -35,14 +35,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from wan_exp.host.callbacks import lock_holder, override_differences
 from wan_exp.config import CONF_DIR, ConfigError, compose_config, parse_size, steps_run
 from wan_exp.devices import visible_gpu_count
+from wan_exp.host.callbacks import lock_holder, override_differences
 from wan_exp.host.job import SWEEP_STATE_DIR
 from wan_exp.plan.pricing import ASSUMPTION, GB, Link, comm_time_s, parse_link
 from wan_exp.preflight import check_job
-from wan_exp.results import (COMPLETED, JOB_FILE, OOM, RESULTS_FILE, read_json, read_results, write_json_atomic,
-                             write_text_atomic)
+from wan_exp.results import (
+    COMPLETED,
+    JOB_FILE,
+    OOM,
+    RESULTS_FILE,
+    read_json,
+    read_results,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured", "clip_steps")

@@ -29,13 +29,13 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from wan_exp import results
-from wan_exp.rank import numerics
 from wan_exp.config import ExperimentConfig, typed_config
 from wan_exp.host.envvars import JOB_DIR_VAR
-from wan_exp.plan.fake_collectives import RealisticFakeCollectives
 from wan_exp.models.attention import configure as configure_attention
 from wan_exp.models.attention import selected_backend, selected_lse_backend
+from wan_exp.plan.fake_collectives import RealisticFakeCollectives
 from wan_exp.preflight import config_warnings, rank_device
+from wan_exp.rank import numerics
 from wan_exp.rank.runtime import RankContext
 from wan_exp.units import GIB
 

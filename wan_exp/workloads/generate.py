@@ -32,10 +32,11 @@ from wan_exp.geometry import JobGeometry, job_geometry
 from wan_exp.media import SAMPLE_RATE, wants_video, write_video
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.models.vae import TEMPORAL_STRIDE, WanVAE, build_vae
-from wan_exp.rank.numerics import check_finite, checked_output
+from wan_exp.parallel.cfg import Condition, GuidedFlow, forwards_per_step
 from wan_exp.parallel.fsdp import torch_dtype
 from wan_exp.parallel.registry import ParallelModel, setup_parallel
 from wan_exp.parallel.vae import decode_clip, encode_motion
+from wan_exp.rank.numerics import check_finite, checked_output
 from wan_exp.workloads.inputs import (
     clip_audio,
     encode_audio,
@@ -46,7 +47,6 @@ from wan_exp.workloads.inputs import (
     text_is_synthetic,
     workload_step,
 )
-from wan_exp.parallel.cfg import Condition, GuidedFlow, forwards_per_step
 from wan_exp.workloads.sampler import sample
 
 VIDEO_FILE = "video.mp4"

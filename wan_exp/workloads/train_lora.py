@@ -41,9 +41,9 @@ from torch.distributed.tensor import DTensor
 
 from wan_exp.geometry import JobGeometry, job_geometry
 from wan_exp.metrics.flops import dit_forward_flops
-from wan_exp.rank.numerics import check_finite
 from wan_exp.parallel.materialise import gather_rows, local_param_bytes
 from wan_exp.parallel.registry import ParallelModel, setup_parallel
+from wan_exp.rank.numerics import check_finite
 from wan_exp.workloads.inputs import (
     ClipInputs,
     clip_audio,
@@ -234,7 +234,8 @@ def run_train_lora(cfg: Any, ctx: Any) -> dict:
         "tokens_per_forward": geometry.tokens(with_motion=True),
         "forwards_per_step": 1,
         "forwards_per_step_per_rank": 1,  # cfg groups are replicas here
-        "flops_per_step": TRAIN_FLOPS_PER_FORWARD * dit_forward_flops(cfg.model, **geometry.flops_args(with_motion=True)),
+        "flops_per_step": TRAIN_FLOPS_PER_FORWARD
+        * dit_forward_flops(cfg.model, **geometry.flops_args(with_motion=True)),
         "video_seconds_per_step": geometry.seconds_per_clip,
         "lora_matched_modules": adapters["matched"],
         "lora_trainable_parameters": adapters["parameters"],
