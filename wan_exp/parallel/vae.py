@@ -64,12 +64,12 @@ def decode_clip(vae: WanVAE, latents: torch.Tensor, mode: str, rank: int, world_
     raise ValueError(f"parallel.vae={mode!r} is not one of {VAE_MODES}")
 
 
-def encode_motion(vae: WanVAE, pixels: Optional[torch.Tensor], frames: int, mode: str, rank: int,
+def encode_motion(vae: WanVAE, pixels: Optional[torch.Tensor], mode: str, rank: int,
                   world_size: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
-    """The motion latents (``latent_shape``) of the last ``frames`` pixel frames on every rank:
+    """The motion latents (``latent_shape``) of the motion buffer's pixel frames on every rank:
     encoded where the pixels are; under ``rank0`` broadcast from rank 0."""
     if pixels is not None:
-        motion = vae.encode(pixels[:, :, -frames:])
+        motion = vae.encode(pixels)
     else:
         param = next(vae.parameters())
         motion = torch.empty(latent_shape, device=param.device, dtype=param.dtype)
