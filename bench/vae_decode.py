@@ -70,9 +70,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/vae_decode.py needs a CUDA GPU")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
     height, width = (int(v) // 8 for v in args.size.split("*"))
     latent_frames = (1 if args.first else MOTION_LATENTS) + args.frames // 4
@@ -97,7 +97,7 @@ def main() -> None:
     for ranks in args.ranks:
         strips, _axis = shard_strips(height, width, ranks)
         for share, strip in enumerate(strips):
-            row = measure(lambda: vae.decode(latents, strip, grid=TILED_GRID), args.repeat, None)
+            row = measure(lambda strip=strip: vae.decode(latents, strip, grid=TILED_GRID), args.repeat, None)
             cut = whole[:, :, :, strip.top * 8:strip.bottom * 8, strip.left * 8:strip.right * 8]
             row["max_abs_diff"] = (vae.decode(latents, strip, grid=TILED_GRID) - cut).abs().max().item()
             rows.append({"mode": "sharded", "ranks": ranks, "rank": share, "with_gather": False, **row})

@@ -2,6 +2,7 @@
 known answer, and the guidance combination of one step."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -123,6 +124,6 @@ def test_the_state_stays_in_the_noises_dtype_as_upstream_keeps_it(sampler):
     if sampler == "euler":
         sigmas = [*sigma_schedule(3, 3.0).tolist(), 0.0]
         expected = noise
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        for s, s_next in itertools.pairwise(sigmas):
             expected = (expected.float() + (s_next - s) * (expected.float() * 0.75 + 0.1)).to(torch.bfloat16)
         assert torch.equal(out, expected)
