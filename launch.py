@@ -8,7 +8,7 @@
 Data flows Hydra -> task -> ranks -> files -> callbacks. conf/config.yaml sets
 hydra.mode=MULTIRUN, so even a plain run is a sweep of one job and goes through a Hydra
 launcher (torchrun by default: jobs one after the other in this process). Each job is
-the task function below (wan_exp.job.run_job: the job dir, this host's ranks under the
+the task function below (wan_exp.host.job.run_job: the job dir, this host's ranks under the
 elastic agent, results.json). The callbacks in conf/config.yaml do the rest: W&B and the
 summary after each job; the dashboard, the resume command and the exit status (1 if any
 job did not complete) after the sweep.
@@ -23,7 +23,7 @@ register_configs()
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    from wan_exp.job import run_job
+    from wan_exp.host.job import run_job
 
     return run_job(cfg)
 

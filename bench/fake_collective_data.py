@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from benchlib import header
-from wan_exp.fake_collectives import RealisticFakeCollectives
+from wan_exp.plan.fake_collectives import RealisticFakeCollectives
 
 WORLD = 4
 

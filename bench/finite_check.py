@@ -1,4 +1,4 @@
-"""Cost of the per-step finiteness check (wan_exp.numerics.check_finite) on one GPU.
+"""Cost of the per-step finiteness check (wan_exp.rank.numerics.check_finite) on one GPU.
 
 The generate workload checks the guided velocity once per step and the latents once per
 clip; train_lora checks the loss once per step. Each check reads one boolean on the host,
@@ -20,7 +20,7 @@ import torch
 
 from benchlib import event_time, header, median
 from wan_exp.config import parse_size
-from wan_exp.numerics import check_finite
+from wan_exp.rank.numerics import check_finite
 
 LATENT_CHANNELS = 16
 VAE_STRIDE = 8

@@ -9,11 +9,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from wan_exp.agent import launch_config
+from wan_exp.host.agent import launch_config
 from wan_exp.config import (ConfigError, ExperimentConfig, JobShape, check_launch_settings, ranks_per_node,
                             register_configs, validate)
-from wan_exp.envvars import JOB_DIR_VAR, rank_environment
-from wan_exp.job import agent_spec, node_layout
+from wan_exp.host.envvars import JOB_DIR_VAR, rank_environment
+from wan_exp.host.job import agent_spec, node_layout
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "parallel", "nccl", "allocator", "workload", "logger", "fault")

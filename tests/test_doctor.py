@@ -20,7 +20,8 @@ from packaging.requirements import Requirement
 
 from wan_exp.doctor import FAIL, OK, WARN, diagnose, exit_status
 from wan_exp.doctor.allocator import allocator_rows, parse_allocator_conf
-from wan_exp.doctor.gpus import Gpu, NvmlView, gpu_rows, visible_gpus
+from wan_exp.devices import Gpu, NvmlView, visible_gpus
+from wan_exp.doctor.gpus import gpu_rows
 from wan_exp.doctor.software import PACKAGES, version_row
 from wan_exp.doctor.system import shm_rows
 from wan_exp.doctor.workers import find_workers, worker_rows
@@ -305,7 +306,7 @@ VISIBLE_OF_TWO = [(None, 2), ("0,0", 1), ("1,0", 2), ("GPU-1aa1", 1), ("GPU-1aa1
 def test_the_job_and_the_doctor_count_the_same_visible_gpus(cvd, expected):
     """One rule: the rank count of a job (nproc_per_node=auto) and the doctor's table."""
     from wan_exp.config import ExperimentConfig, ranks_per_node
-    from wan_exp.doctor.gpus import visible_gpu_count
+    from wan_exp.devices import visible_gpu_count
 
     nvml = NvmlView([make_gpu(0), make_gpu(1)], "12.8")
     env = {} if cvd is None else {"CUDA_VISIBLE_DEVICES": cvd}
@@ -319,7 +320,7 @@ def test_the_job_and_the_doctor_count_the_same_visible_gpus(cvd, expected):
 
 
 def test_no_driver_counts_no_gpu():
-    from wan_exp.doctor.gpus import visible_gpu_count
+    from wan_exp.devices import visible_gpu_count
 
     assert visible_gpu_count(NvmlView([], None, error="no NVIDIA driver"), {"CUDA_VISIBLE_DEVICES": "0"}) == 0
 

@@ -1,4 +1,4 @@
-"""A simulated rank's collectives deliver this rank's own data (wan_exp/fake_collectives.py):
+"""A simulated rank's collectives deliver this rank's own data (wan_exp/plan/fake_collectives.py):
 torch's fake process group leaves the output of a receive (and, in some versions, of an
 all-to-all or a reduce-scatter) unwritten, so without the mode those buffers keep what they
 were allocated with (here NaN)."""
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from wan_exp.fake_collectives import RealisticFakeCollectives, fill_from
+from wan_exp.plan.fake_collectives import RealisticFakeCollectives, fill_from
 from wan_exp.metrics.comm import CommCounter
 from wan_exp.parallel.ulysses import _all_to_all
 

@@ -21,9 +21,8 @@ import torch
 from launch_helpers import REPO, job_results, output, run_launch
 from wan_exp import memory_fit, results
 from wan_exp.config import ConfigError, check_schema_keys, compose_config, config_warnings, validate
-from wan_exp.numerics import NonFiniteError, check_finite
-
-GIB = 1024**3
+from wan_exp.rank.numerics import NonFiniteError, check_finite
+from wan_exp.units import GIB
 
 
 # ----------------------------------------------------------------------------- host OOM
@@ -270,7 +269,7 @@ def _nan_checkpoint(folder: Path) -> Path:
 
 
 def test_nan_weights_fail_train_lora_at_its_loss(tmp_path):
-    from wan_exp.runtime import RankContext
+    from wan_exp.rank.runtime import RankContext
     from wan_exp.workloads import WORKLOADS
 
     cfg = compose_config(["model=tiny", "parallel=single", "workload=train_lora", "workload.lora.save=false",
@@ -417,7 +416,7 @@ def test_weights_beyond_a_real_gpu_are_refused_with_nvml_figures():
 
 
 def test_the_heartbeat_carries_host_memory_refreshed_without_faking_progress(tmp_path):
-    from wan_exp.runtime import RankContext
+    from wan_exp.rank.runtime import RankContext
 
     cfg = compose_config(["parallel=single"])
     ctx = RankContext(cfg, 0, 0, 1, torch.device("cpu"), tmp_path)

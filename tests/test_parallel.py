@@ -16,9 +16,9 @@ import torch
 
 from wan_exp.config import ConfigError, parallel_dims, validate
 from wan_exp.config import compose_config as compose_experiment
+from wan_exp.units import GIB
 
 REPO = Path(__file__).resolve().parents[1]
-GIB = 1024**3
 
 
 def compose_config(*overrides: str):
@@ -117,7 +117,7 @@ def test_upstream_fsdp_on_cpu_is_a_clear_error_before_any_collective():
     """FSDP1 refuses sync_module_states=True on the CPU with a ValueError deep in its
     init; setup_parallel says what to do instead, before touching a process group."""
     from wan_exp.parallel.registry import setup_parallel
-    from wan_exp.runtime import RankContext
+    from wan_exp.rank.runtime import RankContext
 
     cfg = compose_config("parallel=fsdp")
     ctx = RankContext(cfg, 0, 0, 2, torch.device("cpu"), None)
@@ -140,7 +140,7 @@ def one_rank_nccl_group(tmp_path_factory):
 def test_fsdp_strategies_initialise_s2v_14b_on_one_gpu(strategy, one_rank_nccl_group):
     """World size 1, random bf16 weights: init, parameter memory, one small forward."""
     from wan_exp.parallel.registry import setup_parallel
-    from wan_exp.runtime import RankContext
+    from wan_exp.rank.runtime import RankContext
 
     cfg = compose_config("model=s2v_14b", f"parallel={strategy}")
     device = torch.device("cuda", 0)

@@ -10,7 +10,7 @@ import pytest
 
 from launch_helpers import job_results, output, run_launch
 from wan_exp.config import ConfigError, check_job, compose_config, job_shape, rank_device, ranks_per_node
-from wan_exp.metrics.pricing import LINKS, comm_time_s, parse_link, predict_step
+from wan_exp.plan.pricing import LINKS, comm_time_s, parse_link, predict_step
 
 
 # ----------------------------------------------------------------------------- config rules
@@ -86,19 +86,19 @@ def test_pricing_against_hand_computed_times():
     # 4 x 20 us + 7.4 GB / 370 GB/s, then 20 us + 1.88 GB / 470 GB/s; barriers are not priced
     expected = 4 * 20e-6 + 0.02 + 20e-6 + 0.004
     assert comm_time_s(per_step, nvlink4) == pytest.approx(expected)
-    prediction = predict_step({"step_times_s": [1.0, 3.0, 2.0], "comm": {"per_step": per_step}}, nvlink4)
+    prediction = predict_step({"step_time_s_median": 2.0, "comm": {"per_step": per_step}}, nvlink4)
     assert prediction["step_s"] == pytest.approx(2.0 + expected)
     assert "no overlap with compute" in prediction["assumption"]
     custom = parse_link("100")
     assert comm_time_s({"all_gather": {"count": 2, "bytes": 0, "bus_bytes": 1e9}}, custom) == pytest.approx(
         2 * 20e-6 + 0.01)
-    assert predict_step({"step_times_s": [], "comm": {"per_step": None}}, nvlink4)["step_s"] is None
+    assert predict_step({"step_time_s_median": None, "comm": {"per_step": None}}, nvlink4)["step_s"] is None
 
 
 def test_measured_runs_sit_beside_the_prediction_and_fit_the_link(tmp_path):
     """Two real runs whose steps took compute + 100 us per call + bus bytes at 50 GB/s: the
     fitted link is 50 GB/s, and it re-prices a row with no real run."""
-    from wan_exp.plan import PlanRow, add_fitted, add_measured, fit_link
+    from wan_exp.plan.run import PlanRow, add_fitted, add_measured, fit_link
 
     per_step = {2: {"all_to_all": {"count": 10, "bytes": 4e9, "bus_bytes": 2e9}},
                 4: {"all_to_all": {"count": 10, "bytes": 4e9, "bus_bytes": 3e9},
@@ -218,7 +218,7 @@ def _dit_shapes(model: str) -> list[tuple[int, ...]]:
 
 # ----------------------------------------------------------------------------- the plan
 def test_plan_options_are_parsed_and_bad_ones_named():
-    from wan_exp.plan import DEFAULT_CLIP_STEPS, parse_args
+    from wan_exp.plan.run import DEFAULT_CLIP_STEPS, parse_args
 
     args = parse_args(["model=tiny", "gpus=1,8", "gpu_memory_gib=24,80", "strategies=single,ulysses", "clip_steps=30"])
     assert (args.gpus, args.gpu_memory_gib, args.strategies, args.clip_steps) == ([1, 8], [24.0, 80.0],
@@ -240,7 +240,7 @@ def test_what_a_plan_run_again_keeps_reruns_and_refuses(tmp_path):
     import os
     import socket
 
-    from wan_exp.plan import earlier_results, parse_args, run_plan
+    from wan_exp.plan.run import earlier_results, parse_args, run_plan
 
     args = parse_args(["model=tiny", "gpus=1", "strategies=single,ulysses", f"out={tmp_path}"])
     single = [*args.overrides, "parallel=single", "launcher.simulate_world_size=1", "launcher.link=nvlink4"]

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from launch_helpers import job_pids, job_results, output, pid_alive, root_cause, run_fault_sweep, run_launch
 from wan_exp import results
-from wan_exp.job import check_progress, furthest_behind
+from wan_exp.host.job import check_progress, furthest_behind
 
 HANG_TIMEOUT_S = 8
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from launch_helpers import job_results, output, run_launch
-from wan_exp.job import NodeLayout, first_slurm_host, node_layout
+from wan_exp.host.job import NodeLayout, first_slurm_host, node_layout
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra")
 

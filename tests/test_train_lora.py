@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from wan_exp.config import compose_config as compose_experiment
 from wan_exp.models.wan_s2v import WanModel
 from wan_exp.parallel.registry import setup_parallel
-from wan_exp.runtime import RankContext
+from wan_exp.rank.runtime import RankContext
 from wan_exp.workloads.train_lora import adapter_parameters, inject_lora, train_step, training_inputs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from wan_exp.models.vae import (
 )
 from wan_exp.models.wan_s2v import WanModel
 from wan_exp.parallel.registry import setup_parallel
-from wan_exp.runtime import RankContext
+from wan_exp.rank.runtime import RankContext
 from wan_exp.workloads import WORKLOADS, generate
 from wan_exp.workloads.inputs import encode_job_inputs, reference_latents
 

@@ -7,7 +7,7 @@ import torch
 from wan_exp.config import compose_config as compose_experiment
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.models.wan_s2v import sequence_length
-from wan_exp.runtime import RankContext
+from wan_exp.rank.runtime import RankContext
 from wan_exp.workloads import WORKLOADS, generate
 from wan_exp.workloads.sampler import model_timesteps, sigma_schedule
 

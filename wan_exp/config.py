@@ -10,7 +10,7 @@ lives here too and nowhere else:
   phases) and :func:`ranks_per_node`,
 - :func:`check_job`, which runs all of them for one job on this machine and says how many
   ranks it gets. The torchrun launcher calls it (through the batch check of
-  wan_exp.callbacks) for every job of a batch before the first starts; wan_exp.job calls
+  wan_exp.host.callbacks) for every job of a batch before the first starts; wan_exp.host.job calls
   it again where the job runs (another launcher, another host).
 
 This module imports no torch, so the launcher process can use it freely.
@@ -336,7 +336,7 @@ class LauncherConfig:
     simulate_world_size: int = 0
     simulate_rank: int = 0
     # the link a simulated job's collectives are priced at: nvlink4|nvlink3|pcie4|pcie5|ib400|<GB/s>,
-    # or measured:<sweep dir> (wan_exp/metrics/pricing.py)
+    # or measured:<sweep dir> (wan_exp/plan/pricing.py)
     link: str = "nvlink4"
 
 
@@ -695,7 +695,7 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
 
 def _check_rehearsal_settings(lc: Any, gpus: int) -> None:
     """launcher.share_gpus / simulate_world_size / simulate_rank / link (docs/rehearsal.md)."""
-    from wan_exp.metrics.pricing import parse_link  # no torch
+    from wan_exp.plan.pricing import parse_link  # no torch
 
     if lc.share_gpus and not gpus:
         raise ConfigError(

@@ -39,7 +39,8 @@ import psutil
 from omegaconf import OmegaConf
 
 from wan_exp.config import ConfigError, Placement, Strategy, parallel_dims
-from wan_exp.results import GIB, write_json_atomic
+from wan_exp.results import write_json_atomic
+from wan_exp.units import GIB
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -137,9 +138,9 @@ def model_weights(model_cfg: Any) -> tuple[Weights, Weights, Optional[Weights]]:
 
 def gpu_free_bytes(count: int) -> Optional[list[int]]:
     """NVML's free memory (total - used) of the first `count` GPUs CUDA would give the ranks,
-    as doctor.gpus reads them (CUDA_VISIBLE_DEVICES by index or UUID); None when NVML cannot
+    as wan_exp.devices reads them (CUDA_VISIBLE_DEVICES by index or UUID); None when NVML cannot
     tell (no driver) or names fewer GPUs (MIG slices: NVML's figures are per parent GPU)."""
-    from wan_exp.doctor.gpus import read_nvml, visible_gpus
+    from wan_exp.devices import read_nvml, visible_gpus
 
     nvml = read_nvml()
     if nvml.error:

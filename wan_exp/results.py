@@ -6,7 +6,7 @@ Files get the permissions of an ordinary ``open`` under the process umask (0644 
 usual 022), not the 0600 of a bare temporary file; a write that fails (a full disk)
 raises :class:`WriteError` naming the path and what the file is.
 
-One writer produces results.json: :func:`finalize_job`, called by wan_exp.job on the
+One writer produces results.json: :func:`finalize_job`, called by wan_exp.host.job on the
 host that ran global rank 0 once every rank is gone. It builds the result from the rank
 records (each rank writes its own), every host's agent outcome (dead ranks, rendezvous
 errors) and the job process's own findings (hang, start-up bound, interrupt). A
@@ -33,7 +33,6 @@ HOST, GPU = "host", "gpu"  # which memory an oom job ran out of (root_cause["mem
 RESULTS_FILE = "results.json"
 JOB_FILE = "job.json"
 CONFIG_FILE = "config.yaml"
-GIB = 1024**3
 
 
 # ----------------------------------------------------------------------------- files
@@ -201,7 +200,7 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
         "shared_gpus": bool(job.get("shared_gpus")),
         # {"world_size": N, "rank": r}: one process played rank r of N over the fake process group
         "simulated": job.get("simulated"),
-        # simulated: the rank's step priced at launcher.link (metrics/pricing.py)
+        # simulated: the rank's step priced at launcher.link (plan/pricing.py)
         "prediction": _prediction(job, config, records),
         "model": config.get("model", {}).get("name"),
         "workload": config.get("workload", {}).get("name"),
@@ -222,7 +221,7 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
 def _prediction(job: dict, config: dict, records: list[dict]) -> Optional[dict]:
     if not job.get("simulated") or not records:
         return None
-    from wan_exp.metrics.pricing import parse_link, predict_step
+    from wan_exp.plan.pricing import parse_link, predict_step
 
     return predict_step(records[0], parse_link(config.get("launcher", {}).get("link", "nvlink4")))
 
@@ -414,10 +413,12 @@ def summary_text(results: dict) -> str:
     lines.append("  rank  device        peak_alloc_GiB  peak_reserved_GiB  host_rss_GiB  median_step_s")
     for r in results.get("ranks", []):
         mem = r.get("memory") or {}
-        steps = sorted(r.get("step_times_s") or [])
-        median = f"{steps[len(steps) // 2]:.3f}" if steps else "-"
-        lines.append(f"  {r['rank']:>4}  {str(r.get('device')):<12}  {_gib(mem.get('peak_allocated_gib')):>14}  "
-                     f"{_gib(mem.get('peak_reserved_gib')):>17}  {_gib(mem.get('peak_host_rss_gib')):>12}  {median:>13}")
+        median = r.get("step_time_s_median")  # the rank's own (metrics.summary.rank_figures)
+        median_text = "-" if median is None else f"{median:.3f}"
+        lines.append(
+            f"  {r['rank']:>4}  {str(r.get('device')):<12}  {_gib(mem.get('peak_allocated_gib')):>14}  "
+            f"{_gib(mem.get('peak_reserved_gib')):>17}  {_gib(mem.get('peak_host_rss_gib')):>12}  {median_text:>13}"
+        )
     for warning in results.get("warnings") or []:
         lines.append(f"  warning: {warning}")
     cause = results.get("root_cause")

@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from wan_exp.config import compose_config as compose_experiment
 from wan_exp.parallel.registry import setup_parallel
-from wan_exp.runtime import RankContext
+from wan_exp.rank.runtime import RankContext
 from wan_exp.workloads.train_lora import (
     inject_lora,
     loss_scale_and_sp_group,

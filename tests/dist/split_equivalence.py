@@ -27,7 +27,7 @@ from strategy_equivalence import GUIDANCE, FRAMES, LAT_H, LAT_W, clip_inputs, co
 from wan_exp.metrics.comm import CommCounter
 from wan_exp.models.wan_s2v import sequence_length
 from wan_exp.parallel.registry import setup_parallel
-from wan_exp.runtime import RankContext
+from wan_exp.rank.runtime import RankContext
 from wan_exp.workloads.sampler import dit_flow, guided_flow
 
 CASES = {

@@ -30,7 +30,7 @@ from wan_exp.config import compose_config as compose_experiment
 from wan_exp.models.wan_s2v import sequence_length
 from wan_exp.parallel.materialise import gather_rows
 from wan_exp.parallel.registry import setup_parallel
-from wan_exp.runtime import RankContext
+from wan_exp.rank.runtime import RankContext
 from wan_exp.workloads.sampler import Condition, guided_flow
 
 COMMON = ["model=tiny", "parallel.fsdp.param_dtype=fp32", "parallel.fsdp.reduce_dtype=fp32"]

@@ -43,7 +43,8 @@ from typing import Mapping
 
 from wan_exp.doctor.allocator import allocator_rows
 from wan_exp.doctor.flash import flash_attn_rows
-from wan_exp.doctor.gpus import gpu_rows, read_nvml
+from wan_exp.devices import read_nvml
+from wan_exp.doctor.gpus import gpu_rows
 from wan_exp.doctor.nccl import nccl_rows
 from wan_exp.doctor.rows import FAIL, OK, WARN, Row, exit_status, format_table
 from wan_exp.doctor.software import package_rows, read_torch_info, torch_rows, wan_exp_requirements

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 from packaging.version import Version
 
 from wan_exp.doctor.rows import FAIL, OK, WARN, Row
-from wan_exp.envvars import ALLOCATOR_NAMES
+from wan_exp.host.envvars import ALLOCATOR_NAMES
 
 NEW_NAME, OLD_NAME = ALLOCATOR_NAMES
 # The smallest max_split_size_mb / max_non_split_rounding_mb torch accepts (its large-buffer size).

@@ -1,13 +1,13 @@
 """NCCL-related variables in this environment (the ranks inherit them).
 
-Deprecated names come from wan_exp.envvars, the one place that maps them for the ranks.
+Deprecated names come from wan_exp.host.envvars, the one place that maps them for the ranks.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
 from wan_exp.doctor.rows import OK, WARN, Row
-from wan_exp.envvars import DEPRECATED_NCCL_NAMES
+from wan_exp.host.envvars import DEPRECATED_NCCL_NAMES
 
 PREFIXES = ("NCCL_", "TORCH_NCCL_")
 BLOCKING_WAIT_NAMES = ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wan_exp.doctor.rows import OK, WARN, Row
-from wan_exp.envvars import JOB_DIR_VAR
+from wan_exp.host.envvars import JOB_DIR_VAR
 from wan_exp.results import heartbeat_path, read_json
 
 PROC = Path("/proc")

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from wan_exp.metrics.flops import dit_forward_flops
-from wan_exp.numerics import check_finite
+from wan_exp.rank.numerics import check_finite
 from wan_exp.parallel.materialise import gather_rows, local_param_bytes
 from wan_exp.parallel.registry import ParallelModel, setup_parallel
 from wan_exp.workloads.inputs import (

@@ -1,9 +1,9 @@
-"""One rank of a job, start to end: ``python -m wan_exp.worker <job_dir>``.
+"""One rank of a job, start to end: ``python -m wan_exp.rank.worker <job_dir>``.
 
-This host's elastic agent (wan_exp.agent) starts this once per rank with RANK, LOCAL_RANK, WORLD_SIZE,
+This host's elastic agent (wan_exp.host.agent) starts this once per rank with RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT set. The rank reads the job's resolved config.yaml (children
 have no Hydra state), joins the process group, runs the workload and writes its own rank
-record. Nothing is gathered: the job process on the host (wan_exp.job) reads every
+record. Nothing is gathered: the job process on the host (wan_exp.host.job) reads every
 rank's record and writes results.json.
 
 On an exception the rank writes a record with status failed (oom for
@@ -28,13 +28,15 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from wan_exp import numerics, results
+from wan_exp import results
+from wan_exp.rank import numerics
 from wan_exp.config import ExperimentConfig, config_warnings, rank_device, typed_config
-from wan_exp.envvars import JOB_DIR_VAR
-from wan_exp.fake_collectives import RealisticFakeCollectives
-from wan_exp.metrics.phases import GIB
+from wan_exp.host.envvars import JOB_DIR_VAR
+from wan_exp.plan.fake_collectives import RealisticFakeCollectives
+from wan_exp.models.attention import configure as configure_attention
 from wan_exp.models.attention import selected_backend, selected_lse_backend
-from wan_exp.runtime import RankContext
+from wan_exp.rank.runtime import RankContext
+from wan_exp.units import GIB
 
 # Variables the rank records as it sees them, so a reader can check what reached the rank:
 # the rendezvous, threads, and every NCCL / allocator / harness variable.
@@ -112,6 +114,7 @@ def run_rank(job_dir: Path) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ctx = RankContext(cfg, rank, local_rank, world_size, device, job_dir, process_rank=process_rank)
+    configure_attention(cfg.model.attention_backend)  # process-wide: every attention call of this rank
     ctx.metrics.note("warnings", config_warnings(cfg))
     if simulated:
         numerics.disable_checks()
@@ -146,7 +149,7 @@ def run_rank(job_dir: Path) -> int:
 
 def main() -> None:
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m wan_exp.worker <job_dir>  (started by the torchrun launcher)")
+        sys.exit("usage: python -m wan_exp.rank.worker <job_dir>  (started by wan_exp.host.agent)")
     job_dir = Path(sys.argv[1])
     os.environ.setdefault(JOB_DIR_VAR, str(job_dir))
     code = run_rank(job_dir)

@@ -35,15 +35,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from wan_exp.callbacks import lock_holder, override_differences
+from wan_exp.host.callbacks import lock_holder, override_differences
 from wan_exp.config import CONF_DIR, ConfigError, check_job, compose_config, parse_size, steps_run
-from wan_exp.doctor.gpus import visible_gpu_count
-from wan_exp.job import SWEEP_STATE_DIR
-from wan_exp.metrics.pricing import ASSUMPTION, GB, Link, comm_time_s, parse_link
+from wan_exp.devices import visible_gpu_count
+from wan_exp.host.job import SWEEP_STATE_DIR
+from wan_exp.plan.pricing import ASSUMPTION, GB, Link, comm_time_s, parse_link
 from wan_exp.results import (COMPLETED, JOB_FILE, OOM, RESULTS_FILE, read_json, read_results, write_json_atomic,
                              write_text_atomic)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured", "clip_steps")
 # sampling steps of the clip the plan predicts: upstream S2V's default (its jobs run 2 of them)
 DEFAULT_CLIP_STEPS = 40
@@ -544,6 +544,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             signal.signal(sig, handler)
     return 0 if any(r.status == "completed" for r in rows) else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

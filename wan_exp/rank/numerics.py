@@ -18,7 +18,7 @@ import torch
 F = TypeVar("F", bound=Callable[..., torch.Tensor])
 
 
-_checks_on = True  # off in a simulated job (wan_exp.worker): its collectives return garbage
+_checks_on = True  # off in a simulated job (wan_exp.rank.worker): its collectives return garbage
 
 
 def disable_checks() -> None:

@@ -1,7 +1,7 @@
 """Live progress of a running job on the console, from the ranks' heartbeats.
 
 Each rank rewrites ``<job>/progress/rank_<r>.json`` at every phase and step
-(wan_exp.runtime); while the job runs, wan_exp.job redraws one table from them with
+(wan_exp.rank.runtime); while the job runs, wan_exp.host.job redraws one table from them with
 rich: per rank the phase, step i/n and the time since the job started, under a title
 "job k of n". Nothing is drawn when the output is not a terminal (logs, CI, pipes).
 """

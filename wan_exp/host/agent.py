@@ -1,13 +1,13 @@
-"""One host's elastic agent for one job: ``python -m wan_exp.agent <spec json>``.
+"""One host's elastic agent for one job: ``python -m wan_exp.host.agent <spec json>``.
 
-wan_exp.job starts this process once per host and job (in its own session, so that a
+wan_exp.host.job starts this process once per host and job (in its own session, so that a
 Ctrl-C meant for the sweep reaches the job process, which then ends this one). It runs
 torch's elastic agent: rendezvous (c10d or static) with the other hosts, then this
-host's ranks (``python -m wan_exp.worker <job dir>``), per-rank logs under
+host's ranks (``python -m wan_exp.rank.worker <job dir>``), per-rank logs under
 ``<job>/logs/node_<n>/``. What the agent saw is written to the node file named in the
 spec (``<job>/nodes/node_<n>.json``): ``{"node_rank", "node_id", "host", "failures":
 {rank: {"exitcode", "time"}}, "error": str | None}``, plus ``"ended_by": "signal SIGTERM"``
-when the agent was ended from outside; wan_exp.job builds the job's result from it and the
+when the agent was ended from outside; wan_exp.host.job builds the job's result from it and the
 rank records.
 
 The rendezvous gives up after ``launcher.rdzv_timeout_s`` (``join_timeout``); the job
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wan_exp.envvars import applied_environment
+from wan_exp.host.envvars import applied_environment
 from wan_exp.results import write_json_atomic
 
 WORKER_SHUTDOWN_S = 5  # grace between the agent's SIGTERM and SIGKILL to surviving ranks
@@ -37,7 +37,7 @@ PARENT_POLL_S = 1.0  # how often the agent checks that the job process that star
 
 
 def launch_config(spec: dict) -> Any:
-    """The elastic agent's LaunchConfig from the spec wan_exp.job wrote."""
+    """The elastic agent's LaunchConfig from the spec wan_exp.host.job wrote."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.launcher.api import LaunchConfig
 
@@ -69,7 +69,7 @@ def run_agent(spec: dict) -> dict:
     outcome: dict[str, Any] = {"node_rank": spec["node_rank"], "node_id": spec["node_id"],
                                "host": socket.gethostname(), "failures": {}, "error": None}
     try:
-        launch_agent(launch_config(spec), sys.executable, ["-m", "wan_exp.worker", spec["job_dir"]])
+        launch_agent(launch_config(spec), sys.executable, ["-m", "wan_exp.rank.worker", spec["job_dir"]])
     except ChildFailedError as exc:
         outcome["failures"] = {str(rank): {"exitcode": f.exitcode, "time": f.timestamp}
                                for rank, f in exc.failures.items()}
@@ -96,7 +96,7 @@ def end_with_parent(parent: int) -> None:
 
 def main() -> None:
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m wan_exp.agent <spec json>  (started by wan_exp.job)")
+        sys.exit("usage: python -m wan_exp.host.agent <spec json>  (started by wan_exp.host.job)")
     spec = json.loads(sys.argv[1])
     end_with_parent(int(spec["parent_pid"]))
     outcome = run_agent(spec)

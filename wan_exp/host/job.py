@@ -7,7 +7,7 @@ in a Slurm task or a local subprocess), :func:`run_job` does the same:
    ``launcher.nnodes / node_rank / rdzv_endpoint``, or Slurm's allocation
    (:func:`node_layout`);
 2. on node 0: writes the job dir (config.yaml, job.json) once;
-3. starts this host's elastic agent (``python -m wan_exp.agent``, own session) with the
+3. starts this host's elastic agent (``python -m wan_exp.host.agent``, own session) with the
    ranks' environment, and watches the ranks' heartbeats: every rank must send its first
    one within ``launcher.rdzv_timeout_s`` of the start (the bounded start; a rendezvous
    that cannot form ends here, naming the endpoint), then no progress from any rank for
@@ -18,7 +18,7 @@ in a Slurm task or a local subprocess), :func:`run_job` does the same:
    the only writer).
 
 It returns ``{"status", "job_dir", "results_owner", "skipped"}`` to Hydra; the W&B run
-and the summary are the job-end callback's (wan_exp.callbacks). After an interrupt it
+and the summary are the job-end callback's (wan_exp.host.callbacks). After an interrupt it
 raises :class:`SweepInterrupted` (a KeyboardInterrupt), which ends the sweep.
 
 No torch import at module level: this runs in the launching process (the weights-fit check
@@ -47,9 +47,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from wan_exp import results
 from wan_exp.config import ConfigError, JobShape, check_job, config_warnings, steps_run
-from wan_exp.doctor.gpus import visible_gpu_count
-from wan_exp.envvars import rank_environment
-from wan_exp.progress import ProgressDisplay
+from wan_exp.devices import visible_gpu_count
+from wan_exp.host.envvars import rank_environment
+from wan_exp.host.progress import ProgressDisplay
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ NODE_FILE_WAIT_S = 30.0  # how long global rank 0's host waits for the other hos
 NODE_ID_VAR = "WAN_EXP_NODE_ID"  # set for the ranks; their record says which host ran them
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000  # rendezvous port from the Slurm job id
 STALE = ("ranks", "progress", "stacks", "nccl_trace", "wandb", "lora_adapter", "nodes")
-SWEEP_STATE_DIR = ".wan_exp"  # <sweep dir>/.wan_exp/: the sweep record and lock (wan_exp.callbacks)
+SWEEP_STATE_DIR = ".wan_exp"  # <sweep dir>/.wan_exp/: the sweep record and lock (wan_exp.host.callbacks)
 SWEEP_RECORD = "sweep.json"
 
 
@@ -136,7 +136,7 @@ def workers_of(procs: list[psutil.Process]) -> list[psutil.Process]:
     out = []
     for proc in procs:
         try:
-            if "wan_exp.worker" in proc.cmdline():
+            if "wan_exp.rank.worker" in proc.cmdline():
                 out.append(proc)
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass
@@ -154,7 +154,7 @@ def kill_all(procs: list[psutil.Process]) -> list[int]:
 
 
 def dump_stacks(job_dir: Path, beats: dict[int, dict], workers: list[psutil.Process]) -> None:
-    """SIGUSR1 to this host's live ranks (each writes its stacks, see wan_exp.worker);
+    """SIGUSR1 to this host's live ranks (each writes its stacks, see wan_exp.rank.worker);
     wait briefly for the files. A PID from another host's heartbeat is never signalled."""
     local = {p.pid for p in workers}
     mine = [b for b in beats.values() if b["pid"] in local]
@@ -289,7 +289,7 @@ def sweep_title(sweep_dir: Path, job_num: int) -> str:
 
 def agent_spec(cfg: DictConfig, job_dir: Path, job_num: int, layout: NodeLayout, shape: JobShape,
                node_id: str) -> dict:
-    """What this host's agent (python -m wan_exp.agent) needs to start its ranks."""
+    """What this host's agent (python -m wan_exp.host.agent) needs to start its ranks."""
     return {
         "job_dir": str(job_dir), "node_rank": layout.node_rank, "nnodes": layout.nnodes, "node_id": node_id,
         "nproc_per_node": shape.nproc_per_node, "rdzv_backend": str(cfg.launcher.rdzv_backend),
@@ -343,7 +343,7 @@ def run_job(cfg: DictConfig) -> dict:
     layout = node_layout(cfg.launcher, os.environ)
     if (layout.node_rank == 0 and not cfg.launcher.resume
             and results.read_json(job_dir / results.JOB_FILE) is not None):
-        # the torchrun launcher's batch check refuses this before any job; other launchers
+        # the checked launcher's batch check refuses this before any job; other launchers
         # (submitit) arrive here: never clear a job dir an earlier launch left
         log.error("job %d: not started: %s already holds a job; use launcher.resume=true to finish "
                   "that sweep, or a new hydra.sweep.dir", job_num, job_dir)
@@ -379,7 +379,7 @@ def run_job(cfg: DictConfig) -> dict:
             signal.signal(signal.SIGTERM, _raise_interrupt)
             signal.signal(signal.SIGINT, _raise_interrupt)
         with open(log_dir / "agent.log", "w") as agent_log:
-            agent = subprocess.Popen([sys.executable, "-m", "wan_exp.agent", json.dumps(spec)],
+            agent = subprocess.Popen([sys.executable, "-m", "wan_exp.host.agent", json.dumps(spec)],
                                      env={**os.environ, **env, NODE_ID_VAR: node_id}, stdout=agent_log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
             finding = watch(agent, job_dir, shape.processes, cfg, layout.rdzv_endpoint,
