@@ -20,7 +20,14 @@ from PIL import Image
 from wan_exp.config import ConfigError, compose_config, validate
 from wan_exp.media import check_inputs, read_audio, reference_pixels, size_within_area
 from wan_exp.models.vae import (
-    LATENT_MEAN, LATENT_STD, AttentionBlock, Downsample, ResidualBlock, Tile, Upsample, WanVAE,
+    LATENT_MEAN,
+    LATENT_STD,
+    AttentionBlock,
+    Downsample,
+    ResidualBlock,
+    Tile,
+    Upsample,
+    WanVAE,
 )
 from wan_exp.workloads.inputs import clean_prompt, feature_extractor, features_per_video_frame
 
@@ -123,8 +130,8 @@ def test_features_are_interpolated_to_30fps_and_picked_per_video_frame():
     # reference: 30 features at 30 fps by linear interpolation with aligned corners ...
     t30 = 30
     positions = np.arange(t30) * (50 - 1) / (t30 - 1)
-    at30 = np.stack([[np.interp(positions, np.arange(50), states[0, l, :, c].numpy()) for c in range(3)]
-                     for l in range(2)])  # (layers, C, 30)
+    at30 = np.stack([[np.interp(positions, np.arange(50), states[0, layer, :, c].numpy()) for c in range(3)]
+                     for layer in range(2)])  # (layers, C, 30)
     # ... video frame i takes feature round(i * 30 / 16); the audio gives int(30 / 15) + 1 clips
     assert clips == 3 and features.shape == (1, 2, 24, 3)
     for i in range(24):
@@ -451,7 +458,9 @@ def write_tiny_checkpoint_folder(folder: Path) -> None:
 
     from wan_exp.models.checkpoint import write_checkpoint
     from wan_exp.models.encoders import (
-        audio_encoder_config, build_text_encoder, t5_hf_to_official,
+        audio_encoder_config,
+        build_text_encoder,
+        t5_hf_to_official,
     )
     from wan_exp.models.wan_s2v import WanModel
 
@@ -535,12 +544,13 @@ def test_clips_decode_as_upstream_and_the_motion_buffer_keeps_earlier_pixels(tmp
     from wan_exp.models.checkpoint import write_checkpoint
     from wan_exp.models.wan_s2v import WanModel
     from wan_exp.parallel.registry import setup_parallel
-    from wan_exp.runtime import RankContext
+    from wan_exp.rank.runtime import RankContext
     from wan_exp.workloads import generate
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 24, 3), dtype=np.uint8)).save(tmp_path / "face.png")
+    face = np.random.default_rng(0).integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    Image.fromarray(face).save(tmp_path / "face.png")
     cfg = compose_config(["model=tiny", "parallel=single", f"model.checkpoint_dir={folder}", "workload.size=64*64",
                           "workload.size_from_image=false", f"workload.image_path={tmp_path / 'face.png'}",
                           "workload.frames_per_clip=48", "workload.clips=3", "workload.sample_steps=1",
@@ -549,7 +559,8 @@ def test_clips_decode_as_upstream_and_the_motion_buffer_keeps_earlier_pixels(tmp
     write_checkpoint(WanModel(cfg.model).state_dict(), folder, shards=2)
     vae = small_vae(3, dim=cfg.model.vae_dim)
     torch.save(vae.state_dict(), folder / "Wan2.1_VAE.pth")
-    reference = vae.encode(torch.from_numpy(reference_pixels(tmp_path / "face.png", 64, 64)).permute(2, 0, 1)[None, :, None])
+    face_pixels = torch.from_numpy(reference_pixels(tmp_path / "face.png", 64, 64))
+    reference = vae.encode(face_pixels.permute(2, 0, 1)[None, :, None])
 
     sampled, decoded, encoded = [], [], []
 

@@ -36,10 +36,10 @@ from wan_exp.config import SamplerName, VaePlacement
 from wan_exp.media import SAMPLE_RATE, wants_video, write_video
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.models.vae import TEMPORAL_STRIDE, WanVAE, build_vae
-from wan_exp.rank.numerics import check_finite, checked_output
 from wan_exp.parallel.fsdp import torch_dtype
 from wan_exp.parallel.registry import ParallelModel, setup_parallel
 from wan_exp.parallel.vae import decode_clip, encode_motion
+from wan_exp.rank.numerics import check_finite, checked_output
 from wan_exp.workloads.inputs import (
     VAE_STRIDE,
     clip_audio,
