@@ -19,8 +19,9 @@ Steps are numbered across clips; the first ``workload.warmup_steps`` are not mea
 """
 from __future__ import annotations
 
+import functools
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import numpy as np
@@ -80,6 +81,15 @@ def denoise_clip(cfg: Any, dit: torch.nn.Module, guidance: GuidedFlow, cond: Con
                      step_context=lambda i: step_scope(first + i))
     check_finite(latents, f"sampled latents of clip {clip}")
     return latents
+
+
+def sample_and_decode(cfg: Any, vae: WanVAE, guidance: GuidedFlow, cond: Condition, uncond: Condition,
+                      motion: torch.Tensor, clip: int, mode: str, rank: int, world: int,
+                      dit: torch.nn.Module) -> torch.Tensor | None:
+    """One clip sampled with ``dit`` and decoded after its motion latents, untimed (the drift
+    check's bf16 clip); the pixels where this rank holds them."""
+    latents = denoise_clip(cfg, dit, guidance, cond, uncond, clip, lambda step: nullcontext())
+    return decode_clip(vae, torch.cat([motion, latents], dim=2), mode, rank, world)
 
 
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
@@ -152,6 +162,11 @@ def generate_video(cfg: Any, ctx: Any, parallel_model: ParallelModel,
             latents = denoise_clip(cfg, parallel_model.dit, parallel_model.guidance, cond, uncond, clip, step_scope)
         with ctx.stage("vae_decode"):
             pixels = decode_clip(vae, torch.cat([motion, latents], dim=2), mode, rank, world)
+        if clip == 0 and parallel_model.drift is not None:  # workload.drift_check: this clip in bf16 too
+            with ctx.stage("drift_check"):
+                parallel_model.drift.compare_frames(functools.partial(
+                    sample_and_decode, cfg, vae, parallel_model.guidance, cond, uncond, motion, clip, mode, rank, world,
+                ), pixels, wl.frames_per_clip)
         if keep_frames:
             frames.append(to_uint8_frames(pixels[:, :, -wl.frames_per_clip:]))
         if clip + 1 < clips:
