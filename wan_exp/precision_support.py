@@ -155,9 +155,6 @@ def check_precision(cfg: Any, shape: JobShape,
     if name == Precision.bf16.value:
         return
     setting = f"model.precision={name}"
-    if DType(model.dtype) != DType.bf16:
-        raise ConfigError(f"{setting} quantises a bf16 model, but model.dtype={DType(model.dtype).value}; "
-                          "set model.dtype=bf16 or model.precision=bf16")
     if shape.device != "cuda":
         need = (f"compute capability >= {_format_capability(needs.min_capability)}"
                 if needs.min_capability else "a CUDA GPU")
@@ -165,6 +162,9 @@ def check_precision(cfg: Any, shape: JobShape,
             f"{setting} runs 8-bit GPU kernels ({need}: FP8 from 8.9, Ada/Hopper or newer; INT8 attention "
             "from 8.0), but this job runs on the CPU (no GPU visible); use model.precision=bf16 here, or run "
             "the job on such a GPU")
+    if DType(model.dtype) != DType.bf16:
+        raise ConfigError(f"{setting} quantises a bf16 model, but model.dtype={DType(model.dtype).value}; "
+                          "set model.dtype=bf16 or model.precision=bf16")
     if WorkloadName(cfg.workload.name) == WorkloadName.train_lora:
         raise ConfigError(f"{setting} is an inference setting; workload=train_lora trains bf16 adapters: "
                           "use model.precision=bf16")

@@ -5,7 +5,9 @@
   harmless, but fp64 costs nothing here and keeps the figure exact to its inputs).
 - :func:`frame_drift`: PSNR and SSIM of decoded frames against the bf16 frames (torchmetrics),
   on pixels in [0, 1] (the VAE's [-1, 1] mapped): PSNR from the mean squared error over the
-  whole clip, SSIM with its usual 11x11 Gaussian window (sigma 1.5) averaged over the frames.
+  whole clip; SSIM with its usual 11x11 Gaussian window (sigma 1.5), averaged over the pixels
+  whose window lies inside the frame (Wang et al.'s reference code and scikit-image do the same;
+  torchmetrics' own mean also takes the 5-pixel border, whose windows see padding) and the frames.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ def relative_l2(value: torch.Tensor, reference: torch.Tensor) -> float:
     return error / norm
 
 
+SSIM_BORDER = 5  # the 11x11 window's radius: pixels nearer the edge see the padding
+
+
 def unit_frames(pixels: torch.Tensor) -> torch.Tensor:
     """(1, 3, T, H, W) decoded pixels in [-1, 1] -> (T, 3, H, W) fp32 in [0, 1]."""
     return ((pixels[0].float().transpose(0, 1) + 1.0) / 2.0).clamp(0.0, 1.0)
@@ -42,6 +47,7 @@ def frame_drift(pixels: torch.Tensor, reference: torch.Tensor) -> dict[str, floa
     frames, target = unit_frames(pixels), unit_frames(reference)
     identical = bool(torch.equal(frames, target))
     psnr = peak_signal_noise_ratio(frames, target, data_range=1.0).item()
-    ssim = structural_similarity_index_measure(frames, target, data_range=1.0).item()
+    _, ssim_map = structural_similarity_index_measure(frames, target, data_range=1.0, return_full_image=True)
+    ssim = ssim_map[..., SSIM_BORDER:-SSIM_BORDER, SSIM_BORDER:-SSIM_BORDER].mean().item()
     return {"psnr_db": None if identical else psnr, "ssim": ssim, "frames_identical": identical,
             "frames": int(frames.shape[0])}
