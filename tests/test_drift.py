@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from launch_helpers import job_results, output, run_launch
 from skimage.metrics import structural_similarity
 
-from launch_helpers import job_results, output, run_launch
 from wan_exp.metrics.drift import frame_drift, relative_l2
 
 
