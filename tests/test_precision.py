@@ -15,6 +15,7 @@ from wan_exp import devices, precision_support
 from wan_exp.config import ConfigError, JobShape, ModelConfig, check_job, compose_config
 from wan_exp.devices import Gpu, NvmlView, visible_compute_capabilities
 from wan_exp.metrics.drift import relative_l2
+from wan_exp.models import attention
 from wan_exp.models.attention_8bit import FP8_MAX, quantize_fp8_per_head
 from wan_exp.models.checkpoint import RandomWeights, load_into
 from wan_exp.models.precision import DriftCheck, fp8_linear_names, reference_copy
@@ -236,3 +237,72 @@ def test_drift_hook_records_the_relative_l2_of_the_checked_steps_only():
     assert expected > 0
     assert drift.flow_rel_l2 == [{"step": 0, "rel_l2": expected}]
     assert ctx.metrics.notes["drift"]["flow_rel_l2_max"] == expected
+
+
+# ----------------------------------------------------------------------------- kernel records
+def qkv(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, 6, 2, 8, generator=g) for _ in range(3))
+
+
+@pytest.fixture
+def fresh_attention():
+    """The attention choice starts over for each test and is left as the model expects."""
+    attention.configure("sdpa_math")
+    attention.configure("auto")
+    attention.configure_attention_bits(None)
+    yield
+    attention.configure("sdpa_math")
+    attention.configure("auto")
+    attention.configure_attention_bits(None)
+
+
+def test_auto_records_why_each_faster_backend_did_not_run(fresh_attention, monkeypatch):
+    """A candidate ahead of the winner that fails here (cuDNN attention on a CPU tensor) is
+    named with its error; the winner is the one recorded as selected."""
+    monkeypatch.setattr(attention, "AUTO_ORDER_CPU", ("sdpa_cudnn", "sdpa"))
+    q, k, v = qkv()
+    attention.attention(q, k, v)
+    report = attention.backend_report()
+    assert report["requested"] == "auto" and report["selected"] == "sdpa"
+    assert list(report["not_chosen"]) == ["sdpa_cudnn"] and "Error" in report["not_chosen"]["sdpa_cudnn"]
+    assert "bits" not in report  # no 8-bit attention asked for
+
+
+def test_8bit_attention_with_no_kernel_installed_fails_naming_each(fresh_attention, monkeypatch):
+    monkeypatch.setattr(attention, "_module_importable", lambda module: False)
+    attention.configure_attention_bits("fp8")
+    with pytest.raises(attention.AttentionBackendError) as err:
+        attention.attention(*qkv())
+    assert ("sage_fp8: not installed (no module sageattention); fa3_fp8: not installed (no module "
+            "flash_attn_interface)") in str(err.value)
+    assert "model.precision=bf16" in str(err.value)
+
+
+def test_8bit_attention_keeps_the_first_kernel_that_runs_and_full_precision_bypasses_it(
+        fresh_attention, monkeypatch):
+    """The FP8 kernels cannot run on a CPU: stand-ins in their places, the first raising as a
+    kernel refusing a shape does, the second computing attention in fp32 (SDPA math)."""
+    calls = []
+
+    def refuses(q, k, v):
+        raise RuntimeError("head dim 8 is not supported")
+
+    def computes(q, k, v):
+        calls.append(q.shape)
+        return attention.lse_math(q, k, v)[0]
+
+    monkeypatch.setattr(attention, "_module_importable", lambda module: True)
+    monkeypatch.setitem(attention.KERNELS_8BIT, "sage_fp8", refuses)
+    monkeypatch.setitem(attention.KERNELS_8BIT, "fa3_fp8", computes)
+    attention.configure_attention_bits("fp8")
+    q, k, v = qkv()
+    expected = attention.lse_math(q, k, v)[0]
+    assert torch.equal(attention.attention(q, k, v), expected)
+    assert torch.equal(attention.attention(q, k, v), expected)  # the choice is kept: no new search
+    report = attention.backend_report()
+    assert report["selected_8bit"] == "fa3_fp8" and len(calls) == 2
+    assert report["not_chosen_8bit"] == {"sage_fp8": "RuntimeError: head dim 8 is not supported"}
+    with attention.full_precision():  # the drift check's reference: the model dtype's backend
+        attention.attention(q, k, v)
+    assert len(calls) == 2 and attention.backend_report()["selected"] == "sdpa"
