@@ -216,6 +216,20 @@ def test_reference_copy_owns_its_weights_and_shares_the_sequence_sharding():
     assert reference_copy(model).sequence_sharding is marker
 
 
+def test_reference_copy_of_compiled_blocks_gets_its_own_compiled_calls():
+    """A copied compiled call would run the original block's forward (the quantised one); the
+    copy's blocks are compiled on their own, the original's compiled calls are kept."""
+    model = tiny_model()
+    for block in model.blocks:
+        block.compile()
+    before = [block._compiled_call_impl for block in model.blocks]
+    reference = reference_copy(model)
+    assert [block._compiled_call_impl for block in model.blocks] == before
+    for original, copied in zip(model.blocks, reference.blocks):
+        assert copied._compiled_call_impl is not None
+        assert copied._compiled_call_impl is not original._compiled_call_impl
+
+
 def test_drift_hook_records_the_relative_l2_of_the_checked_steps_only():
     """The hook compares every forward of the first drift_steps steps with the reference's;
     a reference with one changed weight gives the relative L2 of the two outputs."""

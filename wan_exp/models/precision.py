@@ -82,11 +82,6 @@ def apply_precision(model: nn.Module, precision: Any, device: torch.device) -> d
     return report
 
 
-def _compiled_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules compiled with nn.Module.compile (their compiled call is set)."""
-    return [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-
-
 def reference_copy(model: nn.Module) -> nn.Module:
     """A copy of the DiT with its own weights, sharing the sequence sharding (its process groups
     cannot be copied); modules compiled with nn.Module.compile are compiled again on the copy (a
