@@ -14,6 +14,7 @@ torchmetrics (wan_exp.metrics.drift imports it): on the device machine carry its
 omegaconf/hydra ones (bench/README.md). A precision whose kernels are missing is reported as
 not run, and the others go on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,9 @@ import json
 from pathlib import Path
 
 import torch
+
 from benchlib import GIB, header, load_model_config, median, timed_runs
 from dit_forward import make_inputs, parse_size, token_counts
-
 from wan_exp.metrics.drift import relative_l2
 from wan_exp.models import attention
 from wan_exp.models.checkpoint import RandomWeights, load_into
@@ -89,8 +90,13 @@ def main() -> None:
             seconds = median(measured)
             bf16_seconds = seconds if precision == "bf16" else bf16_seconds
             row = {
-                **info, "size": size, "tokens": tokens, "precision": precision, "s_per_forward": seconds,
-                "s_all": measured, "speedup_over_bf16": bf16_seconds / seconds if bf16_seconds else None,
+                **info,
+                "size": size,
+                "tokens": tokens,
+                "precision": precision,
+                "s_per_forward": seconds,
+                "s_all": measured,
+                "speedup_over_bf16": bf16_seconds / seconds if bf16_seconds else None,
                 "flow_rel_l2": relative_l2(run().float(), reference_flow),
                 "attention_kernels": attention.backend_report(),
                 "fp8_linear_layers": (applied["fp8_linear"] or {}).get("layers"),
@@ -99,8 +105,10 @@ def main() -> None:
             rows.append(row)
             kernel = row["attention_kernels"].get("selected_8bit") or row["attention_kernels"]["selected"]
             speedup = f"{row['speedup_over_bf16']:.2f}x" if row["speedup_over_bf16"] else "—"
-            print(f"{size:>9} {precision:>15}: {seconds:7.3f} s/forward  {speedup:>6}  flow rel L2 "
-                  f"{row['flow_rel_l2']:.2e}  attention {kernel}  fp8 linears {row['fp8_linear_layers'] or 0}")
+            print(
+                f"{size:>9} {precision:>15}: {seconds:7.3f} s/forward  {speedup:>6}  flow rel L2 "
+                f"{row['flow_rel_l2']:.2e}  attention {kernel}  fp8 linears {row['fp8_linear_layers'] or 0}"
+            )
             if args.json:
                 with args.json.open("a") as out:
                     out.write(json.dumps(row) + "\n")

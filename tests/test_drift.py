@@ -1,6 +1,7 @@
 """The drift figures of workload.drift_check against independent references: the relative L2
 error against the plain formula, PSNR against its formula on images with a known error, SSIM
 against scikit-image on known images; and a CPU job with the check on records them."""
+
 from __future__ import annotations
 
 import math
@@ -8,9 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from launch_helpers import job_results, output, run_launch
 from skimage.metrics import structural_similarity
 
+from launch_helpers import job_results, output, run_launch
 from wan_exp.metrics.drift import frame_drift, relative_l2
 
 
@@ -20,7 +21,8 @@ def test_relative_l2_matches_the_plain_formula():
     value = (reference + 0.03 * torch.randn(reference.shape, generator=gen)).to(torch.bfloat16)
     ref_list, value_list = reference.flatten().tolist(), value.float().flatten().tolist()
     expected = math.sqrt(sum((v - r) ** 2 for v, r in zip(value_list, ref_list))) / math.sqrt(
-        sum(r * r for r in ref_list))
+        sum(r * r for r in ref_list)
+    )
     # both sides sum the same 3360 squares in double precision: agreement to ~1e-15 relative
     assert relative_l2(value, reference) == pytest.approx(expected, rel=1e-12)
 
@@ -37,8 +39,11 @@ def test_relative_l2_edge_cases():
 def known_clip(frames: int = 3, height: int = 32, width: int = 40) -> torch.Tensor:
     """(1, 3, T, H, W) in [-1, 1]: smooth gradients with a checkerboard, away from the clamp."""
     t, y, x = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
-    channels = [0.5 * torch.sin(0.2 * x + 0.3 * t), 0.5 * torch.cos(0.15 * y - 0.2 * t),
-                0.4 * ((x // 4 + y // 4) % 2) - 0.2]
+    channels = [
+        0.5 * torch.sin(0.2 * x + 0.3 * t),
+        0.5 * torch.cos(0.15 * y - 0.2 * t),
+        0.4 * ((x // 4 + y // 4) % 2) - 0.2,
+    ]
     return torch.stack(channels).float()[None]
 
 
@@ -63,8 +68,18 @@ def test_ssim_matches_scikit_image_on_known_images():
     noisy = (reference + 0.1 * torch.randn(reference.shape, generator=gen)).clamp(-1, 1)
     mine = frame_drift(noisy, reference)["ssim"]
     a, b = ((noisy[0] + 1) / 2).clamp(0, 1).numpy(), ((reference[0] + 1) / 2).clamp(0, 1).numpy()
-    per_frame = [structural_similarity(a[:, i], b[:, i], data_range=1.0, channel_axis=0, gaussian_weights=True,
-                                       sigma=1.5, use_sample_covariance=False) for i in range(a.shape[1])]
+    per_frame = [
+        structural_similarity(
+            a[:, i],
+            b[:, i],
+            data_range=1.0,
+            channel_axis=0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+        for i in range(a.shape[1])
+    ]
     # torchmetrics filters in float32: local means and variances of values in [0, 1] carry ~1e-7
     # relative error, which the SSIM ratio turns into ~1e-6; 1e-4 leaves room for the border
     assert mine == pytest.approx(float(np.mean(per_frame)), abs=1e-4)

@@ -2,6 +2,7 @@
 old GPU, missing kernel libraries, settings it cannot go with), the compute capability read
 through NVML, the FP8 quantisation of 8-bit attention, the bf16 reference copy and the drift
 hook. The kernels themselves run only on a GPU: tests/test_precision_gpu.py."""
+
 from __future__ import annotations
 
 import sys
@@ -74,8 +75,10 @@ def test_bf16_on_the_cpu_passes_the_whole_job_check():
 def test_fp8_on_a_gpu_below_8_9_names_the_gpu_and_its_capability(libraries_installed):
     with pytest.raises(ConfigError) as err:
         check_precision(job("model.precision=fp8_linear"), ONE_GPU, capabilities=A100)
-    assert str(err.value) == ("model.precision=fp8_linear needs compute capability >= 8.9, but "
-                              "NVIDIA A100-SXM4-80GB has 8.0; use model.precision=bf16 or int8_attention on this GPU")
+    assert str(err.value) == (
+        "model.precision=fp8_linear needs compute capability >= 8.9, but "
+        "NVIDIA A100-SXM4-80GB has 8.0; use model.precision=bf16 or int8_attention on this GPU"
+    )
     check_precision(job("model.precision=int8_attention"), ONE_GPU, capabilities=A100)  # INT8 from 8.0
 
 
@@ -84,22 +87,31 @@ def test_every_precision_passes_on_hopper_with_its_libraries(libraries_installed
     check_precision(job(f"model.precision={precision}"), ONE_GPU, capabilities=H200)
 
 
-@pytest.mark.parametrize(("precision", "needle"), [
-    ("fp8_linear", "needs torchao, which is not installed (torchao: pip install torchao;"),
-    ("int8_attention", "needs sageattention, which is not installed (sageattention: pip install sageattention;"),
-    ("fp8_attention", "needs SageAttention 2 (FP8 P.V kernels) or flash-attn 3 (flash_attn_interface)"),
-])
+@pytest.mark.parametrize(
+    ("precision", "needle"),
+    [
+        ("fp8_linear", "needs torchao, which is not installed (torchao: pip install torchao;"),
+        ("int8_attention", "needs sageattention, which is not installed (sageattention: pip install sageattention;"),
+        ("fp8_attention", "needs SageAttention 2 (FP8 P.V kernels) or flash-attn 3 (flash_attn_interface)"),
+    ],
+)
 def test_missing_library_is_named_with_its_install_command(no_libraries, precision, needle):
     with pytest.raises(ConfigError) as err:
         check_precision(job(f"model.precision={precision}"), ONE_GPU, capabilities=H200)
     assert needle in str(err.value) and 'pip install -e ".[gpu]"' in str(err.value)
 
 
-@pytest.mark.parametrize(("overrides", "needle"), [
-    (["model.precision=fp8_linear", "model.dtype=fp32"], "model.dtype=fp32; set model.dtype=bf16"),
-    (["model.precision=fp8_linear", "parallel=fsdp_fixed"], "FSDP's sharded weights do not allow (parallel=fsdp_fixed)"),
-    (["model.precision=fp8", "workload=train_lora"], "is an inference setting"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["model.precision=fp8_linear", "model.dtype=fp32"], "model.dtype=fp32; set model.dtype=bf16"),
+        (
+            ["model.precision=fp8_linear", "parallel=fsdp_fixed"],
+            "FSDP's sharded weights do not allow (parallel=fsdp_fixed)",
+        ),
+        (["model.precision=fp8", "workload=train_lora"], "is an inference setting"),
+    ],
+)
 def test_settings_a_precision_cannot_go_with(libraries_installed, overrides, needle):
     with pytest.raises(ConfigError, match=r"model\.precision=fp8") as err:
         check_precision(compose_config(["model.dtype=bf16", *overrides]), ONE_GPU, capabilities=H200)
@@ -107,8 +119,15 @@ def test_settings_a_precision_cannot_go_with(libraries_installed, overrides, nee
 
 
 def test_8bit_attention_under_ring_attention_is_refused(libraries_installed):
-    cfg = compose_config(["parallel=usp", "model.dtype=bf16", "model.precision=int8_attention", "parallel.ring_degree=2",
-                          "parallel.ulysses_degree=2"])
+    cfg = compose_config(
+        [
+            "parallel=usp",
+            "model.dtype=bf16",
+            "model.precision=int8_attention",
+            "parallel.ring_degree=2",
+            "parallel.ulysses_degree=2",
+        ]
+    )
     shape = JobShape(nproc_per_node=4, world_size=4, backend="nccl", device="cuda", gpus=4)
     with pytest.raises(ConfigError, match="parallel.ring_degree>1 merges chunks"):
         check_precision(cfg, shape, capabilities=H200 * 4)
@@ -124,8 +143,9 @@ def test_drift_check_defaults_on_for_8bit_and_must_stay_in_warm_up(libraries_ins
     assert "on by default for model.precision=fp8" in str(err.value)
     assert "workload.warmup_steps=0; raise workload.warmup_steps to 1" in str(err.value)
     # off: no warm-up needed
-    check_precision(job("model.precision=fp8", "workload.warmup_steps=0", "workload.drift_check=false"),
-                    ONE_GPU, capabilities=H200)
+    check_precision(
+        job("model.precision=fp8", "workload.warmup_steps=0", "workload.drift_check=false"), ONE_GPU, capabilities=H200
+    )
     with pytest.raises(ConfigError, match="workload=init does not sample"):
         check_job(job("workload=init", "workload.drift_check=true"), gpus=0)
 
@@ -135,11 +155,16 @@ def test_compute_capability_is_read_through_nvml(monkeypatch):
     and the visible GPUs keep CUDA_VISIBLE_DEVICES's order."""
     capability = {0: (9, 0), 1: (8, 0)}
     fake = types.SimpleNamespace(
-        NVMLError=Exception, NVMLError_NotSupported=type("NotSupported", (Exception,), {}),
-        nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlSystemGetCudaDriverVersion=lambda: 12080,
-        nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
+        NVMLError=Exception,
+        NVMLError_NotSupported=type("NotSupported", (Exception,), {}),
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlSystemGetCudaDriverVersion=lambda: 12080,
+        nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
         nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=0, total=80 * 2**30),
-        nvmlDeviceGetName=lambda h: ["NVIDIA H200", "NVIDIA A100"][h], nvmlDeviceGetUUID=lambda h: f"GPU-{h}",
+        nvmlDeviceGetName=lambda h: ["NVIDIA H200", "NVIDIA A100"][h],
+        nvmlDeviceGetUUID=lambda h: f"GPU-{h}",
         nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=0),
         nvmlDeviceGetComputeRunningProcesses=lambda h: [],
         nvmlDeviceGetCudaComputeCapability=lambda h: capability[h],
@@ -148,7 +173,9 @@ def test_compute_capability_is_read_through_nvml(monkeypatch):
     view = devices.read_nvml()
     assert [g.compute_capability for g in view.gpus] == [(9, 0), (8, 0)]
     assert visible_compute_capabilities(view, {"CUDA_VISIBLE_DEVICES": "1,0"}) == [
-        ("NVIDIA A100", (8, 0)), ("NVIDIA H200", (9, 0))]
+        ("NVIDIA A100", (8, 0)),
+        ("NVIDIA H200", (9, 0)),
+    ]
 
 
 def test_a_gpu_whose_capability_nvml_cannot_say_is_not_refused(libraries_installed):
@@ -183,21 +210,32 @@ def tiny_model() -> WanModel:
 
 def tiny_inputs(cfg, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"noisy": torch.randn(1, 16, 2, 8, 8, generator=g), "timestep": torch.tensor([500.0]),
-            "context": torch.randn(1, cfg.text_len, cfg.text_dim, generator=g),
-            "audio": torch.randn(1, cfg.audio_layers, 8, cfg.audio_dim, generator=g),
-            "ref": torch.randn(1, 16, 1, 8, 8, generator=g)}
+    return {
+        "noisy": torch.randn(1, 16, 2, 8, 8, generator=g),
+        "timestep": torch.tensor([500.0]),
+        "context": torch.randn(1, cfg.text_len, cfg.text_dim, generator=g),
+        "audio": torch.randn(1, cfg.audio_layers, 8, cfg.audio_dim, generator=g),
+        "ref": torch.randn(1, 16, 1, 8, 8, generator=g),
+    }
 
 
 def test_fp8_layers_are_the_blocks_and_injectors_projections_only():
     model = tiny_model()
     names = fp8_linear_names(model)
-    per_block = [f"blocks.0.{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"] + ["blocks.0.ffn.0",
-                                                                                               "blocks.0.ffn.2"]
+    per_block = [f"blocks.0.{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"] + [
+        "blocks.0.ffn.0",
+        "blocks.0.ffn.2",
+    ]
     assert [n for n in names if n.startswith("blocks.0.")] == per_block
     assert "audio_injector.injector.1.q" in names
-    kept = ("text_embedding", "time_embedding", "time_projection", "head.head", "casual_audio_encoder",
-            "injector_adain_layers")
+    kept = (
+        "text_embedding",
+        "time_embedding",
+        "time_projection",
+        "head.head",
+        "casual_audio_encoder",
+        "injector_adain_layers",
+    )
     assert not [n for n in names if n.startswith(kept) or "adain" in n]
     assert len(names) == 10 * model.cfg.num_layers + 4 * len(model.cfg.audio_inject_layers)
 
@@ -288,13 +326,13 @@ def test_8bit_attention_with_no_kernel_installed_fails_naming_each(fresh_attenti
     attention.configure_attention_bits("fp8")
     with pytest.raises(attention.AttentionBackendError) as err:
         attention.attention(*qkv())
-    assert ("sage_fp8: not installed (no module sageattention); fa3_fp8: not installed (no module "
-            "flash_attn_interface)") in str(err.value)
+    assert (
+        "sage_fp8: not installed (no module sageattention); fa3_fp8: not installed (no module flash_attn_interface)"
+    ) in str(err.value)
     assert "model.precision=bf16" in str(err.value)
 
 
-def test_8bit_attention_keeps_the_first_kernel_that_runs_and_full_precision_bypasses_it(
-        fresh_attention, monkeypatch):
+def test_8bit_attention_keeps_the_first_kernel_that_runs_and_full_precision_bypasses_it(fresh_attention, monkeypatch):
     """The FP8 kernels cannot run on a CPU: stand-ins in their places, the first raising as a
     kernel refusing a shape does, the second computing attention in fp32 (SDPA math)."""
     calls = []

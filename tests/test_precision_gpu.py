@@ -15,15 +15,16 @@ Stated drift (relative L2 of the flow against the bf16 forward of the same weigh
   (both): the two add in quadrature at most, bound 8e-2.
 The 14B goal (flow relative L2 <= 3e-2 at 480x832) is measured by bench/precision.py.
 """
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+
 from launch_helpers import job_results, output, run_launch
 from test_fast_path_gpu import build, make_inputs, reduced_cfg
-
 from wan_exp.metrics.drift import relative_l2
 from wan_exp.models import attention, attention_8bit
 from wan_exp.models.precision import apply_precision, fp8_linear_names, reference_copy
@@ -33,9 +34,18 @@ pytestmark = pytest.mark.gpu
 
 DRIFT_BOUND = {"fp8_linear": 6e-2, "int8_attention": 2e-2, "fp8_attention": 6e-2, "fp8": 8e-2}
 # one block at the 14B shapes (dim 5120, 40 heads of 128, FFN 13824, text 4096) with one audio injection
-ONE_14B_BLOCK = {"dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 1, "text_dim": 4096,
-                 "text_len": 512, "freq_dim": 256, "audio_dim": 1024, "audio_layers": 25,
-                 "audio_inject_layers": [0]}
+ONE_14B_BLOCK = {
+    "dim": 5120,
+    "ffn_dim": 13824,
+    "num_heads": 40,
+    "num_layers": 1,
+    "text_dim": 4096,
+    "text_len": 512,
+    "freq_dim": 256,
+    "audio_dim": 1024,
+    "audio_layers": 25,
+    "audio_inject_layers": [0],
+}
 
 
 def skip_unless_runnable(precision: str) -> None:
@@ -57,6 +67,7 @@ def counted_kernels(monkeypatch):
         def run(q, k, v):
             calls[name] += 1
             return kernel(q, k, v)
+
         return run
 
     for name, kernel in list(attention_8bit.KERNELS_8BIT.items()):
@@ -86,7 +97,11 @@ def test_precision_runs_within_its_drift_and_records_the_kernels_that_ran(precis
     ops = {event.key for event in prof.key_averages()}
     kernels = attention.backend_report()
     if NEEDS[precision].fp8_linear:
-        fp8 = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "Float8" in type(m.weight).__name__]
+        fp8 = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "Float8" in type(m.weight).__name__
+        ]
         assert fp8 == fp8_linear_names(model) and report["fp8_linear"]["layers"] == len(fp8)
         assert "aten::_scaled_mm" in ops  # the FP8 GEMM ran
     else:
@@ -105,8 +120,16 @@ def test_an_fp8_job_records_precision_kernels_and_drift(tmp_path):
     """One generate job at model.precision=fp8 (head dim 128): results.json names the kernels
     and the drift of its warm-up step and of the clip's frames."""
     skip_unless_runnable("fp8")
-    proc = run_launch(tmp_path, "parallel=single", "model.precision=fp8", "model.dtype=bf16", "model.dim=512",
-                      "model.num_heads=4", "model.ffn_dim=1024", "logger.mode=disabled")
+    proc = run_launch(
+        tmp_path,
+        "parallel=single",
+        "model.precision=fp8",
+        "model.dtype=bf16",
+        "model.dim=512",
+        "model.num_heads=4",
+        "model.ffn_dim=1024",
+        "logger.mode=disabled",
+    )
     assert proc.returncode == 0, output(proc)
     (results,) = job_results(tmp_path)
     summary, record = results["summary"], results["ranks"][0]

@@ -13,6 +13,7 @@ launching process runs this for every job of a sweep (config.check_job calls
 beside the job's own, so its rules are here too: the checked steps must be warm-up steps (their
 time is never measured), and only the generate workload samples a flow.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -64,18 +65,23 @@ def sageattention_fp8_kernels_found() -> bool:
     except (ImportError, ValueError):
         return False
     folders = list(spec.submodule_search_locations or []) if spec else []
-    return any(next(Path(folder).glob(f"_qattn_sm{arch}*"), None) is not None
-               for folder in folders for arch in ("89", "90"))
+    return any(
+        next(Path(folder).glob(f"_qattn_sm{arch}*"), None) is not None for folder in folders for arch in ("89", "90")
+    )
 
 
 TORCHAO = Library("torchao", lambda: module_found("torchao"), "pip install torchao")
 SAGEATTENTION = Library("sageattention", lambda: module_found("sageattention"), "pip install sageattention")
 SAGEATTENTION_FP8 = Library(
-    "SageAttention 2 (FP8 P.V kernels)", sageattention_fp8_kernels_found,
-    "build it from source: pip install git+https://github.com/thu-ml/SageAttention --no-build-isolation")
+    "SageAttention 2 (FP8 P.V kernels)",
+    sageattention_fp8_kernels_found,
+    "build it from source: pip install git+https://github.com/thu-ml/SageAttention --no-build-isolation",
+)
 FLASH_ATTN_3 = Library(
-    "flash-attn 3 (flash_attn_interface)", lambda: module_found("flash_attn_interface"),
-    "build flash-attn's hopper/ folder: cd flash-attention/hopper && python setup.py install")
+    "flash-attn 3 (flash_attn_interface)",
+    lambda: module_found("flash_attn_interface"),
+    "build flash-attn's hopper/ folder: cd flash-attention/hopper && python setup.py install",
+)
 
 
 @dataclass(frozen=True)
@@ -134,18 +140,21 @@ def check_drift_settings(cfg: Any) -> None:
     if wl.drift_check and WorkloadName(wl.name) != WorkloadName.generate:
         raise ConfigError(
             f"workload.drift_check=true compares sampled flows, which workload={WorkloadName(wl.name).value} "
-            "does not sample; use workload=generate or leave workload.drift_check unset")
+            "does not sample; use workload=generate or leave workload.drift_check unset"
+        )
     if drift_check_on(cfg) and wl.drift_steps > wl.warmup_steps:
         why = "set" if wl.drift_check else f"on by default for model.precision={name}"
         raise ConfigError(
             f"workload.drift_check ({why}) runs the bf16 forward beside the first "
             f"workload.drift_steps={wl.drift_steps} step(s), which must be warm-up steps so that no measured "
             f"step pays for it, but workload.warmup_steps={wl.warmup_steps}; raise workload.warmup_steps to "
-            f"{wl.drift_steps}, lower workload.drift_steps, or set workload.drift_check=false")
+            f"{wl.drift_steps}, lower workload.drift_steps, or set workload.drift_check=false"
+        )
 
 
-def check_precision(cfg: Any, shape: JobShape,
-                    capabilities: list[tuple[str, tuple[int, int] | None]] | None = None) -> None:
+def check_precision(
+    cfg: Any, shape: JobShape, capabilities: list[tuple[str, tuple[int, int] | None]] | None = None
+) -> None:
     """Refuse, before launch, a model.precision this job or machine cannot run (ConfigError
     naming the setting, the value and what to do). ``capabilities``: (name, compute capability)
     of the visible GPUs (default: read through NVML)."""
@@ -156,29 +165,38 @@ def check_precision(cfg: Any, shape: JobShape,
         return
     setting = f"model.precision={name}"
     if shape.device != "cuda":
-        need = (f"compute capability >= {_format_capability(needs.min_capability)}"
-                if needs.min_capability else "a CUDA GPU")
+        need = (
+            f"compute capability >= {_format_capability(needs.min_capability)}"
+            if needs.min_capability
+            else "a CUDA GPU"
+        )
         raise ConfigError(
             f"{setting} runs 8-bit GPU kernels ({need}: FP8 from 8.9, Ada/Hopper or newer; INT8 attention "
             "from 8.0), but this job runs on the CPU (no GPU visible); use model.precision=bf16 here, or run "
-            "the job on such a GPU")
+            "the job on such a GPU"
+        )
     if DType(model.dtype) != DType.bf16:
-        raise ConfigError(f"{setting} quantises a bf16 model, but model.dtype={DType(model.dtype).value}; "
-                          "set model.dtype=bf16 or model.precision=bf16")
+        raise ConfigError(
+            f"{setting} quantises a bf16 model, but model.dtype={DType(model.dtype).value}; "
+            "set model.dtype=bf16 or model.precision=bf16"
+        )
     if WorkloadName(cfg.workload.name) == WorkloadName.train_lora:
-        raise ConfigError(f"{setting} is an inference setting; workload=train_lora trains bf16 adapters: "
-                          "use model.precision=bf16")
+        raise ConfigError(
+            f"{setting} is an inference setting; workload=train_lora trains bf16 adapters: use model.precision=bf16"
+        )
     strategy = Strategy(cfg.parallel.name).value
     if needs.fp8_linear and strategy in FSDP_STRATEGIES:
         raise ConfigError(
             f"{setting} quantises each whole weight once after loading, which FSDP's sharded weights do not "
             f"allow (parallel={strategy}); use parallel=single, ulysses, cfg or cfg_ulysses, or "
-            "model.precision=int8_attention / fp8_attention (attention only)")
+            "model.precision=int8_attention / fp8_attention (attention only)"
+        )
     if needs.attention and parallel_dims(cfg, shape.world_size).ring > 1:
         raise ConfigError(
             f"{setting} runs 8-bit attention, but parallel.ring_degree>1 merges chunks of attention by their "
             "log-sum-exp, which the 8-bit kernels do not return; use Ulysses (parallel.ring_degree=1) or "
-            "model.precision=bf16 / fp8_linear")
+            "model.precision=bf16 / fp8_linear"
+        )
     found = visible_compute_capabilities() if capabilities is None else capabilities
     for gpu, capability in found[: max(shape.gpus, 1)]:
         if capability is not None and needs.min_capability and tuple(capability) < needs.min_capability:
@@ -186,9 +204,12 @@ def check_precision(cfg: Any, shape: JobShape,
                 f"{setting} needs compute capability >= {_format_capability(needs.min_capability)}, but {gpu} "
                 f"has {_format_capability(tuple(capability))}; use model.precision=bf16"
                 + (" or int8_attention" if tuple(capability) >= INT8_MIN_CAPABILITY else "")
-                + " on this GPU")
+                + " on this GPU"
+            )
     for group in needs.libraries:
         if not any(library.installed() for library in group):
             how = "; or ".join(f"{library.name}: {library.install}" for library in group)
-            raise ConfigError(f"{setting} needs {' or '.join(lib.name for lib in group)}, which is not installed "
-                              f"({how}; {GPU_EXTRA} installs the kept ones)")
+            raise ConfigError(
+                f"{setting} needs {' or '.join(lib.name for lib in group)}, which is not installed "
+                f"({how}; {GPU_EXTRA} installs the kept ones)"
+            )

@@ -9,6 +9,7 @@
   whose window lies inside the frame (Wang et al.'s reference code and scikit-image do the same;
   torchmetrics' own mean also takes the 5-pixel border, whose windows see padding) and the frames.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,5 +50,9 @@ def frame_drift(pixels: torch.Tensor, reference: torch.Tensor) -> dict[str, floa
     psnr = peak_signal_noise_ratio(frames, target, data_range=1.0).item()
     _, ssim_map = structural_similarity_index_measure(frames, target, data_range=1.0, return_full_image=True)
     ssim = ssim_map[..., SSIM_BORDER:-SSIM_BORDER, SSIM_BORDER:-SSIM_BORDER].mean().item()
-    return {"psnr_db": None if identical else psnr, "ssim": ssim, "frames_identical": identical,
-            "frames": int(frames.shape[0])}
+    return {
+        "psnr_db": None if identical else psnr,
+        "ssim": ssim,
+        "frames_identical": identical,
+        "frames": int(frames.shape[0]),
+    }

@@ -12,6 +12,7 @@ Each takes and returns ``(B, N, H, d)`` tensors like models.attention's backends
 The kernels are Python calling their own extensions or Triton, so a compiled block calls them
 eagerly (``torch.compiler.disable``), as it calls flash-attn 4.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -63,8 +64,7 @@ KERNELS_8BIT: dict[str, Callable[..., torch.Tensor]] = {
     "fa3_fp8": _fa3_fp8,
 }
 # the module each kernel needs; a kernel whose module is missing is not tried
-REQUIRED_MODULE_8BIT = {"sage_int8": "sageattention", "sage_fp8": "sageattention",
-                        "fa3_fp8": "flash_attn_interface"}
+REQUIRED_MODULE_8BIT = {"sage_int8": "sageattention", "sage_fp8": "sageattention", "fa3_fp8": "flash_attn_interface"}
 # attention bits -> kernels to try, first that runs wins (SageAttention first: what the engines
 # of docs/precision.md use; the order between the two FP8 kernels is not measured yet)
 ORDER_8BIT = {"int8": ("sage_int8",), "fp8": ("sage_fp8", "fa3_fp8")}

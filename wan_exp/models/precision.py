@@ -14,6 +14,7 @@ linear layers change, else the same module run with full-precision attention), r
 the job's own forward on the first ``workload.drift_steps`` steps and on one whole clip, and
 records the flow's relative L2 error and the frames' PSNR/SSIM in the rank record.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,7 +36,8 @@ from wan_exp.precision_support import drift_check_on, precision_name, precision_
 # the convolutions of the patch embedding and the frame packer.
 FP8_LINEAR_PATTERN = re.compile(
     r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.ffn\.(0|2)"
-    r"|audio_injector\.injector\.\d+\.(q|k|v|o)")
+    r"|audio_injector\.injector\.\d+\.(q|k|v|o)"
+)
 FP8_LINEAR_KERNEL = "torchao float8 e4m3, row-wise scales, dynamic activation scales (torch._scaled_mm)"
 
 
@@ -60,8 +62,9 @@ def apply_precision(model: nn.Module, precision: Any, device: torch.device) -> d
     needs = precision_needs(name)
     report: dict = {"precision": name, "fp8_linear": None, "attention_bits": needs.attention}
     if name != "bf16" and torch.device(device).type != "cuda":
-        raise PrecisionError(f"model.precision={name} runs 8-bit GPU kernels; this rank runs on {device}: "
-                             "use model.precision=bf16")
+        raise PrecisionError(
+            f"model.precision={name} runs 8-bit GPU kernels; this rank runs on {device}: use model.precision=bf16"
+        )
     if needs.fp8_linear:
         try:
             from torchao.quantization import (
@@ -72,10 +75,14 @@ def apply_precision(model: nn.Module, precision: Any, device: torch.device) -> d
         except ImportError as err:
             raise PrecisionError(f"model.precision={name} needs torchao ({err}): pip install torchao") from err
         chosen = set(fp8_linear_names(model))
-        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-                  filter_fn=lambda module, fqn: fqn in chosen)
+        quantize_(
+            model,
+            Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+            filter_fn=lambda module, fqn: fqn in chosen,
+        )
         report["fp8_linear"] = {
-            "kernel": FP8_LINEAR_KERNEL, "layers": len(chosen),
+            "kernel": FP8_LINEAR_KERNEL,
+            "layers": len(chosen),
             "kept_in_model_dtype": [n for n in linear_layers(model) if n not in chosen],
         }
     attention.configure_attention_bits(needs.attention)
@@ -86,8 +93,11 @@ def reference_copy(model: nn.Module) -> nn.Module:
     """A copy of the DiT with its own weights, sharing the sequence sharding (its process groups
     cannot be copied); modules compiled with nn.Module.compile are compiled again on the copy (a
     copied compiled call would run the original's forward)."""
-    compiled = {name: module._compiled_call_impl for name, module in model.named_modules()
-                if getattr(module, "_compiled_call_impl", None) is not None}
+    compiled = {
+        name: module._compiled_call_impl
+        for name, module in model.named_modules()
+        if getattr(module, "_compiled_call_impl", None) is not None
+    }
     modules = dict(model.named_modules())
     for name in compiled:
         modules[name]._compiled_call_impl = None
@@ -120,8 +130,7 @@ class DriftCheck:
 
     def _checking(self) -> bool:
         step = self.ctx.current_step
-        return (not self._in_reference and self.ctx.current_phase == "step" and step is not None
-                and step < self.steps)
+        return not self._in_reference and self.ctx.current_phase == "step" and step is not None and step < self.steps
 
     def run_reference(self, fn: Callable[[nn.Module], Any]) -> Any:
         """``fn(reference)`` with full-precision attention and no drift hook firing."""
@@ -139,8 +148,12 @@ class DriftCheck:
         self.flow_rel_l2.append({"step": self.ctx.current_step, "rel_l2": relative_l2(output, expected)})
         self.ctx.metrics.note("drift", self.record())
 
-    def compare_frames(self, reference_pixels: Callable[[nn.Module], torch.Tensor | None],
-                       pixels: torch.Tensor | None, keep_frames: int) -> None:
+    def compare_frames(
+        self,
+        reference_pixels: Callable[[nn.Module], torch.Tensor | None],
+        pixels: torch.Tensor | None,
+        keep_frames: int,
+    ) -> None:
         """PSNR/SSIM of a clip's frames against the same clip sampled and decoded with the
         reference (``reference_pixels(reference)``; every rank calls it: it may hold collectives).
         Ranks that hold no pixels record none."""
@@ -152,8 +165,12 @@ class DriftCheck:
     def record(self) -> dict:
         """What the rank record keeps under ``drift``."""
         values = [entry["rel_l2"] for entry in self.flow_rel_l2]
-        return {"flow_rel_l2": self.flow_rel_l2, "flow_rel_l2_max": max(values) if values else None,
-                "checked_steps": self.steps, **(self.frames or {})}
+        return {
+            "flow_rel_l2": self.flow_rel_l2,
+            "flow_rel_l2_max": max(values) if values else None,
+            "checked_steps": self.steps,
+            **(self.frames or {}),
+        }
 
 
 def setup_precision(dit: nn.Module, cfg: Any, ctx: Any) -> DriftCheck | None:
