@@ -62,6 +62,17 @@ class AttentionBackend(ConfigEnum):
     sdpa_math = "sdpa_math"
 
 
+class Precision(ConfigEnum):
+    """model.precision: the arithmetic of the DiT's linear layers and attention
+    (wan_exp/precision_support.py says what each needs; docs/precision.md)."""
+
+    bf16 = "bf16"  # the model's dtype throughout (model.dtype)
+    fp8_linear = "fp8_linear"  # the blocks' linear layers in FP8, row-wise scales (torchao)
+    int8_attention = "int8_attention"  # 8-bit attention: INT8 Q.K, 16-bit P.V (SageAttention)
+    fp8_attention = "fp8_attention"  # 8-bit attention with FP8 P.V (SageAttention 2, FA3)
+    fp8 = "fp8"  # fp8_linear and fp8_attention
+
+
 class Placement(ConfigEnum):
     """Where an encoder runs: on the rank's device or on the host CPU."""
 
@@ -155,6 +166,7 @@ class ModelConfig:
     # what a workload uses unless told otherwise (workload.size: ${model.default_size})
     default_size: str = "64*64"
     default_frames_per_clip: int = 8
+    default_sample_steps: int = 4  # workload=generate's steps (40 for the real models, as upstream)
     # weights
     checkpoint_dir: Optional[str] = None  # official folder layout; None = random weights
     # Wan2.1 VAE (encoder only: the reference image of workload.image_path)
@@ -164,6 +176,7 @@ class ModelConfig:
     seed: int = 0
     attention_backend: AttentionBackend = AttentionBackend.auto
     compile: bool = False
+    precision: Precision = Precision.bf16  # sweepable: model.precision=bf16,fp8_linear,fp8
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
 
@@ -266,6 +279,11 @@ class WorkloadConfig:
     # <job dir>/video.mp4 (generate): auto = when model.checkpoint_dir is set, or true / false
     # (a string, since YAML and the command line read true/false as booleans)
     save_video: str = "auto"
+    # the bf16 forward beside the job's own on the first drift_steps steps (warm-up steps) and
+    # the first clip sampled and decoded in bf16 too: flow relative L2, PSNR, SSIM
+    # (docs/precision.md); None = on for any model.precision but bf16
+    drift_check: Optional[bool] = None
+    drift_steps: int = 1
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

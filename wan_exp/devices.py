@@ -24,6 +24,7 @@ class Gpu:
     total_bytes: int
     utilisation_pct: int | None  # None where NVML cannot say (MIG slices)
     process_pids: list[int] = field(default_factory=list)
+    compute_capability: tuple[int, int] | None = None  # (major, minor); None where NVML cannot say
 
 
 @dataclass
@@ -57,6 +58,8 @@ def read_nvml() -> NvmlView:
                 utilisation_pct=_unless_unsupported(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
                 process_pids=[p.pid for p in _unless_unsupported(
                     lambda: pynvml.nvmlDeviceGetComputeRunningProcesses(handle)) or []],
+                compute_capability=_unless_unsupported(
+                    lambda: tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))),
             ))
         return NvmlView(gpus, f"{driver // 1000}.{driver % 1000 // 10}")
     finally:
@@ -99,3 +102,35 @@ def visible_gpu_count(nvml: Optional[NvmlView] = None, env: Optional[Mapping[str
     env = os.environ if env is None else env
     visible, _ = visible_gpus(nvml.gpus, env.get("CUDA_VISIBLE_DEVICES"))
     return len(visible)
+
+
+def visible_compute_capabilities(nvml: NvmlView | None = None,
+                                 env: Mapping[str, str] | None = None) -> list[tuple[str, tuple[int, int] | None]]:
+    """(name, (major, minor) compute capability) of each GPU a job started from this process can
+    use, read through NVML (no CUDA initialisation); [] on a machine without an NVIDIA driver."""
+    nvml = read_nvml() if nvml is None else nvml
+    env = os.environ if env is None else env
+    visible, _ = visible_gpus(nvml.gpus, env.get("CUDA_VISIBLE_DEVICES"))
+    return [(gpu.name, gpu.compute_capability) for gpu in visible]
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """How many ranks one checked job gets on this machine, and where they run (decided by
+    preflight.job_shape, written into job.json; precision_support reads the device and GPUs).
+
+    ``world_size`` is the job's rank count (a simulated job: N); ``nproc_per_node`` the
+    processes this host starts (a simulated job: 1)."""
+
+    nproc_per_node: int
+    world_size: int
+    backend: str  # "nccl" with GPUs, "gloo" without GPUs or with shared GPUs, "fake" simulated
+    device: str = "cpu"  # "cuda" or "cpu": what the ranks compute on
+    gpus: int = 0  # visible GPUs the ranks take round robin
+    shared_gpus: bool = False  # more ranks on this host than GPUs
+    simulated_rank: int | None = None  # the rank the one process plays (simulated jobs)
+
+    @property
+    def processes(self) -> int:
+        """The processes of the job on all hosts (a simulated job: 1)."""
+        return 1 if self.simulated_rank is not None else self.world_size

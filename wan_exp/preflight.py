@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +45,13 @@ from wan_exp.config import (
     steps_run,
     tokenizer_dir,
 )
+from wan_exp.devices import JobShape
 from wan_exp.geometry import JobGeometry, job_geometry, strip_axis
 from wan_exp.media import SILENCE_PEAK, read_audio
 from wan_exp.memory_fit import check_memory_fits
 from wan_exp.parallel.dims import fsdp_shards, parallel_dims, runs_one_rank
 from wan_exp.plan.pricing import parse_link
+from wan_exp.precision_support import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -329,27 +330,6 @@ def _check_rehearsal_settings(lc: Any, gpus: int) -> None:
     parse_link(str(lc.link))  # ConfigError naming launcher.link
 
 
-@dataclass(frozen=True)
-class JobShape:
-    """How many ranks one checked job gets on this machine, and where they run.
-
-    ``world_size`` is the job's rank count (a simulated job: N); ``nproc_per_node`` the
-    processes this host starts (a simulated job: 1)."""
-
-    nproc_per_node: int
-    world_size: int
-    backend: str  # "nccl" with GPUs, "gloo" without GPUs or with shared GPUs, "fake" simulated
-    device: str = "cpu"  # "cuda" or "cpu": what the ranks compute on
-    gpus: int = 0  # visible GPUs the ranks take round robin
-    shared_gpus: bool = False  # more ranks on this host than GPUs
-    simulated_rank: int | None = None  # the rank the one process plays (simulated jobs)
-
-    @property
-    def processes(self) -> int:
-        """The processes of the job on all hosts (a simulated job: 1)."""
-        return 1 if self.simulated_rank is not None else self.world_size
-
-
 def job_shape(cfg: Any, nproc: int, gpus: int) -> JobShape:
     """THE device and backend decision for a job (the job process writes it into job.json,
     every rank reads it back through :func:`rank_device`)."""
@@ -382,5 +362,6 @@ def check_job(cfg: Any, gpus: int) -> JobShape:
     check_launch_settings(cfg, gpus)
     shape = job_shape(cfg, nproc, gpus)
     validate(cfg, shape.world_size)
+    check_precision(cfg, shape)
     check_memory_fits(cfg, shape.world_size, nproc, gpus)
     return shape
