@@ -13,7 +13,9 @@ import torch
 from omegaconf import OmegaConf
 
 from wan_exp import devices, precision_support
-from wan_exp.config import ConfigError, JobShape, ModelConfig, check_job, compose_config
+from wan_exp.config import ConfigError, ModelConfig, compose_config
+from wan_exp.devices import JobShape
+from wan_exp.preflight import check_job
 from wan_exp.devices import Gpu, NvmlView, visible_compute_capabilities
 from wan_exp.metrics.drift import relative_l2
 from wan_exp.models import attention

@@ -180,8 +180,8 @@ def check_precision(
     if needs.fp8_linear and dims.fsdp_enabled:
         raise ConfigError(
             f"{setting} quantises each whole weight once after loading, which FSDP's sharded weights do not "
-            f"allow (parallel={cfg.parallel.name}, parallel.fsdp.degree={cfg.parallel.fsdp.degree}); use "
-            "parallel.fsdp.degree=0 (parallel=single, ulysses, cfg or cfg_ulysses), or "
+            f"allow (parallel={cfg.parallel.name}); use a split without FSDP, parallel.fsdp.degree=0 "
+            "(parallel=single, ulysses, cfg or cfg_ulysses), or "
             "model.precision=int8_attention / fp8_attention (attention only)"
         )
     if needs.attention and dims.ring > 1:
