@@ -5,7 +5,9 @@ layout the Linear projections produce), so no caller transposes. The backend is 
 per process: ``configure(name)`` records the requested name (``model.attention_backend``);
 ``auto`` is resolved at the first call, on that call's device and dtype, by trying the
 candidates fastest first and keeping the first that runs. ``selected_backend()`` says which
-one ran, for the rank record.
+one ran, for the rank record, and ``rejected_backends()`` every candidate passed over and why
+(not installed, a broken build, or the error it raised); ``rejected_lse_backends()`` the same
+for ring attention's log-sum-exp kernels.
 
 flash-attn is a compiled extension that often does not match the installed torch (an
 ``undefined symbol`` at import); ``flash_attn_status()`` imports it and runs a tiny forward
@@ -97,6 +99,9 @@ _REQUIRED_MODULE = {"flash_attn": "flash_attn", "fa3": "flash_attn_interface", "
 # ----------------------------------------------------------------------------- selection
 _requested = "auto"
 _selected: str | None = None
+# candidate -> why it was passed over (not importable, broken build, or the error it raised)
+_rejected: dict[str, str] = {}
+_rejected_lse: dict[str, str] = {}
 
 
 def _backend_name(name: object) -> str:
@@ -115,11 +120,27 @@ def configure(name: object) -> None:
     if name != _requested:
         _requested, _selected, _selected_lse = name, None, None
         _lse_by_input.clear()
+        _rejected.clear()
+        _rejected_lse.clear()
 
 
 def selected_backend() -> str | None:
     """The backend that ran (None before the first attention call)."""
     return _selected
+
+
+def rejected_backends() -> dict[str, str]:
+    """Every attention backend passed over before the selected one, and why."""
+    return dict(_rejected)
+
+
+def rejected_lse_backends() -> dict[str, str]:
+    """Every log-sum-exp kernel passed over (ring attention), and why."""
+    return dict(_rejected_lse)
+
+
+def _why(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _module_importable(module: str) -> bool:
@@ -132,24 +153,36 @@ def _module_importable(module: str) -> bool:
     return spec is not None and spec.origin is not None
 
 
-def _auto_candidates(device: torch.device) -> list[str]:
+def _unavailable(name: str) -> str | None:
+    """Why ``name`` cannot run in this process before trying it (None: it may)."""
+    module = _REQUIRED_MODULE.get(name)
+    if module and not _module_importable(module):
+        return f"not installed (module {module} not importable)"
+    if name == "flash_attn":
+        status = flash_attn_status()
+        if not status["ok"]:  # importable but broken (docs/facts.md §9): never touch it in this process
+            return f"its build is broken: {status.get('diagnosis') or status.get('error')}"
+    return None
+
+
+def _auto_candidates(device: torch.device, rejected: dict[str, str]) -> list[str]:
+    """The candidates to try, fastest first; those that cannot run here go into ``rejected``."""
     if device.type != "cuda":
         return list(AUTO_ORDER_CPU)
     candidates = []
     for name in AUTO_ORDER_CUDA:
-        module = _REQUIRED_MODULE.get(name)
-        if module and not _module_importable(module):
-            continue
-        if name == "flash_attn" and not flash_attn_status()["ok"]:
-            continue  # importable but broken (docs/facts.md §9): never touch it in this process
-        candidates.append(name)
+        why = _unavailable(name)
+        if why is None:
+            candidates.append(name)
+        else:
+            rejected[name] = why
     return candidates
 
 
 @torch.compiler.disable  # imports, subprocesses and retries: run eagerly inside a compiled block
 def _resolve_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     global _selected
-    candidates = _auto_candidates(q.device) if _requested == "auto" else [_requested]
+    candidates = _auto_candidates(q.device, _rejected) if _requested == "auto" else [_requested]
     failures = []
     for name in candidates:
         try:
@@ -157,7 +190,8 @@ def _resolve_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         except torch.OutOfMemoryError:
             raise  # the job ran out of memory: an OOM result, not a backend to skip
         except Exception as err:  # noqa: BLE001 - any other failure means "does not work here"
-            failures.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            _rejected[name] = _why(err)
+            failures.append(f"{name}: {_why(err)}")
             continue
         _selected = name
         return out
@@ -271,13 +305,14 @@ def _lse_candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
     names = AUTO_ORDER_CUDA if _requested == "auto" else (_requested,)
     candidates = []
     for name in names:
-        module = _REQUIRED_MODULE.get(name)
-        if _requested == "auto" and module and not _module_importable(module):
-            continue
-        if _requested == "auto" and name == "flash_attn" and not flash_attn_status()["ok"]:
-            continue  # importable but broken, as in the whole-sequence search
-        candidates.extend(c for c in _LSE_CANDIDATES[name] if c not in candidates
-                          and (dtype in (torch.float16, torch.bfloat16) or c not in HALF_PRECISION_ONLY))
+        why = _unavailable(name) if _requested == "auto" else None
+        for kernel in _LSE_CANDIDATES[name]:
+            if why is not None:
+                _rejected_lse.setdefault(kernel, why)
+            elif dtype not in (torch.float16, torch.bfloat16) and kernel in HALF_PRECISION_ONLY:
+                _rejected_lse.setdefault(kernel, f"takes fp16/bf16 only, not {dtype}")
+            elif kernel not in candidates:
+                candidates.append(kernel)
     return candidates
 
 
@@ -298,7 +333,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
             result = LSE_IMPLEMENTATIONS[chosen](q, k, v)
         except torch.OutOfMemoryError:
             raise
-        except Exception:  # noqa: BLE001 - not for this shape (head size, length): search again
+        except Exception as err:  # noqa: BLE001 - not for this shape (head size, length): search again
+            _rejected_lse[chosen] = f"failed on a later shape {tuple(q.shape)}: {_why(err)}"
             del _lse_by_input[(q.device.type, q.dtype)]
         else:
             _selected_lse = chosen
@@ -310,7 +346,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         except torch.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - "does not run here": try the next one
-            failures.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            _rejected_lse[name] = _why(err)
+            failures.append(f"{name}: {_why(err)}")
             continue
         _selected_lse = _lse_by_input[(q.device.type, q.dtype)] = name
         return result

@@ -34,7 +34,8 @@ from wan_exp.config import ExperimentConfig, config_warnings, rank_device, typed
 from wan_exp.host.envvars import JOB_DIR_VAR
 from wan_exp.plan.fake_collectives import RealisticFakeCollectives
 from wan_exp.metrics.phases import GIB
-from wan_exp.models.attention import selected_backend, selected_lse_backend
+from wan_exp.models.attention import (rejected_backends, rejected_lse_backends, selected_backend,
+                                      selected_lse_backend)
 from wan_exp.rank.runtime import RankContext
 
 # Variables the rank records as it sees them, so a reader can check what reached the rank:
@@ -130,6 +131,8 @@ def run_rank(job_dir: Path) -> int:
             WORKLOADS[cfg.workload.name](cfg, ctx)
         ctx.metrics.note("attention_backend", selected_backend())  # None: no attention ran (init)
         ctx.metrics.note("attention_lse_backend", selected_lse_backend())  # None: no ring attention
+        ctx.metrics.note("attention_backends_rejected", rejected_backends())  # candidate -> why passed over
+        ctx.metrics.note("attention_lse_backends_rejected", rejected_lse_backends())
         record = ctx.metrics.rank_record()
         record.update(status=results.COMPLETED, error=None, env=seen_environment(job), rank=process_rank)
         results.write_rank_record(job_dir, record)
