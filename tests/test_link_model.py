@@ -14,8 +14,17 @@ from pathlib import Path
 import pytest
 
 from wan_exp.config import ConfigError
-from wan_exp.plan.pricing import (LINKS, CurveFileError, Link, comm_time_s, comm_times_s, overlap_of, parse_link,
-                                  predict_step, read_curve_file)
+from wan_exp.plan.pricing import (
+    LINKS,
+    CurveFileError,
+    Link,
+    comm_time_s,
+    comm_times_s,
+    overlap_of,
+    parse_link,
+    predict_step,
+    read_curve_file,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -170,7 +179,12 @@ def test_fits_verdict_counts_the_cuda_context_nccl_buffers_and_a_margin():
 
 
 def test_kept_rows_are_refused_when_the_code_version_differs(tmp_path):
-    from wan_exp.plan.run import CODE_VERSION_FILE, code_version, earlier_results, stale_code
+    from wan_exp.plan.run import (
+        CODE_VERSION_FILE,
+        code_version,
+        earlier_results,
+        stale_code,
+    )
 
     overrides = ["model=tiny", "parallel=single"]
     sweep = tmp_path / "single_1"
@@ -202,7 +216,7 @@ def test_linkbench_on_two_gloo_ranks_writes_a_curve_the_parser_reads(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
            "--rdzv_endpoint", "localhost:0", "-m", "wan_exp.linkbench", "--min-bytes", "1K", "--max-bytes", "16K",
            "--iters", "3", "--warmup", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     curves = read_curve_file(out)
@@ -225,6 +239,6 @@ def test_linkbench_refuses_bad_arguments_and_a_missing_torchrun():
     with pytest.raises(SystemExit):
         linkbench.parse_args(["--collectives", "all_reduce,broadcast"])
     env = {k: v for k, v in os.environ.items() if k != "RANK"}
-    proc = subprocess.run([sys.executable, "-m", "wan_exp.linkbench"], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "wan_exp.linkbench"], cwd=REPO, capture_output=True, text=True, check=False,
                           timeout=120, env=env)
     assert proc.returncode == 2 and "start it under torchrun" in proc.stderr
