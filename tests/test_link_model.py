@@ -242,3 +242,17 @@ def test_linkbench_refuses_bad_arguments_and_a_missing_torchrun():
     proc = subprocess.run([sys.executable, "-m", "wan_exp.linkbench"], cwd=REPO, capture_output=True, text=True, check=False,
                           timeout=120, env=env)
     assert proc.returncode == 2 and "start it under torchrun" in proc.stderr
+
+
+def test_the_plan_takes_a_curve_file_relative_to_where_it_runs(tmp_path, monkeypatch):
+    from wan_exp.plan.run import job_overrides, parse_args
+
+    (tmp_path / "curves").mkdir()
+    (tmp_path / "curves" / "all_reduce_perf.txt").write_text(ALL_REDUCE_TABLE)
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(["model=tiny", "link=curves/all_reduce_perf.txt"])
+    # the jobs run from the repository: they get the file's absolute path
+    assert args.link == str(tmp_path / "curves" / "all_reduce_perf.txt")
+    assert f"launcher.link={tmp_path / 'curves' / 'all_reduce_perf.txt'}" in job_overrides(args, "ulysses", 2)
+    with pytest.raises(ConfigError, match="is not a link"):
+        parse_args(["link=curves/none.txt"])

@@ -144,7 +144,7 @@ def _comm_figures(record: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # several jobs, each starting torch, on a shared CPU
+@pytest.mark.timeout(900)  # several jobs of 4 steps, each starting torch, on a shared CPU
 def test_simulated_rank_matches_real_gloo_ranks(tmp_path):
     """N=2 and N=4 of hybrid (FSDP + Ulysses) train_lora: the one simulated process holds the
     parameter, gradient and optimiser-state bytes of a real rank and issues the same
@@ -284,7 +284,7 @@ def test_what_a_plan_run_again_keeps_reruns_and_refuses(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # several jobs, each starting torch, on a shared CPU
+@pytest.mark.timeout(900)  # several jobs of 4 steps, each starting torch, on a shared CPU
 def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
     import signal
     import subprocess

@@ -127,6 +127,8 @@ def parse_args(argv: Sequence[str]) -> PlanArgs:
         raise ConfigError(f"strategies={options['strategies']!r}: {unknown} not presets; use some of {known}")
     link = options.get("link", "nvlink4")
     parse_link(link)
+    if Path(link).expanduser().is_file():  # a curve file: its jobs run from the repository, not from here
+        link = str(Path(link).expanduser().resolve())
     given = {o.partition("=")[0] for o in overrides}
     overrides = [f"{k}={v}" for k, v in SHORT_JOB.items() if k not in given] + overrides
     if "workload" not in given:
