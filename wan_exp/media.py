@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from wan_exp.liveness import beat
+
 SAMPLE_RATE = 16000  # wav2vec2's input rate
 SIZE_MULTIPLE = 64  # the output size chosen from an image is padded up to multiples of this
 SILENCE_PEAK = 1e-4  # an audio file whose samples all stay below this is silent
@@ -44,6 +46,7 @@ def read_audio(path: str | Path) -> np.ndarray:
             # stereo by 1/sqrt(2) each; a mono read averages the channels)
             resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
             for frame in container.decode(stream):
+                beat("audio read")
                 chunks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(frame)]
             chunks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(None)]
     except (av.FFmpegError, ValueError, OSError) as exc:
@@ -154,7 +157,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, audio: Optional[
         if audio is not None:
             sound = container.add_stream("aac", rate=sample_rate)
             sound.layout = "mono"
-        for frame in frames:
+        for index, frame in enumerate(frames):
+            beat(f"video frame {index + 1}/{len(frames)}")
             container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(video.encode(None))
         if sound is not None:

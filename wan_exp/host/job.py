@@ -179,7 +179,9 @@ def furthest_behind(beats: dict[int, dict], world_size: int, started_at: float) 
 
 
 def _where(beat: dict) -> str:
-    return beat["phase"] if beat.get("step") is None else f"{beat['phase']} {beat['step']}"
+    """"vae_decode (decode frame 3/21)", "step 4": the phase, its step, the last in-stage beat."""
+    where = beat["phase"] if beat.get("step") is None else f"{beat['phase']} {beat['step']}"
+    return f"{where} ({beat['detail']})" if beat.get("detail") else where
 
 
 def check_progress(beats: dict[int, dict], world_size: int, started_at: float, now: float,

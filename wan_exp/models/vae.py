@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wan_exp.liveness import beat
 from wan_exp.models.checkpoint import CheckpointError, check_compatible
 
 log = logging.getLogger(__name__)
@@ -319,10 +320,15 @@ class WanVAE(nn.Module):
         cache: Cache = {}
         chunks = [pixels[:, :, :1]] + [pixels[:, :, i:i + TEMPORAL_STRIDE]
                                        for i in range(1, frames, TEMPORAL_STRIDE)]
-        features = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
+        features = torch.cat([self._encode_chunk(chunk, cache, i, len(chunks)) for i, chunk in enumerate(chunks)],
+                             dim=2)
         mean, _log_var = self.conv1(features).chunk(2, dim=1)
         shift, scale = self._latent_stats(mean)
         return (mean - shift) / scale
+
+    def _encode_chunk(self, chunk: torch.Tensor, cache: Cache, index: int, count: int) -> torch.Tensor:
+        beat(f"encode chunk {index + 1}/{count}")  # the rank's heartbeat (wan_exp.liveness)
+        return self.encoder(chunk, cache)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiles: Optional[Sequence[Tile]] = None) -> list[torch.Tensor]:
@@ -336,6 +342,7 @@ class WanVAE(nn.Module):
         tile_caches: list[Cache] = [{} for _ in regions]
         pieces: list[list[torch.Tensor]] = [[] for _ in regions]
         for t in range(x.shape[2]):
+            beat(f"decode frame {t + 1}/{x.shape[2]}")  # the rank's heartbeat (wan_exp.liveness)
             low = self.decoder.low(x[:, :, t:t + 1], low_cache)
             for tile, cache, out in zip(regions, tile_caches, pieces):
                 out.append(self._decode_tile(low, tile, cache))
