@@ -211,6 +211,8 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
         "job_num": job.get("job_num"),
         "config": config,
         "warnings": job_warnings(records),
+        # each host's cores, ranks, threads and load during the job, and what made its times slow
+        "machine": job_machine(job_dir),
         "ranks": records,
         "summary": summary,
         "started_at": started,
@@ -230,6 +232,19 @@ def _prediction(job: dict, config: dict, records: list[dict]) -> Optional[dict]:
 def job_warnings(records: list[dict]) -> list[str]:
     """Every warning the ranks recorded (e.g. a prompt without a tokenizer), once each."""
     return list(dict.fromkeys(w for r in records for w in r.get("warnings") or []))
+
+
+def job_machine(job_dir: Path) -> Optional[dict]:
+    """{"hosts": [each host's "machine" figures from nodes/node_<n>.json (wan_exp.host.machine)],
+    "warnings": [theirs, once each]}, or None when no host recorded any."""
+    hosts = []
+    for path in sorted((Path(job_dir) / "nodes").glob("node_*.json")):
+        outcome = read_json(path) or {}
+        if isinstance(outcome.get("machine"), dict):
+            hosts.append({"host": outcome.get("host"), "node_rank": outcome.get("node_rank"), **outcome["machine"]})
+    if not hosts:
+        return None
+    return {"hosts": hosts, "warnings": list(dict.fromkeys(w for h in hosts for w in h.get("warnings") or []))}
 
 
 def completed_results(job_dir: Path, records: list[dict],
@@ -420,6 +435,8 @@ def summary_text(results: dict) -> str:
                      f"{_gib(mem.get('peak_reserved_gib')):>17}  {_gib(mem.get('peak_host_rss_gib')):>12}  {median:>13}")
     for warning in results.get("warnings") or []:
         lines.append(f"  warning: {warning}")
+    for warning in (results.get("machine") or {}).get("warnings") or []:
+        lines.append(f"  machine: {warning}")
     cause = results.get("root_cause")
     if cause:
         who = "the launcher" if cause.get("rank") is None else f"rank {cause['rank']}"
