@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tolerance import close_kwargs, reordered_sum_tolerance, vae_decoder_chain, vae_encoder_chain
 
 from wan_exp.config import ConfigError, compose_config, validate
 from wan_exp.media import check_inputs, read_audio, reference_pixels, size_within_area
@@ -234,7 +235,7 @@ def test_streaming_decoder_equals_the_whole_clip_causal_reference():
     assert out.shape == (1, 3, 9, 32, 48)  # 1 + 4 * (3 - 1) frames, 8x the latent size
     with torch.no_grad():
         expected = ref_decode(vae, z)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, expected, **close_kwargs(torch.float32, *vae_decoder_chain(4, 4 * 6)))
     assert out.abs().max() <= 1 and out.std() > 0.01
 
 
@@ -244,9 +245,10 @@ def test_streaming_encoder_equals_the_whole_clip_causal_reference():
     out = vae.encode(pixels)
     assert out.shape == (1, 16, 3, 4, 4)
     with torch.no_grad():
-        torch.testing.assert_close(out, ref_encode(vae, pixels), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out, ref_encode(vae, pixels), **close_kwargs(torch.float32, *vae_encoder_chain(4)))
     # causal: the first latent frame is the first pixel frame's alone
-    torch.testing.assert_close(out[:, :, :1], vae.encode(pixels[:, :, :1]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[:, :, :1], vae.encode(pixels[:, :, :1]),
+                               **close_kwargs(torch.float32, *vae_encoder_chain(4)))
 
 
 def test_tiles_equal_the_whole_frame_decode():
@@ -259,7 +261,9 @@ def test_tiles_equal_the_whole_frame_decode():
         tiles = grid_tiles(4, 40, rows, cols)
         tiled = stitch(tiles, vae.decode(z, tiles))
         assert tiled.shape == whole.shape
-        assert (tiled - whole).abs().max().item() < 1e-5
+        # pixels are in [-1, 1]: the bound is absolute
+        assert (tiled - whole).abs().max().item() <= reordered_sum_tolerance(torch.float32,
+                                                                             *vae_decoder_chain(4, 4 * 40))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -301,7 +305,8 @@ def test_every_vae_mode_equals_the_plain_decode_on_two_ranks():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     measured = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("max_abs_diff"))
     assert set(measured) == {"every_rank", "rank0", "tiled", "sharded"}
-    assert all(float(v) <= 1e-5 for v in measured.values())
+    assert all(float(v) <= reordered_sum_tolerance(torch.float32, *vae_decoder_chain(4, 4 * 40))
+               for v in measured.values())
 
 
 # ----------------------------------------------------------------------------- a tiny job end to end
