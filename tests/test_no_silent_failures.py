@@ -220,7 +220,8 @@ def test_a_write_that_fails_names_the_file_and_its_role(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)
-    assert failed.value.errno == errno.EFBIG and isinstance(failed.value, OSError)
+    assert failed.value.errno == errno.EFBIG
+    assert not target.exists() and not list(target.parent.glob(".*")), "no result and no partial temporary file"
     assert f"could not write the job's result {target}" in str(failed.value)
     assert "free space" in str(failed.value)
     assert list(target.parent.iterdir()) == [], "no temporary file is left behind"

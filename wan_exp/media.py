@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -31,12 +31,32 @@ AUDIO_FRAME_SAMPLES = 1024  # samples per AAC frame when muxing
 def read_audio(path: str | Path) -> np.ndarray:
     """(samples,) float32 mono waveform at 16 kHz from any audio file ffmpeg decodes.
     ValueError naming ``workload.audio_path`` for a missing or unreadable file."""
+    chunks = list(audio_chunks(path))
+    waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if waveform.size == 0:
+        raise ValueError(f"workload.audio_path={str(path)!r} holds no audio samples")
+    return waveform
+
+
+def audio_peak_and_samples(path: str | Path) -> tuple[float, int]:
+    """(largest |sample|, samples at 16 kHz) of an audio file, decoded a frame at a time: the
+    pre-launch check never holds a long file whole."""
+    peak, samples = 0.0, 0
+    for chunk in audio_chunks(path):
+        if chunk.size:
+            peak, samples = max(peak, float(np.abs(chunk).max())), samples + chunk.size
+    if samples == 0:
+        raise ValueError(f"workload.audio_path={str(path)!r} holds no audio samples")
+    return peak, samples
+
+
+def audio_chunks(path: str | Path) -> Iterator[np.ndarray]:
+    """The file's 16 kHz mono samples, one decoded frame at a time (float32 arrays)."""
     import av
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"workload.audio_path={str(path)!r} does not exist")
-    chunks: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
             stream = next((s for s in container.streams if s.type == "audio"), None)
@@ -47,15 +67,13 @@ def read_audio(path: str | Path) -> np.ndarray:
             resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
             for frame in container.decode(stream):
                 beat("audio read")
-                chunks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(frame)]
-            chunks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(None)]
+                for out in resampler.resample(frame):
+                    yield out.to_ndarray().mean(axis=0).astype(np.float32)
+            for out in resampler.resample(None):
+                yield out.to_ndarray().mean(axis=0).astype(np.float32)
     except (av.FFmpegError, ValueError, OSError) as exc:
         raise ValueError(f"workload.audio_path={str(path)!r} is not a readable audio file ({exc}); "
                          "use a wav, flac or mp3 file") from None
-    waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-    if waveform.size == 0:
-        raise ValueError(f"workload.audio_path={str(path)!r} holds no audio samples")
-    return waveform
 
 
 # ------------------------------------------------------------------------------ image
@@ -187,6 +205,7 @@ def check_inputs(cfg: Any, world_size: int) -> None:
     gives, and for parallel.vae=sharded whether the world size can share a latent frame (one
     strip per rank). Raises ConfigError naming the setting and what to do."""
     from wan_exp.config import ConfigError, parse_size
+    from wan_exp.memory_fit import check_audio_fits
 
     wl = cfg.workload
     if getattr(cfg.parallel.vae, "value", cfg.parallel.vae) == "sharded":
@@ -199,11 +218,12 @@ def check_inputs(cfg: Any, world_size: int) -> None:
             raise ConfigError(str(exc)) from None
     try:
         if wl.audio_path:
-            peak = float(np.abs(read_audio(wl.audio_path)).max())
+            peak, samples = audio_peak_and_samples(wl.audio_path)
             if peak < SILENCE_PEAK:
                 raise ValueError(f"workload.audio_path={wl.audio_path!r} is silent (peak {peak:.1e}); "
                                  "S2V animates speech: give a file with sound, or leave it unset "
                                  "for synthetic audio")
+            check_audio_fits(cfg, wl.audio_path, samples, SAMPLE_RATE, max(1, world_size // cfg.launcher.nnodes))
         if wl.image_path:
             height, width = output_size(wl)
             parse_size(f"{height}*{width}")  # the VAE and patch strides

@@ -1,0 +1,66 @@
+"""Inputs against the host: a long audio file whose encoding cannot fit is refused before launch,
+naming the file, its length and workload.clips; the pre-launch read streams the file."""
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+from launch_helpers import REPO, output
+
+from wan_exp.config import compose_config
+from wan_exp.media import audio_peak_and_samples, read_audio
+from wan_exp.memory_fit import audio_encode_bytes
+
+GIB = 1024**3
+
+
+def write_wav(path, seconds: float, rate: int = 16000) -> None:
+    """A 220 Hz tone, 16-bit mono."""
+    t = np.arange(int(seconds * rate)) / rate
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype(np.int16).tobytes())
+
+
+def test_the_streamed_pre_launch_read_sees_what_the_rank_reads(tmp_path):
+    write_wav(tmp_path / "a.wav", 3.0, rate=22050)
+    waveform = read_audio(tmp_path / "a.wav")
+    assert audio_peak_and_samples(tmp_path / "a.wav") == (float(np.abs(waveform).max()), waveform.size)
+    assert waveform.size == pytest.approx(3 * 16000, abs=64)  # resampled to 16 kHz
+
+
+def test_the_audio_estimate_grows_with_the_length_and_the_encoder():
+    tiny, big = compose_config(["model=tiny"]).model, compose_config(["model=s2v_14b"]).model
+    # per sample: 4 waveform copies + 4 x 512/5 conv channels + 4 x (layers + 1) x hidden / 320, fp32
+    assert audio_encode_bytes(tiny, 16000) == int(16000 * (4 + 4 * 512 / 5 + 4 * 3 * 32 / 320) * 4)
+    assert audio_encode_bytes(tiny, 32000) == 2 * audio_encode_bytes(tiny, 16000)
+    assert audio_encode_bytes(big, 16000) > audio_encode_bytes(tiny, 16000)
+
+
+def _address_space_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (4 * GIB, resource.RLIM_INFINITY))
+
+
+@pytest.mark.slow
+def test_a_ten_minute_audio_file_over_the_memory_limit_is_refused_before_launch(tmp_path):
+    """Under a 4 GiB address-space limit (ulimit -v), wav2vec2 over 600 s of audio (about 11 GiB
+    per rank for the tiny model's encoder) cannot fit: no job starts, and the message names the
+    file, its length and workload.clips."""
+    audio = tmp_path / "ten minutes.wav"
+    write_wav(audio, 600.0)
+    cmd = [sys.executable, str(REPO / "launch.py"), f"workload.audio_path={audio}", "logger=disabled",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+                          preexec_fn=_address_space_limit)
+    text = output(proc)
+    assert proc.returncode == 1, text
+    assert "bad config, no job started" in text and "Traceback" not in text
+    assert f"workload.audio_path='{audio}' is 600 s long" in text
+    assert "workload.clips=1 uses only its first 0.5 s" in text and "4.00 GiB is available" in text
+    assert not list((tmp_path / "sweep").glob("*/results.json")), "no job ran"
