@@ -9,10 +9,11 @@ import wave
 
 import numpy as np
 import pytest
+from PIL import Image
 from launch_helpers import REPO, output
 
 from wan_exp.config import compose_config
-from wan_exp.media import audio_peak_and_samples, read_audio
+from wan_exp.media import audio_peak_and_samples, read_audio, reference_pixels
 from wan_exp.memory_fit import audio_encode_bytes
 
 GIB = 1024**3
@@ -64,3 +65,26 @@ def test_a_ten_minute_audio_file_over_the_memory_limit_is_refused_before_launch(
     assert f"workload.audio_path='{audio}' is 600 s long" in text
     assert "workload.clips=1 uses only its first 0.5 s" in text and "4.00 GiB is available" in text
     assert not list((tmp_path / "sweep").glob("*/results.json")), "no job ran"
+
+
+def test_a_very_large_image_is_downscaled_on_read(tmp_path):
+    """An 8000x5000 JPEG for a 64x64 output: decoded at 1/8 scale (1000x625), never whole (its
+    RGB pixels alone would be 114 MiB); the pixels match the whole decode's up to the
+    decoder's own scaling."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (50, 80, 3), dtype=np.uint8)).resize((8000, 5000)).save(
+        tmp_path / "big.jpg", quality=90)
+    code = ("import resource, sys\nfrom wan_exp.media import reference_pixels\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "reference_pixels(sys.argv[1], 64, 64)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.jpg")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    whole_rgb = 8000 * 5000 * 3
+    assert int(proc.stdout) < whole_rgb / 2, f"peak grew by {int(proc.stdout) / 2**20:.0f} MiB"
+    downscaled = reference_pixels(tmp_path / "big.jpg", 64, 64)
+    with Image.open(tmp_path / "big.jpg") as opened:  # the whole decode, resized as upstream does
+        whole = np.asarray(opened.convert("RGB").resize((102, 64), Image.BILINEAR), dtype=np.float32)
+    whole = whole[:, 19:83] / 127.5 - 1.0
+    assert np.abs(downscaled - whole).mean() < 0.02  # about 2.5 grey levels of 255

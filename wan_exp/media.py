@@ -25,6 +25,10 @@ SAMPLE_RATE = 16000  # wav2vec2's input rate
 SIZE_MULTIPLE = 64  # the output size chosen from an image is padded up to multiples of this
 SILENCE_PEAK = 1e-4  # an audio file whose samples all stay below this is silent
 AUDIO_FRAME_SAMPLES = 1024  # samples per AAC frame when muxing
+# an image with this many times the output's pixels is decoded at a reduced scale (JPEG's
+# 1/2, 1/4, 1/8, still at least the resize target), so a 100-megapixel photo never sits whole in
+# host memory; smaller images are decoded whole, as upstream does
+DOWNSCALE_ON_READ_FACTOR = 16
 
 
 # ------------------------------------------------------------------------------ audio
@@ -115,6 +119,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"workload.image_path={str(path)!r} is not a readable image ({exc}); "
                          "use a PNG or JPEG file") from None
+    except Image.DecompressionBombError as exc:  # PIL's guard against images too large to decode
+        raise ValueError(f"workload.image_path={str(path)!r} is too large to decode ({exc}); "
+                         "downscale it first (the output is at most workload.size)") from None
 
 
 def output_size(workload: Any) -> tuple[int, int]:
@@ -142,9 +149,12 @@ def reference_pixels(path: str | Path, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
     image_size(path)  # the clear errors
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
     short = min(height, width)
+    with Image.open(path) as opened:
+        if opened.width * opened.height > DOWNSCALE_ON_READ_FACTOR * height * width:
+            scale = short / min(opened.width, opened.height)
+            opened.draft("RGB", (int(opened.width * scale) + 1, int(opened.height * scale) + 1))
+        image = opened.convert("RGB")
     if image.width <= image.height:
         new_w, new_h = short, int(short * image.height / image.width)
     else:
