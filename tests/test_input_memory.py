@@ -9,8 +9,8 @@ import wave
 
 import numpy as np
 import pytest
-from PIL import Image
 from launch_helpers import REPO, output
+from PIL import Image
 
 from wan_exp.config import compose_config
 from wan_exp.media import audio_peak_and_samples, read_audio, reference_pixels
