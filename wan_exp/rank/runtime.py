@@ -20,8 +20,10 @@ the hang watchdog reads) as they were.
 """
 from __future__ import annotations
 
+import importlib.abc
 import os
 import resource
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -75,6 +77,8 @@ class RankContext:
         self.heartbeat("start")
         if self.job_dir is not None:
             liveness.set_listener(self.beat)
+            if not any(isinstance(f, _BeatOnImport) for f in sys.meta_path):
+                sys.meta_path.insert(0, _BeatOnImport())
             if cfg.model.compile:
                 _beat_on_compile()
             threading.Thread(target=self._sample_memory, name="wan-exp-memory-sampler", daemon=True).start()
@@ -158,6 +162,15 @@ class RankContext:
             if self._faults:
                 self._faults.on_phase("step")
             yield
+
+
+class _BeatOnImport(importlib.abc.MetaPathFinder):
+    """A heartbeat per module imported (rate-limited like every beat): the rank's first imports
+    of transformers, diffusers and the like take many seconds on a busy machine, after its first
+    heartbeat. Finds nothing itself; the next finders import the module."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        liveness.beat(f"import {fullname.split('.')[0]}")
 
 
 _compile_hooked = False
