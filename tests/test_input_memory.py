@@ -1,5 +1,6 @@
 """Inputs against the host: a long audio file whose encoding cannot fit is refused before launch,
 naming the file, its length and workload.clips; the pre-launch read streams the file."""
+
 from __future__ import annotations
 
 import resource
@@ -9,9 +10,9 @@ import wave
 
 import numpy as np
 import pytest
-from launch_helpers import REPO, output
 from PIL import Image
 
+from launch_helpers import REPO, output
 from wan_exp.config import compose_config
 from wan_exp.media import audio_peak_and_samples, read_audio, reference_pixels
 from wan_exp.memory_fit import audio_encode_bytes
@@ -55,10 +56,16 @@ def test_a_ten_minute_audio_file_over_the_memory_limit_is_refused_before_launch(
     file, its length and workload.clips."""
     audio = tmp_path / "ten minutes.wav"
     write_wav(audio, 600.0)
-    cmd = [sys.executable, str(REPO / "launch.py"), f"workload.audio_path={audio}", "logger=disabled",
-           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-                          preexec_fn=_address_space_limit)
+    cmd = [
+        sys.executable,
+        str(REPO / "launch.py"),
+        f"workload.audio_path={audio}",
+        "logger=disabled",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False, preexec_fn=_address_space_limit
+    )
     text = output(proc)
     assert proc.returncode == 1, text
     assert "bad config, no job started" in text and "Traceback" not in text
@@ -73,13 +80,22 @@ def test_a_very_large_image_is_downscaled_on_read(tmp_path):
     decoder's own scaling."""
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (50, 80, 3), dtype=np.uint8)).resize((8000, 5000)).save(
-        tmp_path / "big.jpg", quality=90)
-    code = ("import resource, sys\nfrom wan_exp.media import reference_pixels\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "reference_pixels(sys.argv[1], 64, 64)\n"
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.jpg")], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, check=False)
+        tmp_path / "big.jpg", quality=90
+    )
+    code = (
+        "import resource, sys\nfrom wan_exp.media import reference_pixels\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "reference_pixels(sys.argv[1], 64, 64)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "big.jpg")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     whole_rgb = 8000 * 5000 * 3
     assert int(proc.stdout) < whole_rgb / 2, f"peak grew by {int(proc.stdout) / 2**20:.0f} MiB"

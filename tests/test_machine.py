@@ -1,5 +1,6 @@
 """A busy or misconfigured host is said, not hidden: a thread variable that is not a number,
 more ranks than cores, other processes' load; in results.json, the report and the doctor."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import time
 
 import psutil
 import pytest
-from launch_helpers import REPO, job_results, output
 
+from launch_helpers import REPO, job_results, output
 from wan_exp.doctor import OK, WARN
 from wan_exp.doctor.system import machine_rows
 from wan_exp.host.machine import (
@@ -23,8 +24,7 @@ from wan_exp.host.machine import (
 
 
 def test_a_thread_variable_that_is_not_a_number_is_replaced_by_the_split_and_named():
-    env, warnings = rank_thread_settings({"OMP_NUM_THREADS": "abc", "MKL_NUM_THREADS": "0"}, nproc_per_node=2,
-                                         cores=8)
+    env, warnings = rank_thread_settings({"OMP_NUM_THREADS": "abc", "MKL_NUM_THREADS": "0"}, nproc_per_node=2, cores=8)
     assert env == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
     assert len(warnings) == 2 and "OMP_NUM_THREADS='abc' is not a positive integer" in warnings[0]
     assert "MKL_NUM_THREADS='0'" in warnings[1]
@@ -44,8 +44,7 @@ def test_oversubscription_and_a_busy_host_are_warned_about():
 
 def _spin(cpu_s: float) -> subprocess.Popen:
     """A child that burns ``cpu_s`` seconds of CPU time, then waits to be ended."""
-    code = (f"import time\nwhile time.process_time() < {cpu_s}: pass\n"
-            "print('done', flush=True)\ntime.sleep(60)")
+    code = f"import time\nwhile time.process_time() < {cpu_s}: pass\nprint('done', flush=True)\ntime.sleep(60)"
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 
@@ -92,10 +91,24 @@ def test_omp_abc_and_more_ranks_than_cores_are_recorded_and_reported(tmp_path):
     """The launcher runs on one core (its affinity) with two ranks and OMP_NUM_THREADS=abc:
     the ranks get OMP_NUM_THREADS=1, the job completes, and results.json, the console and the
     report name both problems."""
-    cmd = [sys.executable, str(REPO / "launch.py"), "workload=init", "logger=disabled", "launcher.nproc_per_node=2",
-           f"hydra.sweep.dir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False, preexec_fn=_one_core,
-                          env={**os.environ, "OMP_NUM_THREADS": "abc"})
+    cmd = [
+        sys.executable,
+        str(REPO / "launch.py"),
+        "workload=init",
+        "logger=disabled",
+        "launcher.nproc_per_node=2",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=_one_core,
+        env={**os.environ, "OMP_NUM_THREADS": "abc"},
+    )
     assert proc.returncode == 0, output(proc)
     (job,) = job_results(tmp_path)
     assert job["status"] == "completed"

@@ -16,6 +16,7 @@ its bounds (first order).
 A correct machine stays inside this on any CPU, while a real bug (a wrong halo, a missing
 term, a 1e-3 error in attention) stays far above it for the sizes the tests use.
 """
+
 from __future__ import annotations
 
 import math

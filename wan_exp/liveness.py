@@ -10,6 +10,7 @@ there); without one (tests, the launcher process, benchmarks) ``beat`` does noth
 
 This module imports nothing, so the lowest layers (models, media) can call it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -6,15 +6,10 @@ import os
 from collections.abc import Mapping
 
 from wan_exp.doctor.rows import OK, WARN, Row
-from wan_exp.host.machine import (
-    BUSY_SHARE,
-    THREAD_VARIABLES,
-    positive_int,
-    usable_cores,
-)
+from wan_exp.host.machine import BUSY_SHARE, THREAD_VARIABLES, positive_int, usable_cores
+from wan_exp.units import GIB
 
 SHM_PATH = "/dev/shm"
-GIB = 1024**3
 MIN_SHM_BYTES = 1 * GIB
 
 

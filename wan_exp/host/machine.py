@@ -14,6 +14,7 @@ into results.json's ``machine`` ({"hosts": [...], "warnings": [...]}); the repor
 warnings beside the configuration's figures, and ``python -m wan_exp.doctor`` reports the
 same checks for the machine as it is now. No torch.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,9 @@ def positive_int(text: str | None) -> int | None:
     return value if value > 0 else None
 
 
-def rank_thread_settings(environ: Mapping[str, str], nproc_per_node: int,
-                         cores: int) -> tuple[dict[str, str], list[str]]:
+def rank_thread_settings(
+    environ: Mapping[str, str], nproc_per_node: int, cores: int
+) -> tuple[dict[str, str], list[str]]:
     """(variables to give the ranks, warnings). Unset OMP_NUM_THREADS: the cores split over the
     ranks (as torchrun does). A thread variable that is not a positive integer is replaced by
     that split, with a warning naming it."""
@@ -60,20 +62,26 @@ def rank_thread_settings(environ: Mapping[str, str], nproc_per_node: int,
     for name in THREAD_VARIABLES:
         if name in environ and positive_int(environ[name]) is None:
             env[name] = split
-            warnings.append(f"{name}={environ[name]!r} is not a positive integer (OpenMP would ignore it and "
-                            f"give every rank all {cores} cores); the ranks ran with {name}={split}, "
-                            f"{cores} cores / {nproc_per_node} rank(s); set it to a number, or unset it")
+            warnings.append(
+                f"{name}={environ[name]!r} is not a positive integer (OpenMP would ignore it and "
+                f"give every rank all {cores} cores); the ranks ran with {name}={split}, "
+                f"{cores} cores / {nproc_per_node} rank(s); set it to a number, or unset it"
+            )
     return env, warnings
 
 
 def oversubscription_warning(nproc_per_node: int, threads_per_rank: int, cores: int) -> str | None:
     """A warning when this host's ranks, or their threads, outnumber its usable cores."""
     if nproc_per_node > cores:
-        return (f"{nproc_per_node} ranks on {cores} core(s) of this host: the ranks take turns on the cores, "
-                "so times are slower than the split alone; use launcher.nproc_per_node <= the cores")
+        return (
+            f"{nproc_per_node} ranks on {cores} core(s) of this host: the ranks take turns on the cores, "
+            "so times are slower than the split alone; use launcher.nproc_per_node <= the cores"
+        )
     if nproc_per_node * threads_per_rank > cores:
-        return (f"{nproc_per_node} rank(s) x {threads_per_rank} threads (OMP_NUM_THREADS) on {cores} core(s): "
-                "the threads take turns on the cores; set OMP_NUM_THREADS to cores / ranks or less")
+        return (
+            f"{nproc_per_node} rank(s) x {threads_per_rank} threads (OMP_NUM_THREADS) on {cores} core(s): "
+            "the threads take turns on the cores; set OMP_NUM_THREADS to cores / ranks or less"
+        )
     return None
 
 
@@ -81,8 +89,10 @@ def busy_warning(other_cores: float, load_max: float, cores: int) -> str | None:
     """A warning when other processes kept more than BUSY_SHARE of the cores busy on average."""
     if other_cores <= BUSY_SHARE * cores:
         return None
-    return (f"other processes kept {other_cores:.1f} of {cores} core(s) busy on average during the job "
-            f"(1-min load average up to {load_max:.1f}): its times are a busy machine's, not comparable")
+    return (
+        f"other processes kept {other_cores:.1f} of {cores} core(s) busy on average during the job "
+        f"(1-min load average up to {load_max:.1f}): its times are a busy machine's, not comparable"
+    )
 
 
 @dataclass
@@ -111,8 +121,13 @@ class LoadSampler:
             except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                 continue
         host = psutil.cpu_times()
-        busy = host.user + host.system + getattr(host, "nice", 0.0) + getattr(host, "irq", 0.0) \
+        busy = (
+            host.user
+            + host.system
+            + getattr(host, "nice", 0.0)
+            + getattr(host, "irq", 0.0)
             + getattr(host, "softirq", 0.0)
+        )
         job = sum(self._job_cpu.values()) + _own_cpu_s()
         self.load_max = max(self.load_max, os.getloadavg()[0])
         if self._last is not None:
@@ -130,14 +145,23 @@ def _own_cpu_s() -> float:
     return times.user + times.system
 
 
-def machine_figures(sampler: LoadSampler, nproc_per_node: int, threads_per_rank: int,
-                    thread_warnings: list[str]) -> dict:
+def machine_figures(
+    sampler: LoadSampler, nproc_per_node: int, threads_per_rank: int, thread_warnings: list[str]
+) -> dict:
     """This host's record for nodes/node_<n>.json: cores, ranks, threads, load and warnings."""
     warnings = list(thread_warnings)
-    for warning in (oversubscription_warning(nproc_per_node, threads_per_rank, sampler.cores),
-                    busy_warning(sampler.other_cores(), sampler.load_max, sampler.cores)):
+    for warning in (
+        oversubscription_warning(nproc_per_node, threads_per_rank, sampler.cores),
+        busy_warning(sampler.other_cores(), sampler.load_max, sampler.cores),
+    ):
         if warning:
             warnings.append(warning)
-    return {"cores": sampler.cores, "ranks": nproc_per_node, "threads_per_rank": threads_per_rank,
-            "load_1m_max": round(sampler.load_max, 2), "other_cores_mean": round(sampler.other_cores(), 2),
-            "sampled_s": round(sampler.elapsed_s, 1), "warnings": warnings}
+    return {
+        "cores": sampler.cores,
+        "ranks": nproc_per_node,
+        "threads_per_rank": threads_per_rank,
+        "load_1m_max": round(sampler.load_max, 2),
+        "other_cores_mean": round(sampler.other_cores(), 2),
+        "sampled_s": round(sampler.elapsed_s, 1),
+        "warnings": warnings,
+    }

@@ -4,5 +4,4 @@ from __future__ import annotations
 
 from wan_exp.config import PIPELINE_STAGES  # noqa: F401  (the one definition; readers import it here)
 
-GIB = 1024**3
 INIT_PHASES = ("process_group", "build", "load", "wrap", "first_step")
