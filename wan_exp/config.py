@@ -127,10 +127,13 @@ class LoggerMode(ConfigEnum):
 # The phases a rank passes through, in order (docs/architecture.md); fault.phase names one.
 PHASES = ("process_group", "build", "load", "wrap", "first_step", "step")
 STEP_PHASES = ("first_step", "step")  # phases only workloads that run DiT steps pass through
+# the generate workload's stages, in pipeline order (MetricsCollector.stage); fault.phase may name one
+PIPELINE_STAGES = ("text_encode", "audio_encode", "reference_encode", "motion_encode", "denoise",
+                   "vae_decode", "video_write")
 CPU_DEFAULT_NPROC = 2  # launcher.nproc_per_node=auto on a machine without GPUs
 
 # Functional form because "raise" is a keyword; OmegaConf matches members by name.
-FaultKind = ConfigEnum("FaultKind", {k: k for k in ("none", "raise", "hang", "sleep", "signal", "oom")})
+FaultKind = ConfigEnum("FaultKind", {k: k for k in ("none", "raise", "hang", "sleep", "signal", "oom", "slow")})
 
 
 # --------------------------------------------------------------------------- model
@@ -319,7 +322,7 @@ class FaultConfig:
     kind: FaultKind = FaultKind["none"]
     rank: int = 0  # which rank misbehaves
     phase: str = "wrap"  # process_group | build | load | wrap | first_step | step
-    seconds: float = 0.0  # for sleep
+    seconds: float = 0.0  # for sleep; slow: per in-stage heartbeat
     signal: str = "SIGKILL"  # for signal
     host_gib: float = 0.0  # host memory the faulty rank fills before the fault fires
 
@@ -694,8 +697,10 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
     kind = fault.kind.name
     if kind == "none":
         return
-    if fault.phase not in PHASES:
-        raise ConfigError(f"fault.phase={fault.phase!r} is not a phase; use one of {', '.join(PHASES)}")
+    generate = WorkloadName(cfg.workload.name) == WorkloadName.generate
+    if fault.phase not in PHASES + (PIPELINE_STAGES if generate else ()):
+        raise ConfigError(f"fault.phase={fault.phase!r} is not a phase; use one of {', '.join(PHASES)}"
+                          + (f" or a stage: {', '.join(PIPELINE_STAGES)}" if generate else ""))
     if WorkloadName(cfg.workload.name) == WorkloadName.init and fault.phase in STEP_PHASES:
         # a fault that never fires would report a healthy job as the demonstration's outcome
         raise ConfigError(
@@ -704,7 +709,7 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
         )
     if kind == "signal":
         signal_number(fault.signal)
-    if kind == "sleep" and fault.seconds < 0:
+    if kind in ("sleep", "slow") and fault.seconds < 0:
         raise ConfigError(f"fault.seconds={fault.seconds} must be >= 0")
     if kind == "oom" and not gpus:
         raise ConfigError("fault=oom allocates GPU memory until it runs out, but no GPU is visible")

@@ -16,15 +16,21 @@ import functools
 import math
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
+
+from wan_exp.liveness import beat
 
 SAMPLE_RATE = 16000  # wav2vec2's input rate
 SIZE_MULTIPLE = 64  # the output size chosen from an image is padded up to multiples of this
 SILENCE_PEAK = 1e-4  # an audio file whose samples all stay below this is silent
 AUDIO_FRAME_SAMPLES = 1024  # samples per AAC frame when muxing
 RESAMPLE_QUALITY = "soxr_hq"  # librosa.load's default res_type, what upstream reads audio with
+# an image with this many times the output's pixels is decoded at a reduced scale (JPEG's
+# 1/2, 1/4, 1/8, still at least the resize target), so a 100-megapixel photo never sits whole in
+# host memory; smaller images are decoded whole, as upstream does
+DOWNSCALE_ON_READ_FACTOR = 16
 
 
 # ------------------------------------------------------------------------------ audio
@@ -46,30 +52,52 @@ def read_audio(path: str | Path) -> np.ndarray:
     to float at the file's own rate (integer samples / 2^(bits-1), as soundfile reads them),
     the channels averaged, then ``resample_to_16k``. ValueError naming ``workload.audio_path``
     for a missing or unreadable file."""
+    chunks, rate = [], SAMPLE_RATE
+    for rate, chunk in audio_chunks(path):
+        chunks.append(chunk)
+    waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if waveform.size == 0:
+        raise ValueError(f"workload.audio_path={str(path)!r} holds no audio samples")
+    return resample_to_16k(waveform, rate)
+
+
+def audio_peak_and_samples(path: str | Path) -> tuple[float, int]:
+    """(largest |sample| at the file's own rate, samples the 16 kHz waveform will have) of an
+    audio file, decoded a frame at a time: the pre-launch check never holds a long file whole."""
+    peak, samples, rate = 0.0, 0, SAMPLE_RATE
+    for rate, chunk in audio_chunks(path):
+        if chunk.size:
+            peak, samples = max(peak, float(np.abs(chunk).max())), samples + chunk.size
+    if samples == 0:
+        raise ValueError(f"workload.audio_path={str(path)!r} holds no audio samples")
+    return peak, math.ceil(samples * SAMPLE_RATE / rate)
+
+
+def audio_chunks(path: str | Path) -> Iterator[tuple[int, np.ndarray]]:
+    """(the file's sample rate, its mono samples as float32) one decoded frame at a time: to
+    float at the file's own rate, the channels averaged (no resampling here)."""
     import av
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"workload.audio_path={str(path)!r} does not exist")
-    chunks: list[np.ndarray] = []
-    rate = 0
     try:
         with av.open(str(path)) as container:
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 raise ValueError("it has no audio stream")
             to_float = av.AudioResampler(format="fltp")  # sample format only: rate and layout kept
+            rate = SAMPLE_RATE
             for frame in container.decode(stream):
+                beat("audio read")
                 rate = frame.sample_rate
-                chunks += [out.to_ndarray().mean(axis=0) for out in to_float.resample(frame)]
-            chunks += [out.to_ndarray().mean(axis=0) for out in to_float.resample(None)]
+                for out in to_float.resample(frame):
+                    yield rate, out.to_ndarray().mean(axis=0).astype(np.float32)
+            for out in to_float.resample(None):
+                yield rate, out.to_ndarray().mean(axis=0).astype(np.float32)
     except (av.FFmpegError, ValueError, OSError) as exc:
         raise ValueError(f"workload.audio_path={str(path)!r} is not a readable audio file ({exc}); "
                          "use a wav, flac or mp3 file") from None
-    waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-    if waveform.size == 0:
-        raise ValueError(f"workload.audio_path={str(path)!r} holds no audio samples")
-    return resample_to_16k(waveform, rate)
 
 
 # ------------------------------------------------------------------------------ image
@@ -131,6 +159,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"workload.image_path={str(path)!r} is not a readable image ({exc}); "
                          "use a PNG or JPEG file") from None
+    except Image.DecompressionBombError as exc:  # PIL's guard against images too large to decode
+        raise ValueError(f"workload.image_path={str(path)!r} is too large to decode ({exc}); "
+                         "downscale it first (the output is at most workload.size)") from None
 
 
 def output_size(workload: Any) -> tuple[int, int]:
@@ -158,9 +189,12 @@ def reference_pixels(path: str | Path, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
     image_size(path)  # the clear errors
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
     short = min(height, width)
+    with Image.open(path) as opened:
+        if opened.width * opened.height > DOWNSCALE_ON_READ_FACTOR * height * width:
+            scale = short / min(opened.width, opened.height)
+            opened.draft("RGB", (int(opened.width * scale) + 1, int(opened.height * scale) + 1))
+        image = opened.convert("RGB")
     if image.width <= image.height:
         new_w, new_h = short, int(short * image.height / image.width)
     else:
@@ -191,7 +225,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, audio: Optional[
         if audio is not None:
             sound = container.add_stream("aac", rate=sample_rate)
             sound.layout = "mono"
-        for frame in frames:
+        for index, frame in enumerate(frames):
+            beat(f"video frame {index + 1}/{len(frames)}")
             container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(video.encode(None))
         if sound is not None:
@@ -220,6 +255,7 @@ def check_inputs(cfg: Any, world_size: int) -> None:
     gives, and for parallel.vae=sharded whether the world size can share a latent frame (one
     strip per rank). Raises ConfigError naming the setting and what to do."""
     from wan_exp.config import ConfigError, parse_size
+    from wan_exp.memory_fit import check_audio_fits
 
     wl = cfg.workload
     if getattr(cfg.parallel.vae, "value", cfg.parallel.vae) == "sharded":
@@ -232,11 +268,12 @@ def check_inputs(cfg: Any, world_size: int) -> None:
             raise ConfigError(str(exc)) from None
     try:
         if wl.audio_path:
-            peak = float(np.abs(read_audio(wl.audio_path)).max())
+            peak, samples = audio_peak_and_samples(wl.audio_path)
             if peak < SILENCE_PEAK:
                 raise ValueError(f"workload.audio_path={wl.audio_path!r} is silent (peak {peak:.1e}); "
                                  "S2V animates speech: give a file with sound, or leave it unset "
                                  "for synthetic audio")
+            check_audio_fits(cfg, wl.audio_path, samples, SAMPLE_RATE, max(1, world_size // cfg.launcher.nnodes))
         if wl.image_path:
             height, width = output_size(wl)
             parse_size(f"{height}*{width}")  # the VAE and patch strides

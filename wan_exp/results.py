@@ -210,6 +210,8 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
         "job_num": job.get("job_num"),
         "config": config,
         "warnings": job_warnings(records),
+        # each host's cores, ranks, threads and load during the job, and what made its times slow
+        "machine": job_machine(job_dir),
         "ranks": records,
         "summary": summary,
         "started_at": started,
@@ -229,6 +231,19 @@ def _prediction(job: dict, config: dict, records: list[dict]) -> Optional[dict]:
 def job_warnings(records: list[dict]) -> list[str]:
     """Every warning the ranks recorded (e.g. a prompt without a tokenizer), once each."""
     return list(dict.fromkeys(w for r in records for w in r.get("warnings") or []))
+
+
+def job_machine(job_dir: Path) -> Optional[dict]:
+    """{"hosts": [each host's "machine" figures from nodes/node_<n>.json (wan_exp.host.machine)],
+    "warnings": [theirs, once each]}, or None when no host recorded any."""
+    hosts = []
+    for path in sorted((Path(job_dir) / "nodes").glob("node_*.json")):
+        outcome = read_json(path) or {}
+        if isinstance(outcome.get("machine"), dict):
+            hosts.append({"host": outcome.get("host"), "node_rank": outcome.get("node_rank"), **outcome["machine"]})
+    if not hosts:
+        return None
+    return {"hosts": hosts, "warnings": list(dict.fromkeys(w for h in hosts for w in h.get("warnings") or []))}
 
 
 def completed_results(job_dir: Path, records: list[dict],
@@ -282,6 +297,30 @@ def _host_memory_seen(beat: Optional[dict]) -> str:
     return f"{beat['host_rss_gib']:.2f} GiB host RSS{peak_text} at its last heartbeat"
 
 
+# What to change when a rank runs out of host memory, by the phase or stage it was in.
+OOM_ADVICE = {
+    **dict.fromkeys(("start", "process_group", "build", "load", "wrap"),
+                    "The weights ran out of memory: use a strategy that shards them (parallel=fsdp_fixed)"),
+    "text_encode": "The text encoder ran out of memory: parallel.text_encoder_placement=device",
+    "audio_encode": ("The audio encoding ran out of memory (wav2vec2 encodes the whole workload.audio_path at "
+                     "once): cut the file to what workload.clips needs"),
+    "reference_encode": "The reference image's encoding ran out of memory: a smaller workload.size",
+    **dict.fromkeys(("vae_decode", "motion_encode"),
+                    "The VAE ran out of memory: parallel.vae=tiled or sharded, or a smaller workload.size"),
+    **dict.fromkeys(("denoise", "first_step", "step"),
+                    "The DiT's steps ran out of memory: a smaller workload.size or frames_per_clip, or a "
+                    "sequence split (parallel=ulysses, usp)"),
+    "video_write": ("Writing the video ran out of memory (every frame is held until the end): fewer "
+                    "workload.clips or workload.save_video=false"),
+}
+
+
+def oom_advice(phase: Optional[str]) -> str:
+    """What to change after a host OOM in ``phase``, then the general remedies."""
+    specific = OOM_ADVICE.get(phase or "", "")
+    return (f"{specific}; or " if specific else "Use ") + "fewer ranks per node, or a machine with more memory"
+
+
 def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict],
                        beats: Optional[dict[int, dict]] = None,
                        kernel_oom_kills: Optional[int] = None) -> Optional[dict]:
@@ -319,9 +358,7 @@ def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict],
             cause.update(status=OOM, memory=HOST, message=(
                 f"rank {rank} ran out of host memory: killed by SIGKILL without writing its record "
                 f"while the kernel's OOM killer ended {kernel_oom_kills} process(es)"
-                + (f"; {seen}" if seen else "")
-                + ". Use a strategy that shards the weights (parallel=fsdp_fixed), fewer ranks per "
-                  "node, or a machine with more memory"))
+                + (f"; {seen}" if seen else "") + f". {oom_advice(death.get('phase'))}"))
         found.append((death.get("time", float("inf")), cause))
     candidates = candidates or stopped_by_agent
     if not candidates:
@@ -421,6 +458,8 @@ def summary_text(results: dict) -> str:
         )
     for warning in results.get("warnings") or []:
         lines.append(f"  warning: {warning}")
+    for warning in (results.get("machine") or {}).get("warnings") or []:
+        lines.append(f"  machine: {warning}")
     cause = results.get("root_cause")
     if cause:
         who = "the launcher" if cause.get("rank") is None else f"rank {cause['rank']}"

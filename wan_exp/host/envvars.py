@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from wan_exp.host.machine import rank_thread_settings, usable_cores
+
 log = logging.getLogger(__name__)
 
 # Deprecated NCCL names (torch >= 2.2 warns about them) and the names that replace them.
@@ -49,9 +51,10 @@ def nccl_variables(nccl_env: Mapping[str, Any]) -> dict[str, str]:
 def rank_environment(cfg: Any, job_dir: Path, nproc_per_node: int) -> dict[str, str]:
     """Every variable the launcher sets for one job's ranks."""
     env = nccl_variables(cfg.nccl.env)
-    if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in env:
-        # as torchrun does: ranks sharing a host split its cores instead of each taking all
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+    # as torchrun does: ranks sharing a host split its cores instead of each taking all; a
+    # thread variable that is not a number is replaced by that split (machine.py warns)
+    threads, _warnings = rank_thread_settings({**os.environ, **env}, nproc_per_node, usable_cores())
+    env.update(threads)
     if cfg.allocator.conf:
         for name in ALLOCATOR_NAMES:
             env[name] = str(cfg.allocator.conf)

@@ -49,6 +49,12 @@ from wan_exp import results
 from wan_exp.config import ConfigError, JobShape, check_job, config_warnings, steps_run
 from wan_exp.devices import visible_gpu_count
 from wan_exp.host.envvars import rank_environment
+from wan_exp.host.machine import (
+    LoadSampler,
+    machine_figures,
+    positive_int,
+    rank_thread_settings,
+)
 from wan_exp.host.progress import ProgressDisplay
 
 log = logging.getLogger(__name__)
@@ -179,7 +185,9 @@ def furthest_behind(beats: dict[int, dict], world_size: int, started_at: float) 
 
 
 def _where(beat: dict) -> str:
-    return beat["phase"] if beat.get("step") is None else f"{beat['phase']} {beat['step']}"
+    """"vae_decode (decode frame 3/21)", "step 4": the phase, its step, the last in-stage beat."""
+    where = beat["phase"] if beat.get("step") is None else f"{beat['phase']} {beat['step']}"
+    return f"{where} ({beat['detail']})" if beat.get("detail") else where
 
 
 def check_progress(beats: dict[int, dict], world_size: int, started_at: float, now: float,
@@ -373,6 +381,7 @@ def run_job(cfg: DictConfig) -> dict:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     in_main_thread = threading.current_thread() is threading.main_thread()
     agent: Optional[subprocess.Popen] = None
+    sampler = LoadSampler()
     oom_kills_before = results.kernel_oom_kill_count()  # the kernel's OOM killer, host-wide
     try:
         if in_main_thread:
@@ -383,7 +392,7 @@ def run_job(cfg: DictConfig) -> dict:
                                      env={**os.environ, **env, NODE_ID_VAR: node_id}, stdout=agent_log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
             finding = watch(agent, job_dir, shape.processes, cfg, layout.rdzv_endpoint,
-                            sweep_title(job_dir.parent, job_num))
+                            sweep_title(job_dir.parent, job_num), sampler)
     except KeyboardInterrupt as exc:
         if in_main_thread:
             signal.signal(signal.SIGINT, _exit_at_once)
@@ -405,7 +414,13 @@ def run_job(cfg: DictConfig) -> dict:
     if outcome is None:  # the agent was killed (hang, start-up bound, interrupt) before writing
         outcome = {"node_rank": layout.node_rank, "node_id": node_id, "host": socket.gethostname(),
                    "failures": {}, "error": None}
-        results.write_json_atomic(node_file, outcome)
+    # this host's load, cores and thread settings (wan_exp.host.machine), beside the agent's outcome
+    thread_warnings = rank_thread_settings(os.environ, shape.nproc_per_node, sampler.cores)[1]
+    threads = positive_int({**os.environ, **env}.get("OMP_NUM_THREADS")) or 1
+    outcome["machine"] = machine_figures(sampler, shape.nproc_per_node, threads, thread_warnings)
+    for warning in outcome["machine"]["warnings"]:
+        log.warning("job %d: %s", job_num, warning)
+    results.write_json_atomic(node_file, outcome)
     # every host's outcome first: a host's agent writes it after its ranks are gone, so rank 0's
     # record, which names the host that owns the result, is on disk by then wherever it ran
     outcomes = node_outcomes(job_dir, layout.nnodes, NODE_FILE_WAIT_S if interrupted is None else 0)
@@ -434,11 +449,13 @@ def record_config_error(job_dir: Path, cfg: DictConfig, overrides: list[str], jo
 
 
 def watch(agent: subprocess.Popen, job_dir: Path, world_size: int, cfg: DictConfig, endpoint: str,
-          title: str) -> Optional[dict]:
-    """Poll heartbeats until the agent exits; end the job on a finding (see check_progress)."""
+          title: str, sampler: LoadSampler) -> Optional[dict]:
+    """Poll heartbeats until the agent exits; end the job on a finding (see check_progress).
+    The host's load is sampled along (``sampler``)."""
     started_at = time.time()
     with ProgressDisplay(title, world_size, steps_run(cfg.workload)) as display:
         while agent.poll() is None:
+            sampler.sample(lambda: job_processes(agent, job_dir))
             beats = results.read_heartbeats(job_dir)
             display.update(beats)
             finding = check_progress(beats, world_size, started_at, time.time(), cfg.launcher, endpoint)

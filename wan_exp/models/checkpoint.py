@@ -26,6 +26,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from wan_exp.liveness import beat
+
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_FILE_NAME = "diffusion_pytorch_model.safetensors"
 MAX_LISTED_KEYS = 20  # an error lists at most this many keys, then a count
@@ -110,6 +112,7 @@ class CheckpointReader:
     def get(self, key: str, dtype: torch.dtype, device: torch.device | str,
             rows: slice | None = None) -> torch.Tensor:
         """The tensor (or its rows along dim 0), read from the memory map and converted."""
+        beat(f"read {self._weight_map[key]}")  # the rank's heartbeat, per tensor of each shard
         tensor_slice = self._slice(key)
         start, stop = _row_range(rows, tensor_slice.get_shape()[0])
         try:
@@ -164,6 +167,7 @@ class RandomWeights:
 
     def get(self, key: str, dtype: torch.dtype, device: torch.device | str,
             rows: slice | None = None) -> torch.Tensor:
+        beat("random weights")  # the rank's heartbeat (a 14B model takes minutes on a CPU)
         shape = self.shape(key)
         start, stop = _row_range(rows, shape[0])
         device = torch.device(device)

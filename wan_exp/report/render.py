@@ -19,6 +19,7 @@ th { background: #f0f0f0; }
 td.text { text-align: left; }
 td.best { font-weight: bold; background: #d8f5d0; }
 tr.failed td { background: #fde2e2; }
+tr.warned td { background: #fff4cc; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 """
 
@@ -75,7 +76,8 @@ def html_page(sweep_dir: Path, rows: list[Row], unreadable: Sequence[str] = ()) 
         "</tr></thead><tbody>",
     ]
     for row, cells in zip(rows, body):
-        css_row = "" if row.status == "completed" else " class='failed'"
+        css_row = (" class='failed'" if row.status != "completed"
+                   else " class='warned'" if row.machine_warnings else "")
         tds = []
         for i, (text, best) in enumerate(cells):
             classes = [c for c, on in (("best", best), ("text", i in (0, 2, len(cells) - 1))) if on]
