@@ -91,6 +91,7 @@ class WorkloadName(ConfigEnum):
     generate = "generate"
     init = "init"
     train_lora = "train_lora"
+    upstream = "upstream"  # the public Wan2.2 generate.py under the launcher (wan_exp/upstream/)
 
 
 class VaePlacement(ConfigEnum):
@@ -284,6 +285,12 @@ class WorkloadConfig:
     # (a string, since YAML and the command line read true/false as booleans)
     save_video: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # workload=upstream (docs/upstream.md): the Wan2.2 checkout whose generate.py runs, upstream's
+    # --offload_model (None: upstream's default, on for one rank and off otherwise) and
+    # --convert_model_dtype
+    repo: Optional[str] = None
+    offload_model: Optional[bool] = None
+    convert_model_dtype: bool = False
 
 
 # --------------------------------------------------------------------------- logger, fault
@@ -432,7 +439,7 @@ def steps_run(wl: Any) -> Optional[int]:
     """DiT steps the workload runs: clips x sample_steps (generate; one clip where the audio
     decides the count, workload.clips=-1, since it gives at least one), steps (train_lora);
     None for init, which runs none."""
-    if wl.name == WorkloadName.generate:
+    if wl.name in (WorkloadName.generate, WorkloadName.upstream):
         return max(wl.clips, 1) * wl.sample_steps
     if wl.name == WorkloadName.train_lora:
         return wl.steps
@@ -582,6 +589,10 @@ def validate(cfg: Any, world_size: int) -> None:
         from wan_exp.media import check_inputs  # reads the files; imported here to keep this module light
 
         check_inputs(cfg, world_size)
+    if wl.name == WorkloadName.upstream:
+        from wan_exp.upstream.preflight import check_upstream  # reads the checkout; as check_inputs above
+
+        check_upstream(cfg, world_size)
 
 
 # --------------------------------------------------------------------------- launch rules

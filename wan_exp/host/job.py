@@ -50,6 +50,8 @@ from wan_exp.config import ConfigError, JobShape, check_job, config_warnings, st
 from wan_exp.devices import visible_gpu_count
 from wan_exp.host.envvars import rank_environment
 from wan_exp.host.progress import ProgressDisplay
+from wan_exp.host.pyspy import dump_with_pyspy
+from wan_exp.upstream.monitor import host_monitor
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000  # rendezvous port from the Slur
 STALE = ("ranks", "progress", "stacks", "nccl_trace", "wandb", "lora_adapter", "nodes")
 SWEEP_STATE_DIR = ".wan_exp"  # <sweep dir>/.wan_exp/: the sweep record and lock (wan_exp.host.callbacks)
 SWEEP_RECORD = "sweep.json"
+# The module each rank runs: wan-exp's own worker, or upstream's generate.py (workload=upstream)
+RANK_ENTRY_MODULES = {"upstream": "wan_exp.upstream.runner"}
+DEFAULT_RANK_ENTRY = "wan_exp.rank.worker"
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -136,7 +141,7 @@ def workers_of(procs: list[psutil.Process]) -> list[psutil.Process]:
     out = []
     for proc in procs:
         try:
-            if "wan_exp.rank.worker" in proc.cmdline():
+            if any(m in proc.cmdline() for m in (DEFAULT_RANK_ENTRY, *RANK_ENTRY_MODULES.values())):
                 out.append(proc)
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass
@@ -167,6 +172,7 @@ def dump_stacks(job_dir: Path, beats: dict[int, dict], workers: list[psutil.Proc
     deadline = time.time() + STACK_DUMP_WAIT_S
     while time.time() < deadline and not all(f.exists() and f.stat().st_size for f in stack_files):
         time.sleep(0.1)
+    dump_with_pyspy(job_dir, {b["rank"]: b["pid"] for b in mine})  # native frames too (NCCL waits)
 
 
 # ----------------------------------------------------------------------------- findings
@@ -301,6 +307,7 @@ def agent_spec(cfg: DictConfig, job_dir: Path, job_num: int, layout: NodeLayout,
         "run_id": f"wan-exp-{job_dir.parent.name}-{job_num}"[:60],
         # the agent ends its ranks once this process is gone (agent.end_with_parent)
         "parent_pid": os.getpid(),
+        "entry_module": RANK_ENTRY_MODULES.get(str(cfg.workload.name), DEFAULT_RANK_ENTRY),
     }
 
 
@@ -378,7 +385,8 @@ def run_job(cfg: DictConfig) -> dict:
         if in_main_thread:
             signal.signal(signal.SIGTERM, _raise_interrupt)
             signal.signal(signal.SIGINT, _raise_interrupt)
-        with open(log_dir / "agent.log", "w") as agent_log:
+        with (open(log_dir / "agent.log", "w") as agent_log,
+              host_monitor(cfg, job_dir, lambda: {p.pid for p in workers_of(job_processes(agent, job_dir))})):
             agent = subprocess.Popen([sys.executable, "-m", "wan_exp.host.agent", json.dumps(spec)],
                                      env={**os.environ, **env, NODE_ID_VAR: node_id}, stdout=agent_log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
