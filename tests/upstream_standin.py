@@ -173,7 +173,8 @@ s2v_14B.vae_checkpoint = "Wan2.1_VAE.pth"
 s2v_14B.wav2vec = "wav2vec2-large-xlsr-53-english"
 '''
 
-HANG = '''if rank == 1:
+HANG = '''print(f"rank {rank} imported", flush=True)  # a heartbeat: the hang timeout counts from here
+    if rank == 1:
         time.sleep(10**6)  # never joins: rank 0 waits in init_process_group'''
 
 

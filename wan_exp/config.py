@@ -529,6 +529,10 @@ def validate(cfg: Any, world_size: int) -> None:
         )
     if par.name == Strategy.single and world_size != 1:
         raise ConfigError(f"parallel=single runs one rank, got {world_size}")
+    if wl.name == WorkloadName.upstream:  # first: it names the strategies upstream can run
+        from wan_exp.upstream.preflight import check_upstream  # reads the checkout; as media.check_inputs below
+
+        check_upstream(cfg, world_size)
     _check_fsdp_flag(par)
     dims = parallel_dims(cfg, world_size)
     _check_strategy_settings(par, dims)
@@ -589,10 +593,6 @@ def validate(cfg: Any, world_size: int) -> None:
         from wan_exp.media import check_inputs  # reads the files; imported here to keep this module light
 
         check_inputs(cfg, world_size)
-    if wl.name == WorkloadName.upstream:
-        from wan_exp.upstream.preflight import check_upstream  # reads the checkout; as check_inputs above
-
-        check_upstream(cfg, world_size)
 
 
 # --------------------------------------------------------------------------- launch rules
