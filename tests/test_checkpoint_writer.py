@@ -13,7 +13,11 @@ from omegaconf import OmegaConf
 
 from wan_exp.checkpoint.__main__ import main
 from wan_exp.checkpoint.writer import (
-    MANIFEST, CheckpointWriteError, check_target, estimated_bytes, write_random_checkpoint,
+    MANIFEST,
+    CheckpointWriteError,
+    check_target,
+    estimated_bytes,
+    write_random_checkpoint,
 )
 from wan_exp.config import compose_config
 from wan_exp.models.checkpoint import CheckpointReader, RandomWeights

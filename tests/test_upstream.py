@@ -142,7 +142,6 @@ def test_the_import_hook_patches_shard_model_for_every_importer(tmp_path, monkey
     sys.meta_path.insert(0, hook)
     try:
         import fakewan  # noqa: F401
-
         from fakewan import pipeline
 
         assert pipeline.shard_model("m", device_id=0) is False  # upstream's default True, patched
@@ -153,6 +152,26 @@ def test_the_import_hook_patches_shard_model_for_every_importer(tmp_path, monkey
         sys.meta_path.remove(hook)
         for name in [m for m in sys.modules if m.startswith("fakewan")]:
             del sys.modules[name]
+
+
+def test_the_process_group_gets_nccl_timeout_unless_upstream_gives_one():
+    from datetime import timedelta
+
+    from wan_exp.upstream.runner import with_default_timeout
+
+    seen = []
+    init = with_default_timeout(lambda *args, **kwargs: seen.append((args, kwargs)), 42.0)
+    init(backend="nccl", init_method="env://", rank=0, world_size=2)
+    init("gloo", timeout=timedelta(seconds=7))
+    assert seen[0][1]["timeout"] == timedelta(seconds=42) and seen[1][1]["timeout"] == timedelta(seconds=7)
+
+
+def test_settings_upstream_has_no_flag_for_are_named(standin):
+    from wan_exp.upstream.command import ignored_settings
+
+    assert ignored_settings(upstream_config(*standin, "parallel=single")) == []
+    found = ignored_settings(upstream_config(*standin, "parallel=single", "workload.fps=24", "parallel.vae=tiled"))
+    assert [w.split(":")[0] for w in found] == ["workload.fps=24", "parallel.vae=tiled"]
 
 
 # ----------------------------------------------------------------------------- real launches

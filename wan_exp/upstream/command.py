@@ -24,7 +24,15 @@ import ast
 from pathlib import Path
 from typing import Any, Optional
 
-from wan_exp.config import ConfigError, SamplerName, Strategy, parallel_dims
+from wan_exp.config import (
+    S2V_NEGATIVE_PROMPT,
+    ConfigError,
+    SamplerName,
+    Strategy,
+    VaePlacement,
+    WorkloadConfig,
+    parallel_dims,
+)
 
 TASK = "s2v-14B"
 GENERATE_SCRIPT = "generate.py"
@@ -110,6 +118,30 @@ def workload_flags(cfg: Any, job_dir: Optional[Path]) -> list[str]:
 def upstream_arguments(cfg: Any, world_size: int, job_dir: Optional[Path]) -> list[str]:
     """generate.py's whole argument list for this job (without the script name)."""
     return workload_flags(cfg, job_dir) + strategy_flags(cfg, world_size)
+
+
+UPSTREAM_FPS = 16  # upstream's sample_fps for S2V (wan/configs/shared_config.py)
+
+
+def ignored_settings(cfg: Any) -> list[str]:
+    """Settings of wan-exp's own pipeline that upstream's generate.py has no flag for: they run,
+    but do nothing (kept as warnings in the rank records and results.json)."""
+    wl, found = cfg.workload, []
+    if wl.negative_prompt != S2V_NEGATIVE_PROMPT:
+        found.append("workload.negative_prompt: upstream uses its own (sample_neg_prompt of its task config)")
+    if int(wl.fps) != UPSTREAM_FPS:
+        found.append(f"workload.fps={wl.fps}: upstream writes {UPSTREAM_FPS} fps")
+    if not wl.size_from_image:
+        found.append("workload.size_from_image=false: upstream always fits the image into the area of --size")
+    if str(wl.save_video).lower() != WorkloadConfig.save_video:
+        found.append(f"workload.save_video={wl.save_video}: upstream always writes the video")
+    if str(cfg.parallel.vae) != VaePlacement.every_rank.value:
+        found.append(f"parallel.vae={cfg.parallel.vae}: upstream decodes on every rank")
+    if cfg.model.compile:
+        found.append("model.compile=true: upstream does not compile")
+    if str(cfg.model.attention_backend) != "auto":
+        found.append(f"model.attention_backend={cfg.model.attention_backend}: upstream picks its own attention")
+    return [f"{text} (workload=upstream)" for text in found]
 
 
 # ----------------------------------------------------------------------------- reading the checkout

@@ -15,7 +15,10 @@ flags of wan_exp.upstream.command, and around it only what a launcher can see fr
 - ``parallel=fsdp_fixed``: an import hook wraps ``wan.distributed.fsdp.shard_model`` as the
   module is first imported, so every call wraps with ``sync_module_states=False`` (no
   broadcast of rank 0's weights); the checkout's files are not touched, and no bytecode is
-  written into it.
+  written into it;
+- ``torch.distributed.init_process_group`` gets ``nccl.timeout_s`` where upstream gives no
+  timeout (:func:`with_default_timeout`), so a stuck collective times out and the NCCL flight
+  recorder dumps (``nccl=debug``) before the watchdog ends the job.
 
 At the end the rank writes its record (ranks/rank_<r>.json, the same fields as a built-in
 rank's where they can be known from outside; docs/upstream.md); the host adds NVML, host RSS
@@ -39,15 +42,23 @@ import sys
 import threading
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Optional, TextIO
 
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from wan_exp import results
 from wan_exp.host.envvars import seen_environment
-from wan_exp.upstream.command import FSDP_FUNCTION, GENERATE_SCRIPT, upstream_arguments
+from wan_exp.upstream.command import (
+    FSDP_FUNCTION,
+    GENERATE_SCRIPT,
+    UPSTREAM_FPS,
+    ignored_settings,
+    upstream_arguments,
+)
 
 FSDP_MODULE = "wan.distributed.fsdp"
 BAR = re.compile(r"(\d+)/(\d+) \[")  # tqdm's "n/total [elapsed<remaining, rate]"
@@ -265,10 +276,21 @@ def rank_record(job: dict, cfg: Any, rank: int, world_size: int, started: float,
                     "decode_and_write": {"seconds": rest, "count": clips}} if clips else {}),
         "upstream": {"command": [GENERATE_SCRIPT, *arguments], "repo": str(cfg.workload.repo),
                      "seconds": ended - started, "fsdp_patch_calls": fsdp_calls},
+        "warnings": ignored_settings(cfg),
     }
 
 
-UPSTREAM_FPS = 16  # upstream's sample_fps for S2V (wan/configs/shared_config.py)
+def with_default_timeout(init_process_group: Callable[..., Any], seconds: float) -> Callable[..., Any]:
+    """``init_process_group`` that uses ``seconds`` (nccl.timeout_s) where the caller gives no
+    timeout, as upstream's generate.py does: then a rank stuck in a collective times out, and
+    the NCCL flight recorder (nccl=debug) dumps, before the watchdog's hang timeout."""
+    @functools.wraps(init_process_group)
+    def init(*args: Any, **kwargs: Any) -> Any:
+        if "timeout" not in kwargs and len(args) < 3:  # (backend, init_method, timeout, ...)
+            kwargs["timeout"] = timedelta(seconds=seconds)
+        return init_process_group(*args, **kwargs)
+
+    return init
 
 
 def run_upstream(repo: Path, arguments: list[str]) -> None:
@@ -299,7 +321,8 @@ def main() -> None:
     fsdp_calls: Optional[list[dict]] = None
     if str(cfg.parallel.name) == "fsdp_fixed":
         fsdp_calls = []
-        sys.meta_path.insert(0, PatchOnImport("wan.distributed.fsdp", no_broadcast_patch(fsdp_calls)))
+        sys.meta_path.insert(0, PatchOnImport(FSDP_MODULE, no_broadcast_patch(fsdp_calls)))
+    dist.init_process_group = with_default_timeout(dist.init_process_group, float(cfg.nccl.timeout_s))
     progress = ProgressReader(beat)
     stdout, stderr = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = TeeStream(stdout, progress), TeeStream(stderr, progress)
