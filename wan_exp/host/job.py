@@ -159,8 +159,9 @@ def kill_all(procs: list[psutil.Process]) -> list[int]:
 
 
 def dump_stacks(job_dir: Path, beats: dict[int, dict], workers: list[psutil.Process]) -> None:
-    """SIGUSR1 to this host's live ranks (each writes its stacks, see wan_exp.rank.worker);
-    wait briefly for the files. A PID from another host's heartbeat is never signalled."""
+    """SIGUSR1 to this host's live ranks (each writes its stacks, see wan_exp.rank.worker) and
+    py-spy on each (wan_exp.host.pyspy); wait briefly for the files. A PID from another host's
+    heartbeat is never signalled."""
     local = {p.pid for p in workers}
     mine = [b for b in beats.values() if b["pid"] in local]
     for beat in mine:
@@ -168,11 +169,14 @@ def dump_stacks(job_dir: Path, beats: dict[int, dict], workers: list[psutil.Proc
             os.kill(beat["pid"], signal.SIGUSR1)
         except ProcessLookupError:
             pass
+    # py-spy's view from outside, with native frames (an NCCL wait), while the ranks write theirs
+    pyspy = threading.Thread(target=dump_with_pyspy, args=(job_dir, {b["rank"]: b["pid"] for b in mine}))
+    pyspy.start()
     stack_files = [job_dir / "stacks" / f"rank_{b['rank']}.txt" for b in mine]
     deadline = time.time() + STACK_DUMP_WAIT_S
     while time.time() < deadline and not all(f.exists() and f.stat().st_size for f in stack_files):
         time.sleep(0.1)
-    dump_with_pyspy(job_dir, {b["rank"]: b["pid"] for b in mine})  # native frames too (NCCL waits)
+    pyspy.join()
 
 
 # ----------------------------------------------------------------------------- findings
