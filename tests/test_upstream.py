@@ -22,6 +22,7 @@ from wan_exp.report.table import build_rows, column, load_results  # noqa: E402
 from wan_exp.report.upstream import ratio_cells  # noqa: E402
 from wan_exp.upstream.command import declared_flags, strategy_flags, upstream_arguments  # noqa: E402
 from wan_exp.upstream.runner import PatchOnImport, ProgressReader, no_broadcast_patch  # noqa: E402
+from wan_exp.wandb_reader import find_run_file, read_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,8 @@ def test_bad_checkouts_and_checkpoint_folders_are_named_before_launch(standin, t
     with pytest.raises(ConfigError, match=r"lacks what upstream's s2v-14B loads: Wan2.1_VAE.pth, "
                                           r"wav2vec2-large-xlsr-53-english/preprocessor_config.json"):
         check_job(upstream_config(repo, partial, "parallel=single"), gpus=0)
+    with pytest.raises(ConfigError, match=r"launcher.simulate_world_size=8 with workload=upstream"):
+        check_job(upstream_config(repo, ckpt, "parallel=ulysses", "launcher.simulate_world_size=8"), gpus=0)
     with pytest.raises(ConfigError, match=r"needs workload.repo="):
         check_job(compose_config(["workload=upstream", f"model.checkpoint_dir={ckpt}", "parallel=single"]), gpus=0)
 
@@ -203,7 +206,9 @@ def test_fsdp_fixed_upstream_beside_wan_exps_own_job(standin, tmp_path):
     samples = json.loads((sweep / "upstream" / "upstream" / "host_samples.json").read_text())
     assert set(samples["ranks"]) == {"0", "1"} and all(r["peak_rss_gib"] > 0 for r in samples["ranks"].values())
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == files_before  # checkout untouched
-    assert list((sweep / "upstream" / "wandb").rglob("run-*.wandb"))  # the W&B run, as for any job
+    run = read_run(find_run_file(sweep / "upstream"))  # the W&B run, as for any job
+    assert run.config["workload"]["name"] == "upstream" and run.job_type == "fsdp_fixed"
+    assert run.summary["step_time_s_median"] == up["summary"]["step_time_s_median"]
     # the dashboard: two rows of one strategy, and the ratio of the pair
     rows = build_rows(load_results(sweep).jobs)
     assert sorted(r.variant.split()[0] for r in rows if r.strategy == "fsdp_fixed") == [

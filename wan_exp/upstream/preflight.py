@@ -132,6 +132,11 @@ def check_upstream(cfg: Any, world_size: int) -> None:
     """Every check of a workload=upstream job before launch; ConfigError naming the setting."""
     repo = check_checkout(cfg.workload.repo)
     strategy = Strategy(cfg.parallel.name).value
+    for setting, value in (("launcher.simulate_world_size", int(cfg.launcher.simulate_world_size)),
+                           ("launcher.share_gpus", bool(cfg.launcher.share_gpus))):
+        if value:
+            raise ConfigError(f"{setting}={value} with workload=upstream: upstream's generate.py joins its own "
+                              "NCCL process group, one GPU per rank (no fake or shared-GPU ranks); leave it unset")
     if not cfg.model.checkpoint_dir:
         raise ConfigError("workload=upstream needs model.checkpoint_dir=<a Wan2.2-S2V-14B folder>; "
                           "`python -m wan_exp.checkpoint write model=s2v_14b out=<dir>` writes one with "
