@@ -45,6 +45,8 @@ class HostMonitor:
         self._thread = threading.Thread(target=self._run, name="wan-exp-host-monitor", daemon=True)
 
     def __enter__(self) -> "HostMonitor":
+        # a video an earlier attempt left (launcher.resume) must not pass for this run's
+        (self.job_dir / VIDEO_FILE).unlink(missing_ok=True)
         self._thread.start()
         return self
 
