@@ -177,6 +177,39 @@ def test_settings_upstream_has_no_flag_for_are_named(standin):
     assert [w.split(":")[0] for w in found] == ["workload.fps=24", "parallel.vae=tiled"]
 
 
+def test_the_host_gives_each_rank_its_gpus_nvml_peak_and_names_other_gpus_it_touched(tmp_path, monkeypatch):
+    """NVML cannot run on a CPU machine: the readings are given, the attribution is real."""
+    import os
+
+    from wan_exp import results
+    from wan_exp.devices import Gpu, NvmlView
+    from wan_exp.upstream.monitor import HostMonitor
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    me, other = os.getpid(), os.getppid()
+    readings = iter([
+        NvmlView([Gpu(0, "H200", "GPU-a", 30 * 2**30, 141 * 2**30, 90, [me, other]),
+                  Gpu(1, "H200", "GPU-b", 20 * 2**30, 141 * 2**30, 50, [other])], "12.8"),
+        NvmlView([Gpu(0, "H200", "GPU-a", 40 * 2**30, 141 * 2**30, 70, [me, other]),
+                  Gpu(1, "H200", "GPU-b", 25 * 2**30, 141 * 2**30, 30, [other])], "12.8"),
+    ])
+    for rank, pid in ((0, me), (1, other)):
+        results.write_json_atomic(results.heartbeat_path(tmp_path, rank), {"rank": rank, "pid": pid, "seq": 1})
+        results.write_rank_record(tmp_path, {"rank": rank, "local_rank": rank, "device": "cuda", "status": "failed",
+                                             "memory": {"peak_host_rss_gib": 0.001}})
+    monitor = HostMonitor(tmp_path, local_pids=lambda: {me, other}, read_gpus=lambda: next(readings))
+    monitor.sample()
+    monitor.sample()
+    monitor.finish()
+    rank0, rank1 = results.read_rank_records(tmp_path)
+    assert rank0["memory"]["nvml_used_gib"] == 40 and rank0["gpu_utilisation_pct_mean"] == 80
+    assert rank0["device_name"] == "H200" and rank0["other_gpus_used"] == []
+    # rank 1 (local rank 1: GPU 1) holds a context on GPU 0 too: the "GPU 0 overloaded" symptom
+    assert rank1["memory"]["nvml_used_gib"] == 25 and rank1["gpu_utilisation_pct_mean"] == 40
+    assert rank1["other_gpus_used"] == [0]
+    assert rank0["memory"]["peak_host_rss_gib"] > 0.001  # psutil's RSS of this process beats the record's
+
+
 # ----------------------------------------------------------------------------- real launches
 @pytest.mark.slow
 def test_fsdp_fixed_upstream_beside_wan_exps_own_job(standin, tmp_path):

@@ -6,8 +6,8 @@ While the ranks run, :class:`HostMonitor` samples every second:
 - per rank of this host, its resident set (psutil), found by the PIDs of the ranks' heartbeats
   that are processes of this job on this host.
 Once the ranks are gone it writes ``<job>/upstream/host_samples.json`` and adds to each rank
-record (written by wan_exp.upstream.runner) its GPU's peak NVML memory, mean utilisation and
-name, and its sampled peak RSS; on the host holding rank 0 it checks the output video
+record (written by wan_exp.upstream.runner) its own GPU's peak NVML memory, mean utilisation
+and name (:func:`rank_gpu`), the other GPUs it holds a context on, and its sampled peak RSS; on the host holding rank 0 it checks the output video
 (:func:`check_video`) and fails rank 0's record when the video is missing or short. Then
 wan_exp.results.finalize_job builds results.json as for any job.
 
@@ -15,6 +15,7 @@ No torch import: the job process on the host uses this module.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Any, Callable, ContextManager, Optional
 import psutil
 
 from wan_exp import results
-from wan_exp.devices import NvmlView, read_nvml
+from wan_exp.devices import NvmlView, read_nvml, visible_gpus
 from wan_exp.upstream.command import VIDEO_FILE
 
 SAMPLE_S = 1.0
@@ -41,6 +42,7 @@ class HostMonitor:
         self.read_gpus, self.interval_s = read_gpus, interval_s
         self.gpus: dict[int, dict] = {}  # index -> {"name", "used_gib": [...], "util_pct": [...], "pids": set}
         self.rss: dict[int, dict] = {}  # rank -> {"pid", "rss_gib": [...]}
+        self.cuda_order: list[int] = []  # NVML indices of the GPUs CUDA shows the ranks, in CUDA's order
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wan-exp-host-monitor", daemon=True)
 
@@ -62,6 +64,8 @@ class HostMonitor:
 
     def sample(self) -> None:
         view = self.read_gpus()
+        visible, _ = visible_gpus(view.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))  # the ranks inherit it
+        self.cuda_order = [g.index for g in visible]
         for gpu in view.gpus:
             entry = self.gpus.setdefault(gpu.index, {"name": gpu.name, "used_gib": [], "util_pct": [], "pids": set()})
             entry["used_gib"].append(gpu.used_bytes / results.GIB)
@@ -95,27 +99,31 @@ class HostMonitor:
             sampled = ranks.get(record["rank"])
             if sampled is None:
                 continue  # another host's rank: that host adds its own figures
-            add_host_figures(record, gpus, sampled)
+            add_host_figures(record, gpus, sampled, self.cuda_order)
             if record["rank"] == 0:
                 add_video_check(record, self.job_dir)
             results.write_rank_record(self.job_dir, record)
 
 
-def rank_gpu(record: dict, gpus: list[dict], pid: int) -> Optional[dict]:
-    """The GPU whose NVML process list held the rank's PID, else the rank's local index."""
-    holding = [g for g in gpus if pid in g["pids"]]
-    if holding:
-        return holding[0]
+def rank_gpu(record: dict, gpus: list[dict], pid: int, cuda_order: list[int]) -> Optional[dict]:
+    """The rank's own GPU: the one CUDA calls ``local_rank`` (upstream's device; ``cuda_order``:
+    NVML indices in CUDA's order under CUDA_VISIBLE_DEVICES), else the first whose NVML process
+    list holds the rank's PID; None for a CPU rank or where neither is known."""
+    by_index = {g["index"]: g for g in gpus}
     local = record.get("local_rank", record["rank"])
-    return gpus[local] if str(record.get("device", "")).startswith("cuda") and local < len(gpus) else None
+    if str(record.get("device", "")).startswith("cuda") and cuda_order:
+        own = by_index.get(cuda_order[local % len(cuda_order)])
+        if own is not None:
+            return own
+    return next((g for g in gpus if pid in g["pids"]), None)
 
 
-def add_host_figures(record: dict, gpus: list[dict], sampled: dict) -> None:
+def add_host_figures(record: dict, gpus: list[dict], sampled: dict, cuda_order: list[int]) -> None:
     """The host's view of one rank, into its record (memory.nvml_used_gib, peak_host_rss_gib)."""
     memory = record.setdefault("memory", {})
     own_peak = memory.get("peak_host_rss_gib")
     memory["peak_host_rss_gib"] = max(v for v in (own_peak, sampled["peak_rss_gib"]) if v is not None)
-    gpu = rank_gpu(record, gpus, sampled["pid"])
+    gpu = rank_gpu(record, gpus, sampled["pid"], cuda_order)
     if gpu is not None:
         memory["nvml_used_gib"] = gpu["peak_used_gib"]
         record["device_name"] = gpu["name"]
