@@ -1,6 +1,7 @@
 """python -m wan_exp.checkpoint write: a random-weight folder in the official layout, read back
 by the loaders that use it (wan-exp's own, transformers' as upstream calls them, and the
 workload=upstream preflight)."""
+
 from __future__ import annotations
 
 import json
@@ -27,11 +28,36 @@ from wan_exp.upstream.preflight import missing_checkpoint_files
 
 # upstream's WanModel_S2V constructor parameters (wan/modules/s2v/model_s2v.py), written out here
 UPSTREAM_DIT_PARAMETERS = {
-    "cond_dim", "audio_dim", "num_audio_token", "enable_adain", "adain_mode", "audio_inject_layers", "zero_init",
-    "zero_timestep", "enable_motioner", "add_last_motion", "enable_tsm", "trainable_token_pos_emb",
-    "motion_token_num", "enable_framepack", "framepack_drop_mode", "model_type", "patch_size", "text_len",
-    "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim", "num_heads", "num_layers", "window_size",
-    "qk_norm", "cross_attn_norm", "eps",
+    "cond_dim",
+    "audio_dim",
+    "num_audio_token",
+    "enable_adain",
+    "adain_mode",
+    "audio_inject_layers",
+    "zero_init",
+    "zero_timestep",
+    "enable_motioner",
+    "add_last_motion",
+    "enable_tsm",
+    "trainable_token_pos_emb",
+    "motion_token_num",
+    "enable_framepack",
+    "framepack_drop_mode",
+    "model_type",
+    "patch_size",
+    "text_len",
+    "in_dim",
+    "dim",
+    "ffn_dim",
+    "freq_dim",
+    "text_dim",
+    "out_dim",
+    "num_heads",
+    "num_layers",
+    "window_size",
+    "qk_norm",
+    "cross_attn_norm",
+    "eps",
 }
 
 
@@ -66,8 +92,9 @@ def test_t5_vae_and_wav2vec2_load_with_the_loaders_that_read_them(written):
     from transformers import AutoTokenizer, Wav2Vec2ForCTC, Wav2Vec2Processor
 
     out, cfg = written
-    model_cfg = OmegaConf.merge(cfg, {"checkpoint_dir": str(out),
-                                      "text_encoder": {"checkpoint": "models_t5_umt5-xxl-enc-bf16.pth"}})
+    model_cfg = OmegaConf.merge(
+        cfg, {"checkpoint_dir": str(out), "text_encoder": {"checkpoint": "models_t5_umt5-xxl-enc-bf16.pth"}}
+    )
     t5 = build_text_encoder(model_cfg, "cpu", torch.float32)
     official = torch.load(out / "models_t5_umt5-xxl-enc-bf16.pth", weights_only=True)
     assert all(t.dtype == torch.bfloat16 for t in official.values())

@@ -4,6 +4,7 @@ The checkout is a stand-in written by the test (tests/upstream_standin.py) with 
 flags and module layout, doing small real work on gloo. Two real launches: fsdp_fixed beside
 wan-exp's own fsdp_fixed job (patch, records, video, W&B, dashboard), and a stand-in that
 hangs at start-up (watchdog, stacks)."""
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from launch_helpers import job_results, run_launch  # noqa: E402
 from upstream_standin import standin_numel, write_checkout, write_checkpoint_folder  # noqa: E402
-
 from wan_exp.config import ConfigError, check_job, compose_config  # noqa: E402
 from wan_exp.report.table import build_rows, column, load_results  # noqa: E402
 from wan_exp.report.upstream import ratio_cells  # noqa: E402
 from wan_exp.upstream.command import declared_flags, strategy_flags, upstream_arguments  # noqa: E402
 from wan_exp.upstream.runner import PatchOnImport, ProgressReader, no_broadcast_patch  # noqa: E402
-from wan_exp.wandb_reader import find_run_file, read_run  # noqa: E402
+from wandb_reader import find_run_file, read_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +32,22 @@ def standin(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def upstream_config(repo: Path, ckpt: Path, *overrides: str):
-    return compose_config(["workload=upstream", f"workload.repo={repo}", f"model.checkpoint_dir={ckpt}",
-                           "logger=disabled", *overrides])
+    return compose_config(
+        ["workload=upstream", f"workload.repo={repo}", f"model.checkpoint_dir={ckpt}", "logger=disabled", *overrides]
+    )
 
 
 # ----------------------------------------------------------------------------- flags
-@pytest.mark.parametrize("strategy, ranks, expected", [
-    ("single", 1, []),
-    ("ulysses", 4, ["--ulysses_size", "4"]),
-    ("fsdp", 2, ["--dit_fsdp", "--t5_fsdp"]),
-    ("fsdp_fixed", 2, ["--dit_fsdp", "--t5_fsdp"]),
-    ("hybrid", 4, ["--ulysses_size", "4", "--dit_fsdp", "--t5_cpu"]),
-])
+@pytest.mark.parametrize(
+    "strategy, ranks, expected",
+    [
+        ("single", 1, []),
+        ("ulysses", 4, ["--ulysses_size", "4"]),
+        ("fsdp", 2, ["--dit_fsdp", "--t5_fsdp"]),
+        ("fsdp_fixed", 2, ["--dit_fsdp", "--t5_fsdp"]),
+        ("hybrid", 4, ["--ulysses_size", "4", "--dit_fsdp", "--t5_cpu"]),
+    ],
+)
 def test_each_strategy_maps_to_upstreams_flags(standin, strategy, ranks, expected):
     cfg = upstream_config(*standin, f"parallel={strategy}")
     assert strategy_flags(cfg, ranks) == expected
@@ -60,16 +64,31 @@ def test_workload_settings_map_to_upstreams_flags(standin, tmp_path):
     repo, ckpt = standin
     audio = tmp_path / "a.wav"
     audio.write_bytes(b"x")
-    cfg = upstream_config(repo, ckpt, "parallel=single", "workload.size=480*832", "workload.frames_per_clip=48",
-                          "workload.clips=3", "workload.sample_steps=7", "workload.shift=5",
-                          "workload.guidance_scale=3.5", "seed=11", "workload.prompt=a cat",
-                          f"workload.audio_path={audio}", "workload.offload_model=true",
-                          "workload.convert_model_dtype=true")
+    cfg = upstream_config(
+        repo,
+        ckpt,
+        "parallel=single",
+        "workload.size=480*832",
+        "workload.frames_per_clip=48",
+        "workload.clips=3",
+        "workload.sample_steps=7",
+        "workload.shift=5",
+        "workload.guidance_scale=3.5",
+        "seed=11",
+        "workload.prompt=a cat",
+        f"workload.audio_path={audio}",
+        "workload.offload_model=true",
+        "workload.convert_model_dtype=true",
+    )
     args = upstream_arguments(cfg, 1, tmp_path)
     pairs = dict(zip(args[::2], args[1::2]))
     assert pairs["--task"] == "s2v-14B" and pairs["--ckpt_dir"] == str(ckpt.resolve())
     assert (pairs["--size"], pairs["--infer_frames"], pairs["--num_clip"], pairs["--sample_steps"]) == (
-        "480*832", "48", "3", "7")
+        "480*832",
+        "48",
+        "3",
+        "7",
+    )
     assert (pairs["--sample_shift"], pairs["--sample_guide_scale"], pairs["--base_seed"]) == ("5", "3.5", "11")
     assert pairs["--prompt"] == "a cat" and pairs["--audio"] == str(audio.resolve())
     assert args[args.index("--offload_model") + 1] == "True" and "--convert_model_dtype" in args
@@ -79,8 +98,10 @@ def test_workload_settings_map_to_upstreams_flags(standin, tmp_path):
 
 def test_flags_are_read_from_the_source_without_running_it(tmp_path):
     script = tmp_path / "generate.py"
-    script.write_text("raise SystemExit('never run')\n"
-                      "p.add_argument('--one', type=int)\nq.add_argument(\"--two\", '-t')\nadd_argument('--not')\n")
+    script.write_text(
+        "raise SystemExit('never run')\n"
+        "p.add_argument('--one', type=int)\nq.add_argument(\"--two\", '-t')\nadd_argument('--not')\n"
+    )
     assert declared_flags(script) == {"--one", "--two"}
 
 
@@ -103,8 +124,11 @@ def test_bad_checkouts_and_checkpoint_folders_are_named_before_launch(standin, t
     partial = write_checkpoint_folder(tmp_path / "partial")
     (partial / "Wan2.1_VAE.pth").unlink()
     (partial / "wav2vec2-large-xlsr-53-english" / "preprocessor_config.json").unlink()
-    with pytest.raises(ConfigError, match=r"lacks what upstream's s2v-14B loads: Wan2.1_VAE.pth, "
-                                          r"wav2vec2-large-xlsr-53-english/preprocessor_config.json"):
+    with pytest.raises(
+        ConfigError,
+        match=r"lacks what upstream's s2v-14B loads: Wan2.1_VAE.pth, "
+        r"wav2vec2-large-xlsr-53-english/preprocessor_config.json",
+    ):
         check_job(upstream_config(repo, partial, "parallel=single"), gpus=0)
     with pytest.raises(ConfigError, match=r"launcher.simulate_world_size=8 with workload=upstream"):
         check_job(upstream_config(repo, ckpt, "parallel=ulysses", "launcher.simulate_world_size=8"), gpus=0)
@@ -137,7 +161,8 @@ def test_the_import_hook_patches_shard_model_for_every_importer(tmp_path, monkey
     (pkg / "__init__.py").write_text("from . import pipeline\n")
     (pkg / "distributed" / "__init__.py").write_text("")
     (pkg / "distributed" / "fsdp.py").write_text(
-        "def shard_model(model, device_id, sync_module_states=True):\n    return sync_module_states\n")
+        "def shard_model(model, device_id, sync_module_states=True):\n    return sync_module_states\n"
+    )
     (pkg / "pipeline.py").write_text("from .distributed.fsdp import shard_model\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     calls: list[dict] = []
@@ -187,16 +212,36 @@ def test_the_host_gives_each_rank_its_gpus_nvml_peak_and_names_other_gpus_it_tou
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     me, other = os.getpid(), os.getppid()
-    readings = iter([
-        NvmlView([Gpu(0, "H200", "GPU-a", 30 * 2**30, 141 * 2**30, 90, [me, other]),
-                  Gpu(1, "H200", "GPU-b", 20 * 2**30, 141 * 2**30, 50, [other])], "12.8"),
-        NvmlView([Gpu(0, "H200", "GPU-a", 40 * 2**30, 141 * 2**30, 70, [me, other]),
-                  Gpu(1, "H200", "GPU-b", 25 * 2**30, 141 * 2**30, 30, [other])], "12.8"),
-    ])
+    readings = iter(
+        [
+            NvmlView(
+                [
+                    Gpu(0, "H200", "GPU-a", 30 * 2**30, 141 * 2**30, 90, [me, other]),
+                    Gpu(1, "H200", "GPU-b", 20 * 2**30, 141 * 2**30, 50, [other]),
+                ],
+                "12.8",
+            ),
+            NvmlView(
+                [
+                    Gpu(0, "H200", "GPU-a", 40 * 2**30, 141 * 2**30, 70, [me, other]),
+                    Gpu(1, "H200", "GPU-b", 25 * 2**30, 141 * 2**30, 30, [other]),
+                ],
+                "12.8",
+            ),
+        ]
+    )
     for rank, pid in ((0, me), (1, other)):
         results.write_json_atomic(results.heartbeat_path(tmp_path, rank), {"rank": rank, "pid": pid, "seq": 1})
-        results.write_rank_record(tmp_path, {"rank": rank, "local_rank": rank, "device": "cuda", "status": "failed",
-                                             "memory": {"peak_host_rss_gib": 0.001}})
+        results.write_rank_record(
+            tmp_path,
+            {
+                "rank": rank,
+                "local_rank": rank,
+                "device": "cuda",
+                "status": "failed",
+                "memory": {"peak_host_rss_gib": 0.001},
+            },
+        )
     monitor = HostMonitor(tmp_path, local_pids=lambda: {me, other}, read_gpus=lambda: next(readings))
     monitor.sample()
     monitor.sample()
@@ -219,8 +264,14 @@ def test_fsdp_fixed_upstream_beside_wan_exps_own_job(standin, tmp_path):
     common = ["parallel=fsdp_fixed", "launcher.nproc_per_node=2", "logger=offline"]
     mine = run_launch(sweep, *common, "workload=generate", "hydra.sweep.subdir=generate")
     assert mine.returncode == 0, mine.stdout[-2000:] + mine.stderr[-2000:]
-    theirs = run_launch(sweep, *common, "workload=upstream", f"workload.repo={repo}",
-                        f"model.checkpoint_dir={ckpt}", "hydra.sweep.subdir=upstream")
+    theirs = run_launch(
+        sweep,
+        *common,
+        "workload=upstream",
+        f"workload.repo={repo}",
+        f"model.checkpoint_dir={ckpt}",
+        "hydra.sweep.subdir=upstream",
+    )
     assert theirs.returncode == 0, theirs.stdout[-2000:] + theirs.stderr[-2000:]
     up = json.loads((sweep / "upstream" / "results.json").read_text())
     assert up["status"] == "completed" and up["workload"] == "upstream" and up["strategy"] == "fsdp_fixed"
@@ -245,7 +296,9 @@ def test_fsdp_fixed_upstream_beside_wan_exps_own_job(standin, tmp_path):
     # the dashboard: two rows of one strategy, and the ratio of the pair
     rows = build_rows(load_results(sweep).jobs)
     assert sorted(r.variant.split()[0] for r in rows if r.strategy == "fsdp_fixed") == [
-        "model.checkpoint_dir=" + str(ckpt), "workload=generate"]
+        "model.checkpoint_dir=" + str(ckpt),
+        "workload=generate",
+    ]
     header, body = ratio_cells(rows)
     assert len(body) == 1 and body[0][:2] == ["fsdp_fixed", "2"]
     steps = {r.jobs[0]["workload"]: r.value(column("step s")) for r in rows}
@@ -261,9 +314,16 @@ def test_a_checkout_that_hangs_at_start_up_is_a_hang_with_every_ranks_stacks(tmp
     _, ckpt = standin
     repo = write_checkout(tmp_path / "hanging", hang=True)
     sweep = tmp_path / "sweep"
-    proc = run_launch(sweep, "parallel=ulysses", "launcher.nproc_per_node=2", "logger=disabled",
-                      "workload=upstream", f"workload.repo={repo}", f"model.checkpoint_dir={ckpt}",
-                      "launcher.hang_timeout_s=10")
+    proc = run_launch(
+        sweep,
+        "parallel=ulysses",
+        "launcher.nproc_per_node=2",
+        "logger=disabled",
+        "workload=upstream",
+        f"workload.repo={repo}",
+        f"model.checkpoint_dir={ckpt}",
+        "launcher.hang_timeout_s=10",
+    )
     assert proc.returncode != 0
     result = job_results(sweep)[0]
     assert result["status"] == "hang", result["root_cause"]

@@ -10,6 +10,7 @@ the wrap received and how much of the model this rank holds, runs the steps with
 (an all-reduce per step under --ulysses_size), and on rank 0 writes the video with PyAV.
 With ``hang=True`` rank 1 never joins the process group, so rank 0 waits in it forever.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,19 +24,30 @@ STANDIN_WIDTH = 8  # the stand-in model's Linear width
 STANDIN_BLOCKS = 3
 
 FLAGS = {  # flag -> argparse keyword text, as upstream declares them
-    "--task": 'type=str, default="t2v-A14B"', "--size": 'type=str, default="1280*720"',
-    "--frame_num": "type=int, default=None", "--ckpt_dir": "type=str, default=None",
-    "--offload_model": "type=str, default=None", "--ulysses_size": "type=int, default=1",
-    "--t5_fsdp": 'action="store_true"', "--t5_cpu": 'action="store_true"', "--dit_fsdp": 'action="store_true"',
-    "--save_file": "type=str, default=None", "--prompt": "type=str, default=None",
-    "--base_seed": "type=int, default=-1", "--image": "type=str, default=None",
-    "--sample_solver": 'type=str, default="unipc"', "--sample_steps": "type=int, default=None",
-    "--sample_shift": "type=float, default=None", "--sample_guide_scale": "type=float, default=None",
-    "--convert_model_dtype": 'action="store_true"', "--num_clip": "type=int, default=None",
-    "--audio": "type=str, default=None", "--infer_frames": "type=int, default=80",
+    "--task": 'type=str, default="t2v-A14B"',
+    "--size": 'type=str, default="1280*720"',
+    "--frame_num": "type=int, default=None",
+    "--ckpt_dir": "type=str, default=None",
+    "--offload_model": "type=str, default=None",
+    "--ulysses_size": "type=int, default=1",
+    "--t5_fsdp": 'action="store_true"',
+    "--t5_cpu": 'action="store_true"',
+    "--dit_fsdp": 'action="store_true"',
+    "--save_file": "type=str, default=None",
+    "--prompt": "type=str, default=None",
+    "--base_seed": "type=int, default=-1",
+    "--image": "type=str, default=None",
+    "--sample_solver": 'type=str, default="unipc"',
+    "--sample_steps": "type=int, default=None",
+    "--sample_shift": "type=float, default=None",
+    "--sample_guide_scale": "type=float, default=None",
+    "--convert_model_dtype": 'action="store_true"',
+    "--num_clip": "type=int, default=None",
+    "--audio": "type=str, default=None",
+    "--infer_frames": "type=int, default=80",
 }
 
-GENERATE = '''\
+GENERATE = """\
 import argparse
 import json
 import logging
@@ -97,9 +109,9 @@ def generate(args):
 
 if __name__ == "__main__":
     generate(_parse_args())
-'''
+"""
 
-SPEECH2VIDEO = '''\
+SPEECH2VIDEO = """\
 import json
 
 import torch
@@ -133,9 +145,9 @@ class WanS2V:
             (out / f"standin_fsdp_rank{{rank}}.json").write_text(json.dumps(
                 {{"sync_module_states": model.standin_sync_module_states, "held_numel": held, "fsdp_units": units}}))
         self.model = model
-'''
+"""
 
-FSDP = '''\
+FSDP = """\
 from functools import partial
 
 import torch
@@ -152,16 +164,16 @@ def shard_model(model, device_id, param_dtype=torch.bfloat16, reduce_dtype=torch
                    device_id=device_id, sync_module_states=sync_module_states)
     wrapped.standin_sync_module_states = sync_module_states  # what reached FSDP, for the test
     return wrapped
-'''
+"""
 
-CONFIGS = '''\
+CONFIGS = """\
 from .wan_s2v_14B import s2v_14B
 
 WAN_CONFIGS = {"t2v-A14B": None, "s2v-14B": s2v_14B}
 SIZE_CONFIGS = {"480*832": (480, 832), "832*480": (832, 480), "64*64": (64, 64)}
-'''
+"""
 
-TASK_CONFIG = '''\
+TASK_CONFIG = """\
 class _Config:
     pass
 
@@ -171,17 +183,18 @@ s2v_14B.t5_checkpoint = "models_t5_umt5-xxl-enc-bf16.pth"
 s2v_14B.t5_tokenizer = "google/umt5-xxl"
 s2v_14B.vae_checkpoint = "Wan2.1_VAE.pth"
 s2v_14B.wav2vec = "wav2vec2-large-xlsr-53-english"
-'''
+"""
 
-HANG = '''print(f"rank {rank} imported", flush=True)  # a heartbeat: the hang timeout counts from here
+HANG = """print(f"rank {rank} imported", flush=True)  # a heartbeat: the hang timeout counts from here
     if rank == 1:
-        time.sleep(10**6)  # never joins: rank 0 waits in init_process_group'''
+        time.sleep(10**6)  # never joins: rank 0 waits in init_process_group"""
 
 
 def write_checkout(folder: Path, hang: bool = False, drop_flags: tuple[str, ...] = ()) -> Path:
     """The stand-in checkout in ``folder``; ``drop_flags`` leaves flags out of generate.py."""
-    arguments = "\n".join(f'    parser.add_argument("{flag}", {spec})' for flag, spec in FLAGS.items()
-                          if flag not in drop_flags)
+    arguments = "\n".join(
+        f'    parser.add_argument("{flag}", {spec})' for flag, spec in FLAGS.items() if flag not in drop_flags
+    )
     files = {
         "generate.py": GENERATE.format(arguments=arguments, width=STANDIN_WIDTH, hang=HANG if hang else "pass"),
         "wan/__init__.py": "from . import speech2video\n",
@@ -210,8 +223,11 @@ def write_checkpoint_folder(folder: Path) -> Path:
     model's weights as the one-file DiT layout."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    weights = {f"blocks.{i}.{p}": torch.randn(STANDIN_WIDTH, STANDIN_WIDTH) if p == "weight" else
-               torch.randn(STANDIN_WIDTH) for i in range(STANDIN_BLOCKS) for p in ("weight", "bias")}
+    weights = {
+        f"blocks.{i}.{p}": torch.randn(STANDIN_WIDTH, STANDIN_WIDTH) if p == "weight" else torch.randn(STANDIN_WIDTH)
+        for i in range(STANDIN_BLOCKS)
+        for p in ("weight", "bias")
+    }
     save_file(weights, str(folder / "diffusion_pytorch_model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"dim": STANDIN_WIDTH}))
     for name in ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"):

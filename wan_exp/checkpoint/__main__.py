@@ -4,6 +4,7 @@ Writes a random-weight folder in the official Wan2.2-S2V-14B layout (wan_exp.che
 ``out`` must be new or empty; the disk must hold the estimate (about 46 GiB for s2v_14b).
 Every other ``key=value`` is a config override as for launch.py (``model=tiny``, ``model.seed``...).
 """
+
 from __future__ import annotations
 
 import sys

@@ -18,6 +18,7 @@ DiT: ``diffusion_pytorch_model-0000N-of-0000M``  wan_exp.models.checkpoint.Rando
 
 Every value is deterministic by ``seed``. A manifest (:data:`MANIFEST`) says the folder is random.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,10 +42,21 @@ WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 DTYPES = {DType.bf16: torch.bfloat16, DType.fp16: torch.float16, DType.fp32: torch.float32}
 # upstream's S2V transformer settings (wan/configs/wan_s2v_14B.py) that are not dimensions
 S2V_SETTINGS = {
-    "model_type": "s2v", "cond_dim": 16, "num_audio_token": 4, "enable_adain": True, "adain_mode": "attn_norm",
-    "zero_init": True, "zero_timestep": True, "enable_motioner": False, "add_last_motion": True,
-    "enable_tsm": False, "trainable_token_pos_emb": False, "motion_token_num": 1024, "enable_framepack": True,
-    "framepack_drop_mode": "padd", "window_size": [-1, -1],
+    "model_type": "s2v",
+    "cond_dim": 16,
+    "num_audio_token": 4,
+    "enable_adain": True,
+    "adain_mode": "attn_norm",
+    "zero_init": True,
+    "zero_timestep": True,
+    "enable_motioner": False,
+    "add_last_motion": True,
+    "enable_tsm": False,
+    "trainable_token_pos_emb": False,
+    "motion_token_num": 1024,
+    "enable_framepack": True,
+    "framepack_drop_mode": "padd",
+    "window_size": [-1, -1],
 }
 # the CTC vocabulary of an English character model: special tokens, word separator, letters
 CTC_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ", "'"]
@@ -59,12 +71,22 @@ class CheckpointWriteError(RuntimeError):
 def dit_config(model_cfg: Any) -> dict:
     """config.json for upstream's ``WanModel_S2V.from_pretrained``: its constructor arguments."""
     return {
-        "_class_name": "WanModel_S2V", **S2V_SETTINGS,
-        "patch_size": list(model_cfg.patch_size), "text_len": model_cfg.text_len, "in_dim": model_cfg.in_dim,
-        "dim": model_cfg.dim, "ffn_dim": model_cfg.ffn_dim, "freq_dim": model_cfg.freq_dim,
-        "text_dim": model_cfg.text_dim, "out_dim": model_cfg.out_dim, "num_heads": model_cfg.num_heads,
-        "num_layers": model_cfg.num_layers, "qk_norm": model_cfg.qk_norm,
-        "cross_attn_norm": model_cfg.cross_attn_norm, "eps": model_cfg.eps, "audio_dim": model_cfg.audio_dim,
+        "_class_name": "WanModel_S2V",
+        **S2V_SETTINGS,
+        "patch_size": list(model_cfg.patch_size),
+        "text_len": model_cfg.text_len,
+        "in_dim": model_cfg.in_dim,
+        "dim": model_cfg.dim,
+        "ffn_dim": model_cfg.ffn_dim,
+        "freq_dim": model_cfg.freq_dim,
+        "text_dim": model_cfg.text_dim,
+        "out_dim": model_cfg.out_dim,
+        "num_heads": model_cfg.num_heads,
+        "num_layers": model_cfg.num_layers,
+        "qk_norm": model_cfg.qk_norm,
+        "cross_attn_norm": model_cfg.cross_attn_norm,
+        "eps": model_cfg.eps,
+        "audio_dim": model_cfg.audio_dim,
         "audio_inject_layers": list(model_cfg.audio_inject_layers),
     }
 
@@ -127,8 +149,9 @@ def write_tokenizer(folder: Path) -> None:
 
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TOKENIZER_SPECIALS)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
 
 
 def write_vae(model_cfg: Any, out: Path, seed: int) -> None:
@@ -147,8 +170,9 @@ def write_audio_encoder(model_cfg: Any, folder: Path, seed: int) -> None:
     vocab = folder / "vocab.json"
     vocab.write_text(json.dumps({token: i for i, token in enumerate(CTC_VOCAB)}))
     tokenizer = Wav2Vec2CTCTokenizer(str(vocab), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|")
-    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                                         return_attention_mask=True)
+    extractor = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    )
     Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
     extractor.save_pretrained(folder)  # preprocessor_config.json, as the official folder has it
     tokenizer.save_pretrained(folder)  # the tokenizer's own files too, for older transformers
@@ -160,8 +184,10 @@ def check_target(out: Path, needed: int) -> None:
     existing = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if free < needed * DISK_MARGIN:
-        raise CheckpointWriteError(f"out={out}: the folder needs about {needed / 1024**3:.1f} GiB, but "
-                                   f"{existing} has {free / 1024**3:.1f} GiB free; write it elsewhere")
+        raise CheckpointWriteError(
+            f"out={out}: the folder needs about {needed / 1024**3:.1f} GiB, but "
+            f"{existing} has {free / 1024**3:.1f} GiB free; write it elsewhere"
+        )
 
 
 def write_random_checkpoint(model_cfg: Any, out: Path, seed: int = 0, shards: int = 4) -> Path:
@@ -175,9 +201,19 @@ def write_random_checkpoint(model_cfg: Any, out: Path, seed: int = 0, shards: in
     write_tokenizer(out / TOKENIZER_SUBDIR)
     write_vae(model_cfg, out, seed)
     write_audio_encoder(model_cfg, out / WAV2VEC_DIR, seed)
-    (out / MANIFEST).write_text(json.dumps({
-        "random": True, "model": model_cfg.name, "seed": seed, "bytes": needed,
-        "note": ("random weights in the official Wan2.2-S2V-14B layout, written by python -m wan_exp.checkpoint; "
-                 "good for time and memory, not for pictures (docs/upstream.md)"),
-    }, indent=2))
+    (out / MANIFEST).write_text(
+        json.dumps(
+            {
+                "random": True,
+                "model": model_cfg.name,
+                "seed": seed,
+                "bytes": needed,
+                "note": (
+                    "random weights in the official Wan2.2-S2V-14B layout, written by python -m wan_exp.checkpoint; "
+                    "good for time and memory, not for pictures (docs/upstream.md)"
+                ),
+            },
+            indent=2,
+        )
+    )
     return out

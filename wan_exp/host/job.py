@@ -354,7 +354,7 @@ def run_job(cfg: DictConfig) -> dict:
     layout = node_layout(cfg.launcher, os.environ)
     if (layout.node_rank == 0 and not cfg.launcher.resume
             and results.read_json(job_dir / results.JOB_FILE) is not None):
-        # the torchrun launcher's batch check refuses this before any job; other launchers
+        # the checked launcher's batch check refuses this before any job; other launchers
         # (submitit) arrive here: never clear a job dir an earlier launch left
         log.error("job %d: not started: %s already holds a job; use launcher.resume=true to finish "
                   "that sweep, or a new hydra.sweep.dir", job_num, job_dir)

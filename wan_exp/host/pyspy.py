@@ -9,6 +9,7 @@ kernel.yama.ptrace_scope > 0); what py-spy said instead is written into the file
 
 No torch import: the job process on the host uses this module.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -39,7 +40,7 @@ def dump_with_pyspy(job_dir: Path, pids_by_rank: dict[int, int], native: bool = 
         out = stacks / f"rank_{rank}.pyspy.txt"
         handle = open(out, "w")
         running[out] = (subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT), handle)
-    for out, (proc, handle) in running.items():  # every rank at once: their stacks from one moment
+    for proc, handle in running.values():  # every rank at once: their stacks from one moment
         try:
             proc.wait(timeout=PYSPY_TIMEOUT_S)
         except subprocess.TimeoutExpired:

@@ -6,6 +6,7 @@ Rows pair when their variants differ only in the keys that choose or feed the up
 parallel=ulysses,fsdp_fixed ...`` gives one ratio line per strategy. A ratio above 1 says
 upstream's run takes longer (or holds more memory) than wan-exp's on the same split.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -15,8 +16,13 @@ from wan_exp.report.table import Row, column, format_value
 UPSTREAM = "upstream"
 GENERATE = "generate"
 # Overrides that tell an upstream job from its wan-exp twin without changing what is compared.
-UPSTREAM_ONLY_KEYS = ("workload", "workload.repo", "workload.offload_model", "workload.convert_model_dtype",
-                      "model.checkpoint_dir")
+UPSTREAM_ONLY_KEYS = (
+    "workload",
+    "workload.repo",
+    "workload.offload_model",
+    "workload.convert_model_dtype",
+    "model.checkpoint_dir",
+)
 RATIO_COLUMNS = ("step s", "s/clip", "init s", "NVML used GiB", "host RSS GiB")
 
 
@@ -32,8 +38,7 @@ def pairing_key(row: Row) -> tuple:
 def upstream_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
     """(upstream row, wan-exp generate row) for every upstream row that has a twin."""
     generate = {pairing_key(r): r for r in rows if row_workload(r) == GENERATE}
-    return [(r, generate[pairing_key(r)]) for r in rows
-            if row_workload(r) == UPSTREAM and pairing_key(r) in generate]
+    return [(r, generate[pairing_key(r)]) for r in rows if row_workload(r) == UPSTREAM and pairing_key(r) in generate]
 
 
 def ratio(upstream: Row, wan_exp: Row, title: str) -> Optional[float]:
@@ -46,6 +51,8 @@ def ratio_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     header = ["strategy", "ranks", "variant"] + [f"{t} upstream/wan-exp" for t in RATIO_COLUMNS]
     body = []
     for up, mine in upstream_pairs(rows):
-        body.append([up.strategy, str(up.world_size), pairing_key(up)[2] or "—"]
-                    + [format_value(ratio(up, mine, t), 2) for t in RATIO_COLUMNS])
+        body.append(
+            [up.strategy, str(up.world_size), pairing_key(up)[2] or "—"]
+            + [format_value(ratio(up, mine, t), 2) for t in RATIO_COLUMNS]
+        )
     return header, body

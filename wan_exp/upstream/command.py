@@ -18,6 +18,7 @@ the checkout is never imported or run on the launching host.
 
 No torch import: the launching process uses this module.
 """
+
 from __future__ import annotations
 
 import ast
@@ -47,8 +48,10 @@ UPSTREAM_SOLVERS = {SamplerName.unipc.value: "unipc"}
 
 
 def _refuse(what: str) -> ConfigError:
-    return ConfigError(f"workload=upstream: {what}; upstream's generate.py can run parallel="
-                       f"{', '.join(UPSTREAM_STRATEGIES)} (docs/upstream.md)")
+    return ConfigError(
+        f"workload=upstream: {what}; upstream's generate.py can run parallel="
+        f"{', '.join(UPSTREAM_STRATEGIES)} (docs/upstream.md)"
+    )
 
 
 def strategy_flags(cfg: Any, world_size: int) -> list[str]:
@@ -59,11 +62,15 @@ def strategy_flags(cfg: Any, world_size: int) -> list[str]:
         raise _refuse(f"parallel={name} has no upstream equivalent")
     dims = parallel_dims(cfg, world_size)
     if dims.cfg > 1 or dims.ring > 1:
-        raise _refuse(f"parallel.cfg_degree={dims.cfg} parallel.ring_degree={dims.ring}: upstream splits only "
-                      "with Ulysses over every rank and FSDP over every rank")
+        raise _refuse(
+            f"parallel.cfg_degree={dims.cfg} parallel.ring_degree={dims.ring}: upstream splits only "
+            "with Ulysses over every rank and FSDP over every rank"
+        )
     if name in ULYSSES_STRATEGIES and dims.ulysses != world_size:
-        raise _refuse(f"parallel.ulysses_degree={dims.ulysses} on {world_size} ranks: upstream asserts "
-                      "--ulysses_size equals the world size")
+        raise _refuse(
+            f"parallel.ulysses_degree={dims.ulysses} on {world_size} ranks: upstream asserts "
+            "--ulysses_size equals the world size"
+        )
     flags: list[str] = []
     if name in ULYSSES_STRATEGIES:
         flags += ["--ulysses_size", str(world_size)]
@@ -73,8 +80,10 @@ def strategy_flags(cfg: Any, world_size: int) -> list[str]:
         if int(cfg.parallel.fsdp.degree) not in (-1, world_size):
             raise _refuse(f"parallel.fsdp.degree={cfg.parallel.fsdp.degree}: upstream shards over every rank")
         if world_size < 2:
-            raise _refuse(f"parallel={name} on 1 rank: upstream asserts --dit_fsdp and --t5_fsdp need "
-                          "a process group of several ranks")
+            raise _refuse(
+                f"parallel={name} on 1 rank: upstream asserts --dit_fsdp and --t5_fsdp need "
+                "a process group of several ranks"
+            )
         flags.append("--dit_fsdp")
         flags.append("--t5_cpu" if str(cfg.parallel.text_encoder_placement) == "cpu" else "--t5_fsdp")
     elif str(cfg.parallel.text_encoder_placement) == "cpu":
@@ -92,13 +101,30 @@ def workload_flags(cfg: Any, job_dir: Optional[Path]) -> list[str]:
     wl = cfg.workload
     sampler = SamplerName(wl.sampler).value
     if sampler not in UPSTREAM_SOLVERS:
-        raise ConfigError(f"workload.sampler={sampler}: upstream's --sample_solver offers unipc and dpm++; "
-                          "use workload.sampler=unipc with workload=upstream")
-    flags = ["--task", TASK, "--ckpt_dir", _absolute(str(cfg.model.checkpoint_dir)),
-             "--size", str(wl.size), "--infer_frames", str(wl.frames_per_clip),
-             "--sample_steps", str(wl.sample_steps), "--sample_shift", f"{float(wl.shift):g}",
-             "--sample_guide_scale", f"{float(wl.guidance_scale):g}",
-             "--sample_solver", UPSTREAM_SOLVERS[sampler], "--base_seed", str(int(cfg.seed))]
+        raise ConfigError(
+            f"workload.sampler={sampler}: upstream's --sample_solver offers unipc and dpm++; "
+            "use workload.sampler=unipc with workload=upstream"
+        )
+    flags = [
+        "--task",
+        TASK,
+        "--ckpt_dir",
+        _absolute(str(cfg.model.checkpoint_dir)),
+        "--size",
+        str(wl.size),
+        "--infer_frames",
+        str(wl.frames_per_clip),
+        "--sample_steps",
+        str(wl.sample_steps),
+        "--sample_shift",
+        f"{float(wl.shift):g}",
+        "--sample_guide_scale",
+        f"{float(wl.guidance_scale):g}",
+        "--sample_solver",
+        UPSTREAM_SOLVERS[sampler],
+        "--base_seed",
+        str(int(cfg.seed)),
+    ]
     if int(wl.clips) != -1:  # -1: as many clips as the audio gives, upstream's default
         flags += ["--num_clip", str(wl.clips)]
     if wl.prompt:
@@ -157,10 +183,12 @@ def declared_flags(script: Path) -> set[str]:
     arguments), read from the source without running it."""
     flags = set()
     for node in ast.walk(_syntax_tree(script)):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr == "add_argument"):
-            flags |= {a.value for a in node.args
-                      if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("--")}
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument":
+            flags |= {
+                a.value
+                for a in node.args
+                if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("--")
+            }
     return flags
 
 
@@ -179,8 +207,11 @@ def literal_dict_keys(module: Path, name: str) -> Optional[set[str]]:
     if not module.is_file():
         return None
     for node in _syntax_tree(module).body:
-        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
-                and isinstance(node.value, ast.Dict)):
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
+            and isinstance(node.value, ast.Dict)
+        ):
             return {k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
     return None
 

@@ -7,12 +7,14 @@ While the ranks run, :class:`HostMonitor` samples every second:
   that are processes of this job on this host.
 Once the ranks are gone it writes ``<job>/upstream/host_samples.json`` and adds to each rank
 record (written by wan_exp.upstream.runner) its own GPU's peak NVML memory, mean utilisation
-and name (:func:`rank_gpu`), the other GPUs it holds a context on, and its sampled peak RSS; on the host holding rank 0 it checks the output video
-(:func:`check_video`) and fails rank 0's record when the video is missing or short. Then
+and name (:func:`rank_gpu`), the other GPUs it holds a context on, and its sampled peak RSS;
+on the host holding rank 0 it checks the output video (:func:`check_video`) and fails rank 0's
+record when the video is missing or short. Then
 wan_exp.results.finalize_job builds results.json as for any job.
 
 No torch import: the job process on the host uses this module.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,6 +29,7 @@ import psutil
 
 from wan_exp import results
 from wan_exp.devices import NvmlView, read_nvml, visible_gpus
+from wan_exp.units import GIB
 from wan_exp.upstream.command import VIDEO_FILE
 
 SAMPLE_S = 1.0
@@ -36,8 +39,13 @@ SAMPLES_FILE = Path("upstream") / "host_samples.json"
 class HostMonitor:
     """Samples NVML and the ranks' RSS in a thread from ``__enter__`` to ``__exit__``."""
 
-    def __init__(self, job_dir: Path, local_pids: Callable[[], set[int]],
-                 read_gpus: Callable[[], NvmlView] = read_nvml, interval_s: float = SAMPLE_S):
+    def __init__(
+        self,
+        job_dir: Path,
+        local_pids: Callable[[], set[int]],
+        read_gpus: Callable[[], NvmlView] = read_nvml,
+        interval_s: float = SAMPLE_S,
+    ):
         self.job_dir, self.local_pids = Path(job_dir), local_pids
         self.read_gpus, self.interval_s = read_gpus, interval_s
         self.gpus: dict[int, dict] = {}  # index -> {"name", "used_gib": [...], "util_pct": [...], "pids": set}
@@ -46,7 +54,7 @@ class HostMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wan-exp-host-monitor", daemon=True)
 
-    def __enter__(self) -> "HostMonitor":
+    def __enter__(self) -> HostMonitor:
         # a video an earlier attempt left (launcher.resume) must not pass for this run's
         (self.job_dir / VIDEO_FILE).unlink(missing_ok=True)
         self._thread.start()
@@ -68,7 +76,7 @@ class HostMonitor:
         self.cuda_order = [g.index for g in visible]
         for gpu in view.gpus:
             entry = self.gpus.setdefault(gpu.index, {"name": gpu.name, "used_gib": [], "util_pct": [], "pids": set()})
-            entry["used_gib"].append(gpu.used_bytes / results.GIB)
+            entry["used_gib"].append(gpu.used_bytes / GIB)
             if gpu.utilisation_pct is not None:
                 entry["util_pct"].append(gpu.utilisation_pct)
             entry["pids"] |= set(gpu.process_pids)
@@ -77,24 +85,34 @@ class HostMonitor:
             if beat["pid"] not in local:
                 continue  # another host's rank, or a PID this host reuses
             try:
-                rss = psutil.Process(beat["pid"]).memory_info().rss / results.GIB
+                rss = psutil.Process(beat["pid"]).memory_info().rss / GIB
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             self.rss.setdefault(rank, {"pid": beat["pid"], "rss_gib": []})["rss_gib"].append(rss)
 
     def gpu_summary(self) -> list[dict]:
-        return [{"index": index, "name": g["name"], "peak_used_gib": max(g["used_gib"]),
-                 "mean_utilisation_pct": statistics.fmean(g["util_pct"]) if g["util_pct"] else None,
-                 "peak_utilisation_pct": max(g["util_pct"]) if g["util_pct"] else None,
-                 "pids": sorted(g["pids"])}
-                for index, g in sorted(self.gpus.items()) if g["used_gib"]]
+        return [
+            {
+                "index": index,
+                "name": g["name"],
+                "peak_used_gib": max(g["used_gib"]),
+                "mean_utilisation_pct": statistics.fmean(g["util_pct"]) if g["util_pct"] else None,
+                "peak_utilisation_pct": max(g["util_pct"]) if g["util_pct"] else None,
+                "pids": sorted(g["pids"]),
+            }
+            for index, g in sorted(self.gpus.items())
+            if g["used_gib"]
+        ]
 
     def finish(self) -> None:
         gpus = self.gpu_summary()
-        ranks = {rank: {"pid": r["pid"], "peak_rss_gib": max(r["rss_gib"]), "samples": len(r["rss_gib"])}
-                 for rank, r in sorted(self.rss.items())}
-        results.write_json_atomic(self.job_dir / SAMPLES_FILE, {"gpus": gpus, "ranks": ranks,
-                                                               "interval_s": self.interval_s})
+        ranks = {
+            rank: {"pid": r["pid"], "peak_rss_gib": max(r["rss_gib"]), "samples": len(r["rss_gib"])}
+            for rank, r in sorted(self.rss.items())
+        }
+        results.write_json_atomic(
+            self.job_dir / SAMPLES_FILE, {"gpus": gpus, "ranks": ranks, "interval_s": self.interval_s}
+        )
         for record in results.read_rank_records(self.job_dir):
             sampled = ranks.get(record["rank"])
             if sampled is None:
@@ -146,14 +164,19 @@ def check_video(path: Path, expected_frames: Optional[int]) -> dict:
             found["audio_stream"] = any(s.type == "audio" for s in container.streams)
             if video is None:
                 return {**found, "error": f"{path} holds no video stream"}
-            found.update(width=video.codec_context.width, height=video.codec_context.height,
-                         fps=float(video.average_rate) if video.average_rate else None)
+            found.update(
+                width=video.codec_context.width,
+                height=video.codec_context.height,
+                fps=float(video.average_rate) if video.average_rate else None,
+            )
             found["frames"] = sum(1 for _ in container.decode(video=0))
     except (av.error.FFmpegError, OSError) as exc:
         return {**found, "error": f"{path} cannot be read as a video ({exc})"}
     if expected_frames is not None and found["frames"] != expected_frames:
-        found["error"] = (f"{path} has {found['frames']} frames, not the {expected_frames} of the clips upstream "
-                          "ran (clips x workload.frames_per_clip)")
+        found["error"] = (
+            f"{path} has {found['frames']} frames, not the {expected_frames} of the clips upstream "
+            "ran (clips x workload.frames_per_clip)"
+        )
     return found
 
 
@@ -166,11 +189,18 @@ def add_video_check(record: dict, job_dir: Path) -> None:
     record["video"] = video
     if video["error"] is not None:
         record["status"] = results.FAILED
-        record["error"] = {"type": "OutputVideoError", "message": video["error"], "phase": "video_write",
-                           "step": None, "time": time.time()}
+        record["error"] = {
+            "type": "OutputVideoError",
+            "message": video["error"],
+            "phase": "video_write",
+            "step": None,
+            "time": time.time(),
+        }
     elif not video.get("audio_stream"):
-        record.setdefault("warnings", []).append(f"{video['path']} has no audio stream (upstream merges the audio "
-                                                 "with ffmpeg after writing the video: is ffmpeg on PATH?)")
+        record.setdefault("warnings", []).append(
+            f"{video['path']} has no audio stream (upstream merges the audio "
+            "with ffmpeg after writing the video: is ffmpeg on PATH?)"
+        )
 
 
 def host_monitor(cfg: Any, job_dir: Path, local_pids: Callable[[], set[int]]) -> ContextManager:

@@ -8,6 +8,7 @@ a size upstream does not offer, and a checkpoint folder missing a file upstream 
 
 No torch import: the launching process uses this module.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,15 +52,21 @@ EXAMPLE_INPUTS = {"workload.image_path": "examples/i2v_input.JPG", "workload.aud
 def check_checkout(repo: Any) -> Path:
     """The checkout folder, or ConfigError naming workload.repo."""
     if not repo:
-        raise ConfigError("workload=upstream needs workload.repo=<a Wan2.2 checkout> "
-                          "(git clone https://github.com/Wan-Video/Wan2.2)")
+        raise ConfigError(
+            "workload=upstream needs workload.repo=<a Wan2.2 checkout> (git clone https://github.com/Wan-Video/Wan2.2)"
+        )
     folder = Path(str(repo)).expanduser()
-    missing = [name for name, ok in ((GENERATE_SCRIPT, (folder / GENERATE_SCRIPT).is_file()),
-                                     ("wan/", (folder / "wan").is_dir())) if not ok]
+    missing = [
+        name
+        for name, ok in ((GENERATE_SCRIPT, (folder / GENERATE_SCRIPT).is_file()), ("wan/", (folder / "wan").is_dir()))
+        if not ok
+    ]
     if not folder.is_dir() or missing:
         what = "does not exist" if not folder.is_dir() else f"has no {' and no '.join(missing)}"
-        raise ConfigError(f"workload.repo={repo!r} {what}: it is not a Wan2.2 checkout "
-                          "(git clone https://github.com/Wan-Video/Wan2.2)")
+        raise ConfigError(
+            f"workload.repo={repo!r} {what}: it is not a Wan2.2 checkout "
+            "(git clone https://github.com/Wan-Video/Wan2.2)"
+        )
     return folder.resolve()
 
 
@@ -71,7 +78,8 @@ def check_flags(repo: Path, arguments: list[str], strategy: str) -> None:
         raise ConfigError(
             f"workload.repo={str(repo)!r}: its {GENERATE_SCRIPT} declares no {', '.join(missing)}, which "
             f"parallel={strategy} with these workload settings needs (generate.py {' '.join(arguments)}); "
-            "use a Wan2.2 checkout with speech-to-video support, or another strategy")
+            "use a Wan2.2 checkout with speech-to-video support, or another strategy"
+        )
 
 
 def check_fsdp_helper(repo: Path) -> None:
@@ -79,22 +87,32 @@ def check_fsdp_helper(repo: Path) -> None:
     helper = repo / FSDP_HELPER
     params = function_parameters(helper, FSDP_FUNCTION) if helper.is_file() else None
     if params is None or "sync_module_states" not in params:
-        what = ("does not exist" if not helper.is_file() else
-                f"defines no {FSDP_FUNCTION}()" if params is None else
-                f"has {FSDP_FUNCTION}({', '.join(params)}) without sync_module_states")
-        raise ConfigError(f"parallel=fsdp_fixed patches {FSDP_HELPER}'s {FSDP_FUNCTION}(sync_module_states=...), "
-                          f"but {helper} {what}; use parallel=fsdp to run the checkout as it is")
+        what = (
+            "does not exist"
+            if not helper.is_file()
+            else f"defines no {FSDP_FUNCTION}()"
+            if params is None
+            else f"has {FSDP_FUNCTION}({', '.join(params)}) without sync_module_states"
+        )
+        raise ConfigError(
+            f"parallel=fsdp_fixed patches {FSDP_HELPER}'s {FSDP_FUNCTION}(sync_module_states=...), "
+            f"but {helper} {what}; use parallel=fsdp to run the checkout as it is"
+        )
 
 
 def check_task_and_size(repo: Path, size: str) -> None:
     tasks = literal_dict_keys(repo / CONFIGS_MODULE, "WAN_CONFIGS")
     if tasks is not None and TASK not in tasks:
-        raise ConfigError(f"workload.repo={str(repo)!r}: {CONFIGS_MODULE} has no task {TASK!r} "
-                          f"(it has {', '.join(sorted(tasks))}); use a checkout with Wan2.2-S2V")
+        raise ConfigError(
+            f"workload.repo={str(repo)!r}: {CONFIGS_MODULE} has no task {TASK!r} "
+            f"(it has {', '.join(sorted(tasks))}); use a checkout with Wan2.2-S2V"
+        )
     sizes = literal_dict_keys(repo / CONFIGS_MODULE, "SIZE_CONFIGS")
     if sizes is not None and str(size) not in sizes:
-        raise ConfigError(f"workload.size={size!r}: upstream's --size accepts only {', '.join(sorted(sizes))} "
-                          f"({CONFIGS_MODULE}); pick one of them")
+        raise ConfigError(
+            f"workload.size={size!r}: upstream's --size accepts only {', '.join(sorted(sizes))} "
+            f"({CONFIGS_MODULE}); pick one of them"
+        )
 
 
 def missing_checkpoint_files(repo: Path, checkpoint_dir: Path) -> list[str]:
@@ -132,15 +150,21 @@ def check_upstream(cfg: Any, world_size: int) -> None:
     """Every check of a workload=upstream job before launch; ConfigError naming the setting."""
     repo = check_checkout(cfg.workload.repo)
     strategy = Strategy(cfg.parallel.name).value
-    for setting, value in (("launcher.simulate_world_size", int(cfg.launcher.simulate_world_size)),
-                           ("launcher.share_gpus", bool(cfg.launcher.share_gpus))):
+    for setting, value in (
+        ("launcher.simulate_world_size", int(cfg.launcher.simulate_world_size)),
+        ("launcher.share_gpus", bool(cfg.launcher.share_gpus)),
+    ):
         if value:
-            raise ConfigError(f"{setting}={value} with workload=upstream: upstream's generate.py joins its own "
-                              "NCCL process group, one GPU per rank (no fake or shared-GPU ranks); leave it unset")
+            raise ConfigError(
+                f"{setting}={value} with workload=upstream: upstream's generate.py joins its own "
+                "NCCL process group, one GPU per rank (no fake or shared-GPU ranks); leave it unset"
+            )
     if not cfg.model.checkpoint_dir:
-        raise ConfigError("workload=upstream needs model.checkpoint_dir=<a Wan2.2-S2V-14B folder>; "
-                          "`python -m wan_exp.checkpoint write model=s2v_14b out=<dir>` writes one with "
-                          "random weights (docs/upstream.md)")
+        raise ConfigError(
+            "workload=upstream needs model.checkpoint_dir=<a Wan2.2-S2V-14B folder>; "
+            "`python -m wan_exp.checkpoint write model=s2v_14b out=<dir>` writes one with "
+            "random weights (docs/upstream.md)"
+        )
     arguments = upstream_arguments(cfg, world_size, job_dir=Path("job"))  # ConfigError: a split it lacks
     check_flags(repo, arguments, strategy)
     if strategy == Strategy.fsdp_fixed.value:
@@ -149,13 +173,17 @@ def check_upstream(cfg: Any, world_size: int) -> None:
     checkpoint_dir = Path(str(cfg.model.checkpoint_dir)).expanduser()
     missing = missing_checkpoint_files(repo, checkpoint_dir)
     if missing:
-        raise ConfigError(f"model.checkpoint_dir={str(cfg.model.checkpoint_dir)!r} lacks what upstream's "
-                          f"{TASK} loads: {', '.join(missing)} (names from {TASK_CONFIG} of the checkout); "
-                          "point it at a Wan2.2-S2V-14B folder")
+        raise ConfigError(
+            f"model.checkpoint_dir={str(cfg.model.checkpoint_dir)!r} lacks what upstream's "
+            f"{TASK} loads: {', '.join(missing)} (names from {TASK_CONFIG} of the checkout); "
+            "point it at a Wan2.2-S2V-14B folder"
+        )
     for setting, example in EXAMPLE_INPUTS.items():
         if not _setting(cfg, setting) and not (repo / example).is_file():
-            raise ConfigError(f"{setting} is unset, so upstream's generate.py reads its example {example}, "
-                              f"which {repo} lacks; set {setting}")
+            raise ConfigError(
+                f"{setting} is unset, so upstream's generate.py reads its example {example}, "
+                f"which {repo} lacks; set {setting}"
+            )
 
 
 def _setting(cfg: Any, dotted: str) -> Any:

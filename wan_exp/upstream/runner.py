@@ -24,6 +24,7 @@ At the end the rank writes its record (ranks/rank_<r>.json, the same fields as a
 rank's where they can be known from outside; docs/upstream.md); the host adds NVML, host RSS
 and the output video's check (wan_exp.upstream.monitor) before results.json is written.
 """
+
 from __future__ import annotations
 
 import faulthandler
@@ -52,6 +53,8 @@ from omegaconf import OmegaConf
 
 from wan_exp import results
 from wan_exp.host.envvars import seen_environment
+from wan_exp.metrics.summary import rank_figures
+from wan_exp.units import GIB
 from wan_exp.upstream.command import (
     FSDP_FUNCTION,
     GENERATE_SCRIPT,
@@ -63,8 +66,11 @@ from wan_exp.upstream.command import (
 FSDP_MODULE = "wan.distributed.fsdp"
 BAR = re.compile(r"(\d+)/(\d+) \[")  # tqdm's "n/total [elapsed<remaining, rate]"
 # upstream's rank-0 log lines (generate.py) -> the phase the rank is in from then on
-PHASE_MARKERS = (("Creating WanS2V pipeline", "load"), ("Generating video", "generate"),
-                 ("Saving generated video", "video_write"))
+PHASE_MARKERS = (
+    ("Creating WanS2V pipeline", "load"),
+    ("Generating video", "generate"),
+    ("Saving generated video", "video_write"),
+)
 BEAT_INTERVAL_S = 0.5  # at most this often a heartbeat for output that changes no step
 
 
@@ -226,10 +232,21 @@ class Heartbeat:
     def __call__(self, phase: str, step: Optional[int] = None) -> None:
         self.phase, self.step, self.seq = phase, step, self.seq + 1
         rss, peak = host_memory_gib()
-        results.write_json_atomic(results.heartbeat_path(self.job_dir, self.rank), {
-            "rank": self.rank, "pid": os.getpid(), "phase": phase, "step": step, "seq": self.seq,
-            "time": time.time(), "host_rss_gib": rss, "host_rss_peak_gib": peak, "memory_time": time.time(),
-        }, durable=False)
+        results.write_json_atomic(
+            results.heartbeat_path(self.job_dir, self.rank),
+            {
+                "rank": self.rank,
+                "pid": os.getpid(),
+                "phase": phase,
+                "step": step,
+                "seq": self.seq,
+                "time": time.time(),
+                "host_rss_gib": rss,
+                "host_rss_peak_gib": peak,
+                "memory_time": time.time(),
+            },
+            durable=False,
+        )
 
 
 def host_memory_gib() -> tuple[Optional[float], Optional[float]]:
@@ -239,14 +256,23 @@ def host_memory_gib() -> tuple[Optional[float], Optional[float]]:
         for line in Path("/proc/self/status").read_text().splitlines():
             name, _, rest = line.partition(":")
             if name in ("VmRSS", "VmHWM"):
-                values[name] = int(rest.split()[0]) * 1024 / results.GIB
+                values[name] = int(rest.split()[0]) * 1024 / GIB
     except OSError:
         pass
     return values.get("VmRSS"), values.get("VmHWM")
 
 
-def rank_record(job: dict, cfg: Any, rank: int, world_size: int, started: float, ended: float,
-                progress: ProgressReader, fsdp_calls: Optional[list[dict]], arguments: list[str]) -> dict:
+def rank_record(
+    job: dict,
+    cfg: Any,
+    rank: int,
+    world_size: int,
+    started: float,
+    ended: float,
+    progress: ProgressReader,
+    fsdp_calls: Optional[list[dict]],
+    arguments: list[str],
+) -> dict:
     """The record of a built-in rank, with what can be known from outside the model: no
     allocator figures, no collective counts (docs/upstream.md, "What is measured")."""
     steps = progress.step_times()
@@ -262,21 +288,47 @@ def rank_record(job: dict, cfg: Any, rank: int, world_size: int, started: float,
     rest = ended - first_bar - denoise if first_bar is not None else None
     _, peak_rss = host_memory_gib()
     frames = clips * int(cfg.workload.frames_per_clip)
+    figures = rank_figures(steps[warmup:], phases, comm={})
+    figures.update(comm_step_totals=None, comm_init_totals=None)  # collectives are not seen from outside
     return {
-        "rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", rank)), "world_size": world_size,
-        "pid": os.getpid(), "host": socket.gethostname(), "device": job.get("device", "cuda"),
+        "rank": rank,
+        "local_rank": int(os.environ.get("LOCAL_RANK", rank)),
+        "world_size": world_size,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "device": job.get("device", "cuda"),
         "device_name": "cpu" if job.get("device") == "cpu" else None,  # the host fills the GPU's name
-        "init_phases_s": phases, "other_phases_s": {}, "warmup_steps": warmup,
+        "init_phases_s": phases,
+        "other_phases_s": {},
+        "warmup_steps": warmup,
         "step_times_s": steps[warmup:],
-        "memory": {"peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_used_gib": None,
-                   "alloc_retries": None, "ooms": None, "peak_host_rss_gib": peak_rss},
-        "workload": {"clips": clips, "frames": frames, "video_seconds": frames / UPSTREAM_FPS,
-                     "steps_per_clip": [b["total"] for b in progress.bars]},
-        "stages": ({"denoise": {"seconds": denoise, "count": clips},
-                    "decode_and_write": {"seconds": rest, "count": clips}} if clips else {}),
-        "upstream": {"command": [GENERATE_SCRIPT, *arguments], "repo": str(cfg.workload.repo),
-                     "seconds": ended - started, "fsdp_patch_calls": fsdp_calls},
+        "memory": {
+            "peak_allocated_gib": None,
+            "peak_reserved_gib": None,
+            "nvml_used_gib": None,
+            "alloc_retries": None,
+            "ooms": None,
+            "peak_host_rss_gib": peak_rss,
+        },
+        "workload": {
+            "clips": clips,
+            "frames": frames,
+            "video_seconds": frames / UPSTREAM_FPS,
+            "steps_per_clip": [b["total"] for b in progress.bars],
+        },
+        "stages": (
+            {"denoise": {"seconds": denoise, "count": clips}, "decode_and_write": {"seconds": rest, "count": clips}}
+            if clips
+            else {}
+        ),
+        "upstream": {
+            "command": [GENERATE_SCRIPT, *arguments],
+            "repo": str(cfg.workload.repo),
+            "seconds": ended - started,
+            "fsdp_patch_calls": fsdp_calls,
+        },
         "warnings": ignored_settings(cfg),
+        **figures,
     }
 
 
@@ -284,6 +336,7 @@ def with_default_timeout(init_process_group: Callable[..., Any], seconds: float)
     """``init_process_group`` that uses ``seconds`` (nccl.timeout_s) where the caller gives no
     timeout, as upstream's generate.py does: then a rank stuck in a collective times out, and
     the NCCL flight recorder (nccl=debug) dumps, before the watchdog's hang timeout."""
+
     @functools.wraps(init_process_group)
     def init(*args: Any, **kwargs: Any) -> Any:
         if "timeout" not in kwargs and len(args) < 3:  # (backend, init_method, timeout, ...)
@@ -333,11 +386,17 @@ def main() -> None:
         run_upstream(repo, arguments)
     except SystemExit as exc:
         if exc.code not in (None, 0):
-            error = {"type": "SystemExit", "message": f"generate.py exited with {exc.code}",
-                     "traceback": traceback.format_exc()}
+            error = {
+                "type": "SystemExit",
+                "message": f"generate.py exited with {exc.code}",
+                "traceback": traceback.format_exc(),
+            }
     except BaseException as exc:  # recorded, then the rank exits non-zero as a built-in rank does
-        error = {"type": type(exc).__name__, "message": (str(exc).strip().splitlines() or [""])[0],
-                 "traceback": traceback.format_exc()}
+        error = {
+            "type": type(exc).__name__,
+            "message": (str(exc).strip().splitlines() or [""])[0],
+            "traceback": traceback.format_exc(),
+        }
         traceback.print_exc()
     finally:
         sys.stdout, sys.stderr = stdout, stderr
@@ -345,8 +404,11 @@ def main() -> None:
     record = rank_record(job, cfg, rank, world_size, started, ended, progress, fsdp_calls, arguments)
     if error is not None:
         error.update(phase=beat.phase, step=beat.step, time=ended)
-    status = results.COMPLETED if error is None else (
-        results.OOM if error["type"] in ("OutOfMemoryError", "MemoryError") else results.FAILED)
+    status = (
+        results.COMPLETED
+        if error is None
+        else (results.OOM if error["type"] in ("OutOfMemoryError", "MemoryError") else results.FAILED)
+    )
     record.update(status=status, error=error, env=seen_environment(job))
     results.write_rank_record(job_dir, record)
     beat("done" if error is None else beat.phase, beat.step)

@@ -1,4 +1,4 @@
-"""The torchrun launcher's work: check the whole batch, then run each job via run_job."""
+"""The checked launcher's work: check the whole batch, then run each job via run_job."""
 from __future__ import annotations
 
 import logging
@@ -9,14 +9,14 @@ from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job
 from omegaconf import DictConfig, open_dict
 
 if TYPE_CHECKING:
-    from hydra_plugins.torchrun_launcher.torchrun_launcher import TorchrunLauncher
+    from hydra_plugins.checked_launcher.checked_launcher import CheckedLauncher
 
 log = logging.getLogger(__name__)
 
 CHECK_HOOK = "check_batch"  # a callback method that checks every job config of a batch
 
 
-def job_configs(launcher: "TorchrunLauncher", job_overrides: Sequence[Sequence[str]],
+def job_configs(launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]],
                 initial_job_idx: int) -> list[DictConfig]:
     """Each job's composed config, with its job number set (as Hydra's basic launcher does)."""
     assert launcher.hydra_context is not None and launcher.config is not None
@@ -30,7 +30,7 @@ def job_configs(launcher: "TorchrunLauncher", job_overrides: Sequence[Sequence[s
     return configs
 
 
-def check_batch(launcher: "TorchrunLauncher", configs: list[DictConfig]) -> None:
+def check_batch(launcher: CheckedLauncher, configs: list[DictConfig]) -> None:
     """Every registered callback's batch check, before the first job starts. A failed check
     ends the launch without a traceback: no job has started, the message says why."""
     assert launcher.hydra_context is not None
@@ -44,7 +44,7 @@ def check_batch(launcher: "TorchrunLauncher", configs: list[DictConfig]) -> None
             raise SystemExit(f"bad config, no job started: {exc}") from None
 
 
-def launch(launcher: "TorchrunLauncher", job_overrides: Sequence[Sequence[str]],
+def launch(launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]],
            initial_job_idx: int) -> Sequence[JobReturn]:
     assert launcher.hydra_context is not None and launcher.config is not None
     assert launcher.task_function is not None, "setup() comes first"
