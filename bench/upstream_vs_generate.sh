@@ -13,4 +13,6 @@ sweep=outputs/upstream_vs_generate/$(date +%Y-%m-%d_%H-%M-%S)
 python launch.py -m workload=generate,upstream parallel=$strategies model=s2v_14b \
   model.checkpoint_dir="$ckpt" workload.repo="$repo" workload.sample_steps=4 workload.clips=1 \
   launcher.nproc_per_node="$gpus" launcher.hang_timeout_s=1200 hydra.sweep.dir="$sweep" || true
-sed -n '/Upstream generate.py/,/^$/p;/^| strategy/,/^$/p' "$sweep/report.md"
+# the comparison table, then the upstream / wan-exp section
+awk '/^\| strategy/{p=1} /^$/{p=0} p' "$sweep/report.md"
+awk '/^## Upstream generate.py/{p=1; print; next} /^## /{p=0} p' "$sweep/report.md"
