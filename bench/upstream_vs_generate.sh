@@ -14,5 +14,5 @@ python launch.py -m workload=generate,upstream parallel=$strategies model=s2v_14
   model.checkpoint_dir="$ckpt" workload.repo="$repo" workload.sample_steps=4 workload.clips=1 \
   launcher.nproc_per_node="$gpus" launcher.hang_timeout_s=1200 hydra.sweep.dir="$sweep" || true
 # the comparison table, then the upstream / wan-exp section
-awk '/^\| strategy/{p=1} /^$/{p=0} p' "$sweep/report.md"
+awk '/^\| strategy/ && !done{p=1} p && /^$/{p=0; done=1} p' "$sweep/report.md"
 awk '/^## Upstream generate.py/{p=1; print; next} /^## /{p=0} p' "$sweep/report.md"
