@@ -273,7 +273,7 @@ def rank_record(
     fsdp_calls: Optional[list[dict]],
     arguments: list[str],
 ) -> dict:
-    """The record of a built-in rank, with what can be known from outside the model: no
+    """A rank record in the worker's format, with what can be known from outside the model: no
     allocator figures, no collective counts (docs/upstream.md, "What is measured")."""
     steps = progress.step_times()
     warmup = min(int(cfg.workload.warmup_steps), len(steps))
@@ -297,7 +297,8 @@ def rank_record(
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "device": job.get("device", "cuda"),
-        "device_name": "cpu" if job.get("device") == "cpu" else None,  # the host fills the GPU's name
+        # the GPU's name comes from the host's NVML samples (wan_exp.upstream.monitor)
+        "device_name": "cpu" if job.get("device") == "cpu" else "cuda",
         "init_phases_s": phases,
         "other_phases_s": {},
         "warmup_steps": warmup,
