@@ -18,11 +18,14 @@ import importlib.util
 import json
 import subprocess
 import sys
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from wan_exp.models.attention_8bit import KERNELS_8BIT, ORDER_8BIT, REQUIRED_MODULE_8BIT
 
 SDPA_KERNELS = {
     "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -97,6 +100,13 @@ _REQUIRED_MODULE = {"flash_attn": "flash_attn", "fa3": "flash_attn_interface", "
 # ----------------------------------------------------------------------------- selection
 _requested = "auto"
 _selected: str | None = None
+_not_chosen: dict[str, str] = {}  # backends tried or skipped before the one selected: why not
+# model.precision's attention bits ("int8", "fp8"; None: the model's dtype), set by
+# models.precision; the 8-bit kernel is chosen at the first call like `auto`
+_attention_bits: str | None = None
+_selected_8bit: str | None = None
+_not_chosen_8bit: dict[str, str] = {}
+_full_precision = False  # inside full_precision(): the drift check's reference forward
 
 
 def _backend_name(name: object) -> str:
@@ -115,6 +125,39 @@ def configure(name: object) -> None:
     if name != _requested:
         _requested, _selected, _selected_lse = name, None, None
         _lse_by_input.clear()
+        _not_chosen.clear()
+
+
+def configure_attention_bits(bits: str | None) -> None:
+    """8-bit attention for model.precision: "int8" or "fp8" (None: the backend of
+    model.attention_backend in the model's dtype). The kernel is chosen at the first call."""
+    global _attention_bits, _selected_8bit
+    if bits is not None and bits not in ORDER_8BIT:
+        raise AttentionBackendError(f"8-bit attention {bits!r} is unknown; choose one of {', '.join(ORDER_8BIT)}")
+    _attention_bits, _selected_8bit = bits, None
+    _not_chosen_8bit.clear()
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """Attention in the model's dtype inside the block, whatever model.precision says (the
+    drift check's reference forward)."""
+    global _full_precision
+    before, _full_precision = _full_precision, True
+    try:
+        yield
+    finally:
+        _full_precision = before
+
+
+def backend_report() -> dict:
+    """Which attention kernels ran and why the ones before them in line did not, for the rank
+    record: the backend of model.attention_backend (``auto``: every faster candidate skipped or
+    failed, with its reason), and the 8-bit kernel where model.precision asks for one."""
+    report = {"requested": _requested, "selected": _selected, "not_chosen": dict(_not_chosen)}
+    if _attention_bits is not None:
+        report.update(bits=_attention_bits, selected_8bit=_selected_8bit, not_chosen_8bit=dict(_not_chosen_8bit))
+    return report
 
 
 def selected_backend() -> str | None:
@@ -139,11 +182,17 @@ def _auto_candidates(device: torch.device) -> list[str]:
     for name in AUTO_ORDER_CUDA:
         module = _REQUIRED_MODULE.get(name)
         if module and not _module_importable(module):
+            _not_chosen[name] = f"not installed (no module {module})"
             continue
         if name == "flash_attn" and not flash_attn_status()["ok"]:
+            _not_chosen[name] = f"broken: {flash_attn_status()['diagnosis']}"
             continue  # importable but broken (docs/facts.md §9): never touch it in this process
         candidates.append(name)
     return candidates
+
+
+def _error_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 @torch.compiler.disable  # imports, subprocesses and retries: run eagerly inside a compiled block
@@ -157,7 +206,8 @@ def _resolve_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         except torch.OutOfMemoryError:
             raise  # the job ran out of memory: an OOM result, not a backend to skip
         except Exception as err:  # noqa: BLE001 - any other failure means "does not work here"
-            failures.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            failures.append(f"{name}: {_error_line(err)}")
+            _not_chosen[name] = _error_line(err)
             continue
         _selected = name
         return out
@@ -168,8 +218,37 @@ def _resolve_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     )
 
 
+@torch.compiler.disable
+def _resolve_8bit_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The first 8-bit kernel of model.precision's attention bits that runs here. None running
+    fails the job: a job labelled 8-bit must not measure 16-bit attention."""
+    global _selected_8bit
+    for name in ORDER_8BIT[_attention_bits]:
+        if not _module_importable(REQUIRED_MODULE_8BIT[name]):
+            _not_chosen_8bit[name] = f"not installed (no module {REQUIRED_MODULE_8BIT[name]})"
+            continue
+        try:
+            out = KERNELS_8BIT[name](q, k, v)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - "does not run here": try the next one
+            _not_chosen_8bit[name] = _error_line(err)
+            continue
+        _selected_8bit = name
+        return out
+    raise AttentionBackendError(
+        f"{_attention_bits} attention (model.precision): no 8-bit kernel ran on {q.device} with {q.dtype}, "
+        f"head dim {q.shape[-1]}: " + "; ".join(f"{n}: {why}" for n, why in _not_chosen_8bit.items())
+        + ". Install the kernels (pip install -e \".[gpu]\") or use model.precision=bf16 / fp8_linear."
+    )
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention, no mask, scale 1/sqrt(d). q (B, Nq, H, d), k/v (B, Nk, H, d) -> (B, Nq, H, d)."""
+    if _attention_bits is not None and not _full_precision:
+        if _selected_8bit is None:
+            return _resolve_8bit_and_run(q, k, v)
+        return KERNELS_8BIT[_selected_8bit](q, k, v)
     if _selected is None:
         return _resolve_and_run(q, k, v)
     return _IMPLEMENTATIONS[_selected](q, k, v)
@@ -402,6 +481,7 @@ def importable_backends() -> dict[str, bool]:
 
 __all__ = [
     "BACKENDS", "AttentionBackendError", "attention", "configure", "selected_backend",
+    "configure_attention_bits", "full_precision", "backend_report",
     "attention_with_lse", "lse_math", "selected_lse_backend", "LSE_IMPLEMENTATIONS",
     "flash_attn_status", "diagnose_flash_attn_error", "importable_backends",
 ]
