@@ -132,6 +132,8 @@ def test_bad_checkouts_and_checkpoint_folders_are_named_before_launch(standin, t
         check_job(upstream_config(repo, partial, "parallel=single"), gpus=0)
     with pytest.raises(ConfigError, match=r"launcher.simulate_world_size=8 with workload=upstream"):
         check_job(upstream_config(repo, ckpt, "parallel=ulysses", "launcher.simulate_world_size=8"), gpus=0)
+    with pytest.raises(ConfigError, match=r"model.precision=fp8 with workload=upstream"):
+        check_job(upstream_config(repo, ckpt, "parallel=single", "model.precision=fp8"), gpus=1)
     with pytest.raises(ConfigError, match=r"needs workload.repo="):
         check_job(compose_config(["workload=upstream", f"model.checkpoint_dir={ckpt}", "parallel=single"]), gpus=0)
 

@@ -163,6 +163,8 @@ def ignored_settings(cfg: Any) -> list[str]:
         found.append(f"workload.save_video={wl.save_video}: upstream always writes the video")
     if str(cfg.parallel.vae) != VaePlacement.every_rank.value:
         found.append(f"parallel.vae={cfg.parallel.vae}: upstream decodes on every rank")
+    if wl.drift_check:
+        found.append("workload.drift_check=true: upstream's run has no bf16 reference to compare with")
     if cfg.model.compile:
         found.append("model.compile=true: upstream does not compile")
     if str(cfg.model.attention_backend) != "auto":

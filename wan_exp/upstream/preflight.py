@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wan_exp.config import ConfigError, Strategy
+from wan_exp.config import ConfigError, Precision, Strategy
 from wan_exp.upstream.command import (
     FSDP_FUNCTION,
     FSDP_HELPER,
@@ -159,6 +159,12 @@ def check_upstream(cfg: Any, world_size: int) -> None:
                 f"{setting}={value} with workload=upstream: upstream's generate.py joins its own "
                 "NCCL process group, one GPU per rank (no fake or shared-GPU ranks); leave it unset"
             )
+    if str(cfg.model.precision) != Precision.bf16.value:
+        raise ConfigError(
+            f"model.precision={cfg.model.precision} with workload=upstream: upstream's generate.py has no "
+            "precision setting and runs its DiT in bf16; use model.precision=bf16 (the pair then compares like "
+            "with like)"
+        )
     if not cfg.model.checkpoint_dir:
         raise ConfigError(
             "workload=upstream needs model.checkpoint_dir=<a Wan2.2-S2V-14B folder>; "
