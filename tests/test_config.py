@@ -26,8 +26,14 @@ def _compose(*overrides: str):
 
 
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
-def test_every_group_option_composes_and_validates(group, option):
-    cfg = _compose(f"{group}={option}")
+def test_every_group_option_composes_and_validates(group, option, tmp_path):
+    extra = []
+    if (group, option) == ("workload", "upstream"):  # needs a checkout and a checkpoint folder
+        from upstream_standin import write_checkout, write_checkpoint_folder
+
+        extra = [f"workload.repo={write_checkout(tmp_path / 'repo')}",
+                 f"model.checkpoint_dir={write_checkpoint_folder(tmp_path / 'ckpt')}"]
+    cfg = _compose(f"{group}={option}", *extra)
     world_size = 1 if cfg.parallel.name.name == "single" else 2
     validate(cfg, world_size)
     check_launch_settings(cfg, gpus=2)  # fault=oom needs a GPU: give it two

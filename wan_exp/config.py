@@ -102,6 +102,7 @@ class WorkloadName(ConfigEnum):
     generate = "generate"
     init = "init"
     train_lora = "train_lora"
+    upstream = "upstream"  # the public Wan2.2 generate.py under the launcher (wan_exp/upstream/)
 
 
 class VaePlacement(ConfigEnum):
@@ -305,6 +306,12 @@ class WorkloadConfig:
     drift_check: Optional[bool] = None
     drift_steps: int = 1
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # workload=upstream (docs/upstream.md): the Wan2.2 checkout whose generate.py runs, upstream's
+    # --offload_model (None: upstream's default, on for one rank and off otherwise) and
+    # --convert_model_dtype
+    repo: Optional[str] = None
+    offload_model: Optional[bool] = None
+    convert_model_dtype: bool = False
 
 
 # --------------------------------------------------------------------------- logger, fault
@@ -453,7 +460,7 @@ def steps_run(wl: Any) -> Optional[int]:
     """DiT steps the workload runs: clips x sample_steps (generate; one clip where the audio
     decides the count, workload.clips=-1, since it gives at least one), steps (train_lora);
     None for init, which runs none."""
-    if wl.name == WorkloadName.generate:
+    if wl.name in (WorkloadName.generate, WorkloadName.upstream):
         return max(wl.clips, 1) * wl.sample_steps
     if wl.name == WorkloadName.train_lora:
         return wl.steps
@@ -543,6 +550,10 @@ def validate(cfg: Any, world_size: int) -> None:
         )
     if par.name == Strategy.single and world_size != 1:
         raise ConfigError(f"parallel=single runs one rank, got {world_size}")
+    if wl.name == WorkloadName.upstream:  # first: it names the strategies upstream can run
+        from wan_exp.upstream.preflight import check_upstream  # reads the checkout; as media.check_inputs below
+
+        check_upstream(cfg, world_size)
     _check_fsdp_flag(par)
     dims = parallel_dims(cfg, world_size)
     _check_strategy_settings(par, dims)

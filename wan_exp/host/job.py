@@ -56,6 +56,8 @@ from wan_exp.host.machine import (
     rank_thread_settings,
 )
 from wan_exp.host.progress import ProgressDisplay
+from wan_exp.host.pyspy import dump_with_pyspy
+from wan_exp.upstream.monitor import host_monitor
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,12 @@ STACK_DUMP_WAIT_S = 5.0  # how long a hang waits for every rank's stack file
 NODE_FILE_WAIT_S = 30.0  # how long global rank 0's host waits for the other hosts' outcomes
 NODE_ID_VAR = "WAN_EXP_NODE_ID"  # set for the ranks; their record says which host ran them
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000  # rendezvous port from the Slurm job id
-STALE = ("ranks", "progress", "stacks", "nccl_trace", "wandb", "lora_adapter", "nodes")
+STALE = ("ranks", "progress", "stacks", "nccl_trace", "wandb", "lora_adapter", "nodes", "upstream")
 SWEEP_STATE_DIR = ".wan_exp"  # <sweep dir>/.wan_exp/: the sweep record and lock (wan_exp.host.callbacks)
 SWEEP_RECORD = "sweep.json"
+# The module each rank runs: wan-exp's own worker, or upstream's generate.py (workload=upstream)
+RANK_ENTRY_MODULES = {"upstream": "wan_exp.upstream.runner"}
+DEFAULT_RANK_ENTRY = "wan_exp.rank.worker"
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -142,7 +147,7 @@ def workers_of(procs: list[psutil.Process]) -> list[psutil.Process]:
     out = []
     for proc in procs:
         try:
-            if "wan_exp.rank.worker" in proc.cmdline():
+            if any(m in proc.cmdline() for m in (DEFAULT_RANK_ENTRY, *RANK_ENTRY_MODULES.values())):
                 out.append(proc)
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass
@@ -160,8 +165,9 @@ def kill_all(procs: list[psutil.Process]) -> list[int]:
 
 
 def dump_stacks(job_dir: Path, beats: dict[int, dict], workers: list[psutil.Process]) -> None:
-    """SIGUSR1 to this host's live ranks (each writes its stacks, see wan_exp.rank.worker);
-    wait briefly for the files. A PID from another host's heartbeat is never signalled."""
+    """SIGUSR1 to this host's live ranks (each writes its stacks, see wan_exp.rank.worker) and
+    py-spy on each (wan_exp.host.pyspy); wait briefly for the files. A PID from another host's
+    heartbeat is never signalled."""
     local = {p.pid for p in workers}
     mine = [b for b in beats.values() if b["pid"] in local]
     for beat in mine:
@@ -169,10 +175,14 @@ def dump_stacks(job_dir: Path, beats: dict[int, dict], workers: list[psutil.Proc
             os.kill(beat["pid"], signal.SIGUSR1)
         except ProcessLookupError:
             pass
+    # py-spy's view from outside, with native frames (an NCCL wait), while the ranks write theirs
+    pyspy = threading.Thread(target=dump_with_pyspy, args=(job_dir, {b["rank"]: b["pid"] for b in mine}))
+    pyspy.start()
     stack_files = [job_dir / "stacks" / f"rank_{b['rank']}.txt" for b in mine]
     deadline = time.time() + STACK_DUMP_WAIT_S
     while time.time() < deadline and not all(f.exists() and f.stat().st_size for f in stack_files):
         time.sleep(0.1)
+    pyspy.join()
 
 
 # ----------------------------------------------------------------------------- findings
@@ -309,6 +319,7 @@ def agent_spec(cfg: DictConfig, job_dir: Path, job_num: int, layout: NodeLayout,
         "run_id": f"wan-exp-{job_dir.parent.name}-{job_num}"[:60],
         # the agent ends its ranks once this process is gone (agent.end_with_parent)
         "parent_pid": os.getpid(),
+        "entry_module": RANK_ENTRY_MODULES.get(str(cfg.workload.name), DEFAULT_RANK_ENTRY),
     }
 
 
@@ -387,7 +398,8 @@ def run_job(cfg: DictConfig) -> dict:
         if in_main_thread:
             signal.signal(signal.SIGTERM, _raise_interrupt)
             signal.signal(signal.SIGINT, _raise_interrupt)
-        with open(log_dir / "agent.log", "w") as agent_log:
+        with (open(log_dir / "agent.log", "w") as agent_log,
+              host_monitor(cfg, job_dir, lambda: {p.pid for p in workers_of(job_processes(agent, job_dir))})):
             agent = subprocess.Popen([sys.executable, "-m", "wan_exp.host.agent", json.dumps(spec)],
                                      env={**os.environ, **env, NODE_ID_VAR: node_id}, stdout=agent_log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
