@@ -48,6 +48,7 @@ FILE_ROLES = (
     (r"video\.mp4", "the job's video"),
     (r"nodes/node_\d+\.json", "a host's agent outcome"),
     (r"\.wan_exp/sweep\.json", "the sweep record"),
+    (r"\.wan_exp/lock\.node_\d+", "the sweep's lock"),
     (r"wandb/logged\.json", "the W&B run's marker"),
 )
 

@@ -229,7 +229,7 @@ class SweepCallback(Callback):
                 self._record_or_restore(config, sweep_dir)
             problem = results.write_problem(sweep_dir)  # e.g. room for the lock but not for more
         except OSError as exc:  # Hydra would only warn about an exception here and go on
-            problem = str(exc)
+            problem = str(exc if isinstance(exc, results.WriteError) else results.write_error(self.lock, exc))
         if problem:
             self._refuse(f"no job started: hydra.sweep.dir={sweep_dir} cannot be written: {problem}")
 
@@ -297,7 +297,7 @@ class SweepCallback(Callback):
             shapes = self.check_configs(configs)
         except ConfigError as exc:
             raise SystemExit(f"bad config, no job started: {exc}") from None
-        to_run = [(cfg, shape.world_size) for cfg, shape in zip(configs, shapes)
+        to_run = [(cfg, shape.world_size) for cfg, shape in zip(configs, shapes, strict=True)
                   if not (cfg.launcher.resume and results.is_completed(batch_job_dir(cfg)))]
         if to_run:
             problem = space_problem(Path(str(configs[0].hydra.sweep.dir)), sweep_bytes(to_run))

@@ -26,6 +26,7 @@ imports torch lazily, on the meta device, to count parameters).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -360,6 +361,7 @@ def run_job(cfg: DictConfig) -> dict:
 
     job_dir = job_dir_of(cfg)
     job_num = int(HydraConfig.get().job.num)
+    keep_log_file_errors_off_the_console()
     if cfg.launcher.resume and results.is_completed(job_dir):
         log.info("job %d: %s already completed (launcher.resume); skipping", job_num, job_dir)
         return {"status": results.COMPLETED, "job_dir": str(job_dir), "results_owner": True, "skipped": True}
@@ -455,22 +457,52 @@ def run_job(cfg: DictConfig) -> dict:
 def record_outcome(job_dir: Path, layout: NodeLayout, node_id: str, shape: JobShape, finding: Optional[dict],
                    interrupted: Optional[dict], oom_kills_before: Optional[int]) -> tuple[bool, Optional[dict]]:
     """This host's agent outcome, then, on the host that owns the result, results.json.
-    Returns (owner, the results or None). Raises WriteError when a file cannot be written."""
+    Returns (owner, the results or None). Raises WriteError when a file cannot be written:
+    a results.json that cannot be written as ResultNotWritten (with the results), else the
+    first file that failed, after the result was still worked out and written if it could be."""
     node_file = job_dir / "nodes" / f"node_{layout.node_rank}.json"
     outcome = results.read_json(node_file)
-    if outcome is None:  # the agent was killed (hang, start-up bound, interrupt) before writing
+    unwritten: Optional[results.WriteError] = None
+    if outcome is None:  # the agent was killed (hang, start-up bound, interrupt) or could not write it
         outcome = {"node_rank": layout.node_rank, "node_id": node_id, "host": socket.gethostname(),
                    "failures": {}, "error": None}
-        results.write_json_atomic(node_file, outcome)
+        try:
+            results.write_json_atomic(node_file, outcome)
+        except results.WriteError as exc:
+            unwritten = exc
     # every host's outcome first: a host's agent writes it after its ranks are gone, so rank 0's
     # record, which names the host that owns the result, is on disk by then wherever it ran
-    outcomes = node_outcomes(job_dir, layout.nnodes, NODE_FILE_WAIT_S if interrupted is None else 0)
-    if not owns_result(job_dir, node_id, layout):
-        return False, None
-    oom_kills_after = results.kernel_oom_kill_count()
-    oom_kills = (None if oom_kills_before is None or oom_kills_after is None
-                 else oom_kills_after - oom_kills_before)
-    return True, finalize(job_dir, shape.processes, outcomes, finding, interrupted, layout.rdzv_endpoint, oom_kills)
+    outcomes = node_outcomes(job_dir, layout.nnodes,
+                             NODE_FILE_WAIT_S if interrupted is None and unwritten is None else 0)
+    if unwritten is not None:
+        outcomes = [o for o in outcomes if o.get("node_rank") != layout.node_rank] + [outcome]
+    owner = owns_result(job_dir, node_id, layout)
+    final = None
+    if owner:
+        oom_kills_after = results.kernel_oom_kill_count()
+        oom_kills = (None if oom_kills_before is None or oom_kills_after is None
+                     else oom_kills_after - oom_kills_before)
+        final = finalize(job_dir, shape.processes, outcomes, finding, interrupted, layout.rdzv_endpoint, oom_kills)
+    if unwritten is not None:
+        raise unwritten
+    return owner, final
+
+
+def keep_log_file_errors_off_the_console() -> None:
+    """Hydra's job log file (<job dir>/<task>.log) copies the console. When it cannot be
+    written (a full disk), logging would print a traceback for every line; instead the
+    file is named once on stderr and the console goes on carrying every line."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handleError = functools.partial(_log_file_failed, handler)  # type: ignore[method-assign]
+
+
+def _log_file_failed(handler: logging.FileHandler, record: logging.LogRecord) -> None:
+    if getattr(handler, "failed_once", False):
+        return
+    handler.failed_once = True  # type: ignore[attr-defined]
+    print(f"the log file {handler.baseFilename} could not be written ({sys.exc_info()[1]}); "
+          "the console carries every line", file=sys.stderr, flush=True)
 
 
 def report_unwritten(job_num: int, exc: results.WriteError) -> None:
