@@ -70,7 +70,7 @@ class ResultNotWritten(WriteError):
     the caller can put the job's outcome on the console instead."""
 
     def __init__(self, cause: WriteError, job_results: dict) -> None:
-        super().__init__(cause.errno, str(cause))
+        super().__init__(cause.errno, cause.strerror)
         self.results = job_results
 
 

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from wan_exp import results
 from wan_exp.config import ConfigError
-from wan_exp.host.disk import space_problem, sweep_bytes
+from wan_exp.host.disk import REPORT_BYTES, SweepBytes, job_bytes, space_problem
 from wan_exp.host.job import NODE_FILE_WAIT_S, SWEEP_RECORD, SWEEP_STATE_DIR, SweepStopped, check_config
 
 log = logging.getLogger(__name__)
@@ -146,13 +146,14 @@ HYDRA_PLAIN_VALUE = re.compile(r"[\w./@%+:-]+")
 
 
 def hydra_override(key: str, value: str) -> str:
-    """`key=value` as Hydra parses it back to `value`: quoted (Hydra's single quotes, a
-    backslash before a quote or a backslash) when the value holds anything but plain
-    characters (a space, a comma that would make a sweep, ``$``, brackets, quotes)."""
+    """`key=value` as Hydra parses it back to `value`: in Hydra's double quotes when the
+    value holds anything but plain characters (a space, a comma that would make a sweep,
+    brackets, quotes), with a backslash doubled where it precedes a quote or ends the
+    value and a backslash before each double quote (Hydra's escaping rules)."""
     if HYDRA_PLAIN_VALUE.fullmatch(value):
         return f"{key}={value}"
-    escaped = re.sub(r"(\\+)(?='|$)", r"\1\1", value).replace("'", "\\'")
-    return f"{key}='{escaped}'"
+    escaped = re.sub(r'(\\+)(?="|$)', r"\1\1", value).replace('"', '\\"')
+    return f'{key}="{escaped}"'
 
 
 def shell_command(*words: str) -> str:
@@ -160,9 +161,30 @@ def shell_command(*words: str) -> str:
     return shlex.join(words)
 
 
+CONFIG_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
+
+
+def recorded_launch_words(sweep_dir: Path) -> list[str]:
+    """What a resume must give again of the sweep record's active launch: its config flags
+    (``--config-dir sweeps --config-name strategies``) and its hydra.* overrides."""
+    record = results.read_json(sweep_dir / SWEEP_STATE_DIR / SWEEP_RECORD) or {}
+    launches = record.get("launches") or []
+    if not launches:
+        return []
+    launch = launches[record.get("active", -1)]
+    argv, words = list(launch.get("argv") or [])[1:], []
+    for i, word in enumerate(argv):
+        if word in CONFIG_FLAGS and i + 1 < len(argv):
+            words += [word, argv[i + 1]]
+        elif word.split("=", 1)[0] in CONFIG_FLAGS:
+            words.append(word)
+    return words + list(launch.get("hydra_overrides") or [])
+
+
 def resume_command(sweep_dir: Path) -> str:
-    return shell_command("python", sys.argv[0], hydra_override("hydra.sweep.dir", str(sweep_dir)),
-                         f"{RESUME_KEY}=true")
+    """The command that resumes the sweep in `sweep_dir`, quoted for the shell and Hydra."""
+    return shell_command("python", sys.argv[0], *recorded_launch_words(sweep_dir),
+                         hydra_override("hydra.sweep.dir", str(sweep_dir)), f"{RESUME_KEY}=true")
 
 
 def sweep_dir_problem(configured: str) -> str | None:
@@ -208,6 +230,8 @@ class SweepCallback(Callback):
         # sweep has (its record), later batches included
         self.batch_job_dirs: dict[int, Path] = {}
         self.sweep_jobs: Optional[int] = None
+        # what each checked job will write (all bytes, video bytes): the free-space checks
+        self.job_bytes: dict[int, tuple[int, int]] = {}
 
     # --- start
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -297,12 +321,28 @@ class SweepCallback(Callback):
             shapes = self.check_configs(configs)
         except ConfigError as exc:
             raise SystemExit(f"bad config, no job started: {exc}") from None
-        to_run = [(cfg, shape.world_size) for cfg, shape in zip(configs, shapes, strict=True)
-                  if not (cfg.launcher.resume and results.is_completed(batch_job_dir(cfg)))]
-        if to_run:
-            problem = space_problem(Path(str(configs[0].hydra.sweep.dir)), sweep_bytes(to_run))
+        for cfg, shape in zip(configs, shapes, strict=True):
+            if not (cfg.launcher.resume and results.is_completed(batch_job_dir(cfg))):
+                self.job_bytes[int(cfg.hydra.job.num)] = job_bytes(cfg, shape.world_size)
+        batch = [self.job_bytes[int(cfg.hydra.job.num)] for cfg in configs if int(cfg.hydra.job.num) in self.job_bytes]
+        if batch:
+            problem = space_problem(Path(str(configs[0].hydra.sweep.dir)), self.bytes_of(batch))
             if problem:
                 raise SystemExit(f"no job started: {problem}")
+
+    @staticmethod
+    def bytes_of(jobs: list[tuple[int, int]]) -> SweepBytes:
+        """What `jobs` ((all bytes, video bytes) each) and the report will write."""
+        return SweepBytes(total=REPORT_BYTES + sum(t for t, _ in jobs), videos=sum(v for _, v in jobs), jobs=len(jobs))
+
+    def disk_problem(self, sweep_dir: Path, not_run: list[int]) -> Optional[str]:
+        """Why the sweep cannot go on in its dir now: a write fails there, or the jobs
+        without results need more room than its file system has free; None otherwise."""
+        problem = results.write_problem(sweep_dir)
+        if problem is None and not_run:
+            problem = space_problem(sweep_dir, self.bytes_of([self.job_bytes[n] for n in not_run
+                                                              if n in self.job_bytes]))
+        return problem
 
     def check_configs(self, configs: list[DictConfig]) -> list[Any]:
         """Every job of the batch: the config rules on this machine, no two jobs in one
@@ -364,7 +404,7 @@ class SweepCallback(Callback):
             release_lock(self.lock)
         interrupted = [j for j in jobs if j.get("status") == results.INTERRUPTED]
         not_run = self.unfinished_jobs()
-        disk = results.write_problem(sweep_dir) if (not_run or report_lost) else None
+        disk = self.disk_problem(sweep_dir, not_run) if (not_run or report_lost) else None
         if disk:
             print(f"the sweep dir cannot be written: {disk}", file=sys.stderr, flush=True)
         if interrupted:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from wan_exp.media import SAMPLE_RATE, output_size, read_audio, wants_video
 
@@ -75,12 +75,6 @@ def job_bytes(cfg: Any, ranks: int) -> tuple[int, int]:
     return JOB_BYTES + ranks * RANK_BYTES + video, video
 
 
-def sweep_bytes(jobs: Sequence[tuple[Any, int]]) -> SweepBytes:
-    """What the jobs (config, rank count) and the report will write."""
-    sizes = [job_bytes(cfg, ranks) for cfg, ranks in jobs]
-    return SweepBytes(total=REPORT_BYTES + sum(t for t, _ in sizes), videos=sum(v for _, v in sizes), jobs=len(jobs))
-
-
 def existing_ancestor(path: Path) -> Path:
     """`path`, or the nearest folder above it that exists (a sweep dir not yet made)."""
     path = Path(path).absolute()
@@ -109,4 +103,4 @@ def space_problem(sweep_dir: Path, need: SweepBytes) -> str | None:
             "hydra.sweep.dir" + (", or write no videos (workload.save_video=false)" if need.videos else ""))
 
 
-__all__ = ["SweepBytes", "free_bytes", "job_bytes", "space_problem", "sweep_bytes", "video_bytes"]
+__all__ = ["SweepBytes", "free_bytes", "job_bytes", "space_problem", "video_bytes"]

@@ -482,7 +482,15 @@ def record_outcome(job_dir: Path, layout: NodeLayout, node_id: str, shape: JobSh
         oom_kills_after = results.kernel_oom_kill_count()
         oom_kills = (None if oom_kills_before is None or oom_kills_after is None
                      else oom_kills_after - oom_kills_before)
-        final = finalize(job_dir, shape.processes, outcomes, finding, interrupted, layout.rdzv_endpoint, oom_kills)
+        unknown = None
+        if unwritten is not None:  # the agent could not write its outcome either: what the ranks did is unknown
+            beats = results.read_heartbeats(job_dir)
+            stuck = furthest_behind(beats, shape.processes, time.time()) if beats else {"phase": None}
+            unknown = {"rank": None, "phase": stuck["phase"], "step": stuck.get("step"),
+                       "message": (f"the job's files could not be written ({unwritten.strerror}): the ranks' "
+                                   "records and this host's agent outcome are missing")}
+        final = finalize(job_dir, shape.processes, outcomes, finding, interrupted, layout.rdzv_endpoint, oom_kills,
+                         unknown)
     if unwritten is not None:
         raise unwritten
     return owner, final
@@ -599,9 +607,11 @@ def watch(agent: subprocess.Popen, job_dir: Path, world_size: int, cfg: DictConf
 
 
 def finalize(job_dir: Path, world_size: int, outcomes: list[dict], finding: Optional[dict],
-             interrupted: Optional[dict], endpoint: str, kernel_oom_kills: Optional[int] = None) -> dict:
+             interrupted: Optional[dict], endpoint: str, kernel_oom_kills: Optional[int] = None,
+             job_failure: Optional[dict] = None) -> dict:
     """The job's result from what every host saw; written by results.finalize_job.
-    ``kernel_oom_kills``: processes the kernel's OOM killer ended on this host meanwhile."""
+    ``kernel_oom_kills``: processes the kernel's OOM killer ended on this host meanwhile;
+    ``job_failure``: a failure this process saw itself (results.finalize_job)."""
     errors = [f"{o.get('host')}: {o['error']}" for o in outcomes if o.get("error")]
     launch_error = None
     if finding is not None and finding["status"] == results.FAILED:
@@ -610,7 +620,7 @@ def finalize(job_dir: Path, world_size: int, outcomes: list[dict], finding: Opti
         launch_error = f"the elastic agent failed at the rendezvous {endpoint}: {'; '.join(errors)}"
     hang = finding if finding is not None else collective_timeout_hang(job_dir, world_size)
     return results.finalize_job(job_dir, dead_ranks(job_dir, outcomes), hang, launch_error, interrupted,
-                                kernel_oom_kills=kernel_oom_kills)
+                                kernel_oom_kills=kernel_oom_kills, job_failure=job_failure)
 
 
 def check_config(cfg: DictConfig) -> Any:
