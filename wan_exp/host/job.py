@@ -379,7 +379,11 @@ def run_job(cfg: DictConfig) -> dict:
         shape = check_job(with_layout, visible_gpu_count())  # again here: another launcher or host
     except ConfigError as exc:
         # launchers without a batch check (submitit) meet a bad job here: a result, not a crash
-        return record_config_error(job_dir, with_layout, job_overrides(cfg), job_num, layout, str(exc))
+        try:
+            return record_config_error(job_dir, with_layout, job_overrides(cfg), job_num, layout, str(exc))
+        except results.WriteError as lost:
+            report_unwritten(job_num, lost)
+            raise SweepStopped(f"job {job_num}: {lost}") from None
     for warning in config_warnings(cfg):
         log.warning("job %d: %s", job_num, warning)
     node_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
