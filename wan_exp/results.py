@@ -52,9 +52,6 @@ FILE_ROLES = (
     (r"wandb/logged\.json", "the W&B run's marker"),
 )
 
-# The errors of a file system that cannot take a write: full (ENOSPC, a quota, a file-size
-# limit), read-only, or not ours to write. A sweep stops on them: every later job would fail alike.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 # A rank that could not write its own record exits with this code (EX_TEMPFAIL of sysexits.h),
 # so the job's result can say why the record is missing.
 RECORD_NOT_WRITTEN_EXIT = 75
@@ -82,11 +79,6 @@ def write_error(path: Path, exc: OSError) -> WriteError:
             "the folder is gone (removed while the job ran?)" if exc.errno == errno.ENOENT else
             "check the folder's permissions and that its file system is mounted read-write")
     return WriteError(exc.errno, f"could not write {file_role(path)} {path}: {exc.strerror or exc}; {hint}")
-
-
-def is_disk_error(exc: BaseException) -> bool:
-    """True for an OSError of a file system that cannot take a write (DISK_ERRNOS)."""
-    return isinstance(exc, OSError) and exc.errno in DISK_ERRNOS
 
 
 def write_problem(folder: Path) -> Optional[str]:

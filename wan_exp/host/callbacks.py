@@ -35,8 +35,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
 from wan_exp import results
-from wan_exp.config import ConfigError
-from wan_exp.host.disk import REPORT_BYTES, SweepBytes, job_bytes, space_problem
+from wan_exp.config import ConfigError, JobShape
+from wan_exp.host.disk import job_bytes, space_problem, sweep_bytes
 from wan_exp.host.job import NODE_FILE_WAIT_S, SWEEP_RECORD, SWEEP_STATE_DIR, SweepStopped, check_config
 
 log = logging.getLogger(__name__)
@@ -326,25 +326,20 @@ class SweepCallback(Callback):
                 self.job_bytes[int(cfg.hydra.job.num)] = job_bytes(cfg, shape.world_size)
         batch = [self.job_bytes[int(cfg.hydra.job.num)] for cfg in configs if int(cfg.hydra.job.num) in self.job_bytes]
         if batch:
-            problem = space_problem(Path(str(configs[0].hydra.sweep.dir)), self.bytes_of(batch))
+            problem = space_problem(Path(str(configs[0].hydra.sweep.dir)), sweep_bytes(batch))
             if problem:
                 raise SystemExit(f"no job started: {problem}")
-
-    @staticmethod
-    def bytes_of(jobs: list[tuple[int, int]]) -> SweepBytes:
-        """What `jobs` ((all bytes, video bytes) each) and the report will write."""
-        return SweepBytes(total=REPORT_BYTES + sum(t for t, _ in jobs), videos=sum(v for _, v in jobs), jobs=len(jobs))
 
     def disk_problem(self, sweep_dir: Path, not_run: list[int]) -> Optional[str]:
         """Why the sweep cannot go on in its dir now: a write fails there, or the jobs
         without results need more room than its file system has free; None otherwise."""
         problem = results.write_problem(sweep_dir)
         if problem is None and not_run:
-            problem = space_problem(sweep_dir, self.bytes_of([self.job_bytes[n] for n in not_run
-                                                              if n in self.job_bytes]))
+            problem = space_problem(sweep_dir, sweep_bytes([self.job_bytes[n] for n in not_run
+                                                             if n in self.job_bytes]))
         return problem
 
-    def check_configs(self, configs: list[DictConfig]) -> list[Any]:
+    def check_configs(self, configs: list[DictConfig]) -> list[JobShape]:
         """Every job of the batch: the config rules on this machine, no two jobs in one
         directory, and no job dir left by another sweep (launcher.resume=true reuses one
         only for the same overrides, in any order). Returns each job's JobShape; raises
@@ -406,7 +401,7 @@ class SweepCallback(Callback):
         not_run = self.unfinished_jobs()
         disk = self.disk_problem(sweep_dir, not_run) if (not_run or report_lost) else None
         if disk:
-            print(f"the sweep dir cannot be written: {disk}", file=sys.stderr, flush=True)
+            print(f"the sweep cannot go on in its dir: {disk}", file=sys.stderr, flush=True)
         if interrupted:
             print(f"sweep stopped at job {interrupted[0].get('job_num')} (interrupted); resume it with:\n"
                   f"  {resume_command(sweep_dir)}", flush=True)

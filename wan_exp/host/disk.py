@@ -75,6 +75,12 @@ def job_bytes(cfg: Any, ranks: int) -> tuple[int, int]:
     return JOB_BYTES + ranks * RANK_BYTES + video, video
 
 
+def sweep_bytes(jobs: list[tuple[int, int]]) -> SweepBytes:
+    """What the jobs ((all bytes, video bytes) each, from :func:`job_bytes`) and the report
+    will write."""
+    return SweepBytes(total=REPORT_BYTES + sum(t for t, _ in jobs), videos=sum(v for _, v in jobs), jobs=len(jobs))
+
+
 def existing_ancestor(path: Path) -> Path:
     """`path`, or the nearest folder above it that exists (a sweep dir not yet made)."""
     path = Path(path).absolute()
@@ -103,4 +109,4 @@ def space_problem(sweep_dir: Path, need: SweepBytes) -> str | None:
             "hydra.sweep.dir" + (", or write no videos (workload.save_video=false)" if need.videos else ""))
 
 
-__all__ = ["SweepBytes", "free_bytes", "job_bytes", "space_problem", "video_bytes"]
+__all__ = ["SweepBytes", "free_bytes", "job_bytes", "space_problem", "sweep_bytes", "video_bytes"]

@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 FULL_ERROR_VAR = "HYDRA_FULL_ERROR"
 SUBMITIT_PLUGIN = re.compile(r"'hydra/launcher/(submitit_\w+)'")
@@ -58,7 +59,7 @@ def run_explained(main: Callable[[], Any]) -> None:
     os.environ[FULL_ERROR_VAR] = "1"
     try:
         main()
-    except Exception as exc:  # noqa: BLE001  (what is not explained is raised again, traceback and all)
+    except Exception as exc:  # what is not explained is raised again, traceback and all
         message = explain(exc)
         if message is None:
             raise

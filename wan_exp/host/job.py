@@ -487,7 +487,8 @@ def record_outcome(job_dir: Path, layout: NodeLayout, node_id: str, shape: JobSh
         oom_kills = (None if oom_kills_before is None or oom_kills_after is None
                      else oom_kills_after - oom_kills_before)
         unknown = None
-        if unwritten is not None:  # the agent could not write its outcome either: what the ranks did is unknown
+        if unwritten is not None and len(results.read_rank_records(job_dir)) < shape.processes:
+            # neither the agent's outcome nor every rank's record: what the missing ranks did is unknown
             beats = results.read_heartbeats(job_dir)
             stuck = furthest_behind(beats, shape.processes, time.time()) if beats else {"phase": None}
             unknown = {"rank": None, "phase": stuck["phase"], "step": stuck.get("step"),
