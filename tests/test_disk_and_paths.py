@@ -262,6 +262,18 @@ def test_the_resume_command_survives_the_shell_and_hydra():
     assert hydra_override("hydra.sweep.dir", "/plain/dir_1.2") == "hydra.sweep.dir=/plain/dir_1.2"
 
 
+def test_the_resume_command_repeats_the_launch_s_config_and_hydra_settings(tmp_path):
+    sweep = tmp_path / "my sweep"
+    sweep.mkdir()
+    results.write_json_atomic(sweep / ".wan_exp" / "sweep.json", {"active": 0, "launches": [{
+        "overrides": ["parallel=ulysses,hybrid"], "hydra_overrides": ["hydra.sweeper.max_batch_size=1"],
+        "argv": ["launch.py", "-m", "--config-dir", "my sweeps", "--config-name=strategies", "parallel=ulysses,hybrid",
+                 "hydra.sweeper.max_batch_size=1", f"hydra.sweep.dir={sweep}"]}]})
+    assert shlex.split(resume_command(sweep))[2:] == [
+        "--config-dir", "my sweeps", "--config-name=strategies", "hydra.sweeper.max_batch_size=1",
+        f'hydra.sweep.dir="{sweep}"', "launcher.resume=true"]
+
+
 def test_hydra_mode_run_and_a_missing_launcher_plugin_are_one_line_with_the_fix(tmp_path):
     proc = run_launch(tmp_path / "a", "hydra.mode=RUN", *JOB)
     assert proc.returncode == 1 and "hydra.mode=RUN is not supported" in proc.stderr, output(proc)

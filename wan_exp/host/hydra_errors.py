@@ -11,13 +11,16 @@ and exit status 1:
   it, and the local launcher that tries the same path here;
 - any other Hydra error (a config dir or name that does not exist, an option that does not
   exist, an override Hydra cannot parse): Hydra's message, without the traceback, as
-  Hydra prints it.
+  Hydra prints it;
+- a file Hydra itself cannot write outside a job (``multirun.yaml`` on a full or read-only
+  disk; wan-exp's own files are handled where they are written): the file and what to do.
 
 Anything else is a bug and keeps its traceback. The modes (``hydra.mode=RUN``) and the sweep
 dir are refused by the sweep callback (wan_exp.host.callbacks), which Hydra calls first.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -25,6 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 FULL_ERROR_VAR = "HYDRA_FULL_ERROR"
+# a file system that cannot take a write: full, a quota, a file-size limit, read-only, not ours
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 SUBMITIT_PLUGIN = re.compile(r"'hydra/launcher/(submitit_\w+)'")
 NO_SRUN = re.compile(r'Could not detect "srun"')
 
@@ -44,6 +49,9 @@ def explain(exc: BaseException) -> str | None:
         if "config directory" in first:
             first += " (--config-dir takes a folder of config files, e.g. --config-dir sweeps)"
         return first
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:  # e.g. Hydra's multirun.yaml on a full disk
+        return (f"{text}; free space there or choose another hydra.sweep.dir (a sweep that had started goes on "
+                "with the same command and launcher.resume=true)")
     if isinstance(exc, RuntimeError) and NO_SRUN.search(text):
         return ("the Slurm launcher (hydra/launcher=cluster or submitit_slurm) needs Slurm, but srun is not on "
                 "this machine's PATH: launch from a Slurm login node, or try the same path here with "
