@@ -16,7 +16,6 @@ from typing import Any, Callable
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GIB = 2**30
 
 
 def load_model_config(name: str, **overrides: Any) -> Any:

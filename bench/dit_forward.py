@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchlib import GIB, event_time, header, load_model_config, median, timed_runs
+from benchlib import event_time, header, load_model_config, median, timed_runs
 from wan_exp.metrics.flops import dit_forward_flops, mfu, peak_flops
 from wan_exp.models import attention as attn_backend
 from wan_exp.models.checkpoint import RandomWeights, load_into
-from wan_exp.models.wan_s2v import AUDIO_TOKENS_PER_FRAME, WanModel
+from wan_exp.models.wan_s2v import AUDIO_TOKENS_PER_FRAME, WanModel, apply_compile
+from wan_exp.units import GIB
 
 VAE_STRIDE = 8  # pixels per latent pixel
 TEMPORAL_STRIDE = 4  # video frames per latent frame
@@ -161,8 +162,10 @@ def main() -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
 
+    attn_backend.configure(cfg.attention_backend)
     with torch.device("meta"):
         model = WanModel(cfg)
+    apply_compile(model, cfg)
     load_into(model, RandomWeights(cfg, cfg.seed), torch.bfloat16, device)
     model.eval()
     weights_gib = torch.cuda.memory_allocated() / GIB

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from benchlib import GIB, REPO, header
+from benchlib import REPO, header
 from wan_exp.config import ExperimentConfig
 from wan_exp.models.vae import build_vae
 from wan_exp.parallel.vae import decode_clip
 from wan_exp.rank.runtime import RankContext
+from wan_exp.units import GIB
 
 SINGLE_GPU_MODES = ("every_rank", "rank0", "tiled")
 

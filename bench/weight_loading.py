@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from benchlib import GIB, header, load_model_config
+from benchlib import header, load_model_config
 from wan_exp.models.checkpoint import CheckpointReader, RandomWeights, load_into, write_checkpoint
 from wan_exp.models.wan_s2v import WanModel
+from wan_exp.units import GIB
 
 READ_CHUNK = 64 * 2**20
 

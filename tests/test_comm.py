@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from wan_exp.metrics.collector import MetricsCollector
-from wan_exp.metrics.summary import summarize
+from wan_exp.metrics.summary import rank_figures, summarize
 from wan_exp.metrics.comm import CommCounter
 
 WORLD = 4  # ranks of the fake process group (conftest's fake_group)
@@ -90,13 +90,21 @@ def test_collector_buckets_calls_by_phase_and_step_into_the_rank_record(fake_gro
     assert comm["step"] == {"all_to_all": {"count": 4, "bytes": 128, "bus_bytes": 96.0}}
     assert comm["measured_steps"] == 2
     assert comm["per_step"] == {"all_to_all": {"count": 2, "bytes": 64, "bus_bytes": 48.0}}
+    record = collector.rank_record()  # the derived totals, summed over the kinds once, in the record
+    assert record["comm_step_totals"] == {"count": 2, "bytes": 64, "bus_bytes": 48.0}
+    assert record["comm_init_totals"] == {"count": 1, "bytes": 16, "bus_bytes": 16.0}
 
 
-def _record(rank: int, step_bytes: int, init_bytes: int) -> dict:
-    return {"rank": rank, "world_size": 2, "device_name": "cpu", "step_times_s": [1.0],
-            "memory": {"peak_host_rss_gib": 1.0}, "workload": {},
-            "comm": {"per_step": {"all_to_all": {"count": 3, "bytes": step_bytes, "bus_bytes": step_bytes / 2}},
-                     "init": {"broadcast": {"count": 1, "bytes": init_bytes, "bus_bytes": init_bytes}}}}
+def _record(rank: int, step_bytes: int | None, init_bytes: int) -> dict:
+    """A rank record as MetricsCollector.rank_record() lays it out (its derived figures
+    included); step_bytes None: no measured step (workload=init)."""
+    per_step = None if step_bytes is None else {
+        "all_to_all": {"count": 3, "bytes": step_bytes, "bus_bytes": step_bytes / 2}}
+    record = {"rank": rank, "world_size": 2, "device_name": "cpu", "step_times_s": [] if per_step is None else [1.0],
+              "init_phases_s": {}, "memory": {"peak_host_rss_gib": 1.0}, "workload": {},
+              "comm": {"per_step": per_step,
+                       "init": {"broadcast": {"count": 1, "bytes": init_bytes, "bus_bytes": init_bytes}}}}
+    return {**record, **rank_figures(record["step_times_s"], record["init_phases_s"], record["comm"])}
 
 
 def test_summary_reports_the_busiest_rank():
@@ -109,8 +117,8 @@ def test_summary_reports_the_busiest_rank():
 
 
 def test_a_job_without_measured_steps_has_no_comm_per_step():
-    record = _record(0, 100, 7)
-    record["comm"]["per_step"] = None  # workload=init
+    record = _record(0, None, 7)  # workload=init
+    assert record["comm_step_totals"] is None and record["comm_init_totals"] == {"count": 1, "bytes": 7, "bus_bytes": 7}
     summary = summarize([record], {"model": {"dtype": "bf16"}})
     assert summary["comm_step_bytes_max"] is None and summary["comm_init_bytes_max"] == 7
 

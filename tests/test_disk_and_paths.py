@@ -302,7 +302,7 @@ def test_hydra_mode_run_and_a_missing_launcher_plugin_are_one_line_with_the_fix(
 
 
 def test_the_batch_check_keeps_the_traceback_of_a_bug():
-    from hydra_plugins.torchrun_launcher._core import check_batch
+    from hydra_plugins.checked_launcher._core import check_batch
 
     class Context:
         def __init__(self, callback):

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from wan_exp.config import ModelConfig
 from wan_exp.models import attention as attn_backend
 from wan_exp.models.checkpoint import RandomWeights, load_into
-from wan_exp.models.wan_s2v import WanModel
+from wan_exp.models.wan_s2v import WanModel, apply_compile
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 # 14B trunk shapes scaled down: 4 heads of 128, ffn/dim as in the real model
@@ -52,6 +52,7 @@ def make_inputs(cfg, seed: int) -> dict:
 def build(cfg, dtype: torch.dtype, state: dict | None = None) -> WanModel:
     with torch.device("meta"):
         model = WanModel(cfg)
+    apply_compile(model, cfg)
     if state is None:
         load_into(model, RandomWeights(cfg, seed=3), dtype, "cuda")
     else:

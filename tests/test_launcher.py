@@ -1,4 +1,4 @@
-"""The torchrun launcher plugin end to end on CPU: real ranks (gloo), results read back."""
+"""The launcher end to end on CPU: real ranks (gloo), results read back."""
 from __future__ import annotations
 
 import json
@@ -15,11 +15,11 @@ from wan_exp.host.envvars import JOB_DIR_VAR, applied_environment
 
 
 @pytest.mark.slow
-def test_info_plugins_lists_the_torchrun_launcher():
+def test_info_plugins_lists_the_checked_launcher():
     proc = subprocess.run([sys.executable, "launch.py", "--info", "plugins"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, output(proc)
-    assert "TorchrunLauncher" in proc.stdout
+    assert "CheckedLauncher" in proc.stdout
 
 
 @pytest.mark.slow

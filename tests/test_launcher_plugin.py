@@ -1,4 +1,4 @@
-"""The torchrun launcher plugin as a Hydra plugin: Hydra's own launcher test suites, and
+"""The checked launcher plugin as a Hydra plugin: Hydra's own launcher test suites, and
 the plugin's promise to import nothing of the application (no torch)."""
 from __future__ import annotations
 
@@ -29,28 +29,28 @@ def fresh_hydra_version_base():
     base.version_base = saved
 
 
-@pytest.mark.parametrize("launcher_name, overrides", [("torchrun", [])])
-class TestTorchrunLauncher(LauncherTestSuite):
+@pytest.mark.parametrize("launcher_name, overrides", [("checked", [])])
+class TestCheckedLauncher(LauncherTestSuite):
     """Hydra's shared launcher tests with a tiny task (each returns 100), in-process."""
 
 
-@pytest.mark.parametrize("launcher_name, overrides", [("torchrun", ["hydra.sweeper.max_batch_size=2"])])
-class TestTorchrunLauncherBatches(BatchedSweeperTestSuite):
+@pytest.mark.parametrize("launcher_name, overrides", [("checked", ["hydra.sweeper.max_batch_size=2"])])
+class TestCheckedLauncherBatches(BatchedSweeperTestSuite):
     """Jobs numbered across batches of one sweep."""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task_launcher_cfg, extra_flags", [({}, ["-m", "hydra/launcher=torchrun"])])
-class TestTorchrunLauncherIntegration(IntegrationTestSuite):
-    """Hydra's integration tests: small apps run as `python app.py -m hydra/launcher=torchrun`."""
+@pytest.mark.parametrize("task_launcher_cfg, extra_flags", [({}, ["-m", "hydra/launcher=checked"])])
+class TestCheckedLauncherIntegration(IntegrationTestSuite):
+    """Hydra's integration tests: small apps run as `python app.py -m hydra/launcher=checked`."""
 
 
 def test_the_launcher_imports_no_torch_and_nothing_of_the_application():
     code = (
         "import sys, time\n"
         "t = time.perf_counter()\n"
-        "import hydra_plugins.torchrun_launcher.torchrun_launcher, hydra_plugins.torchrun_launcher._core\n"
-        "import hydra_plugins.torchrun_launcher.config\n"
+        "import hydra_plugins.checked_launcher.checked_launcher, hydra_plugins.checked_launcher._core\n"
+        "import hydra_plugins.checked_launcher.config\n"
         "elapsed = time.perf_counter() - t\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'wan_exp', 'psutil', 'rich'))\n"
         "print(elapsed, heavy)\n"

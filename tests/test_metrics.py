@@ -8,8 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from wan_exp import results
 from wan_exp.config import ExperimentConfig
 from wan_exp.metrics import MetricsCollector, dit_forward_flops, mfu, peak_flops, summarize
+from wan_exp.wandb_logger import RANK_TABLE_COLUMNS, rank_row
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
 
@@ -194,3 +196,31 @@ def test_stage_summary_takes_the_slowest_rank_and_the_quoted_figures():
     assert summary["dit_share"] == pytest.approx(8.0 / 11.0)
     assert summary["stage_peak_host_rss_gib"] == {"denoise": 2.0, "vae_decode": 2.0}
     assert "stages_s" not in summarize([{**record(0, 1.0, 1.0), "stages": {}}], {})
+
+
+def test_a_rank_median_is_computed_once_and_console_and_wandb_read_that_field():
+    """The per-rank median step time is stored in the rank record; the console's per-rank line
+    and the W&B per-rank table both show that field. An even step count tells the true median
+    (the mean of the middle two) from the upper middle value an own computation might take."""
+    collector = MetricsCollector("cpu", 0, 1)
+    with collector.phase("build"):
+        pass
+    collector.step_times_s = [1.0, 4.0, 2.0, 3.0]
+    record = {**collector.rank_record(), "status": "completed"}
+    assert record["step_time_s_median"] == (2.0 + 3.0) / 2
+    assert record["init_s"] == record["init_phases_s"]["build"]
+
+    console = results.summary_text({"job_num": 0, "status": "completed", "ranks": [record]})
+    (rank_line,) = [line.split() for line in console.splitlines() if line.split()[:1] == ["0"]]
+    assert rank_line[-1] == "2.500"
+
+    row = dict(zip(RANK_TABLE_COLUMNS, rank_row(record)))
+    assert row["step_time_s_median"] == record["step_time_s_median"]
+    assert row["init_s"] == record["init_s"]
+    assert row["comm_step_calls"] == 0 and row["comm_init_bytes"] == 0  # no collective ran
+
+
+def test_job_step_times_are_stored_in_the_summary_that_wandb_reads():
+    """The job's time of each step (the slowest rank's) is derived once, into the summary."""
+    records = [_record(0, 60.0, [2.0, 4.0, 3.0]), _record(1, 20.0, [2.5, 3.0, 3.0])]
+    assert summarize(records, {"model": {"dtype": "bf16"}})["step_times_s"] == [2.5, 4.0, 3.0]

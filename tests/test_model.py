@@ -12,7 +12,16 @@ import torch
 from omegaconf import OmegaConf
 
 from wan_exp.config import ModelConfig
-from wan_exp.models.wan_s2v import WanModel, apply_rope, rope_angles, rope_pairs, sequence_length
+from wan_exp.models import attention as attn_backend
+from wan_exp.models.wan_s2v import (
+    WanModel,
+    apply_compile,
+    apply_rope,
+    inject_audio,
+    rope_angles,
+    rope_pairs,
+    sequence_length,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -429,3 +438,30 @@ def test_sequence_length_of_the_official_sizes():
     assert sequence_length(cfg, 480, 832, 80) == 31200 + 1560 + 1560 + 390 + 364
     assert sequence_length(cfg, 480, 832, 80, with_motion=False) == 21 * 1560
     assert sequence_length(model_cfg("t2v_14b"), 480, 832, 80) == 31200
+
+
+# ============================================================================ built from outside
+def test_the_constructor_builds_the_model_only_compile_is_applied_from_outside():
+    """WanModel(cfg) neither compiles nor touches the process-wide attention backend, whatever
+    model.compile and model.attention_backend say; apply_compile compiles each block and the
+    audio injector, and does nothing when model.compile is off."""
+    q = torch.randn(1, 4, 2, 8)
+    attn_backend.configure("sdpa")
+    attn_backend.attention(q, q, q)
+    assert attn_backend.selected_backend() == "sdpa"
+    cfg = model_cfg("tiny")
+    cfg.compile, cfg.attention_backend = True, "sdpa_math"
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    assert attn_backend.selected_backend() == "sdpa"  # configure() would have reset the choice
+    assert model.audio_injector.inject is inject_audio
+    assert all(block._compiled_call_impl is None for block in model.blocks)
+
+    cfg.compile = False
+    apply_compile(model, cfg)
+    assert model.audio_injector.inject is inject_audio
+    cfg.compile = True
+    apply_compile(model, cfg)
+    assert model.audio_injector.inject is not inject_audio
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    attn_backend.configure("auto")

@@ -22,8 +22,7 @@ from launch_helpers import REPO, job_results, output, run_launch
 from wan_exp import memory_fit, results
 from wan_exp.config import ConfigError, check_schema_keys, compose_config, config_warnings, validate
 from wan_exp.rank.numerics import NonFiniteError, check_finite
-
-GIB = 1024**3
+from wan_exp.units import GIB
 
 
 # ----------------------------------------------------------------------------- host OOM

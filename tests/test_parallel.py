@@ -16,9 +16,9 @@ import torch
 
 from wan_exp.config import ConfigError, parallel_dims, validate
 from wan_exp.config import compose_config as compose_experiment
+from wan_exp.units import GIB
 
 REPO = Path(__file__).resolve().parents[1]
-GIB = 1024**3
 
 
 def compose_config(*overrides: str):

@@ -86,13 +86,13 @@ def test_pricing_against_hand_computed_times():
     # 4 x 20 us + 7.4 GB / 370 GB/s, then 20 us + 1.88 GB / 470 GB/s; barriers are not priced
     expected = 4 * 20e-6 + 0.02 + 20e-6 + 0.004
     assert comm_time_s(per_step, nvlink4) == pytest.approx(expected)
-    prediction = predict_step({"step_times_s": [1.0, 3.0, 2.0], "comm": {"per_step": per_step}}, nvlink4)
+    prediction = predict_step({"step_time_s_median": 2.0, "comm": {"per_step": per_step}}, nvlink4)
     assert prediction["step_s"] == pytest.approx(2.0 + expected)
     assert "no overlap with compute" in prediction["assumption"]
     custom = parse_link("100")
     assert comm_time_s({"all_gather": {"count": 2, "bytes": 0, "bus_bytes": 1e9}}, custom) == pytest.approx(
         2 * 20e-6 + 0.01)
-    assert predict_step({"step_times_s": [], "comm": {"per_step": None}}, nvlink4)["step_s"] is None
+    assert predict_step({"step_time_s_median": None, "comm": {"per_step": None}}, nvlink4)["step_s"] is None
 
 
 def test_measured_runs_sit_beside_the_prediction_and_fit_the_link(tmp_path):

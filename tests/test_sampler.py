@@ -2,6 +2,7 @@
 known answer, and the guidance combination of one step."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -104,3 +105,25 @@ def test_guided_flow_runs_conditional_first_and_combines_by_the_formula(scale, c
 def test_sigma_grid_is_the_shifted_linspace():
     unshifted = np.linspace(0.999, 0.0, 41)[:-1]
     np.testing.assert_allclose(sigma_schedule(40, 5.0), 5 * unshifted / (1 + 4 * unshifted))
+
+
+@pytest.mark.parametrize("sampler", ["unipc", "euler"])
+def test_the_state_stays_in_the_noises_dtype_as_upstream_keeps_it(sampler):
+    """bf16 noise and an fp32 flow (the DiT's output): every x the flow is handed is bf16, and
+    an Euler step is the fp32 update rounded back to bf16 (upstream's scheduler casts its
+    result to the sample's dtype)."""
+    noise = torch.linspace(-2, 2, 16).view(1, 1, 16).to(torch.bfloat16)
+    seen = []
+
+    def flow(x, timestep):
+        seen.append(x)
+        return x.float() * 0.75 + 0.1
+
+    out = sample(flow, noise, 3, 3.0, sampler=sampler)
+    assert out.dtype == torch.bfloat16 and all(x.dtype == torch.bfloat16 for x in seen) and len(seen) == 3
+    if sampler == "euler":
+        sigmas = [*sigma_schedule(3, 3.0).tolist(), 0.0]
+        expected = noise
+        for s, s_next in itertools.pairwise(sigmas):
+            expected = (expected.float() + (s_next - s) * (expected.float() * 0.75 + 0.1)).to(torch.bfloat16)
+        assert torch.equal(out, expected)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,19 +12,21 @@ import pytest
 pytest.importorskip("wandb")  # a dependency of wan-exp; absent only where it was left out on purpose
 
 from wan_exp.metrics.summary import job_step_times  # noqa: E402
+from wan_exp.results import summary_text  # noqa: E402
 from wan_exp.wandb_logger import is_logged, log_job  # noqa: E402
-from wan_exp.wandb_reader import WandbFileError, find_run_file, read_run  # noqa: E402
+from wandb_reader import WandbFileError, find_run_file, read_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def job_dir(tmp_path_factory) -> Path:
-    """One real 2-rank job of the tiny model through launch.py, logged offline to W&B."""
+    """One real 2-rank job of the tiny model through launch.py, logged offline to W&B (with an
+    attention backend other than auto's choice on a CPU, for the test below)."""
     sweep_dir = tmp_path_factory.mktemp("wandb_sweep")
     done = subprocess.run(
         [sys.executable, "launch.py", "logger=offline", "workload.sample_steps=3",
-         f"hydra.sweep.dir={sweep_dir}"],
+         "model.attention_backend=sdpa_math", f"hydra.sweep.dir={sweep_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -45,12 +48,37 @@ def test_offline_run_read_back_matches_results_json(job_dir):
 
     step_rows = [row for row in run.history if "step_time_s" in row]
     expected = job_step_times(results["ranks"])
+    assert results["summary"]["step_times_s"] == expected  # derived once, read by W&B
     assert len(expected) == results["summary"]["measured_steps"] >= 2
     assert [row["step_time_s"] for row in step_rows] == expected
     for rank in results["ranks"]:
         assert [row[f"rank_step_time_s/{rank['rank']}"] for row in step_rows] == rank["step_times_s"]
     # the per-rank table is logged (one row per rank)
     assert any(row.get("ranks/nrows") == results["world_size"] for row in run.history)
+
+
+def test_wandb_and_the_console_show_each_rank_median_the_record_holds(job_dir):
+    """One definition of a rank's median step: the W&B per-rank table (read back from the run's
+    files) and the console's per-rank line both show the rank record's field."""
+    results = json.loads((job_dir / "results.json").read_text())
+    (table_file,) = (find_run_file(job_dir).parent / "files" / "media" / "table").glob("ranks_*.table.json")
+    table = json.loads(table_file.read_text())
+    logged = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    console = {int(line.split()[0]): line.split() for line in summary_text(results).splitlines()
+               if line.split()[:1] and line.split()[0].isdigit()}
+    for record in results["ranks"]:
+        median = record["step_time_s_median"]
+        assert median == statistics.median(record["step_times_s"])  # two steps: the mean of both
+        assert logged[record["rank"]]["step_time_s_median"] == median
+        assert logged[record["rank"]]["init_s"] == record["init_s"]
+        assert console[record["rank"]][-1] == f"{median:.3f}"
+
+
+def test_each_rank_applies_the_configured_attention_backend(job_dir):
+    """The model's constructor leaves the backend alone; the rank's setup applies
+    model.attention_backend (auto would have chosen sdpa on a CPU)."""
+    results = json.loads((job_dir / "results.json").read_text())
+    assert [r["attention_backend"] for r in results["ranks"]] == ["sdpa_math", "sdpa_math"]
 
 
 def test_a_failing_wandb_is_a_warning_not_an_error(job_dir, tmp_path):

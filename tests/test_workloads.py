@@ -77,7 +77,9 @@ def test_generate_records_measured_steps_and_token_counts():
     assert all(s["seconds"] > 0 and s["peak_host_rss_gib"] > 0 for s in stages.values())
     assert stages["denoise"]["peak_allocated_gib"] is None  # CPU: no device figures, never 0
     assert sum(record["step_times_s"]) < stages["denoise"]["seconds"]  # the steps are inside denoise
-    assert info["text_branch"] == "synthetic" and info["video_seconds"] == pytest.approx(2 * 8 / 16)
+    # two clips of 8 frames, less the 3 upstream drops from the first
+    assert info["text_branch"] == "synthetic" and info["video_frames"] == 2 * 8 - 3
+    assert info["video_seconds"] == pytest.approx((2 * 8 - 3) / 16)
     first, later = (sequence_length(cfg.model, 64, 64, 8, with_motion=m) for m in (False, True))
     assert info["tokens_per_clip"] == [first, later] and first < later
     # measured steps: one of the first clip (no motion), two of the second

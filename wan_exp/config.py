@@ -174,6 +174,7 @@ class ModelConfig:
     # what a workload uses unless told otherwise (workload.size: ${model.default_size})
     default_size: str = "64*64"
     default_frames_per_clip: int = 8
+    default_sample_steps: int = 4  # workload=generate's steps (40 for the real models, as upstream)
     # weights
     checkpoint_dir: Optional[str] = None  # official folder layout; None = random weights
     # Wan2.1 VAE (encoder only: the reference image of workload.image_path)

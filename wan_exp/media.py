@@ -3,8 +3,8 @@
 No torch here: the launcher calls :func:`check_inputs` (through ``config.validate``) before any
 rank starts, and the ranks use the readers below. docs/pipeline.md states the rules.
 
-- Audio: any file ffmpeg decodes (wav, flac, mp3, ...; any rate, any channel layout), read
-  and resampled to 16 kHz mono by PyAV (ffmpeg's resampler, shipped in the PyAV wheel).
+- Audio: any file ffmpeg decodes (wav, flac, mp3, ...; any rate, any channel layout), decoded
+  by PyAV, the channels averaged, resampled to 16 kHz with soxr as upstream's librosa does.
 - Reference image: the output size chosen from the image within the area of ``workload.size``
   (multiples of 64), then the shorter side resized and the centre cropped, padded with black
   where the aspect ratios differ.
@@ -13,6 +13,7 @@ rank starts, and the ranks use the readers below. docs/pipeline.md states the ru
 from __future__ import annotations
 
 import functools
+import math
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -26,61 +27,97 @@ SAMPLE_RATE = 16000  # wav2vec2's input rate
 SIZE_MULTIPLE = 64  # the output size chosen from an image is padded up to multiples of this
 SILENCE_PEAK = 1e-4  # an audio file whose samples all stay below this is silent
 AUDIO_FRAME_SAMPLES = 1024  # samples per AAC frame when muxing
+RESAMPLE_QUALITY = "soxr_hq"  # librosa.load's default res_type, what upstream reads audio with
 
 
 # ------------------------------------------------------------------------------ audio
+def resample_to_16k(waveform: np.ndarray, rate: int) -> np.ndarray:
+    """A mono float32 waveform at ``rate`` -> 16 kHz as upstream's loader does it (librosa's
+    default): soxr at quality ``soxr_hq`` over the whole signal in one call, then cut or
+    zero-padded to ceil(samples * 16000 / rate). Unchanged at 16 kHz."""
+    import soxr
+
+    if rate == SAMPLE_RATE:
+        return waveform
+    resampled = soxr.resample(waveform, rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)
+    length = math.ceil(waveform.size * SAMPLE_RATE / rate)
+    return np.pad(resampled[:length], (0, max(length - resampled.size, 0))).astype(np.float32)
+
+
 def read_audio(path: str | Path) -> np.ndarray:
-    """(samples,) float32 mono waveform at 16 kHz from any audio file ffmpeg decodes.
-    ValueError naming ``workload.audio_path`` for a missing or unreadable file."""
+    """(samples,) float32 mono waveform at 16 kHz from any audio file ffmpeg decodes: decoded
+    to float at the file's own rate (integer samples / 2^(bits-1), as soundfile reads them),
+    the channels averaged, then ``resample_to_16k``. ValueError naming ``workload.audio_path``
+    for a missing or unreadable file."""
     import av
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"workload.audio_path={str(path)!r} does not exist")
     chunks: list[np.ndarray] = []
+    rate = 0
     try:
         with av.open(str(path)) as container:
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 raise ValueError("it has no audio stream")
-            # resample each channel, then average them (ffmpeg's own down-mix would weight
-            # stereo by 1/sqrt(2) each; a mono read averages the channels)
-            resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+            to_float = av.AudioResampler(format="fltp")  # sample format only: rate and layout kept
             for frame in container.decode(stream):
-                chunks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(frame)]
-            chunks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(None)]
+                rate = frame.sample_rate
+                chunks += [out.to_ndarray().mean(axis=0) for out in to_float.resample(frame)]
+            chunks += [out.to_ndarray().mean(axis=0) for out in to_float.resample(None)]
     except (av.FFmpegError, ValueError, OSError) as exc:
         raise ValueError(f"workload.audio_path={str(path)!r} is not a readable audio file ({exc}); "
                          "use a wav, flac or mp3 file") from None
     waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     if waveform.size == 0:
         raise ValueError(f"workload.audio_path={str(path)!r} holds no audio samples")
-    return waveform
+    return resample_to_16k(waveform, rate)
 
 
 # ------------------------------------------------------------------------------ image
+SIZE_SCALES_TRIED = 100  # upstream tries this many scales, evenly spaced, from the largest down
+SMALL_IMAGE_SMALLEST_SCALE = 0.1  # the bottom of that range for an image already within the area
+
+
+def _scale_range(height: int, width: int, area: int, multiple: int) -> tuple[float, float]:
+    """(largest, smallest) scale of upstream's search. An image within the area: 1 down to 0.1
+    (it is only padded, never enlarged). A larger one: from the scale that fills the area
+    exactly, sqrt(area / (h*w)), down to the root of upstream's quadratic for the worst-case
+    padding, (-b + sqrt(b^2 - 2ac)) / 2a with a = h*w, b = (multiple - 1)(h + w),
+    c = (multiple - 1)^2 - area (upstream's formula as written, with 2ac)."""
+    if height * width <= area:
+        return 1.0, SMALL_IMAGE_SMALLEST_SCALE
+    pad = multiple - 1
+    a, b, c = height * width, pad * (height + width), pad ** 2 - area
+    return math.sqrt(area / (height * width)), (-b + math.sqrt(b * b - 2 * a * c)) / (2 * a)
+
+
 def size_within_area(height: int, width: int, area: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
-    """(H, W) for an image of height x width: the image scaled by the largest factor s <= 1
-    for which ``ceil_m(int(height*s)) * ceil_m(int(width*s)) <= area`` (ceil_m: up to a
-    multiple of ``multiple``), at that s, padded up. Found by bisection (the padded area
-    only grows with s)."""
-
-    def padded(scale: float) -> tuple[int, int]:
-        return (-(-int(height * scale) // multiple) * multiple, -(-int(width * scale) // multiple) * multiple)
-
-    def fits(scale: float) -> bool:
-        h, w = padded(scale)
-        return h * w <= area
-
-    if not fits(1e-9):
-        raise ValueError(f"workload.size: area {area} is smaller than one {multiple}x{multiple} block")
-    low, high = 1e-9, 1.0
-    if fits(high):
-        return padded(high)
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return padded(low)
+    """(H, W) of the video for an image of height x width, as upstream S2V chooses it
+    (docs/pipeline.md, "Reference image"): ``SIZE_SCALES_TRIED`` scales, evenly spaced from the
+    largest of ``_scale_range`` down (the smallest itself is never tried); at each, both sides
+    scaled and truncated, then padded up to multiples of ``multiple``; the first whose padded
+    area is within ``area`` wins. If none does: the sides of a frame of the image's aspect
+    ratio and the whole area, each rounded down to a multiple, or the image's own sides
+    rounded down where that frame would be larger than the image. ValueError where that
+    leaves a side of zero (an area or an image smaller than one block)."""
+    largest, smallest = _scale_range(height, width, area, multiple)
+    for i in range(SIZE_SCALES_TRIED):
+        scale = largest - (largest - smallest) * i / SIZE_SCALES_TRIED
+        padded_h = -(-int(height * scale) // multiple) * multiple
+        padded_w = -(-int(width * scale) // multiple) * multiple
+        if padded_h * padded_w <= area:
+            return padded_h, padded_w
+    aspect = width / height
+    fallback_w = int((area * aspect) ** 0.5 // multiple * multiple)
+    fallback_h = int((area / aspect) ** 0.5 // multiple * multiple)
+    if fallback_w >= width or fallback_h >= height:
+        fallback_w, fallback_h = width // multiple * multiple, height // multiple * multiple
+    if fallback_h == 0 or fallback_w == 0:
+        raise ValueError(f"workload.size: no {multiple}-multiple size within the area {area} for an image "
+                         f"of {height}x{width}; use a larger workload.size or a larger image")
+    return fallback_h, fallback_w
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -39,7 +39,8 @@ import psutil
 from omegaconf import OmegaConf
 
 from wan_exp.config import ConfigError, Placement, Strategy, parallel_dims
-from wan_exp.results import GIB, write_json_atomic
+from wan_exp.results import write_json_atomic
+from wan_exp.units import GIB
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 

@@ -33,7 +33,6 @@ HOST, GPU = "host", "gpu"  # which memory an oom job ran out of (root_cause["mem
 RESULTS_FILE = "results.json"
 JOB_FILE = "job.json"
 CONFIG_FILE = "config.yaml"
-GIB = 1024**3
 
 
 # ----------------------------------------------------------------------------- files
@@ -485,10 +484,12 @@ def summary_text(results: dict) -> str:
     lines.append("  rank  device        peak_alloc_GiB  peak_reserved_GiB  host_rss_GiB  median_step_s")
     for r in results.get("ranks", []):
         mem = r.get("memory") or {}
-        steps = sorted(r.get("step_times_s") or [])
-        median = f"{steps[len(steps) // 2]:.3f}" if steps else "-"
-        lines.append(f"  {r['rank']:>4}  {str(r.get('device')):<12}  {_gib(mem.get('peak_allocated_gib')):>14}  "
-                     f"{_gib(mem.get('peak_reserved_gib')):>17}  {_gib(mem.get('peak_host_rss_gib')):>12}  {median:>13}")
+        median = r.get("step_time_s_median")  # the rank's own (metrics.summary.rank_figures)
+        median_text = "-" if median is None else f"{median:.3f}"
+        lines.append(
+            f"  {r['rank']:>4}  {str(r.get('device')):<12}  {_gib(mem.get('peak_allocated_gib')):>14}  "
+            f"{_gib(mem.get('peak_reserved_gib')):>17}  {_gib(mem.get('peak_host_rss_gib')):>12}  {median_text:>13}"
+        )
     for warning in results.get("warnings") or []:
         lines.append(f"  warning: {warning}")
     cause = results.get("root_cause")

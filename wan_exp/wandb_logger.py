@@ -17,13 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from wan_exp.metrics.summary import comm_totals, job_step_times
 from wan_exp.results import WriteError, now_iso, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -84,13 +82,12 @@ def log_job(results: dict, job_dir: Path) -> str | None:
     return message
 
 
-def _rank_row(record: dict) -> list[Any]:
+def rank_row(record: dict) -> list[Any]:
+    """One row of the run's per-rank table (RANK_TABLE_COLUMNS): the record's own fields, its
+    derived figures as the rank stored them (metrics.summary.rank_figures), none computed here."""
     memory = record.get("memory", {})
-    steps = record.get("step_times_s", [])
-    comm = record.get("comm") or {}
-    # no measured step (init): absent, as in the summary, not 0
-    comm_step = comm_totals(comm["per_step"]) if comm.get("per_step") is not None else {"count": None, "bytes": None}
-    comm_init = comm_totals(comm.get("init"))
+    comm_step = record.get("comm_step_totals") or {}  # None: no measured step (init): absent, not 0
+    comm_init = record.get("comm_init_totals") or {}
     return [
         record.get("rank"),
         record.get("device_name"),
@@ -101,9 +98,9 @@ def _rank_row(record: dict) -> list[Any]:
         memory.get("peak_host_rss_gib"),
         memory.get("alloc_retries"),
         memory.get("ooms"),
-        sum(record.get("init_phases_s", {}).values()),
-        statistics.median(steps) if steps else None,
-        comm_step["count"], comm_step["bytes"], comm_init["bytes"],
+        record.get("init_s"),
+        record.get("step_time_s_median"),
+        comm_step.get("count"), comm_step.get("bytes"), comm_init.get("bytes"),
     ]
 
 
@@ -148,11 +145,11 @@ def _write_run(results: dict, job_dir: Path) -> None:
         ),  # fmt: skip
     )
     ranks = results.get("ranks", [])
-    for step, job_time in enumerate(job_step_times(ranks)):
+    for step, job_time in enumerate((results.get("summary") or {}).get("step_times_s") or []):
         row = {"step_time_s": job_time}
         row.update({f"rank_step_time_s/{r['rank']}": r["step_times_s"][step] for r in ranks})
         run.log(row, step=step)
-    run.log({"ranks": wandb.Table(columns=RANK_TABLE_COLUMNS, data=[_rank_row(r) for r in ranks])})
+    run.log({"ranks": wandb.Table(columns=RANK_TABLE_COLUMNS, data=[rank_row(r) for r in ranks])})
     stage_rows = stage_table_rows(ranks)
     if stage_rows:
         run.log({"stages": wandb.Table(columns=STAGE_TABLE_COLUMNS, data=stage_rows)})

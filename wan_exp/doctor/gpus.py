@@ -6,8 +6,8 @@ from typing import Mapping
 
 from wan_exp.devices import HIDE_ALL, Gpu, NvmlView, visible_gpus
 from wan_exp.doctor.rows import FAIL, OK, WARN, Row
+from wan_exp.units import GIB
 
-GIB = 1024**3
 # More memory than this in use before a run means another process holds the GPU.
 BUSY_FRACTION = 0.10
 

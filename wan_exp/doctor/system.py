@@ -5,9 +5,9 @@ import os
 from typing import Mapping
 
 from wan_exp.doctor.rows import OK, WARN, Row
+from wan_exp.units import GIB
 
 SHM_PATH = "/dev/shm"
-GIB = 1024**3
 MIN_SHM_BYTES = 1 * GIB
 
 

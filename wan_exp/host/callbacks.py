@@ -5,7 +5,7 @@
   records the launch's overrides in ``<sweep>/.wan_exp/sweep.json`` or, with
   ``launcher.resume=true``, puts the recorded ones back (so ``hydra.sweep.dir=<dir>
   launcher.resume=true`` alone resumes); :meth:`SweepCallback.check_batch` checks every
-  job of a batch before the first starts (the torchrun launcher calls it);
+  job of a batch before the first starts (the checked launcher calls it);
   ``on_multirun_end`` writes the dashboard, prints the comparison table and, after an
   interrupt, the resume command, and exits 1 when a job of the sweep dir did not
   complete. The exit status comes from the job results on disk.
@@ -226,7 +226,7 @@ class SweepCallback(Callback):
 
     def __init__(self) -> None:
         self.lock: Optional[Path] = None
-        # what the torchrun launcher's batch checks saw: job num -> job dir; and how many jobs the
+        # what the checked launcher's batch checks saw: job num -> job dir; and how many jobs the
         # sweep has (its record), later batches included
         self.batch_job_dirs: dict[int, Path] = {}
         self.sweep_jobs: Optional[int] = None
@@ -312,9 +312,9 @@ class SweepCallback(Callback):
             release_lock(self.lock)
         raise SystemExit(message)
 
-    # --- the batch check (called by the torchrun launcher before the first job starts)
+    # --- the batch check (called by the checked launcher before the first job starts)
     def check_batch(self, configs: list[DictConfig]) -> None:
-        """The torchrun launcher's hook: :meth:`check_configs`, then room on the disk for what
+        """The checked launcher's hook: :meth:`check_configs`, then room on the disk for what
         the jobs still to run will write. A refusal is a SystemExit with a one-line message
         (no job has started); any other exception is a bug and keeps its traceback."""
         try:
@@ -416,7 +416,7 @@ class SweepCallback(Callback):
     def unfinished_jobs(self) -> list[int]:
         """The sweep's jobs without a results.json: never started (a Ctrl-C between two jobs, or
         in an earlier batch), or stopped before their result was written. Judged only where the
-        torchrun launcher's batch check ran (other launchers run jobs elsewhere); a job several
+        checked launcher's batch check ran (other launchers run jobs elsewhere); a job several
         hosts ran gets its results.json from the host of global rank 0: waited for (bounded)."""
         if not self.batch_job_dirs:
             return []

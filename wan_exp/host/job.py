@@ -68,7 +68,7 @@ class SweepStopped(KeyboardInterrupt):
     """The sweep cannot go on: the job is recorded where it can be (or named on the console
     with what was lost) and no further job starts. A KeyboardInterrupt, so that it passes
     Hydra's task wrapper (which keeps an Exception as the job's return value) and the
-    torchrun launcher ends the sweep on it; its message is the cause."""
+    checked launcher ends the sweep on it; its message is the cause."""
 
 
 class SweepInterrupted(SweepStopped):
@@ -368,7 +368,7 @@ def run_job(cfg: DictConfig) -> dict:
     layout = node_layout(cfg.launcher, os.environ)
     if (layout.node_rank == 0 and not cfg.launcher.resume
             and results.read_json(job_dir / results.JOB_FILE) is not None):
-        # the torchrun launcher's batch check refuses this before any job; other launchers
+        # the checked launcher's batch check refuses this before any job; other launchers
         # (submitit) arrive here: never clear a job dir an earlier launch left
         log.error("job %d: not started: %s already holds a job; use launcher.resume=true to finish "
                   "that sweep, or a new hydra.sweep.dir", job_num, job_dir)

@@ -23,7 +23,9 @@ from typing import Any, Iterator, Optional
 import torch
 
 from wan_exp.metrics.comm import CommCounter
-from wan_exp.metrics.phases import GIB, INIT_PHASES
+from wan_exp.metrics.phases import INIT_PHASES
+from wan_exp.metrics.summary import rank_figures
+from wan_exp.units import GIB
 
 # Notes that belong in the record's "memory" block rather than at its top level.
 _MEMORY_NOTES = ("param_gib",)
@@ -193,6 +195,8 @@ class MetricsCollector:
             "comm": self.comm.record(len(self.step_times_s)),
             "stages": {name: dict(entry) for name, entry in self.stages.items()},
         }
+        # derived once, here: every reader takes these fields (metrics/summary.py)
+        record.update(rank_figures(record["step_times_s"], record["init_phases_s"], record["comm"]))
         record.update({k: v for k, v in self.notes.items() if k not in _MEMORY_NOTES})
         return record
 

@@ -1,7 +1,13 @@
-"""Job-level metrics from the rank records (no torch: the job process on the host uses it).
+"""Derived figures of a rank and of a job (no torch: the job process on the host uses it).
 
-:func:`summarize` turns every rank's record into the job's comparison figures (the
-``summary`` of results.json); :func:`job_step_times` is the job's time of each step.
+Every derived figure is computed once, here, and stored; readers (the console, W&B, the
+dashboard, the plan) read the stored field and never compute it again:
+
+- :func:`rank_figures`: one rank's figures from its own measurements (median step,
+  initialisation seconds, collective totals), stored in its rank record by
+  ``MetricsCollector.rank_record``;
+- :func:`summarize`: the job's comparison figures from every rank's record (the ``summary`` of
+  results.json: the job's step times and their median, balance, throughput, MFU, comm, stages).
 """
 from __future__ import annotations
 
@@ -14,6 +20,23 @@ from wan_exp.metrics.flops import mfu, peak_flops
 # ---------------------------------------------------------------------------- job level
 def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     return num / den if num is not None and den else None
+
+
+def rank_figures(step_times_s: list[float], init_phases_s: dict[str, float], comm: dict) -> dict[str, Any]:
+    """One rank's derived figures, as its record stores them (docs/architecture.md):
+
+    - ``step_time_s_median``: the median of its measured steps (the mean of the middle two for an
+      even count; None without a measured step);
+    - ``init_s``: the sum of its initialisation phases;
+    - ``comm_step_totals`` / ``comm_init_totals``: its collectives summed over the kinds
+      (:func:`comm_totals`) per measured step (None without a measured step) and for initialisation.
+    """
+    return {
+        "step_time_s_median": statistics.median(step_times_s) if step_times_s else None,
+        "init_s": sum(init_phases_s.values()),
+        "comm_step_totals": comm_totals(comm["per_step"]) if comm.get("per_step") is not None else None,
+        "comm_init_totals": comm_totals(comm.get("init")),
+    }
 
 
 def job_step_times(records: list[dict]) -> list[float]:
@@ -30,11 +53,11 @@ def summarize(records: list[dict], config: Any) -> dict:
       the other ranks (the "GPU 0 overloaded" symptom); on CPU, peak host RSS stands in
       and ``balance_basis`` says which was used.
     - time: init phases as the max over ranks (the slowest rank gates the job); a step's
-      time is the max over ranks, then median/min/max over the measured steps.
+      time is the max over ranks (``step_times_s``), then median/min/max over the measured steps.
     - throughput from the median step: steps/s, tokens/s, video seconds per second,
       TFLOP/s per GPU, and MFU against the device's dense peak for ``model.dtype``.
     - communication: calls, bytes and bus bytes per measured step and for initialisation,
-      of the rank that moves the most (rank records hold every kind, metrics/comm.py).
+      of the rank that moves the most (each record's ``comm_*_totals``, :func:`rank_figures`).
     - generate's pipeline stages (stage_summary).
     """
     if not records:
@@ -67,9 +90,8 @@ def summarize(records: list[dict], config: Any) -> dict:
     step_times = job_step_times(records)
     step_median = statistics.median(step_times) if step_times else None
     # per step: only where steps were measured (init has none: absent, not 0)
-    comm_step = [comm_totals(r["comm"]["per_step"]) for r in records
-                 if (r.get("comm") or {}).get("per_step") is not None]
-    comm_init = [comm_totals((r.get("comm") or {}).get("init")) for r in records]
+    comm_step = [r["comm_step_totals"] for r in records if r.get("comm_step_totals") is not None]
+    comm_init = [r["comm_init_totals"] for r in records if r.get("comm_init_totals") is not None]
 
     def comm_max(figures: list[dict], key: str) -> Optional[float]:
         return max(f[key] for f in figures) if figures else None
@@ -101,6 +123,7 @@ def summarize(records: list[dict], config: Any) -> dict:
         "init_phases_s": phases,
         "init_s": sum(phases.values()) if phases else None,
         "measured_steps": len(step_times),
+        "step_times_s": step_times,  # the job's time of each measured step (job_step_times)
         "step_time_s_median": step_median,
         "step_time_s_min": min(step_times) if step_times else None,
         "step_time_s_max": max(step_times) if step_times else None,

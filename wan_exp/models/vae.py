@@ -21,11 +21,14 @@ clip would. The temporal re-samplers treat the first chunk apart: the down-sampl
 through and keeps its last frame, the up-sampler passes it through without time up-sampling
 (so latent frame 0 <-> pixel frame 0, and every later latent frame <-> four pixel frames).
 
-Tiled decoding (``decode(..., tiles=...)``): the middle attention sees the whole frame, so the
-low-resolution part (conv1 + middle) always runs on the whole frame; only the up-sampling part
-(where the activations, and the memory peak, are large) runs per spatial tile, each tile with
-its own cache and a halo of ``DECODER_HALO`` latent pixels on every inner side. The halo covers
-the receptive field of that part, so tiles equal the whole-frame decode up to float rounding.
+Tiled decoding (``decode(..., region=..., grid=...)``): the middle attention sees the whole
+frame, so the low-resolution part (conv1 + middle) always runs on the whole frame, and its
+output is kept for every latent frame; only the up-sampling part (where the activations, the
+causal caches and so the memory peak are large) runs per spatial tile, one tile after the other,
+each streamed through all frames with its own cache and a halo of ``DECODER_HALO`` latent pixels
+on every inner side. The halo covers the receptive field of that part, so tiles equal the
+whole-frame decode up to float rounding (in fp32 the CPU's convolutions pick shape-dependent
+algorithms, so a tile and the whole frame round differently).
 
 Parameter names and shapes are those of the official file (``encoder.*``, ``conv1.*``,
 ``decoder.*``, ``conv2.*``). Sequential indices that hold no parameters (activations, padding,
@@ -38,7 +41,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -56,9 +59,10 @@ TEMPORAL_DOWNSAMPLE = (False, True, True)  # after encoder levels 0, 1, 2 (3 has
 TEMPORAL_UPSAMPLE = TEMPORAL_DOWNSAMPLE[::-1]  # after decoder levels 0, 1, 2
 # Receptive field of the decoder's up-sampling part, in latent pixels: 3 residual blocks of
 # two 3x3 convs per level at scales 1, 1/2, 1/4, 1/8 latent (6 + 3 + 1.5 + 0.75), the three
-# re-sampling convs (0.5 + 0.25 + 0.125), the head conv (0.125) = 12.25, plus up to one latent
-# for the nearest-neighbour rounding; 16 keeps a margin.
-DECODER_HALO = 16
+# re-sampling convs (0.5 + 0.25 + 0.125), the head conv (0.125) = 12.25 (nearest-neighbour
+# doubling moves no edge: output i reads input i // 2). A tile's pixels read nothing past
+# 12.25 latents beyond it, so a halo of 13 makes them exact (tests/test_pipeline.py, in fp64).
+DECODER_HALO = 13
 # Per-channel statistics of the posterior mean over Wan's training data: latents are
 # (mean - LATENT_MEAN) / LATENT_STD so that the DiT sees roughly unit-variance inputs.
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -325,21 +329,39 @@ class WanVAE(nn.Module):
         return (mean - shift) / scale
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, tiles: Optional[Sequence[Tile]] = None) -> list[torch.Tensor]:
+    def decode(self, latents: torch.Tensor, region: Optional[Tile] = None,
+               grid: tuple[int, int] = (1, 1)) -> torch.Tensor:
         """(B, 16, T, h, w) normalised latents -> pixels (B, 3, 1 + 4(T - 1), 8h, 8w) in [-1, 1],
-        one latent frame at a time. Returns one tensor per tile (the pixels of the tile's
-        rectangle), or ``[whole frame]`` when ``tiles`` is None."""
+        or those of ``region`` (latent rows and columns) only.
+
+        The low-resolution part runs on the whole frame, one latent frame at a time (it holds
+        the attention), and its output is kept for every frame. The region is then cut into
+        ``grid`` (rows, columns) tiles, and the up-sampling part streams each tile through all
+        frames with its own cache before the next tile starts: only one tile's cache and
+        activations are alive at a time, each tile's pixels are written into one output."""
         shift, scale = self._latent_stats(latents)
         x = self.conv2(latents * scale + shift)
-        regions = tiles if tiles is not None else [Tile(0, x.shape[3], 0, x.shape[4])]
+        height, width = x.shape[3], x.shape[4]
+        region = region if region is not None else Tile(0, height, 0, width)
         low_cache: Cache = {}
-        tile_caches: list[Cache] = [{} for _ in regions]
-        pieces: list[list[torch.Tensor]] = [[] for _ in regions]
-        for t in range(x.shape[2]):
-            low = self.decoder.low(x[:, :, t:t + 1], low_cache)
-            for tile, cache, out in zip(regions, tile_caches, pieces):
-                out.append(self._decode_tile(low, tile, cache))
-        return [torch.cat(out, dim=2).clamp_(-1.0, 1.0) for out in pieces]
+        low = torch.cat([self.decoder.low(x[:, :, t:t + 1], low_cache) for t in range(x.shape[2])], dim=2)
+        del low_cache, x
+        s = SPATIAL_STRIDE
+        frames = 1 + TEMPORAL_STRIDE * (low.shape[2] - 1)
+        out = low.new_empty((low.shape[0], 3, frames, (region.bottom - region.top) * s,
+                             (region.right - region.left) * s))
+        for tile in grid_tiles(region.bottom - region.top, region.right - region.left, *grid):
+            tile = Tile(tile.top + region.top, tile.bottom + region.top, tile.left + region.left,
+                        tile.right + region.left)
+            rows = slice((tile.top - region.top) * s, (tile.bottom - region.top) * s)
+            cols = slice((tile.left - region.left) * s, (tile.right - region.left) * s)
+            cache: Cache = {}
+            for t in range(low.shape[2]):
+                first = 0 if t == 0 else 1 + TEMPORAL_STRIDE * (t - 1)
+                pixels = self._decode_tile(low[:, :, t:t + 1], tile, cache)
+                out[:, :, first:first + pixels.shape[2], rows, cols] = pixels
+            del cache
+        return out.clamp_(-1.0, 1.0)
 
     def _decode_tile(self, low: torch.Tensor, tile: Tile, cache: Cache) -> torch.Tensor:
         """The up-sampling part over the tile plus its halo (clipped at the frame's edges),
@@ -351,15 +373,6 @@ class WanVAE(nn.Module):
         s = SPATIAL_STRIDE
         return pixels[:, :, :, (tile.top - top) * s:(tile.bottom - top) * s,
                       (tile.left - left) * s:(tile.right - left) * s]
-
-
-def stitch(tiles: Sequence[Tile], pieces: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The whole frame from the pixels of tiles that cover it (``grid_tiles``)."""
-    rows: dict[int, list[tuple[int, torch.Tensor]]] = {}
-    for tile, piece in zip(tiles, pieces):
-        rows.setdefault(tile.top, []).append((tile.left, piece))
-    return torch.cat([torch.cat([p for _, p in sorted(row, key=lambda lp: lp[0])], dim=4)
-                      for _, row in sorted(rows.items())], dim=3)
 
 
 # ============================================================================ loading

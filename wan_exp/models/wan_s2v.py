@@ -17,6 +17,9 @@ One forward, for one clip::
 Splitting hooks (the model knows nothing else about parallelism): ``blocks`` are the FSDP
 units, and ``sequence_sharding`` (None by default) shards every per-token tensor right after
 embedding, runs each self-attention and gathers before the head (docs/architecture.md).
+The constructor builds the model only: ``model.compile`` is applied from outside by
+:func:`apply_compile`, and ``model.attention_backend`` (process-wide) by the rank's setup
+through ``attention.configure``.
 
 Per-token state kept small: the two timestep modulations (noisy tokens, conditioning tokens)
 are applied on the two contiguous parts of the sequence, never expanded per token. The
@@ -182,7 +185,7 @@ class Attention(nn.Module):
 
 
 class SelfAttention(Attention):
-    def forward(self, x: torch.Tensor, tokens: "TokenLayout", sharding: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: TokenLayout, sharding: Any) -> torch.Tensor:
         q = apply_rope(self.query(x), tokens.rope_cos, tokens.rope_sin).to(x.dtype)
         k, v = self.key_value(x)
         k = apply_rope(k, tokens.rope_cos, tokens.rope_sin).to(x.dtype)
@@ -325,7 +328,7 @@ class AdaLayerNorm(nn.Module):
         return fp32_linear(self.linear, F.silu(cond.float())).chunk(2, dim=-1)
 
 
-def inject_audio(attn: "CrossAttention", adain: AdaLayerNorm, x: torch.Tensor, audio_tokens: torch.Tensor,
+def inject_audio(attn: CrossAttention, adain: AdaLayerNorm, x: torch.Tensor, audio_tokens: torch.Tensor,
                  audio_global: torch.Tensor, tokens: TokenLayout) -> torch.Tensor:
     """One audio injection: AdaLN of the noisy tokens on their frame's global audio token, then
     each noisy token attends to its own latent frame's audio tokens; returns the new x.
@@ -418,7 +421,6 @@ class WanModel(nn.Module):
         self.out_dim = cfg.out_dim
         self.s2v = bool(cfg.s2v)
         self.sequence_sharding = None  # set by a sequence-parallel strategy (Ulysses)
-        attn_backend.configure(cfg.attention_backend)
 
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.text_embedding = nn.Sequential(
@@ -437,18 +439,6 @@ class WanModel(nn.Module):
             self.audio_injector = AudioInjector(dim, heads, len(cfg.audio_inject_layers), cfg.eps)
             self.trainable_cond_mask = nn.Embedding(3, dim)  # token type: noisy, reference, motion
             self.frame_packer = FramePacker(cfg.in_dim, dim)
-        if cfg.compile:
-            self.compile_blocks()
-
-    def compile_blocks(self) -> None:
-        """``torch.compile`` each block (and the audio injector) on its own. The 40 blocks share
-        their code and shapes, so one compiled graph serves all of them and compilation costs
-        about one block; the fused kernels take one pass over the activations where the eager
-        norms, RoPE, modulation and gated residuals take several."""
-        for block in self.blocks:
-            block.compile()
-        if self.s2v:
-            self.audio_injector.inject = torch.compile(inject_audio)
 
     # ------------------------------------------------------------------ embeddings
     def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
@@ -566,6 +556,22 @@ class WanModel(nn.Module):
         out = out.view(b, frames // pt, height // ph, width // pw, pt, ph, pw, self.out_dim)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, self.out_dim, frames, height, width)
+
+
+def apply_compile(model: WanModel, model_cfg: Any) -> None:
+    """``model.compile=true``: ``torch.compile`` each block (and the audio injector) on its own;
+    nothing otherwise. Applied by the strategy's setup right after building, before any wrapping
+    (FSDP wraps the compiled blocks; compilation itself happens at the first forward).
+
+    The 40 blocks share their code and shapes, so one compiled graph serves all of them and
+    compilation costs about one block; the fused kernels take one pass over the activations
+    where the eager norms, RoPE, modulation and gated residuals take several."""
+    if not model_cfg.compile:
+        return
+    for block in model.blocks:
+        block.compile()
+    if model.s2v:
+        model.audio_injector.inject = torch.compile(inject_audio)
 
 
 def sequence_length(cfg: Any, height: int, width: int, frames_per_clip: int, with_motion: bool = True) -> int:

@@ -38,14 +38,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from wan_exp.config import ConfigError, Placement, check_fsdp_device, parallel_dims
 from wan_exp.models.checkpoint import open_weights
 from wan_exp.models.encoders import build_audio_encoder, build_text_encoder
-from wan_exp.models.wan_s2v import WanModel
+from wan_exp.models.wan_s2v import WanModel, apply_compile
 from wan_exp.parallel.fsdp import shard_dit, torch_dtype
 from wan_exp.parallel.materialise import WeightPlan, local_param_bytes, plan_weights
 from wan_exp.parallel.cfg import guidance_for
 from wan_exp.parallel.dims import ParallelDims, ParallelMesh
 from wan_exp.parallel.ulysses import SequenceSharding
+from wan_exp.units import GIB
 
-GIB = 1024**3
 BeforeWrap = Callable[[nn.Module], None]
 
 
@@ -92,6 +92,7 @@ def _build_dit(cfg: Any, ctx: Any, load_device: torch.device) -> tuple[nn.Module
     with ctx.phase("build"):
         with torch.device("meta"):
             dit = WanModel(cfg.model)
+        apply_compile(dit, cfg.model)
         plan = plan_weights(dit, open_weights(cfg.model), torch_dtype(cfg.model.dtype), load_device)
     return dit, plan
 

@@ -4,10 +4,12 @@
   frames itself.
 - ``rank0`` (upstream T2V, the "GPU 0 overloaded" case): rank 0 decodes and re-encodes, then
   broadcasts the motion latents; the other ranks hold no pixels.
-- ``tiled``: every rank decodes the whole clip in ``TILED_GRID`` spatial tiles one after the
-  other (a lower peak), then stitches them.
+- ``tiled``: every rank decodes the whole clip in ``TILED_GRID`` spatial tiles, one tile after
+  the other through all frames, so that only one tile's causal cache and activations are alive
+  at a time (a lower peak, more compute: each tile recomputes its halo).
 - ``sharded``: the frame is cut into one strip per rank along its longer side; each rank
-  decodes its strip and the strips are all-gathered, so every rank ends with the whole clip.
+  decodes its strip, itself in ``TILED_GRID`` tiles one after the other, and the strips are
+  all-gathered, so every rank ends with the whole clip.
 
 Tiles and strips equal the whole-frame decode up to float rounding (models/vae.py: the
 attention runs on the whole frame, the local part per tile with a halo covering its
@@ -20,10 +22,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from wan_exp.models.vae import SPATIAL_STRIDE, Tile, WanVAE, grid_tiles, stitch
+from wan_exp.models.vae import SPATIAL_STRIDE, Tile, WanVAE, grid_tiles
 
 VAE_MODES = ("every_rank", "rank0", "tiled", "sharded")
-TILED_GRID = (2, 2)  # rows x columns of latent tiles for parallel.vae=tiled
+TILED_GRID = (2, 2)  # rows x columns of latent tiles for parallel.vae=tiled (and within a strip)
 
 
 def shard_strips(height: int, width: int, world_size: int) -> tuple[list[Tile], int]:
@@ -51,25 +53,24 @@ def decode_clip(vae: WanVAE, latents: torch.Tensor, mode: str, rank: int, world_
     that hold pixels in ``mode`` (None on the others)."""
     height, width = latents.shape[3], latents.shape[4]
     if mode == "every_rank" or (mode == "rank0" and rank == 0):
-        return vae.decode(latents)[0]
+        return vae.decode(latents)
     if mode == "rank0":
         return None
     if mode == "tiled":
-        tiles = grid_tiles(height, width, *TILED_GRID)
-        return stitch(tiles, vae.decode(latents, tiles))
+        return vae.decode(latents, grid=TILED_GRID)
     if mode == "sharded":
         strips, axis = shard_strips(height, width, world_size)
-        piece = vae.decode(latents, [strips[rank]])[0]
+        piece = vae.decode(latents, strips[rank], grid=TILED_GRID)
         return _all_gather_strips(piece, strips, axis) if world_size > 1 else piece
     raise ValueError(f"parallel.vae={mode!r} is not one of {VAE_MODES}")
 
 
-def encode_motion(vae: WanVAE, pixels: Optional[torch.Tensor], frames: int, mode: str, rank: int,
+def encode_motion(vae: WanVAE, pixels: Optional[torch.Tensor], mode: str, rank: int,
                   world_size: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
-    """The motion latents (``latent_shape``) of the last ``frames`` pixel frames on every rank:
+    """The motion latents (``latent_shape``) of the motion buffer's pixel frames on every rank:
     encoded where the pixels are; under ``rank0`` broadcast from rank 0."""
     if pixels is not None:
-        motion = vae.encode(pixels[:, :, -frames:])
+        motion = vae.encode(pixels)
     else:
         param = next(vae.parameters())
         motion = torch.empty(latent_shape, device=param.device, dtype=param.dtype)

@@ -13,7 +13,6 @@ The figures and their sources are in docs/rehearsal.md. No torch import.
 """
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -89,8 +88,7 @@ def comm_time_s(per_step: Optional[dict], link: Link) -> Optional[float]:
 def predict_step(record: dict, link: Link) -> dict[str, Any]:
     """A simulated rank's predicted step: {"compute_s" (median measured step, the rank's own
     compute), "comm_s", "step_s", "assumption"}; None figures where no step was measured."""
-    steps = record.get("step_times_s") or []
-    compute = statistics.median(steps) if steps else None
+    compute = record.get("step_time_s_median")  # the rank's own (metrics.summary.rank_figures)
     comm = comm_time_s((record.get("comm") or {}).get("per_step"), link)
     return {"compute_s": compute, "comm_s": comm,
             "step_s": compute + comm if compute is not None and comm is not None else None,

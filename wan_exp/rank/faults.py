@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Optional
 
 from wan_exp.config import signal_number  # the fault settings are checked in wan_exp.config
+from wan_exp.units import GIB
 
 
 class InjectedFault(RuntimeError):
@@ -50,7 +51,7 @@ class FaultInjector:
         """Fill `gib` of host memory (non-zero bytes, so every page is resident) and
         keep it until the rank ends."""
         chunk = 64 << 20
-        remaining = int(gib * (1 << 30))
+        remaining = int(gib * GIB)
         while remaining > 0:
             self.held.append(b"\x01" * min(chunk, remaining))
             remaining -= chunk
@@ -77,4 +78,4 @@ class FaultInjector:
             raise RuntimeError("fault.kind=oom needs a GPU")
         hoard = []
         while True:  # ends with torch.OutOfMemoryError, which the worker records as oom
-            hoard.append(torch.empty(1 << 30, dtype=torch.uint8, device=self.device))
+            hoard.append(torch.empty(GIB, dtype=torch.uint8, device=self.device))

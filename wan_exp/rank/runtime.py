@@ -27,7 +27,8 @@ import torch
 
 from wan_exp.rank.faults import FaultInjector
 from wan_exp.metrics.collector import MetricsCollector
-from wan_exp.results import GIB, heartbeat_path, write_json_atomic
+from wan_exp.results import heartbeat_path, write_json_atomic
+from wan_exp.units import GIB
 
 MEMORY_SAMPLE_S = 2.0  # how often the heartbeat's host memory figures are refreshed
 

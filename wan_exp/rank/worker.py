@@ -33,9 +33,10 @@ from wan_exp.rank import numerics
 from wan_exp.config import ExperimentConfig, config_warnings, rank_device, typed_config
 from wan_exp.host.envvars import JOB_DIR_VAR
 from wan_exp.plan.fake_collectives import RealisticFakeCollectives
-from wan_exp.metrics.phases import GIB
+from wan_exp.models.attention import configure as configure_attention
 from wan_exp.models.attention import selected_backend, selected_lse_backend
 from wan_exp.rank.runtime import RankContext
+from wan_exp.units import GIB
 
 # Variables the rank records as it sees them, so a reader can check what reached the rank:
 # the rendezvous, threads, and every NCCL / allocator / harness variable.
@@ -113,6 +114,7 @@ def run_rank(job_dir: Path) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ctx = RankContext(cfg, rank, local_rank, world_size, device, job_dir, process_rank=process_rank)
+    configure_attention(cfg.model.attention_backend)  # process-wide: every attention call of this rank
     ctx.metrics.note("warnings", config_warnings(cfg))
     if simulated:
         numerics.disable_checks()
@@ -151,7 +153,7 @@ def run_rank(job_dir: Path) -> int:
 
 def main() -> None:
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m wan_exp.rank.worker <job_dir>  (started by the torchrun launcher)")
+        sys.exit("usage: python -m wan_exp.rank.worker <job_dir>  (started by wan_exp.host.agent)")
     job_dir = Path(sys.argv[1])
     os.environ.setdefault(JOB_DIR_VAR, str(job_dir))
     code = run_rank(job_dir)

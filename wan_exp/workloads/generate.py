@@ -4,16 +4,21 @@ Per job, each a timed stage of the rank (MetricsCollector.stage): encode the pro
 negative prompt (``text_encode``), the audio (``audio_encode``), the reference image
 (``reference_encode``, the VAE encoder). Per clip: sample the latents from seeded noise with
 ``workload.sample_steps`` steps of ``workload.sampler`` (``denoise``; each step one or two DiT
-forwards through sampler.guided_flow), decode the motion latents followed by the clip's
-latents to pixels (``vae_decode``; where, by ``parallel.vae``), keep the clip's last
-``frames_per_clip`` frames, and encode the last 73 decoded frames again into the next clip's
-19 motion latents (``motion_encode``). At the end one rank writes ``<job dir>/video.mp4``
-with the audio muxed in (``video_write``).
+forwards through sampler.guided_flow), decode them to pixels (``vae_decode``; where, by
+``parallel.vae``), keep the clip's frames, shift them into the motion buffer and encode it into
+the next clip's motion latents (``motion_encode``). At the end one rank writes
+``<job dir>/video.mp4`` with the audio muxed in (``video_write``).
 
-Motion: before the first clip the motion frames are zero pixels, encoded; the DiT sees no
-motion tokens in the first clip (upstream's drop_first_motion: 21·hw tokens at 80 frames),
-motion tokens in later ones (22.5·hw); the decode always starts from the motion latents, so
-consecutive clips join without a seam.
+As upstream (wan/speech2video.py) with its default drop_first_motion:
+- the first clip's DiT sees no motion tokens (21·hw tokens at 80 frames), later ones do
+  (22.5·hw);
+- the first clip decodes [reference latent, clip latents] and keeps the last
+  ``frames_per_clip`` frames but the first ``FIRST_CLIP_DROPPED_FRAMES`` of them; later clips
+  decode [motion latents, clip latents] and keep the last ``frames_per_clip``: a video of
+  ``frames_per_clip * clips - 3`` frames;
+- the motion buffer holds the last 73 pixel frames (zeros before the first clip); each clip's
+  last min(73, kept) frames are shifted into it and the whole buffer is encoded into the
+  19 motion latents, so with fewer than 73 frames per clip it keeps earlier clips' pixels.
 
 Steps are numbered across clips; the first ``workload.warmup_steps`` are not measured.
 """
@@ -31,10 +36,10 @@ from wan_exp.config import SamplerName, VaePlacement
 from wan_exp.media import SAMPLE_RATE, wants_video, write_video
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.models.vae import TEMPORAL_STRIDE, WanVAE, build_vae
-from wan_exp.rank.numerics import check_finite, checked_output
 from wan_exp.parallel.fsdp import torch_dtype
 from wan_exp.parallel.registry import ParallelModel, setup_parallel
 from wan_exp.parallel.vae import decode_clip, encode_motion
+from wan_exp.rank.numerics import check_finite, checked_output
 from wan_exp.workloads.inputs import (
     VAE_STRIDE,
     clip_audio,
@@ -52,6 +57,7 @@ from wan_exp.workloads.inputs import (
 from wan_exp.workloads.sampler import Condition, GuidedFlow, forwards_per_step, sample
 
 VIDEO_FILE = "video.mp4"
+FIRST_CLIP_DROPPED_FRAMES = 3  # upstream drops these of the first clip's kept frames
 
 
 def motion_pixel_frames(motion_latents: int) -> int:
@@ -59,21 +65,50 @@ def motion_pixel_frames(motion_latents: int) -> int:
     return 1 + TEMPORAL_STRIDE * (motion_latents - 1)
 
 
+def video_frames(frames_per_clip: int, clips: int) -> int:
+    """Frames of the finished video: every clip's, less those the first clip drops."""
+    return frames_per_clip * clips - FIRST_CLIP_DROPPED_FRAMES
+
+
+def decode_input(ref: Optional[torch.Tensor], motion: torch.Tensor, latents: torch.Tensor,
+                 clip: int) -> torch.Tensor:
+    """What a clip's decode starts from (fp32): the reference latent before the first clip's
+    latents, the motion latents before a later clip's (and before every clip of a model
+    without a reference, model.s2v=false)."""
+    first = ref if clip == 0 and ref is not None else motion
+    return torch.cat([first.float(), latents.float()], dim=2)
+
+
+def kept_frames(pixels: torch.Tensor, frames_per_clip: int, clip: int) -> torch.Tensor:
+    """The clip's frames out of its decoded pixels (1, 3, T, H, W): the last
+    ``frames_per_clip``, without the first ``FIRST_CLIP_DROPPED_FRAMES`` in the first clip."""
+    kept = pixels[:, :, -frames_per_clip:]
+    return kept[:, :, FIRST_CLIP_DROPPED_FRAMES:] if clip == 0 else kept
+
+
+def shift_motion_buffer(buffer: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """The buffer (1, 3, N, H, W) with its first min(N, F) frames dropped and the last
+    min(N, F) of ``frames`` (1, 3, F, H, W) appended: always the last N pixel frames made."""
+    shifted = min(buffer.shape[2], frames.shape[2])
+    return torch.cat([buffer[:, :, shifted:], frames[:, :, frames.shape[2] - shifted:].to(buffer.dtype)], dim=2)
+
+
 def denoise_clip(cfg: Any, dit: torch.nn.Module, guidance: GuidedFlow, cond: Condition, uncond: Condition,
                  clip: int, step_scope: Callable[[int], ContextManager]) -> torch.Tensor:
-    """One clip's latents (fp32) from its seeded noise. The solver keeps its state in fp32 as
-    upstream does; the DiT takes the latents in the model's dtype and returns an fp32 flow.
+    """One clip's latents, in the model's dtype, from its seeded noise. As upstream, the solver's
+    state is kept in the model's dtype (the noise is drawn and rounded to it, each update is
+    computed against the DiT's fp32 flow and rounded back to it).
     ``guidance`` is ParallelModel.guidance (sampler.guided_flow, or its CFG-parallel version);
     ``step_scope(global_step)`` wraps each step. The guided flow is checked for NaN/Inf once
     per step, the sampled latents once per clip."""
     wl = cfg.workload
     model_dtype = cond.context.dtype
-    noise = random_latents(latent_shape(cfg), input_seed(cfg, "noise", clip), cond.context.device, torch.float32)
+    noise = random_latents(latent_shape(cfg), input_seed(cfg, "noise", clip), cond.context.device, model_dtype)
 
     guided = checked_output(guidance, "DiT output (guided flow)")
 
     def flow(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return guided(dit, x.to(model_dtype), timestep, cond, uncond, wl.guidance_scale).float()
+        return guided(dit, x, timestep, cond, uncond, wl.guidance_scale).float()
 
     first = clip * wl.sample_steps
     latents = sample(flow, noise, wl.sample_steps, wl.shift, SamplerName(wl.sampler).value,
@@ -83,8 +118,9 @@ def denoise_clip(cfg: Any, dit: torch.nn.Module, guidance: GuidedFlow, cond: Con
 
 
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
-    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 on the host."""
-    frames = ((pixels[0].float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 on the host, as upstream's save_video:
+    clamped, mapped to [0, 1], times 255, truncated (not rounded)."""
+    frames = ((pixels[0].float().clamp(-1.0, 1.0) + 1.0) / 2.0 * 255.0).to(torch.uint8)
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
@@ -103,7 +139,8 @@ def generate_workload_info(cfg: Any, clips: int) -> dict:
         "forwards_per_step": forwards,
         "flops_per_step": flops,
         "video_seconds_per_step": seconds_per_clip(cfg) / wl.sample_steps,
-        "video_seconds": clips * seconds_per_clip(cfg),
+        "video_seconds": video_frames(wl.frames_per_clip, clips) / wl.fps,
+        "video_frames": video_frames(wl.frames_per_clip, clips),
         "tokens_per_clip": [c["total"] for c in per_clip],
         "clips": clips,
         "sample_steps": wl.sample_steps,
@@ -130,34 +167,38 @@ def generate_video(cfg: Any, ctx: Any, parallel_model: ParallelModel,
             audio, clips, waveform = encode_audio(cfg, parallel_model, device, dtype)
     with ctx.stage("reference_encode"):
         vae: WanVAE = build_vae(cfg.model, device)
-        ref = reference_latents(cfg, vae, device, dtype) if cfg.model.s2v else None
+        ref = reference_latents(cfg, vae, device, torch.float32) if cfg.model.s2v else None
 
     channels, _, lat_h, lat_w = latent_shape(cfg)
     height, width = lat_h * VAE_STRIDE, lat_w * VAE_STRIDE
-    motion_frames = motion_pixel_frames(cfg.model.motion_frames)
     motion_shape = (1, channels, cfg.model.motion_frames, lat_h, lat_w)
     holds_pixels = mode != "rank0" or rank == 0
     with ctx.stage("motion_encode"):  # before the first clip: zero pixels
-        zeros = torch.zeros(1, 3, motion_frames, height, width, device=device) if holds_pixels else None
-        motion = encode_motion(vae, zeros, motion_frames, mode, rank, world, motion_shape)
+        buffer = (torch.zeros(1, 3, motion_pixel_frames(cfg.model.motion_frames), height, width, device=device)
+                  if holds_pixels else None)
+        motion = encode_motion(vae, buffer, mode, rank, world, motion_shape)
     keep_frames = rank == 0 and ctx.job_dir is not None and wants_video(wl, cfg.model.checkpoint_dir)
     frames: list[np.ndarray] = []
+    dit_ref = None if ref is None else ref.to(dtype)
     for clip in range(clips):
         clip_features = clip_audio(audio, clip, wl.frames_per_clip)
         silent = None if clip_features is None else torch.zeros_like(clip_features)
         dit_motion = None if clip == 0 else motion.to(dtype)  # drop_first_motion
-        cond = Condition(context, clip_features, ref, dit_motion)
-        uncond = Condition(null_context, silent, ref, dit_motion)  # negative prompt, zero audio
+        cond = Condition(context, clip_features, dit_ref, dit_motion)
+        uncond = Condition(null_context, silent, dit_ref, dit_motion)  # negative prompt, zero audio
         with ctx.stage("denoise"):
             latents = denoise_clip(cfg, parallel_model.dit, parallel_model.guidance, cond, uncond, clip, step_scope)
         with ctx.stage("vae_decode"):
-            pixels = decode_clip(vae, torch.cat([motion, latents], dim=2), mode, rank, world)
+            pixels = decode_clip(vae, decode_input(ref, motion, latents, clip), mode, rank, world)
+            clip_frames = None if pixels is None else kept_frames(pixels, wl.frames_per_clip, clip)
+            del pixels
         if keep_frames:
-            frames.append(to_uint8_frames(pixels[:, :, -wl.frames_per_clip:]))
+            frames.append(to_uint8_frames(clip_frames))
         if clip + 1 < clips:
             with ctx.stage("motion_encode"):
-                motion = encode_motion(vae, pixels, motion_frames, mode, rank, world, motion_shape)
-        del pixels
+                buffer = None if buffer is None else shift_motion_buffer(buffer, clip_frames)
+                motion = encode_motion(vae, buffer, mode, rank, world, motion_shape)
+        del clip_frames
     return (np.concatenate(frames) if keep_frames else None), waveform, clips
 
 

@@ -15,12 +15,15 @@ Every rank draws the same values (same seed): under Ulysses the model shards the
 """
 from __future__ import annotations
 
+import html
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import ftfy
 import numpy as np
+import regex
 import torch
 import torch.nn.functional as F
 
@@ -85,18 +88,26 @@ def clip_token_counts(cfg: Any, with_motion: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------ text
+def clean_prompt(text: str) -> str:
+    """The text as upstream's umT5 tokenizer wrapper cleans it before tokenising: ftfy's
+    fix_text, HTML entities unescaped twice, stripped, then every run of whitespace made one
+    space (the ``regex`` module's ``\\s``, as upstream's) and stripped again."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip()
+
+
 def prompt_token_ids(cfg: Any, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), each (1, text_len): the tokenised prompt when a tokenizer folder
-    exists, else deterministic ids from ``seed`` (all positions valid, as a long prompt;
-    config.config_warnings says so for a prompt given without a tokenizer); ``text_is_synthetic``
-    says which."""
+    """(ids, attention mask), each (1, text_len): the prompt cleaned (``clean_prompt``) and
+    tokenised when a tokenizer folder exists, else deterministic ids from ``seed`` (all
+    positions valid, as a long prompt; config.config_warnings says so for a prompt given
+    without a tokenizer); ``text_is_synthetic`` says which."""
     text_len = cfg.model.text_len
     folder = tokenizer_dir(cfg.model)
     if prompt and folder is not None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        enc = tokenizer(prompt, padding="max_length", truncation=True, max_length=text_len,
+        enc = tokenizer(clean_prompt(prompt), padding="max_length", truncation=True, max_length=text_len,
                         return_tensors="pt")
         return enc.input_ids, enc.attention_mask
     generator = torch.Generator().manual_seed(seed)

@@ -117,8 +117,9 @@ def sample(flow: Flow, noise: torch.Tensor, steps: int, shift: float, sampler: s
            step_context: Optional[StepContext] = None) -> torch.Tensor:
     """Integrate from noise to data with ``steps`` evaluations of ``flow``.
 
-    ``step_context(i)`` (optional) wraps step i, e.g. to time it. Returns the final x in the
-    dtype of ``noise`` (the input is not modified)."""
+    ``step_context(i)`` (optional) wraps step i, e.g. to time it. The state stays in the dtype
+    of ``noise``, as upstream keeps it: each update is computed against the flow (fp32 from
+    the DiT) and rounded back to that dtype. Returns the final x (the input is not modified)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"workload.sampler={sampler!r} is not one of {SAMPLERS}")
     sigmas = sigma_schedule(steps, shift)
@@ -132,5 +133,5 @@ def sample(flow: Flow, noise: torch.Tensor, steps: int, shift: float, sampler: s
             if scheduler is not None:
                 x = scheduler.step(v, scheduler.timesteps[i], x, return_dict=False)[0]
             else:
-                x = x + float(next_sigmas[i] - sigmas[i]) * v
+                x = (x + float(next_sigmas[i] - sigmas[i]) * v).to(x.dtype)
     return x.to(noise.dtype)

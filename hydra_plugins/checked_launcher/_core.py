@@ -1,4 +1,4 @@
-"""The torchrun launcher's work: check the whole batch, then run each job via run_job."""
+"""The checked launcher's work: check the whole batch, then run each job via run_job."""
 from __future__ import annotations
 
 import errno
@@ -10,7 +10,7 @@ from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job
 from omegaconf import DictConfig, open_dict
 
 if TYPE_CHECKING:
-    from hydra_plugins.torchrun_launcher.torchrun_launcher import TorchrunLauncher
+    from hydra_plugins.checked_launcher.checked_launcher import CheckedLauncher
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ CHECK_HOOK = "check_batch"  # a callback method that checks every job config of 
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
-def job_configs(launcher: "TorchrunLauncher", job_overrides: Sequence[Sequence[str]],
+def job_configs(launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]],
                 initial_job_idx: int) -> list[DictConfig]:
     """Each job's composed config, with its job number set (as Hydra's basic launcher does)."""
     assert launcher.hydra_context is not None and launcher.config is not None
@@ -34,7 +34,7 @@ def job_configs(launcher: "TorchrunLauncher", job_overrides: Sequence[Sequence[s
     return configs
 
 
-def check_batch(launcher: "TorchrunLauncher", configs: list[DictConfig]) -> None:
+def check_batch(launcher: CheckedLauncher, configs: list[DictConfig]) -> None:
     """Every registered callback's batch check, before the first job starts. A check refuses
     the batch by raising SystemExit with its message (no job has started, no traceback);
     any other exception out of a check is a bug in it and propagates with its traceback."""
@@ -45,7 +45,7 @@ def check_batch(launcher: "TorchrunLauncher", configs: list[DictConfig]) -> None
             check(configs)
 
 
-def launch(launcher: "TorchrunLauncher", job_overrides: Sequence[Sequence[str]],
+def launch(launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]],
            initial_job_idx: int) -> Sequence[JobReturn]:
     assert launcher.hydra_context is not None and launcher.config is not None
     assert launcher.task_function is not None, "setup() comes first"

@@ -1,4 +1,5 @@
-"""Read an offline W&B run (``run-<id>.wandb``) back: config, history, summary.
+"""Read an offline W&B run (``run-<id>.wandb``) back: config, history, summary (for the tests:
+the package writes runs and never reads them).
 
 Offline runs keep everything in one file and write no ``wandb-summary.json``
 (docs/facts.md §4b). The file uses the LevelDB log format:
@@ -12,6 +13,7 @@ Offline runs keep everything in one file and write no ``wandb-summary.json``
 - a full chunk, or first + middles + last joined, is one serialised
   ``wandb.proto.wandb_internal_pb2.Record``.
 """
+
 from __future__ import annotations
 
 import json
@@ -111,7 +113,5 @@ def find_run_file(job_dir: Path) -> Path:
     """The single ``run-<id>.wandb`` under a job dir's ``wandb/`` folder."""
     files = sorted(Path(job_dir).glob("wandb/*run-*/run-*.wandb"))
     if len(files) != 1:
-        raise FileNotFoundError(
-            f"expected one W&B run file under {job_dir}/wandb/, found {len(files)}: {files}"
-        )
+        raise FileNotFoundError(f"expected one W&B run file under {job_dir}/wandb/, found {len(files)}: {files}")
     return files[0]

@@ -1,4 +1,5 @@
-"""`hydra/launcher=torchrun`: runs a sweep's jobs one after the other in this process.
+"""`hydra/launcher=checked`: checks every job of a batch, then runs them one after the other
+in this process.
 
 Like Hydra's basic launcher, each job is the task function run through Hydra's
 ``run_job`` (wan-exp's task starts the job's ranks under torch's elastic agent). Its
@@ -19,7 +20,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
 
-class TorchrunLauncher(Launcher):
+class CheckedLauncher(Launcher):
     def __init__(self) -> None:
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
@@ -32,6 +33,6 @@ class TorchrunLauncher(Launcher):
         self.config = config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from hydra_plugins.torchrun_launcher._core import launch
+        from hydra_plugins.checked_launcher._core import launch
 
         return launch(self, job_overrides, initial_job_idx)
