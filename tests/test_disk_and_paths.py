@@ -3,6 +3,7 @@ mid-sweep, a job dir removed or replaced mid-run, sweep dirs that cannot be writ
 resume into an empty dir, paths with spaces, and Hydra's own errors, each with a real
 fault (a small tmpfs, a read-only mount, a file-size limit) and read back from the files
 and the console."""
+
 from __future__ import annotations
 
 import errno
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from launch_helpers import REPO, job_results, output, run_launch, wait_for
 from omegaconf import OmegaConf, open_dict, read_write
 
+from launch_helpers import REPO, job_results, output, run_launch, wait_for
 from wan_exp import results
 from wan_exp.config import ConfigError, compose_config
 from wan_exp.host import disk
@@ -35,8 +36,7 @@ JOB = ("workload=init", "logger=disabled")  # the quickest real job: build, load
 def _mount(*args: str) -> None:
     done = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount here (mount {' '.join(args)}: {done.stderr.strip()}); needs root "
-                    "and CAP_SYS_ADMIN")
+        pytest.skip(f"cannot mount here (mount {' '.join(args)}: {done.stderr.strip()}); needs root and CAP_SYS_ADMIN")
 
 
 @pytest.fixture
@@ -114,20 +114,31 @@ def test_sweep_dirs_that_cannot_hold_a_sweep_are_refused_before_any_job(read_onl
 
 def test_free_space_is_checked_against_what_the_sweep_will_write(small_disk):
     # the bound on a video: every frame as yuv420p (1.5 bytes per pixel) plus AAC at 128 kbit/s
-    cfg = compose_config(["workload.save_video=true", "workload.size=256*256", "workload.frames_per_clip=16",
-                          "workload.clips=3", "workload.fps=16"])
+    cfg = compose_config(
+        [
+            "workload.save_video=true",
+            "workload.size=256*256",
+            "workload.frames_per_clip=16",
+            "workload.clips=3",
+            "workload.fps=16",
+        ]
+    )
     assert disk.video_bytes(cfg) == 3 * 16 * 256 * 256 * 3 // 2 + 3 * 16000
     noise = np.random.default_rng(0).integers(0, 256, (16, 256, 256, 3), dtype=np.uint8)
     audio = np.random.default_rng(1).standard_normal(16000).astype(np.float32)
     written = write_video(small_disk / "noise.mp4", noise, 16, audio)  # the hardest content to compress
-    assert written.stat().st_size <= disk.video_bytes(compose_config(
-        ["workload.save_video=true", "workload.size=256*256", "workload.frames_per_clip=16", "workload.fps=16"]))
+    assert written.stat().st_size <= disk.video_bytes(
+        compose_config(
+            ["workload.save_video=true", "workload.size=256*256", "workload.frames_per_clip=16", "workload.fps=16"]
+        )
+    )
     assert disk.video_bytes(compose_config(["workload.save_video=false"])) == 0
     written.unlink()
 
     fill(small_disk, leave=2 * MIB)  # room to start a sweep, not for what this one will write
-    proc = run_launch(small_disk / "sweep", "workload.save_video=true", "workload.size=256*256",
-                      "workload.clips=3", "logger=disabled")
+    proc = run_launch(
+        small_disk / "sweep", "workload.save_video=true", "workload.size=256*256", "workload.clips=3", "logger=disabled"
+    )
     assert proc.returncode == 1, output(proc)
     assert "no job started: the sweep's 1 job(s) will write about" in proc.stderr, output(proc)
     assert "of it video at 1.5 bytes per pixel" in proc.stderr and "workload.save_video=false" in proc.stderr
@@ -157,9 +168,20 @@ def test_w_and_b_files_and_the_report_that_cannot_be_written_are_named(read_only
 
     sweep = read_only_dir.parent / "source"  # the same folder, writable: put a job in, then read-only again
     subprocess.run(["mount", "-o", "remount,rw,bind", str(read_only_dir)], check=True)
-    results.write_json_atomic(read_only_dir / "0" / "results.json",
-                              {"schema": 1, "status": "completed", "root_cause": None, "strategy": "single",
-                               "world_size": 1, "job_num": 0, "overrides": [], "ranks": [], "summary": {}})
+    results.write_json_atomic(
+        read_only_dir / "0" / "results.json",
+        {
+            "schema": 1,
+            "status": "completed",
+            "root_cause": None,
+            "strategy": "single",
+            "world_size": 1,
+            "job_num": 0,
+            "overrides": [],
+            "ranks": [],
+            "summary": {},
+        },
+    )
     subprocess.run(["mount", "-o", "remount,ro,bind", str(read_only_dir)], check=True)
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(read_only_dir)}}, "launcher": {"node_rank": 0}})
     with pytest.raises(SystemExit) as ended:
@@ -174,8 +196,11 @@ def test_w_and_b_files_and_the_report_that_cannot_be_written_are_named(read_only
 # job 0 ends, then the sweep pauses 3 s before job 1 (tests/pause_callback.py); Hydra's log
 # file goes to the console only, so nothing holds a file open on the disk between the jobs
 # (a file system with files open for writing cannot be remounted read-only: "busy")
-BETWEEN_JOBS = ("+hydra.callbacks.pause._target_=pause_callback.PauseAfterJob", "+hydra.callbacks.pause.seconds=3",
-                "hydra/job_logging=stdout")
+BETWEEN_JOBS = (
+    "+hydra.callbacks.pause._target_=pause_callback.PauseAfterJob",
+    "+hydra.callbacks.pause.seconds=3",
+    "hydra/job_logging=stdout",
+)
 
 
 @pytest.mark.slow
@@ -208,10 +233,15 @@ def test_a_disk_that_fails_mid_sweep_stops_it_and_the_resume_command_works(small
         assert "sweep stopped before job 0 finished (2 job(s) without results: 0, 1)" in text
     else:  # job 0 is recorded; job 1 cannot be; the report cannot be written
         assert [(r["job_num"], r["status"]) for r in job_results(sweep)] == [(0, "completed")]
-        assert f"job 1 not started, the sweep stops here: Hydra could not write its files: [Errno {errno.EROFS}]" in text
+        assert (
+            f"job 1 not started, the sweep stops here: Hydra could not write its files: [Errno {errno.EROFS}]" in text
+        )
         assert "report NOT written" in text and "Read-only file system" in text
         assert "sweep stopped before job 1 finished (1 job(s) without results: 1)" in text
-    assert "the sweep cannot go on in its dir: " in text and "make room (or make it writable), then resume it with:" in text
+    assert (
+        "the sweep cannot go on in its dir: " in text
+        and "make room (or make it writable), then resume it with:" in text
+    )
     assert not (sweep / "1" / "job.json").exists(), "no job ran after the disk failed"
     command = printed_resume(text)
     assert command[0] == "python" and f'hydra.sweep.dir="{sweep}"' in command, command  # the space survives
@@ -220,8 +250,9 @@ def test_a_disk_that_fails_mid_sweep_stops_it_and_the_resume_command_works(small
         filler.unlink()
     else:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
-    resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=300,
-                             env=env, check=False)
+    resumed = subprocess.run(
+        [sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=300, env=env, check=False
+    )
     assert resumed.returncode == 0, output(resumed)
     assert [(r["job_num"], r["status"]) for r in job_results(sweep)] == [(0, "completed"), (1, "completed")]
 
@@ -254,8 +285,15 @@ def test_the_resume_command_survives_the_shell_and_hydra():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    for path in ("/data/my sweeps/run 1", "/data/a,b", "/data/it's", '/data/say "hi"', "/data/end\\",
-                 '/data/odd\\"mix', "/plain/dir_1.2"):
+    for path in (
+        "/data/my sweeps/run 1",
+        "/data/a,b",
+        "/data/it's",
+        '/data/say "hi"',
+        "/data/end\\",
+        '/data/odd\\"mix',
+        "/plain/dir_1.2",
+    ):
         words = shlex.split(resume_command(Path(path)))
         assert words[-1] == "launcher.resume=true"
         assert parser.parse_overrides([words[-2]])[0].value() == path
@@ -265,13 +303,36 @@ def test_the_resume_command_survives_the_shell_and_hydra():
 def test_the_resume_command_repeats_the_launch_s_config_and_hydra_settings(tmp_path):
     sweep = tmp_path / "my sweep"
     sweep.mkdir()
-    results.write_json_atomic(sweep / ".wan_exp" / "sweep.json", {"active": 0, "launches": [{
-        "overrides": ["parallel=ulysses,hybrid"], "hydra_overrides": ["hydra.sweeper.max_batch_size=1"],
-        "argv": ["launch.py", "-m", "--config-dir", "my sweeps", "--config-name=strategies", "parallel=ulysses,hybrid",
-                 "hydra.sweeper.max_batch_size=1", f"hydra.sweep.dir={sweep}"]}]})
+    results.write_json_atomic(
+        sweep / ".wan_exp" / "sweep.json",
+        {
+            "active": 0,
+            "launches": [
+                {
+                    "overrides": ["parallel=ulysses,hybrid"],
+                    "hydra_overrides": ["hydra.sweeper.max_batch_size=1"],
+                    "argv": [
+                        "launch.py",
+                        "-m",
+                        "--config-dir",
+                        "my sweeps",
+                        "--config-name=strategies",
+                        "parallel=ulysses,hybrid",
+                        "hydra.sweeper.max_batch_size=1",
+                        f"hydra.sweep.dir={sweep}",
+                    ],
+                }
+            ],
+        },
+    )
     assert shlex.split(resume_command(sweep))[2:] == [
-        "--config-dir", "my sweeps", "--config-name=strategies", "hydra.sweeper.max_batch_size=1",
-        f'hydra.sweep.dir="{sweep}"', "launcher.resume=true"]
+        "--config-dir",
+        "my sweeps",
+        "--config-name=strategies",
+        "hydra.sweeper.max_batch_size=1",
+        f'hydra.sweep.dir="{sweep}"',
+        "launcher.resume=true",
+    ]
 
 
 def test_hydra_mode_run_and_a_missing_launcher_plugin_are_one_line_with_the_fix(tmp_path):
@@ -280,24 +341,37 @@ def test_hydra_mode_run_and_a_missing_launcher_plugin_are_one_line_with_the_fix(
     assert "Traceback" not in output(proc)
 
     # hydra-submitit-launcher out of Hydra's plugin path, as on a machine without it
-    without_plugin = ("import runpy, sys, hydra_plugins\n"
-                      "hydra_plugins.__path__._path[:] = [p for p in hydra_plugins.__path__ if 'site-packages' not in p]\n"
-                      "sys.argv = ['launch.py', *sys.argv[1:]]\n"
-                      "runpy.run_path('launch.py', run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, "-c", without_plugin, "hydra/launcher=cluster",
-                           f"hydra.sweep.dir={tmp_path / 'b'}"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, check=False)
+    without_plugin = (
+        "import runpy, sys, hydra_plugins\n"
+        "hydra_plugins.__path__._path[:] = [p for p in hydra_plugins.__path__ if 'site-packages' not in p]\n"
+        "sys.argv = ['launch.py', *sys.argv[1:]]\n"
+        "runpy.run_path('launch.py', run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", without_plugin, "hydra/launcher=cluster", f"hydra.sweep.dir={tmp_path / 'b'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 1, output(proc)
     assert proc.stderr.strip().splitlines() == [
-        ("error: the launcher submitit_slurm needs the hydra-submitit-launcher plugin, which is not installed: "
-         "pip install -e '.[slurm]' (or drop hydra/launcher=... to run with the default launcher on this machine)")]
+        (
+            "error: the launcher submitit_slurm needs the hydra-submitit-launcher plugin, which is not installed: "
+            "pip install -e '.[slurm]' (or drop hydra/launcher=... to run with the default launcher on this machine)"
+        )
+    ]
 
     if shutil.which("srun"):
         return  # a Slurm machine: the launcher would submit
     proc = run_launch(tmp_path / "c", "hydra/launcher=cluster", *JOB)
     assert proc.returncode == 1, output(proc)
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: the Slurm launcher (hydra/launcher=cluster or "
-                                                           "submitit_slurm) needs Slurm, but srun is not")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: the Slurm launcher (hydra/launcher=cluster or submitit_slurm) needs Slurm, but srun is not")
+    )
     assert "Traceback" not in output(proc)
 
 
@@ -321,8 +395,11 @@ def test_the_batch_check_keeps_the_traceback_of_a_bug():
 
     bad = compose_config(["workload.warmup_steps=99"])  # a ConfigError: one line, no traceback
     with read_write(bad), open_dict(bad):
-        bad.hydra = {"job": {"num": 0}, "overrides": {"task": ["workload.warmup_steps=99"]},
-                     "sweep": {"dir": "/tmp/unused", "subdir": "0"}}
+        bad.hydra = {
+            "job": {"num": 0},
+            "overrides": {"task": ["workload.warmup_steps=99"]},
+            "sweep": {"dir": "/tmp/unused", "subdir": "0"},
+        }
     with pytest.raises(SystemExit) as refused:
         check_batch(Launcher(SweepCallback()), [bad])
     assert str(refused.value.code).startswith("bad config, no job started: job 0 (workload.warmup_steps=99): ")

@@ -18,6 +18,7 @@ LoRA adapter (workload=train_lora).
 
 No torch import.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -104,9 +105,11 @@ def space_problem(sweep_dir: Path, need: SweepBytes) -> str | None:
     if need.total <= free:
         return None
     video = f", {_mib(need.videos)} of it video at {VIDEO_BYTES_PER_PIXEL} bytes per pixel" if need.videos else ""
-    return (f"the sweep's {need.jobs} job(s) will write about {_mib(need.total)}{video}, but the file system of "
-            f"hydra.sweep.dir={sweep_dir} has {_mib(free)} free; free space there, choose another "
-            "hydra.sweep.dir" + (", or write no videos (workload.save_video=false)" if need.videos else ""))
+    return (
+        f"the sweep's {need.jobs} job(s) will write about {_mib(need.total)}{video}, but the file system of "
+        f"hydra.sweep.dir={sweep_dir} has {_mib(free)} free; free space there, choose another "
+        "hydra.sweep.dir" + (", or write no videos (workload.save_video=false)" if need.videos else "")
+    )
 
 
 __all__ = ["SweepBytes", "free_bytes", "job_bytes", "space_problem", "sweep_bytes", "video_bytes"]

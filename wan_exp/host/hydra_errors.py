@@ -18,6 +18,7 @@ and exit status 1:
 Anything else is a bug and keeps its traceback. The modes (``hydra.mode=RUN``) and the sweep
 dir are refused by the sweep callback (wan_exp.host.callbacks), which Hydra calls first.
 """
+
 from __future__ import annotations
 
 import errno
@@ -42,20 +43,26 @@ def explain(exc: BaseException) -> str | None:
     if isinstance(exc, HydraException):
         plugin = SUBMITIT_PLUGIN.search(text)
         if plugin and "Could not" in text:
-            return (f"the launcher {plugin.group(1)} needs the hydra-submitit-launcher plugin, which is not "
-                    "installed: pip install -e '.[slurm]' (or drop hydra/launcher=... to run with the default "
-                    "launcher on this machine)")
+            return (
+                f"the launcher {plugin.group(1)} needs the hydra-submitit-launcher plugin, which is not "
+                "installed: pip install -e '.[slurm]' (or drop hydra/launcher=... to run with the default "
+                "launcher on this machine)"
+            )
         first = " ".join(text.split("\n\n")[0].split())
         if "config directory" in first:
             first += " (--config-dir takes a folder of config files, e.g. --config-dir sweeps)"
         return first
     if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:  # e.g. Hydra's multirun.yaml on a full disk
-        return (f"{text}; free space there or choose another hydra.sweep.dir (a sweep that had started goes on "
-                "with the same command and launcher.resume=true)")
+        return (
+            f"{text}; free space there or choose another hydra.sweep.dir (a sweep that had started goes on "
+            "with the same command and launcher.resume=true)"
+        )
     if isinstance(exc, RuntimeError) and NO_SRUN.search(text):
-        return ("the Slurm launcher (hydra/launcher=cluster or submitit_slurm) needs Slurm, but srun is not on "
-                "this machine's PATH: launch from a Slurm login node, or try the same path here with "
-                "hydra/launcher=submitit_local (or the default launcher: drop hydra/launcher=...)")
+        return (
+            "the Slurm launcher (hydra/launcher=cluster or submitit_slurm) needs Slurm, but srun is not on "
+            "this machine's PATH: launch from a Slurm login node, or try the same path here with "
+            "hydra/launcher=submitit_local (or the default launcher: drop hydra/launcher=...)"
+        )
     return None
 
 
