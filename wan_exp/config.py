@@ -80,6 +80,17 @@ class AttentionBackend(ConfigEnum):
     sdpa_math = "sdpa_math"
 
 
+class Precision(ConfigEnum):
+    """model.precision: the arithmetic of the DiT's linear layers and attention
+    (wan_exp/precision_support.py says what each needs; docs/precision.md)."""
+
+    bf16 = "bf16"  # the model's dtype throughout (model.dtype)
+    fp8_linear = "fp8_linear"  # the blocks' linear layers in FP8, row-wise scales (torchao)
+    int8_attention = "int8_attention"  # 8-bit attention: INT8 Q.K, 16-bit P.V (SageAttention)
+    fp8_attention = "fp8_attention"  # 8-bit attention with FP8 P.V (SageAttention 2, FA3)
+    fp8 = "fp8"  # fp8_linear and fp8_attention
+
+
 class Placement(ConfigEnum):
     """Where an encoder runs: on the rank's device or on the host CPU."""
 
@@ -184,6 +195,7 @@ class ModelConfig:
     seed: int = 0
     attention_backend: AttentionBackend = AttentionBackend.auto
     compile: bool = False
+    precision: Precision = Precision.bf16  # sweepable: model.precision=bf16,fp8_linear,fp8
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
 
@@ -284,6 +296,11 @@ class WorkloadConfig:
     # <job dir>/video.mp4 (generate): auto = when model.checkpoint_dir is set, or true / false
     # (a string, since YAML and the command line read true/false as booleans)
     save_video: str = "auto"
+    # the bf16 forward beside the job's own on the first drift_steps steps (warm-up steps) and
+    # the first clip sampled and decoded in bf16 too: flow relative L2, PSNR, SSIM
+    # (docs/precision.md); None = on for any model.precision but bf16
+    drift_check: Optional[bool] = None
+    drift_steps: int = 1
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -767,11 +784,13 @@ def check_job(cfg: Any, gpus: int) -> JobShape:
     """Every rule for one job on a machine with `gpus` visible GPUs; raises ConfigError
     naming the setting, else says how many ranks the job gets."""
     from wan_exp.memory_fit import check_memory_fits  # imports this module
+    from wan_exp.precision_support import check_precision  # imports this module
 
     check_schema_keys(cfg)  # a '+key=value' the schema lacks would fail in every rank
     nproc = ranks_per_node(cfg, gpus)
     check_launch_settings(cfg, gpus)
     shape = job_shape(cfg, nproc, gpus)
     validate(cfg, shape.world_size)
+    check_precision(cfg, shape)
     check_memory_fits(cfg, shape.world_size, nproc, gpus)
     return shape

@@ -24,6 +24,7 @@ class Gpu:
     total_bytes: int
     utilisation_pct: int | None  # None where NVML cannot say (MIG slices)
     process_pids: list[int] = field(default_factory=list)
+    compute_capability: tuple[int, int] | None = None  # (major, minor); None where NVML cannot say
 
 
 @dataclass
@@ -57,6 +58,8 @@ def read_nvml() -> NvmlView:
                 utilisation_pct=_unless_unsupported(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
                 process_pids=[p.pid for p in _unless_unsupported(
                     lambda: pynvml.nvmlDeviceGetComputeRunningProcesses(handle)) or []],
+                compute_capability=_unless_unsupported(
+                    lambda: tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))),
             ))
         return NvmlView(gpus, f"{driver // 1000}.{driver % 1000 // 10}")
     finally:
@@ -99,3 +102,13 @@ def visible_gpu_count(nvml: Optional[NvmlView] = None, env: Optional[Mapping[str
     env = os.environ if env is None else env
     visible, _ = visible_gpus(nvml.gpus, env.get("CUDA_VISIBLE_DEVICES"))
     return len(visible)
+
+
+def visible_compute_capabilities(nvml: NvmlView | None = None,
+                                 env: Mapping[str, str] | None = None) -> list[tuple[str, tuple[int, int] | None]]:
+    """(name, (major, minor) compute capability) of each GPU a job started from this process can
+    use, read through NVML (no CUDA initialisation); [] on a machine without an NVIDIA driver."""
+    nvml = read_nvml() if nvml is None else nvml
+    env = os.environ if env is None else env
+    visible, _ = visible_gpus(nvml.gpus, env.get("CUDA_VISIBLE_DEVICES"))
+    return [(gpu.name, gpu.compute_capability) for gpu in visible]

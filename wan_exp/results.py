@@ -266,9 +266,9 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
 def _prediction(job: dict, config: dict, records: list[dict]) -> Optional[dict]:
     if not job.get("simulated") or not records:
         return None
-    from wan_exp.plan.pricing import parse_link, predict_step
+    from wan_exp.plan.pricing import overlap_of, parse_link, predict_step
 
-    return predict_step(records[0], parse_link(config.get("launcher", {}).get("link", "nvlink4")))
+    return predict_step(records[0], parse_link(config.get("launcher", {}).get("link", "nvlink4")), overlap_of(config))
 
 
 def is_write_failure(root_cause: Optional[dict]) -> bool:

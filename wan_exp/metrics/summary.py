@@ -136,6 +136,10 @@ def summarize(records: list[dict], config: Any) -> dict:
         "mfu": mfu(flops_per_step or 0.0, step_median or 0.0, world_size, peak),
         "attention_backend": rank0.get("attention_backend"),
         "attention_lse_backend": rank0.get("attention_lse_backend"),
+        "attention_kernels": rank0.get("attention_kernels"),
+        "precision": (rank0.get("precision") or {}).get("precision"),
+        "fp8_linear_layers": ((rank0.get("precision") or {}).get("fp8_linear") or {}).get("layers"),
+        **drift_summary(records),
         "parallel_dims": rank0.get("parallel_dims"),
         # communication: the busiest rank's collectives (metrics/comm.py defines bytes)
         "comm_step_calls_max": comm_max(comm_step, "count"),
@@ -147,6 +151,23 @@ def summarize(records: list[dict], config: Any) -> dict:
     }
 
 
+def drift_summary(records: list[dict]) -> dict:
+    """workload.drift_check's figures over the ranks (empty when it was off): the worst flow
+    relative L2 error of any rank, and the frames' PSNR/SSIM (the ranks that decoded agree on
+    their pixels; the lowest is kept)."""
+    drifts = [r["drift"] for r in records if r.get("drift")]
+    if not drifts:
+        return {}
+
+    def worst(key: str, pick: Any) -> Optional[float]:
+        values = [d[key] for d in drifts if d.get(key) is not None]
+        return pick(values) if values else None
+
+    identical = [d["frames_identical"] for d in drifts if "frames_identical" in d]
+    return {"drift_flow_rel_l2": worst("flow_rel_l2_max", max), "drift_psnr_db": worst("psnr_db", min),
+            "drift_ssim": worst("ssim", min), "drift_frames_identical": all(identical) if identical else None}
+
+
 def comm_totals(kinds: Optional[dict]) -> dict[str, float]:
     """Sum over the collective kinds of one bucket of a rank record's ``comm``:
     {"count", "bytes", "bus_bytes"} (zeros for None)."""
@@ -154,6 +175,7 @@ def comm_totals(kinds: Optional[dict]) -> dict[str, float]:
     return {key: sum(t[key] for t in kinds.values()) for key in ("count", "bytes", "bus_bytes")}
 
 
+CHECK_STAGES = ("drift_check",)  # stages a job runs only to check itself (models/precision.py)
 STAGE_PEAKS = ("peak_allocated_gib", "peak_reserved_gib", "peak_host_rss_gib")
 
 
@@ -174,7 +196,8 @@ def stage_summary(records: list[dict]) -> dict:
         return max(values) if values else None
 
     seconds = {n: over_ranks(n, "seconds") for n in names}
-    total = sum(v for v in seconds.values() if v is not None)
+    # the drift check's bf16 clip is a measurement of the measurement, not part of the pipeline
+    total = sum(v for n, v in seconds.items() if v is not None and n not in CHECK_STAGES)
     work = records[0].get("workload", {})
     out: dict[str, Any] = {"stages_s": seconds, "pipeline_s": total}
     for key in STAGE_PEAKS:

@@ -38,6 +38,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from wan_exp.config import ConfigError, Placement, check_fsdp_device, parallel_dims
 from wan_exp.models.checkpoint import open_weights
 from wan_exp.models.encoders import build_audio_encoder, build_text_encoder
+from wan_exp.models.precision import DriftCheck, setup_precision
 from wan_exp.models.wan_s2v import WanModel, apply_compile
 from wan_exp.parallel.fsdp import shard_dit, torch_dtype
 from wan_exp.parallel.materialise import WeightPlan, local_param_bytes, plan_weights
@@ -61,6 +62,7 @@ class ParallelModel:
     # sampler.guided_flow's signature (dit, latents, timestep, cond, uncond, scale) -> guided flow:
     # sequential, or CFG-parallel over cfg_group
     guidance: Callable[..., torch.Tensor]
+    drift: DriftCheck | None = None  # the bf16 reference of workload.drift_check (models/precision.py)
 
 
 def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) -> ParallelModel:
@@ -72,6 +74,7 @@ def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) ->
     dims = parallel_dims(cfg, ctx.world_size)
     meshes = dims.build_mesh(ctx.device.type)
     dit = STRATEGIES[name](cfg, ctx, meshes, before_wrap or (lambda dit: None))
+    drift = setup_precision(dit, cfg, ctx)  # model.precision, from outside the model
     ctx.metrics.note("parallel_dims", {**dims.degrees, "fsdp_shard_ranks": dims.fsdp_shard_ranks,
                                        "describe": dims.describe()})
     text_encoder, audio_encoder = _encoders(cfg, ctx)
@@ -84,7 +87,7 @@ def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) ->
     return ParallelModel(dit, text_encoder, audio_encoder,
                          sp_group=meshes.sp if meshes is not None else None,
                          mesh=meshes.mesh if meshes is not None else None,
-                         dims=dims, cfg_group=cfg_group, guidance=guidance_for(cfg_group))
+                         dims=dims, cfg_group=cfg_group, guidance=guidance_for(cfg_group), drift=drift)
 
 
 def _build_dit(cfg: Any, ctx: Any, load_device: torch.device) -> tuple[nn.Module, WeightPlan]:

@@ -33,8 +33,8 @@ from wan_exp.rank import numerics
 from wan_exp.config import ExperimentConfig, config_warnings, rank_device, typed_config
 from wan_exp.host.envvars import JOB_DIR_VAR
 from wan_exp.plan.fake_collectives import RealisticFakeCollectives
+from wan_exp.models.attention import backend_report, selected_backend, selected_lse_backend
 from wan_exp.models.attention import configure as configure_attention
-from wan_exp.models.attention import selected_backend, selected_lse_backend
 from wan_exp.rank.runtime import RankContext
 from wan_exp.units import GIB
 
@@ -132,6 +132,7 @@ def run_rank(job_dir: Path) -> int:
             WORKLOADS[cfg.workload.name](cfg, ctx)
         ctx.metrics.note("attention_backend", selected_backend())  # None: no attention ran (init)
         ctx.metrics.note("attention_lse_backend", selected_lse_backend())  # None: no ring attention
+        ctx.metrics.note("attention_kernels", backend_report())  # what ran, why the faster ones did not
         record = ctx.metrics.rank_record()
         record.update(status=results.COMPLETED, error=None, env=seen_environment(job), rank=process_rank)
         results.write_rank_record(job_dir, record)

@@ -54,6 +54,10 @@ METRIC_COLUMNS = (
     Column("host RSS GiB", _summary("peak_host_rss_gib_max"), "low"),
     Column("init s", _summary("init_s"), "low"),
     Column("step s", _summary("step_time_s_median"), "low", 4),
+    # workload.drift_check beside the step time: faster, at what cost (docs/precision.md)
+    Column("flow rel L2", _summary("drift_flow_rel_l2"), "low", 4),
+    Column("PSNR dB", _summary("drift_psnr_db"), "high", 1),
+    Column("SSIM", _summary("drift_ssim"), "high", 4),
     Column("comm bytes/step", _summary("comm_step_bytes_max"), "low", 0),  # busiest rank
     Column("steps/s", _summary("steps_per_s"), "high"),
     Column("tokens/s", _summary("tokens_per_s"), "high", 0),

@@ -24,8 +24,9 @@ Steps are numbered across clips; the first ``workload.warmup_steps`` are not mea
 """
 from __future__ import annotations
 
+import functools
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import numpy as np
@@ -117,6 +118,16 @@ def denoise_clip(cfg: Any, dit: torch.nn.Module, guidance: GuidedFlow, cond: Con
     return latents
 
 
+def sample_and_decode(cfg: Any, vae: WanVAE, guidance: GuidedFlow, cond: Condition, uncond: Condition,
+                      ref: Optional[torch.Tensor], motion: torch.Tensor, clip: int, mode: str, rank: int,
+                      world: int, dit: torch.nn.Module) -> torch.Tensor | None:
+    """One clip sampled with ``dit`` and decoded as the job decodes it, untimed (the drift
+    check's bf16 clip); the clip's kept frames where this rank holds them."""
+    latents = denoise_clip(cfg, dit, guidance, cond, uncond, clip, lambda step: nullcontext())
+    pixels = decode_clip(vae, decode_input(ref, motion, latents, clip), mode, rank, world)
+    return None if pixels is None else kept_frames(pixels, cfg.workload.frames_per_clip, clip)
+
+
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
     """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 on the host, as upstream's save_video:
     clamped, mapped to [0, 1], times 255, truncated (not rounded)."""
@@ -192,6 +203,12 @@ def generate_video(cfg: Any, ctx: Any, parallel_model: ParallelModel,
             pixels = decode_clip(vae, decode_input(ref, motion, latents, clip), mode, rank, world)
             clip_frames = None if pixels is None else kept_frames(pixels, wl.frames_per_clip, clip)
             del pixels
+        if clip == 0 and parallel_model.drift is not None:  # workload.drift_check: this clip in bf16 too
+            with ctx.stage("drift_check"):
+                parallel_model.drift.compare_frames(functools.partial(
+                    sample_and_decode, cfg, vae, parallel_model.guidance, cond, uncond, ref, motion, clip, mode, rank,
+                    world,
+                ), clip_frames, wl.frames_per_clip)
         if keep_frames:
             frames.append(to_uint8_frames(clip_frames))
         if clip + 1 < clips:
