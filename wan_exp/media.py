@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -21,6 +22,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from wan_exp.liveness import beat
+from wan_exp.results import write_error
 
 SAMPLE_RATE = 16000  # wav2vec2's input rate
 SIZE_MULTIPLE = 64  # the output size chosen from an image is padded up to multiples of this
@@ -213,12 +215,28 @@ def reference_pixels(path: str | Path, height: int, width: int) -> np.ndarray:
 def write_video(path: str | Path, frames: np.ndarray, fps: int, audio: Optional[np.ndarray],
                 sample_rate: int = SAMPLE_RATE) -> Path:
     """Write (T, H, W, 3) uint8 frames as H.264 (yuv420p) at ``fps`` into an mp4, with the mono
-    float waveform ``audio`` muxed in as AAC (cut or zero-padded to the video's duration)."""
+    float waveform ``audio`` muxed in as AAC (cut or zero-padded to the video's duration).
+
+    Written into a temporary file beside ``path`` and renamed, so a video that could not be
+    written whole (a full disk) leaves no file; that raises WriteError naming the video."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _encode_video(tmp, np.ascontiguousarray(frames), fps, audio, sample_rate)
+        os.replace(tmp, path)
+    except OSError as exc:  # PyAV's errors of the file system are OSErrors with their errno
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise write_error(path, exc) from exc
+    return path
+
+
+def _encode_video(path: Path, frames: np.ndarray, fps: int, audio: Optional[np.ndarray], sample_rate: int) -> None:
     import av
 
-    path = Path(path)
-    frames = np.ascontiguousarray(frames)
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", format="mp4") as container:
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         sound = None
@@ -239,7 +257,6 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, audio: Optional[
                 frame.sample_rate, frame.pts, frame.time_base = sample_rate, start, Fraction(1, sample_rate)
                 container.mux(sound.encode(frame))
             container.mux(sound.encode(None))
-    return path
 
 
 def wants_video(workload: Any, checkpoint_dir: Optional[str]) -> bool:

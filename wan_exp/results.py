@@ -44,12 +44,51 @@ FILE_ROLES = (
     (r"ranks/rank_\d+\.json", "a rank record"),
     (r"progress/rank_\d+\.json", "a rank heartbeat"),
     (r"report\.(md|html)", "the sweep report"),
+    (r"video\.mp4", "the job's video"),
+    (r"nodes/node_\d+\.json", "a host's agent outcome"),
+    (r"\.wan_exp/sweep\.json", "the sweep record"),
+    (r"\.wan_exp/lock\.node_\d+", "the sweep's lock"),
+    (r"wandb/logged\.json", "the W&B run's marker"),
 )
+
+# A rank that could not write its own record exits with this code (EX_TEMPFAIL of sysexits.h),
+# so the job's result can say why the record is missing.
+RECORD_NOT_WRITTEN_EXIT = 75
 
 
 class WriteError(OSError):
     """A file could not be written (e.g. the disk is full); the message names the file,
     its role and the operating system's reason. Keeps the OSError's errno."""
+
+
+class ResultNotWritten(WriteError):
+    """results.json could not be written; ``results`` holds what it would have said, so
+    the caller can put the job's outcome on the console instead."""
+
+    def __init__(self, cause: WriteError, job_results: dict) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.results = job_results
+
+
+def write_error(path: Path, exc: OSError) -> WriteError:
+    """The WriteError for `exc` raised while writing `path`: the file, its role, the reason
+    and what to do."""
+    hint = ("free space on that file system or write elsewhere (hydra.sweep.dir=...)"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else
+            "the folder is gone (removed while the job ran?)" if exc.errno == errno.ENOENT else
+            "check the folder's permissions and that its file system is mounted read-write")
+    return WriteError(exc.errno, f"could not write {file_role(path)} {path}: {exc.strerror or exc}; {hint}")
+
+
+def write_problem(folder: Path) -> Optional[str]:
+    """Why `folder` cannot take a small durable write right now (full, read-only, gone, not
+    ours), or None when it can: a probe file is written, synced and removed."""
+    try:
+        write_text_atomic(Path(folder) / ".write_probe", "probe\n" * 512)
+    except WriteError as exc:
+        return str(exc)
+    (Path(folder) / ".write_probe").unlink(missing_ok=True)
+    return None
 
 
 def file_role(path: Path) -> str:
@@ -87,12 +126,14 @@ def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
     The file ends up with mode 0666 minus the umask, as ``open(path, "w")`` would give it.
     durable=False skips the fsync: readers still never see half a file, but a machine
     crash may lose it (fine for heartbeats, which are rewritten every step).
+    Only the file's own folder is created when missing, never the folders above it: a job
+    dir removed while its ranks run is not silently made again by their next write.
     Raises WriteError (an OSError) naming the file and its role when the disk is full or
     the folder cannot be written."""
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             os.fchmod(f.fileno(), 0o666 & ~process_umask())  # mkstemp creates 0600
@@ -103,11 +144,11 @@ def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        hint = ("free space on that file system or write elsewhere (hydra.sweep.dir=...)"
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "check the folder's permissions")
-        raise WriteError(exc.errno, f"could not write {file_role(path)} {path}: "
-                                    f"{exc.strerror or exc}; {hint}") from exc
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:  # a file system remounted read-only keeps it; nothing more to do
+                pass
+        raise write_error(path, exc) from exc
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -173,11 +214,15 @@ def is_completed(job_dir: Path) -> bool:
 
 # ----------------------------------------------------------------------------- results.json
 def write_results(job_dir: Path, results: dict) -> Path:
-    """Write results.json atomically; refuses to replace a completed result."""
+    """Write results.json atomically; refuses to replace a completed result. A write that
+    fails raises ResultNotWritten, which carries the results."""
     if is_completed(job_dir):
         raise FileExistsError(f"{Path(job_dir) / RESULTS_FILE} holds a completed result; not overwriting it")
     path = Path(job_dir) / RESULTS_FILE
-    write_json_atomic(path, results)
+    try:
+        write_json_atomic(path, results)
+    except WriteError as exc:
+        raise ResultNotWritten(exc, results) from exc
     return path
 
 
@@ -226,6 +271,16 @@ def _prediction(job: dict, config: dict, records: list[dict]) -> Optional[dict]:
     from wan_exp.plan.pricing import overlap_of, parse_link, predict_step
 
     return predict_step(records[0], parse_link(config.get("launcher", {}).get("link", "nvlink4")), overlap_of(config))
+
+
+def is_write_failure(root_cause: Optional[dict]) -> bool:
+    """True when a job failed because a file could not be written: a rank's WriteError, or a
+    rank that exited with RECORD_NOT_WRITTEN_EXIT. The sweep stops on it (the next job's
+    files would meet the same disk)."""
+    if not root_cause:
+        return False
+    return (root_cause.get("exitcode") == RECORD_NOT_WRITTEN_EXIT
+            or str(root_cause.get("message", "")).startswith(f"{WriteError.__name__}:"))
 
 
 def job_warnings(records: list[dict]) -> list[str]:
@@ -371,16 +426,20 @@ def remove_empty_stack_files(job_dir: Path) -> None:
     from a signal handler); once the ranks are gone, the files no dump filled, and then the
     folder if empty, are removed."""
     stacks = Path(job_dir) / "stacks"
-    for path in stacks.glob("rank_*.txt"):
-        if path.stat().st_size == 0:
-            path.unlink()
-    if stacks.is_dir() and not any(stacks.iterdir()):
-        stacks.rmdir()
+    try:
+        for path in stacks.glob("rank_*.txt"):
+            if path.stat().st_size == 0:
+                path.unlink()
+        if stacks.is_dir() and not any(stacks.iterdir()):
+            stacks.rmdir()
+    except OSError:  # a read-only file system: empty files stay, the result matters more
+        pass
 
 
 def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict],
                  launch_error: Optional[str] = None, interrupted: Optional[dict] = None,
-                 launch_phase: str = "rendezvous", kernel_oom_kills: Optional[int] = None) -> dict:
+                 launch_phase: str = "rendezvous", kernel_oom_kills: Optional[int] = None,
+                 job_failure: Optional[dict] = None) -> dict:
     """The job's results after its ranks are gone; writes results.json (the only writer)
     unless it already holds a completed result, which is returned as it is. Empty stack
     files go.
@@ -393,8 +452,11 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
     interrupted: {"rank", "phase", "message"} when Ctrl-C or SIGTERM ended the job, or None.
     kernel_oom_kills: processes the kernel's OOM killer ended while the ranks ran (the
         difference of two :func:`kernel_oom_kill_count` readings), None if unknown.
+    job_failure: {"rank", "phase", "step", "message"} of a failure the job process saw
+        itself (its job dir removed or replaced while the ranks ran), or None.
     The job completed when none of these happened and every rank of job.json's world
-    size wrote a completed record.
+    size wrote a completed record; without job.json nothing says how many ranks that is,
+    so the job failed. A results.json that cannot be written raises ResultNotWritten.
     """
     from wan_exp.metrics.summary import summarize
 
@@ -409,6 +471,15 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
         status = INTERRUPTED
         root_cause = {"rank": interrupted["rank"], "phase": interrupted["phase"], "step": interrupted.get("step"),
                       "message": interrupted["message"], "exitcode": None}
+    elif job_failure is not None:
+        status = FAILED
+        root_cause = {"rank": job_failure.get("rank"), "phase": job_failure.get("phase"),
+                      "step": job_failure.get("step"), "message": job_failure["message"], "exitcode": None}
+    elif processes is None:
+        status = FAILED
+        root_cause = {"rank": None, "phase": None, "step": None, "exitcode": None,
+                      "message": f"{Path(job_dir) / JOB_FILE} is missing: the job's rank count is unknown, "
+                                 "so its records cannot prove it completed"}
     elif launch_error is not None:
         status = FAILED
         root_cause = {"rank": None, "phase": launch_phase, "step": None, "message": launch_error, "exitcode": None}

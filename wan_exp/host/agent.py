@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from wan_exp.host.envvars import applied_environment
-from wan_exp.results import write_json_atomic
+from wan_exp.results import WriteError, write_json_atomic
 
 WORKER_SHUTDOWN_S = 5  # grace between the agent's SIGTERM and SIGKILL to surviving ranks
 PARENT_POLL_S = 1.0  # how often the agent checks that the job process that started it is there
@@ -101,7 +101,11 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     end_with_parent(int(spec["parent_pid"]))
     outcome = run_agent(spec)
-    write_json_atomic(Path(spec["node_file"]), outcome)
+    try:
+        write_json_atomic(Path(spec["node_file"]), outcome)
+    except WriteError as exc:  # the job process writes its own outcome and reports the disk
+        print(f"agent: {exc}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(0 if not outcome["failures"] and outcome["error"] is None else 1)
 
 

@@ -130,9 +130,13 @@ def run_rank(job_dir: Path) -> int:
     except BaseException as exc:  # record any failure, including KeyboardInterrupt, then leave
         record = error_record(ctx, exc)
         record.update(env=seen_environment(job), rank=process_rank)
-        results.write_rank_record(job_dir, record)
         print(f"[rank {rank}] {record['status']} in phase {ctx.current_phase}:", file=sys.stderr)
         traceback.print_exc()
+        try:
+            results.write_rank_record(job_dir, record)
+        except results.WriteError as lost:  # a full or read-only disk: the exit code says so
+            print(f"[rank {rank}] {lost}", file=sys.stderr)
+            return results.RECORD_NOT_WRITTEN_EXIT
         return 1
 
 
