@@ -55,8 +55,9 @@ def read_audio(path: str | Path) -> np.ndarray:
     the channels averaged, then ``resample_to_16k``. ValueError naming ``workload.audio_path``
     for a missing or unreadable file."""
     chunks, rate = [], SAMPLE_RATE
-    for rate, chunk in audio_chunks(path):
+    for chunk_rate, chunk in audio_chunks(path):
         chunks.append(chunk)
+        rate = chunk_rate
     waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     if waveform.size == 0:
         raise ValueError(f"workload.audio_path={str(path)!r} holds no audio samples")
@@ -67,7 +68,8 @@ def audio_peak_and_samples(path: str | Path) -> tuple[float, int]:
     """(largest |sample| at the file's own rate, samples the 16 kHz waveform will have) of an
     audio file, decoded a frame at a time: the pre-launch check never holds a long file whole."""
     peak, samples, rate = 0.0, 0, SAMPLE_RATE
-    for rate, chunk in audio_chunks(path):
+    for chunk_rate, chunk in audio_chunks(path):
+        rate = chunk_rate
         if chunk.size:
             peak, samples = max(peak, float(np.abs(chunk).max())), samples + chunk.size
     if samples == 0:
