@@ -11,12 +11,15 @@ launcher (torchrun by default: jobs one after the other in this process). Each j
 the task function below (wan_exp.host.job.run_job: the job dir, this host's ranks under the
 elastic agent, results.json). The callbacks in conf/config.yaml do the rest: W&B and the
 summary after each job; the dashboard, the resume command and the exit status (1 if any
-job did not complete) after the sweep.
+job did not complete) after the sweep. Hydra's own errors (a launcher plugin not installed,
+Slurm missing, a config that does not exist) end in one line with the fix
+(wan_exp.host.hydra_errors).
 """
 import hydra
 from omegaconf import DictConfig
 
 from wan_exp.config import register_configs
+from wan_exp.host.hydra_errors import run_explained
 
 register_configs()
 
@@ -29,4 +32,4 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_explained(main)

@@ -2,9 +2,11 @@
 # One device call of a plan (python -m wan_exp.plan) that may need more than one call: the plan
 # runs under a time limit (SIGTERM stops its job cleanly, the same command goes on later), and
 # what it wrote comes back as one file (a call returns only a few files), $OUT/<name of out>.tgz:
-#   plan.md, plan.json and <strategy>_<gpus>_results.json for every job that wrote one.
+#   plan.md, plan.json and <strategy>_<gpus>_results.json (with <strategy>_<gpus>_plan_code_version)
+#   for every job that wrote one.
 # To go on in a later call on a fresh machine, put each <strategy>_<gpus>_results.json back as
-# <out>/jobs/<strategy>_<gpus>/0/results.json here and carry <out> (`restore` does that).
+# <out>/jobs/<strategy>_<gpus>/0/results.json, its code version as <out>/jobs/<strategy>_<gpus>/
+# plan_code_version, and carry <out> (`restore` does that).
 #
 # <seconds> must leave room inside the call's own limit: a stopped plan waits for its job to end
 # (seconds usually, up to 120 s when it hangs) and then the files are packed; the device's 600 s
@@ -32,7 +34,11 @@ run)
     mkdir -p "$dest"
     cp "$out"/plan.md "$out"/plan.json "$dest"/ 2>/dev/null
     for results in "$out"/jobs/*/0/results.json; do
-        [ -f "$results" ] && cp "$results" "$dest/$(basename "$(dirname "$(dirname "$results")")")_results.json"
+        [ -f "$results" ] || continue
+        job=$(basename "$(dirname "$(dirname "$results")")")
+        cp "$results" "$dest/${job}_results.json"
+        # the code version that ran it: without it the next run of the plan runs the job again
+        cp "$out/jobs/$job/plan_code_version" "$dest/${job}_plan_code_version" 2>/dev/null
     done
     ls "$dest"
     tar czf "$dest.tgz" -C "$OUT" "$(basename "$dest")" && rm -r "$dest"
@@ -45,7 +51,9 @@ restore)
         job=$(basename "$results" _results.json)
         mkdir -p "$out/jobs/$job/0"
         cp "$results" "$out/jobs/$job/0/results.json"
-        echo "kept for the next run: $out/jobs/$job"
+        version="${results%_results.json}_plan_code_version"
+        [ -f "$version" ] && cp "$version" "$out/jobs/$job/plan_code_version"
+        echo "kept for the next run (if its code version is today's): $out/jobs/$job"
     done
     rm -r "$fetched"
     ;;

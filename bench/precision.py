@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from benchlib import GIB, header, load_model_config, median, timed_runs
+from benchlib import header, load_model_config, median, timed_runs
+
+from wan_exp.units import GIB
 from dit_forward import make_inputs, parse_size, token_counts
 from wan_exp.metrics.drift import relative_l2
 from wan_exp.models import attention

@@ -29,7 +29,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from benchlib import GIB, header
+from benchlib import header
+
+from wan_exp.units import GIB
 from wan_exp.models.vae import WanVAE
 from wan_exp.parallel.vae import TILED_GRID, decode_clip, shard_strips
 

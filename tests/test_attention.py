@@ -57,6 +57,28 @@ def test_backend_that_cannot_run_names_itself_and_the_way_out():
         attn.attention(*qkv())
     assert "model.attention_backend='sdpa_cudnn': no backend ran on cpu" in str(err.value)
     assert "sdpa_math" in str(err.value)
+    (why,) = attn.backend_report()["not_chosen"].values()  # recorded for the rank record too
+    assert list(attn.backend_report()["not_chosen"]) == ["sdpa_cudnn"] and why.split(":")[0] in str(err.value)
+
+
+def test_every_candidate_passed_over_is_recorded_with_why(monkeypatch):
+    """auto on a CUDA device with none of the extra packages importable: fa3, fa4 and
+    flash_attn are recorded as not installed; the LSE search in fp32 records the kernels that
+    take half precision only. (Only the candidate lists are built: no GPU is needed.)"""
+    monkeypatch.setattr(attn, "_module_importable", lambda module: False)
+    rejected: dict[str, str] = {}
+    candidates = attn._auto_candidates(torch.device("cuda"), rejected)
+    assert candidates == ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math"]
+    assert rejected == {"fa3": "not installed (module flash_attn_interface not importable)",
+                        "fa4": "not installed (module flash_attn.cute not importable)",
+                        "flash_attn": "not installed (module flash_attn not importable)"}
+    attn.configure("sdpa_math")
+    attn.configure("auto")  # a new request clears what an earlier one recorded
+    assert attn.backend_report()["not_chosen_lse"] == {}
+    assert attn._lse_candidates(torch.device("cuda"), torch.float32) == ["lse_sdpa_efficient", "lse_math"]
+    lse_rejected = attn.backend_report()["not_chosen_lse"]
+    assert lse_rejected["lse_sdpa_cudnn"] == lse_rejected["lse_sdpa_flash"] == "takes fp16/bf16 only, not torch.float32"
+    assert lse_rejected["lse_fa3"].startswith("not installed")
 
 
 def test_flash_attn_status_reports_and_diagnoses():

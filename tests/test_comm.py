@@ -19,6 +19,11 @@ WORLD = 4  # ranks of the fake process group (conftest's fake_group)
 F32 = 4
 
 
+def _totals(kinds: dict) -> dict:
+    """count/bytes/bus_bytes per kind (the per-size ``messages`` checked on their own below)."""
+    return {kind: {k: v for k, v in figures.items() if k != "messages"} for kind, figures in kinds.items()}
+
+
 def test_every_collective_kind_counts_its_bytes_as_documented(fake_group):
     counter = CommCounter()
     pair = dist.new_group([0, 1])
@@ -32,7 +37,7 @@ def test_every_collective_kind_counts_its_bytes_as_documented(fake_group):
         dist.send(torch.ones(2, 3), dst=1)                                     # 24 B
         dist.recv(torch.empty(5), src=3)                                       # 20 B
         dist.barrier()
-    assert counter.counts["other"] == {
+    assert _totals(counter.counts["other"]) == {
         "all_reduce": {"count": 2, "bytes": 40 + 12, "bus_bytes": 40 * 1.5 + 12 * 1.0},
         "all_gather": {"count": 1, "bytes": 80, "bus_bytes": 60.0},
         "reduce_scatter": {"count": 1, "bytes": 48, "bus_bytes": 36.0},
@@ -62,11 +67,11 @@ def test_collectives_inside_fsdp2_and_dtensor_are_counted(fake_group):
         sharded = distribute_tensor(torch.ones(8, 3), mesh, [Shard(0)], src_data_rank=None)
         with counter.in_bucket("warmup"):
             sharded.full_tensor()
-    assert counter.counts["step"] == {
+    assert _totals(counter.counts["step"]) == {
         "all_gather": {"count": 1, "bytes": 72 * F32, "bus_bytes": 72 * F32 * 3 / 4},
         "reduce_scatter": {"count": 1, "bytes": 72 * F32, "bus_bytes": 72 * F32 * 3 / 4},
     }
-    assert counter.counts["warmup"] == {"all_gather": {"count": 1, "bytes": 24 * F32, "bus_bytes": 18 * F32}}
+    assert _totals(counter.counts["warmup"]) == {"all_gather": {"count": 1, "bytes": 24 * F32, "bus_bytes": 18 * F32}}
 
 
 def test_collector_buckets_calls_by_phase_and_step_into_the_rank_record(fake_group):
@@ -84,12 +89,12 @@ def test_collector_buckets_calls_by_phase_and_step_into_the_rank_record(fake_gro
                 dist.all_to_all_single(torch.empty(8), torch.ones(8))
     dist.all_reduce(torch.ones(3))  # outside the counting window: not counted
     comm = collector.rank_record()["comm"]
-    assert comm["init"] == {"broadcast": {"count": 1, "bytes": 16, "bus_bytes": 16.0}}
-    assert comm["other"] == {"all_reduce": {"count": 1, "bytes": 4, "bus_bytes": 6.0}}
-    assert comm["warmup"] == {"all_to_all": {"count": 1, "bytes": 16, "bus_bytes": 12.0}}
-    assert comm["step"] == {"all_to_all": {"count": 4, "bytes": 128, "bus_bytes": 96.0}}
+    assert _totals(comm["init"]) == {"broadcast": {"count": 1, "bytes": 16, "bus_bytes": 16.0}}
+    assert _totals(comm["other"]) == {"all_reduce": {"count": 1, "bytes": 4, "bus_bytes": 6.0}}
+    assert _totals(comm["warmup"]) == {"all_to_all": {"count": 1, "bytes": 16, "bus_bytes": 12.0}}
+    assert _totals(comm["step"]) == {"all_to_all": {"count": 4, "bytes": 128, "bus_bytes": 96.0}}
     assert comm["measured_steps"] == 2
-    assert comm["per_step"] == {"all_to_all": {"count": 2, "bytes": 64, "bus_bytes": 48.0}}
+    assert _totals(comm["per_step"]) == {"all_to_all": {"count": 2, "bytes": 64, "bus_bytes": 48.0}}
     record = collector.rank_record()  # the derived totals, summed over the kinds once, in the record
     assert record["comm_step_totals"] == {"count": 2, "bytes": 64, "bus_bytes": 48.0}
     assert record["comm_init_totals"] == {"count": 1, "bytes": 16, "bus_bytes": 16.0}
@@ -149,4 +154,63 @@ def test_compiled_code_still_compiles_and_its_collectives_are_counted(fake_group
         for _ in range(2):
             fn(torch.ones(5))
     assert len(graphs) == 1
-    assert counter.counts["other"] == {"all_reduce": {"count": 2, "bytes": 40, "bus_bytes": 60.0}}
+    assert _totals(counter.counts["other"]) == {"all_reduce": {"count": 2, "bytes": 40, "bus_bytes": 60.0}}
+
+
+def test_uneven_all_to_all_counts_exact_bus_bytes(fake_group):
+    """Rank 0 of 4 sends rows [4, 1, 2, 3] of a (10, 3) float tensor: it keeps its own 4 rows
+    (48 B), so 120 - 48 = 72 B cross the link, not 120 x 3/4 = 90."""
+    counter = CommCounter()
+    with counter:
+        dist.all_to_all_single(torch.empty(10, 3), torch.ones(10, 3), output_split_sizes=[4, 1, 2, 3],
+                               input_split_sizes=[4, 1, 2, 3])
+        dist.all_to_all([torch.empty(n) for n in (2, 3, 4, 5)], [torch.ones(n) for n in (2, 3, 4, 5)])  # keeps 8 B of 56
+        torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_to_all_single(
+            torch.ones(10, 3), [4, 1, 2, 3], [1, 2, 3, 4], dist.group.WORLD.group_name))  # keeps 1 row, 12 B
+    assert _totals(counter.counts["other"]) == {
+        "all_to_all": {"count": 3, "bytes": 120 + 56 + 120, "bus_bytes": 72.0 + 48.0 + 108.0}}
+    assert counter.counts["other"]["all_to_all"]["messages"] == {"120x0.6": 1, "56x0.857143": 1, "120x0.9": 1}
+
+
+def test_the_functional_reduce_scatter_with_out_is_counted(fake_group):
+    counter = CommCounter()
+    out = torch.empty(3)
+    with counter:
+        torch.ops._c10d_functional.reduce_scatter_tensor_out(torch.ones(12), "sum", WORLD, dist.group.WORLD.group_name,
+                                                             out=out)
+    assert _totals(counter.counts["other"]) == {"reduce_scatter": {"count": 1, "bytes": 48, "bus_bytes": 36.0}}
+
+
+def test_message_sizes_are_kept_per_step(fake_group):
+    collector = MetricsCollector("cpu", 0, WORLD)
+    with collector.comm:
+        for _ in range(2):
+            with collector.step(measured=True):
+                dist.all_reduce(torch.ones(10))
+                dist.all_reduce(torch.ones(10))
+                dist.all_reduce(torch.ones(3))
+    per_step = collector.rank_record()["comm"]["per_step"]["all_reduce"]
+    assert per_step["messages"] == {"40x1.5": 2, "12x1.5": 1}  # 2 x 40 B and 1 x 12 B per step, x 2(n-1)/n
+
+
+def test_point_to_point_of_real_gloo_ranks_is_counted(tmp_path):
+    """isend/irecv, batch_isend_irecv and send/recv between 2 gloo processes under torchrun."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", "localhost:0", str(repo / "tests" / "dist" / "comm_p2p.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    counts = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    # isend 24 B + batched 24 B (+ rank 0's blocking 4 B bf16 send); irecv and batched alike
+    assert _totals(counts[0]) == {"send": {"count": 3, "bytes": 24 + 24 + 4, "bus_bytes": 52.0},
+                                  "recv": {"count": 2, "bytes": 48, "bus_bytes": 48.0}}
+    assert _totals(counts[1]) == {"send": {"count": 2, "bytes": 48, "bus_bytes": 48.0},
+                                  "recv": {"count": 3, "bytes": 52, "bus_bytes": 52.0}}
+    assert counts[0]["send"]["messages"] == {"24x1": 2, "4x1": 1}

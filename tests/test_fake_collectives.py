@@ -141,3 +141,36 @@ def test_a_receive_from_any_source_and_a_functional_out_are_filled():
     out = nans(3)
     mode._fill_functional("reduce_scatter_tensor_out", (torch.arange(12.0), "sum", 4, "0"), {"out": out}, out)
     assert torch.equal(out, torch.arange(3.0))
+
+
+def _assert_drawn_like(chunk: torch.Tensor, source: torch.Tensor) -> None:
+    """``chunk`` is not ``source`` again, but has its mean and spread: within 6 standard errors
+    (mean: std/sqrt(m); std: std/sqrt(2m), m samples) of the source's figures."""
+    m = chunk.numel()
+    mean, std = float(source.float().mean()), float(source.float().std())
+    assert not torch.equal(chunk, source) and chunk.isfinite().all()
+    assert abs(float(chunk.float().mean()) - mean) < 6 * std / m**0.5
+    assert abs(float(chunk.float().std()) - std) < 6 * std / (2 * m) ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_gathered_chunks_of_other_ranks_have_the_shards_statistics_not_its_values(fake_group, dtype):
+    """FSDP's gathered weights: this rank's rows stay its own, the other 3 ranks' chunks are
+    drawn with the shard's mean and std (not the shard repeated); the job's RNG is untouched."""
+    m = 4096
+    source = (torch.randn(m) * 2 + 3).to(dtype)
+    torch.manual_seed(7)
+    expected_next = torch.rand(3)
+    torch.manual_seed(7)
+    with RealisticFakeCollectives():
+        gathered = nans(WORLD * m, dtype=dtype)
+        dist.all_gather_into_tensor(gathered, source)
+        listed = [nans(m, dtype=dtype) for _ in range(WORLD)]
+        dist.all_gather(listed, source)
+        functional = funcol.all_gather_tensor(source, 0, dist.group.WORLD).wait()
+    assert torch.equal(torch.rand(3), expected_next)
+    for chunks in (gathered.view(WORLD, m), listed, functional.view(WORLD, m)):
+        assert torch.equal(chunks[0], source)  # rank 0's own chunk
+        for other in chunks[1:]:
+            _assert_drawn_like(other, source)
+        assert not torch.equal(chunks[1], chunks[2])

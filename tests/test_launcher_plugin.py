@@ -47,18 +47,15 @@ class TestCheckedLauncherIntegration(IntegrationTestSuite):
 
 def test_the_launcher_imports_no_torch_and_nothing_of_the_application():
     code = (
-        "import sys, time\n"
-        "t = time.perf_counter()\n"
+        "import sys\n"
         "import hydra_plugins.checked_launcher.checked_launcher, hydra_plugins.checked_launcher._core\n"
         "import hydra_plugins.checked_launcher.config\n"
-        "elapsed = time.perf_counter() - t\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'wan_exp', 'psutil', 'rich'))\n"
-        "print(elapsed, heavy)\n"
+        "print(heavy)\n"
     )
-    # hydra itself is imported first: the plugin's own cost is what is measured
+    # hydra itself is imported first: what the plugin adds is what is checked
     proc = subprocess.run([sys.executable, "-c", "import hydra.core.utils, hydra.plugins.launcher\n" + code],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    elapsed, heavy = proc.stdout.split(" ", 1)
-    assert heavy.strip() == "[]", heavy
-    assert float(elapsed) < 0.5, f"the launcher took {elapsed} s to import"
+    # what makes the import light is what it does not import (no wall-clock bound: CI may be busy)
+    assert proc.stdout.strip() == "[]", proc.stdout

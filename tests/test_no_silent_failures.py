@@ -50,6 +50,20 @@ def test_a_sigkill_is_host_oom_only_when_the_kernel_counted_an_oom_kill():
     assert cause["status"] == "failed"
 
 
+@pytest.mark.parametrize("phase, advice", [
+    ("load", "The weights ran out of memory: use a strategy that shards them (parallel=fsdp_fixed)"),
+    ("audio_encode", "The audio encoding ran out of memory (wav2vec2 encodes the whole workload.audio_path"),
+    ("vae_decode", "The VAE ran out of memory: parallel.vae=tiled or sharded"),
+    ("video_write", "Writing the video ran out of memory"),
+])
+def test_the_host_oom_advice_names_the_stage_that_ran_out(phase, advice):
+    cause = results.failure_root_cause([], {1: _death(1, -signal.SIGKILL, phase)}, {}, kernel_oom_kills=1)
+    assert cause["phase"] == phase and advice in cause["message"], cause["message"]
+    assert cause["message"].endswith("fewer ranks per node, or a machine with more memory")
+    if phase != "load":
+        assert "parallel=fsdp_fixed" not in cause["message"], "not the weights' advice"
+
+
 def test_recorded_out_of_memory_errors_say_which_memory():
     def record(device: str, err_type: str, message: str) -> dict:
         return {"rank": 0, "status": "oom", "device": device,
@@ -177,7 +191,8 @@ def test_a_write_that_fails_names_the_file_and_its_role(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)
-    assert failed.value.errno == errno.EFBIG and isinstance(failed.value, OSError)
+    assert failed.value.errno == errno.EFBIG
+    assert not target.exists() and not list(target.parent.glob(".*")), "no result and no partial temporary file"
     assert f"could not write the job's result {target}" in str(failed.value)
     assert "free space" in str(failed.value)
     assert list(target.parent.iterdir()) == [], "no temporary file is left behind"

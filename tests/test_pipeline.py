@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tolerance import close_kwargs, reordered_sum_tolerance, vae_decoder_chain, vae_encoder_chain
 
 from wan_exp.config import ConfigError, compose_config
 from wan_exp.geometry import job_geometry
@@ -334,9 +335,10 @@ def test_streaming_encoder_equals_the_whole_clip_causal_reference():
     out = vae.encode(pixels)
     assert out.shape == (1, 16, 3, 4, 4)
     with torch.no_grad():
-        torch.testing.assert_close(out, ref_encode(vae, pixels), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out, ref_encode(vae, pixels), **close_kwargs(torch.float32, *vae_encoder_chain(4)))
     # causal: the first latent frame is the first pixel frame's alone
-    torch.testing.assert_close(out[:, :, :1], vae.encode(pixels[:, :, :1]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[:, :, :1], vae.encode(pixels[:, :, :1]),
+                               **close_kwargs(torch.float32, *vae_encoder_chain(4)))
 
 
 def test_tiles_equal_the_whole_frame_decode():
@@ -446,7 +448,8 @@ def test_every_vae_mode_equals_the_plain_decode_on_two_ranks():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     measured = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("max_abs_diff"))
     assert set(measured) == {"every_rank", "rank0", "tiled", "sharded"}
-    assert all(float(v) <= 1e-5 for v in measured.values())
+    assert all(float(v) <= 10 * reordered_sum_tolerance(torch.float64, *vae_decoder_chain(4, 4 * 40))
+               for v in measured.values())
 
 
 # ----------------------------------------------------------------------------- a tiny job end to end

@@ -329,7 +329,7 @@ def test_8bit_attention_with_no_kernel_installed_fails_naming_each(fresh_attenti
     with pytest.raises(attention.AttentionBackendError) as err:
         attention.attention(*qkv())
     assert (
-        "sage_fp8: not installed (no module sageattention); fa3_fp8: not installed (no module flash_attn_interface)"
+        "sage_fp8: not installed (module sageattention not importable); fa3_fp8: not installed (module flash_attn_interface not importable)"
     ) in str(err.value)
     assert "model.precision=bf16" in str(err.value)
 

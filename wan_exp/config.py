@@ -84,6 +84,7 @@ class WorkloadName(ConfigEnum):
     generate = "generate"
     init = "init"
     train_lora = "train_lora"
+    upstream = "upstream"  # the public Wan2.2 generate.py under the launcher (wan_exp/upstream/)
 
 
 class VaePlacement(ConfigEnum):
@@ -109,9 +110,12 @@ class LoggerMode(ConfigEnum):
 # The phases a rank passes through, in order (docs/architecture.md); fault.phase names one.
 PHASES = ("process_group", "build", "load", "wrap", "first_step", "step")
 STEP_PHASES = ("first_step", "step")  # phases only workloads that run DiT steps pass through
+# the generate workload's stages, in pipeline order (MetricsCollector.stage); fault.phase may name one
+PIPELINE_STAGES = ("text_encode", "audio_encode", "reference_encode", "motion_encode", "denoise",
+                   "vae_decode", "video_write")
 
 # Functional form because "raise" is a keyword; OmegaConf matches members by name.
-FaultKind = ConfigEnum("FaultKind", {k: k for k in ("none", "raise", "hang", "sleep", "signal", "oom")})
+FaultKind = ConfigEnum("FaultKind", {k: k for k in ("none", "raise", "hang", "sleep", "signal", "oom", "slow")})
 
 
 # --------------------------------------------------------------------------- model
@@ -285,6 +289,12 @@ class WorkloadConfig:
     drift_check: Optional[bool] = None
     drift_steps: int = 1
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # workload=upstream (docs/upstream.md): the Wan2.2 checkout whose generate.py runs, upstream's
+    # --offload_model (None: upstream's default, on for one rank and off otherwise) and
+    # --convert_model_dtype
+    repo: Optional[str] = None
+    offload_model: Optional[bool] = None
+    convert_model_dtype: bool = False
 
 
 # --------------------------------------------------------------------------- logger, fault
@@ -302,7 +312,7 @@ class FaultConfig:
     kind: FaultKind = FaultKind["none"]
     rank: int = 0  # which rank misbehaves
     phase: str = "wrap"  # process_group | build | load | wrap | first_step | step
-    seconds: float = 0.0  # for sleep
+    seconds: float = 0.0  # for sleep; slow: per in-stage heartbeat
     signal: str = "SIGKILL"  # for signal
     host_gib: float = 0.0  # host memory the faulty rank fills before the fault fires
 
@@ -397,7 +407,7 @@ def steps_run(wl: Any) -> Optional[int]:
     """DiT steps the workload runs: clips x sample_steps (generate; one clip where the audio
     decides the count, workload.clips=-1, since it gives at least one), steps (train_lora);
     None for init, which runs none."""
-    if wl.name == WorkloadName.generate:
+    if wl.name in (WorkloadName.generate, WorkloadName.upstream):
         return max(wl.clips, 1) * wl.sample_steps
     if wl.name == WorkloadName.train_lora:
         return wl.steps

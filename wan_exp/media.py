@@ -1,7 +1,7 @@
 """Files in and out of the generate workload: the audio, the reference image, the video.
 
-No torch here and nothing of wan_exp: the launcher's checks (``preflight``, ``geometry``) read
-the files with these readers before any rank starts, and the ranks use them too.
+No torch here: the launcher's checks (``preflight``, ``geometry``) read the files with these
+readers before any rank starts, and the ranks use them too.
 docs/pipeline.md states the rules.
 
 - Audio: any file ffmpeg decodes (wav, flac, mp3, ...; any rate, any channel layout), decoded
@@ -14,17 +14,25 @@ docs/pipeline.md states the rules.
 from __future__ import annotations
 
 import math
+import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
+
+from wan_exp.liveness import beat
+from wan_exp.results import write_error
 
 SAMPLE_RATE = 16000  # wav2vec2's input rate
 SIZE_MULTIPLE = 64  # the output size chosen from an image is padded up to multiples of this
 SILENCE_PEAK = 1e-4  # an audio file whose samples all stay below this is silent
 AUDIO_FRAME_SAMPLES = 1024  # samples per AAC frame when muxing
 RESAMPLE_QUALITY = "soxr_hq"  # librosa.load's default res_type, what upstream reads audio with
+# an image with this many times the output's pixels is decoded at a reduced scale (JPEG's
+# 1/2, 1/4, 1/8, still at least the resize target), so a 100-megapixel photo never sits whole in
+# host memory; smaller images are decoded whole, as upstream does
+DOWNSCALE_ON_READ_FACTOR = 16
 
 
 # ------------------------------------------------------------------------------ audio
@@ -46,30 +54,54 @@ def read_audio(path: str | Path) -> np.ndarray:
     to float at the file's own rate (integer samples / 2^(bits-1), as soundfile reads them),
     the channels averaged, then ``resample_to_16k``. ValueError naming ``workload.audio_path``
     for a missing or unreadable file."""
+    chunks, rate = [], SAMPLE_RATE
+    for chunk_rate, chunk in audio_chunks(path):
+        chunks.append(chunk)
+        rate = chunk_rate
+    waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if waveform.size == 0:
+        raise ValueError(f"workload.audio_path={str(path)!r} holds no audio samples")
+    return resample_to_16k(waveform, rate)
+
+
+def audio_peak_and_samples(path: str | Path) -> tuple[float, int]:
+    """(largest |sample| at the file's own rate, samples the 16 kHz waveform will have) of an
+    audio file, decoded a frame at a time: the pre-launch check never holds a long file whole."""
+    peak, samples, rate = 0.0, 0, SAMPLE_RATE
+    for chunk_rate, chunk in audio_chunks(path):
+        rate = chunk_rate
+        if chunk.size:
+            peak, samples = max(peak, float(np.abs(chunk).max())), samples + chunk.size
+    if samples == 0:
+        raise ValueError(f"workload.audio_path={str(path)!r} holds no audio samples")
+    return peak, math.ceil(samples * SAMPLE_RATE / rate)
+
+
+def audio_chunks(path: str | Path) -> Iterator[tuple[int, np.ndarray]]:
+    """(the file's sample rate, its mono samples as float32) one decoded frame at a time: to
+    float at the file's own rate, the channels averaged (no resampling here)."""
     import av
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"workload.audio_path={str(path)!r} does not exist")
-    chunks: list[np.ndarray] = []
-    rate = 0
     try:
         with av.open(str(path)) as container:
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 raise ValueError("it has no audio stream")
             to_float = av.AudioResampler(format="fltp")  # sample format only: rate and layout kept
+            rate = SAMPLE_RATE
             for frame in container.decode(stream):
+                beat("audio read")
                 rate = frame.sample_rate
-                chunks += [out.to_ndarray().mean(axis=0) for out in to_float.resample(frame)]
-            chunks += [out.to_ndarray().mean(axis=0) for out in to_float.resample(None)]
+                for out in to_float.resample(frame):
+                    yield rate, out.to_ndarray().mean(axis=0).astype(np.float32)
+            for out in to_float.resample(None):
+                yield rate, out.to_ndarray().mean(axis=0).astype(np.float32)
     except (av.FFmpegError, ValueError, OSError) as exc:
         raise ValueError(f"workload.audio_path={str(path)!r} is not a readable audio file ({exc}); "
                          "use a wav, flac or mp3 file") from None
-    waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-    if waveform.size == 0:
-        raise ValueError(f"workload.audio_path={str(path)!r} holds no audio samples")
-    return resample_to_16k(waveform, rate)
 
 
 # ------------------------------------------------------------------------------ image
@@ -131,6 +163,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"workload.image_path={str(path)!r} is not a readable image ({exc}); "
                          "use a PNG or JPEG file") from None
+    except Image.DecompressionBombError as exc:  # PIL's guard against images too large to decode
+        raise ValueError(f"workload.image_path={str(path)!r} is too large to decode ({exc}); "
+                         "downscale it first (the output is at most workload.size)") from None
 
 
 def reference_pixels(path: str | Path, height: int, width: int) -> np.ndarray:
@@ -140,9 +175,12 @@ def reference_pixels(path: str | Path, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
     image_size(path)  # the clear errors
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
     short = min(height, width)
+    with Image.open(path) as opened:
+        if opened.width * opened.height > DOWNSCALE_ON_READ_FACTOR * height * width:
+            scale = short / min(opened.width, opened.height)
+            opened.draft("RGB", (int(opened.width * scale) + 1, int(opened.height * scale) + 1))
+        image = opened.convert("RGB")
     if image.width <= image.height:
         new_w, new_h = short, int(short * image.height / image.width)
     else:
@@ -161,19 +199,36 @@ def reference_pixels(path: str | Path, height: int, width: int) -> np.ndarray:
 def write_video(path: str | Path, frames: np.ndarray, fps: int, audio: Optional[np.ndarray],
                 sample_rate: int = SAMPLE_RATE) -> Path:
     """Write (T, H, W, 3) uint8 frames as H.264 (yuv420p) at ``fps`` into an mp4, with the mono
-    float waveform ``audio`` muxed in as AAC (cut or zero-padded to the video's duration)."""
+    float waveform ``audio`` muxed in as AAC (cut or zero-padded to the video's duration).
+
+    Written into a temporary file beside ``path`` and renamed, so a video that could not be
+    written whole (a full disk) leaves no file; that raises WriteError naming the video."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _encode_video(tmp, np.ascontiguousarray(frames), fps, audio, sample_rate)
+        os.replace(tmp, path)
+    except OSError as exc:  # PyAV's errors of the file system are OSErrors with their errno
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise write_error(path, exc) from exc
+    return path
+
+
+def _encode_video(path: Path, frames: np.ndarray, fps: int, audio: Optional[np.ndarray], sample_rate: int) -> None:
     import av
 
-    path = Path(path)
-    frames = np.ascontiguousarray(frames)
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", format="mp4") as container:
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         sound = None
         if audio is not None:
             sound = container.add_stream("aac", rate=sample_rate)
             sound.layout = "mono"
-        for frame in frames:
+        for index, frame in enumerate(frames):
+            beat(f"video frame {index + 1}/{len(frames)}")
             container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(video.encode(None))
         if sound is not None:
@@ -186,7 +241,6 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, audio: Optional[
                 frame.sample_rate, frame.pts, frame.time_base = sample_rate, start, Fraction(1, sample_rate)
                 container.mux(sound.encode(frame))
             container.mux(sound.encode(None))
-    return path
 
 
 def wants_video(workload: Any, checkpoint_dir: Optional[str]) -> bool:

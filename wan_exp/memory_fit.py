@@ -25,13 +25,15 @@ no torch.
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from wan_exp.config import ConfigError, Placement
-from wan_exp.devices import read_nvml, visible_gpus
+from wan_exp.devices import read_nvml, visible_gpu_count, visible_gpus
 from wan_exp.models.sizes import (
     audio_encoder_parameters,
     dit_parameters,
@@ -129,6 +131,67 @@ def check_memory_fits(cfg: Any, world_size: int, nproc_per_node: int, gpus: int)
         f"{_size(device_need)} for the "
         f"weights alone, but the fullest GPU has {_size(min(free))} free (NVML); "
         f"{_hint(cfg, full_load, False, encoders_on_gpu=any(w is not dit for w, _ in on_device))}"
+    )
+
+
+# ----------------------------------------------------------------------------- the audio encoder
+# wav2vec2 (models/encoders.py) encodes the whole audio file in one forward, in fp32, on the
+# host or device of parallel.audio_encoder_placement: its memory grows with the file's length.
+# Per 16 kHz sample, at its peak: the waveform read, resampled and normalised (4 fp32 copies);
+# the first feature-extractor conv (512 channels at 1/5 of the rate): its output, the transposed
+# copy its layer norm reads, the norm's output and the GELU's (4 copies); every hidden state
+# (layers + 1, at 1/320 of the rate) kept, stacked, then interpolated and picked per video frame
+# (4 copies). Measured on the tiny model, 20 s of audio: 452 MiB of peak RSS, estimate 506 MiB.
+FP32_BYTES = 4
+WAVEFORM_COPIES = 4
+CONV_CHANNELS, CONV_STRIDE, CONV_COPIES = 512, 5, 4  # transformers' Wav2Vec2Config defaults
+SAMPLES_PER_STATE, STATE_COPIES = 320, 4
+
+
+def audio_encode_bytes(model_cfg: Any, samples: int) -> int:
+    """Peak bytes of encoding ``samples`` samples of 16 kHz audio with the model's wav2vec2."""
+    ae = model_cfg.audio_encoder
+    per_sample = (WAVEFORM_COPIES + CONV_COPIES * CONV_CHANNELS / CONV_STRIDE
+                  + STATE_COPIES * (ae.num_hidden_layers + 1) * ae.hidden_size / SAMPLES_PER_STATE)
+    return int(samples * per_sample * FP32_BYTES)
+
+
+def available_host_bytes() -> int:
+    """Host memory a rank can use: psutil's available memory, or less under a per-process
+    address-space limit (ulimit -v, RLIMIT_AS) or a cgroup's memory.max (containers, Slurm)."""
+    limits = [psutil.virtual_memory().available]
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    try:
+        cgroup_max = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if cgroup_max != "max":
+            limits.append(int(cgroup_max) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(0, min(limits))
+
+
+def check_audio_fits(cfg: Any, path: str, samples: int, sample_rate: int, ranks_here: int) -> None:
+    """ConfigError when wav2vec2 over the whole file cannot fit in host memory (the encoder on
+    the host, or no GPU), naming the file, its length and workload.clips."""
+    on_host = cfg.parallel.audio_encoder_placement != Placement.device or not visible_gpu_count()
+    if not on_host:
+        return
+    need = ranks_here * audio_encode_bytes(cfg.model, samples)
+    available = available_host_bytes()
+    if need <= available:
+        return
+    wl = cfg.workload
+    seconds = samples / sample_rate
+    used = ("every clip the audio gives" if wl.clips == -1
+            else f"only its first {wl.clips * wl.frames_per_clip / wl.fps:g} s")
+    raise ConfigError(
+        f"workload.audio_path={path!r} is {seconds:.0f} s long: wav2vec2 encodes the whole file at once, "
+        f"which needs about {_size(need)} of host memory ({ranks_here} rank(s) on this host, "
+        f"{_size(need // ranks_here)} each), but {_size(available)} is available; workload.clips={wl.clips} "
+        f"uses {used}: cut the file to what the clips need (e.g. ffmpeg -i in.wav -t SECONDS out.wav), "
+        "or use fewer ranks per host or a machine with more memory"
     )
 
 

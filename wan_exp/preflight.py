@@ -26,12 +26,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from wan_exp.config import (
     PHASES,
+    PIPELINE_STAGES,
     SAVE_VIDEO_SETTINGS,
     STEP_PHASES,
     TOKENIZER_SUBDIR,
@@ -47,11 +47,12 @@ from wan_exp.config import (
 )
 from wan_exp.devices import JobShape
 from wan_exp.geometry import JobGeometry, job_geometry, strip_axis
-from wan_exp.media import SILENCE_PEAK, read_audio
-from wan_exp.memory_fit import check_memory_fits
+from wan_exp.media import SAMPLE_RATE, SILENCE_PEAK, audio_peak_and_samples
+from wan_exp.memory_fit import check_audio_fits, check_memory_fits
 from wan_exp.parallel.dims import fsdp_shards, parallel_dims, runs_one_rank
 from wan_exp.plan.pricing import parse_link
 from wan_exp.precision_support import check_precision
+from wan_exp.upstream.preflight import check_upstream
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ def validate(cfg: Any, world_size: int) -> None:
         raise ConfigError(f"parallel={par.name} runs one rank, got {world_size} (every degree is 1 and "
                           "parallel.fsdp.degree=0); set the degree of the axis to split over, e.g. "
                           "parallel.ulysses_degree=-1, or run one rank")
+    if wl.name == WorkloadName.upstream:  # first: it names the splits upstream can run
+        check_upstream(cfg, world_size)
     dims = parallel_dims(cfg, world_size)
     _check_fsdp_settings(par)
     if dims.cfg > 1 and wl.name == WorkloadName.generate and wl.guidance_scale in (0.0, 1.0):
@@ -188,8 +191,9 @@ def validate(cfg: Any, world_size: int) -> None:
 
 def check_inputs(cfg: Any, geometry: JobGeometry, world_size: int) -> None:
     """The input files of a generate job, read before any rank loads weights: an audio file that
-    ffmpeg cannot read, or that is silent (an image that is not an image, or gives no usable
-    size, already failed in ``job_geometry``); for parallel.vae=sharded whether the world size
+    ffmpeg cannot read, that is silent, or whose wav2vec2 encoding cannot fit in host memory
+    (read a frame at a time: never whole); an image that is not an image, or gives no usable
+    size, already failed in ``job_geometry``; for parallel.vae=sharded whether the world size
     can share a latent frame (one strip per rank). Raises ConfigError naming the setting and
     what to do."""
     wl = cfg.workload
@@ -198,13 +202,14 @@ def check_inputs(cfg: Any, geometry: JobGeometry, world_size: int) -> None:
     if not wl.audio_path:
         return
     try:
-        peak = float(np.abs(read_audio(wl.audio_path)).max())
+        peak, samples = audio_peak_and_samples(wl.audio_path)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from None
     if peak < SILENCE_PEAK:
         raise ConfigError(f"workload.audio_path={wl.audio_path!r} is silent (peak {peak:.1e}); "
                           "S2V animates speech: give a file with sound, or leave it unset "
                           "for synthetic audio")
+    check_audio_fits(cfg, wl.audio_path, samples, SAMPLE_RATE, max(1, world_size // cfg.launcher.nnodes))
 
 
 # --------------------------------------------------------------------------- launch rules
@@ -291,8 +296,10 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
     kind = fault.kind.name
     if kind == "none":
         return
-    if fault.phase not in PHASES:
-        raise ConfigError(f"fault.phase={fault.phase!r} is not a phase; use one of {', '.join(PHASES)}")
+    generate = WorkloadName(cfg.workload.name) == WorkloadName.generate
+    if fault.phase not in PHASES + (PIPELINE_STAGES if generate else ()):
+        raise ConfigError(f"fault.phase={fault.phase!r} is not a phase; use one of {', '.join(PHASES)}"
+                          + (f" or a stage: {', '.join(PIPELINE_STAGES)}" if generate else ""))
     if WorkloadName(cfg.workload.name) == WorkloadName.init and fault.phase in STEP_PHASES:
         # a fault that never fires would report a healthy job as the demonstration's outcome
         raise ConfigError(
@@ -301,7 +308,7 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
         )
     if kind == "signal":
         signal_number(fault.signal)
-    if kind == "sleep" and fault.seconds < 0:
+    if kind in ("sleep", "slow") and fault.seconds < 0:
         raise ConfigError(f"fault.seconds={fault.seconds} must be >= 0")
     if kind == "oom" and not gpus:
         raise ConfigError("fault=oom allocates GPU memory until it runs out, but no GPU is visible")

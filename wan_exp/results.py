@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from wan_exp.metrics.summary import summarize
-from wan_exp.plan.pricing import parse_link, predict_step
+from wan_exp.plan.pricing import overlap_of, parse_link, predict_step
 
 SCHEMA = 1
 COMPLETED, FAILED, OOM, HANG, INTERRUPTED = "completed", "failed", "oom", "hang", "interrupted"
@@ -47,12 +47,51 @@ FILE_ROLES = (
     (r"ranks/rank_\d+\.json", "a rank record"),
     (r"progress/rank_\d+\.json", "a rank heartbeat"),
     (r"report\.(md|html)", "the sweep report"),
+    (r"video\.mp4", "the job's video"),
+    (r"nodes/node_\d+\.json", "a host's agent outcome"),
+    (r"\.wan_exp/sweep\.json", "the sweep record"),
+    (r"\.wan_exp/lock\.node_\d+", "the sweep's lock"),
+    (r"wandb/logged\.json", "the W&B run's marker"),
 )
+
+# A rank that could not write its own record exits with this code (EX_TEMPFAIL of sysexits.h),
+# so the job's result can say why the record is missing.
+RECORD_NOT_WRITTEN_EXIT = 75
 
 
 class WriteError(OSError):
     """A file could not be written (e.g. the disk is full); the message names the file,
     its role and the operating system's reason. Keeps the OSError's errno."""
+
+
+class ResultNotWritten(WriteError):
+    """results.json could not be written; ``results`` holds what it would have said, so
+    the caller can put the job's outcome on the console instead."""
+
+    def __init__(self, cause: WriteError, job_results: dict) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.results = job_results
+
+
+def write_error(path: Path, exc: OSError) -> WriteError:
+    """The WriteError for `exc` raised while writing `path`: the file, its role, the reason
+    and what to do."""
+    hint = ("free space on that file system or write elsewhere (hydra.sweep.dir=...)"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else
+            "the folder is gone (removed while the job ran?)" if exc.errno == errno.ENOENT else
+            "check the folder's permissions and that its file system is mounted read-write")
+    return WriteError(exc.errno, f"could not write {file_role(path)} {path}: {exc.strerror or exc}; {hint}")
+
+
+def write_problem(folder: Path) -> Optional[str]:
+    """Why `folder` cannot take a small durable write right now (full, read-only, gone, not
+    ours), or None when it can: a probe file is written, synced and removed."""
+    try:
+        write_text_atomic(Path(folder) / ".write_probe", "probe\n" * 512)
+    except WriteError as exc:
+        return str(exc)
+    (Path(folder) / ".write_probe").unlink(missing_ok=True)
+    return None
 
 
 def file_role(path: Path) -> str:
@@ -90,12 +129,14 @@ def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
     The file ends up with mode 0666 minus the umask, as ``open(path, "w")`` would give it.
     durable=False skips the fsync: readers still never see half a file, but a machine
     crash may lose it (fine for heartbeats, which are rewritten every step).
+    Only the file's own folder is created when missing, never the folders above it: a job
+    dir removed while its ranks run is not silently made again by their next write.
     Raises WriteError (an OSError) naming the file and its role when the disk is full or
     the folder cannot be written."""
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             os.fchmod(f.fileno(), 0o666 & ~process_umask())  # mkstemp creates 0600
@@ -106,11 +147,11 @@ def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        hint = ("free space on that file system or write elsewhere (hydra.sweep.dir=...)"
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "check the folder's permissions")
-        raise WriteError(exc.errno, f"could not write {file_role(path)} {path}: "
-                                    f"{exc.strerror or exc}; {hint}") from exc
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:  # a file system remounted read-only keeps it; nothing more to do
+                pass
+        raise write_error(path, exc) from exc
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -176,11 +217,15 @@ def is_completed(job_dir: Path) -> bool:
 
 # ----------------------------------------------------------------------------- results.json
 def write_results(job_dir: Path, results: dict) -> Path:
-    """Write results.json atomically; refuses to replace a completed result."""
+    """Write results.json atomically; refuses to replace a completed result. A write that
+    fails raises ResultNotWritten, which carries the results."""
     if is_completed(job_dir):
         raise FileExistsError(f"{Path(job_dir) / RESULTS_FILE} holds a completed result; not overwriting it")
     path = Path(job_dir) / RESULTS_FILE
-    write_json_atomic(path, results)
+    try:
+        write_json_atomic(path, results)
+    except WriteError as exc:
+        raise ResultNotWritten(exc, results) from exc
     return path
 
 
@@ -213,6 +258,8 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
         "job_num": job.get("job_num"),
         "config": config,
         "warnings": job_warnings(records),
+        # each host's cores, ranks, threads and load during the job, and what made its times slow
+        "machine": job_machine(job_dir),
         "ranks": records,
         "summary": summary,
         "started_at": started,
@@ -224,12 +271,35 @@ def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: li
 def _prediction(job: dict, config: dict, records: list[dict]) -> Optional[dict]:
     if not job.get("simulated") or not records:
         return None
-    return predict_step(records[0], parse_link(config.get("launcher", {}).get("link", "nvlink4")))
+    return predict_step(records[0], parse_link(config.get("launcher", {}).get("link", "nvlink4")), overlap_of(config))
+
+
+def is_write_failure(root_cause: Optional[dict]) -> bool:
+    """True when a job failed because a file could not be written: a rank's WriteError, or a
+    rank that exited with RECORD_NOT_WRITTEN_EXIT. The sweep stops on it (the next job's
+    files would meet the same disk)."""
+    if not root_cause:
+        return False
+    return (root_cause.get("exitcode") == RECORD_NOT_WRITTEN_EXIT
+            or str(root_cause.get("message", "")).startswith(f"{WriteError.__name__}:"))
 
 
 def job_warnings(records: list[dict]) -> list[str]:
     """Every warning the ranks recorded (e.g. a prompt without a tokenizer), once each."""
     return list(dict.fromkeys(w for r in records for w in r.get("warnings") or []))
+
+
+def job_machine(job_dir: Path) -> Optional[dict]:
+    """{"hosts": [each host's "machine" figures from nodes/node_<n>.json (wan_exp.host.machine)],
+    "warnings": [theirs, once each]}, or None when no host recorded any."""
+    hosts = []
+    for path in sorted((Path(job_dir) / "nodes").glob("node_*.json")):
+        outcome = read_json(path) or {}
+        if isinstance(outcome.get("machine"), dict):
+            hosts.append({"host": outcome.get("host"), "node_rank": outcome.get("node_rank"), **outcome["machine"]})
+    if not hosts:
+        return None
+    return {"hosts": hosts, "warnings": list(dict.fromkeys(w for h in hosts for w in h.get("warnings") or []))}
 
 
 def completed_results(job_dir: Path, records: list[dict],
@@ -283,6 +353,30 @@ def _host_memory_seen(beat: Optional[dict]) -> str:
     return f"{beat['host_rss_gib']:.2f} GiB host RSS{peak_text} at its last heartbeat"
 
 
+# What to change when a rank runs out of host memory, by the phase or stage it was in.
+OOM_ADVICE = {
+    **dict.fromkeys(("start", "process_group", "build", "load", "wrap"),
+                    "The weights ran out of memory: use a strategy that shards them (parallel=fsdp_fixed)"),
+    "text_encode": "The text encoder ran out of memory: parallel.text_encoder_placement=device",
+    "audio_encode": ("The audio encoding ran out of memory (wav2vec2 encodes the whole workload.audio_path at "
+                     "once): cut the file to what workload.clips needs"),
+    "reference_encode": "The reference image's encoding ran out of memory: a smaller workload.size",
+    **dict.fromkeys(("vae_decode", "motion_encode"),
+                    "The VAE ran out of memory: parallel.vae=tiled or sharded, or a smaller workload.size"),
+    **dict.fromkeys(("denoise", "first_step", "step"),
+                    "The DiT's steps ran out of memory: a smaller workload.size or frames_per_clip, or a "
+                    "sequence split (parallel=ulysses, usp)"),
+    "video_write": ("Writing the video ran out of memory (every frame is held until the end): fewer "
+                    "workload.clips or workload.save_video=false"),
+}
+
+
+def oom_advice(phase: Optional[str]) -> str:
+    """What to change after a host OOM in ``phase``, then the general remedies."""
+    specific = OOM_ADVICE.get(phase or "", "")
+    return (f"{specific}; or " if specific else "Use ") + "fewer ranks per node, or a machine with more memory"
+
+
 def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict],
                        beats: Optional[dict[int, dict]] = None,
                        kernel_oom_kills: Optional[int] = None) -> Optional[dict]:
@@ -320,9 +414,7 @@ def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict],
             cause.update(status=OOM, memory=HOST, message=(
                 f"rank {rank} ran out of host memory: killed by SIGKILL without writing its record "
                 f"while the kernel's OOM killer ended {kernel_oom_kills} process(es)"
-                + (f"; {seen}" if seen else "")
-                + ". Use a strategy that shards the weights (parallel=fsdp_fixed), fewer ranks per "
-                  "node, or a machine with more memory"))
+                + (f"; {seen}" if seen else "") + f". {oom_advice(death.get('phase'))}"))
         found.append((death.get("time", float("inf")), cause))
     candidates = candidates or stopped_by_agent
     if not candidates:
@@ -335,16 +427,20 @@ def remove_empty_stack_files(job_dir: Path) -> None:
     from a signal handler); once the ranks are gone, the files no dump filled, and then the
     folder if empty, are removed."""
     stacks = Path(job_dir) / "stacks"
-    for path in stacks.glob("rank_*.txt"):
-        if path.stat().st_size == 0:
-            path.unlink()
-    if stacks.is_dir() and not any(stacks.iterdir()):
-        stacks.rmdir()
+    try:
+        for path in stacks.glob("rank_*.txt"):
+            if path.stat().st_size == 0:
+                path.unlink()
+        if stacks.is_dir() and not any(stacks.iterdir()):
+            stacks.rmdir()
+    except OSError:  # a read-only file system: empty files stay, the result matters more
+        pass
 
 
 def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict],
                  launch_error: Optional[str] = None, interrupted: Optional[dict] = None,
-                 launch_phase: str = "rendezvous", kernel_oom_kills: Optional[int] = None) -> dict:
+                 launch_phase: str = "rendezvous", kernel_oom_kills: Optional[int] = None,
+                 job_failure: Optional[dict] = None) -> dict:
     """The job's results after its ranks are gone; writes results.json (the only writer)
     unless it already holds a completed result, which is returned as it is. Empty stack
     files go.
@@ -357,8 +453,11 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
     interrupted: {"rank", "phase", "message"} when Ctrl-C or SIGTERM ended the job, or None.
     kernel_oom_kills: processes the kernel's OOM killer ended while the ranks ran (the
         difference of two :func:`kernel_oom_kill_count` readings), None if unknown.
+    job_failure: {"rank", "phase", "step", "message"} of a failure the job process saw
+        itself (its job dir removed or replaced while the ranks ran), or None.
     The job completed when none of these happened and every rank of job.json's world
-    size wrote a completed record.
+    size wrote a completed record; without job.json nothing says how many ranks that is,
+    so the job failed. A results.json that cannot be written raises ResultNotWritten.
     """
     remove_empty_stack_files(job_dir)
     existing = read_results(job_dir)
@@ -371,6 +470,15 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
         status = INTERRUPTED
         root_cause = {"rank": interrupted["rank"], "phase": interrupted["phase"], "step": interrupted.get("step"),
                       "message": interrupted["message"], "exitcode": None}
+    elif job_failure is not None:
+        status = FAILED
+        root_cause = {"rank": job_failure.get("rank"), "phase": job_failure.get("phase"),
+                      "step": job_failure.get("step"), "message": job_failure["message"], "exitcode": None}
+    elif processes is None:
+        status = FAILED
+        root_cause = {"rank": None, "phase": None, "step": None, "exitcode": None,
+                      "message": f"{Path(job_dir) / JOB_FILE} is missing: the job's rank count is unknown, "
+                                 "so its records cannot prove it completed"}
     elif launch_error is not None:
         status = FAILED
         root_cause = {"rank": None, "phase": launch_phase, "step": None, "message": launch_error, "exitcode": None}
@@ -420,6 +528,8 @@ def summary_text(results: dict) -> str:
         )
     for warning in results.get("warnings") or []:
         lines.append(f"  warning: {warning}")
+    for warning in (results.get("machine") or {}).get("warnings") or []:
+        lines.append(f"  machine: {warning}")
     cause = results.get("root_cause")
     if cause:
         who = "the launcher" if cause.get("rank") is None else f"rank {cause['rank']}"

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wan_exp.results import now_iso, write_json_atomic
+from wan_exp.results import WriteError, now_iso, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,13 @@ def is_logged(job_dir: Path) -> bool:
     return (Path(job_dir) / LOGGED_MARKER).exists()
 
 
-def log_job(results: dict, job_dir: Path) -> None:
+def log_job(results: dict, job_dir: Path) -> str | None:
     """Write the job's W&B run (mode from ``logger.mode``), then the marker ``is_logged``
-    reads; never raises, never hangs."""
+    reads; never raises, never hangs. Returns why the run was not written (also logged as a
+    warning and kept in ``<job dir>/wandb/warning.txt`` where that can be written), or None."""
     mode = str(results.get("config", {}).get("logger", {}).get("mode", "offline"))
     if mode == "disabled":
-        return
+        return None
     job_dir = Path(job_dir)
     env = dict(os.environ, WANDB_SILENT="true")
     try:
@@ -66,13 +67,19 @@ def log_job(results: dict, job_dir: Path) -> None:
         problem = None if done.returncode == 0 else f"exit code {done.returncode}: {done.stderr[-2000:]}"
     except (OSError, subprocess.TimeoutExpired) as exc:
         problem = f"{type(exc).__name__}: {exc}"
-    if problem:
-        message = f"W&B logging ({mode}) for {job_dir} failed, the job's results.json is unaffected: {problem}"
-        log.warning(message)
-        (job_dir / "wandb").mkdir(parents=True, exist_ok=True)
-        (job_dir / "wandb" / "warning.txt").write_text(message + "\n")
-        return
-    write_json_atomic(job_dir / LOGGED_MARKER, {"mode": mode, "at": now_iso()})
+    if problem is None:
+        try:
+            write_json_atomic(job_dir / LOGGED_MARKER, {"mode": mode, "at": now_iso()})
+            return None
+        except WriteError as exc:  # a resumed sweep would log the run again: say so
+            problem = str(exc)
+    message = f"W&B logging ({mode}) for {job_dir} failed, the job's results.json is unaffected: {problem}"
+    try:
+        write_text_atomic(job_dir / "wandb" / "warning.txt", message + "\n")
+    except WriteError as exc:
+        message += f" (and {exc})"
+    log.warning(message)
+    return message
 
 
 def rank_row(record: dict) -> list[Any]:

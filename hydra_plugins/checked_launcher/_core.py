@@ -1,6 +1,7 @@
 """The checked launcher's work: check the whole batch, then run each job via run_job."""
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -14,6 +15,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECK_HOOK = "check_batch"  # a callback method that checks every job config of a batch
+# A file system that cannot take the job's files (full, read-only, not ours): Hydra's own
+# writes into the job dir fail with these before the task runs, and every later job would too.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def job_configs(launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]],
@@ -31,17 +35,14 @@ def job_configs(launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]
 
 
 def check_batch(launcher: CheckedLauncher, configs: list[DictConfig]) -> None:
-    """Every registered callback's batch check, before the first job starts. A failed check
-    ends the launch without a traceback: no job has started, the message says why."""
+    """Every registered callback's batch check, before the first job starts. A check refuses
+    the batch by raising SystemExit with its message (no job has started, no traceback);
+    any other exception out of a check is a bug in it and propagates with its traceback."""
     assert launcher.hydra_context is not None
     for callback in getattr(launcher.hydra_context.callbacks, "callbacks", []):
         check = getattr(callback, CHECK_HOOK, None)
-        if check is None:
-            continue
-        try:
+        if check is not None:
             check(configs)
-        except Exception as exc:
-            raise SystemExit(f"bad config, no job started: {exc}") from None
 
 
 def launch(launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]],
@@ -64,8 +65,15 @@ def launch(launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]],
             returns.append(run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function,
                                    config=config, job_dir_key="hydra.sweep.dir",
                                    job_subdir_key="hydra.sweep.subdir"))
-        except KeyboardInterrupt as exc:
-            log.error("job %s interrupted (%s): the sweep stops here", config.hydra.job.num, exc)
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, or the task's own stop (a KeyboardInterrupt)
+            log.error("job %s: the sweep stops here: %s", config.hydra.job.num, exc or "interrupted")
+            launcher.interrupted = True
+            break
+        except OSError as exc:  # Hydra's own files of the job (its dir, .hydra/, the log)
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            log.error("job %s not started, the sweep stops here: Hydra could not write its files: %s",
+                      config.hydra.job.num, exc)
             launcher.interrupted = True
             break
         finally:

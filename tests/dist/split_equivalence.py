@@ -116,6 +116,12 @@ def check_ring_attention_alone(rank: int, world_size: int) -> None:
 
 
 def check_counts(case: str, counted: dict, expected: dict) -> None:
+    """count, bytes and bus bytes per kind (the per-size ``messages`` sum to the same bytes)."""
+    for kind, figures in counted.items():
+        messages = figures.get("messages", {})
+        if sum(int(key.split("x")[0]) * calls for key, calls in messages.items()) != figures["bytes"]:
+            fail(case, f"{kind}: message sizes {messages} do not add up to its {figures['bytes']} bytes")
+    counted = {kind: {k: v for k, v in figures.items() if k != "messages"} for kind, figures in counted.items()}
     if counted != expected:
         fail(case, f"collectives counted {counted} != worked out by hand {expected}")
 

@@ -14,6 +14,9 @@ and, where there is something to do, a hint:
   NCCL_NVLS_ENABLE);
 - the allocator string(s) PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF;
 - the size of /dev/shm;
+- the usable CPU cores, OMP_NUM_THREADS / MKL_NUM_THREADS (a value that is not a positive
+  integer warns: each rank would take every core) and the 1-minute load average (warns when
+  other processes keep more than a quarter of the cores busy);
 - harness workers running now (PID, rank, job dir, last heartbeat).
 
 Statuses: ``ok``; ``warn`` = works, but slower, deprecated, inert or risky, read the hint;
@@ -48,7 +51,7 @@ from wan_exp.doctor.gpus import gpu_rows
 from wan_exp.doctor.nccl import nccl_rows
 from wan_exp.doctor.rows import FAIL, OK, WARN, Row, exit_status, format_table
 from wan_exp.doctor.software import package_rows, read_torch_info, torch_rows, wan_exp_requirements
-from wan_exp.doctor.system import shm_rows
+from wan_exp.doctor.system import machine_rows, shm_rows
 from wan_exp.doctor.workers import find_workers, worker_rows
 
 __all__ = ["FAIL", "OK", "WARN", "Row", "diagnose", "exit_status", "format_table"]
@@ -69,5 +72,6 @@ def diagnose(env: Mapping[str, str] | None = None, required_gpus: int = 0) -> li
         *nccl_rows(env, [gpu.name for gpu in visible]),
         *allocator_rows(env, torch_info.version),
         *shm_rows(env),
+        *machine_rows(env),
         *worker_rows(find_workers()),
     ]

@@ -3,7 +3,8 @@
 wan_exp.host.job starts this process once per host and job (in its own session, so that a
 Ctrl-C meant for the sweep reaches the job process, which then ends this one). It runs
 torch's elastic agent: rendezvous (c10d or static) with the other hosts, then this
-host's ranks (``python -m wan_exp.rank.worker <job dir>``), per-rank logs under
+host's ranks (``python -m <spec's entry_module> <job dir>``: wan_exp.rank.worker, or
+wan_exp.upstream.runner for workload=upstream), per-rank logs under
 ``<job>/logs/node_<n>/``. What the agent saw is written to the node file named in the
 spec (``<job>/nodes/node_<n>.json``): ``{"node_rank", "node_id", "host", "failures":
 {rank: {"exitcode", "time"}}, "error": str | None}``, plus ``"ended_by": "signal SIGTERM"``
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from wan_exp.host.envvars import applied_environment
-from wan_exp.results import write_json_atomic
+from wan_exp.results import WriteError, write_json_atomic
 
 WORKER_SHUTDOWN_S = 5  # grace between the agent's SIGTERM and SIGKILL to surviving ranks
 PARENT_POLL_S = 1.0  # how often the agent checks that the job process that started it is there
@@ -69,7 +70,7 @@ def run_agent(spec: dict) -> dict:
     outcome: dict[str, Any] = {"node_rank": spec["node_rank"], "node_id": spec["node_id"],
                                "host": socket.gethostname(), "failures": {}, "error": None}
     try:
-        launch_agent(launch_config(spec), sys.executable, ["-m", "wan_exp.rank.worker", spec["job_dir"]])
+        launch_agent(launch_config(spec), sys.executable, ["-m", spec["entry_module"], spec["job_dir"]])
     except ChildFailedError as exc:
         outcome["failures"] = {str(rank): {"exitcode": f.exitcode, "time": f.timestamp}
                                for rank, f in exc.failures.items()}
@@ -100,7 +101,11 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     end_with_parent(int(spec["parent_pid"]))
     outcome = run_agent(spec)
-    write_json_atomic(Path(spec["node_file"]), outcome)
+    try:
+        write_json_atomic(Path(spec["node_file"]), outcome)
+    except WriteError as exc:  # the job process writes its own outcome and reports the disk
+        print(f"agent: {exc}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(0 if not outcome["failures"] and outcome["error"] is None else 1)
 
 

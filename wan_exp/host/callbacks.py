@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shlex
 import socket
 import sys
 import time
@@ -34,7 +36,9 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from wan_exp import results
 from wan_exp.config import ConfigError
-from wan_exp.host.job import NODE_FILE_WAIT_S, SWEEP_RECORD, SWEEP_STATE_DIR, check_config
+from wan_exp.devices import JobShape
+from wan_exp.host.disk import job_bytes, space_problem, sweep_bytes
+from wan_exp.host.job import NODE_FILE_WAIT_S, SWEEP_RECORD, SWEEP_STATE_DIR, SweepStopped, check_config
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +118,12 @@ def take_lock(path: Path) -> None:
                 f"{path.parent.parent} is in use by process {holder.get('pid')} on {where} (since "
                 f"{holder.get('since')}); wait for it, stop it, or use another hydra.sweep.dir"
                 + ("" if same_host else f" (remove {path} if that process is gone)"))
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except OSError:  # a full disk: no half-written lock stays behind
+            path.unlink(missing_ok=True)
+            raise
         return
     raise SystemExit(f"could not take the lock {path}; another launch is racing for it")
 
@@ -123,7 +131,10 @@ def take_lock(path: Path) -> None:
 def release_lock(path: Path) -> None:
     holder = results.read_json(path) or {}
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # a read-only file system; the next launch takes over a dead process's lock
+            log.warning("could not remove the sweep lock %s: %s", path, exc)
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -131,8 +142,67 @@ def sweep_dir_of(config: DictConfig) -> Path:
     return Path(str(config.hydra.sweep.dir)).resolve()
 
 
+# a value Hydra's override grammar reads as it is; anything else is quoted for Hydra
+HYDRA_PLAIN_VALUE = re.compile(r"[\w./@%+:-]+")
+
+
+def hydra_override(key: str, value: str) -> str:
+    """`key=value` as Hydra parses it back to `value`: in Hydra's double quotes when the
+    value holds anything but plain characters (a space, a comma that would make a sweep,
+    brackets, quotes), with a backslash doubled where it precedes a quote or ends the
+    value and a backslash before each double quote (Hydra's escaping rules)."""
+    if HYDRA_PLAIN_VALUE.fullmatch(value):
+        return f"{key}={value}"
+    escaped = re.sub(r'(\\+)(?="|$)', r"\1\1", value).replace('"', '\\"')
+    return f'{key}="{escaped}"'
+
+
+def shell_command(*words: str) -> str:
+    """A command line to print for the user to paste: every word shell-quoted."""
+    return shlex.join(words)
+
+
+CONFIG_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
+
+
+def recorded_launch_words(sweep_dir: Path) -> list[str]:
+    """What a resume must give again of the sweep record's active launch: its config flags
+    (``--config-dir sweeps --config-name strategies``) and its hydra.* overrides."""
+    record = results.read_json(sweep_dir / SWEEP_STATE_DIR / SWEEP_RECORD) or {}
+    launches = record.get("launches") or []
+    if not launches:
+        return []
+    launch = launches[record.get("active", -1)]
+    argv, words = list(launch.get("argv") or [])[1:], []
+    for i, word in enumerate(argv):
+        if word in CONFIG_FLAGS and i + 1 < len(argv):
+            words += [word, argv[i + 1]]
+        elif word.split("=", 1)[0] in CONFIG_FLAGS:
+            words.append(word)
+    return words + list(launch.get("hydra_overrides") or [])
+
+
 def resume_command(sweep_dir: Path) -> str:
-    return f"python {sys.argv[0]} hydra.sweep.dir={sweep_dir} launcher.resume=true"
+    """The command that resumes the sweep in `sweep_dir`, quoted for the shell and Hydra."""
+    return shell_command("python", sys.argv[0], *recorded_launch_words(sweep_dir),
+                         hydra_override("hydra.sweep.dir", str(sweep_dir)), f"{RESUME_KEY}=true")
+
+
+def sweep_dir_problem(configured: str) -> str | None:
+    """Why ``hydra.sweep.dir`` cannot hold a sweep, before anything is written: empty (it
+    would write into the current folder), or an existing file."""
+    if not configured.strip():
+        return ("hydra.sweep.dir is empty: the sweep would write into the current folder; give a folder, e.g. "
+                "hydra.sweep.dir=outputs/my_sweep (or leave it unset for outputs/<date>/<time>)")
+    path = Path(configured)
+    if path.exists() and not path.is_dir():
+        return f"hydra.sweep.dir={configured} is a file, not a folder; give a folder"
+    return None
+
+
+def batch_job_dir(cfg: DictConfig) -> Path:
+    """A composed job config's job dir, as Hydra will make it (<sweep dir>/<subdir>)."""
+    return (Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)).resolve()
 
 
 def job_results_of(sweep_dir: Path) -> list[dict]:
@@ -161,15 +231,32 @@ class SweepCallback(Callback):
         # sweep has (its record), later batches included
         self.batch_job_dirs: dict[int, Path] = {}
         self.sweep_jobs: Optional[int] = None
+        # what each checked job will write (all bytes, video bytes): the free-space checks
+        self.job_bytes: dict[int, tuple[int, int]] = {}
 
     # --- start
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """hydra.mode=RUN would run the task without a launcher: no batch check, lock or record."""
+        raise SystemExit("hydra.mode=RUN is not supported: every wan-exp launch is a sweep run by its launcher "
+                         "(hydra.mode=MULTIRUN, set in conf/config.yaml); drop hydra.mode=RUN and give the "
+                         "folder with hydra.sweep.dir=... instead of hydra.run.dir")
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problem = sweep_dir_problem(str(config.hydra.sweep.dir))
+        if problem:
+            raise SystemExit(f"no job started: {problem}")
         sweep_dir = sweep_dir_of(config)
         node_rank = int(config.launcher.node_rank)
         self.lock = sweep_dir / SWEEP_STATE_DIR / f"lock.node_{node_rank}"
-        take_lock(self.lock)
-        if node_rank == 0:  # node 0's launch owns the sweep record; other hosts join its jobs
-            self._record_or_restore(config, sweep_dir)
+        try:
+            take_lock(self.lock)
+            if node_rank == 0:  # node 0's launch owns the sweep record; other hosts join its jobs
+                self._record_or_restore(config, sweep_dir)
+            problem = results.write_problem(sweep_dir)  # e.g. room for the lock but not for more
+        except OSError as exc:  # Hydra would only warn about an exception here and go on
+            problem = str(exc if isinstance(exc, results.WriteError) else results.write_error(self.lock, exc))
+        if problem:
+            self._refuse(f"no job started: hydra.sweep.dir={sweep_dir} cannot be written: {problem}")
 
     def _record_or_restore(self, config: DictConfig, sweep_dir: Path) -> None:
         """A new launch is appended to the sweep record; a resume (launcher.resume=true)
@@ -187,6 +274,10 @@ class SweepCallback(Callback):
             self.sweep_jobs = jobs
             return
         if not launches:
+            if not any(sweep_dir.glob(f"*/{results.JOB_FILE}")):
+                self._refuse(f"launcher.resume=true: {sweep_dir} holds no sweep to resume (no {SWEEP_STATE_DIR}/"
+                             f"{SWEEP_RECORD}, no job dir); check hydra.sweep.dir, or drop launcher.resume=true "
+                             "to start a new sweep there")
             if not given:
                 self._refuse(f"launcher.resume=true: {sweep_dir} holds no sweep record; give the sweep's "
                              "overrides again, or check hydra.sweep.dir")
@@ -224,16 +315,44 @@ class SweepCallback(Callback):
 
     # --- the batch check (called by the checked launcher before the first job starts)
     def check_batch(self, configs: list[DictConfig]) -> None:
+        """The checked launcher's hook: :meth:`check_configs`, then room on the disk for what
+        the jobs still to run will write. A refusal is a SystemExit with a one-line message
+        (no job has started); any other exception is a bug and keeps its traceback."""
+        try:
+            shapes = self.check_configs(configs)
+        except ConfigError as exc:
+            raise SystemExit(f"bad config, no job started: {exc}") from None
+        for cfg, shape in zip(configs, shapes, strict=True):
+            if not (cfg.launcher.resume and results.is_completed(batch_job_dir(cfg))):
+                self.job_bytes[int(cfg.hydra.job.num)] = job_bytes(cfg, shape.world_size)
+        batch = [self.job_bytes[int(cfg.hydra.job.num)] for cfg in configs if int(cfg.hydra.job.num) in self.job_bytes]
+        if batch:
+            problem = space_problem(Path(str(configs[0].hydra.sweep.dir)), sweep_bytes(batch))
+            if problem:
+                raise SystemExit(f"no job started: {problem}")
+
+    def disk_problem(self, sweep_dir: Path, not_run: list[int]) -> Optional[str]:
+        """Why the sweep cannot go on in its dir now: a write fails there, or the jobs
+        without results need more room than its file system has free; None otherwise."""
+        problem = results.write_problem(sweep_dir)
+        if problem is None and not_run:
+            problem = space_problem(sweep_dir, sweep_bytes([self.job_bytes[n] for n in not_run
+                                                             if n in self.job_bytes]))
+        return problem
+
+    def check_configs(self, configs: list[DictConfig]) -> list[JobShape]:
         """Every job of the batch: the config rules on this machine, no two jobs in one
         directory, and no job dir left by another sweep (launcher.resume=true reuses one
-        only for the same overrides, in any order). Raises ConfigError naming the job."""
+        only for the same overrides, in any order). Returns each job's JobShape; raises
+        ConfigError naming the job."""
         seen: dict[Path, int] = {}
+        shapes = []
         for cfg in configs:
             num = int(cfg.hydra.job.num)
             overrides = [o for o in cfg.hydra.overrides.task if override_key(o) != RESUME_KEY]
             try:
-                check_config(cfg)
-                job_dir = (Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)).resolve()
+                shapes.append(check_config(cfg))
+                job_dir = batch_job_dir(cfg)
                 if job_dir in seen:
                     raise ConfigError(
                         f"its job dir {job_dir} is job {seen[job_dir]}'s too (hydra.sweep.subdir="
@@ -245,6 +364,7 @@ class SweepCallback(Callback):
                     self.batch_job_dirs[num] = job_dir
             except ConfigError as exc:
                 raise ConfigError(f"job {num} ({' '.join(overrides) or 'no overrides'}): {exc}") from None
+        return shapes
 
     @staticmethod
     def _check_existing_job_dir(job_dir: Path, overrides: list[str], resume: bool) -> None:
@@ -267,21 +387,31 @@ class SweepCallback(Callback):
         if int(config.launcher.node_rank) > 0:
             wait_for_results(sweep_dir, int(config.launcher.node_rank))
         jobs = job_results_of(sweep_dir)
+        report_lost = None
         if jobs:
-            markdown, html = write_report(sweep_dir)
             print(comparison_table(sweep_dir), flush=True)
-            print(f"report: {markdown}  {html}", flush=True)
+            try:
+                markdown, html = write_report(sweep_dir)
+                print(f"report: {markdown}  {html}", flush=True)
+            except results.WriteError as exc:  # the table above is all there is of it
+                report_lost = str(exc)
+                print(f"report NOT written: {exc}", file=sys.stderr, flush=True)
         if self.lock is not None:
             release_lock(self.lock)
         interrupted = [j for j in jobs if j.get("status") == results.INTERRUPTED]
         not_run = self.unfinished_jobs()
+        disk = self.disk_problem(sweep_dir, not_run) if (not_run or report_lost) else None
+        if disk:
+            print(f"the sweep cannot go on in its dir: {disk}", file=sys.stderr, flush=True)
         if interrupted:
             print(f"sweep stopped at job {interrupted[0].get('job_num')} (interrupted); resume it with:\n"
                   f"  {resume_command(sweep_dir)}", flush=True)
         elif not_run:
+            first = "make room (or make it writable), then " if disk else ""
             print(f"sweep stopped before job {not_run[0]} finished ({len(not_run)} job(s) without results: "
-                  f"{', '.join(map(str, not_run))}); resume it with:\n  {resume_command(sweep_dir)}", flush=True)
-        if not_run or any(j.get("status") != results.COMPLETED for j in jobs):
+                  f"{', '.join(map(str, not_run))}); {first}resume it with:\n  {resume_command(sweep_dir)}",
+                  flush=True)
+        if not_run or report_lost or any(j.get("status") != results.COMPLETED for j in jobs):
             sys.exit(1)
 
     def unfinished_jobs(self) -> list[int]:
@@ -323,12 +453,14 @@ class JobReportCallback(Callback):
         from wan_exp.wandb_logger import is_logged, log_job
 
         # a job a resumed sweep skipped was logged then, unless a Ctrl-C cut its report short
+        problem = None
         if not outcome.get("skipped") or not is_logged(job_dir):
-            try:
-                log_job(job_results, job_dir)
-            except Exception as exc:  # the result is safe on disk; W&B is a copy of it
-                log.warning("job %s: W&B logging failed (results.json is unaffected): %s", job_results.get("job_num"), exc)
+            problem = log_job(job_results, job_dir)  # the result is safe on disk; W&B is a copy of it
         print(results.summary_text(job_results), flush=True)
+        if problem is not None:
+            disk = results.write_problem(job_dir)
+            if disk:  # the next job's files would meet the same disk
+                raise SweepStopped(f"job {job_results.get('job_num')}: its W&B run was not written and {disk}")
 
 
 __all__ = ["JobReportCallback", "SweepCallback", "effective_overrides", "override_differences"]

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from wan_exp.host.machine import rank_thread_settings, usable_cores
+
 log = logging.getLogger(__name__)
 
 # Deprecated NCCL names (torch >= 2.2 warns about them) and the names that replace them.
@@ -29,6 +31,10 @@ ALLOCATOR_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 FLIGHT_RECORDER_ENTRIES = "2000"
 # Where each rank finds its job directory (the doctor lists running workers by it).
 JOB_DIR_VAR = "WAN_EXP_JOB_DIR"
+# Variables a rank records as it sees them, so a reader can check what reached the rank:
+# the rendezvous, threads, and every NCCL / allocator / harness variable.
+RECORDED_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+RECORDED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "PYTORCH_", "WAN_EXP_")
 
 
 def nccl_variables(nccl_env: Mapping[str, Any]) -> dict[str, str]:
@@ -49,9 +55,10 @@ def nccl_variables(nccl_env: Mapping[str, Any]) -> dict[str, str]:
 def rank_environment(cfg: Any, job_dir: Path, nproc_per_node: int) -> dict[str, str]:
     """Every variable the launcher sets for one job's ranks."""
     env = nccl_variables(cfg.nccl.env)
-    if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in env:
-        # as torchrun does: ranks sharing a host split its cores instead of each taking all
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+    # as torchrun does: ranks sharing a host split its cores instead of each taking all; a
+    # thread variable that is not a number is replaced by that split (machine.py warns)
+    threads, _warnings = rank_thread_settings({**os.environ, **env}, nproc_per_node, usable_cores())
+    env.update(threads)
     if cfg.allocator.conf:
         for name in ALLOCATOR_NAMES:
             env[name] = str(cfg.allocator.conf)
@@ -63,6 +70,14 @@ def rank_environment(cfg: Any, job_dir: Path, nproc_per_node: int) -> dict[str, 
         env.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(trace_dir / "rank_"))
     env[JOB_DIR_VAR] = str(job_dir)
     return env
+
+
+def seen_environment(job: dict) -> dict[str, str | None]:
+    """The launcher's variables (job.json's ``env``), the rendezvous and every
+    NCCL/allocator/harness variable, as the calling rank sees them (None: not set)."""
+    names = set(job.get("env", {})) | set(RECORDED_VARIABLES)
+    names |= {n for n in os.environ if n.startswith(RECORDED_PREFIXES)}
+    return {name: os.environ.get(name) for name in sorted(names)}
 
 
 @contextmanager

@@ -31,8 +31,8 @@ def progress_table(title: str, beats: dict[int, dict], world_size: int, total_st
             table.add_row(str(rank), "starting", "-", f"{now - started_at:.0f}s", "-")
             continue
         step = "-" if beat.get("step") is None else f"{beat['step'] + 1}/{total_steps or '?'}"
-        table.add_row(str(rank), str(beat["phase"]), step, f"{now - started_at:.0f}s",
-                      f"{now - beat['time']:.0f}s ago")
+        where = " ".join(filter(None, (str(beat["phase"]), beat.get("detail"))))  # "vae_decode decode frame 3/21"
+        table.add_row(str(rank), where, step, f"{now - started_at:.0f}s", f"{now - beat['time']:.0f}s ago")
     return table
 
 

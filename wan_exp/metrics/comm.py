@@ -26,11 +26,19 @@ barrier         0                                            -
 =============== ============================================ ================
 
 ``bus_bytes`` = bytes x bus factor: the bytes one rank moves over its busiest link under
-NCCL's ring algorithms, so ``bus_bytes / bus bandwidth`` is the call's time on that link.
+NCCL's ring algorithms, so ``bus_bytes / bus bandwidth`` is the call's time on that link. An
+all-to-all's bus bytes are exact for uneven splits too: this rank's input less the chunk it
+keeps (equal splits give (n-1)/n). ``messages`` counts the calls per size and bus factor
+(metrics/messages.py), so a link's curve prices every size on its own (plan/pricing.py).
+
+Point-to-point: ``dist.send``/``recv``, ``isend``/``irecv`` and ``batch_isend_irecv`` all
+dispatch ``c10d::send`` / ``c10d::recv_`` per message and are counted as ``send`` / ``recv``;
+the functional ``reduce_scatter_tensor_out`` (``out=``) is counted as a reduce-scatter.
 
 Which bucket a call lands in (``init``, ``step``, ``warmup`` or ``other``) is set by the
 MetricsCollector around phases and steps; see :meth:`MetricsCollector.phase`.
-The mode adds a Python call to every eager op while it is active (microseconds per op);
+The mode adds a Python call to every eager op while it is active (its cost per op is measured by
+``bench/comm_counter_cost.py``; figures in docs/benchmarks.md);
 torch.compile'd code still compiles (``ignore_compile_internals``) and its collectives,
 calls of ``_c10d_functional`` ops or eager graph breaks, are counted at run time.
 """
@@ -41,6 +49,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from wan_exp.metrics.messages import message_key
 
 NAMESPACES = ("c10d", "_c10d_functional")
 # op name -> (kind, index of the positional argument whose tensors make the call's bytes;
@@ -77,6 +87,7 @@ _OPS: dict[str, tuple[str, int]] = {
     "all_gather_into_tensor_out": ("all_gather", 0),
     "all_gather_into_tensor_coalesced": ("all_gather", 0),
     "reduce_scatter_tensor": ("reduce_scatter", 0),
+    "reduce_scatter_tensor_out": ("reduce_scatter", 0),
     "reduce_scatter_tensor_coalesced": ("reduce_scatter", 0),
     "all_to_all_single": ("all_to_all", 0),
     "broadcast": ("broadcast", 0),  # (its in-place form has the c10d name broadcast_ above)
@@ -86,7 +97,8 @@ BUCKETS = ("init", "step", "warmup", "other")
 BYTES_DEFINITION = ("bytes: nccl-tests size per call (all_reduce/broadcast/reduce/send/recv: the tensor; "
                     "all_gather: the gathered output; reduce_scatter: the input; all_to_all: this rank's "
                     "input); bus_bytes = bytes x bus factor (all_reduce 2(n-1)/n; all_gather, "
-                    "reduce_scatter, all_to_all (n-1)/n; others 1)")
+                    "reduce_scatter (n-1)/n; all_to_all: the input less the chunk kept, (n-1)/n for "
+                    "equal splits; others 1); messages: calls per '<bytes>x<bus factor>'")
 
 
 def _tensor_bytes(value: Any) -> int:
@@ -97,21 +109,42 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
-def _group_size(op_name: str, namespace: str, args: tuple) -> int:
-    """Ranks of the call's process group (1 where it cannot be found)."""
+def group_of(namespace: str, args: tuple) -> tuple[int, int]:
+    """(ranks, this process's rank) of the call's process group ((1, 0) where it cannot be found)."""
     if namespace == "c10d":  # the group arrives as a TorchScript object
         from torch.distributed import ProcessGroup
 
         for arg in args:
             if isinstance(arg, torch.ScriptObject) and arg._type().qualified_name().endswith("c10d.ProcessGroup"):
-                return ProcessGroup.unbox(arg).size()
-        return 1
+                group = ProcessGroup.unbox(arg)
+                return group.size(), group.rank()
+        return 1, 0
     group_name = next((a for a in reversed(args) if isinstance(a, str)), None)
     if group_name is None:
-        return 1
+        return 1, 0
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    return _resolve_process_group(group_name).size()
+    group = _resolve_process_group(group_name)
+    return group.size(), group.rank()
+
+
+def _kept_chunk_bytes(name: str, args: tuple, n: int, rank: int) -> Optional[int]:
+    """Bytes of an all-to-all's input that stay on this rank (its own chunk); None when not an
+    all-to-all or the rank is outside the inputs."""
+    if name == "alltoall_":  # (outputs, inputs, group, ...)
+        inputs = args[1]
+        return _tensor_bytes(inputs[rank]) if rank < len(inputs) else None
+    if name == "alltoall_base_":  # (output, input, group, output_splits, input_splits, ...)
+        source, splits = args[1], args[4]
+    elif name == "all_to_all_single":  # (input, output_splits, input_splits, group_name)
+        source, splits = args[0], args[2]
+    else:
+        return None
+    total = _tensor_bytes(source)
+    if not splits:
+        return total // n
+    rows = source.shape[0] if source.dim() else 1
+    return int(splits[rank]) * (total // rows) if rows and rank < len(splits) else None
 
 
 def bus_factor(kind: str, n: int) -> float:
@@ -170,20 +203,25 @@ class CommCounter(TorchDispatchMode):
         if entry is None:
             return  # wait_tensor and other bookkeeping ops move no data
         kind, arg_index = entry
-        n = _group_size(name, func.namespace, args)
+        n, rank = group_of(func.namespace, args)
         size = _tensor_bytes(args[arg_index]) if arg_index >= 0 else 0
         if func.namespace == "_c10d_functional" and name in _FUNCTIONAL_GATHERS:
             size *= n  # the functional all-gather's argument is this rank's input
-        self.add(kind, size, size * bus_factor(kind, n))
+        kept = _kept_chunk_bytes(name, args, n, rank) if kind == "all_to_all" and n > 1 else None
+        bus_bytes = size - kept if kept is not None else size * bus_factor(kind, n)
+        self.add(kind, size, bus_bytes)
 
     def add(self, kind: str, nbytes: int, bus_bytes: float) -> None:
-        totals = self.counts[self.bucket].setdefault(kind, {"count": 0, "bytes": 0, "bus_bytes": 0.0})
+        totals = self.counts[self.bucket].setdefault(kind, {"count": 0, "bytes": 0, "bus_bytes": 0.0,
+                                                            "messages": {}})
         totals["count"] += 1
         totals["bytes"] += nbytes
         totals["bus_bytes"] += bus_bytes
+        key = message_key(nbytes, bus_bytes / nbytes if nbytes else 0.0)
+        totals["messages"][key] = totals["messages"].get(key, 0) + 1
 
     def record(self, measured_steps: int) -> dict:
-        """The rank record's ``comm`` block: per bucket, kind -> count/bytes/bus_bytes;
+        """The rank record's ``comm`` block: per bucket, kind -> count/bytes/bus_bytes/messages;
         ``per_step`` is the measured steps' total divided by their number."""
         per_step: Optional[dict] = None
         if measured_steps:
@@ -191,10 +229,13 @@ class CommCounter(TorchDispatchMode):
                         for kind, totals in self.counts["step"].items()}
         return {"bytes_definition": BYTES_DEFINITION, "measured_steps": measured_steps,
                 "per_step": per_step,
-                **{bucket: {kind: dict(t) for kind, t in kinds.items()} for bucket, kinds in self.counts.items()}}
+                **{bucket: {kind: {key: dict(v) if isinstance(v, dict) else v for key, v in t.items()}
+                            for kind, t in kinds.items()} for bucket, kinds in self.counts.items()}}
 
 
-def _per_step(total: float, steps: int) -> float:
-    """total / steps, an int where it divides (every measured step does the same calls)."""
+def _per_step(total: Any, steps: int) -> Any:
+    """total / steps, an int where it divides (every measured step does the same calls); a
+    dict (``messages``) divided value by value."""
+    if isinstance(total, dict):
+        return {key: _per_step(value, steps) for key, value in total.items()}
     return total // steps if isinstance(total, int) and total % steps == 0 else total / steps
-

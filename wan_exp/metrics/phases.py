@@ -2,7 +2,6 @@
 read by the report on the host. Kept apart from the collector so that readers need no torch."""
 from __future__ import annotations
 
+from wan_exp.config import PIPELINE_STAGES  # noqa: F401  (the one definition; readers import it here)
+
 INIT_PHASES = ("process_group", "build", "load", "wrap", "first_step")
-# the generate workload's stages, in pipeline order (MetricsCollector.stage)
-PIPELINE_STAGES = ("text_encode", "audio_encode", "reference_encode", "motion_encode", "denoise",
-                   "vae_decode", "video_write")

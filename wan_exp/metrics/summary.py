@@ -16,8 +16,10 @@ from typing import Any, Optional
 
 from wan_exp.metrics.flops import mfu, peak_flops
 
-
 # ---------------------------------------------------------------------------- job level
+BALANCE_BASES = ("peak_reserved_gib", "nvml_used_gib", "peak_host_rss_gib")  # first one every rank has
+
+
 def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     return num / den if num is not None and den else None
 
@@ -50,8 +52,9 @@ def summarize(records: list[dict], config: Any) -> dict:
     """Job-level metrics from the rank records (docs/architecture.md, docs/facts.md "Metrics").
 
     - balance: max/min of peak reserved memory over ranks, and rank 0 over the median of
-      the other ranks (the "GPU 0 overloaded" symptom); on CPU, peak host RSS stands in
-      and ``balance_basis`` says which was used.
+      the other ranks (the "GPU 0 overloaded" symptom); where the ranks did not measure it
+      NVML's used memory of their GPUs stands in (workload=upstream), on CPU peak host RSS;
+      ``balance_basis`` says which was used.
     - time: init phases as the max over ranks (the slowest rank gates the job); a step's
       time is the max over ranks (``step_times_s``), then median/min/max over the measured steps.
     - throughput from the median step: steps/s, tokens/s, video seconds per second,
@@ -66,11 +69,12 @@ def summarize(records: list[dict], config: Any) -> dict:
     world_size = records[0]["world_size"]
     rank0 = records[0]
 
-    reserved = [r["memory"].get("peak_reserved_gib") for r in records]
-    basis = "peak_reserved_gib"
-    if any(v is None for v in reserved):
-        reserved = [r["memory"].get("peak_host_rss_gib") for r in records]
-        basis = "peak_host_rss_gib"
+    # the allocator's figure where the ranks measured it; NVML's where only the host saw the
+    # GPUs (workload=upstream); host RSS on the CPU
+    for basis in BALANCE_BASES:
+        reserved = [r["memory"].get(basis) for r in records]
+        if all(v is not None for v in reserved):
+            break
     others = reserved[1:]
     rank0_over_median = _ratio(reserved[0], statistics.median(others)) if others else None
 

@@ -5,7 +5,9 @@ layout the Linear projections produce), so no caller transposes. The backend is 
 per process: ``configure(name)`` records the requested name (``model.attention_backend``);
 ``auto`` is resolved at the first call, on that call's device and dtype, by trying the
 candidates fastest first and keeping the first that runs. ``selected_backend()`` says which
-one ran, for the rank record.
+one ran, for the rank record, and ``rejected_backends()`` every candidate passed over and why
+(not installed, a broken build, or the error it raised); ``rejected_lse_backends()`` the same
+for ring attention's log-sum-exp kernels.
 
 flash-attn is a compiled extension that often does not match the installed torch (an
 ``undefined symbol`` at import); ``flash_attn_status()`` imports it and runs a tiny forward
@@ -100,12 +102,14 @@ _REQUIRED_MODULE = {"flash_attn": "flash_attn", "fa3": "flash_attn_interface", "
 # ----------------------------------------------------------------------------- selection
 _requested = "auto"
 _selected: str | None = None
-_not_chosen: dict[str, str] = {}  # backends tried or skipped before the one selected: why not
+# candidate -> why it was passed over (not importable, broken build, or the error it raised)
+_rejected: dict[str, str] = {}
+_rejected_lse: dict[str, str] = {}
 # model.precision's attention bits ("int8", "fp8"; None: the model's dtype), set by
 # models.precision; the 8-bit kernel is chosen at the first call like `auto`
 _attention_bits: str | None = None
 _selected_8bit: str | None = None
-_not_chosen_8bit: dict[str, str] = {}
+_rejected_8bit: dict[str, str] = {}
 _full_precision = False  # inside full_precision(): the drift check's reference forward
 
 
@@ -125,7 +129,13 @@ def configure(name: object) -> None:
     if name != _requested:
         _requested, _selected, _selected_lse = name, None, None
         _lse_by_input.clear()
-        _not_chosen.clear()
+        _rejected.clear()
+        _rejected_lse.clear()
+
+
+def selected_backend() -> str | None:
+    """The backend that ran (None before the first attention call)."""
+    return _selected
 
 
 def configure_attention_bits(bits: str | None) -> None:
@@ -135,7 +145,7 @@ def configure_attention_bits(bits: str | None) -> None:
     if bits is not None and bits not in ORDER_8BIT:
         raise AttentionBackendError(f"8-bit attention {bits!r} is unknown; choose one of {', '.join(ORDER_8BIT)}")
     _attention_bits, _selected_8bit = bits, None
-    _not_chosen_8bit.clear()
+    _rejected_8bit.clear()
 
 
 @contextmanager
@@ -151,18 +161,19 @@ def full_precision() -> Iterator[None]:
 
 
 def backend_report() -> dict:
-    """Which attention kernels ran and why the ones before them in line did not, for the rank
-    record: the backend of model.attention_backend (``auto``: every faster candidate skipped or
-    failed, with its reason), and the 8-bit kernel where model.precision asks for one."""
-    report = {"requested": _requested, "selected": _selected, "not_chosen": dict(_not_chosen)}
+    """Which attention kernels ran and why every candidate passed over did not (not installed,
+    broken build, the error it raised), for the rank record: the backend of
+    model.attention_backend, the log-sum-exp kernel of ring attention, and the 8-bit kernel
+    where model.precision asks for one."""
+    report = {"requested": _requested, "selected": _selected, "not_chosen": dict(_rejected),
+              "selected_lse": _selected_lse, "not_chosen_lse": dict(_rejected_lse)}
     if _attention_bits is not None:
-        report.update(bits=_attention_bits, selected_8bit=_selected_8bit, not_chosen_8bit=dict(_not_chosen_8bit))
+        report.update(bits=_attention_bits, selected_8bit=_selected_8bit, not_chosen_8bit=dict(_rejected_8bit))
     return report
 
 
-def selected_backend() -> str | None:
-    """The backend that ran (None before the first attention call)."""
-    return _selected
+def _why(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _module_importable(module: str) -> bool:
@@ -175,30 +186,36 @@ def _module_importable(module: str) -> bool:
     return spec is not None and spec.origin is not None
 
 
-def _auto_candidates(device: torch.device) -> list[str]:
+def _unavailable(name: str) -> str | None:
+    """Why ``name`` cannot run in this process before trying it (None: it may)."""
+    module = _REQUIRED_MODULE.get(name)
+    if module and not _module_importable(module):
+        return f"not installed (module {module} not importable)"
+    if name == "flash_attn":
+        status = flash_attn_status()
+        if not status["ok"]:  # importable but broken (docs/facts.md §9): never touch it in this process
+            return f"its build is broken: {status.get('diagnosis') or status.get('error')}"
+    return None
+
+
+def _auto_candidates(device: torch.device, rejected: dict[str, str]) -> list[str]:
+    """The candidates to try, fastest first; those that cannot run here go into ``rejected``."""
     if device.type != "cuda":
         return list(AUTO_ORDER_CPU)
     candidates = []
     for name in AUTO_ORDER_CUDA:
-        module = _REQUIRED_MODULE.get(name)
-        if module and not _module_importable(module):
-            _not_chosen[name] = f"not installed (no module {module})"
-            continue
-        if name == "flash_attn" and not flash_attn_status()["ok"]:
-            _not_chosen[name] = f"broken: {flash_attn_status()['diagnosis']}"
-            continue  # importable but broken (docs/facts.md §9): never touch it in this process
-        candidates.append(name)
+        why = _unavailable(name)
+        if why is None:
+            candidates.append(name)
+        else:
+            rejected[name] = why
     return candidates
-
-
-def _error_line(err: Exception) -> str:
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 @torch.compiler.disable  # imports, subprocesses and retries: run eagerly inside a compiled block
 def _resolve_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     global _selected
-    candidates = _auto_candidates(q.device) if _requested == "auto" else [_requested]
+    candidates = _auto_candidates(q.device, _rejected) if _requested == "auto" else [_requested]
     failures = []
     for name in candidates:
         try:
@@ -206,8 +223,8 @@ def _resolve_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         except torch.OutOfMemoryError:
             raise  # the job ran out of memory: an OOM result, not a backend to skip
         except Exception as err:  # noqa: BLE001 - any other failure means "does not work here"
-            failures.append(f"{name}: {_error_line(err)}")
-            _not_chosen[name] = _error_line(err)
+            _rejected[name] = _why(err)
+            failures.append(f"{name}: {_why(err)}")
             continue
         _selected = name
         return out
@@ -225,20 +242,20 @@ def _resolve_8bit_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     global _selected_8bit
     for name in ORDER_8BIT[_attention_bits]:
         if not _module_importable(REQUIRED_MODULE_8BIT[name]):
-            _not_chosen_8bit[name] = f"not installed (no module {REQUIRED_MODULE_8BIT[name]})"
+            _rejected_8bit[name] = f"not installed (module {REQUIRED_MODULE_8BIT[name]} not importable)"
             continue
         try:
             out = KERNELS_8BIT[name](q, k, v)
         except torch.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - "does not run here": try the next one
-            _not_chosen_8bit[name] = _error_line(err)
+            _rejected_8bit[name] = _why(err)
             continue
         _selected_8bit = name
         return out
     raise AttentionBackendError(
         f"{_attention_bits} attention (model.precision): no 8-bit kernel ran on {q.device} with {q.dtype}, "
-        f"head dim {q.shape[-1]}: " + "; ".join(f"{n}: {why}" for n, why in _not_chosen_8bit.items())
+        f"head dim {q.shape[-1]}: " + "; ".join(f"{n}: {why}" for n, why in _rejected_8bit.items())
         + ". Install the kernels (pip install -e \".[gpu]\") or use model.precision=bf16 / fp8_linear."
     )
 
@@ -350,13 +367,14 @@ def _lse_candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
     names = AUTO_ORDER_CUDA if _requested == "auto" else (_requested,)
     candidates = []
     for name in names:
-        module = _REQUIRED_MODULE.get(name)
-        if _requested == "auto" and module and not _module_importable(module):
-            continue
-        if _requested == "auto" and name == "flash_attn" and not flash_attn_status()["ok"]:
-            continue  # importable but broken, as in the whole-sequence search
-        candidates.extend(c for c in _LSE_CANDIDATES[name] if c not in candidates
-                          and (dtype in (torch.float16, torch.bfloat16) or c not in HALF_PRECISION_ONLY))
+        why = _unavailable(name) if _requested == "auto" else None
+        for kernel in _LSE_CANDIDATES[name]:
+            if why is not None:
+                _rejected_lse.setdefault(kernel, why)
+            elif dtype not in (torch.float16, torch.bfloat16) and kernel in HALF_PRECISION_ONLY:
+                _rejected_lse.setdefault(kernel, f"takes fp16/bf16 only, not {dtype}")
+            elif kernel not in candidates:
+                candidates.append(kernel)
     return candidates
 
 
@@ -377,7 +395,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
             result = LSE_IMPLEMENTATIONS[chosen](q, k, v)
         except torch.OutOfMemoryError:
             raise
-        except Exception:  # noqa: BLE001 - not for this shape (head size, length): search again
+        except Exception as err:  # noqa: BLE001 - not for this shape (head size, length): search again
+            _rejected_lse[chosen] = f"failed on a later shape {tuple(q.shape)}: {_why(err)}"
             del _lse_by_input[(q.device.type, q.dtype)]
         else:
             _selected_lse = chosen
@@ -389,7 +408,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         except torch.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - "does not run here": try the next one
-            failures.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            _rejected_lse[name] = _why(err)
+            failures.append(f"{name}: {_why(err)}")
             continue
         _selected_lse = _lse_by_input[(q.device.type, q.dtype)] = name
         return result
@@ -481,7 +501,6 @@ def importable_backends() -> dict[str, bool]:
 
 __all__ = [
     "BACKENDS", "AttentionBackendError", "attention", "configure", "selected_backend",
-    "configure_attention_bits", "full_precision", "backend_report",
     "attention_with_lse", "lse_math", "selected_lse_backend", "LSE_IMPLEMENTATIONS",
     "flash_attn_status", "diagnose_flash_attn_error", "importable_backends",
 ]

@@ -19,12 +19,14 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from wan_exp.liveness import beat
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_FILE_NAME = "diffusion_pytorch_model.safetensors"
@@ -110,6 +112,7 @@ class CheckpointReader:
     def get(self, key: str, dtype: torch.dtype, device: torch.device | str,
             rows: slice | None = None) -> torch.Tensor:
         """The tensor (or its rows along dim 0), read from the memory map and converted."""
+        beat(f"read {self._weight_map[key]}")  # the rank's heartbeat, per tensor of each shard
         tensor_slice = self._slice(key)
         start, stop = _row_range(rows, tensor_slice.get_shape()[0])
         try:
@@ -164,6 +167,7 @@ class RandomWeights:
 
     def get(self, key: str, dtype: torch.dtype, device: torch.device | str,
             rows: slice | None = None) -> torch.Tensor:
+        beat("random weights")  # the rank's heartbeat (a 14B model takes minutes on a CPU)
         shape = self.shape(key)
         start, stop = _row_range(rows, shape[0])
         device = torch.device(device)
@@ -229,12 +233,20 @@ def write_checkpoint(state_dict: Mapping[str, torch.Tensor], folder: str | Path,
                      config: Mapping[str, Any] | None = None) -> Path:
     """Write ``state_dict`` in the official layout: shards of about equal size, the index json
     and config.json (``config`` or {}). Returns the folder."""
+    sizes = {key: t.numel() * t.element_size() for key, t in state_dict.items()}
+    return write_sharded(sizes, state_dict.__getitem__, folder, shards, config)
+
+
+def write_sharded(sizes: Mapping[str, int], tensor_of: Callable[[str], torch.Tensor], folder: str | Path,
+                  shards: int = 4, config: Mapping[str, Any] | None = None) -> Path:
+    """The official layout from ``sizes`` (key -> bytes, in order) and ``tensor_of(key)``, which is
+    called for one shard's keys at a time, so a model larger than memory can be written shard
+    by shard (random weights: wan_exp.checkpoint)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    keys = list(state_dict)
+    keys = list(sizes)
     shards = max(1, min(shards, len(keys)))
-    sizes = [state_dict[k].numel() * state_dict[k].element_size() for k in keys]
-    cumulative = list(itertools.accumulate(sizes))
+    cumulative = list(itertools.accumulate(sizes[k] for k in keys))
     total = cumulative[-1] if cumulative else 0
     # contiguous groups of about total/shards bytes each, none of them empty
     bounds = [0]
@@ -246,8 +258,9 @@ def write_checkpoint(state_dict: Mapping[str, torch.Tensor], folder: str | Path,
     weight_map = {}
     for i, group in enumerate(groups, start=1):
         name = shard_name(i, shards)
-        tensors = {k: state_dict[k].detach().to("cpu").contiguous() for k in group}
+        tensors = {k: tensor_of(k).detach().to("cpu").contiguous() for k in group}
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        del tensors
         weight_map.update({k: name for k in group})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))

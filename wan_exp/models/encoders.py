@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from transformers import UMT5Config, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
 
+from wan_exp.liveness import beat
 from wan_exp.models.checkpoint import CheckpointError
 
 # (official name, transformers name) per T5 encoder tensor; {0} is the block index
@@ -149,6 +150,10 @@ class AudioEncoder(nn.Module):
     def __init__(self, wav2vec2: Wav2Vec2Model):
         super().__init__()
         self.wav2vec2 = wav2vec2
+        # a long audio file takes minutes: the rank's heartbeat after each conv and transformer layer
+        layers = [*wav2vec2.feature_extractor.conv_layers, *wav2vec2.encoder.layers]
+        for index, layer in enumerate(layers):
+            layer.register_forward_hook(lambda *_, i=index: beat(f"audio layer {i + 1}/{len(layers)}"))
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         """(B, samples) normalised 16 kHz audio -> (B, layers + 1, T, hidden) at about 50 Hz."""

@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wan_exp.liveness import beat
 from wan_exp.models.checkpoint import CheckpointError, check_compatible
 
 log = logging.getLogger(__name__)
@@ -323,10 +324,15 @@ class WanVAE(nn.Module):
         cache: Cache = {}
         chunks = [pixels[:, :, :1]] + [pixels[:, :, i:i + TEMPORAL_STRIDE]
                                        for i in range(1, frames, TEMPORAL_STRIDE)]
-        features = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
+        features = torch.cat([self._encode_chunk(chunk, cache, i, len(chunks)) for i, chunk in enumerate(chunks)],
+                             dim=2)
         mean, _log_var = self.conv1(features).chunk(2, dim=1)
         shift, scale = self._latent_stats(mean)
         return (mean - shift) / scale
+
+    def _encode_chunk(self, chunk: torch.Tensor, cache: Cache, index: int, count: int) -> torch.Tensor:
+        beat(f"encode chunk {index + 1}/{count}")  # the rank's heartbeat (wan_exp.liveness)
+        return self.encoder(chunk, cache)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, region: Optional[Tile] = None,
@@ -344,7 +350,12 @@ class WanVAE(nn.Module):
         height, width = x.shape[3], x.shape[4]
         region = region if region is not None else Tile(0, height, 0, width)
         low_cache: Cache = {}
-        low = torch.cat([self.decoder.low(x[:, :, t:t + 1], low_cache) for t in range(x.shape[2])], dim=2)
+        low_frames = []
+        for t in range(x.shape[2]):
+            beat(f"decode frame {t + 1}/{x.shape[2]} (low resolution)")  # the rank's heartbeat (wan_exp.liveness)
+            low_frames.append(self.decoder.low(x[:, :, t:t + 1], low_cache))
+        low = torch.cat(low_frames, dim=2)
+        del low_frames
         del low_cache, x
         s = SPATIAL_STRIDE
         frames = 1 + TEMPORAL_STRIDE * (low.shape[2] - 1)
@@ -357,6 +368,8 @@ class WanVAE(nn.Module):
             cols = slice((tile.left - region.left) * s, (tile.right - region.left) * s)
             cache: Cache = {}
             for t in range(low.shape[2]):
+                beat(f"decode tile rows {tile.top}-{tile.bottom} cols {tile.left}-{tile.right}, "
+                     f"frame {t + 1}/{low.shape[2]}")
                 first = 0 if t == 0 else 1 + TEMPORAL_STRIDE * (t - 1)
                 pixels = self._decode_tile(low[:, :, t:t + 1], tile, cache)
                 out[:, :, first:first + pixels.shape[2], rows, cols] = pixels

@@ -10,20 +10,25 @@ stage where it peaks, fits or OOM at each memory size, predicted step and clip t
 predicted scaling efficiency.
 
 Measured (on this device, by the simulated rank): peak memory per stage, compute time per step
-and per stage, the collectives issued (count, bytes). Modelled: their time on ``link=`` (metrics/
-pricing.py; no overlap with compute), hence the step, clip and efficiency figures. With
-``measured=<sweep dir>`` the real runs of that sweep (same model and size) are shown beside, and a
-link fitted to them (``fit_link``) re-prices every row's collectives.
+(3 measured steps: median, min and max) and per stage, the collectives issued (count, bytes, sizes).
+Modelled: their time on ``link=`` (plan/pricing.py: a curve per collective kind, sourced or
+measured), the step as a range (serial: compute + comm; overlapped: what the strategy's code
+hides behind compute), hence the step, clip and efficiency figures; and what a GPU must hold
+besides the measured peak (the CUDA context, NCCL's buffers, a fragmentation margin) for the
+fits verdict. With ``measured=<sweep dir>`` the real runs of that sweep (same model and size)
+are shown beside, and a link fitted to them (``fit_link``) re-prices every row's collectives.
 
 Plan options (the rest are config overrides for every job): ``gpus``, ``gpu_memory_gib``,
 ``strategies``, ``link`` (launcher.link), ``out`` (default outputs/plan/<date>/<time>),
-``measured``. Jobs are short: workload=generate with one clip, ``workload.sample_steps=2`` and
-``workload.warmup_steps=1`` unless given; the clip time is predicted for ``clip_steps`` sampling
-steps (default 40, upstream S2V's). The same command with the same ``out`` again keeps the
-jobs that finished (a plan cut short goes on where it stopped).
+``measured``, ``clip_steps``, ``fragmentation``. Jobs are short: workload=generate with one
+clip, ``workload.sample_steps=4`` and ``workload.warmup_steps=1`` (3 measured steps) unless
+given; the clip time is predicted for ``clip_steps`` sampling steps (default 40, upstream S2V's).
+The same command with the same ``out`` again keeps the jobs that finished with the same code
+(``code_version``: a hash of the package's source and configs); a job of older code runs again.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import shutil
 import signal
@@ -39,7 +44,7 @@ from wan_exp.config import CONF_DIR, ConfigError, compose_config, parse_size, st
 from wan_exp.devices import visible_gpu_count
 from wan_exp.host.callbacks import lock_holder, override_differences
 from wan_exp.host.job import SWEEP_STATE_DIR
-from wan_exp.plan.pricing import ASSUMPTION, GB, Link, comm_time_s, parse_link
+from wan_exp.plan.pricing import ASSUMPTION, GB, Link, comm_times_s, overlap_of, parse_link, step_range
 from wan_exp.preflight import check_job
 from wan_exp.results import (
     COMPLETED,
@@ -51,13 +56,16 @@ from wan_exp.results import (
     write_json_atomic,
     write_text_atomic,
 )
+from wan_exp.units import GIB
 
 REPO = Path(__file__).resolve().parents[2]
-PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured", "clip_steps")
-# sampling steps of the clip the plan predicts: upstream S2V's default (its jobs run 2 of them)
+PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured", "clip_steps", "fragmentation")
+# sampling steps of the clip the plan predicts: upstream S2V's default (its jobs run 4 of them)
 DEFAULT_CLIP_STEPS = 40
-SHORT_JOB = {"workload.sample_steps": "2", "workload.warmup_steps": "1", "workload.clips": "1",
+# 4 steps, the first a warm-up: 3 measured steps give a median and a spread
+SHORT_JOB = {"workload.sample_steps": "4", "workload.warmup_steps": "1", "workload.clips": "1",
              "logger": "disabled"}
+CODE_VERSION_FILE = "plan_code_version"  # in a job's sweep dir: the code_version that ran it
 INIT_STAGE = "init (build/load/wrap)"
 JOB_STOP_TIMEOUT_S = 120  # a stopped plan waits this long for its job to end its ranks
 MEASURED_NOTE = ("measured on {device} by the simulated rank: peak memory per stage, compute time, "
@@ -79,6 +87,7 @@ class PlanArgs:
     measured: Optional[Path]
     overrides: list[str] = field(default_factory=list)
     clip_steps: int = DEFAULT_CLIP_STEPS
+    fragmentation: float = 0.05
 
 
 def _numbers(key: str, text: str, kind: type) -> list:
@@ -96,6 +105,17 @@ def _clip_steps(text: str) -> int:
         raise ConfigError(f"clip_steps={text!r}: give the sampling steps of one clip, a positive whole number "
                           f"(default {DEFAULT_CLIP_STEPS}, as upstream S2V samples)")
     return int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise ConfigError(f"fragmentation={text!r}: give the share of the peak kept free for fragmentation, "
+                          "from 0 up to (not including) 1, e.g. fragmentation=0.05")
+    return value
 
 
 def parse_args(argv: Sequence[str]) -> PlanArgs:
@@ -117,6 +137,8 @@ def parse_args(argv: Sequence[str]) -> PlanArgs:
         raise ConfigError(f"strategies={options['strategies']!r}: {unknown} not presets; use some of {known}")
     link = options.get("link", "nvlink4")
     parse_link(link)
+    if Path(link).expanduser().is_file():  # a curve file: its jobs run from the repository, not from here
+        link = str(Path(link).expanduser().resolve())
     given = {o.partition("=")[0] for o in overrides}
     overrides = [f"{k}={v}" for k, v in SHORT_JOB.items() if k not in given] + overrides
     if "workload" not in given:
@@ -127,7 +149,8 @@ def parse_args(argv: Sequence[str]) -> PlanArgs:
                     out=Path(options.get("out") or f"outputs/plan/{time.strftime('%Y-%m-%d/%H-%M-%S')}").resolve(),
                     measured=Path(options["measured"]) if options.get("measured") else None,
                     overrides=overrides,
-                    clip_steps=_clip_steps(options.get("clip_steps", str(DEFAULT_CLIP_STEPS))))
+                    clip_steps=_clip_steps(options.get("clip_steps", str(DEFAULT_CLIP_STEPS))),
+                    fragmentation=_fraction(options.get("fragmentation", "0.05")))
 
 
 def job_overrides(args: PlanArgs, strategy: str, gpus: int) -> list[str]:
@@ -144,15 +167,41 @@ def check_candidate(overrides: list[str], gpus_here: int) -> Optional[str]:
     return None
 
 
+# what code_version hashes: the package, the launcher plugin, launch.py and the configs
+CODE_GLOBS = ("wan_exp/**/*.py", "hydra_plugins/**/*.py", "launch.py", "conf/**/*.yaml")
+
+
+def code_version(root: Path = REPO) -> str:
+    """A hash of the source that produces a plan row (CODE_GLOBS under ``root``: each file's
+    path and bytes, in path order): any change to them changes it."""
+    digest = hashlib.sha256()
+    files = sorted({p for pattern in CODE_GLOBS for p in root.glob(pattern) if p.is_file()})
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def stale_code(sweep_dir: Path, version: str) -> Optional[str]:
+    """Why the job in ``sweep_dir`` cannot be kept for code ``version`` (ran other code, or its
+    version is unknown), or None when it ran this code."""
+    recorded = (sweep_dir / CODE_VERSION_FILE).read_text().strip() if (sweep_dir / CODE_VERSION_FILE).is_file() else None
+    if recorded == version:
+        return None
+    return (f"ran code version {recorded}, now {version}" if recorded else
+            f"its code version is not recorded (now {version})") + "; it runs again"
+
+
 # results kept when the same plan runs again; any other status (failed, hang, interrupted) runs again
 KEPT_STATUSES = (COMPLETED, OOM)
 
 
-def earlier_results(overrides: list[str], sweep_dir: Path) -> tuple[Optional[dict], bool]:
+def earlier_results(overrides: list[str], sweep_dir: Path,
+                    version: Optional[str] = None) -> tuple[Optional[dict], bool]:
     """What an earlier run of the same plan (same ``out``) left for this job: ``(results to
     keep or None, whether its directory must be cleared before the job runs)``. Kept: a
-    completed or OOM job of these overrides. Cleared: one of these overrides that was cut short
-    (interrupted, failed, hung, or no readable results.json). ConfigError, before anything is
+    completed or OOM job of these overrides (and, given ``version``, of that code version).
+    Cleared: one of these overrides that was cut short (interrupted, failed, hung, or no
+    readable results.json) or, given ``version``, that ran other code (``stale_code``). ConfigError, before anything is
     cleared, for a job of other settings (the plan does not delete what it did not make) or one
     still running."""
     if not sweep_dir.exists():
@@ -172,6 +221,8 @@ def earlier_results(overrides: list[str], sweep_dir: Path) -> tuple[Optional[dic
                           + "; ".join(override_differences(recorded, overrides))
                           + "); give the plan another out= (or remove that directory)")
     if results is not None and results.get("status") in KEPT_STATUSES:
+        if version is not None and stale_code(sweep_dir, version) is not None:
+            return None, True
         return results, False
     return None, True
 
@@ -279,6 +330,56 @@ def clip_seconds(results: dict, step_s: Optional[float], clip_steps: int) -> Opt
     return clip_steps * step_s + around / clips
 
 
+# ----------------------------------------------------------------------------- fits
+# The CUDA context a process holds on its GPU besides the allocator's memory: 287,047,680 bytes
+# with lazy module loading (PyTorch's measurement when it made CUDA_MODULE_LOADING=LAZY its
+# default, https://github.com/pytorch/pytorch/pull/86509; eager loading took 666,632,192). Lazy
+# loading is CUDA's default on Linux since 12.2. Kernels loaded later add to it.
+CUDA_CONTEXT_BYTES = 287_047_680
+NCCL_BUFFSIZE_DEFAULT = 4 << 20  # NCCL_BUFFSIZE's default, 4 MiB
+# channels NCCL opens per connection when NCCL_MAX_NCHANNELS does not say: 32, what an
+# all-to-all on 8 H100s opened per pair of GPUs (https://github.com/NVIDIA/nccl/issues/1685)
+NCCL_CHANNELS_DEFAULT = 32
+NCCL_RING_CONNECTIONS = 2  # a ring has 2 connections whatever the scale (nccl issue 986)
+
+
+def nccl_buffer_bytes(env: dict, gpus: int, peer_to_peer: bool) -> int:
+    """NCCL's buffers on one rank, by the rule in docs/rehearsal.md ("Fits"): NCCL_BUFFSIZE
+    per connection and channel; channels from NCCL_MAX_NCHANNELS (else NCCL_CHANNELS_DEFAULT);
+    2 ring connections for the collectives, plus one per other rank where the job sends
+    point to point or all-to-all (those connect every pair). Zero on one GPU."""
+    if gpus <= 1:
+        return 0
+    buffsize = int(env.get("NCCL_BUFFSIZE", NCCL_BUFFSIZE_DEFAULT))
+    channels = int(env.get("NCCL_MAX_NCHANNELS", NCCL_CHANNELS_DEFAULT))
+    connections = NCCL_RING_CONNECTIONS + (gpus - 1 if peer_to_peer else 0)
+    return connections * channels * buffsize
+
+
+@dataclass(frozen=True)
+class FitBudget:
+    """What one GPU must hold: the measured peak plus what the allocator does not see."""
+
+    peak_gib: float
+    context_gib: float
+    nccl_gib: float
+    margin_gib: float
+
+    @property
+    def need_gib(self) -> float:
+        return self.peak_gib + self.context_gib + self.nccl_gib + self.margin_gib
+
+
+def fit_budget(peak_gib: float, on_gpu: bool, nccl_env: dict, gpus: int, peer_to_peer: bool,
+               fragmentation: float) -> FitBudget:
+    """The fits verdict's figures. On a GPU (the allocator's reserved peak): + the CUDA context,
+    + NCCL's buffers, + ``fragmentation`` x the peak. On the CPU (host RSS, gloo) the process's
+    RSS already holds its runtime and buffers: only the margin is added."""
+    context = CUDA_CONTEXT_BYTES / GIB if on_gpu else 0.0
+    nccl = nccl_buffer_bytes(nccl_env, gpus, peer_to_peer) / GIB if on_gpu else 0.0
+    return FitBudget(peak_gib, context, nccl, fragmentation * peak_gib)
+
+
 @dataclass
 class PlanRow:
     strategy: str
@@ -289,10 +390,21 @@ class PlanRow:
     peak_gib: Optional[float] = None
     memory_basis: Optional[str] = None
     peak_stage: Optional[str] = None
-    fits: dict[str, bool] = field(default_factory=dict)  # "<GiB>" -> fits
-    compute_s: Optional[float] = None
+    fits: dict[str, bool] = field(default_factory=dict)  # "<GiB>" -> need_gib fits
+    context_gib: Optional[float] = None  # CUDA context (GPU only)
+    nccl_gib: Optional[float] = None  # NCCL's buffers (GPU only)
+    margin_gib: Optional[float] = None  # fragmentation margin
+    need_gib: Optional[float] = None  # peak + the three above: what the fits verdict compares
+    compute_s: Optional[float] = None  # median of the measured steps
+    compute_min_s: Optional[float] = None
+    compute_max_s: Optional[float] = None
+    measured_steps: int = 0
     comm_s: Optional[float] = None
-    step_s: Optional[float] = None
+    comm_overlapped_s: Optional[float] = None  # the part the code runs behind compute
+    step_serial_s: Optional[float] = None
+    step_overlapped_s: Optional[float] = None
+    overlap: Optional[str] = None  # what the code does: serial | overlapped
+    step_s: Optional[float] = None  # the one the code does
     clip_s: Optional[float] = None
     efficiency: Optional[float] = None
     measured_step_s: Optional[float] = None
@@ -302,7 +414,8 @@ class PlanRow:
 
 
 def row_from_results(strategy: str, gpus: int, results: Optional[dict], sizes: list[float],
-                     clip_steps: int = DEFAULT_CLIP_STEPS, output_tail: str = "") -> PlanRow:
+                     clip_steps: int = DEFAULT_CLIP_STEPS, output_tail: str = "",
+                     fragmentation: float = 0.05) -> PlanRow:
     if results is None:
         return PlanRow(strategy, gpus, "not run", "the job wrote no results.json" + (f": {output_tail}" if output_tail else ""))
     row = PlanRow(strategy, gpus, results["status"], job_dir=results["job_dir"])
@@ -313,11 +426,20 @@ def row_from_results(strategy: str, gpus: int, results: Optional[dict], sizes: l
     record = results["ranks"][0]
     row.peak_gib, row.peak_stage = peak_and_stage(record)
     row.memory_basis = memory_key(record)
-    if row.peak_gib is not None:
-        row.fits = {f"{size:g}": row.peak_gib <= size and results["status"] == "completed" for size in sizes}
-    prediction = results.get("prediction") or {}
-    row.compute_s, row.comm_s, row.step_s = (prediction.get(k) for k in ("compute_s", "comm_s", "step_s"))
     row.comm_per_step = (record.get("comm") or {}).get("per_step")
+    if row.peak_gib is not None:
+        nccl_env = dict(((results.get("config") or {}).get("nccl") or {}).get("env") or {})
+        peer_to_peer = any(kind in (row.comm_per_step or {}) for kind in ("all_to_all", "send", "recv"))
+        budget = fit_budget(row.peak_gib, row.memory_basis == "peak_reserved_gib", nccl_env, gpus, peer_to_peer,
+                            fragmentation)
+        row.context_gib, row.nccl_gib, row.margin_gib = budget.context_gib, budget.nccl_gib, budget.margin_gib
+        row.need_gib = budget.need_gib
+        row.fits = {f"{size:g}": budget.need_gib <= size and results["status"] == "completed" for size in sizes}
+    prediction = results.get("prediction") or {}
+    for key in ("compute_s", "compute_min_s", "compute_max_s", "comm_s", "comm_overlapped_s", "step_serial_s",
+                "step_overlapped_s", "overlap", "step_s"):
+        setattr(row, key, prediction.get(key))
+    row.measured_steps = prediction.get("measured_steps") or len(record.get("step_times_s") or [])
     row.clip_s = clip_seconds(results, row.step_s, clip_steps)
     return row
 
@@ -349,25 +471,31 @@ def add_measured(rows: list[PlanRow], sweep_dir: Path, model: str, size: str) ->
 
 
 def fit_link(rows: list[PlanRow], latency_s: float, source: str) -> Optional[Link]:
-    """The bus bandwidth that makes the predictions meet the measured runs: over every row
-    with a measured step, sum(bus bytes) / sum(measured step - simulated compute - calls x
+    """The bus bandwidth that makes the serial predictions meet the measured runs: over every
+    row with a measured step, sum(bus bytes) / sum(measured step - simulated compute - calls x
     latency). The same GPU computes the same rank's work in both, so what is left of the
     measured step is communication (and whatever else the real ranks waited for). None when
     no measured row communicated or the measured steps leave no time for it."""
-    pairs = [(r.measured_step_s - r.compute_s - sum(f["count"] for f in r.comm_per_step.values()) * latency_s,
-              sum(f["bus_bytes"] for f in r.comm_per_step.values()))
+    # priced on these two links a step's comm is its calls x latency, and its bus bytes (as
+    # seconds), with sends and receives counted once as on any link (full duplex)
+    latencies = Link.uniform("latency only", float("inf"), latency_s, "")
+    bus_bytes_as_seconds = Link.uniform("1 B/s", 1 / GB, 0.0, "")
+    pairs = [(r.measured_step_s - r.compute_s - sum(comm_times_s(r.comm_per_step, latencies)),
+              sum(comm_times_s(r.comm_per_step, bus_bytes_as_seconds)))
              for r in rows if r.measured_step_s is not None and r.compute_s is not None and r.comm_per_step]
     seconds, bus_bytes = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
     if not pairs or bus_bytes <= 0 or seconds <= 0:
         return None
     gbps = bus_bytes / seconds / GB
-    return Link(f"fitted {gbps:.1f} GB/s", gbps, gbps, latency_s, f"fitted to {len(pairs)} measured run(s) in {source}")
+    return Link.uniform(f"fitted {gbps:.1f} GB/s", gbps, latency_s, f"fitted to {len(pairs)} measured run(s) in {source}")
 
 
 def add_fitted(rows: list[PlanRow], link: Link) -> None:
+    """Every row's step priced at ``link`` instead, serial (the fit compares serial steps)."""
     for row in rows:
-        if row.compute_s is not None and row.comm_per_step is not None:
-            row.fitted_step_s = row.compute_s + comm_time_s(row.comm_per_step, link)
+        parts = comm_times_s(row.comm_per_step, link) if row.compute_s is not None else None
+        if parts is not None:
+            row.fitted_step_s = step_range(row.compute_s, *parts)[0]
 
 
 # ----------------------------------------------------------------------------- output
@@ -377,17 +505,21 @@ def _f(value: Optional[float], fmt: str = ".2f") -> str:
 
 def table(rows: list[PlanRow], sizes: list[float], with_measured: bool,
           clip_steps: int = DEFAULT_CLIP_STEPS) -> tuple[list[str], list[list[str]]]:
-    header = (["strategy", "GPUs", "status", "peak GiB/rank", "peaks in"] + [f"{s:g} GiB" for s in sizes]
-              + ["compute s/step", "comm s/step", "step s", f"clip s ({clip_steps} steps)", "efficiency"])
+    header = (["strategy", "GPUs", "status", "peak GiB/rank", "peaks in", "+ CUDA ctx", "+ NCCL", "+ margin",
+               "need GiB"] + [f"{s:g} GiB" for s in sizes]
+              + ["compute s/step (min-max, n)", "comm s/step", "step s serial", "step s overlapped", "code does",
+                 "step s", f"clip s ({clip_steps} steps)", "efficiency"])
     if with_measured:
         header += ["measured step s", "measured peak GiB", "step s at fitted link"]
     body = []
     for r in rows:
         fits = [("fits" if r.fits[f"{s:g}"] else "OOM") if r.fits else "-" for s in sizes]
-        cells = ([r.strategy, str(r.gpus), r.status, _f(r.peak_gib),
-                  r.peak_stage or "-"] + fits
-                 + [_f(r.compute_s, ".3f"), _f(r.comm_s, ".4f"), _f(r.step_s, ".3f"), _f(r.clip_s, ".1f"),
-                    _f(r.efficiency, ".0%")])
+        spread = (f"{r.compute_s:.3f} ({r.compute_min_s:.3f}-{r.compute_max_s:.3f}, {r.measured_steps})"
+                  if r.compute_s is not None and r.compute_min_s is not None else _f(r.compute_s, ".3f"))
+        cells = ([r.strategy, str(r.gpus), r.status, _f(r.peak_gib), r.peak_stage or "-", _f(r.context_gib),
+                  _f(r.nccl_gib), _f(r.margin_gib), _f(r.need_gib)] + fits
+                 + [spread, _f(r.comm_s, ".4f"), _f(r.step_serial_s, ".3f"), _f(r.step_overlapped_s, ".3f"),
+                    r.overlap or "-", _f(r.step_s, ".3f"), _f(r.clip_s, ".1f"), _f(r.efficiency, ".0%")])
         if with_measured:
             cells += [_f(r.measured_step_s, ".3f"), _f(r.measured_peak_gib), _f(r.fitted_step_s, ".3f")]
         body.append(cells)
@@ -397,12 +529,21 @@ def table(rows: list[PlanRow], sizes: list[float], with_measured: bool,
 def explanation(args: PlanArgs, device: str, memory_basis: str) -> list[str]:
     link = parse_link(args.link)
     return [
-        "Measured: " + MEASURED_NOTE.format(device=device) + f"; peak memory is {memory_basis}.",
-        "Modelled: " + ASSUMPTION.format(link=link.name) + f" ({link.source}). "
-        f"Step s = compute + comm; clip s = {args.clip_steps} sampling steps (clip_steps=; upstream S2V's "
-        "default is 40) x step + the measured VAE decode and motion re-encode of a clip; "
+        "Measured: " + MEASURED_NOTE.format(device=device) + f"; peak memory is {memory_basis}; "
+        "compute s/step is the median of the measured steps (min-max, how many).",
+        "Modelled: " + ASSUMPTION.format(link=link.name) + f" ({link.source}"
+        + "".join(f"; {note}" for note in link.notes) + "). "
+        "Step s serial = compute + comm; overlapped = max(compute, the comm the code runs behind compute) + "
+        "the rest; 'code does' says which the strategy's code does (ring attention's K/V pass, FSDP's "
+        "all-gathers overlap; Ulysses' all-to-alls and CFG's all-gather block) and step s is that one; "
+        f"clip s = {args.clip_steps} sampling steps (clip_steps=; upstream S2V's "
+        "default is 40) x step s + the measured VAE decode and motion re-encode of a clip; "
         "efficiency = T(single, 1 GPU) / (GPUs x T).",
-        "Fits: the peak against each memory size (no room left for other processes or fragmentation).",
+        (f"Fits: need = peak + the CUDA context ({CUDA_CONTEXT_BYTES / GIB:.2f} GiB, GPU only) + NCCL's buffers "
+         f"(GPU, 2+ ranks: NCCL_BUFFSIZE x channels x connections, from nccl.env, defaults "
+         f"{NCCL_BUFFSIZE_DEFAULT >> 20} MiB x {NCCL_CHANNELS_DEFAULT} x (2 + ranks-1 where the job sends "
+         f"point to point or all-to-all)) + a fragmentation margin of {args.fragmentation:.0%} of the peak "
+         "(fragmentation=; a chosen figure, not measured), against each memory size."),
     ]
 
 
@@ -434,6 +575,7 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
     from rich.table import Table
 
     gpus_here = visible_gpu_count()
+    version = code_version()
     args.out.mkdir(parents=True, exist_ok=True)
     # every row first (refused, kept from an earlier run, or still to run), so the files show
     # all that is known at every moment; then the jobs still to run, each replacing its row
@@ -448,11 +590,15 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
                 rows.append(PlanRow(strategy, n, "not allowed", refused))
                 continue
             job_dir = args.out / "jobs" / f"{strategy}_{n}"
-            results, clear = earlier_results(overrides, job_dir)
+            results, clear = earlier_results(overrides, job_dir, version)
             if results is not None:
-                print(f"{strategy} on {n} GPU(s): kept from an earlier run ({job_dir})")
-                rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib, args.clip_steps))
+                print(f"{strategy} on {n} GPU(s): kept from an earlier run of this code ({job_dir})")
+                rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib, args.clip_steps,
+                                             fragmentation=args.fragmentation))
             else:
+                stale = stale_code(job_dir, version) if (job_dir / "0" / RESULTS_FILE).exists() else None
+                if stale is not None:
+                    print(f"{strategy} on {n} GPU(s): {job_dir} {stale}")
                 to_run.append((len(rows), overrides, job_dir))
                 to_clear.extend([job_dir] if clear else [])
                 rows.append(PlanRow(strategy, n, "not run", "its simulated job has not run (yet)"))
@@ -464,6 +610,8 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
         for index, overrides, job_dir in to_run:
             row = rows[index]
             progress.update(task, description=f"{row.strategy} on {row.gpus} GPU(s)")
+            job_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(job_dir / CODE_VERSION_FILE, version + "\n")
             try:
                 results, output_tail = run_simulated_job(overrides, job_dir)
             except PlanStopped:
@@ -472,7 +620,7 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
                 write_plan(args, rows)
                 raise
             rows[index] = row_from_results(row.strategy, row.gpus, results, args.gpu_memory_gib, args.clip_steps,
-                                           output_tail)
+                                           output_tail, args.fragmentation)
             write_plan(args, rows)
             progress.advance(task)
     title, lines, header, body = write_plan(args, rows)
@@ -510,7 +658,8 @@ def write_plan(args: PlanArgs, rows: list[PlanRow]) -> tuple[str, list[str], lis
     if args.measured is not None:
         lines.append(f"Measured runs from {args.measured}: " + ("shown beside the prediction" if with_measured
                                                                    else "none of the same model and size"))
-        fitted = fit_link(rows, parse_link(args.link).latency_s, str(args.measured)) if with_measured else None
+        latency = parse_link(args.link).curve("all_reduce").latency_s if with_measured else 0.0
+        fitted = fit_link(rows, latency, str(args.measured)) if with_measured else None
         if fitted is not None:
             add_fitted(rows, fitted)
             lines.append(f"Fitted link: {fitted.name} ({fitted.source}); 'step s at fitted link' prices every "
@@ -520,6 +669,7 @@ def write_plan(args: PlanArgs, rows: list[PlanRow]) -> tuple[str, list[str], lis
     write_text_atomic(args.out / "plan.md", markdown(title, lines, header, body))
     write_text_atomic(args.out / "plan.html", html_page(title, lines, header, body))
     write_json_atomic(args.out / "plan.json", {"title": title, "notes": lines, "overrides": args.overrides,
+                                               "code_version": code_version(),
                                                "gpu_memory_gib": args.gpu_memory_gib, "link": args.link,
                                                "rows": [asdict(r) for r in rows]})
     return title, lines, header, body

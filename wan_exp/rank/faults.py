@@ -5,7 +5,10 @@ hang: one rank slowed before FSDP wraps). A fault fires once, on rank `fault.ran
 that rank enters phase `fault.phase` (RankContext calls :meth:`FaultInjector.on_phase`).
 
 Kinds: raise (RuntimeError), hang (block forever), sleep (fault.seconds), signal (the
-rank kills itself with fault.signal), oom (GPU only: allocate until the device is full).
+rank kills itself with fault.signal), oom (GPU only: allocate until the device is full),
+slow (every in-stage heartbeat of the phase waits fault.seconds first: a stage made as long
+as one likes while it keeps reporting progress, which the watchdog must not call a hang).
+fault.phase may also name a pipeline stage of the generate workload (vae_decode, ...).
 ``fault.host_gib`` > 0 makes the rank first fill that much host memory and report it in
 its heartbeat, e.g. ``fault=signal fault.host_gib=1``: a SIGKILL at a high RSS, which is
 what a rank the kernel's OOM killer ends leaves behind.
@@ -39,13 +42,19 @@ class FaultInjector:
         self.held: list[bytes] = []
 
     def on_phase(self, phase: str) -> None:
-        if not self.armed or phase != self.cfg.phase:
+        if not self.armed or phase != self.cfg.phase or self.kind == "slow":
             return
         self.armed = False
         if self.cfg.host_gib > 0:
             self._hold_host_memory(self.cfg.host_gib)
         inject = getattr(self, f"_{self.kind}")
         inject(phase)
+
+    def on_beat(self, phase: str) -> None:
+        """A heartbeat inside ``phase`` (wan_exp.liveness.beat): fault.kind=slow waits here,
+        on every beat of its phase, not only the first."""
+        if self.kind == "slow" and self.armed and phase == self.cfg.phase:
+            time.sleep(float(self.cfg.seconds))
 
     def _hold_host_memory(self, gib: float) -> None:
         """Fill `gib` of host memory (non-zero bytes, so every page is resident) and

@@ -30,19 +30,14 @@ from omegaconf import OmegaConf
 
 from wan_exp import results
 from wan_exp.config import ExperimentConfig, typed_config
-from wan_exp.host.envvars import JOB_DIR_VAR
-from wan_exp.models.attention import configure as configure_attention
+from wan_exp.host.envvars import JOB_DIR_VAR, seen_environment
 from wan_exp.models.attention import backend_report, selected_backend, selected_lse_backend
+from wan_exp.models.attention import configure as configure_attention
 from wan_exp.plan.fake_collectives import RealisticFakeCollectives
 from wan_exp.preflight import config_warnings, rank_device
 from wan_exp.rank import numerics
 from wan_exp.rank.runtime import RankContext
 from wan_exp.units import GIB
-
-# Variables the rank records as it sees them, so a reader can check what reached the rank:
-# the rendezvous, threads, and every NCCL / allocator / harness variable.
-RECORDED_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
-RECORDED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "PYTORCH_", "WAN_EXP_")
 
 
 def load_job_config(job_dir: Path) -> ExperimentConfig:
@@ -58,14 +53,6 @@ def dump_stacks_on_sigusr1(job_dir: Path, rank: int) -> None:
     stacks.mkdir(parents=True, exist_ok=True)
     stack_file = open(stacks / f"rank_{rank}.txt", "w")  # kept open for the life of the rank
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
-
-
-def seen_environment(job: dict) -> dict[str, str | None]:
-    """The launcher's variables, the rendezvous and every NCCL/allocator/harness
-    variable, as this rank sees them (None: not set)."""
-    names = set(job.get("env", {})) | set(RECORDED_VARIABLES)
-    names |= {n for n in os.environ if n.startswith(RECORDED_PREFIXES)}
-    return {name: os.environ.get(name) for name in sorted(names)}
 
 
 def error_record(ctx: RankContext, exc: BaseException) -> dict:
@@ -143,9 +130,13 @@ def run_rank(job_dir: Path) -> int:
     except BaseException as exc:  # record any failure, including KeyboardInterrupt, then leave
         record = error_record(ctx, exc)
         record.update(env=seen_environment(job), rank=process_rank)
-        results.write_rank_record(job_dir, record)
         print(f"[rank {rank}] {record['status']} in phase {ctx.current_phase}:", file=sys.stderr)
         traceback.print_exc()
+        try:
+            results.write_rank_record(job_dir, record)
+        except results.WriteError as lost:  # a full or read-only disk: the exit code says so
+            print(f"[rank {rank}] {lost}", file=sys.stderr)
+            return results.RECORD_NOT_WRITTEN_EXIT
         return 1
 
 

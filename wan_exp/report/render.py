@@ -8,6 +8,11 @@ from typing import Sequence
 
 from wan_exp.report.plots import FIGURES
 from wan_exp.report.table import CAVEATS_TITLE, Row, table_cells, time_caveats
+from wan_exp.report.upstream import ratio_cells
+
+UPSTREAM_TITLE = "Upstream generate.py / wan-exp (same strategy and ranks)"
+UPSTREAM_NOTE = ("Each workload=upstream row divided by the workload=generate row it pairs with; above 1: "
+                 "upstream's run takes longer or holds more memory (docs/upstream.md).")
 
 UNREADABLE_TITLE = "Results that could not be read (left out)"
 
@@ -19,6 +24,7 @@ th { background: #f0f0f0; }
 td.text { text-align: left; }
 td.best { font-weight: bold; background: #d8f5d0; }
 tr.failed td { background: #fde2e2; }
+tr.warned td { background: #fff4cc; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 """
 
@@ -51,6 +57,11 @@ def markdown(sweep_dir: Path, rows: list[Row], unreadable: Sequence[str] = ()) -
     for cells in body:
         texts = [f"**{text}**" if best else text for text, best in cells]
         lines.append("| " + " | ".join(t.replace("|", "\\|") for t in texts) + " |")
+    ratio_header, ratio_body = ratio_cells(rows)
+    if ratio_body:
+        lines += ["", f"## {UPSTREAM_TITLE}", "", UPSTREAM_NOTE, "",
+                  "| " + " | ".join(ratio_header) + " |", "|" + "|".join("---" for _ in ratio_header) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in ratio_body]
     caveats = time_caveats(rows)
     if caveats:
         lines += ["", f"## {CAVEATS_TITLE}", ""] + [f"- {line}" for line in caveats]
@@ -75,7 +86,8 @@ def html_page(sweep_dir: Path, rows: list[Row], unreadable: Sequence[str] = ()) 
         "</tr></thead><tbody>",
     ]
     for row, cells in zip(rows, body):
-        css_row = "" if row.status == "completed" else " class='failed'"
+        css_row = (" class='failed'" if row.status != "completed"
+                   else " class='warned'" if row.machine_warnings else "")
         tds = []
         for i, (text, best) in enumerate(cells):
             classes = [c for c, on in (("best", best), ("text", i in (0, 2, len(cells) - 1))) if on]
@@ -83,6 +95,13 @@ def html_page(sweep_dir: Path, rows: list[Row], unreadable: Sequence[str] = ()) 
             tds.append(f"<td{attr}>{html.escape(text)}</td>")
         out.append(f"<tr{css_row}>" + "".join(tds) + "</tr>")
     out.append("</tbody></table>")
+    ratio_header, ratio_body = ratio_cells(rows)
+    if ratio_body:
+        out.append(f"<h2>{html.escape(UPSTREAM_TITLE)}</h2><p>{html.escape(UPSTREAM_NOTE)}</p>")
+        out.append("<table id='upstream'><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in ratio_header)
+                   + "</tr></thead><tbody>")
+        out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in ratio_body]
+        out.append("</tbody></table>")
     caveats = time_caveats(rows)
     if caveats:
         out.append(f"<h2>{CAVEATS_TITLE}</h2><ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in caveats) + "</ul>")

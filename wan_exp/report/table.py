@@ -97,6 +97,12 @@ class Row:
         return len(self.completed) / len(self.jobs)
 
     @property
+    def machine_warnings(self) -> list[str]:
+        """What made this configuration's times a busy or misconfigured machine's (results.json
+        "machine": too many ranks or threads for the cores, a bad OMP_NUM_THREADS, other load)."""
+        return list(dict.fromkeys(w for j in self.jobs for w in (j.get("machine") or {}).get("warnings") or []))
+
+    @property
     def status(self) -> str:
         """'completed' when every repeat completed, else the statuses seen, e.g. 'hang'."""
         statuses = sorted({j.get("status", "unknown") for j in self.jobs})
@@ -234,7 +240,8 @@ def table_cells(rows: list[Row]) -> tuple[list[str], list[list[tuple[str, bool]]
             value = row.value(column)
             is_best = value is not None and value == best[column.title] and row.ranked_in(column)
             cells.append((format_value(value, column.digits), is_best))
-        cells.append((row.root_cause or row.status, False))
+        # the warning sits beside the figures it concerns; "Times not comparable" says it whole
+        cells.append(((row.root_cause or row.status) + (MACHINE_MARK if row.machine_warnings else ""), False))
         body.append(cells)
     return header, body
 
@@ -258,6 +265,7 @@ def text_table(rows: list[Row], unreadable: Sequence[str] = ()) -> str:
 
 
 CAVEATS_TITLE = "Times not comparable"
+MACHINE_MARK = " (busy/misconfigured machine: see below)"
 
 
 def time_caveats(rows: list[Row]) -> list[str]:
@@ -273,4 +281,5 @@ def time_caveats(rows: list[Row]) -> list[str]:
             lines.append(f"{row.label}: simulated (one process played rank {simulated['rank']} of "
                          f"{simulated['world_size']} over the fake process group): its step time is that rank's "
                          "compute only, no data moved; results.json's prediction prices the communication")
+        lines += [f"{row.label}: {warning}" for warning in row.machine_warnings]
     return lines
