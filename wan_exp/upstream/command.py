@@ -49,14 +49,14 @@ def strategy_flags(cfg: Any, world_size: int) -> list[str]:
     """Upstream's parallel flags for the job's split, from its degrees; ConfigError for a split
     upstream cannot express (CFG parallel, ring attention, Ulysses over part of the ranks, an
     own FSDP axis, FSDP2, FSDP on one rank)."""
-    name = str(cfg.parallel.name)
-    dims = parallel_dims(cfg, world_size)
-    if dims.cfg > 1 or dims.ring > 1:
+    name, par = str(cfg.parallel.name), cfg.parallel
+    if int(par.cfg_degree) != 1 or int(par.ring_degree) != 1:  # the settings, before they are resolved
         raise _refuse(
-            f"parallel={name} has no upstream equivalent: parallel.cfg_degree={dims.cfg} "
-            f"parallel.ring_degree={dims.ring}; upstream splits only with Ulysses over every rank and FSDP "
-            "over every rank"
+            f"parallel={name} has no upstream equivalent: parallel.cfg_degree={par.cfg_degree} "
+            f"parallel.ring_degree={par.ring_degree}; upstream splits only with Ulysses over every rank and "
+            "FSDP over every rank"
         )
+    dims = parallel_dims(cfg, world_size)
     if dims.ulysses not in (1, world_size):
         raise _refuse(
             f"parallel.ulysses_degree={dims.ulysses} on {world_size} ranks: upstream asserts "
