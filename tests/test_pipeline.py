@@ -580,6 +580,7 @@ def test_clips_decode_as_upstream_and_the_motion_buffer_keeps_earlier_pixels(tmp
     monkeypatch.setattr(generate, "denoise_clip", recorder(generate.denoise_clip, sampled))
     monkeypatch.setattr(generate, "decode_clip", recorder(generate.decode_clip, decoded))
     monkeypatch.setattr(generate, "encode_motion", recorder(generate.encode_motion, encoded))
+    (tmp_path / "job" / "progress").mkdir(parents=True)  # as the host prepares a job dir for its ranks
     ctx = RankContext(cfg, 0, 0, 1, torch.device("cpu"), tmp_path / "job")
     frames, _waveform, clips = generate.generate_video(cfg, job_geometry(cfg), ctx, setup_parallel(cfg, ctx),
                                                        lambda step: nullcontext())

@@ -169,10 +169,11 @@ def test_simulated_rank_matches_real_gloo_ranks(tmp_path):
         assert _comm_figures(sim_rank) == _comm_figures(real_rank0), n
         assert "non-finite checks were off" in sim_rank["simulated"]["note"]
         assert simulated["prediction"]["step_s"] >= simulated["prediction"]["compute_s"] > 0
-    # the dashboard says the simulated times are one rank's compute; the real sweep's need no caveat
+    # the dashboard says the simulated times are one rank's compute; the real sweep's need no such
+    # caveat (it may carry another: 4 real ranks on a 2-core machine are an oversubscribed host)
     sim_report = (tmp_path / "sim" / "report.md").read_text()
     assert "## Times not comparable" in sim_report and "played rank 0 of 4 over the fake process group" in sim_report
-    assert "Times not comparable" not in (tmp_path / "real" / "report.md").read_text()
+    assert "fake process group" not in (tmp_path / "real" / "report.md").read_text()
     # sharded over more ranks, each holds less
     assert (sim_jobs[4]["ranks"][0]["train_state_bytes"]["parameters"]
             < sim_jobs[2]["ranks"][0]["train_state_bytes"]["parameters"])
