@@ -15,6 +15,7 @@ job did not complete) after the sweep. Hydra's own errors (a launcher plugin not
 Slurm missing, a config that does not exist) end in one line with the fix
 (wan_exp.host.hydra_errors).
 """
+
 import hydra
 from omegaconf import DictConfig
 

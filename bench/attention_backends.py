@@ -6,11 +6,13 @@
 Every backend runs through the model's own entry point (``wan_exp.models.attention``) with
 q, k, v in the model's layout, (B, N, H, d) = (1, N, 40, 128), so the figures include any
 copy a backend needs for that layout; ``--heads-first`` adds rows with each head's tokens
-contiguous in memory, (B, H, N, d) viewed as (B, N, H, d), to show what the layout costs. TFLOP/s counts 4·N²·H·d per forward. Each backend's
+contiguous in memory, (B, H, N, d) viewed as (B, N, H, d), to show what the layout costs. TFLOP/s counts
+4·N²·H·d per forward. Each backend's
 output is compared with the first backend that ran (relative L2 error), so a fast wrong
 kernel shows. flash-attn 2/3/4 rows appear when their modules import; otherwise the row
 says why it was not measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +50,10 @@ def main() -> None:
     rows = []
     for n in args.tokens:
         gen = torch.Generator("cuda").manual_seed(n)
-        q, k, v = (torch.randn(1, n, WAN_HEADS, WAN_HEAD_DIM, device="cuda", dtype=torch.bfloat16,
-                               generator=gen) for _ in range(3))
+        q, k, v = (
+            torch.randn(1, n, WAN_HEADS, WAN_HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for _ in range(3)
+        )
         flops = 4 * n * n * WAN_HEADS * WAN_HEAD_DIM
         reference = None
         for layout in layouts:

@@ -3,6 +3,7 @@
 Each script prints a header (device, torch/CUDA/cuDNN versions, date, the exact command
 line) so that a figure copied into docs/benchmarks.md carries its provenance with it.
 """
+
 from __future__ import annotations
 
 import datetime

@@ -5,6 +5,7 @@ the dispatch overhead alone, not the op's own work.
 
     python bench/comm_counter_cost.py --ops 20000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,9 @@ from contextlib import ExitStack
 
 import torch
 import torch.distributed as dist
-from benchlib import header
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from benchlib import header
 from wan_exp.metrics.comm import CommCounter
 from wan_exp.plan.fake_collectives import RealisticFakeCollectives
 
@@ -47,11 +48,16 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
     small, source, target = torch.ones(16), torch.ones(64), torch.empty(64)
-    cases = {"add (a non-collective op)": lambda: small.add(1.0),
-             "all_reduce (fake group)": lambda: dist.all_reduce(small),
-             "all_to_all_single (fake group)": lambda: dist.all_to_all_single(target, source)}
-    settings = {"no mode": [], "CommCounter": [CommCounter],
-                "CommCounter + RealisticFakeCollectives": [CommCounter, RealisticFakeCollectives]}
+    cases = {
+        "add (a non-collective op)": lambda: small.add(1.0),
+        "all_reduce (fake group)": lambda: dist.all_reduce(small),
+        "all_to_all_single (fake group)": lambda: dist.all_to_all_single(target, source),
+    }
+    settings = {
+        "no mode": [],
+        "CommCounter": [CommCounter],
+        "CommCounter + RealisticFakeCollectives": [CommCounter, RealisticFakeCollectives],
+    }
     print(f"{'op':34s} " + " ".join(f"{name:>40s}" for name in settings) + "   (us per op, median of repeats)")
     for label, call in cases.items():
         times = {name: per_op_us(call, args.ops, modes, args.repeats) for name, modes in settings.items()}

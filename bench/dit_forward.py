@@ -12,6 +12,7 @@ the first warm-up forward includes compilation and is reported separately as com
 forward would take if every FLOP ran at those rates (the floor, docs/facts.md §M, the first number).
 ``--profile`` prints where the device time of one forward goes (GEMM / attention / other).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from benchlib import event_time, header, load_model_config, median, timed_runs
+from wan_exp.geometry import AUDIO_TOKENS_PER_FRAME
 from wan_exp.metrics.flops import dit_forward_flops, mfu, peak_flops
 from wan_exp.models import attention as attn_backend
 from wan_exp.models.checkpoint import RandomWeights, load_into
-from wan_exp.geometry import AUDIO_TOKENS_PER_FRAME
 from wan_exp.models.wan_s2v import WanModel, apply_compile
 from wan_exp.units import GIB
 
@@ -69,8 +70,9 @@ def forward_flops(cfg, n_tokens: int, n_noisy: int, lat_f: int) -> float:
     if not cfg.s2v:
         return dit_forward_flops(cfg, n_tokens)
     per_query = AUDIO_TOKENS_PER_FRAME + 1  # a frame's local tokens + its padding token
-    return dit_forward_flops(cfg, n_tokens, audio_query_tokens=n_noisy,
-                             audio_tokens=lat_f * per_query, audio_tokens_per_query=per_query)
+    return dit_forward_flops(
+        cfg, n_tokens, audio_query_tokens=n_noisy, audio_tokens=lat_f * per_query, audio_tokens_per_query=per_query
+    )
 
 
 # ------------------------------------------------------------------ floor (docs/facts.md §M)
@@ -87,14 +89,16 @@ def floor_seconds(cfg, n_tokens: int, device: torch.device) -> dict:
         seconds = event_time(lambda: F.linear(inp, w, b))
         rates[name] = 2 * n_tokens * inp.shape[1] * out_features / seconds
     heads = cfg.num_heads
-    q, k, v = (torch.randn(1, n_tokens, heads, d // heads, device=device, dtype=torch.bfloat16)
-               for _ in range(3))
+    q, k, v = (torch.randn(1, n_tokens, heads, d // heads, device=device, dtype=torch.bfloat16) for _ in range(3))
     seconds = event_time(lambda: attn_backend.attention(q, k, v), warmup=1, repeat=5)
     rates["self_attention"] = 4 * n_tokens * n_tokens * d / seconds
-    per_block = (12 * n_tokens * d * d / rates["linear_d_d"]
-                 + 2 * n_tokens * d * f / rates["linear_d_ffn"] + 2 * n_tokens * d * f / rates["linear_ffn_d"]
-                 + 4 * n_tokens * n_tokens * d / rates["self_attention"]
-                 + (4 * n_tokens * m * d + 4 * m * d * d) / rates["linear_d_d"])
+    per_block = (
+        12 * n_tokens * d * d / rates["linear_d_d"]
+        + 2 * n_tokens * d * f / rates["linear_d_ffn"]
+        + 2 * n_tokens * d * f / rates["linear_ffn_d"]
+        + 4 * n_tokens * n_tokens * d / rates["self_attention"]
+        + (4 * n_tokens * m * d + 4 * m * d * d) / rates["linear_d_d"]
+    )
     return {"floor_s": layers * per_block, **{f"{k}_tflops": r / 1e12 for k, r in rates.items()}}
 
 
@@ -116,14 +120,17 @@ def profile_forward(run) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    events = [(e.key, e.self_device_time_total / 1e6, e.count) for e in prof.key_averages()
-              if e.self_device_time_total > 0]
+    events = [
+        (e.key, e.self_device_time_total / 1e6, e.count) for e in prof.key_averages() if e.self_device_time_total > 0
+    ]
     total = sum(t for _, t, _ in events)
     by_class: dict[str, float] = {}
     for name, seconds, _ in events:
         by_class[kernel_class(name)] = by_class.get(kernel_class(name), 0.0) + seconds
-    print(f"profile: device time {total:.3f} s = " + ", ".join(
-        f"{c} {t:.3f} s ({100 * t / total:.0f}%)" for c, t in sorted(by_class.items(), key=lambda i: -i[1])))
+    print(
+        f"profile: device time {total:.3f} s = "
+        + ", ".join(f"{c} {t:.3f} s ({100 * t / total:.0f}%)" for c, t in sorted(by_class.items(), key=lambda i: -i[1]))
+    )
     for name, seconds, count in sorted(events, key=lambda e: -e[1])[:25]:
         print(f"  {seconds * 1e3:9.1f} ms {count:6d}x  [{kernel_class(name):9}] {name[:110]}")
 
@@ -187,14 +194,23 @@ def main() -> None:
     seconds = median(measured)
     peak = peak_flops(torch.cuda.get_device_name(), "bf16")
     result = {
-        "model": args.model, "size": f"{height}*{width}", "frames": frames,
-        "latent_shape": list(inputs["noisy"].shape), "tokens": n_tokens, "noisy_tokens": n_noisy,
-        "layers": cfg.num_layers, "compile": args.compile,
+        "model": args.model,
+        "size": f"{height}*{width}",
+        "frames": frames,
+        "latent_shape": list(inputs["noisy"].shape),
+        "tokens": n_tokens,
+        "noisy_tokens": n_noisy,
+        "layers": cfg.num_layers,
+        "compile": args.compile,
         "attention_backend": attn_backend.selected_backend(),
-        "s_per_forward": seconds, "s_all": measured, "warmup_s": warm,
+        "s_per_forward": seconds,
+        "s_all": measured,
+        "warmup_s": warm,
         "compile_s": (warm[0] - seconds) if args.compile else None,
-        "tflop_per_forward": flops / 1e12, "tflops": flops / seconds / 1e12,
-        "mfu": mfu(flops, seconds, 1, peak), "weights_gib": weights_gib,
+        "tflop_per_forward": flops / 1e12,
+        "tflops": flops / seconds / 1e12,
+        "mfu": mfu(flops, seconds, 1, peak),
+        "weights_gib": weights_gib,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
         "output_finite": finite,
@@ -203,14 +219,32 @@ def main() -> None:
     if args.floor:
         result.update(floor_seconds(cfg, n_tokens, device))
     info = header(**{k: result[k] for k in ("model", "size", "frames", "tokens", "attention_backend", "compile")})
-    for key in ("s_per_forward", "s_all", "warmup_s", "compile_s", "tflop_per_forward", "tflops", "mfu",
-                "weights_gib", "peak_allocated_gib", "peak_reserved_gib", "peak_over_weights_gib",
-                "output_finite", "floor_s", "linear_d_d_tflops", "linear_d_ffn_tflops",
-                "linear_ffn_d_tflops", "self_attention_tflops"):
+    for key in (
+        "s_per_forward",
+        "s_all",
+        "warmup_s",
+        "compile_s",
+        "tflop_per_forward",
+        "tflops",
+        "mfu",
+        "weights_gib",
+        "peak_allocated_gib",
+        "peak_reserved_gib",
+        "peak_over_weights_gib",
+        "output_finite",
+        "floor_s",
+        "linear_d_d_tflops",
+        "linear_d_ffn_tflops",
+        "linear_ffn_d_tflops",
+        "self_attention_tflops",
+    ):
         if key in result:
             value = result[key]
-            text = f"{value:.4g}" if isinstance(value, float) else (
-                "[" + ", ".join(f"{v:.3f}" for v in value) + "]" if isinstance(value, list) else str(value))
+            text = (
+                f"{value:.4g}"
+                if isinstance(value, float)
+                else ("[" + ", ".join(f"{v:.3f}" for v in value) + "]" if isinstance(value, list) else str(value))
+            )
             print(f"{key:>22}: {text}")
     if not finite:
         print("WARNING: the output has non-finite values")
@@ -220,9 +254,11 @@ def main() -> None:
         with args.json.open("a") as fh:
             fh.write(json.dumps({**info, **result}) + "\n")
     mfu_text = "n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
-    print(f"RESULT {args.model} {height}x{width}x{frames} tokens={n_tokens} compile={args.compile} "
-          f"{seconds:.3f} s/forward {result['tflops']:.0f} TFLOP/s MFU {mfu_text} "
-          f"peak {result['peak_allocated_gib']:.1f} GiB (weights {weights_gib:.1f}) on {info['device']}")
+    print(
+        f"RESULT {args.model} {height}x{width}x{frames} tokens={n_tokens} compile={args.compile} "
+        f"{seconds:.3f} s/forward {result['tflops']:.0f} TFLOP/s MFU {mfu_text} "
+        f"peak {result['peak_allocated_gib']:.1f} GiB (weights {weights_gib:.1f}) on {info['device']}"
+    )
 
 
 if __name__ == "__main__":

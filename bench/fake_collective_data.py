@@ -8,6 +8,7 @@
 
     python bench/fake_collective_data.py --tokens 30000 --seconds 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,16 @@ def unwritten_outputs(device: torch.device, realistic: bool) -> dict[str, bool]:
         a2a, scattered, received = nan(8), nan(2), nan(3)
         dist.all_to_all_single(a2a, torch.arange(8.0, device=device))
         dist.reduce_scatter_tensor(scattered, torch.arange(8.0, device=device))
-        requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, torch.ones(3, device=device), 1),
-                                           dist.P2POp(dist.irecv, received, WORLD - 1)])
+        requests = dist.batch_isend_irecv(
+            [dist.P2POp(dist.isend, torch.ones(3, device=device), 1), dist.P2POp(dist.irecv, received, WORLD - 1)]
+        )
         for request in requests:
             request.wait()
-    return {"all_to_all": bool(a2a.isnan().all()), "reduce_scatter": bool(scattered.isnan().all()),
-            "recv": bool(received.isnan().all())}
+    return {
+        "all_to_all": bool(a2a.isnan().all()),
+        "reduce_scatter": bool(scattered.isnan().all()),
+        "recv": bool(received.isnan().all()),
+    }
 
 
 def sustained_tflops(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
@@ -67,14 +72,18 @@ def main() -> None:
         label = "with RealisticFakeCollectives" if realistic else "fake process group alone"
         print(f"unwritten outputs, {label}: {unwritten_outputs(device, realistic)}")
     dist.destroy_process_group()
-    weight = torch.randn(args.dim, args.dim, device=device, dtype=torch.bfloat16) / args.dim ** 0.5
-    operands = {"random": torch.randn(args.tokens, args.dim, device=device, dtype=torch.bfloat16),
-                "zeros": torch.zeros(args.tokens, args.dim, device=device, dtype=torch.bfloat16)}
+    weight = torch.randn(args.dim, args.dim, device=device, dtype=torch.bfloat16) / args.dim**0.5
+    operands = {
+        "random": torch.randn(args.tokens, args.dim, device=device, dtype=torch.bfloat16),
+        "zeros": torch.zeros(args.tokens, args.dim, device=device, dtype=torch.bfloat16),
+    }
     results = {}
     for kind in ("random", "zeros", "random"):  # random twice: the first and the last bracket zeros
         results.setdefault(kind, []).append(sustained_tflops(operands[kind], weight, args.seconds))
-        print(f"bf16 ({args.tokens} x {args.dim}) @ ({args.dim} x {args.dim}), {kind} activations: "
-              f"{results[kind][-1]:.0f} TFLOP/s")
+        print(
+            f"bf16 ({args.tokens} x {args.dim}) @ ({args.dim} x {args.dim}), {kind} activations: "
+            f"{results[kind][-1]:.0f} TFLOP/s"
+        )
     base = sum(results["random"]) / len(results["random"])
     print(f"zeros / random: {results['zeros'][0] / base:.3f}")
 

@@ -11,6 +11,7 @@ latent shape of a clip, next to a step time so the overhead reads as a fraction:
 one clip step = 2 DiT forwards). The check's time is measured with the device idle (the
 worst case for the sync: nothing queued behind it to hide the host round trip).
 """
+
 from __future__ import annotations
 
 import argparse

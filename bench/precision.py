@@ -24,8 +24,6 @@ from pathlib import Path
 import torch
 
 from benchlib import header, load_model_config, median, timed_runs
-
-from wan_exp.units import GIB
 from dit_forward import make_inputs, parse_size, token_counts
 from wan_exp.metrics.drift import relative_l2
 from wan_exp.models import attention
@@ -33,6 +31,7 @@ from wan_exp.models.checkpoint import RandomWeights, load_into
 from wan_exp.models.precision import apply_precision, reference_copy
 from wan_exp.models.wan_s2v import WanModel
 from wan_exp.precision_support import NEEDS
+from wan_exp.units import GIB
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ rank's own queries; time is the slowest rank's.
 
     torchrun --nproc_per_node 8 bench/ring_attention.py --tokens 35100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def qkv(tokens: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator("cuda").manual_seed(seed)
-    return tuple(torch.randn(1, tokens, WAN_HEADS, WAN_HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-                 for _ in range(3))
+    return tuple(
+        torch.randn(1, tokens, WAN_HEADS, WAN_HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+        for _ in range(3)
+    )
 
 
 def ring_in_one_process(kernel, q, k, v, chunks: int) -> torch.Tensor:
@@ -63,8 +66,10 @@ def one_gpu_rows(tokens: int, chunks_list: list[int]) -> None:
     whole = attn.attention(q, k, v)
     whole_ms = 1e3 * event_time(lambda: attn.attention(q, k, v))
     fp32 = attn.lse_math(q[:, :CHECK_QUERIES].float(), k.float(), v.float())[0]
-    print(f"{tokens:>7} {'whole: ' + str(attn.selected_backend()):<20} {1:>6} {whole_ms:>9.2f} {1.0:>8.3f} "
-          f"{0.0:>9.1e} {relative_error(whole[:, :CHECK_QUERIES], fp32):>9.1e}")
+    print(
+        f"{tokens:>7} {'whole: ' + str(attn.selected_backend()):<20} {1:>6} {whole_ms:>9.2f} {1.0:>8.3f} "
+        f"{0.0:>9.1e} {relative_error(whole[:, :CHECK_QUERIES], fp32):>9.1e}"
+    )
     for name in KERNELS:
         kernel = attn.LSE_IMPLEMENTATIONS[name]
         try:
@@ -75,14 +80,18 @@ def one_gpu_rows(tokens: int, chunks_list: list[int]) -> None:
         for chunks in (1, *chunks_list):
             out = ring_in_one_process(kernel, q, k, v, chunks)
             ms = 1e3 * event_time(lambda: ring_in_one_process(kernel, q, k, v, chunks))
-            print(f"{tokens:>7} {name:<20} {chunks:>6} {ms:>9.2f} {ms / whole_ms:>8.3f} "
-                  f"{relative_error(out, whole):>9.1e} {relative_error(out[:, :CHECK_QUERIES], fp32):>9.1e}")
+            print(
+                f"{tokens:>7} {name:<20} {chunks:>6} {ms:>9.2f} {ms / whole_ms:>8.3f} "
+                f"{relative_error(out, whole):>9.1e} {relative_error(out[:, :CHECK_QUERIES], fp32):>9.1e}"
+            )
 
 
 def several_gpus(tokens_list: list[int]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
-        print(f"{'tokens':>7} {'ranks':>5} {'ring ms (max)':>14} {'whole ms':>9} {'rel err (max)':>14} {'lse kernel':<18}")
+        print(
+            f"{'tokens':>7} {'ranks':>5} {'ring ms (max)':>14} {'whole ms':>9} {'rel err (max)':>14} {'lse kernel':<18}"
+        )
     for tokens in tokens_list:
         several_gpus_row(tokens, rank, world)
         torch.cuda.empty_cache()
@@ -92,8 +101,10 @@ def several_gpus_row(tokens: int, rank: int, world: int) -> None:
     q, k, v = qkv(tokens)  # the same seed on every rank: the whole sequence everywhere
     chunk = -(-tokens // world)
     pad = chunk * world - tokens
-    local = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad))[:, rank * chunk:(rank + 1) * chunk].contiguous()
-             for t in (q, k, v)]
+    local = [
+        torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad))[:, rank * chunk : (rank + 1) * chunk].contiguous()
+        for t in (q, k, v)
+    ]
 
     def valid(c: int) -> int:
         return max(0, min(chunk, tokens - c * chunk))
@@ -101,14 +112,16 @@ def several_gpus_row(tokens: int, rank: int, world: int) -> None:
     attn.configure("auto")
     out = ring_attention(*local, dist.group.WORLD, valid)
     ring_ms = torch.tensor(1e3 * event_time(lambda: ring_attention(*local, dist.group.WORLD, valid)), device="cuda")
-    whole = attn.attention(q[:, rank * chunk:rank * chunk + valid(rank)], k, v)
+    whole = attn.attention(q[:, rank * chunk : rank * chunk + valid(rank)], k, v)
     whole_ms = 1e3 * event_time(lambda: attn.attention(q, k, v))
-    err = torch.tensor(relative_error(out[:, :valid(rank)], whole) if valid(rank) else 0.0, device="cuda")
+    err = torch.tensor(relative_error(out[:, : valid(rank)], whole) if valid(rank) else 0.0, device="cuda")
     dist.all_reduce(ring_ms, op=dist.ReduceOp.MAX)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
     if rank == 0:
-        print(f"{tokens:>7} {world:>5} {ring_ms.item():>14.2f} {whole_ms:>9.2f} {err.item():>14.1e} "
-              f"{str(attn.selected_lse_backend()):<18}")
+        print(
+            f"{tokens:>7} {world:>5} {ring_ms.item():>14.2f} {whole_ms:>9.2f} {err.item():>14.1e} "
+            f"{str(attn.selected_lse_backend()):<18}"
+        )
 
 
 def main() -> None:

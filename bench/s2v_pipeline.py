@@ -11,6 +11,7 @@ video goes to a temporary job dir. The decode modes run on the latents of one cl
 motion latents (19 + 20 latent frames, as the pipeline decodes them); ``sharded`` needs two
 ranks and is left out. Prints a JSON line per figure after the header.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,18 @@ def experiment_config(size: str, steps: int, extra: list[str]):
     generate workload at upstream's defaults, one rank."""
     cfg = OmegaConf.structured(ExperimentConfig)
     cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(REPO / "conf" / "model" / "s2v_14b.yaml"))
-    settings = [f"workload.size={size}", f"workload.sample_steps={steps}", "workload.clips=1",
-                "workload.warmup_steps=1", "workload.guidance_scale=4.5", "workload.shift=3.0",
-                "workload.save_video=true", "parallel.name=single", "logger.mode=disabled", *extra]
+    settings = [
+        f"workload.size={size}",
+        f"workload.sample_steps={steps}",
+        "workload.clips=1",
+        "workload.warmup_steps=1",
+        "workload.guidance_scale=4.5",
+        "workload.shift=3.0",
+        "workload.save_video=true",
+        "parallel.name=single",
+        "logger.mode=disabled",
+        *extra,
+    ]
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(settings))
 
 
@@ -52,19 +62,26 @@ def pipeline(cfg, job_dir: Path) -> dict:
     info = run_generate(cfg, ctx)
     wall = time.perf_counter() - start
     record = ctx.metrics.rank_record()
-    return {"wall_s": wall, "init_phases_s": record["init_phases_s"], "stages": record["stages"],
-            "step_times_s": record["step_times_s"], "memory": record["memory"], "workload": info}
+    return {
+        "wall_s": wall,
+        "init_phases_s": record["init_phases_s"],
+        "stages": record["stages"],
+        "step_times_s": record["step_times_s"],
+        "memory": record["memory"],
+        "workload": info,
+    }
 
 
 def decode_modes(cfg) -> list[dict]:
     device = torch.device("cuda", 0)
     vae = build_vae(cfg.model, device)
     height, width = (int(v) for v in str(cfg.workload.size).split("*"))
-    latents = torch.randn(1, 16, cfg.model.motion_frames + cfg.workload.frames_per_clip // 4,
-                          height // 8, width // 8, device=device)
+    latents = torch.randn(
+        1, 16, cfg.model.motion_frames + cfg.workload.frames_per_clip // 4, height // 8, width // 8, device=device
+    )
     rows = []
     for mode in SINGLE_GPU_MODES:
-        for attempt in ("warm-up", "measured"):
+        for _attempt in ("warm-up", "measured"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -73,10 +90,16 @@ def decode_modes(cfg) -> list[dict]:
             torch.cuda.synchronize()
             seconds = time.perf_counter() - start
             del pixels
-        rows.append({"mode": mode, "seconds": seconds, "frames": 1 + 4 * (latents.shape[2] - 1),
-                     "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-                     "peak_above_weights_gib": (torch.cuda.max_memory_allocated() - base) / GIB,
-                     "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB})
+        rows.append(
+            {
+                "mode": mode,
+                "seconds": seconds,
+                "frames": 1 + 4 * (latents.shape[2] - 1),
+                "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+                "peak_above_weights_gib": (torch.cuda.max_memory_allocated() - base) / GIB,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+            }
+        )
         torch.cuda.empty_cache()
     return rows
 
@@ -98,10 +121,18 @@ def main() -> None:
         for name, entry in result["stages"].items():
             print(json.dumps({"stage": name, **entry}))
         total = sum(e["seconds"] for e in result["stages"].values())
-        print(json.dumps({"pipeline_s": total, "dit_share": result["stages"]["denoise"]["seconds"] / total,
-                          "seconds_per_video_second": total / result["workload"]["video_seconds"],
-                          "step_s_median": statistics.median(result["step_times_s"] or [float("nan")]),
-                          "init_phases_s": result["init_phases_s"], "memory": result["memory"]}))
+        print(
+            json.dumps(
+                {
+                    "pipeline_s": total,
+                    "dit_share": result["stages"]["denoise"]["seconds"] / total,
+                    "seconds_per_video_second": total / result["workload"]["video_seconds"],
+                    "step_s_median": statistics.median(result["step_times_s"] or [float("nan")]),
+                    "init_phases_s": result["init_phases_s"],
+                    "memory": result["memory"],
+                }
+            )
+        )
         torch.cuda.empty_cache()
     for row in decode_modes(cfg):
         print(json.dumps({"vae_decode": row}))

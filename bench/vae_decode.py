@@ -19,6 +19,7 @@ before the call (the latents and weights), seconds (best of --repeat), the peak'
 whole-frame decode's, and the largest difference from it (fp32 with TF32 off).
 The goal (docs/pipeline.md): tiled <= 0.6 x whole; a sharded rank <= 0.6 x whole / N plus the gather.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,9 @@ import torch
 import torch.distributed as dist
 
 from benchlib import header
-
-from wan_exp.units import GIB
 from wan_exp.models.vae import WanVAE
 from wan_exp.parallel.vae import TILED_GRID, decode_clip, shard_strips
+from wan_exp.units import GIB
 
 MOTION_LATENTS = 19
 
@@ -83,8 +83,13 @@ def main() -> None:
         vae = WanVAE(96).eval().requires_grad_(False)
         latents = torch.randn(1, 16, latent_frames, height, width)
     if rank == 0:
-        header(size=args.size, latent_frames=latent_frames, pixel_frames=1 + 4 * (latent_frames - 1),
-               tiled_grid=TILED_GRID, world=world)
+        header(
+            size=args.size,
+            latent_frames=latent_frames,
+            pixel_frames=1 + 4 * (latent_frames - 1),
+            tiled_grid=TILED_GRID,
+            world=world,
+        )
     if args.gather:
         dist.init_process_group("nccl", device_id=device)
         whole = vae.decode(latents)
@@ -94,13 +99,15 @@ def main() -> None:
         return
     whole_row = measure(lambda: vae.decode(latents), args.repeat, None)
     whole = vae.decode(latents)
-    rows = [{"mode": "every_rank", **whole_row},
-            {"mode": "tiled", **measure(lambda: decode_clip(vae, latents, "tiled", 0, 1), args.repeat, whole)}]
+    rows = [
+        {"mode": "every_rank", **whole_row},
+        {"mode": "tiled", **measure(lambda: decode_clip(vae, latents, "tiled", 0, 1), args.repeat, whole)},
+    ]
     for ranks in args.ranks:
         strips, _axis = shard_strips(height, width, ranks)
         for share, strip in enumerate(strips):
             row = measure(lambda strip=strip: vae.decode(latents, strip, grid=TILED_GRID), args.repeat, None)
-            cut = whole[:, :, :, strip.top * 8:strip.bottom * 8, strip.left * 8:strip.right * 8]
+            cut = whole[:, :, :, strip.top * 8 : strip.bottom * 8, strip.left * 8 : strip.right * 8]
             row["max_abs_diff"] = (vae.decode(latents, strip, grid=TILED_GRID) - cut).abs().max().item()
             rows.append({"mode": "sharded", "ranks": ranks, "rank": share, "with_gather": False, **row})
     for row in rows:

@@ -13,6 +13,7 @@
    ``CheckpointReader`` + ``load_into`` a meta-device model, onto the GPU, bf16.
 The goal: step 3 at no less than half the one-stream bandwidth of step 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ def drop_page_cache() -> None:
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     except OSError as err:
-        raise SystemExit(f"cannot drop the page cache ({err}): run as root, or the read figures "
-                         "would measure memory, not the disk") from err
+        raise SystemExit(
+            f"cannot drop the page cache ({err}): run as root, or the read figures would measure memory, not the disk"
+        ) from err
 
 
 def read_file(path: Path) -> int:
@@ -75,8 +77,10 @@ def main() -> None:
     args.folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.folder).free
     if free < total_bytes + 4 * GIB:
-        raise SystemExit(f"--folder {args.folder}: {free / GIB:.1f} GiB free, the checkpoint needs "
-                         f"{total_bytes / GIB:.1f} GiB + 4 GiB headroom; pass --layers K for a subset")
+        raise SystemExit(
+            f"--folder {args.folder}: {free / GIB:.1f} GiB free, the checkpoint needs "
+            f"{total_bytes / GIB:.1f} GiB + 4 GiB headroom; pass --layers K for a subset"
+        )
     mount = subprocess.run(["df", "-h", str(args.folder)], capture_output=True, text=True).stdout.strip()
 
     start = time.perf_counter()
@@ -106,19 +110,26 @@ def main() -> None:
     info = header(model=args.model, layers=cfg.num_layers, folder=str(args.folder))
     print(mount)
     rows = {
-        "checkpoint_gib": on_disk / GIB, "shards": len(shards), "loaded_gib": loaded / GIB,
-        "generate_s": generate_s, "write_s": write_s, "write_gib_per_s": on_disk / write_s / GIB,
+        "checkpoint_gib": on_disk / GIB,
+        "shards": len(shards),
+        "loaded_gib": loaded / GIB,
+        "generate_s": generate_s,
+        "write_s": write_s,
+        "write_gib_per_s": on_disk / write_s / GIB,
         "disk_read_1_stream_gib_per_s": one_stream / GIB,
         f"disk_read_{len(shards)}_streams_gib_per_s": all_streams / GIB,
-        "load_s": load_s, "load_gib_per_s": load_rate / GIB,
+        "load_s": load_s,
+        "load_gib_per_s": load_rate / GIB,
         "load_over_disk_1_stream": load_rate / one_stream,
     }
     for key, value in rows.items():
         print(f"{key:>32}: {value:.4g}" if isinstance(value, float) else f"{key:>32}: {value}")
     verdict = "meets" if load_rate >= 0.5 * one_stream else "MISSES"
-    print(f"RESULT load {on_disk / GIB:.1f} GiB in {load_s:.1f} s = {load_rate / GIB:.2f} GiB/s, "
-          f"{100 * load_rate / one_stream:.0f}% of the disk's one-stream {one_stream / GIB:.2f} GiB/s "
-          f"({verdict} the 50% goal) on {info['device']}")
+    print(
+        f"RESULT load {on_disk / GIB:.1f} GiB in {load_s:.1f} s = {load_rate / GIB:.2f} GiB/s, "
+        f"{100 * load_rate / one_stream:.0f}% of the disk's one-stream {one_stream / GIB:.2f} GiB/s "
+        f"({verdict} the 50% goal) on {info['device']}"
+    )
     if not args.keep:
         shutil.rmtree(args.folder)
 

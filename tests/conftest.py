@@ -1,4 +1,5 @@
 """Shared test fixtures. GPU tests carry @pytest.mark.gpu and skip where CUDA is absent."""
+
 import os
 
 import pytest

@@ -1,4 +1,5 @@
 """Run launch.py in a subprocess and read back what its jobs left (shared by the harness tests)."""
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,15 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_launch(sweep_dir: Path, *overrides: str, multirun: bool = False, timeout: float = 180,
-               env: Optional[dict] = None) -> subprocess.CompletedProcess:
+def run_launch(
+    sweep_dir: Path, *overrides: str, multirun: bool = False, timeout: float = 180, env: Optional[dict] = None
+) -> subprocess.CompletedProcess:
     """`python launch.py [-m] <overrides> hydra.sweep.dir=<sweep_dir>`, output captured."""
     cmd = [sys.executable, str(REPO / "launch.py")] + (["-m"] if multirun else [])
     cmd += list(overrides) + [f"hydra.sweep.dir={sweep_dir}"]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def job_results(sweep_dir: Path) -> list[dict]:

@@ -1,6 +1,7 @@
 """A Hydra callback for tests: a pause after each job, so that a test can stop a sweep
 between two jobs. Used as ``+hydra.callbacks.pause._target_=pause_callback.PauseAfterJob``
 with the tests folder on PYTHONPATH."""
+
 from __future__ import annotations
 
 import time

@@ -1,5 +1,6 @@
 """Attention entry point: backends agree with the softmax formula on CPU, `auto` records what
 ran, unknown or unusable backends fail with a clear message, and the flash-attn probe."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,11 @@ def restore_auto():
 
 def qkv(seed=0, nq=7, nk=9):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, nq, 3, 16, generator=g), torch.randn(2, nk, 3, 16, generator=g),
-            torch.randn(2, nk, 3, 16, generator=g))
+    return (
+        torch.randn(2, nq, 3, 16, generator=g),
+        torch.randn(2, nk, 3, 16, generator=g),
+        torch.randn(2, nk, 3, 16, generator=g),
+    )
 
 
 def formula(q, k, v):
@@ -69,9 +73,11 @@ def test_every_candidate_passed_over_is_recorded_with_why(monkeypatch):
     rejected: dict[str, str] = {}
     candidates = attn._auto_candidates(torch.device("cuda"), rejected)
     assert candidates == ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math"]
-    assert rejected == {"fa3": "not installed (module flash_attn_interface not importable)",
-                        "fa4": "not installed (module flash_attn.cute not importable)",
-                        "flash_attn": "not installed (module flash_attn not importable)"}
+    assert rejected == {
+        "fa3": "not installed (module flash_attn_interface not importable)",
+        "fa4": "not installed (module flash_attn.cute not importable)",
+        "flash_attn": "not installed (module flash_attn not importable)",
+    }
     attn.configure("sdpa_math")
     attn.configure("auto")  # a new request clears what an earlier one recorded
     assert attn.backend_report()["not_chosen_lse"] == {}
@@ -91,13 +97,16 @@ def test_flash_attn_status_reports_and_diagnoses():
         assert status["ok"] is False and "no CUDA device" in status["error"]
 
 
-@pytest.mark.parametrize("error, meaning", [
-    ("ImportError: /x/flash_attn_2_cuda.so: undefined symbol: _ZN3c10", "another torch version or C++ ABI"),
-    ("RuntimeError: CUDA error: no kernel image is available", "another GPU architecture"),
-    ("ImportError: No module named 'flash_attn'", "flash-attn is not installed"),
-    ("ImportError: cannot import name 'flash_attn_func' from 'flash_attn' (unknown location)", "use fa4"),
-    ("something new", "see the error text"),
-])
+@pytest.mark.parametrize(
+    "error, meaning",
+    [
+        ("ImportError: /x/flash_attn_2_cuda.so: undefined symbol: _ZN3c10", "another torch version or C++ ABI"),
+        ("RuntimeError: CUDA error: no kernel image is available", "another GPU architecture"),
+        ("ImportError: No module named 'flash_attn'", "flash-attn is not installed"),
+        ("ImportError: cannot import name 'flash_attn_func' from 'flash_attn' (unknown location)", "use fa4"),
+        ("something new", "see the error text"),
+    ],
+)
 def test_flash_attn_errors_are_diagnosed(error, meaning):
     assert meaning in attn.diagnose_flash_attn_error(error)
 

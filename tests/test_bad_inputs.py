@@ -7,6 +7,7 @@ A few end-to-end runs prove the launch path refuses before any job dir exists.
 Checkpoint problems surface in the ranks (the model loader); their job must be failed
 with the loader's message as root cause.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,16 @@ BAD_OVERRIDES = [
     (["parallel=foo"], "Could not find 'parallel/foo'"),
     (["model.attention_backend=foo"], "Invalid value 'foo'"),
     (["logger.mode=sometimes"], "Invalid value 'sometimes'"),
-    (["parallel.ulysses_degree=3"], "ulysses=3 = 3 ranks, but the job has 2; with cfg=1 and fsdp=1 this works: "
-                                     "parallel.ulysses_degree=2 parallel.ring_degree=1"),
-    (["parallel.ulysses_degree=-1", "launcher.nproc_per_node=3"],
-     "parallel.ulysses_degree=3 does not divide the 4 heads (model.num_heads); "
-     "parallel.ulysses_degree=1 parallel.ring_degree=3 does"),
+    (
+        ["parallel.ulysses_degree=3"],
+        "ulysses=3 = 3 ranks, but the job has 2; with cfg=1 and fsdp=1 this works: "
+        "parallel.ulysses_degree=2 parallel.ring_degree=1",
+    ),
+    (
+        ["parallel.ulysses_degree=-1", "launcher.nproc_per_node=3"],
+        "parallel.ulysses_degree=3 does not divide the 4 heads (model.num_heads); "
+        "parallel.ulysses_degree=1 parallel.ring_degree=3 does",
+    ),
     (["launcher.nproc_per_node=abc"], "launcher.nproc_per_node='abc'"),
     (["launcher.nproc_per_node=0"], "launcher.nproc_per_node='0'"),
     (["workload.size=100*64"], "workload.size='100*64': height 100 must be a positive multiple of 16"),
@@ -50,8 +56,10 @@ BAD_OVERRIDES = [
     (["launcher.nnodes=2"], "the other nodes cannot reach it"),
     (["+unknown=1"], "unknown is not a setting of the experiment config"),
     (["workload.sample_steps=2", "workload.warmup_steps=2"], "workload.warmup_steps=2 but workload=generate runs 2"),
-    (["parallel=hybrid", "parallel.ulysses_degree=2", "parallel.fsdp.degree=3", "launcher.nproc_per_node=4"],
-     "cfg x fsdp = 3 does not divide 4 ranks; use degrees whose product is 4"),
+    (
+        ["parallel=hybrid", "parallel.ulysses_degree=2", "parallel.fsdp.degree=3", "launcher.nproc_per_node=4"],
+        "cfg x fsdp = 3 does not divide 4 ranks; use degrees whose product is 4",
+    ),
 ]
 
 
@@ -87,8 +95,10 @@ def test_oom_fault_without_a_gpu():
         check_job(compose_config(["fault=oom"]), gpus=0)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or psutil.virtual_memory().available > 80 * 1024**3,
-                    reason="the 14B model's weights (2 ranks x 41.5 GiB) fit on this machine")
+@pytest.mark.skipif(
+    torch.cuda.is_available() or psutil.virtual_memory().available > 80 * 1024**3,
+    reason="the 14B model's weights (2 ranks x 41.5 GiB) fit on this machine",
+)
 def test_s2v_14b_on_a_small_cpu_box_fails_before_any_worker(tmp_path):
     proc = run_launch(tmp_path, "model=s2v_14b", "logger=disabled", timeout=120)
     assert proc.returncode != 0
@@ -128,8 +138,9 @@ def test_bad_checkpoints_fail_their_jobs_with_the_loader_message(tmp_path):
     folders = _bad_checkpoints(tmp_path)
     sweep = tmp_path / "sweep"
     dirs = ",".join(str(folders[k]) for k in ("bad_index", "truncated"))
-    proc = run_launch(sweep, f"model.checkpoint_dir={dirs}", "parallel=single", "workload=init",
-                      "logger=disabled", multirun=True)
+    proc = run_launch(
+        sweep, f"model.checkpoint_dir={dirs}", "parallel=single", "workload=init", "logger=disabled", multirun=True
+    )
     assert proc.returncode == 1, output(proc)
     jobs = job_results(sweep)
     assert [r["status"] for r in jobs] == ["failed"] * 2

@@ -1,5 +1,6 @@
 """Weight sources: the official sharded layout round trip, random weights, and every failure
 the loader must explain (missing/unexpected keys, wrong shape, bad index, corrupt shard)."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,13 @@ from omegaconf import OmegaConf
 
 from wan_exp.config import ModelConfig
 from wan_exp.models.checkpoint import (
-    INDEX_NAME, CheckpointError, CheckpointReader, RandomWeights, load_into, open_weights, write_checkpoint,
+    INDEX_NAME,
+    CheckpointError,
+    CheckpointReader,
+    RandomWeights,
+    load_into,
+    open_weights,
+    write_checkpoint,
 )
 from wan_exp.models.wan_s2v import WanModel
 
@@ -41,16 +48,21 @@ def meta_model(cfg):
 
 def inputs(cfg):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(1, 16, 1, 8, 8, generator=g), torch.tensor([300.0]),
-            torch.randn(1, cfg.text_len, cfg.text_dim, generator=g),
-            torch.randn(1, cfg.audio_layers, 4, cfg.audio_dim, generator=g),
-            torch.randn(1, 16, 1, 8, 8, generator=g), torch.randn(1, 16, 19, 8, 8, generator=g))
+    return (
+        torch.randn(1, 16, 1, 8, 8, generator=g),
+        torch.tensor([300.0]),
+        torch.randn(1, cfg.text_len, cfg.text_dim, generator=g),
+        torch.randn(1, cfg.audio_layers, 4, cfg.audio_dim, generator=g),
+        torch.randn(1, 16, 1, 8, 8, generator=g),
+        torch.randn(1, 16, 19, 8, 8, generator=g),
+    )
 
 
 def test_official_layout_round_trip_gives_identical_output(cfg, source_model, folder):
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["config.json"] + [f"diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] + [
-        INDEX_NAME]
+        INDEX_NAME
+    ]
     index = json.loads((folder / INDEX_NAME).read_text())
     assert set(index["weight_map"]) == set(source_model.state_dict())
     assert len(set(index["weight_map"].values())) == 3
@@ -79,8 +91,10 @@ def test_random_weights_are_deterministic_by_name_and_row_slices_match(cfg):
     assert torch.equal(source.get(key, torch.float32, "cpu", rows=slice(200, 300)), full[200:300])
     assert torch.equal(RandomWeights(cfg, 0).get(key, torch.float32, "cpu", rows=slice(300, None)), full[300:])
     assert not torch.equal(RandomWeights(cfg, 1).get(key, torch.float32, "cpu"), full)
-    assert not torch.equal(source.get("blocks.1.self_attn.q.weight", torch.float32, "cpu"),
-                           source.get("blocks.0.self_attn.q.weight", torch.float32, "cpu"))
+    assert not torch.equal(
+        source.get("blocks.1.self_attn.q.weight", torch.float32, "cpu"),
+        source.get("blocks.0.self_attn.q.weight", torch.float32, "cpu"),
+    )
     assert full.std().item() == pytest.approx(64**-0.5, rel=0.1)  # unit-variance outputs
     assert torch.equal(source.get("blocks.0.norm3.weight", torch.float32, "cpu"), torch.ones(64))
     assert torch.equal(source.get("blocks.0.ffn.0.bias", torch.float32, "cpu"), torch.zeros(128))
@@ -108,16 +122,22 @@ def test_wrong_shape_names_key_and_both_shapes(cfg, source_model, tmp_path):
     state = dict(source_model.state_dict())
     state["blocks.1.self_attn.q.weight"] = torch.zeros(64, 32)
     write_checkpoint(state, tmp_path, shards=2)
-    with pytest.raises(CheckpointError, match=r"blocks\.1\.self_attn\.q\.weight: the weights have shape "
-                                              r"\(64, 32\), the model expects \(64, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"blocks\.1\.self_attn\.q\.weight: the weights have shape "
+        r"\(64, 32\), the model expects \(64, 64\)",
+    ):
         load_into(meta_model(cfg), CheckpointReader(tmp_path), torch.float32, "cpu")
 
 
-@pytest.mark.parametrize("content, reason", [
-    (None, "not found"),
-    ("{not json", "unreadable or not valid JSON"),
-    ('{"metadata": {}}', "has no 'weight_map' object"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (None, "not found"),
+        ("{not json", "unreadable or not valid JSON"),
+        ('{"metadata": {}}', "has no 'weight_map' object"),
+    ],
+)
 def test_bad_index_is_reported_by_file_name(folder, content, reason):
     index = folder / INDEX_NAME
     if content is None:

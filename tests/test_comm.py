@@ -3,6 +3,7 @@ hand, on torch's fake process group (4 ranks played by this one process: collect
 return without moving data, the counter still sees every call), plus the rank record and
 the job summary. The counts of real gloo runs (Ulysses x ring, CFG x ring) are checked in
 tests/dist/split_equivalence.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from wan_exp.metrics.collector import MetricsCollector
-from wan_exp.metrics.summary import rank_figures, summarize
 from wan_exp.metrics.comm import CommCounter
+from wan_exp.metrics.summary import rank_figures, summarize
 
 WORLD = 4  # ranks of the fake process group (conftest's fake_group)
 F32 = 4
@@ -28,14 +29,14 @@ def test_every_collective_kind_counts_its_bytes_as_documented(fake_group):
     counter = CommCounter()
     pair = dist.new_group([0, 1])
     with counter:
-        dist.all_reduce(torch.ones(10))                                        # 40 B, x 2*3/4
-        dist.all_reduce(torch.ones(6, dtype=torch.bfloat16), group=pair)       # 12 B, x 2*1/2
-        dist.all_gather_into_tensor(torch.empty(4 * 5), torch.ones(5))         # output 80 B, x 3/4
-        dist.reduce_scatter_tensor(torch.empty(3), torch.ones(4 * 3))          # input 48 B, x 3/4
-        dist.all_to_all_single(torch.empty(8), torch.ones(8))                  # input 32 B, x 3/4
-        dist.broadcast(torch.ones(7), src=0)                                   # 28 B, x 1
-        dist.send(torch.ones(2, 3), dst=1)                                     # 24 B
-        dist.recv(torch.empty(5), src=3)                                       # 20 B
+        dist.all_reduce(torch.ones(10))  # 40 B, x 2*3/4
+        dist.all_reduce(torch.ones(6, dtype=torch.bfloat16), group=pair)  # 12 B, x 2*1/2
+        dist.all_gather_into_tensor(torch.empty(4 * 5), torch.ones(5))  # output 80 B, x 3/4
+        dist.reduce_scatter_tensor(torch.empty(3), torch.ones(4 * 3))  # input 48 B, x 3/4
+        dist.all_to_all_single(torch.empty(8), torch.ones(8))  # input 32 B, x 3/4
+        dist.broadcast(torch.ones(7), src=0)  # 28 B, x 1
+        dist.send(torch.ones(2, 3), dst=1)  # 24 B
+        dist.recv(torch.empty(5), src=3)  # 20 B
         dist.barrier()
     assert _totals(counter.counts["other"]) == {
         "all_reduce": {"count": 2, "bytes": 40 + 12, "bus_bytes": 40 * 1.5 + 12 * 1.0},
@@ -103,12 +104,22 @@ def test_collector_buckets_calls_by_phase_and_step_into_the_rank_record(fake_gro
 def _record(rank: int, step_bytes: int | None, init_bytes: int) -> dict:
     """A rank record as MetricsCollector.rank_record() lays it out (its derived figures
     included); step_bytes None: no measured step (workload=init)."""
-    per_step = None if step_bytes is None else {
-        "all_to_all": {"count": 3, "bytes": step_bytes, "bus_bytes": step_bytes / 2}}
-    record = {"rank": rank, "world_size": 2, "device_name": "cpu", "step_times_s": [] if per_step is None else [1.0],
-              "init_phases_s": {}, "memory": {"peak_host_rss_gib": 1.0}, "workload": {},
-              "comm": {"per_step": per_step,
-                       "init": {"broadcast": {"count": 1, "bytes": init_bytes, "bus_bytes": init_bytes}}}}
+    per_step = (
+        None if step_bytes is None else {"all_to_all": {"count": 3, "bytes": step_bytes, "bus_bytes": step_bytes / 2}}
+    )
+    record = {
+        "rank": rank,
+        "world_size": 2,
+        "device_name": "cpu",
+        "step_times_s": [] if per_step is None else [1.0],
+        "init_phases_s": {},
+        "memory": {"peak_host_rss_gib": 1.0},
+        "workload": {},
+        "comm": {
+            "per_step": per_step,
+            "init": {"broadcast": {"count": 1, "bytes": init_bytes, "bus_bytes": init_bytes}},
+        },
+    }
     return {**record, **rank_figures(record["step_times_s"], record["init_phases_s"], record["comm"])}
 
 
@@ -162,13 +173,20 @@ def test_uneven_all_to_all_counts_exact_bus_bytes(fake_group):
     (48 B), so 120 - 48 = 72 B cross the link, not 120 x 3/4 = 90."""
     counter = CommCounter()
     with counter:
-        dist.all_to_all_single(torch.empty(10, 3), torch.ones(10, 3), output_split_sizes=[4, 1, 2, 3],
-                               input_split_sizes=[4, 1, 2, 3])
-        dist.all_to_all([torch.empty(n) for n in (2, 3, 4, 5)], [torch.ones(n) for n in (2, 3, 4, 5)])  # keeps 8 B of 56
-        torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_to_all_single(
-            torch.ones(10, 3), [4, 1, 2, 3], [1, 2, 3, 4], dist.group.WORLD.group_name))  # keeps 1 row, 12 B
+        dist.all_to_all_single(
+            torch.empty(10, 3), torch.ones(10, 3), output_split_sizes=[4, 1, 2, 3], input_split_sizes=[4, 1, 2, 3]
+        )
+        dist.all_to_all(
+            [torch.empty(n) for n in (2, 3, 4, 5)], [torch.ones(n) for n in (2, 3, 4, 5)]
+        )  # keeps 8 B of 56
+        torch.ops._c10d_functional.wait_tensor(
+            torch.ops._c10d_functional.all_to_all_single(
+                torch.ones(10, 3), [4, 1, 2, 3], [1, 2, 3, 4], dist.group.WORLD.group_name
+            )
+        )  # keeps 1 row, 12 B
     assert _totals(counter.counts["other"]) == {
-        "all_to_all": {"count": 3, "bytes": 120 + 56 + 120, "bus_bytes": 72.0 + 48.0 + 108.0}}
+        "all_to_all": {"count": 3, "bytes": 120 + 56 + 120, "bus_bytes": 72.0 + 48.0 + 108.0}
+    }
     assert counter.counts["other"]["all_to_all"]["messages"] == {"120x0.6": 1, "56x0.857143": 1, "120x0.9": 1}
 
 
@@ -176,8 +194,9 @@ def test_the_functional_reduce_scatter_with_out_is_counted(fake_group):
     counter = CommCounter()
     out = torch.empty(3)
     with counter:
-        torch.ops._c10d_functional.reduce_scatter_tensor_out(torch.ones(12), "sum", WORLD, dist.group.WORLD.group_name,
-                                                             out=out)
+        torch.ops._c10d_functional.reduce_scatter_tensor_out(
+            torch.ones(12), "sum", WORLD, dist.group.WORLD.group_name, out=out
+        )
     assert _totals(counter.counts["other"]) == {"reduce_scatter": {"count": 1, "bytes": 48, "bus_bytes": 36.0}}
 
 
@@ -202,15 +221,31 @@ def test_point_to_point_of_real_gloo_ranks_is_counted(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", "localhost:0", str(repo / "tests" / "dist" / "comm_p2p.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        str(repo / "tests" / "dist" / "comm_p2p.py"),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=repo, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     counts = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
     # isend 24 B + batched 24 B (+ rank 0's blocking 4 B bf16 send); irecv and batched alike
-    assert _totals(counts[0]) == {"send": {"count": 3, "bytes": 24 + 24 + 4, "bus_bytes": 52.0},
-                                  "recv": {"count": 2, "bytes": 48, "bus_bytes": 48.0}}
-    assert _totals(counts[1]) == {"send": {"count": 2, "bytes": 48, "bus_bytes": 48.0},
-                                  "recv": {"count": 3, "bytes": 52, "bus_bytes": 52.0}}
+    assert _totals(counts[0]) == {
+        "send": {"count": 3, "bytes": 24 + 24 + 4, "bus_bytes": 52.0},
+        "recv": {"count": 2, "bytes": 48, "bus_bytes": 48.0},
+    }
+    assert _totals(counts[1]) == {
+        "send": {"count": 2, "bytes": 48, "bus_bytes": 48.0},
+        "recv": {"count": 3, "bytes": 52, "bus_bytes": 52.0},
+    }
     assert counts[0]["send"]["messages"] == {"24x1": 2, "4x1": 1}

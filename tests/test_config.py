@@ -1,4 +1,5 @@
 """Config groups compose against the schema; rank environment and rank counts are decided right."""
+
 from __future__ import annotations
 
 import logging
@@ -9,11 +10,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from wan_exp.host.agent import launch_config
 from wan_exp.config import ConfigError, ExperimentConfig, register_configs
-from wan_exp.preflight import JobShape, check_launch_settings, ranks_per_node, validate
+from wan_exp.host.agent import launch_config
 from wan_exp.host.envvars import JOB_DIR_VAR, rank_environment
 from wan_exp.host.job import agent_spec, node_layout
+from wan_exp.preflight import JobShape, check_launch_settings, ranks_per_node, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "parallel", "nccl", "allocator", "workload", "logger", "fault")
@@ -31,8 +32,10 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
     if (group, option) == ("workload", "upstream"):  # needs a checkout and a checkpoint folder
         from upstream_standin import write_checkout, write_checkpoint_folder
 
-        extra = [f"workload.repo={write_checkout(tmp_path / 'repo')}",
-                 f"model.checkpoint_dir={write_checkpoint_folder(tmp_path / 'ckpt')}"]
+        extra = [
+            f"workload.repo={write_checkout(tmp_path / 'repo')}",
+            f"model.checkpoint_dir={write_checkpoint_folder(tmp_path / 'ckpt')}",
+        ]
     cfg = _compose(f"{group}={option}", *extra)
     world_size = {"single": 1}.get(str(cfg.parallel.name), 2)
     validate(cfg, world_size)
@@ -61,8 +64,9 @@ def test_ranks_per_node():
 
 
 def test_rank_environment(tmp_path, caplog):
-    cfg = _compose("nccl=seed", "allocator=expandable", "nccl.flight_recorder=true",
-                   "+nccl.env.TORCH_NCCL_ASYNC_ERROR_HANDLING=3")
+    cfg = _compose(
+        "nccl=seed", "allocator=expandable", "nccl.flight_recorder=true", "+nccl.env.TORCH_NCCL_ASYNC_ERROR_HANDLING=3"
+    )
     with caplog.at_level(logging.WARNING):
         env = rank_environment(cfg, tmp_path, nproc_per_node=2)
     # deprecated names become TORCH_NCCL_*; a value set under the new name wins
@@ -70,7 +74,9 @@ def test_rank_environment(tmp_path, caplog):
     assert env["TORCH_NCCL_BLOCKING_WAIT"] == "1" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
     assert "deprecated NCCL_BLOCKING_WAIT" in caplog.text and "deprecated NCCL_ASYNC_ERROR_HANDLING" in caplog.text
     # both allocator names, the flight recorder into the job dir, the job dir itself
-    assert env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True,max_split_size_mb:512"
+    assert (
+        env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True,max_split_size_mb:512"
+    )
     assert int(env["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0 and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
     assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"].startswith(str(tmp_path / "nccl_trace"))
     assert env[JOB_DIR_VAR] == str(tmp_path)
@@ -87,8 +93,14 @@ def test_default_profiles_set_no_allocator_or_trace_variables(tmp_path, monkeypa
 
 @pytest.mark.parametrize("backend,expected_rdzv", [("c10d", {"is_host": False}), ("static", {"rank": 1})])
 def test_multi_node_settings_reach_the_agent(tmp_path, backend, expected_rdzv):
-    cfg = _compose("launcher.nnodes=2", "launcher.node_rank=1", "launcher.rdzv_endpoint=node0:29500",
-                   f"launcher.rdzv_backend={backend}", "launcher.max_restarts=2", "launcher.nproc_per_node=4")
+    cfg = _compose(
+        "launcher.nnodes=2",
+        "launcher.node_rank=1",
+        "launcher.rdzv_endpoint=node0:29500",
+        f"launcher.rdzv_backend={backend}",
+        "launcher.max_restarts=2",
+        "launcher.nproc_per_node=4",
+    )
     check_launch_settings(cfg, gpus=4)
     layout = node_layout(cfg.launcher, environ={})
     spec = agent_spec(cfg, tmp_path / "sweep" / "3", 3, layout, JobShape(4, 8, "nccl"), node_id="n1")

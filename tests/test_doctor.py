@@ -2,6 +2,7 @@
 machine, and each diagnosis the seed's users needed: deprecated NCCL names, a flash-attn
 build that does not match torch, inert or invalid allocator strings, small /dev/shm,
 GPUs that are absent or hidden, and harness workers still running."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -14,13 +15,13 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from omegaconf import OmegaConf
 import torch
+from omegaconf import OmegaConf
 from packaging.requirements import Requirement
 
+from wan_exp.devices import Gpu, NvmlView, visible_gpus
 from wan_exp.doctor import FAIL, OK, WARN, diagnose, exit_status
 from wan_exp.doctor.allocator import allocator_rows, parse_allocator_conf
-from wan_exp.devices import Gpu, NvmlView, visible_gpus
 from wan_exp.doctor.gpus import gpu_rows
 from wan_exp.doctor.software import PACKAGES, version_row
 from wan_exp.doctor.system import shm_rows
@@ -28,13 +29,13 @@ from wan_exp.doctor.workers import find_workers, worker_rows
 
 # Variables of the calling shell that would change the doctor's verdict.
 OWN_PREFIXES = ("NCCL_", "TORCH_NCCL_", "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "WAN_EXP_")
-FAKE_FLASH_ATTN = '''\
+FAKE_FLASH_ATTN = """\
 __version__ = "2.8.3"
 raise ImportError(
     "/site-packages/flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: "
     "undefined symbol: _ZN3c104cuda9SetDeviceEi"
 )
-'''
+"""
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -44,8 +45,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run_doctor(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wan_exp.doctor", *args],
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "wan_exp.doctor", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def table_rows(table: str) -> dict[str, tuple[str, str]]:
@@ -89,9 +91,12 @@ def seed_environment(tmp_path_factory):
     job_dir = root / "sweep" / "0"
     (job_dir / "progress").mkdir(parents=True)
     (job_dir / "progress" / "rank_1.json").write_text(
-        json.dumps({"rank": 1, "pid": 0, "phase": "wrap", "step": 0, "time": time.time()}))
-    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
-                              env=clean_env(WAN_EXP_JOB_DIR=str(job_dir), RANK="1", LOCAL_RANK="1"))
+        json.dumps({"rank": 1, "pid": 0, "phase": "wrap", "step": 0, "time": time.time()})
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"],
+        env=clean_env(WAN_EXP_JOB_DIR=str(job_dir), RANK="1", LOCAL_RANK="1"),
+    )
     try:
         env = clean_env(
             NCCL_BLOCKING_WAIT="1",
@@ -149,6 +154,7 @@ def test_running_worker_is_listed_then_gone(seed_environment):
 
 def test_worker_scan_skips_rank_children_and_flags_orphans(tmp_path):
     """A /proc-like tree: a rank, a child it started, an orphaned rank, an unrelated process."""
+
     def process(pid: int, ppid: int, env: dict[str, str]) -> None:
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "stat").write_text(f"{pid} (python -m x) S {ppid} {pid} 0 0")
@@ -179,7 +185,8 @@ def test_allocator_string_torch_rejects_fails_the_doctor():
 def test_torch_that_does_not_import_fails_the_doctor(tmp_path):
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text(
-        'raise OSError("libcudart.so.12: cannot open shared object file")\n')
+        'raise OSError("libcudart.so.12: cannot open shared object file")\n'
+    )
     proc = run_doctor(env=clean_env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = table_rows(proc.stdout.split("\n\n")[0])
@@ -243,8 +250,13 @@ def test_allocator_checker_agrees_with_torchs_own_parser():
         "        verdicts.append(False)\n"
         "print(json.dumps(verdicts))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", probe, json.dumps(ALLOCATOR_CASES)],
-                          capture_output=True, text=True, timeout=60, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, json.dumps(ALLOCATOR_CASES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     torch_accepts = json.loads(proc.stdout)
     assert False in torch_accepts and True in torch_accepts
     ours = [not any(f.status == FAIL for f in parse_allocator_conf(conf)[1]) for conf in ALLOCATOR_CASES]
@@ -255,16 +267,22 @@ def test_inert_and_conflicting_allocator_settings():
     settings, findings = parse_allocator_conf("garbage_collection_threshold:0.8")
     assert settings == {"garbage_collection_threshold": "0.8"}
     assert [(f.status, f.message) for f in findings] == [
-        (WARN, "garbage_collection_threshold is inert without a per-process memory fraction")]
+        (WARN, "garbage_collection_threshold is inert without a per-process memory fraction")
+    ]
     _, findings = parse_allocator_conf("garbage_collection_threshold:0.8,per_process_memory_fraction:0.9")
     assert findings == []
     _, findings = parse_allocator_conf("backend:cudaMallocAsync,expandable_segments:True")
     assert [f.message for f in findings] == ["backend:cudaMallocAsync ignores expandable_segments"]
 
-    rows = allocator_rows({"PYTORCH_ALLOC_CONF": "expandable_segments:True",
-                           "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, torch_version="2.11.0")
+    rows = allocator_rows(
+        {"PYTORCH_ALLOC_CONF": "expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"},
+        torch_version="2.11.0",
+    )
     assert [(r.check, r.status) for r in rows] == [
-        ("allocator variables", WARN), ("PYTORCH_ALLOC_CONF", OK), ("PYTORCH_CUDA_ALLOC_CONF", OK)]
+        ("allocator variables", WARN),
+        ("PYTORCH_ALLOC_CONF", OK),
+        ("PYTORCH_CUDA_ALLOC_CONF", OK),
+    ]
     assert rows[0].value == "PYTORCH_ALLOC_CONF and PYTORCH_CUDA_ALLOC_CONF differ"
     # the same string under both names (what the launcher sets) is one row
     same = "expandable_segments:True"
@@ -292,22 +310,35 @@ def test_cuda_visible_devices_order_uuids_and_bad_entries():
     (cvd,) = [r for r in rows if r.check == "CUDA_VISIBLE_DEVICES"]
     assert cvd.status == FAIL and "'7' names no GPU" in cvd.value
     assert [r.value.endswith("(hidden by CUDA_VISIBLE_DEVICES)") for r in rows if r.check.startswith("GPU ")] == [
-        True, False, True, True]
+        True,
+        False,
+        True,
+        True,
+    ]
     rows, visible = gpu_rows(NvmlView(gpus, "12.8"), {"CUDA_VISIBLE_DEVICES": "-1"}, "12.8", required_gpus=0)
     assert visible == [] and exit_status(rows) == 0  # hiding every GPU on purpose is fine
 
 
 # what CUDA exposes of two GPUs, written out by hand for each CUDA_VISIBLE_DEVICES value
-VISIBLE_OF_TWO = [(None, 2), ("0,0", 1), ("1,0", 2), ("GPU-1aa1", 1), ("GPU-1aa1,0", 2), ("", 0), ("-1", 0),
-                  ("0,-1,1", 1), ("7", 0)]
+VISIBLE_OF_TWO = [
+    (None, 2),
+    ("0,0", 1),
+    ("1,0", 2),
+    ("GPU-1aa1", 1),
+    ("GPU-1aa1,0", 2),
+    ("", 0),
+    ("-1", 0),
+    ("0,-1,1", 1),
+    ("7", 0),
+]
 
 
 @pytest.mark.parametrize("cvd,expected", VISIBLE_OF_TWO, ids=[repr(v) for v, _ in VISIBLE_OF_TWO])
 def test_the_job_and_the_doctor_count_the_same_visible_gpus(cvd, expected):
     """One rule: the rank count of a job (nproc_per_node=auto) and the doctor's table."""
     from wan_exp.config import ExperimentConfig
-    from wan_exp.preflight import ranks_per_node
     from wan_exp.devices import visible_gpu_count
+    from wan_exp.preflight import ranks_per_node
 
     nvml = NvmlView([make_gpu(0), make_gpu(1)], "12.8")
     env = {} if cvd is None else {"CUDA_VISIBLE_DEVICES": cvd}

@@ -1,4 +1,5 @@
 """Text (umT5) and audio (wav2vec2) encoders at tiny size; the official T5 key mapping."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,11 @@ from omegaconf import OmegaConf
 from wan_exp.config import ModelConfig
 from wan_exp.models.checkpoint import CheckpointError
 from wan_exp.models.encoders import (
-    build_audio_encoder, build_text_encoder, encode_text, t5_hf_to_official, t5_official_to_hf,
+    build_audio_encoder,
+    build_text_encoder,
+    encode_text,
+    t5_hf_to_official,
+    t5_official_to_hf,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -40,9 +45,17 @@ def test_t5_key_mapping_round_trips(tiny_cfg):
     official = t5_hf_to_official(hf)
     n_layers = tiny_cfg.text_encoder.num_layers
     assert len(official) == 2 + 10 * n_layers  # token_embedding, norm + 10 tensors per block
-    assert {"token_embedding.weight", "norm.weight", "blocks.1.attn.q.weight", "blocks.0.ffn.gate.0.weight",
-            "blocks.0.ffn.fc1.weight", "blocks.0.ffn.fc2.weight", "blocks.1.pos_embedding.embedding.weight",
-            "blocks.0.norm1.weight", "blocks.0.norm2.weight"} <= set(official)
+    assert {
+        "token_embedding.weight",
+        "norm.weight",
+        "blocks.1.attn.q.weight",
+        "blocks.0.ffn.gate.0.weight",
+        "blocks.0.ffn.fc1.weight",
+        "blocks.0.ffn.fc2.weight",
+        "blocks.1.pos_embedding.embedding.weight",
+        "blocks.0.norm1.weight",
+        "blocks.0.norm2.weight",
+    } <= set(official)
     assert official["blocks.1.ffn.gate.0.weight"] is hf["encoder.block.1.layer.1.DenseReluDense.wi_0.weight"]
     back = t5_official_to_hf(official)
     assert set(back) == set(hf)
@@ -58,8 +71,9 @@ def test_text_encoder_loads_the_official_file(tiny_cfg, tmp_path):
     loaded = build_text_encoder(cfg, "cpu", torch.float32)
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
-        torch.testing.assert_close(encode_text(loaded, ids, torch.ones_like(ids)),
-                                   encode_text(source, ids, torch.ones_like(ids)))
+        torch.testing.assert_close(
+            encode_text(loaded, ids, torch.ones_like(ids)), encode_text(source, ids, torch.ones_like(ids))
+        )
     missing = OmegaConf.merge(cfg, {"text_encoder": {"checkpoint": "absent.pth"}})
     with pytest.raises(CheckpointError, match="absent.pth: not found"):
         build_text_encoder(missing, "cpu", torch.float32)

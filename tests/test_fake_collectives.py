@@ -2,6 +2,7 @@
 torch's fake process group leaves the output of a receive (and, in some versions, of an
 all-to-all or a reduce-scatter) unwritten, so without the mode those buffers keep what they
 were allocated with (here NaN)."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from wan_exp.plan.fake_collectives import RealisticFakeCollectives, fill_from
 from wan_exp.metrics.comm import CommCounter
 from wan_exp.parallel.ulysses import _all_to_all
+from wan_exp.plan.fake_collectives import RealisticFakeCollectives, fill_from
 
 WORLD = 4  # ranks of the fake process group (conftest's fake_group)
 
@@ -24,8 +25,9 @@ def test_the_fake_group_alone_leaves_a_receive_unwritten(fake_group):
     """(torch 2.11's fake group also left all-to-all and reduce-scatter outputs unwritten;
     later versions copy the input there, as the mode does.)"""
     received = nans(3)
-    for request in dist.batch_isend_irecv([dist.P2POp(dist.isend, torch.ones(3), 1),
-                                           dist.P2POp(dist.irecv, received, WORLD - 1)]):
+    for request in dist.batch_isend_irecv(
+        [dist.P2POp(dist.isend, torch.ones(3), 1), dist.P2POp(dist.irecv, received, WORLD - 1)]
+    ):
         request.wait()
     assert received.isnan().all()
 
@@ -57,8 +59,12 @@ def test_a_receive_gets_what_this_rank_last_sent_of_its_shape(fake_group):
     block, other = torch.randn(4, 3), torch.randn(2)
     with RealisticFakeCollectives():
         received, unmatched = nans(4, 3), nans(7)
-        ops = [dist.P2POp(dist.isend, block, 1), dist.P2POp(dist.isend, other, 1),
-               dist.P2POp(dist.irecv, received, 3), dist.P2POp(dist.irecv, unmatched, 3)]
+        ops = [
+            dist.P2POp(dist.isend, block, 1),
+            dist.P2POp(dist.isend, other, 1),
+            dist.P2POp(dist.irecv, received, 3),
+            dist.P2POp(dist.irecv, unmatched, 3),
+        ]
         for request in dist.batch_isend_irecv(ops):
             request.wait()
     assert torch.equal(received, block)
@@ -114,7 +120,8 @@ def test_each_c10d_output_is_filled_from_its_input_by_schema_position(name):
     output_name, input_name = C10D_OUTPUT_INPUT[name]
     source = torch.randn(6)
     outputs, inputs = {
-        "alltoall_base_": (nans(6), source), "_reduce_scatter_base_": (nans(3), source),
+        "alltoall_base_": (nans(6), source),
+        "_reduce_scatter_base_": (nans(3), source),
         "alltoall_": ([nans(6), nans(6)], [source, source * 2]),
         "reduce_scatter_": ([nans(3)], [[source, source * 2]]),
         "reduce_scatter_tensor_coalesced_": ([nans(3), nans(3)], [source, source * 2]),
@@ -123,8 +130,11 @@ def test_each_c10d_output_is_filled_from_its_input_by_schema_position(name):
     args[schema.index(output_name)], args[schema.index(input_name)] = outputs, inputs
     RealisticFakeCollectives()._fill_c10d(name, tuple(args))
     filled = outputs if isinstance(outputs, list) else [outputs]
-    expected = {"alltoall_": [source, source * 2], "reduce_scatter_": [source[:3]],
-                "reduce_scatter_tensor_coalesced_": [source[:3], source[:3] * 2]}.get(name, [source[:filled[0].numel()]])
+    expected = {
+        "alltoall_": [source, source * 2],
+        "reduce_scatter_": [source[:3]],
+        "reduce_scatter_tensor_coalesced_": [source[:3], source[:3] * 2],
+    }.get(name, [source[: filled[0].numel()]])
     assert all(torch.equal(f, e) for f, e in zip(filled, expected, strict=True))
 
 
@@ -137,7 +147,7 @@ def test_a_receive_from_any_source_and_a_functional_out_are_filled():
     received = nans(2, 2)
     mode._fill_c10d("recv_any_source_", ([received], None, 0))
     assert torch.equal(received, block)
-    assert getattr(torch.ops._c10d_functional, "reduce_scatter_tensor_out").default._schema.arguments[0].name == "input"
+    assert torch.ops._c10d_functional.reduce_scatter_tensor_out.default._schema.arguments[0].name == "input"
     out = nans(3)
     mode._fill_functional("reduce_scatter_tensor_out", (torch.arange(12.0), "sum", 4, "0"), {"out": out}, out)
     assert torch.equal(out, torch.arange(3.0))

@@ -4,6 +4,7 @@ tolerance, on a reduced Wan config (head dim 128 like the 14B models) on a GPU.
 
 The benchmarks (bench/dit_forward.py) time exactly this fast path at full size.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,17 +20,25 @@ from wan_exp.models.wan_s2v import WanModel, apply_compile
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 # 14B trunk shapes scaled down: 4 heads of 128, ffn/dim as in the real model
-REDUCED = {"dim": 512, "ffn_dim": 1382, "num_heads": 4, "num_layers": 3, "text_dim": 256,
-           "text_len": 64, "freq_dim": 256, "audio_dim": 64, "audio_layers": 5,
-           "audio_inject_layers": [0, 2]}
+REDUCED = {
+    "dim": 512,
+    "ffn_dim": 1382,
+    "num_heads": 4,
+    "num_layers": 3,
+    "text_dim": 256,
+    "text_len": 64,
+    "freq_dim": 256,
+    "audio_dim": 64,
+    "audio_layers": 5,
+    "audio_inject_layers": [0, 2],
+}
 BF16_TOLERANCE = 2e-2  # relative L2 error of bf16 operands (docs/facts.md §M: 1e-3 .. 1e-2)
 
 pytestmark = pytest.mark.gpu
 
 
 def reduced_cfg(name: str, **overrides):
-    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF / f"{name}.yaml"),
-                           REDUCED, overrides)
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF / f"{name}.yaml"), REDUCED, overrides)
 
 
 def make_inputs(cfg, seed: int) -> dict:
@@ -41,11 +50,17 @@ def make_inputs(cfg, seed: int) -> dict:
     def randn(*shape):
         return torch.randn(shape, generator=g, device="cuda")
 
-    inputs = {"noisy": randn(1, 16, f, h, w), "timestep": torch.tensor([731.0], device="cuda"),
-              "context": randn(1, cfg.text_len, cfg.text_dim)}
+    inputs = {
+        "noisy": randn(1, 16, f, h, w),
+        "timestep": torch.tensor([731.0], device="cuda"),
+        "context": randn(1, cfg.text_len, cfg.text_dim),
+    }
     if cfg.s2v:
-        inputs.update(audio=randn(1, cfg.audio_layers, 4 * f, cfg.audio_dim), ref=randn(1, 16, 1, h, w),
-                      motion=randn(1, 16, cfg.motion_frames, h, w))
+        inputs.update(
+            audio=randn(1, cfg.audio_layers, 4 * f, cfg.audio_dim),
+            ref=randn(1, 16, 1, h, w),
+            motion=randn(1, 16, cfg.motion_frames, h, w),
+        )
     return inputs
 
 

@@ -7,6 +7,7 @@ one circle allowed is a type-only one: an import under ``if TYPE_CHECKING:`` nev
 Hydra launcher plugin uses one (its core module names the launcher class in annotations while
 the launcher imports the core when it launches, as Hydra's own plugins do).
 """
+
 from __future__ import annotations
 
 import ast
@@ -33,7 +34,8 @@ def _module_files() -> dict[str, Path]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.Module, module: str, is_package: bool) -> list[tuple[str, bool]]:
@@ -125,19 +127,21 @@ def test_the_cycle_finder_finds_a_circle_and_only_a_circle() -> None:
     assert cycles({"a": {"b": False}, "b": {"c": False}, "c": {"a": False}, "d": {"a": False}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b": False}, "b": {"c": False}, "c": {}}) == []
     tree = ast.parse("def f():\n    from wan_exp.x import y\nif TYPE_CHECKING:\n    import wan_exp.z\n")
-    assert _imports(tree, "wan_exp.m", False) == [
-        ("wan_exp.x", False), ("wan_exp.x.y", False), ("wan_exp.z", True)]
+    assert _imports(tree, "wan_exp.m", False) == [("wan_exp.x", False), ("wan_exp.x.y", False), ("wan_exp.z", True)]
     tree = ast.parse("from . import sibling\nfrom .sub import thing\n")
     assert _imports(tree, "wan_exp.parallel.cfg", False) == [
-        ("wan_exp.parallel", False), ("wan_exp.parallel.sibling", False),
-        ("wan_exp.parallel.sub", False), ("wan_exp.parallel.sub.thing", False)]
+        ("wan_exp.parallel", False),
+        ("wan_exp.parallel.sibling", False),
+        ("wan_exp.parallel.sub", False),
+        ("wan_exp.parallel.sub.thing", False),
+    ]
 
 
 def test_no_import_cycle_except_a_type_only_one() -> None:
     graph = import_graph()
     assert "wan_exp.config" in graph and graph["wan_exp.config"] == {}, (
-        f"wan_exp.config is the schema and imports nothing of the package; it imports "
-        f"{sorted(graph['wan_exp.config'])}")
+        f"wan_exp.config is the schema and imports nothing of the package; it imports {sorted(graph['wan_exp.config'])}"
+    )
     real = {name: {t: o for t, o in targets.items() if not o} for name, targets in graph.items()}
     assert cycles(real) == [], "modules that import each other (around a circle)"
     type_only_edges = sorted((a, b) for a, targets in graph.items() for b, o in targets.items() if o)

@@ -1,4 +1,5 @@
 """The launcher end to end on CPU: real ranks (gloo), results read back."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from omegaconf import OmegaConf
 
 from launch_helpers import REPO, job_results, output, run_launch
@@ -16,8 +16,9 @@ from wan_exp.host.envvars import JOB_DIR_VAR, applied_environment
 
 @pytest.mark.slow
 def test_info_plugins_lists_the_checked_launcher():
-    proc = subprocess.run([sys.executable, "launch.py", "--info", "plugins"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "--info", "plugins"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, output(proc)
     assert "CheckedLauncher" in proc.stdout
 
@@ -46,7 +47,11 @@ def test_one_job_default_workload(tmp_path):
         assert record["attention_backend"] == "sdpa"  # what `auto` chose and ran on a CPU
         env = record["env"]
         assert env["WAN_EXP_PROBE"] == "seen"
-        assert env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True,max_split_size_mb:512"
+        assert (
+            env["PYTORCH_ALLOC_CONF"]
+            == env["PYTORCH_CUDA_ALLOC_CONF"]
+            == "expandable_segments:True,max_split_size_mb:512"
+        )
         assert env[JOB_DIR_VAR] == str(job_dir)
     # per-rank logs, the W&B run, and the one-screen summary
     assert len(list((job_dir / "logs").rglob("stdout.log"))) == 2

@@ -1,5 +1,6 @@
 """The checked launcher plugin as a Hydra plugin: Hydra's own launcher test suites, and
 the plugin's promise to import nothing of the application (no torch)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -54,8 +55,13 @@ def test_the_launcher_imports_no_torch_and_nothing_of_the_application():
         "print(heavy)\n"
     )
     # hydra itself is imported first: what the plugin adds is what is checked
-    proc = subprocess.run([sys.executable, "-c", "import hydra.core.utils, hydra.plugins.launcher\n" + code],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import hydra.core.utils, hydra.plugins.launcher\n" + code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     # what makes the import light is what it does not import (no wall-clock bound: CI may be busy)
     assert proc.stdout.strip() == "[]", proc.stdout

@@ -3,6 +3,7 @@
 the message size), full-duplex point-to-point, the overlap range; the plan's fits verdict and
 code-version keyed rows (wan_exp/plan/run.py); and ``python -m wan_exp.linkbench`` on 2 gloo
 ranks under torchrun, its file read back through the parser."""
+
 from __future__ import annotations
 
 import json
@@ -62,7 +63,9 @@ def test_sourced_curves_are_latency_plus_bus_bytes_over_bandwidth():
     assert nvlink4.time_s("all_to_all", {"count": 1, "bytes": size, "bus_bytes": bus}) == pytest.approx(expected)
     # nccl-tests' busbw at that size: bus bytes / time, below the 335 GB/s peak, nearing it with size
     assert nvlink4.curve("all_to_all").bus_gbps_at(size, 7 / 8) == pytest.approx(bus / expected / 1e9)
-    assert nvlink4.curve("all_to_all").bus_gbps_at(1024, 7 / 8) < 1 < nvlink4.curve("all_to_all").bus_gbps_at(size, 7 / 8)
+    assert (
+        nvlink4.curve("all_to_all").bus_gbps_at(1024, 7 / 8) < 1 < nvlink4.curve("all_to_all").bus_gbps_at(size, 7 / 8)
+    )
     # every kind of every link has a curve and a stated source
     for link in LINKS.values():
         for kind in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send", "recv", "broadcast"):
@@ -90,11 +93,19 @@ def test_a_measured_curve_interpolates_bus_bandwidth_in_the_message_size(tmp_pat
     assert all_reduce.time_s(2**31, 2**31 * 1.5) == pytest.approx(2**31 * 1.5 / 150e9)
     # through launcher.link: kinds the file lacks borrow the all-reduce curve, and say so
     link = parse_link(str(curve_file))
-    assert link.curve("all_gather") == link.curve("all_reduce") == all_reduce and link.curve("send") == curves["send_recv"]
+    assert (
+        link.curve("all_gather") == link.curve("all_reduce") == all_reduce and link.curve("send") == curves["send_recv"]
+    )
     assert "all_gather, reduce_scatter, all_to_all" in link.notes[0]
     # a step's calls priced per recorded message size
-    per_step = {"all_reduce": {"count": 3, "bytes": 2 * middle + 512, "bus_bytes": 1.5 * (2 * middle + 512),
-                               "messages": {f"{middle}x1.5": 2, "512x1.5": 1}}}
+    per_step = {
+        "all_reduce": {
+            "count": 3,
+            "bytes": 2 * middle + 512,
+            "bus_bytes": 1.5 * (2 * middle + 512),
+            "messages": {f"{middle}x1.5": 2, "512x1.5": 1},
+        }
+    }
     assert comm_time_s(per_step, link) == pytest.approx(2 * middle * 1.5 / 7.575e9 + 10e-6)
 
 
@@ -120,45 +131,72 @@ def test_send_and_receive_of_a_step_count_once_full_duplex():
     receives = {"count": 4, "bytes": 3e8, "bus_bytes": 3e8}
     # 0.4 s of sends while 0.3 s of receives arrive: 0.4 s, not 0.7
     assert comm_time_s({"send": sends, "recv": receives}, toy) == pytest.approx(0.4)
-    assert comm_time_s({"send": sends, "recv": receives, "all_to_all": {"count": 1, "bytes": 2e8, "bus_bytes": 1e8}},
-                       toy) == pytest.approx(0.5)
+    assert comm_time_s(
+        {"send": sends, "recv": receives, "all_to_all": {"count": 1, "bytes": 2e8, "bus_bytes": 1e8}}, toy
+    ) == pytest.approx(0.5)
 
 
 def test_overlap_range_on_a_toy_exchange():
     """1 s of compute; a ring exchange of 0.4 s per direction and a 0.1 s all-to-all at 1 GB/s:
     serial 1.5 s, overlapped max(1, 0.4) + 0.1 = 1.1 s; the code overlaps the ring (no autograd)."""
     toy = Link.uniform("toy", 1.0, 0.0, "1 GB/s, no latency")
-    per_step = {"send": {"count": 1, "bytes": 4e8, "bus_bytes": 4e8}, "recv": {"count": 1, "bytes": 4e8, "bus_bytes": 4e8},
-                "all_to_all": {"count": 1, "bytes": 2e8, "bus_bytes": 1e8}}
+    per_step = {
+        "send": {"count": 1, "bytes": 4e8, "bus_bytes": 4e8},
+        "recv": {"count": 1, "bytes": 4e8, "bus_bytes": 4e8},
+        "all_to_all": {"count": 1, "bytes": 2e8, "bus_bytes": 1e8},
+    }
     ring = overlap_of({"parallel": {"ring_degree": 2, "ulysses_degree": 2}, "workload": {"name": "generate"}})
     assert ring.kinds == ("send", "recv") and ring.mode == "overlapped" and "K/V" in ring.reason
     assert comm_times_s(per_step, toy, ring.kinds) == pytest.approx((0.4, 0.1))
-    prediction = predict_step({"step_times_s": [1.2, 1.0, 0.9], "step_time_s_median": median([1.2, 1.0, 0.9]), "comm": {"per_step": per_step}}, toy, ring)
+    prediction = predict_step(
+        {
+            "step_times_s": [1.2, 1.0, 0.9],
+            "step_time_s_median": median([1.2, 1.0, 0.9]),
+            "comm": {"per_step": per_step},
+        },
+        toy,
+        ring,
+    )
     assert prediction["compute_s"] == 1.0 and (prediction["compute_min_s"], prediction["compute_max_s"]) == (0.9, 1.2)
     assert prediction["measured_steps"] == 3
     assert prediction["step_serial_s"] == pytest.approx(1.5)
     assert prediction["step_overlapped_s"] == pytest.approx(1.1)
     assert prediction["step_s"] == prediction["step_overlapped_s"] and prediction["overlap"] == "overlapped"
     # comm longer than compute: the overlapped step is the comm's
-    slow = predict_step({"step_times_s": [0.2], "step_time_s_median": median([0.2]), "comm": {"per_step": per_step}}, toy, ring)
+    slow = predict_step(
+        {"step_times_s": [0.2], "step_time_s_median": median([0.2]), "comm": {"per_step": per_step}}, toy, ring
+    )
     assert slow["step_overlapped_s"] == pytest.approx(0.4 + 0.1)
     # under autograd the ring blocks; Ulysses and CFG block; FSDP's all-gathers overlap
     assert overlap_of({"parallel": {"ring_degree": 2}, "workload": {"name": "train_lora"}}).mode == "serial"
-    serial = predict_step({"step_times_s": [1.0], "step_time_s_median": median([1.0]), "comm": {"per_step": per_step}}, toy,
-                          overlap_of({"parallel": {"ulysses_degree": 4}, "workload": {"name": "generate"}}))
+    serial = predict_step(
+        {"step_times_s": [1.0], "step_time_s_median": median([1.0]), "comm": {"per_step": per_step}},
+        toy,
+        overlap_of({"parallel": {"ulysses_degree": 4}, "workload": {"name": "generate"}}),
+    )
     assert serial["step_s"] == serial["step_serial_s"] == pytest.approx(1.5) and serial["overlap"] == "serial"
-    assert overlap_of({"parallel": {"fsdp": {"enabled": True}}, "workload": {"name": "generate"}}).kinds == ("all_gather",)
+    assert overlap_of({"parallel": {"fsdp": {"enabled": True}}, "workload": {"name": "generate"}}).kinds == (
+        "all_gather",
+    )
 
 
 # ----------------------------------------------------------------------------- the plan's rows
 def test_fits_verdict_counts_the_cuda_context_nccl_buffers_and_a_margin():
     from wan_exp.plan.run import CUDA_CONTEXT_BYTES, row_from_results
 
-    results = {"status": "completed", "job_dir": "x", "config": {"nccl": {"env": {"NCCL_BUFFSIZE": str(8 << 20),
-                                                                                   "NCCL_MAX_NCHANNELS": "16"}}},
-               "prediction": None,
-               "ranks": [{"memory": {"peak_reserved_gib": 60.0}, "stages": {},
-                          "comm": {"per_step": {"all_to_all": {"count": 1, "bytes": 8, "bus_bytes": 7}}}}]}
+    results = {
+        "status": "completed",
+        "job_dir": "x",
+        "config": {"nccl": {"env": {"NCCL_BUFFSIZE": str(8 << 20), "NCCL_MAX_NCHANNELS": "16"}}},
+        "prediction": None,
+        "ranks": [
+            {
+                "memory": {"peak_reserved_gib": 60.0},
+                "stages": {},
+                "comm": {"per_step": {"all_to_all": {"count": 1, "bytes": 8, "bus_bytes": 7}}},
+            }
+        ],
+    }
     row = row_from_results("ulysses", 8, results, [64.0, 80.0], fragmentation=0.05)
     # context 287,047,680 B; NCCL: (2 ring + 7 all-to-all peers) x 16 channels x 8 MiB; margin 5 % of 60
     nccl = (2 + 7) * 16 * (8 << 20) / GIB
@@ -214,11 +252,38 @@ def test_kept_rows_are_refused_when_the_code_version_differs(tmp_path):
 # ----------------------------------------------------------------------------- linkbench
 def test_linkbench_on_two_gloo_ranks_writes_a_curve_the_parser_reads(tmp_path):
     out = tmp_path / "curve.txt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", "localhost:0", "-m", "wan_exp.linkbench", "--min-bytes", "1K", "--max-bytes", "16K",
-           "--iters", "3", "--warmup", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        "-m",
+        "wan_exp.linkbench",
+        "--min-bytes",
+        "1K",
+        "--max-bytes",
+        "16K",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     curves = read_curve_file(out)
     assert sorted(curves) == ["all_gather", "all_reduce", "all_to_all", "reduce_scatter", "send_recv"]
@@ -240,8 +305,15 @@ def test_linkbench_refuses_bad_arguments_and_a_missing_torchrun():
     with pytest.raises(SystemExit):
         linkbench.parse_args(["--collectives", "all_reduce,broadcast"])
     env = {k: v for k, v in os.environ.items() if k != "RANK"}
-    proc = subprocess.run([sys.executable, "-m", "wan_exp.linkbench"], cwd=REPO, capture_output=True, text=True, check=False,
-                          timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "wan_exp.linkbench"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2 and "start it under torchrun" in proc.stderr
 
 

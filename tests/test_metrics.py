@@ -1,4 +1,5 @@
 """Metrics: FLOP count, device peaks, MFU, balance, the per-rank record."""
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,10 @@ def test_s2v_flops_add_the_audio_cross_attention_at_injected_blocks():
     assert with_audio - trunk == pytest.approx(12 * per_block, rel=1e-12)
     # the same model with s2v off counts no audio
     cfg.s2v = False
-    assert dit_forward_flops(cfg, n_tokens=n, audio_query_tokens=20 * hw, audio_tokens=100,
-                             audio_tokens_per_query=5) == trunk
+    assert (
+        dit_forward_flops(cfg, n_tokens=n, audio_query_tokens=20 * hw, audio_tokens=100, audio_tokens_per_query=5)
+        == trunk
+    )
 
 
 @pytest.mark.parametrize(
@@ -66,18 +69,34 @@ def test_peak_flops_by_device_name(name, dtype, expected):
     assert peak_flops(name, dtype) == expected
 
 
-def _record(rank: int, reserved: float | None, steps: list[float], device_name: str = "NVIDIA H100 80GB HBM3",
-            phases: dict | None = None) -> dict:
+def _record(
+    rank: int,
+    reserved: float | None,
+    steps: list[float],
+    device_name: str = "NVIDIA H100 80GB HBM3",
+    phases: dict | None = None,
+) -> dict:
     """A rank record as MetricsCollector.rank_record() lays it out, with chosen numbers."""
     return {
-        "rank": rank, "world_size": 4, "device_name": device_name,
+        "rank": rank,
+        "world_size": 4,
+        "device_name": device_name,
         "init_phases_s": phases or {"build": 1.0 + rank, "load": 2.0},
         "step_times_s": steps,
-        "memory": {"peak_allocated_gib": reserved, "peak_reserved_gib": reserved, "nvml_used_gib": reserved,
-                   "alloc_retries": 1 if reserved else None, "ooms": 0 if reserved else None,
-                   "peak_host_rss_gib": 3.0},
-        "workload": {"tokens_per_forward": 1000, "forwards_per_step": 2, "flops_per_step": 4e15,
-                     "video_seconds_per_step": 0.25},
+        "memory": {
+            "peak_allocated_gib": reserved,
+            "peak_reserved_gib": reserved,
+            "nvml_used_gib": reserved,
+            "alloc_retries": 1 if reserved else None,
+            "ooms": 0 if reserved else None,
+            "peak_host_rss_gib": 3.0,
+        },
+        "workload": {
+            "tokens_per_forward": 1000,
+            "forwards_per_step": 2,
+            "flops_per_step": 4e15,
+            "video_seconds_per_step": 0.25,
+        },
     }
 
 
@@ -183,10 +202,17 @@ def test_stage_records_seconds_count_and_the_host_peak_of_the_stage():
 
 def test_stage_summary_takes_the_slowest_rank_and_the_quoted_figures():
     def record(rank, denoise, decode):
-        return {"rank": rank, "world_size": 2, "device_name": "cpu", "memory": {"peak_host_rss_gib": 1.0},
-                "workload": {"clips": 2, "video_seconds": 10.0},
-                "stages": {"denoise": {"seconds": denoise, "peak_host_rss_gib": 1.0 + rank},
-                           "vae_decode": {"seconds": decode, "peak_host_rss_gib": 2.0}}}
+        return {
+            "rank": rank,
+            "world_size": 2,
+            "device_name": "cpu",
+            "memory": {"peak_host_rss_gib": 1.0},
+            "workload": {"clips": 2, "video_seconds": 10.0},
+            "stages": {
+                "denoise": {"seconds": denoise, "peak_host_rss_gib": 1.0 + rank},
+                "vae_decode": {"seconds": decode, "peak_host_rss_gib": 2.0},
+            },
+        }
 
     summary = summarize([record(0, 8.0, 1.0), record(1, 6.0, 3.0)], {"model": {"dtype": "fp32"}})
     assert summary["stages_s"] == {"denoise": 8.0, "vae_decode": 3.0}

@@ -1,6 +1,7 @@
 """WanModel: the tiny S2V forward against a plain per-op fp64 reference written here (it shares
 no code with the model), RoPE against the complex-number formula, the modulation chunk order,
 the sequence-sharding hooks, and the 14B configs' key sets, shapes and parameter counts."""
+
 from __future__ import annotations
 
 import math
@@ -68,7 +69,7 @@ def patches(latents, weight, bias):
     for ti in range(t // kt):
         for hi in range(h // kh):
             for wi in range(w // kw):
-                patch = latents[:, ti * kt:(ti + 1) * kt, hi * kh:(hi + 1) * kh, wi * kw:(wi + 1) * kw]
+                patch = latents[:, ti * kt : (ti + 1) * kt, hi * kh : (hi + 1) * kh, wi * kw : (wi + 1) * kw]
                 tokens.append(weight.flatten(1) @ patch.flatten() + bias)
     return torch.stack(tokens)
 
@@ -83,8 +84,9 @@ def rope_reference(x, positions, head_dim):
         row += [h * 10000 ** (-2 * j / (2 * n_s)) for j in range(n_s)]
         row += [w * 10000 ** (-2 * j / (2 * n_s)) for j in range(n_s)]
         angles.append(row)
-    rotation = torch.polar(torch.ones(len(positions), head_dim // 2, dtype=torch.float64),
-                           torch.tensor(angles, dtype=torch.float64))
+    rotation = torch.polar(
+        torch.ones(len(positions), head_dim // 2, dtype=torch.float64), torch.tensor(angles, dtype=torch.float64)
+    )
     xc = torch.view_as_complex(x.to(torch.float64).reshape(*x.shape[:-1], -1, 2).contiguous())
     return torch.view_as_real(xc * rotation[:, None]).flatten(-2)
 
@@ -94,9 +96,9 @@ def causal_conv(x, weight, bias, stride):
     k = weight.shape[-1]
     padded = torch.cat([x[:, :1]] * (k - 1) + [x], dim=1)
     steps = (padded.shape[1] - k) // stride + 1
-    return torch.stack([
-        sum(weight[:, :, j] @ padded[:, i * stride + j] for j in range(k)) + bias for i in range(steps)
-    ], dim=1)
+    return torch.stack(
+        [sum(weight[:, :, j] @ padded[:, i * stride + j] for j in range(k)) + bias for i in range(steps)], dim=1
+    )
 
 
 def audio_reference(sd, audio, frames, motion_frames):
@@ -117,8 +119,13 @@ def audio_reference(sd, audio, frames, motion_frames):
     streams = [stack(s) for s in local.chunk(4, dim=0)]
     pad = sd[f"{p}.encoder.padding_tokens"].flatten()
     tokens = torch.stack([torch.stack([s[t] for s in streams] + [pad]) for t in range(streams[0].shape[0])])
-    glob = lin(sd, f"{p}.encoder.final_linear", stack(causal_conv(
-        feat, sd[f"{p}.encoder.conv1_global.conv.weight"], sd[f"{p}.encoder.conv1_global.conv.bias"], 1)))
+    glob = lin(
+        sd,
+        f"{p}.encoder.final_linear",
+        stack(
+            causal_conv(feat, sd[f"{p}.encoder.conv1_global.conv.weight"], sd[f"{p}.encoder.conv1_global.conv.bias"], 1)
+        ),
+    )
     return tokens[-frames:], glob[-frames:]
 
 
@@ -130,15 +137,23 @@ def reference_forward(sd, cfg, noisy, timestep, context, audio, ref, motion, pos
     for b in range(noisy.shape[0]):
         f, h, w = noisy.shape[2], noisy.shape[3] // 2, noisy.shape[4] // 2
         mask = sd["trainable_cond_mask.weight"]
-        x_noisy = (patches(noisy[b], sd["patch_embedding.weight"], sd["patch_embedding.bias"])
-                   + patches(pose[b], sd["cond_encoder.weight"], sd["cond_encoder.bias"]) + mask[0])
+        x_noisy = (
+            patches(noisy[b], sd["patch_embedding.weight"], sd["patch_embedding.bias"])
+            + patches(pose[b], sd["cond_encoder.weight"], sd["cond_encoder.bias"])
+            + mask[0]
+        )
         x_ref = patches(ref[b], sd["patch_embedding.weight"], sd["patch_embedding.bias"]) + mask[1]
         m = motion[b]
-        x_motion = torch.cat([
-            patches(m[:, 18:19], sd["frame_packer.proj.weight"], sd["frame_packer.proj.bias"]),
-            patches(m[:, 16:18], sd["frame_packer.proj_2x.weight"], sd["frame_packer.proj_2x.bias"]),
-            patches(m[:, 0:16], sd["frame_packer.proj_4x.weight"], sd["frame_packer.proj_4x.bias"]),
-        ]) + mask[2]
+        x_motion = (
+            torch.cat(
+                [
+                    patches(m[:, 18:19], sd["frame_packer.proj.weight"], sd["frame_packer.proj.bias"]),
+                    patches(m[:, 16:18], sd["frame_packer.proj_2x.weight"], sd["frame_packer.proj_2x.bias"]),
+                    patches(m[:, 0:16], sd["frame_packer.proj_4x.weight"], sd["frame_packer.proj_4x.bias"]),
+                ]
+            )
+            + mask[2]
+        )
         x = torch.cat([x_noisy, x_ref, x_motion])
         n_noisy = len(x_noisy)
         # positions of the tiny 8x8 latents (4x4 token grid), written out from the S2V rules
@@ -183,9 +198,10 @@ def reference_forward(sd, cfg, noisy, timestep, context, audio, ref, motion, pos
                 p = f"audio_injector.injector.{j}"
                 updated = []
                 for frame in range(f):
-                    xs = x[frame * h * w:(frame + 1) * h * w]
-                    shift, scale = lin(sd, f"audio_injector.injector_adain_layers.{j}.linear",
-                                       silu(audio_global[frame])).chunk(2)
+                    xs = x[frame * h * w : (frame + 1) * h * w]
+                    shift, scale = lin(
+                        sd, f"audio_injector.injector_adain_layers.{j}.linear", silu(audio_global[frame])
+                    ).chunk(2)
                     y = layer_norm(xs, 1e-5) * (1 + scale) + shift
                     q = rms_norm(lin(sd, f"{p}.q", y), sd[f"{p}.norm_q.weight"], eps).view(-1, heads, d)
                     kv = audio_tokens[frame]
@@ -201,7 +217,7 @@ def reference_forward(sd, cfg, noisy, timestep, context, audio, ref, motion, pos
         for token, (t, i, j) in enumerate(positions[:n_noisy]):
             for p_h in range(2):
                 for p_w in range(2):
-                    video[:, t, 2 * i + p_h, 2 * j + p_w] = out[token, (p_h * 2 + p_w) * c:(p_h * 2 + p_w + 1) * c]
+                    video[:, t, 2 * i + p_h, 2 * j + p_w] = out[token, (p_h * 2 + p_w) * c : (p_h * 2 + p_w + 1) * c]
         outs.append(video)
     return torch.stack(outs)
 
@@ -240,8 +256,11 @@ def test_tiny_forward_matches_plain_reference(tiny, tiny_inputs):
     with torch.no_grad():
         out = model(**tiny_inputs)
     sd = {k: v.to(torch.float64) for k, v in model.state_dict().items()}
-    ref = reference_forward(sd, cfg, *(tiny_inputs[k].to(torch.float64) for k in (
-        "noisy", "timestep", "context", "audio", "ref", "motion", "pose")))
+    ref = reference_forward(
+        sd,
+        cfg,
+        *(tiny_inputs[k].to(torch.float64) for k in ("noisy", "timestep", "context", "audio", "ref", "motion", "pose")),
+    )
     assert out.shape == (2, 16, 2, 8, 8)
     torch.testing.assert_close(out.to(torch.float64), ref, atol=1e-5, rtol=1e-5)
 
@@ -295,7 +314,7 @@ class ThreadedSequenceSharding:
         self.full_len[dim] = length
         per = -(-length // self.degree)
         pad = per * self.degree - length
-        padded = torch.cat([t, t.new_zeros(*t.shape[:dim], pad, *t.shape[dim + 1:])], dim=dim)
+        padded = torch.cat([t, t.new_zeros(*t.shape[:dim], pad, *t.shape[dim + 1 :])], dim=dim)
         return padded.narrow(dim, self.rank * per, per)
 
     def _all_gather(self, t, dim):
@@ -315,7 +334,7 @@ class ThreadedSequenceSharding:
         out = attn_fn(*full)
         per = q.shape[1]
         out = torch.cat([out, out.new_zeros(out.shape[0], per * self.degree - n, *out.shape[2:])], dim=1)
-        return out[:, self.rank * per:(self.rank + 1) * per]
+        return out[:, self.rank * per : (self.rank + 1) * per]
 
 
 def test_sequence_sharding_hooks_give_the_same_flow(tiny, tiny_inputs):
@@ -372,13 +391,21 @@ def official_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """The official state-dict names and shapes, written out from docs/facts.md §7."""
     d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_dim
     shapes = {
-        "patch_embedding.weight": (d, 16, 1, 2, 2), "patch_embedding.bias": (d,),
-        "text_embedding.0.weight": (d, t), "text_embedding.0.bias": (d,),
-        "text_embedding.2.weight": (d, d), "text_embedding.2.bias": (d,),
-        "time_embedding.0.weight": (d, cfg.freq_dim), "time_embedding.0.bias": (d,),
-        "time_embedding.2.weight": (d, d), "time_embedding.2.bias": (d,),
-        "time_projection.1.weight": (6 * d, d), "time_projection.1.bias": (6 * d,),
-        "head.head.weight": (64, d), "head.head.bias": (64,), "head.modulation": (1, 2, d),
+        "patch_embedding.weight": (d, 16, 1, 2, 2),
+        "patch_embedding.bias": (d,),
+        "text_embedding.0.weight": (d, t),
+        "text_embedding.0.bias": (d,),
+        "text_embedding.2.weight": (d, d),
+        "text_embedding.2.bias": (d,),
+        "time_embedding.0.weight": (d, cfg.freq_dim),
+        "time_embedding.0.bias": (d,),
+        "time_embedding.2.weight": (d, d),
+        "time_embedding.2.bias": (d,),
+        "time_projection.1.weight": (6 * d, d),
+        "time_projection.1.bias": (6 * d,),
+        "head.head.weight": (64, d),
+        "head.head.bias": (64,),
+        "head.modulation": (1, 2, d),
     }
 
     def attention(prefix):
@@ -391,27 +418,46 @@ def official_shapes(cfg) -> dict[str, tuple[int, ...]]:
         p = f"blocks.{i}"
         attention(f"{p}.self_attn")
         attention(f"{p}.cross_attn")
-        shapes.update({f"{p}.norm3.weight": (d,), f"{p}.norm3.bias": (d,), f"{p}.modulation": (1, 6, d),
-                       f"{p}.ffn.0.weight": (f, d), f"{p}.ffn.0.bias": (f,),
-                       f"{p}.ffn.2.weight": (d, f), f"{p}.ffn.2.bias": (d,)})
+        shapes.update(
+            {
+                f"{p}.norm3.weight": (d,),
+                f"{p}.norm3.bias": (d,),
+                f"{p}.modulation": (1, 6, d),
+                f"{p}.ffn.0.weight": (f, d),
+                f"{p}.ffn.0.bias": (f,),
+                f"{p}.ffn.2.weight": (d, f),
+                f"{p}.ffn.2.bias": (d,),
+            }
+        )
     if not cfg.s2v:
         return shapes
     a = cfg.audio_dim
     enc = "casual_audio_encoder.encoder"
-    shapes.update({
-        "cond_encoder.weight": (d, 16, 1, 2, 2), "cond_encoder.bias": (d,),
-        "trainable_cond_mask.weight": (3, d),
-        "casual_audio_encoder.weights": (1, 25, 1, 1),
-        f"{enc}.conv1_local.conv.weight": (d, a, 3), f"{enc}.conv1_local.conv.bias": (d,),
-        f"{enc}.conv1_global.conv.weight": (d // 4, a, 3), f"{enc}.conv1_global.conv.bias": (d // 4,),
-        f"{enc}.conv2.conv.weight": (d // 2, d // 4, 3), f"{enc}.conv2.conv.bias": (d // 2,),
-        f"{enc}.conv3.conv.weight": (d, d // 2, 3), f"{enc}.conv3.conv.bias": (d,),
-        f"{enc}.final_linear.weight": (d, d), f"{enc}.final_linear.bias": (d,),
-        f"{enc}.padding_tokens": (1, 1, 1, d),
-        "frame_packer.proj.weight": (d, 16, 1, 2, 2), "frame_packer.proj.bias": (d,),
-        "frame_packer.proj_2x.weight": (d, 16, 2, 4, 4), "frame_packer.proj_2x.bias": (d,),
-        "frame_packer.proj_4x.weight": (d, 16, 4, 8, 8), "frame_packer.proj_4x.bias": (d,),
-    })
+    shapes.update(
+        {
+            "cond_encoder.weight": (d, 16, 1, 2, 2),
+            "cond_encoder.bias": (d,),
+            "trainable_cond_mask.weight": (3, d),
+            "casual_audio_encoder.weights": (1, 25, 1, 1),
+            f"{enc}.conv1_local.conv.weight": (d, a, 3),
+            f"{enc}.conv1_local.conv.bias": (d,),
+            f"{enc}.conv1_global.conv.weight": (d // 4, a, 3),
+            f"{enc}.conv1_global.conv.bias": (d // 4,),
+            f"{enc}.conv2.conv.weight": (d // 2, d // 4, 3),
+            f"{enc}.conv2.conv.bias": (d // 2,),
+            f"{enc}.conv3.conv.weight": (d, d // 2, 3),
+            f"{enc}.conv3.conv.bias": (d,),
+            f"{enc}.final_linear.weight": (d, d),
+            f"{enc}.final_linear.bias": (d,),
+            f"{enc}.padding_tokens": (1, 1, 1, d),
+            "frame_packer.proj.weight": (d, 16, 1, 2, 2),
+            "frame_packer.proj.bias": (d,),
+            "frame_packer.proj_2x.weight": (d, 16, 2, 4, 4),
+            "frame_packer.proj_2x.bias": (d,),
+            "frame_packer.proj_4x.weight": (d, 16, 4, 8, 8),
+            "frame_packer.proj_4x.bias": (d,),
+        }
+    )
     for j in range(len(cfg.audio_inject_layers)):
         attention(f"audio_injector.injector.{j}")
         shapes[f"audio_injector.injector_adain_layers.{j}.linear.weight"] = (2 * d, d)

@@ -1,6 +1,7 @@
 """Nothing silent: exhausted memory named, weights that cannot fit refused, non-finite values
 failing the job, settings that would do nothing refused, readable files, a report that
 survives a corrupt result."""
+
 from __future__ import annotations
 
 import errno
@@ -28,13 +29,26 @@ from wan_exp.units import GIB
 
 # ----------------------------------------------------------------------------- host OOM
 def _death(rank: int, exitcode: int, phase: str = "load") -> dict:
-    return {"exitcode": exitcode, "time": 10.0, "phase": phase,
-            "message": f"rank {rank} killed by {signal.Signals(-exitcode).name} without writing its record"}
+    return {
+        "exitcode": exitcode,
+        "time": 10.0,
+        "phase": phase,
+        "message": f"rank {rank} killed by {signal.Signals(-exitcode).name} without writing its record",
+    }
 
 
 def test_a_sigkill_is_host_oom_only_when_the_kernel_counted_an_oom_kill():
-    beats = {1: {"rank": 1, "phase": "load", "step": None, "seq": 4, "time": 9.0,
-                 "host_rss_gib": 7.25, "host_rss_peak_gib": 7.5}}
+    beats = {
+        1: {
+            "rank": 1,
+            "phase": "load",
+            "step": None,
+            "seq": 4,
+            "time": 9.0,
+            "host_rss_gib": 7.25,
+            "host_rss_peak_gib": 7.5,
+        }
+    }
     dead = {1: _death(1, -signal.SIGKILL)}
     cause = results.failure_root_cause([], dead, beats, kernel_oom_kills=1)
     assert (cause["status"], cause["memory"], cause["rank"], cause["phase"]) == ("oom", "host", 1, "load")
@@ -50,12 +64,15 @@ def test_a_sigkill_is_host_oom_only_when_the_kernel_counted_an_oom_kill():
     assert cause["status"] == "failed"
 
 
-@pytest.mark.parametrize("phase, advice", [
-    ("load", "The weights ran out of memory: use a strategy that shards them (parallel=fsdp_fixed)"),
-    ("audio_encode", "The audio encoding ran out of memory (wav2vec2 encodes the whole workload.audio_path"),
-    ("vae_decode", "The VAE ran out of memory: parallel.vae=tiled or sharded"),
-    ("video_write", "Writing the video ran out of memory"),
-])
+@pytest.mark.parametrize(
+    "phase, advice",
+    [
+        ("load", "The weights ran out of memory: use a strategy that shards them (parallel=fsdp_fixed)"),
+        ("audio_encode", "The audio encoding ran out of memory (wav2vec2 encodes the whole workload.audio_path"),
+        ("vae_decode", "The VAE ran out of memory: parallel.vae=tiled or sharded"),
+        ("video_write", "Writing the video ran out of memory"),
+    ],
+)
 def test_the_host_oom_advice_names_the_stage_that_ran_out(phase, advice):
     cause = results.failure_root_cause([], {1: _death(1, -signal.SIGKILL, phase)}, {}, kernel_oom_kills=1)
     assert cause["phase"] == phase and advice in cause["message"], cause["message"]
@@ -66,8 +83,12 @@ def test_the_host_oom_advice_names_the_stage_that_ran_out(phase, advice):
 
 def test_recorded_out_of_memory_errors_say_which_memory():
     def record(device: str, err_type: str, message: str) -> dict:
-        return {"rank": 0, "status": "oom", "device": device,
-                "error": {"type": err_type, "message": message, "phase": "step", "step": 3, "time": 1.0}}
+        return {
+            "rank": 0,
+            "status": "oom",
+            "device": device,
+            "error": {"type": err_type, "message": message, "phase": "step", "step": 3, "time": 1.0},
+        }
 
     cuda = record("cuda:0", "OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.00 GiB")
     assert results.failure_root_cause([cuda], {})["memory"] == "gpu"
@@ -133,9 +154,11 @@ def _independent_tiny_weight_bytes() -> int:
     from wan_exp.parallel.fsdp import torch_dtype
 
     model = compose_config(["model=tiny"]).model
-    modules = (WanModel(model).to(torch_dtype(model.dtype)),
-               UMT5EncoderModel(text_encoder_config(model)).to(torch_dtype(model.dtype)),
-               Wav2Vec2Model(audio_encoder_config(model)).to(torch.float32))
+    modules = (
+        WanModel(model).to(torch_dtype(model.dtype)),
+        UMT5EncoderModel(text_encoder_config(model)).to(torch_dtype(model.dtype)),
+        Wav2Vec2Model(audio_encoder_config(model)).to(torch.float32),
+    )
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
@@ -245,8 +268,15 @@ def test_nan_weights_fail_train_lora_at_its_loss(tmp_path):
     from wan_exp.rank.runtime import RankContext
     from wan_exp.workloads import WORKLOADS
 
-    cfg = compose_config(["model=tiny", "parallel=single", "workload=train_lora", "workload.lora.save=false",
-                          f"model.checkpoint_dir={_nan_checkpoint(tmp_path / 'ckpt')}"])
+    cfg = compose_config(
+        [
+            "model=tiny",
+            "parallel=single",
+            "workload=train_lora",
+            "workload.lora.save=false",
+            f"model.checkpoint_dir={_nan_checkpoint(tmp_path / 'ckpt')}",
+        ]
+    )
     ctx = RankContext(cfg, 0, 0, 1, torch.device("cpu"), None)
     with pytest.raises(NonFiniteError, match="training loss is not finite"):
         WORKLOADS["train_lora"](cfg, ctx)
@@ -266,30 +296,43 @@ def test_nan_weights_fail_a_generate_job_with_phase_step_and_tensor(tmp_path):
 
 # ----------------------------------------------------------------------------- settings that do nothing
 def test_unknown_added_keys_are_refused_naming_the_key():
-    for override, key in (("+unknown=1", "unknown"), ("+model.dimm=3", "model.dimm"),
-                          ("+workload.lora.rnak=4", "workload.lora.rnak")):
+    for override, key in (
+        ("+unknown=1", "unknown"),
+        ("+model.dimm=3", "model.dimm"),
+        ("+workload.lora.rnak=4", "workload.lora.rnak"),
+    ):
         with pytest.raises(ConfigError, match=rf"^{key} is not a setting of the experiment config"):
             check_schema_keys(compose_config([override]))
     check_schema_keys(compose_config(["+nccl.env.NCCL_DEBUG=INFO"]))  # an open dictionary takes any key
 
 
 def test_warmup_that_leaves_no_measured_step_is_refused():
-    cases = ((["workload.sample_steps=2", "workload.warmup_steps=2"], "workload=generate runs 2 step(s)"),
-             (["workload.clips=2", "workload.sample_steps=2", "workload.warmup_steps=5"], "runs 4 step(s) (workload.clips x workload.sample_steps)"),
-             (["workload=train_lora", "workload.steps=3", "workload.warmup_steps=3"], "runs 3 step(s) (workload.steps)"))
+    cases = (
+        (["workload.sample_steps=2", "workload.warmup_steps=2"], "workload=generate runs 2 step(s)"),
+        (
+            ["workload.clips=2", "workload.sample_steps=2", "workload.warmup_steps=5"],
+            "runs 4 step(s) (workload.clips x workload.sample_steps)",
+        ),
+        (["workload=train_lora", "workload.steps=3", "workload.warmup_steps=3"], "runs 3 step(s) (workload.steps)"),
+    )
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):
             validate(compose_config(["parallel=single", *overrides]), 1)
-    validate(compose_config(["parallel=single", "workload.clips=2", "workload.sample_steps=2", "workload.warmup_steps=3"]), 1)
+    validate(
+        compose_config(["parallel=single", "workload.clips=2", "workload.sample_steps=2", "workload.warmup_steps=3"]), 1
+    )
     validate(compose_config(["parallel=single", "workload=init", "workload.warmup_steps=9"]), 1)  # runs no step
 
 
 def test_a_prompt_without_a_tokenizer_is_a_warning(tmp_path):
     assert config_warnings(compose_config(["workload.prompt=a cat"])) == [
         "workload.prompt is ignored: no tokenizer (model.checkpoint_dir is not set); the text embedding "
-        "comes from seeded random token ids"]
-    assert "google/umt5-xxl does not exist" in config_warnings(
-        compose_config(["workload.prompt=a cat", f"model.checkpoint_dir={tmp_path}"]))[0]
+        "comes from seeded random token ids"
+    ]
+    assert (
+        "google/umt5-xxl does not exist"
+        in config_warnings(compose_config(["workload.prompt=a cat", f"model.checkpoint_dir={tmp_path}"]))[0]
+    )
     (tmp_path / "google" / "umt5-xxl").mkdir(parents=True)
     assert config_warnings(compose_config(["workload.prompt=a cat", f"model.checkpoint_dir={tmp_path}"])) == []
     assert config_warnings(compose_config([])) == []
@@ -298,12 +341,27 @@ def test_a_prompt_without_a_tokenizer_is_a_warning(tmp_path):
 # ----------------------------------------------------------------------------- report
 def _job(num: int, overrides: list[str], device: str, step_s: float, tflops: float) -> dict:
     """A completed job's results.json with the fields the report reads."""
-    return {"schema": 1, "status": "completed", "root_cause": None, "strategy": "ulysses", "world_size": 2,
-            "overrides": overrides, "job_num": num, "job_dir": f"/sweep/{num}",
-            "summary": {"device_name": device, "step_time_s_median": step_s, "tflops_per_gpu": tflops,
-                        "steps_per_s": 1 / step_s, "peak_host_rss_gib_max": 1.0},
-            "ranks": [{"rank": r, "device": "cpu" if device == "cpu" else f"cuda:{r}",
-                       "memory": {"peak_host_rss_gib": 1.0}} for r in (0, 1)]}
+    return {
+        "schema": 1,
+        "status": "completed",
+        "root_cause": None,
+        "strategy": "ulysses",
+        "world_size": 2,
+        "overrides": overrides,
+        "job_num": num,
+        "job_dir": f"/sweep/{num}",
+        "summary": {
+            "device_name": device,
+            "step_time_s_median": step_s,
+            "tflops_per_gpu": tflops,
+            "steps_per_s": 1 / step_s,
+            "peak_host_rss_gib_max": 1.0,
+        },
+        "ranks": [
+            {"rank": r, "device": "cpu" if device == "cpu" else f"cuda:{r}", "memory": {"peak_host_rss_gib": 1.0}}
+            for r in (0, 1)
+        ],
+    }
 
 
 def _best_marked(rows, title: str) -> set[str]:
@@ -321,13 +379,18 @@ def test_gpu_only_figures_and_gpu_only_settings_are_not_ranked_on_cpu():
     rows = build_rows(cpu)
     # on the CPU the allocator does nothing: neither its step time nor its TFLOP/s is a result
     assert _best_marked(rows, "step s") == set() and _best_marked(rows, "TFLOP/s/GPU") == set()
-    gpu = [_job(0, ["allocator=default"], "NVIDIA H200", 0.5, 300.0),
-           _job(1, ["allocator=expandable"], "NVIDIA H200", 0.4, 400.0)]
+    gpu = [
+        _job(0, ["allocator=default"], "NVIDIA H200", 0.5, 300.0),
+        _job(1, ["allocator=expandable"], "NVIDIA H200", 0.4, 400.0),
+    ]
     rows = build_rows(gpu)
     assert _best_marked(rows, "step s") == {"allocator=expandable"}
     assert _best_marked(rows, "TFLOP/s/GPU") == {"allocator=expandable"}
     # strategies on the CPU are still compared, but not by a GPU-only figure
-    strategies = [_job(0, ["workload.size=64*64"], "cpu", 0.5, 1e-4), _job(1, ["workload.size=32*64"], "cpu", 0.2, 2e-4)]
+    strategies = [
+        _job(0, ["workload.size=64*64"], "cpu", 0.5, 1e-4),
+        _job(1, ["workload.size=32*64"], "cpu", 0.2, 2e-4),
+    ]
     rows = build_rows(strategies)
     assert _best_marked(rows, "step s") == {"workload.size=32*64"} and _best_marked(rows, "TFLOP/s/GPU") == set()
 
@@ -336,8 +399,9 @@ def test_a_corrupt_results_json_is_named_and_the_others_are_reported(tmp_path):
     from wan_exp.report import comparison_table, write_report
 
     for num, size in ((0, "64*64"), (2, "32*64")):
-        results.write_json_atomic(tmp_path / str(num) / "results.json",
-                                  _job(num, [f"workload.size={size}"], "cpu", 0.1 + num, 1e-4))
+        results.write_json_atomic(
+            tmp_path / str(num) / "results.json", _job(num, [f"workload.size={size}"], "cpu", 0.1 + num, 1e-4)
+        )
     corrupt = tmp_path / "1" / "results.json"
     corrupt.parent.mkdir()
     corrupt.write_text('{"status": "completed", "summ')  # cut off mid-write
@@ -356,14 +420,21 @@ def test_a_corrupt_results_json_is_named_and_the_others_are_reported(tmp_path):
 def test_a_completed_job_leaves_readable_files_no_empty_stacks_and_its_warnings(tmp_path):
     old = os.umask(0o022)
     try:
-        proc = run_launch(tmp_path, "parallel=single", "workload.sample_steps=2", "workload.prompt=a cat",
-                          "logger=disabled")
+        proc = run_launch(
+            tmp_path, "parallel=single", "workload.sample_steps=2", "workload.prompt=a cat", "logger=disabled"
+        )
     finally:
         os.umask(old)
     assert proc.returncode == 0, output(proc)
     job_dir = tmp_path / "0"
-    written = [job_dir / "results.json", job_dir / "job.json", job_dir / "config.yaml",
-               job_dir / "ranks" / "rank_0.json", tmp_path / "report.md", tmp_path / "report.html"]
+    written = [
+        job_dir / "results.json",
+        job_dir / "job.json",
+        job_dir / "config.yaml",
+        job_dir / "ranks" / "rank_0.json",
+        tmp_path / "report.md",
+        tmp_path / "report.html",
+    ]
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert not (job_dir / "stacks").exists(), "a completed job leaves no empty stack files"

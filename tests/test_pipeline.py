@@ -1,6 +1,7 @@
 """The S2V pipeline around the DiT: audio preparation, the reference image's size and pixels,
 the VAE decoder (and the streaming encoder) against whole-clip references written here, tiled
 decoding, and the pre-launch input checks."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tolerance import close_kwargs, reordered_sum_tolerance, vae_decoder_chain, vae_encoder_chain
 
+from tolerance import close_kwargs, reordered_sum_tolerance, vae_decoder_chain, vae_encoder_chain
 from wan_exp.config import ConfigError, compose_config
 from wan_exp.geometry import job_geometry
-from wan_exp.preflight import check_inputs, validate
 from wan_exp.media import read_audio, reference_pixels, size_within_area
 from wan_exp.models.vae import (
     LATENT_MEAN,
@@ -32,6 +32,7 @@ from wan_exp.models.vae import (
     Upsample,
     WanVAE,
 )
+from wan_exp.preflight import check_inputs, validate
 from wan_exp.workloads.inputs import clean_prompt, feature_extractor, features_per_video_frame
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,10 +49,11 @@ def write_audio(path, codec: str, rate: int, left: np.ndarray, right: np.ndarray
         fmt = "s16" if codec == "flac" else "fltp"
         samples = np.stack([left, right]).astype(np.float32)
         for start in range(0, samples.shape[1], 1152):
-            chunk = samples[:, start:start + 1152]
+            chunk = samples[:, start : start + 1152]
             if fmt == "s16":
-                frame = av.AudioFrame.from_ndarray((chunk.T.reshape(1, -1) * 32767).astype(np.int16),
-                                                   format="s16", layout="stereo")
+                frame = av.AudioFrame.from_ndarray(
+                    (chunk.T.reshape(1, -1) * 32767).astype(np.int16), format="s16", layout="stereo"
+                )
             else:
                 frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout="stereo")
             frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
@@ -71,7 +73,7 @@ def test_stereo_44k_file_is_read_as_16k_mono(tmp_path, codec, suffix):
     assert abs(mono.size - 16000 * seconds) < 0.06 * 16000  # mp3 adds encoder padding
     # the channels' mean, 0.4 sin: its RMS is 0.4 / sqrt(2) (ignore the edges)
     middle = mono[2000:14000]
-    assert np.sqrt(np.mean(middle ** 2)) == pytest.approx(0.4 / np.sqrt(2), rel=0.05)
+    assert np.sqrt(np.mean(middle**2)) == pytest.approx(0.4 / np.sqrt(2), rel=0.05)
     spectrum = np.abs(np.fft.rfft(middle))
     assert np.argmax(spectrum) * 16000 / middle.size == pytest.approx(440, abs=3)
 
@@ -92,13 +94,13 @@ def test_44k_stereo_file_is_resampled_as_soxr_hq_does(tmp_path):
         stream = container.add_stream("flac", rate=rate)
         stream.layout = "stereo"
         for start in range(0, n, 1152):
-            chunk = np.ascontiguousarray(ints[:, start:start + 1152].T).reshape(1, -1)
+            chunk = np.ascontiguousarray(ints[:, start : start + 1152].T).reshape(1, -1)
             frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout="stereo")
             frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     mono = (ints.astype(np.float32) / 32768).mean(axis=0)
-    expected = soxr.resample(mono, rate, 16000, quality="soxr_hq")[:int(np.ceil(n * 16000 / rate))]
+    expected = soxr.resample(mono, rate, 16000, quality="soxr_hq")[: int(np.ceil(n * 16000 / rate))]
     got = read_audio(path)
     assert got.shape == expected.shape == (11200,) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
@@ -133,8 +135,9 @@ def test_features_are_interpolated_to_30fps_and_picked_per_video_frame():
     # reference: 30 features at 30 fps by linear interpolation with aligned corners ...
     t30 = 30
     positions = np.arange(t30) * (50 - 1) / (t30 - 1)
-    at30 = np.stack([[np.interp(positions, np.arange(50), states[0, layer, :, c].numpy()) for c in range(3)]
-                     for layer in range(2)])  # (layers, C, 30)
+    at30 = np.stack(
+        [[np.interp(positions, np.arange(50), states[0, layer, :, c].numpy()) for c in range(3)] for layer in range(2)]
+    )  # (layers, C, 30)
     # ... video frame i takes feature round(i * 30 / 16); the audio gives int(30 / 15) + 1 clips
     assert clips == 3 and features.shape == (1, 2, 24, 3)
     for i in range(24):
@@ -153,9 +156,19 @@ def test_waveform_is_normalised_as_the_checkpoints_feature_extractor_says(tmp_pa
     np.testing.assert_allclose(normalised, (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7), rtol=1e-4, atol=1e-4)
     folder = tmp_path / "wav2vec2"
     folder.mkdir()
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": False, "feature_size": 1,
-        "padding_side": "right", "padding_value": 0.0, "return_attention_mask": False, "sampling_rate": 16000}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+                "do_normalize": False,
+                "feature_size": 1,
+                "padding_side": "right",
+                "padding_value": 0.0,
+                "return_attention_mask": False,
+                "sampling_rate": 16000,
+            }
+        )
+    )
     cfg = compose_config(["model=tiny", f"model.checkpoint_dir={tmp_path}", "model.audio_encoder.checkpoint=wav2vec2"])
     raw = feature_extractor(cfg)(wave, sampling_rate=16000, return_tensors="np").input_values[0]
     np.testing.assert_allclose(raw, wave)
@@ -170,7 +183,7 @@ def upstream_size(height: int, width: int, area: int) -> tuple[int, int]:
     if height * width <= area:
         top, bottom = 1.0, 0.1
     else:
-        a, b, c = height * width, 63 * (height + width), 63 ** 2 - area
+        a, b, c = height * width, 63 * (height + width), 63**2 - area
         top, bottom = np.sqrt(area / (height * width)), (-b + np.sqrt(b * b - 2 * a * c)) / (2 * a)
     for i in range(100):
         s = top - (top - bottom) * i / 100
@@ -181,14 +194,23 @@ def upstream_size(height: int, width: int, area: int) -> tuple[int, int]:
     raise AssertionError("no scale fits: the table below holds none of those")
 
 
-@pytest.mark.parametrize("height, width, area, expected", [
-    (1350, 1080, 480 * 832, (640, 512)),  # a bisection for the largest scale gives 704x512
-    (4000, 3000, 704 * 1280, (1024, 768)),  # ... 1088x768
-    (3000, 4000, 704 * 1280, (768, 1024)),
-    (1080, 1920, 480 * 832, None), (1920, 1080, 720 * 1280, None), (1000, 1000, 1024 * 704, None),
-    (720, 1280, 1024 * 704, None), (300, 100, 1024 * 704, None), (500, 375, 480 * 832, None),
-    (2448, 3264, 480 * 832, None), (1536, 2048, 704 * 1024, None), (768, 1366, 480 * 832, None),
-])
+@pytest.mark.parametrize(
+    "height, width, area, expected",
+    [
+        (1350, 1080, 480 * 832, (640, 512)),  # a bisection for the largest scale gives 704x512
+        (4000, 3000, 704 * 1280, (1024, 768)),  # ... 1088x768
+        (3000, 4000, 704 * 1280, (768, 1024)),
+        (1080, 1920, 480 * 832, None),
+        (1920, 1080, 720 * 1280, None),
+        (1000, 1000, 1024 * 704, None),
+        (720, 1280, 1024 * 704, None),
+        (300, 100, 1024 * 704, None),
+        (500, 375, 480 * 832, None),
+        (2448, 3264, 480 * 832, None),
+        (1536, 2048, 704 * 1024, None),
+        (768, 1366, 480 * 832, None),
+    ],
+)
 def test_size_from_image_is_upstreams_first_fitting_scale(height, width, area, expected):
     chosen = size_within_area(height, width, area)
     assert chosen == upstream_size(height, width, area)
@@ -199,25 +221,28 @@ def test_size_from_image_is_upstreams_first_fitting_scale(height, width, area, e
         assert chosen == (-(-height // 64) * 64, -(-width // 64) * 64)
 
 
-@pytest.mark.parametrize("image_hw, target, pad_cols", [
-    ((50, 50), (64, 128), 32),  # square into wide: the resized 64x64 image, black 32 columns each side
-    ((100, 50), (64, 128), 32),  # tall into wide: 128x64 after resize, centre 64 rows, black sides
-    ((50, 200), (64, 64), 0),  # wide into square: 64x256 after resize, centre 64 columns, no padding
-])
+@pytest.mark.parametrize(
+    "image_hw, target, pad_cols",
+    [
+        ((50, 50), (64, 128), 32),  # square into wide: the resized 64x64 image, black 32 columns each side
+        ((100, 50), (64, 128), 32),  # tall into wide: 128x64 after resize, centre 64 rows, black sides
+        ((50, 200), (64, 64), 0),  # wide into square: 64x256 after resize, centre 64 columns, no padding
+    ],
+)
 def test_reference_pixels_resize_shorter_side_centre_crop_and_pad_black(tmp_path, image_hw, target, pad_cols):
     h, w = image_hw
     image = np.zeros((h, w, 3), np.uint8)
     image[..., 0] = 255  # red everywhere ...
-    image[:, w // 2:, 2] = 255  # ... and blue in the right half
+    image[:, w // 2 :, 2] = 255  # ... and blue in the right half
     Image.fromarray(image).save(tmp_path / "ref.png")
     out = reference_pixels(tmp_path / "ref.png", *target)
     assert out.shape == (*target, 3) and out.dtype == np.float32
     if pad_cols:
         assert (out[:, :pad_cols] == -1).all() and (out[:, -pad_cols:] == -1).all()
-    inner = out[:, pad_cols:target[1] - pad_cols]
+    inner = out[:, pad_cols : target[1] - pad_cols]
     np.testing.assert_allclose(inner[..., 0], 1.0)  # red kept
-    np.testing.assert_allclose(inner[:, :inner.shape[1] // 2 - 2, 2], -1.0)  # left half: no blue
-    np.testing.assert_allclose(inner[:, inner.shape[1] // 2 + 2:, 2], 1.0)  # right half: blue
+    np.testing.assert_allclose(inner[:, : inner.shape[1] // 2 - 2, 2], -1.0)  # left half: no blue
+    np.testing.assert_allclose(inner[:, inner.shape[1] // 2 + 2 :, 2], 1.0)  # right half: blue
 
 
 # ----------------------------------------------------------------------------- VAE references
@@ -242,13 +267,15 @@ def ref_layer(layer, x):
         h = ref_conv(r[6], F.silu(ref_norm(r[3], h)))
         return h + (ref_conv(layer.shortcut, x) if isinstance(layer.shortcut, torch.nn.Conv3d) else x)
     if isinstance(layer, AttentionBlock):
+
         def attend(frame):
             n, c, hh, ww = frame.shape
             qkv = F.conv2d(ref_norm(layer.norm, frame), layer.to_qkv.weight, layer.to_qkv.bias).flatten(2)
             q, k, v = qkv.split(c, dim=1)  # (n, c, hw)
-            weights = torch.softmax(q.transpose(1, 2) @ k / c ** 0.5, dim=-1)
+            weights = torch.softmax(q.transpose(1, 2) @ k / c**0.5, dim=-1)
             out = (weights @ v.transpose(1, 2)).transpose(1, 2).reshape(n, c, hh, ww)
             return frame + F.conv2d(out, layer.proj.weight, layer.proj.bias)
+
         return ref_frames(attend, x)
     if isinstance(layer, Upsample):
         if layer.temporal and x.shape[2] > 1:  # frame 0 alone; the rest doubled in time
@@ -257,8 +284,9 @@ def ref_layer(layer, x):
             doubled = torch.stack([rest[:, :c], rest[:, c:]], dim=3).flatten(2, 3)
             x = torch.cat([x[:, :, :1], doubled], dim=2)
         conv = layer.resample[1]
-        return ref_frames(lambda f: F.conv2d(f.repeat_interleave(2, 2).repeat_interleave(2, 3),
-                                             conv.weight, conv.bias, padding=1), x)
+        return ref_frames(
+            lambda f: F.conv2d(f.repeat_interleave(2, 2).repeat_interleave(2, 3), conv.weight, conv.bias, padding=1), x
+        )
     if isinstance(layer, Downsample):
         conv = layer.resample[1]
         x = ref_frames(lambda f: F.conv2d(F.pad(f, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2), x)
@@ -278,8 +306,10 @@ def ref_run(layers, x):
 
 def stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The latent mean and std per channel, in the dtype of ``like``."""
-    return (torch.tensor(LATENT_MEAN, dtype=like.dtype).view(1, 16, 1, 1, 1),
-            torch.tensor(LATENT_STD, dtype=like.dtype).view(1, 16, 1, 1, 1))
+    return (
+        torch.tensor(LATENT_MEAN, dtype=like.dtype).view(1, 16, 1, 1, 1),
+        torch.tensor(LATENT_STD, dtype=like.dtype).view(1, 16, 1, 1, 1),
+    )
 
 
 def ref_decode(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
@@ -337,8 +367,9 @@ def test_streaming_encoder_equals_the_whole_clip_causal_reference():
     with torch.no_grad():
         torch.testing.assert_close(out, ref_encode(vae, pixels), **close_kwargs(torch.float32, *vae_encoder_chain(4)))
     # causal: the first latent frame is the first pixel frame's alone
-    torch.testing.assert_close(out[:, :, :1], vae.encode(pixels[:, :, :1]),
-                               **close_kwargs(torch.float32, *vae_encoder_chain(4)))
+    torch.testing.assert_close(
+        out[:, :, :1], vae.encode(pixels[:, :, :1]), **close_kwargs(torch.float32, *vae_encoder_chain(4))
+    )
 
 
 def test_tiles_equal_the_whole_frame_decode():
@@ -356,7 +387,7 @@ def test_tiles_equal_the_whole_frame_decode():
         assert (tiled - whole).abs().max().item() <= DECODE_TOLERANCE
     region = Tile(2, 6, 15, 34)  # the bottom-right part, in 2 x 2 tiles
     part = vae.decode(z, region, grid=(2, 2))
-    assert (part - whole[:, :, :, 2 * 8:, 15 * 8:]).abs().max().item() <= DECODE_TOLERANCE
+    assert (part - whole[:, :, :, 2 * 8 :, 15 * 8 :]).abs().max().item() <= DECODE_TOLERANCE
     short = vae_module.DECODER_HALO - 1
     vae_module.DECODER_HALO = short
     try:
@@ -400,11 +431,12 @@ def test_tiled_decode_peak_is_at_most_0_6_of_the_whole_frame_decode():
     64 KiB on its own (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the resident set at
     once and the mark follows the live tensors, temporaries inside the kernels included."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], cwd=REPO, capture_output=True, text=True,
-                          env=env, timeout=280, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT], cwd=REPO, capture_output=True, text=True, env=env, timeout=280, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     peaks = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert peaks["whole"] > 100 * 2 ** 20  # the measurement sees the decode (about 300 MiB)
+    assert peaks["whole"] > 100 * 2**20  # the measurement sees the decode (about 300 MiB)
     assert peaks["tiled"] <= 0.6 * peaks["whole"], peaks
 
 
@@ -426,8 +458,9 @@ def test_bad_inputs_are_config_errors_before_launch(tmp_path):
     (tmp_path / "face.png").write_bytes(b"not an image")
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(ConfigError, match=r"workload\.image_path=.*face\.png' is not a readable image"):
-        validate(generate_cfg(f"workload.image_path={tmp_path / 'face.png'}",
-                              f"model.checkpoint_dir={tmp_path / 'ckpt'}"), 2)
+        validate(
+            generate_cfg(f"workload.image_path={tmp_path / 'face.png'}", f"model.checkpoint_dir={tmp_path / 'ckpt'}"), 2
+        )
     with pytest.raises(ConfigError, match=r"parallel\.vae=sharded .* needs >= 2 ranks, got 1"):
         validate(compose_config(["model=tiny", "parallel=single", "parallel.vae=sharded"]), 1)
     with pytest.raises(ConfigError, match=r"workload\.size='40\*64': height 40 must be a positive multiple of 16"):
@@ -443,13 +476,16 @@ def test_every_vae_mode_equals_the_plain_decode_on_two_ranks():
     """tests/dist/vae_modes.py under torchrun, 2 gloo ranks: every parallel.vae mode's pixels
     and motion latents against the plain decode on every rank."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/dist/vae_modes.py"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     measured = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("max_abs_diff"))
     assert set(measured) == {"every_rank", "rank0", "tiled", "sharded"}
-    assert all(float(v) <= 10 * reordered_sum_tolerance(torch.float64, *vae_decoder_chain(4, 4 * 40))
-               for v in measured.values())
+    assert all(
+        float(v) <= 10 * reordered_sum_tolerance(torch.float64, *vae_decoder_chain(4, 4 * 40))
+        for v in measured.values()
+    )
 
 
 # ----------------------------------------------------------------------------- a tiny job end to end
@@ -482,8 +518,9 @@ def write_tiny_checkpoint_folder(folder: Path) -> None:
     words = ["<pad>", "</s>", "<unk>", "a", "person", "talks", "smiling"]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder / "google" / "umt5-xxl")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder / "google" / "umt5-xxl")
 
 
 @pytest.mark.slow
@@ -498,12 +535,24 @@ def test_tiny_job_from_a_checkpoint_folder_writes_the_video_and_stage_figures(tm
     write_audio(speech, "flac", 44100, 0.5 * np.sin(2 * np.pi * 220 * t), 0.5 * np.sin(2 * np.pi * 330 * t))
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 90, 3), dtype=np.uint8)).save(tmp_path / "face.png")
     sweep = tmp_path / "sweep"
-    proc = run_launch(sweep, "model=tiny", "parallel=ulysses", "launcher.nproc_per_node=2", "logger=disabled",
-                      f"model.checkpoint_dir={folder}", "model.text_encoder.checkpoint=t5.pth",
-                      "model.audio_encoder.checkpoint=wav2vec2", f"model.vae_dim={TEST_VAE_DIM}",
-                      "workload.prompt=a person talks", f"workload.audio_path={speech}",
-                      f"workload.image_path={tmp_path / 'face.png'}", "workload.clips=-1",
-                      "workload.sample_steps=2", "parallel.vae=sharded", timeout=400)
+    proc = run_launch(
+        sweep,
+        "model=tiny",
+        "parallel=ulysses",
+        "launcher.nproc_per_node=2",
+        "logger=disabled",
+        f"model.checkpoint_dir={folder}",
+        "model.text_encoder.checkpoint=t5.pth",
+        "model.audio_encoder.checkpoint=wav2vec2",
+        f"model.vae_dim={TEST_VAE_DIM}",
+        "workload.prompt=a person talks",
+        f"workload.audio_path={speech}",
+        f"workload.image_path={tmp_path / 'face.png'}",
+        "workload.clips=-1",
+        "workload.sample_steps=2",
+        "parallel.vae=sharded",
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = job_results(sweep)[0]
     assert results["status"] == "completed"
@@ -522,8 +571,15 @@ def test_tiny_job_from_a_checkpoint_folder_writes_the_video_and_stage_figures(tm
 
     summary = results["summary"]
     stages = summary["stages_s"]
-    assert set(stages) == {"text_encode", "audio_encode", "reference_encode", "motion_encode", "denoise",
-                           "vae_decode", "video_write"}
+    assert set(stages) == {
+        "text_encode",
+        "audio_encode",
+        "reference_encode",
+        "motion_encode",
+        "denoise",
+        "vae_decode",
+        "video_write",
+    }
     assert all(v > 0 for v in stages.values())
     assert summary["stage_peak_host_rss_gib"]["vae_decode"] > 0
     assert summary["seconds_per_clip"] == pytest.approx(summary["pipeline_s"] / 2)
@@ -557,10 +613,22 @@ def test_clips_decode_as_upstream_and_the_motion_buffer_keeps_earlier_pixels(tmp
     folder.mkdir()
     face = np.random.default_rng(0).integers(0, 256, (40, 24, 3), dtype=np.uint8)
     Image.fromarray(face).save(tmp_path / "face.png")
-    cfg = compose_config(["model=tiny", "parallel=single", f"model.checkpoint_dir={folder}", "workload.size=64*64",
-                          "workload.size_from_image=false", f"workload.image_path={tmp_path / 'face.png'}",
-                          "workload.frames_per_clip=48", "workload.clips=3", "workload.sample_steps=1",
-                          "workload.warmup_steps=0", "workload.save_video=true", "model.vae_dim=2"])
+    cfg = compose_config(
+        [
+            "model=tiny",
+            "parallel=single",
+            f"model.checkpoint_dir={folder}",
+            "workload.size=64*64",
+            "workload.size_from_image=false",
+            f"workload.image_path={tmp_path / 'face.png'}",
+            "workload.frames_per_clip=48",
+            "workload.clips=3",
+            "workload.sample_steps=1",
+            "workload.warmup_steps=0",
+            "workload.save_video=true",
+            "model.vae_dim=2",
+        ]
+    )
     torch.manual_seed(0)
     write_checkpoint(WanModel(cfg.model).state_dict(), folder, shards=2)
     vae = small_vae(3, dim=cfg.model.vae_dim)
@@ -575,6 +643,7 @@ def test_clips_decode_as_upstream_and_the_motion_buffer_keeps_earlier_pixels(tmp
             out = function(*args)
             log.append((args, out))
             return out
+
         return record
 
     monkeypatch.setattr(generate, "denoise_clip", recorder(generate.denoise_clip, sampled))
@@ -582,8 +651,9 @@ def test_clips_decode_as_upstream_and_the_motion_buffer_keeps_earlier_pixels(tmp
     monkeypatch.setattr(generate, "encode_motion", recorder(generate.encode_motion, encoded))
     (tmp_path / "job" / "progress").mkdir(parents=True)  # as the host prepares a job dir for its ranks
     ctx = RankContext(cfg, 0, 0, 1, torch.device("cpu"), tmp_path / "job")
-    frames, _waveform, clips = generate.generate_video(cfg, job_geometry(cfg), ctx, setup_parallel(cfg, ctx),
-                                                       lambda step: nullcontext())
+    frames, _waveform, clips = generate.generate_video(
+        cfg, job_geometry(cfg), ctx, setup_parallel(cfg, ctx), lambda step: nullcontext()
+    )
 
     assert clips == 3 and len(sampled) == 3 and len(decoded) == 3 and len(encoded) == 3  # encodes: before, after 0, 1
     latents = [out.float() for _args, out in sampled]

@@ -14,9 +14,7 @@ from omegaconf import OmegaConf
 
 from wan_exp import devices, precision_support
 from wan_exp.config import ConfigError, ModelConfig, compose_config
-from wan_exp.devices import JobShape
-from wan_exp.preflight import check_job
-from wan_exp.devices import Gpu, NvmlView, visible_compute_capabilities
+from wan_exp.devices import Gpu, JobShape, NvmlView, visible_compute_capabilities
 from wan_exp.metrics.drift import relative_l2
 from wan_exp.models import attention
 from wan_exp.models.attention_8bit import FP8_MAX, quantize_fp8_per_head
@@ -24,6 +22,7 @@ from wan_exp.models.checkpoint import RandomWeights, load_into
 from wan_exp.models.precision import DriftCheck, fp8_linear_names, reference_copy
 from wan_exp.models.wan_s2v import WanModel
 from wan_exp.precision_support import check_precision, drift_check_on
+from wan_exp.preflight import check_job
 from wan_exp.rank.runtime import RankContext
 
 H200 = [("NVIDIA H200", (9, 0))]
@@ -329,7 +328,8 @@ def test_8bit_attention_with_no_kernel_installed_fails_naming_each(fresh_attenti
     with pytest.raises(attention.AttentionBackendError) as err:
         attention.attention(*qkv())
     assert (
-        "sage_fp8: not installed (module sageattention not importable); fa3_fp8: not installed (module flash_attn_interface not importable)"
+        "sage_fp8: not installed (module sageattention not importable); "
+        "fa3_fp8: not installed (module flash_attn_interface not importable)"
     ) in str(err.value)
     assert "model.precision=bf16" in str(err.value)
 

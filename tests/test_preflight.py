@@ -1,5 +1,6 @@
 """The pre-launch check builds no model and imports no torch; the figures it and the ranks use
 (parameter counts, the job's geometry, the split's degrees) come from the config alone."""
+
 from __future__ import annotations
 
 import json
@@ -44,10 +45,20 @@ def test_the_formula_counts_every_parameter_of_the_built_models(model):
 
 def test_the_formula_follows_the_config_shapes():
     """A shape the presets do not use (odd widths, no qk norm, three injections) is still exact."""
-    cfg = compose_config(["model=tiny", "model.dim=96", "model.num_heads=6", "model.ffn_dim=200",
-                          "model.qk_norm=false", "model.cross_attn_norm=false", "model.audio_inject_layers=[0,1,3]",
-                          "model.text_encoder.num_layers=3", "model.audio_encoder.num_hidden_layers=2",
-                          "model.audio_layers=3"]).model
+    cfg = compose_config(
+        [
+            "model=tiny",
+            "model.dim=96",
+            "model.num_heads=6",
+            "model.ffn_dim=200",
+            "model.qk_norm=false",
+            "model.cross_attn_norm=false",
+            "model.audio_inject_layers=[0,1,3]",
+            "model.text_encoder.num_layers=3",
+            "model.audio_encoder.num_hidden_layers=2",
+            "model.audio_layers=3",
+        ]
+    ).model
     with torch.device("meta"):
         assert dit_parameters(cfg) == _built_count(WanModel(cfg))
         assert text_encoder_parameters(cfg) == _built_count(UMT5EncoderModel(text_encoder_config(cfg)))
@@ -64,17 +75,26 @@ print(json.dumps({"world_size": shape.world_size,
 """
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model=s2v_14b", "parallel=fsdp_fixed", "launcher.simulate_world_size=64"],
-    ["model=tiny", "parallel=hybrid", "workload=train_lora", "parallel.vae=sharded"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=s2v_14b", "parallel=fsdp_fixed", "launcher.simulate_world_size=64"],
+        ["model=tiny", "parallel=hybrid", "workload=train_lora", "parallel.vae=sharded"],
+    ],
+)
 def test_check_job_of_a_built_in_model_imports_no_torch(overrides, tmp_path):
     """A fresh process (nothing cached: its own empty cache folder) runs the whole pre-launch
     check of a built-in model, memory check included, and has imported neither torch nor
     transformers."""
-    proc = subprocess.run([sys.executable, "-c", CHECK_IN_A_FRESH_PROCESS, *overrides], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)})
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK_IN_A_FRESH_PROCESS, *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["loaded"] == []
@@ -93,8 +113,11 @@ def test_geometry_is_the_config_sizes_and_the_models_token_count():
     assert geometry.tokens(with_motion=True) == 21 * 30 * 52 + 30 * 52 + 15 * 26 + 4 * 7 * 13
     assert geometry.seconds_per_clip == 80 / 16
     assert geometry.flops_args(with_motion=True) == {
-        "n_tokens": geometry.tokens(with_motion=True), "audio_query_tokens": 20 * 30 * 52,
-        "audio_tokens": 20 * 5, "audio_tokens_per_query": 5}
+        "n_tokens": geometry.tokens(with_motion=True),
+        "audio_query_tokens": 20 * 30 * 52,
+        "audio_tokens": 20 * 5,
+        "audio_tokens_per_query": 5,
+    }
 
 
 def test_geometry_refuses_a_size_naming_the_setting():
@@ -106,8 +129,16 @@ def test_geometry_refuses_a_size_naming_the_setting():
 def test_fsdp_is_its_degree_not_the_preset_name():
     """parallel.fsdp.degree is the one switch: 0 in the replicated presets, -1 in the FSDP ones,
     and a replicated preset given an FSDP degree shards like hybrid."""
-    for preset, sharded in (("single", False), ("ulysses", False), ("cfg", False), ("usp", False),
-                            ("cfg_ulysses", False), ("fsdp", True), ("fsdp_fixed", True), ("hybrid", True)):
+    for preset, sharded in (
+        ("single", False),
+        ("ulysses", False),
+        ("cfg", False),
+        ("usp", False),
+        ("cfg_ulysses", False),
+        ("fsdp", True),
+        ("fsdp_fixed", True),
+        ("hybrid", True),
+    ):
         cfg = compose_config([f"parallel={preset}"])
         assert OmegaConf.select(cfg, "parallel.fsdp.enabled") is None  # no second switch
         world = {"single": 1, "cfg": 2}.get(preset, 4)  # the presets whose degrees fix the world size
@@ -123,8 +154,7 @@ def test_a_preset_is_one_yaml_file(tmp_path):
     """A new preset needs no code: a YAML file in a config dir of its own (Hydra's search path)
     with a new name and degrees is a valid, checked split, labelled by its name."""
     (tmp_path / "parallel").mkdir()
-    (tmp_path / "parallel" / "ring_fsdp.yaml").write_text(
-        "name: ring_fsdp\nring_degree: -1\nfsdp:\n  degree: -1\n")
+    (tmp_path / "parallel" / "ring_fsdp.yaml").write_text("name: ring_fsdp\nring_degree: -1\nfsdp:\n  degree: -1\n")
     cfg = compose_config([f"hydra.searchpath=[file://{tmp_path}]", "parallel=ring_fsdp"])
     validate(cfg, 4)
     dims = parallel_dims(cfg, 4)

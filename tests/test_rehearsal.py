@@ -1,5 +1,6 @@
 """Rehearsing a world size: shared GPUs, the simulated world size (fake process group), link
 pricing and the plan (docs/rehearsal.md)."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import pytest
 
 from launch_helpers import job_results, output, run_launch
 from wan_exp.config import ConfigError, compose_config
-from wan_exp.preflight import check_job, job_shape, rank_device, ranks_per_node
 from wan_exp.plan.pricing import LINKS, comm_time_s, parse_link, predict_step
+from wan_exp.preflight import check_job, job_shape, rank_device, ranks_per_node
 
 
 # ----------------------------------------------------------------------------- config rules
@@ -50,14 +51,22 @@ def test_weights_check_counts_the_ranks_sharing_a_gpu(monkeypatch):
 
 
 def test_simulated_shape_and_bad_settings():
-    cfg = compose_config(["parallel=fsdp_fixed", "launcher.simulate_world_size=1024",
-                          "launcher.simulate_rank=7", "workload=init"])
+    cfg = compose_config(
+        ["parallel=fsdp_fixed", "launcher.simulate_world_size=1024", "launcher.simulate_rank=7", "workload=init"]
+    )
     shape = check_job(cfg, gpus=0)
     assert (shape.nproc_per_node, shape.world_size, shape.processes, shape.backend, shape.simulated_rank) == (
-        1, 1024, 1, "fake", 7)
-    for override, message in (("launcher.simulate_rank=1024", r"launcher\.simulate_rank=1024 is outside 0\.\.1023"),
-                              ("launcher.link=fast", r"launcher\.link='fast' is not a link"),
-                              ("launcher.simulate_world_size=-2", r"launcher\.simulate_world_size=-2 must be >= 0")):
+        1,
+        1024,
+        1,
+        "fake",
+        7,
+    )
+    for override, message in (
+        ("launcher.simulate_rank=1024", r"launcher\.simulate_rank=1024 is outside 0\.\.1023"),
+        ("launcher.link=fast", r"launcher\.link='fast' is not a link"),
+        ("launcher.simulate_world_size=-2", r"launcher\.simulate_world_size=-2 must be >= 0"),
+    ):
         bad = compose_config(["parallel=fsdp_fixed", "launcher.simulate_world_size=1024", "workload=init", override])
         with pytest.raises(ConfigError, match=message):
             check_job(bad, gpus=0)
@@ -74,25 +83,32 @@ def test_dashboard_says_shared_gpu_times_are_not_comparable(tmp_path):
     rows = [Row("ulysses", 4, "launcher.share_gpus=true", [job]), Row("single", 1, "", [{**job, "shared_gpus": False}])]
     page = markdown(tmp_path, rows)
     caveats = page.split("## Times not comparable")[1].strip().splitlines()
-    assert caveats == ["- ulysses x4 launcher.share_gpus=true: ranks shared GPUs (launcher.share_gpus) and ran their "
-                       "collectives over gloo, so its times are not comparable; memory per process holds"]
+    assert caveats == [
+        "- ulysses x4 launcher.share_gpus=true: ranks shared GPUs (launcher.share_gpus) and ran their "
+        "collectives over gloo, so its times are not comparable; memory per process holds"
+    ]
 
 
 # ----------------------------------------------------------------------------- pricing
 def test_pricing_against_hand_computed_times():
     nvlink4 = LINKS["nvlink4"]
-    per_step = {"all_to_all": {"count": 4, "bytes": 8e9, "bus_bytes": 7.4e9},
-                "all_reduce": {"count": 1, "bytes": 1e9, "bus_bytes": 1.88e9},
-                "barrier": {"count": 1, "bytes": 0, "bus_bytes": 0}}
+    per_step = {
+        "all_to_all": {"count": 4, "bytes": 8e9, "bus_bytes": 7.4e9},
+        "all_reduce": {"count": 1, "bytes": 1e9, "bus_bytes": 1.88e9},
+        "barrier": {"count": 1, "bytes": 0, "bus_bytes": 0},
+    }
     # 4 x (6 us + 1.85 GB / 335 GB/s), then 6 us + 1.88 GB / 480 GB/s; barriers are not priced
     expected = 4 * (6e-6 + 1.85e9 / 335e9) + 6e-6 + 1.88e9 / 480e9
     assert comm_time_s(per_step, nvlink4) == pytest.approx(expected)
-    prediction = predict_step({"step_times_s": [1.0, 3.0, 2.0], "step_time_s_median": 2.0, "comm": {"per_step": per_step}}, nvlink4)
+    prediction = predict_step(
+        {"step_times_s": [1.0, 3.0, 2.0], "step_time_s_median": 2.0, "comm": {"per_step": per_step}}, nvlink4
+    )
     assert prediction["step_s"] == prediction["step_serial_s"] == pytest.approx(2.0 + expected)
     assert prediction["overlap"] == "serial" and "full duplex" in prediction["assumption"]
     custom = parse_link("100")
     assert comm_time_s({"all_gather": {"count": 2, "bytes": 0, "bus_bytes": 1e9}}, custom) == pytest.approx(
-        2 * 6e-6 + 0.01)
+        2 * 6e-6 + 0.01
+    )
     assert predict_step({"step_times_s": [], "comm": {"per_step": None}}, nvlink4)["step_s"] is None
 
 
@@ -101,22 +117,35 @@ def test_measured_runs_sit_beside_the_prediction_and_fit_the_link(tmp_path):
     fitted link is 50 GB/s, and it re-prices a row with no real run."""
     from wan_exp.plan.run import PlanRow, add_fitted, add_measured, fit_link
 
-    per_step = {2: {"all_to_all": {"count": 10, "bytes": 4e9, "bus_bytes": 2e9}},
-                4: {"all_to_all": {"count": 10, "bytes": 4e9, "bus_bytes": 3e9},
-                    "all_reduce": {"count": 2, "bytes": 1e9, "bus_bytes": 1.5e9}}}
+    per_step = {
+        2: {"all_to_all": {"count": 10, "bytes": 4e9, "bus_bytes": 2e9}},
+        4: {
+            "all_to_all": {"count": 10, "bytes": 4e9, "bus_bytes": 3e9},
+            "all_reduce": {"count": 2, "bytes": 1e9, "bus_bytes": 1.5e9},
+        },
+    }
     compute = {2: 1.0, 4: 0.5}
     for n in (2, 4):
         calls = sum(f["count"] for f in per_step[n].values())
         bus = sum(f["bus_bytes"] for f in per_step[n].values())
-        real = {"status": "completed", "simulated": None, "shared_gpus": False, "model": "tiny", "strategy": "ulysses",
-                "world_size": n, "config": {"workload": {"size": "64*64"}},
-                "summary": {"step_time_s_median": compute[n] + calls * 100e-6 + bus / 50e9},
-                "ranks": [{"memory": {"peak_reserved_gib": 3.0 + n, "peak_allocated_gib": 2.0}}]}
+        real = {
+            "status": "completed",
+            "simulated": None,
+            "shared_gpus": False,
+            "model": "tiny",
+            "strategy": "ulysses",
+            "world_size": n,
+            "config": {"workload": {"size": "64*64"}},
+            "summary": {"step_time_s_median": compute[n] + calls * 100e-6 + bus / 50e9},
+            "ranks": [{"memory": {"peak_reserved_gib": 3.0 + n, "peak_allocated_gib": 2.0}}],
+        }
         (tmp_path / str(n)).mkdir()
         (tmp_path / str(n) / "results.json").write_text(json.dumps(real))
     other = tmp_path / "other_size"
     other.mkdir()
-    (other / "results.json").write_text(json.dumps({**real, "config": {"workload": {"size": "32*32"}}, "world_size": 8}))
+    (other / "results.json").write_text(
+        json.dumps({**real, "config": {"workload": {"size": "32*32"}}, "world_size": 8})
+    )
     rows = [PlanRow("ulysses", n, "completed", compute_s=compute[n], comm_per_step=per_step[n]) for n in (2, 4)]
     rows.append(PlanRow("ulysses", 8, "completed", compute_s=0.25, comm_per_step=per_step[4]))
     assert add_measured(rows, tmp_path, "tiny", "64*64") == 2
@@ -140,8 +169,11 @@ def _by_world_size(sweep_dir: Path) -> dict[int, dict]:
 
 def _comm_figures(record: dict) -> dict:
     """Every bucket's collectives with their counts and bytes (bus bytes follow from them)."""
-    return {bucket: {kind: (f["count"], f["bytes"]) for kind, f in kinds.items()}
-            for bucket, kinds in record["comm"].items() if isinstance(kinds, dict) and bucket != "per_step"}
+    return {
+        bucket: {kind: (f["count"], f["bytes"]) for kind, f in kinds.items()}
+        for bucket, kinds in record["comm"].items()
+        if isinstance(kinds, dict) and bucket != "per_step"
+    }
 
 
 @pytest.mark.slow
@@ -150,8 +182,14 @@ def test_simulated_rank_matches_real_gloo_ranks(tmp_path):
     """N=2 and N=4 of hybrid (FSDP + Ulysses) train_lora: the one simulated process holds the
     parameter, gradient and optimiser-state bytes of a real rank and issues the same
     collectives with the same bytes."""
-    common = ["model=tiny", "parallel=hybrid", "workload=train_lora", "workload.steps=2", "logger=disabled",
-              "workload.lora.save=false"]
+    common = [
+        "model=tiny",
+        "parallel=hybrid",
+        "workload=train_lora",
+        "workload.steps=2",
+        "logger=disabled",
+        "workload.lora.save=false",
+    ]
     real = run_launch(tmp_path / "real", *common, "launcher.nproc_per_node=2,4", multirun=True, timeout=400)
     assert real.returncode == 0, output(real)
     sim = run_launch(tmp_path / "sim", *common, "launcher.simulate_world_size=2,4", multirun=True, timeout=400)
@@ -175,8 +213,10 @@ def test_simulated_rank_matches_real_gloo_ranks(tmp_path):
     assert "## Times not comparable" in sim_report and "played rank 0 of 4 over the fake process group" in sim_report
     assert "fake process group" not in (tmp_path / "real" / "report.md").read_text()
     # sharded over more ranks, each holds less
-    assert (sim_jobs[4]["ranks"][0]["train_state_bytes"]["parameters"]
-            < sim_jobs[2]["ranks"][0]["train_state_bytes"]["parameters"])
+    assert (
+        sim_jobs[4]["ranks"][0]["train_state_bytes"]["parameters"]
+        < sim_jobs[2]["ranks"][0]["train_state_bytes"]["parameters"]
+    )
 
 
 @pytest.mark.slow
@@ -186,11 +226,20 @@ def test_1024_rank_simulation_of_s2v_14b_holds_its_own_rows_only(tmp_path):
     (FSDP1 reads one whole block at a time: minutes of random numbers on two cores). The
     text encoder is cut to one small layer so the test measures the DiT (a umT5-xxl of
     random weights alone is 11 GiB)."""
-    proc = run_launch(tmp_path, "model=s2v_14b", "parallel=fsdp_fixed", "parallel.fsdp.api=fsdp2",
-                      "workload=init", "logger=disabled",
-                      "launcher.simulate_world_size=1024", "launcher.simulate_rank=5",
-                      "model.text_encoder.num_layers=1", "model.text_encoder.vocab_size=64",
-                      "model.text_encoder.d_ff=64", timeout=900)
+    proc = run_launch(
+        tmp_path,
+        "model=s2v_14b",
+        "parallel=fsdp_fixed",
+        "parallel.fsdp.api=fsdp2",
+        "workload=init",
+        "logger=disabled",
+        "launcher.simulate_world_size=1024",
+        "launcher.simulate_rank=5",
+        "model.text_encoder.num_layers=1",
+        "model.text_encoder.vocab_size=64",
+        "model.text_encoder.d_ff=64",
+        timeout=900,
+    )
     assert proc.returncode == 0, output(proc)
     (res,) = job_results(tmp_path)
     assert res["status"] == "completed" and res["simulated"] == {"world_size": 1024, "rank": 5}
@@ -223,18 +272,24 @@ def test_plan_options_are_parsed_and_bad_ones_named():
     from wan_exp.plan.run import DEFAULT_CLIP_STEPS, parse_args
 
     args = parse_args(["model=tiny", "gpus=1,8", "gpu_memory_gib=24,80", "strategies=single,ulysses", "clip_steps=30"])
-    assert (args.gpus, args.gpu_memory_gib, args.strategies, args.clip_steps) == ([1, 8], [24.0, 80.0],
-                                                                                   ["single", "ulysses"], 30)
+    assert (args.gpus, args.gpu_memory_gib, args.strategies, args.clip_steps) == (
+        [1, 8],
+        [24.0, 80.0],
+        ["single", "ulysses"],
+        30,
+    )
     # a short job of 3 measured steps
     assert {"model=tiny", "workload.sample_steps=4", "workload.warmup_steps=1"} <= set(args.overrides)
     assert parse_args(["fragmentation=0.1"]).fragmentation == 0.1 and args.fragmentation == 0.05
     assert parse_args(["workload.sample_steps=3"]).overrides.count("workload.sample_steps=3") == 1
     assert parse_args([]).clip_steps == DEFAULT_CLIP_STEPS == 40
-    for bad, message in (["gpus=0,2", r"gpus='0,2': give positive numbers"],
-                         ["clip_steps=2.5", r"clip_steps='2\.5': give the sampling steps of one clip"],
-                         ["strategies=single,magic", r"\['magic'\] not presets"],
-                         ["gpus", r"'gpus' is not key=value"],
-                         ["fragmentation=1.5", r"fragmentation='1\.5': give the share of the peak"]):
+    for bad, message in (
+        ["gpus=0,2", r"gpus='0,2': give positive numbers"],
+        ["clip_steps=2.5", r"clip_steps='2\.5': give the sampling steps of one clip"],
+        ["strategies=single,magic", r"\['magic'\] not presets"],
+        ["gpus", r"'gpus' is not key=value"],
+        ["fragmentation=1.5", r"fragmentation='1\.5': give the share of the peak"],
+    ):
         with pytest.raises(ConfigError, match=message):
             parse_args([bad])
 
@@ -258,8 +313,13 @@ def test_what_a_plan_run_again_keeps_reruns_and_refuses(tmp_path):
                 (where / "0" / file).write_text(content if isinstance(content, str) else json.dumps(content))
         return where
 
-    for status, kept in (("completed", True), ("oom", True), ("failed", False), ("hang", False),
-                         ("interrupted", False)):
+    for status, kept in (
+        ("completed", True),
+        ("oom", True),
+        ("failed", False),
+        ("hang", False),
+        ("interrupted", False),
+    ):
         where = job_dir(f"a_{status}", {"status": status, "overrides": list(reversed(single))})
         results, clear = earlier_results(single, where)
         assert (results is not None, clear) == (kept, not kept), status
@@ -267,8 +327,11 @@ def test_what_a_plan_run_again_keeps_reruns_and_refuses(tmp_path):
     assert earlier_results(single, job_dir("no_files")) == (None, True)
     assert earlier_results(single, tmp_path / "jobs" / "absent") == (None, False)
     other = job_dir("other", job={"overrides": [o.replace("model=tiny", "model=s2v_14b") for o in single]})
-    with pytest.raises(ConfigError, match=r"holds a job of other settings \(model: the sweep has "
-                                          r"'model=s2v_14b', given 'model=tiny'\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds a job of other settings \(model: the sweep has "
+        r"'model=s2v_14b', given 'model=tiny'\)",
+    ):
         earlier_results(single, other)
     running = job_dir("running", job={"overrides": single})
     (running / ".wan_exp").mkdir()
@@ -297,9 +360,23 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
     from wan_exp.results import heartbeat_path, read_json
 
     out = tmp_path / "plan"
-    proc = subprocess.run([sys.executable, "-m", "wan_exp.plan", "model=tiny", "gpus=1,2", "gpu_memory_gib=0.5,64",
-                           "strategies=single,ulysses,fsdp", f"out={out}", f"measured={out / 'jobs'}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wan_exp.plan",
+            "model=tiny",
+            "gpus=1,2",
+            "gpu_memory_gib=0.5,64",
+            "strategies=single,ulysses,fsdp",
+            f"out={out}",
+            f"measured={out / 'jobs'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     plan = json.loads((out / "plan.json").read_text())
     rows = {(r["strategy"], r["gpus"]): r for r in plan["rows"]}
@@ -318,8 +395,11 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
         peak = record["memory"]["peak_host_rss_gib"]  # the CPU: host memory is the device's
         assert row["peak_gib"] == peak
         stage_peaks = {name: s["peak_host_rss_gib"] for name, s in record["stages"].items()}
-        expected_stage = max(stage_peaks, key=stage_peaks.get) if max(stage_peaks.values()) >= 0.999 * peak \
+        expected_stage = (
+            max(stage_peaks, key=stage_peaks.get)
+            if max(stage_peaks.values()) >= 0.999 * peak
             else "init (build/load/wrap)"
+        )
         assert row["peak_stage"] == expected_stage
         # the CPU: no CUDA context or NCCL buffers; a 5 % fragmentation margin
         assert row["need_gib"] == pytest.approx(peak * 1.05) and row["nccl_gib"] == row["context_gib"] == 0
@@ -330,9 +410,12 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
         assert (row["compute_min_s"], row["compute_max_s"]) == (steps_measured[0], steps_measured[2])
         # nvlink4: 6 us per call + bus bytes at each kind's sourced bandwidth, per recorded size
         bandwidth = {"all_reduce": 480, "all_gather": 370, "reduce_scatter": 370, "all_to_all": 335}
-        comm = sum(calls * (6e-6 + int(key.split("x")[0]) * float(key.split("x")[1]) / (bandwidth[kind] * 1e9))
-                   for kind, f in (record["comm"]["per_step"] or {}).items() if kind != "barrier"
-                   for key, calls in f["messages"].items())
+        comm = sum(
+            calls * (6e-6 + int(key.split("x")[0]) * float(key.split("x")[1]) / (bandwidth[kind] * 1e9))
+            for kind, f in (record["comm"]["per_step"] or {}).items()
+            if kind != "barrier"
+            for key, calls in f["messages"].items()
+        )
         assert row["compute_s"] == pytest.approx(compute) and row["comm_s"] == pytest.approx(comm)
         assert row["overlap"] == "serial"  # Ulysses' all-to-alls block
         assert row["step_s"] == row["step_serial_s"] == pytest.approx(compute + comm)
@@ -366,19 +449,39 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
     rerun = {(r["strategy"], r["gpus"]): r for r in json.loads((out / "plan.json").read_text())["rows"]}
     assert rerun[("ulysses", 2)]["status"] == "completed"
     assert rerun[("ulysses", 2)]["comm_per_step"] == rows[("ulysses", 2)]["comm_per_step"]  # the same job
-    assert {k: r for k, r in rerun.items() if k != ("ulysses", 2)} == \
-        {k: r for k, r in rows.items() if k != ("ulysses", 2)}
+    assert {k: r for k, r in rerun.items() if k != ("ulysses", 2)} == {
+        k: r for k, r in rows.items() if k != ("ulysses", 2)
+    }
 
     # a plan stopped by SIGTERM (a time limit) mid-job: its job ends its ranks and records itself
     # interrupted, the row says so, and the plan says how to go on
     slow = tmp_path / "slow"
-    stopped = subprocess.Popen([sys.executable, "-m", "wan_exp.plan", "model=tiny", "gpus=1", "strategies=single",
-                                f"out={slow}", "fault=sleep", "fault.rank=0", "fault.phase=build",
-                                "fault.seconds=120"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wan_exp.plan",
+            "model=tiny",
+            "gpus=1",
+            "strategies=single",
+            f"out={slow}",
+            "fault=sleep",
+            "fault.rank=0",
+            "fault.phase=build",
+            "fault.seconds=120",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     job_dir = slow / "jobs" / "single_1" / "0"
     try:
-        wait_for(lambda: (read_json(heartbeat_path(job_dir, 0)) or {}).get("phase") == "build"
-                 or stopped.poll() is not None, 120, "the job to sleep in build")
+        wait_for(
+            lambda: (read_json(heartbeat_path(job_dir, 0)) or {}).get("phase") == "build" or stopped.poll() is not None,
+            120,
+            "the job to sleep in build",
+        )
         assert stopped.poll() is None, stopped.communicate()
         ranks = job_pids(job_dir)
         stopped.terminate()
@@ -394,8 +497,9 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
     assert halted["status"] == "interrupted" and "the same command again runs it" in halted["note"]
 
     # other settings into the same out: refused, nothing overwritten
-    other = subprocess.run([*proc.args, "workload.sample_steps=3"], cwd=REPO, capture_output=True, text=True,
-                           timeout=300)
+    other = subprocess.run(
+        [*proc.args, "workload.sample_steps=3"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert other.returncode == 2 and "holds a job of other settings" in other.stderr, other.stderr
     assert "give the plan another out=" in other.stderr
     assert {key: path.stat().st_mtime_ns for key, path in ran.items()} == written
@@ -409,11 +513,25 @@ def _torchrun_shared_gpu(nproc: int) -> str:
 
     from launch_helpers import REPO
 
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-                           str(REPO / "tests" / "dist" / "strategy_equivalence.py")],
-                          cwd=REPO, capture_output=True, text=True, timeout=280,
-                          env={**os.environ, "WAN_EXP_TEST_DEVICE": "cuda"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            "localhost:0",
+            str(REPO / "tests" / "dist" / "strategy_equivalence.py"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "WAN_EXP_TEST_DEVICE": "cuda"},
+    )
     told = proc.stdout + proc.stderr
     verdicts = "\n".join(line for line in told.splitlines() if "MISMATCH" in line or "Error" in line)
     assert proc.returncode == 0, verdicts + "\n" + told[-3000:]
@@ -429,16 +547,32 @@ def test_every_strategy_on_shared_gpu_ranks_equals_single(nproc):
     assert "ALL 11 STRATEGY CASES MATCH" in _torchrun_shared_gpu(nproc)
 
 
-GPU_MODEL = ["model=s2v_14b", "model.num_layers=8", "model.audio_inject_layers=[0,4]", "workload=generate",
-             "workload.size=256*256", "workload.frames_per_clip=16", "workload.sample_steps=2", "logger=disabled"]
+GPU_MODEL = [
+    "model=s2v_14b",
+    "model.num_layers=8",
+    "model.audio_inject_layers=[0,4]",
+    "workload=generate",
+    "workload.size=256*256",
+    "workload.frames_per_clip=16",
+    "workload.sample_steps=2",
+    "logger=disabled",
+]
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_shared_gpu_jobs_of_every_preset_complete_and_say_so(tmp_path):
-    proc = run_launch(tmp_path, "model=tiny", "workload=generate", "logger=disabled", "launcher.nproc_per_node=4",
-                      "launcher.share_gpus=true", "parallel=ulysses,fsdp,fsdp_fixed,hybrid,usp,cfg_ulysses",
-                      multirun=True, timeout=280)
+    proc = run_launch(
+        tmp_path,
+        "model=tiny",
+        "workload=generate",
+        "logger=disabled",
+        "launcher.nproc_per_node=4",
+        "launcher.share_gpus=true",
+        "parallel=ulysses,fsdp,fsdp_fixed,hybrid,usp,cfg_ulysses",
+        multirun=True,
+        timeout=280,
+    )
     assert proc.returncode == 0, output(proc)
     jobs = job_results(tmp_path)
     assert len(jobs) == 6 and all(j["status"] == "completed" and j["shared_gpus"] for j in jobs)
@@ -452,8 +586,14 @@ def test_simulated_peak_allocated_within_5_percent_of_shared_gpu_process(tmp_pat
     """fsdp_fixed, s2v_14b cut to 8 blocks: rank 0 simulated at N=2 and 4 against rank 0 of
     real N-rank jobs sharing the GPU(s) (per-process allocator figures)."""
     common = [*GPU_MODEL, "parallel=fsdp_fixed"]
-    real = run_launch(tmp_path / "real", *common, "launcher.share_gpus=true", "launcher.nproc_per_node=2,4",
-                      multirun=True, timeout=290)
+    real = run_launch(
+        tmp_path / "real",
+        *common,
+        "launcher.share_gpus=true",
+        "launcher.nproc_per_node=2,4",
+        multirun=True,
+        timeout=290,
+    )
     assert real.returncode == 0, output(real)
     sim = run_launch(tmp_path / "sim", *common, "launcher.simulate_world_size=2,4", multirun=True, timeout=290)
     assert sim.returncode == 0, output(sim)

@@ -1,4 +1,5 @@
 """Reliability: hang watchdog, faults, no leftover workers, atomic and resumable results."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ def test_hang_is_detected_with_stacks_and_the_next_job_completes(tmp_path):
     workload=init, finishes). Job 1: rank 1 sleeps 2 s on entering wrap (a slow rank, under the
     timeout), and completes. Start-up (process start, imports) does not count against
     the hang timeout, however slow the machine: launcher.rdzv_timeout_s bounds it."""
-    hung, slow = run_fault_sweep(tmp_path, "fault=hang,sleep", "fault.phase=wrap", "fault.seconds=2",
-                                 f"launcher.hang_timeout_s={HANG_TIMEOUT_S}")
+    hung, slow = run_fault_sweep(
+        tmp_path, "fault=hang,sleep", "fault.phase=wrap", "fault.seconds=2", f"launcher.hang_timeout_s={HANG_TIMEOUT_S}"
+    )
     assert hung["status"] == "hang" and root_cause(hung)[:2] == (1, "wrap")
     assert "launcher.hang_timeout_s" in hung["root_cause"]["message"]
     job_dir = tmp_path / "0"
@@ -54,9 +56,17 @@ def test_a_stage_longer_than_the_hang_timeout_is_not_a_hang_while_it_beats(tmp_p
     Without the decoder's beats the stage would be short (nothing to slow) and this fails;
     with beats that never reach the heartbeat file it would be called a hang."""
     hang_timeout_s, delay_s = 10, 3.0
-    proc = run_launch(tmp_path, "fault=slow", "fault.phase=vae_decode", f"fault.seconds={delay_s}",
-                      f"launcher.hang_timeout_s={hang_timeout_s}", "launcher.nproc_per_node=1",
-                      "parallel=single", "logger=disabled", timeout=900)
+    proc = run_launch(
+        tmp_path,
+        "fault=slow",
+        "fault.phase=vae_decode",
+        f"fault.seconds={delay_s}",
+        f"launcher.hang_timeout_s={hang_timeout_s}",
+        "launcher.nproc_per_node=1",
+        "parallel=single",
+        "logger=disabled",
+        timeout=900,
+    )
     assert proc.returncode == 0, output(proc)
     (job,) = job_results(tmp_path)
     assert job["status"] == "completed", job["root_cause"]
@@ -69,8 +79,15 @@ def test_a_hang_ended_by_the_process_group_timeout_blames_the_stuck_rank(tmp_pat
     """nccl.timeout_s below launcher.hang_timeout_s (as in nccl=debug): rank 0 times out in
     the first step's all-to-all (Ulysses) waiting for rank 1, which blocks on entering
     that step. The job hung in rank 1."""
-    proc = run_launch(tmp_path, "fault=hang", "fault.phase=first_step", "parallel=ulysses", "nccl.timeout_s=6",
-                      "launcher.hang_timeout_s=120", "logger=disabled")
+    proc = run_launch(
+        tmp_path,
+        "fault=hang",
+        "fault.phase=first_step",
+        "parallel=ulysses",
+        "nccl.timeout_s=6",
+        "launcher.hang_timeout_s=120",
+        "logger=disabled",
+    )
     assert proc.returncode == 1, output(proc)
     (hung,) = job_results(tmp_path)
     assert hung["status"] == "hang" and root_cause(hung)[:2] == (1, "first_step"), hung["root_cause"]
@@ -112,7 +129,8 @@ def test_resume_runs_only_the_missing_jobs(tmp_path):
         assert [r["status"] for r in job_results(tmp_path)] == ["completed"] * 2
         assert [r["overrides"] for r in job_results(tmp_path)] == [
             ["seed=0", "parallel=single", "workload=init", "logger=disabled"],
-            ["seed=1", "parallel=single", "workload=init", "logger=disabled"]]
+            ["seed=1", "parallel=single", "workload=init", "logger=disabled"],
+        ]
         assert results.read_rank_records(tmp_path / "1")[0]["pid"] != first_pid, "job 1 ran again"
         assert (tmp_path / "0" / "results.json").read_bytes() == kept
         assert (tmp_path / "0" / "results.json").stat().st_mtime_ns == kept_mtime
@@ -121,8 +139,15 @@ def test_resume_runs_only_the_missing_jobs(tmp_path):
     # a finished sweep dir is never reused silently, nor resumed with other arguments
     again = run_launch(tmp_path, *sweep, multirun=True)
     assert again.returncode == 1 and "already holds a job; use launcher.resume=true" in output(again)
-    other = run_launch(tmp_path, "seed=0,1", "parallel=single", "workload=generate", "logger=disabled",
-                       "launcher.resume=true", multirun=True)
+    other = run_launch(
+        tmp_path,
+        "seed=0,1",
+        "parallel=single",
+        "workload=generate",
+        "logger=disabled",
+        "launcher.resume=true",
+        multirun=True,
+    )
     assert other.returncode == 1
     assert "workload: the sweep has 'workload=init', given 'workload=generate'" in output(other), output(other)
     assert "Traceback" not in output(other)
@@ -180,27 +205,42 @@ def test_in_stage_beats_move_the_heartbeat_time_but_not_its_phase_or_seq(tmp_pat
 
 def test_the_hung_rank_is_the_one_furthest_behind():
     # rank 0 got further and waits in a collective; rank 1 entered wrap later and stopped there
-    beats = {0: {"rank": 0, "phase": "first_step", "step": None, "seq": 7, "time": 10.0},
-             1: {"rank": 1, "phase": "wrap", "step": None, "seq": 6, "time": 10.5}}
+    beats = {
+        0: {"rank": 0, "phase": "first_step", "step": None, "seq": 7, "time": 10.0},
+        1: {"rank": 1, "phase": "wrap", "step": None, "seq": 6, "time": 10.5},
+    }
     assert furthest_behind(beats, 2, started_at=0.0)["rank"] == 1
     # equal progress: the older heartbeat; a rank with none never started
     beats[0].update(phase="wrap", seq=6)
     assert furthest_behind(beats, 2, started_at=0.0)["rank"] == 0
-    assert furthest_behind(beats, 3, started_at=0.0) == {"rank": 2, "phase": "start", "step": None,
-                                                         "seq": 0, "time": 0.0}
+    assert furthest_behind(beats, 3, started_at=0.0) == {
+        "rank": 2,
+        "phase": "start",
+        "step": None,
+        "seq": 0,
+        "time": 0.0,
+    }
 
 
 # ----------------------------------------------------------------------------- results.py
 def _failed_record(rank: int, when: float, phase: str, status: str = "failed") -> dict:
-    return {"rank": rank, "status": status,
-            "error": {"type": "RuntimeError", "message": f"rank {rank} broke", "phase": phase, "time": when}}
+    return {
+        "rank": rank,
+        "status": status,
+        "error": {"type": "RuntimeError", "message": f"rank {rank} broke", "phase": phase, "time": when},
+    }
 
 
 def test_root_cause_is_the_earliest_failure():
-    records = [_failed_record(0, 100.5, "step"), _failed_record(2, 101.0, "step"),
-               {"rank": 3, "status": "completed", "error": None}]
-    died = {1: {"exitcode": -9, "time": 100, "phase": "wrap", "message": "rank 1 killed by SIGKILL"},
-            3: {"exitcode": -15, "time": 99, "phase": "step", "message": "stopped"}}
+    records = [
+        _failed_record(0, 100.5, "step"),
+        _failed_record(2, 101.0, "step"),
+        {"rank": 3, "status": "completed", "error": None},
+    ]
+    died = {
+        1: {"exitcode": -9, "time": 100, "phase": "wrap", "message": "rank 1 killed by SIGKILL"},
+        3: {"exitcode": -15, "time": 99, "phase": "step", "message": "stopped"},
+    }
     cause = results.failure_root_cause(records, died)
     assert (cause["rank"], cause["phase"], cause["exitcode"]) == (1, "wrap", -9)
     # without the killed rank, the earliest recorded error; SIGTERM victims come last
@@ -210,8 +250,9 @@ def test_root_cause_is_the_earliest_failure():
 
 
 def _job_dir(tmp_path):
-    results.write_json_atomic(tmp_path / "job.json", {"overrides": ["x=1"], "job_num": 4, "world_size": 2,
-                                                       "started_at": results.now_iso()})
+    results.write_json_atomic(
+        tmp_path / "job.json", {"overrides": ["x=1"], "job_num": 4, "world_size": 2, "started_at": results.now_iso()}
+    )
     (tmp_path / "config.yaml").write_text("parallel:\n  name: ulysses\nmodel:\n  name: tiny\n")
     return tmp_path
 
@@ -240,8 +281,16 @@ def test_completed_results_are_never_overwritten(tmp_path):
 
 def test_finalize_job_completes_only_when_every_rank_recorded_completion(tmp_path):
     job_dir = _job_dir(tmp_path)  # world size 2
-    done = {"rank": 0, "world_size": 2, "status": "completed", "error": None, "device_name": "cpu",
-            "memory": {"peak_host_rss_gib": 1.0}, "step_times_s": [0.5], "workload": {}}
+    done = {
+        "rank": 0,
+        "world_size": 2,
+        "status": "completed",
+        "error": None,
+        "device_name": "cpu",
+        "memory": {"peak_host_rss_gib": 1.0},
+        "step_times_s": [0.5],
+        "workload": {},
+    }
     results.write_rank_record(job_dir, done)
     missing = results.finalize_job(job_dir, {}, None)
     assert missing["status"] == "failed" and missing["root_cause"]["rank"] == 1
@@ -252,8 +301,12 @@ def test_finalize_job_completes_only_when_every_rank_recorded_completion(tmp_pat
     assert final["status"] == "completed" and final["root_cause"] is None
     assert [r["rank"] for r in final["ranks"]] == [0, 1]
     assert final["summary"]["step_time_s_median"] == 0.7  # the slowest rank's step
-    interrupted = results.finalize_job(_job_dir(tmp_path / "other"), {}, None,
-                                       interrupted={"rank": 1, "phase": "wrap", "message": "interrupted by SIGINT"})
+    interrupted = results.finalize_job(
+        _job_dir(tmp_path / "other"),
+        {},
+        None,
+        interrupted={"rank": 1, "phase": "wrap", "message": "interrupted by SIGINT"},
+    )
     assert interrupted["status"] == "interrupted" and interrupted["root_cause"]["phase"] == "wrap"
 
 

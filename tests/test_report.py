@@ -1,4 +1,5 @@
 """The sweep dashboard, built from a real sweep of the tiny model through launch.py."""
+
 from __future__ import annotations
 
 import base64
@@ -242,8 +243,17 @@ def test_strategy_options_are_variants_but_strategy_seed_and_logger_are_not():
 def test_the_report_imports_no_torch():
     """The report runs on the host after every sweep (and from `python -m wan_exp.report`): it
     reads files, so it must not pay for importing torch (1.5 s of every launch here)."""
-    proc = subprocess.run([sys.executable, "-c", "import sys, wan_exp.report, wan_exp.report.__main__\n"
-                           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, wan_exp.report, wan_exp.report.__main__\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

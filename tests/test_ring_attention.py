@@ -5,6 +5,7 @@ parallel.ring.merge_partials equals attention over the whole sequence at odd len
 GPU (``gpu`` marker): every kernel that returns the log-sum-exp at the Wan head shape
 (40 heads x 128, bf16) against the fp32 math path. Ring attention across real processes
 is checked in tests/dist/split_equivalence.py."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -144,8 +145,9 @@ def _available(name: str) -> bool:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["lse_sdpa_flash", "lse_sdpa_cudnn", "lse_sdpa_efficient",
-                                  "lse_flash_attn", "lse_fa3", "lse_fa4"])
+@pytest.mark.parametrize(
+    "name", ["lse_sdpa_flash", "lse_sdpa_cudnn", "lse_sdpa_efficient", "lse_flash_attn", "lse_fa3", "lse_fa4"]
+)
 @pytest.mark.parametrize("n_q, n_k", [(1031, 1031), (517, 1543)])
 def test_gpu_kernel_returns_the_log_sum_exp_at_the_wan_head_shape(name, n_q, n_k):
     if not _available(name):

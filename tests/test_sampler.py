@@ -1,5 +1,6 @@
 """The sampler: upstream's grid and integer timesteps, UniPC against Euler on a flow with a
 known answer, and the guidance combination of one step."""
+
 from __future__ import annotations
 
 import itertools
@@ -27,10 +28,10 @@ def gaussian_flow(mean: float, std: float):
     (1 - s)^2 std^2 + s^2, so dx/ds = -mean + (s - (1 - s) std^2) / r(s)^2 (x - (1 - s) mean)."""
 
     def radius(s: float) -> float:
-        return math.sqrt((1 - s) ** 2 * std ** 2 + s ** 2)
+        return math.sqrt((1 - s) ** 2 * std**2 + s**2)
 
     def flow(x: torch.Tensor, s: float) -> torch.Tensor:
-        return -mean + (s - (1 - s) * std ** 2) / radius(s) ** 2 * (x - (1 - s) * mean)
+        return -mean + (s - (1 - s) * std**2) / radius(s) ** 2 * (x - (1 - s) * mean)
 
     def start_and_answer(z: torch.Tensor, s0: float) -> tuple[torch.Tensor, torch.Tensor]:
         return (1 - s0) * mean + radius(s0) * z, mean + std * z

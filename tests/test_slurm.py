@@ -1,6 +1,7 @@
 """Slurm through hydra-submitit-launcher: the same jobs run by submitit on this machine,
 the sbatch script a cluster would get (written by submitit, checked against the config),
 and the node layout a job reads from Slurm's environment."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,15 @@ def test_submitit_local_runs_a_strategy_sweep_to_completion(tmp_path):
     """Two jobs through submitit on this machine: parallel=single completes, parallel=fsdp
     (GPU-only) is refused by its own host's check and recorded as failed; every job has its
     results.json, the dashboard covers both, and launch.py exits 1."""
-    proc = run_launch(tmp_path, "hydra/launcher=submitit_local", "parallel=single,fsdp", "workload=init",
-                      "logger=disabled", multirun=True, timeout=300)
+    proc = run_launch(
+        tmp_path,
+        "hydra/launcher=submitit_local",
+        "parallel=single,fsdp",
+        "workload=init",
+        "logger=disabled",
+        multirun=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, output(proc)
     single, fsdp = job_results(tmp_path)
     assert (single["strategy"], single["status"]) == ("single", "completed")
@@ -44,10 +52,18 @@ def test_the_sbatch_script_matches_the_cluster_config(tmp_path):
         tool.chmod(0o755)
     captured = tmp_path / "job.sbatch"
     sweep = tmp_path / "sweep"
-    proc = run_launch(sweep, "hydra/launcher=cluster", "parallel=single,ulysses", "hydra.launcher.nodes=2",
-                      "hydra.launcher.account=proj", "hydra.launcher.qos=high", "hydra.launcher.partition=h200",
-                      multirun=True, timeout=120,
-                      env={"PATH": f"{fakebin}:{os.environ['PATH']}", "SBATCH_CAPTURE": str(captured)})
+    proc = run_launch(
+        sweep,
+        "hydra/launcher=cluster",
+        "parallel=single,ulysses",
+        "hydra.launcher.nodes=2",
+        "hydra.launcher.account=proj",
+        "hydra.launcher.qos=high",
+        "hydra.launcher.partition=h200",
+        multirun=True,
+        timeout=120,
+        env={"PATH": f"{fakebin}:{os.environ['PATH']}", "SBATCH_CAPTURE": str(captured)},
+    )
     assert proc.returncode != 0 and "sbatch: no cluster" in output(proc)
     script = captured.read_text()
     options = dict(re.findall(r"^#SBATCH --([\w-]+)=(.*)$", script, re.MULTILINE))
@@ -63,8 +79,13 @@ def test_the_sbatch_script_matches_the_cluster_config(tmp_path):
 
 def test_a_job_reads_its_nodes_from_slurm():
     cfg = SimpleNamespace(nnodes=1, node_rank=0, rdzv_endpoint="localhost:0")
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_NNODES": "3", "SLURM_NODEID": "2",
-             "SLURM_JOB_NODELIST": "gpu[07-09]"}
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "SLURM_NNODES": "3",
+        "SLURM_NODEID": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-09]",
+    }
     assert node_layout(cfg, slurm) == NodeLayout(nnodes=3, node_rank=2, rdzv_endpoint="gpu07:24242")
     # one node, a shell inside the allocation (salloc: no job step), or no Slurm: the launcher settings
     assert node_layout(cfg, {**slurm, "SLURM_NNODES": "1"}) == NodeLayout(1, 0, "localhost:0")

@@ -1,6 +1,7 @@
 """The new splits as whole jobs through launch.py (2 CPU ranks, gloo): every workload,
 shard-only FSDP loading, fault injection and the hang watchdog; the rank records and
 results.json carry the communication counts and the split's degrees."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,9 +18,19 @@ def test_usp_generate_completes_with_comm_counts_and_faults_are_caught(tmp_path)
     hang blamed on rank 1, the one behind. (A hang injected at the step both ranks enter
     would leave both with the same heartbeat count; which one the heartbeats blame would
     then depend on timing.)"""
-    proc = run_launch(tmp_path, "parallel=usp", "workload=generate", "logger=disabled", "fault=none,raise,hang",
-                      "fault.rank=1", "fault.phase=wrap", f"launcher.hang_timeout_s={HANG_TIMEOUT_S}",
-                      "workload.sample_steps=2", multirun=True, timeout=300)
+    proc = run_launch(
+        tmp_path,
+        "parallel=usp",
+        "workload=generate",
+        "logger=disabled",
+        "fault=none,raise,hang",
+        "fault.rank=1",
+        "fault.phase=wrap",
+        f"launcher.hang_timeout_s={HANG_TIMEOUT_S}",
+        "workload.sample_steps=2",
+        multirun=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, output(proc)  # some job did not complete
     done, raised, hung = job_results(tmp_path)
     assert done["status"] == "completed", done.get("root_cause")
@@ -31,7 +42,8 @@ def test_usp_generate_completes_with_comm_counts_and_faults_are_caught(tmp_path)
         assert comm["per_step"]["send"]["count"] == comm["per_step"]["recv"]["count"] == 2 * blocks
         assert comm["per_step"]["all_gather"]["count"] == 2
     assert done["summary"]["comm_step_bytes_max"] == max(
-        sum(k["bytes"] for k in r["comm"]["per_step"].values()) for r in done["ranks"])
+        sum(k["bytes"] for k in r["comm"]["per_step"].values()) for r in done["ranks"]
+    )
     assert raised["status"] == "failed" and root_cause(raised)[:2] == (1, "wrap")
     assert hung["status"] == "hang" and root_cause(hung)[:2] == (1, "wrap"), hung["root_cause"]
 
@@ -40,8 +52,17 @@ def test_cfg_parallel_with_shard_only_fsdp_generates_trains_and_initialises(tmp_
     """cfg 2 x FSDP over both ranks, shard-only loading (fsdp_fixed's path), for every
     workload; FSDP's own all-gathers and reduce-scatters are counted; generate counts the
     job's two forwards per step, one per rank, and its MFU basis is every GPU."""
-    proc = run_launch(tmp_path, "parallel=hybrid", "parallel.cfg_degree=2", "workload=generate,train_lora,init",
-                      "logger=disabled", "workload.steps=2", "workload.sample_steps=2", multirun=True, timeout=400)
+    proc = run_launch(
+        tmp_path,
+        "parallel=hybrid",
+        "parallel.cfg_degree=2",
+        "workload=generate,train_lora,init",
+        "logger=disabled",
+        "workload.steps=2",
+        "workload.sample_steps=2",
+        multirun=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, output(proc)
     generate, train, init = job_results(tmp_path)
     work = generate["ranks"][0]["workload"]
@@ -49,13 +70,20 @@ def test_cfg_parallel_with_shard_only_fsdp_generates_trains_and_initialises(tmp_
     summary = generate["summary"]
     assert summary["flops_per_step"] == work["flops_per_step"]
     assert summary["tflops_per_gpu"] == pytest.approx(
-        work["flops_per_step"] / (summary["step_time_s_median"] * 2 * 1e12))
+        work["flops_per_step"] / (summary["step_time_s_median"] * 2 * 1e12)
+    )
     # each measured step: the cfg pair's one all-gather of the velocity, besides FSDP's
     assert generate["ranks"][0]["comm"]["per_step"]["all_gather"]["count"] > 1
     for results in (generate, train, init):
         assert results["status"] == "completed"
-        assert results["ranks"][0]["parallel_dims"] == {"cfg": 2, "fsdp": 1, "ring": 1, "ulysses": 1,
-                                                        "fsdp_shard_ranks": 2, "describe": "cfg2 x ring1 x ulysses1 x fsdp(all 2)"}
+        assert results["ranks"][0]["parallel_dims"] == {
+            "cfg": 2,
+            "fsdp": 1,
+            "ring": 1,
+            "ulysses": 1,
+            "fsdp_shard_ranks": 2,
+            "describe": "cfg2 x ring1 x ulysses1 x fsdp(all 2)",
+        }
     step = train["ranks"][0]["comm"]["per_step"]
     assert step["all_gather"]["count"] > 0 and step["reduce_scatter"]["count"] > 0
     assert train["ranks"][0]["workload"]["forwards_per_step_per_rank"] == 1

@@ -1,6 +1,7 @@
 """Control of a running sweep, with real processes: interrupts, one sweep per directory,
 colliding job dirs, a rendezvous that cannot form, live progress on a terminal, and one
 job spread over two "hosts" (two launch.py processes on loopback)."""
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,17 @@ def free_port() -> int:
 
 
 # ----------------------------------------------------------------------------- interrupts
-SLOW_SWEEP = ("-m", "seed=0,1", "parallel=single", "workload=init", "fault=sleep", "fault.rank=0",
-              "fault.phase=build", "fault.seconds=6", "logger=disabled")
+SLOW_SWEEP = (
+    "-m",
+    "seed=0,1",
+    "parallel=single",
+    "workload=init",
+    "fault=sleep",
+    "fault.rank=0",
+    "fault.phase=build",
+    "fault.seconds=6",
+    "logger=disabled",
+)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -54,11 +64,13 @@ def test_an_interrupt_stops_the_sweep_records_the_job_and_prints_the_resume_comm
     second launch into the busy dir is refused, naming the first. The interrupted job's
     result says where it was, job 1 never starts, the dashboard is written, the console
     shows the resume command and no traceback; that command (SIGINT case) finishes it."""
-    first = subprocess.Popen(launch_cmd(tmp_path, *SLOW_SWEEP), cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        launch_cmd(tmp_path, *SLOW_SWEEP), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
-        wait_for(lambda: heartbeat_phase(tmp_path / "0") == "build" or first.poll() is not None, 120,
-                 "job 0 to enter build")
+        wait_for(
+            lambda: heartbeat_phase(tmp_path / "0") == "build" or first.poll() is not None, 120, "job 0 to enter build"
+        )
         assert first.poll() is None, first.communicate()[0]
         second = run_launch(tmp_path, *SLOW_SWEEP[1:], multirun=True, timeout=60)
         assert second.returncode != 0
@@ -82,7 +94,7 @@ def test_an_interrupt_stops_the_sweep_records_the_job_and_prints_the_resume_comm
     assert not list((tmp_path / ".wan_exp").glob("lock.*")), "the lock is released"
     if sig != signal.SIGINT:
         return
-    line = next(l for l in out.splitlines() if resume in l).split()
+    line = next(text for text in out.splitlines() if resume in text).split()
     assert line[:2] == ["python", str(REPO / "launch.py")], line
     done = subprocess.run([sys.executable, *line[1:]], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, output(done)
@@ -95,13 +107,21 @@ def test_a_ctrl_c_between_two_jobs_stops_the_sweep_and_says_how_to_resume(tmp_pa
     there) when Ctrl-C comes: the sweep exits non-zero, names the job not run and prints the
     resume command; no job is left half-recorded. In batches of one job the second batch is
     never even checked: the sweep record says how many jobs there are."""
-    pause = ["+hydra.callbacks.pause._target_=pause_callback.PauseAfterJob", "+hydra.callbacks.pause.seconds=60",
-             *batch]
+    pause = [
+        "+hydra.callbacks.pause._target_=pause_callback.PauseAfterJob",
+        "+hydra.callbacks.pause.seconds=60",
+        *batch,
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    sweep = subprocess.Popen(launch_cmd(tmp_path, "-m", "seed=0,1", "parallel=single", "workload=init",
-                                        "logger=disabled", *pause),
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                             preexec_fn=with_sigint)
+    sweep = subprocess.Popen(
+        launch_cmd(tmp_path, "-m", "seed=0,1", "parallel=single", "workload=init", "logger=disabled", *pause),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        preexec_fn=with_sigint,
+    )
     try:
         wait_for(lambda: (tmp_path / "between_jobs").exists() or sweep.poll() is not None, 120, "job 0 to end")
         assert sweep.poll() is None, sweep.communicate()[0]
@@ -125,11 +145,11 @@ def test_ranks_do_not_outlive_a_job_process_that_is_killed(tmp_path):
     """A job process killed outright (SIGKILL, or a second Ctrl-C, which exits at once without
     cleaning up): its agent sees it gone and ends the ranks."""
     stuck = [o.replace("fault.seconds=6", "fault.seconds=300") for o in SLOW_SWEEP]  # no rank ends by itself
-    job = subprocess.Popen(launch_cmd(tmp_path, *stuck), cwd=REPO, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(launch_cmd(tmp_path, *stuck), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: heartbeat_phase(tmp_path / "0") == "build" or job.poll() is not None, 120,
-                 "job 0 to enter build")
+        wait_for(
+            lambda: heartbeat_phase(tmp_path / "0") == "build" or job.poll() is not None, 120, "job 0 to enter build"
+        )
         assert job.poll() is None
         ranks = job_pids(tmp_path / "0")
         assert ranks and all(pid_alive(pid) for pid in ranks)
@@ -145,11 +165,21 @@ def test_ranks_do_not_outlive_a_job_process_that_is_killed(tmp_path):
 
 
 def test_job_dirs_that_would_collide_are_refused_before_any_job_starts(tmp_path):
-    proc = run_launch(tmp_path, "seed=0,1", "parallel=single", "workload=init", "logger=disabled",
-                      "hydra.sweep.subdir=${parallel.name}", multirun=True, timeout=60)
+    proc = run_launch(
+        tmp_path,
+        "seed=0,1",
+        "parallel=single",
+        "workload=init",
+        "logger=disabled",
+        "hydra.sweep.subdir=${parallel.name}",
+        multirun=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
-    assert f"job 1 (seed=1 parallel=single workload=init logger=disabled): its job dir {tmp_path.resolve()}/single " \
-           "is job 0's too" in output(proc), output(proc)
+    assert (
+        f"job 1 (seed=1 parallel=single workload=init logger=disabled): its job dir {tmp_path.resolve()}/single "
+        "is job 0's too" in output(proc)
+    ), output(proc)
     assert "Traceback" not in output(proc)
     assert not (tmp_path / "single").exists(), "no job may start"
 
@@ -161,8 +191,14 @@ def test_a_rendezvous_port_held_by_another_program_fails_within_the_timeout(tmp_
         holder.listen()
         endpoint = f"127.0.0.1:{holder.getsockname()[1]}"
         # (run_launch's own timeout only stops a stuck test; the bound is the watchdog's, below)
-        proc = run_launch(tmp_path, f"launcher.rdzv_endpoint={endpoint}", "launcher.rdzv_timeout_s=10",
-                          "workload=init", "logger=disabled", timeout=300)
+        proc = run_launch(
+            tmp_path,
+            f"launcher.rdzv_endpoint={endpoint}",
+            "launcher.rdzv_timeout_s=10",
+            "workload=init",
+            "logger=disabled",
+            timeout=300,
+        )
     assert proc.returncode == 1, output(proc)
     (failed,) = job_results(tmp_path)
     assert failed["status"] == "failed" and failed["root_cause"]["phase"] == "rendezvous", failed["root_cause"]
@@ -173,9 +209,22 @@ def test_a_rendezvous_port_held_by_another_program_fails_within_the_timeout(tmp_
 def test_live_progress_on_a_terminal(tmp_path):
     """Through a pseudo-terminal: the per-rank table (phase, step i/n, elapsed) and job k of n."""
     main, child = pty.openpty()
-    proc = subprocess.Popen(launch_cmd(tmp_path, "parallel=ulysses", "workload.sample_steps=3", "fault=sleep",
-                                       "fault.phase=step", "fault.seconds=3", "logger=disabled"),
-                            cwd=REPO, stdin=child, stdout=child, stderr=child, env={**os.environ, "COLUMNS": "120"})
+    proc = subprocess.Popen(
+        launch_cmd(
+            tmp_path,
+            "parallel=ulysses",
+            "workload.sample_steps=3",
+            "fault=sleep",
+            "fault.phase=step",
+            "fault.seconds=3",
+            "logger=disabled",
+        ),
+        cwd=REPO,
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        env={**os.environ, "COLUMNS": "120"},
+    )
     os.close(child)
     seen = b""
     try:
@@ -218,10 +267,23 @@ def test_two_hosts_on_loopback_form_one_job_equal_to_one_host(tmp_path):
     train = ("parallel=ulysses", "workload=train_lora", "workload.steps=2", "workload.lora.save=false")
     endpoint = f"localhost:{free_port()}"
     sweep = tmp_path / "two_hosts"
-    hosts = [subprocess.Popen(launch_cmd(sweep, *train, "launcher.nnodes=2", f"launcher.node_rank={n}",
-                                         "launcher.nproc_per_node=1", f"launcher.rdzv_endpoint={endpoint}"),
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for n in (0, 1)]
+    hosts = [
+        subprocess.Popen(
+            launch_cmd(
+                sweep,
+                *train,
+                "launcher.nnodes=2",
+                f"launcher.node_rank={n}",
+                "launcher.nproc_per_node=1",
+                f"launcher.rdzv_endpoint={endpoint}",
+            ),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for n in (0, 1)
+    ]
     outs = [h.communicate(timeout=300)[0] for h in hosts]
     assert [h.returncode for h in hosts] == [0, 0], outs
     (two,) = job_results(sweep)

@@ -3,6 +3,7 @@
 The distributed checks run in ONE torchrun launch of 2 CPU ranks (gloo):
 tests/dist/lora_train.py says what each case checks.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,8 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from wan_exp.geometry import job_geometry
 from wan_exp.config import compose_config as compose_experiment
+from wan_exp.geometry import job_geometry
 from wan_exp.models.wan_s2v import WanModel
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.rank.runtime import RankContext
@@ -32,15 +33,18 @@ def compose_config(*overrides: str):
 
 def single_rank_model(cfg, matched: list):
     ctx = RankContext(cfg, 0, 0, 1, torch.device("cpu"), None)
-    return setup_parallel(cfg, ctx, before_wrap=lambda dit: matched.extend(inject_lora(dit, cfg.workload.lora, cfg.seed)))
+    return setup_parallel(
+        cfg, ctx, before_wrap=lambda dit: matched.extend(inject_lora(dit, cfg.workload.lora, cfg.seed))
+    )
 
 
 def test_default_regex_targets_attention_and_ffn_projections_only():
     cfg = compose_config("parallel=single")
     matched: list[str] = []
     single_rank_model(cfg, matched)
-    expected = {f"blocks.{b}.{attn}.{p}" for b in range(4) for attn in ("self_attn", "cross_attn")
-                for p in "qkvo"} | {f"blocks.{b}.ffn.{i}" for b in range(4) for i in (0, 2)}
+    expected = {f"blocks.{b}.{attn}.{p}" for b in range(4) for attn in ("self_attn", "cross_attn") for p in "qkvo"} | {
+        f"blocks.{b}.ffn.{i}" for b in range(4) for i in (0, 2)
+    }
     assert set(matched) == expected
     # the audio injector's cross-attentions also end in .q/.k/.v/.o but are not DiT blocks
     assert not [name for name in matched if name.startswith("audio_injector")]
@@ -77,11 +81,22 @@ def test_invalid_regex_names_the_setting():
 
 
 def test_gradients_equal_one_rank_under_every_strategy_and_adapters_reload_with_peft(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-           str(REPO / "tests" / "dist" / "lora_train.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=170,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        str(REPO / "tests" / "dist" / "lora_train.py"),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=170, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert re.search(r"LORA GRADIENTS MATCH \(5 cases, \d+ adapter tensors\)", proc.stdout), output[-6000:]
@@ -97,7 +112,8 @@ def test_gradients_equal_one_rank_under_every_strategy_and_adapters_reload_with_
         assert len(adapters) == len(saved) == 2 * 40  # A and B of 40 adapted projections
         for key, value in saved.items():  # peft put every saved tensor where it belongs
             name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
-                ".lora_B.weight", ".lora_B.default.weight")
+                ".lora_B.weight", ".lora_B.default.weight"
+            )
             torch.testing.assert_close(adapters[name], value, rtol=0, atol=0)
         assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained
         reloaded[case] = saved

@@ -1,6 +1,7 @@
 """The Wan2.1 VAE: official key names and shapes (encoder and decoder), pinned numerics,
 loading from an official-layout file, and the reference image through the generate inputs.
 (The streaming decoder/encoder against whole-clip references: tests/test_pipeline.py.)"""
+
 from __future__ import annotations
 
 import math
@@ -10,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tolerance import close_kwargs, vae_encoder_chain
 
-from wan_exp.geometry import job_geometry
+from tolerance import close_kwargs, vae_encoder_chain
 from wan_exp.config import compose_config
+from wan_exp.geometry import job_geometry
 from wan_exp.media import reference_pixels
 from wan_exp.models.checkpoint import CheckpointError, write_checkpoint
 from wan_exp.models.vae import (
@@ -138,8 +139,7 @@ def tiny_vae(seed: int = 0) -> WanVAE:
     return model
 
 
-def write_vae_file(model: WanVAE, path, extra: dict | None = None, drop: str | None = None,
-                   zip_format: bool = True):
+def write_vae_file(model: WanVAE, path, extra: dict | None = None, drop: str | None = None, zip_format: bool = True):
     """An official-layout Wan2.1_VAE.pth: the encoder's and the decoder's tensors."""
     state = {k: v.clone() for k, v in model.state_dict().items() if k != drop}
     state.update(extra or {})
@@ -180,8 +180,9 @@ def test_causal_conv_on_one_frame_is_the_last_time_slice_as_a_2d_conv():
     clip = torch.randn(1, 4, 3, 7, 9)
     later_changed = clip.clone()
     later_changed[:, :, 2] += 1.0
-    torch.testing.assert_close(conv(clip)[:, :, :2], conv(later_changed)[:, :, :2],
-                               **close_kwargs(torch.float32, terms=4 * 27))
+    torch.testing.assert_close(
+        conv(clip)[:, :, :2], conv(later_changed)[:, :, :2], **close_kwargs(torch.float32, terms=4 * 27)
+    )
 
 
 def test_rms_norm_is_root_mean_square_over_channels_times_gamma():
@@ -200,12 +201,13 @@ def test_attention_block_is_single_head_softmax_over_positions():
     x = torch.randn(1, 6, 1, 3, 4)
     frame = block.norm(x[:, :, 0])[0].flatten(1)  # (C, positions)
     w, b = block.to_qkv.weight[:, :, 0, 0], block.to_qkv.bias
-    q, k, v = ((w[i * 6:(i + 1) * 6] @ frame + b[i * 6:(i + 1) * 6, None]).T for i in range(3))
+    q, k, v = ((w[i * 6 : (i + 1) * 6] @ frame + b[i * 6 : (i + 1) * 6, None]).T for i in range(3))
     attended = torch.softmax(q @ k.T / math.sqrt(6), dim=-1) @ v  # (positions, C)
     projected = block.proj.weight[:, :, 0, 0] @ attended.T + block.proj.bias[:, None]
     # the norm, q/k/v (6 terms), scores (6), softmax and weighting over 12 positions, the projection (6)
-    torch.testing.assert_close(block(x)[0, :, 0], x[0, :, 0] + projected.view(6, 3, 4),
-                               **close_kwargs(torch.float32, terms=12, depth=5))
+    torch.testing.assert_close(
+        block(x)[0, :, 0], x[0, :, 0] + projected.view(6, 3, 4), **close_kwargs(torch.float32, terms=12, depth=5)
+    )
 
 
 def test_output_is_the_normalised_posterior_mean():
@@ -231,15 +233,20 @@ def test_official_layout_file_round_trips(tmp_path, zip_format):
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("missing", r"1 missing keys \(in the model, not in the weights\): encoder\.middle\.1\.proj\.bias"),
-    ("unexpected", r"1 unexpected keys \(in the weights, not in the model\): encoder\.extra\.weight"),
-    ("shape", r"encoder\.head\.2\.bias: the weights have shape \(7,\), the model expects \(32,\)"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing", r"1 missing keys \(in the model, not in the weights\): encoder\.middle\.1\.proj\.bias"),
+        ("unexpected", r"1 unexpected keys \(in the weights, not in the model\): encoder\.extra\.weight"),
+        ("shape", r"encoder\.head\.2\.bias: the weights have shape \(7,\), the model expects \(32,\)"),
+    ],
+)
 def test_mismatched_file_names_the_tensor(tmp_path, problem, message):
     source = tiny_vae()
-    extra = {"unexpected": {"encoder.extra.weight": torch.zeros(1)},
-             "shape": {"encoder.head.2.bias": torch.zeros(7)}}.get(problem)
+    extra = {
+        "unexpected": {"encoder.extra.weight": torch.zeros(1)},
+        "shape": {"encoder.head.2.bias": torch.zeros(7)},
+    }.get(problem)
     drop = "encoder.middle.1.proj.bias" if problem == "missing" else None
     path = write_vae_file(source, tmp_path / "Wan2.1_VAE.pth", extra=extra, drop=drop)
     with pytest.raises(CheckpointError, match=rf"Wan2\.1_VAE\.pth \(model\.vae_dim=8\): .*{message}"):
@@ -265,9 +272,17 @@ def test_missing_or_unreadable_image_names_the_file(tmp_path):
 
 
 def test_generate_uses_the_vae_encoding_of_the_image_as_reference(tmp_path, monkeypatch):
-    overrides = ["model=tiny", "parallel=single", f"model.checkpoint_dir={tmp_path}", "workload.size=32*32",
-                 f"workload.image_path={tmp_path / 'face.png'}", "workload.size_from_image=false",
-                 "workload.sample_steps=1", "workload.warmup_steps=0", "workload.save_video=false"]
+    overrides = [
+        "model=tiny",
+        "parallel=single",
+        f"model.checkpoint_dir={tmp_path}",
+        "workload.size=32*32",
+        f"workload.image_path={tmp_path / 'face.png'}",
+        "workload.size_from_image=false",
+        "workload.sample_steps=1",
+        "workload.warmup_steps=0",
+        "workload.save_video=false",
+    ]
     cfg = compose_config(overrides)
     write_checkpoint(WanModel(cfg.model).state_dict(), tmp_path, shards=2)
     vae = tiny_vae(seed=3)
@@ -283,7 +298,10 @@ def test_generate_uses_the_vae_encoding_of_the_image_as_reference(tmp_path, monk
     terms, depth = vae_encoder_chain(TINY_DIM, positions=4 * 4)
     torch.testing.assert_close(inputs.ref, expected, **close_kwargs(torch.float32, terms, depth))
     # encoded in fp32 as upstream, then given the model's dtype
-    assert torch.equal(reference_latents(cfg, job_geometry(cfg), None, torch.device("cpu"), torch.bfloat16), expected.to(torch.bfloat16))
+    assert torch.equal(
+        reference_latents(cfg, job_geometry(cfg), None, torch.device("cpu"), torch.bfloat16),
+        expected.to(torch.bfloat16),
+    )
     seen = []
     ctx = RankContext(cfg, 0, 0, 1, torch.device("cpu"), None)
     original = generate.setup_parallel

@@ -1,4 +1,5 @@
 """W&B: the offline run the launcher writes for a real tiny job, read back from run-<id>.wandb."""
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,11 @@ def test_wandb_and_the_console_show_each_rank_median_the_record_holds(job_dir):
     (table_file,) = (find_run_file(job_dir).parent / "files" / "media" / "table").glob("ranks_*.table.json")
     table = json.loads(table_file.read_text())
     logged = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
-    console = {int(line.split()[0]): line.split() for line in summary_text(results).splitlines()
-               if line.split()[:1] and line.split()[0].isdigit()}
+    console = {
+        int(line.split()[0]): line.split()
+        for line in summary_text(results).splitlines()
+        if line.split()[:1] and line.split()[0].isdigit()
+    }
     for record in results["ranks"]:
         median = record["step_time_s_median"]
         assert median == statistics.median(record["step_times_s"])  # two steps: the mean of both
@@ -122,8 +126,9 @@ def test_a_resumed_sweep_logs_a_skipped_job_only_if_its_run_was_not_written(job_
     cut = tmp_path / "0"
     shutil.copytree(job_dir, cut, ignore=shutil.ignore_patterns("wandb"))
     assert not is_logged(cut)
-    skipped = JobReturn(status=JobStatus.COMPLETED,
-                        _return_value={"job_dir": str(cut), "results_owner": True, "skipped": True})
+    skipped = JobReturn(
+        status=JobStatus.COMPLETED, _return_value={"job_dir": str(cut), "results_owner": True, "skipped": True}
+    )
     JobReportCallback().on_job_end(config=None, job_return=skipped)
     assert is_logged(cut)
     (run_file,) = list((cut / "wandb").rglob("run-*.wandb"))

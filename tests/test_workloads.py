@@ -1,12 +1,13 @@
 """generate and init workloads on the tiny model, one rank in-process."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from wan_exp.config import compose_config as compose_experiment
-from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.geometry import sequence_length
+from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.rank.runtime import RankContext
 from wan_exp.workloads import WORKLOADS, generate
 from wan_exp.workloads.sampler import model_timesteps, sigma_schedule
@@ -39,20 +40,25 @@ class ForwardLog:
 
     def hook(self, module, args, kwargs):
         latents, timestep, context = args
-        self.calls.append({"timestep": int(timestep[0]), "context": context.clone(),
-                           "audio": kwargs.get("audio"), "motion": kwargs.get("motion")})
+        self.calls.append(
+            {
+                "timestep": int(timestep[0]),
+                "context": context.clone(),
+                "audio": kwargs.get("audio"),
+                "motion": kwargs.get("motion"),
+            }
+        )
 
 
 @pytest.mark.parametrize("guidance_scale, forwards", [(4.5, 2), (1.0, 1)])
 def test_clip_loop_forwards_timesteps_guidance_branches_and_motion(monkeypatch, guidance_scale, forwards):
-    cfg = compose_config("workload.clips=2", "workload.sample_steps=3",
-                         f"workload.guidance_scale={guidance_scale}")
+    cfg = compose_config("workload.clips=2", "workload.sample_steps=3", f"workload.guidance_scale={guidance_scale}")
     log = ForwardLog(monkeypatch)
     WORKLOADS["generate"](cfg, rank_context(cfg))
     assert len(log.calls) == 2 * 3 * forwards
     expected_t = model_timesteps(sigma_schedule(3, cfg.workload.shift)).tolist()
     assert [c["timestep"] for c in log.calls] == [t for _ in range(2) for t in expected_t for _ in range(forwards)]
-    first_clip, second_clip = log.calls[:3 * forwards], log.calls[3 * forwards:]
+    first_clip, second_clip = log.calls[: 3 * forwards], log.calls[3 * forwards :]
     assert all(c["motion"] is None for c in first_clip)  # no motion tokens in the first clip
     motion = second_clip[0]["motion"]
     assert motion.shape == (1, 16, cfg.model.motion_frames, 8, 8)  # re-encoded from decoded pixels

@@ -12,13 +12,14 @@ from the config (pixels, latents, tokens) in ``wan_exp.geometry``.
 
 No torch import, so the launcher process can use it freely.
 """
+
 from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
@@ -111,8 +112,15 @@ class LoggerMode(ConfigEnum):
 PHASES = ("process_group", "build", "load", "wrap", "first_step", "step")
 STEP_PHASES = ("first_step", "step")  # phases only workloads that run DiT steps pass through
 # the generate workload's stages, in pipeline order (MetricsCollector.stage); fault.phase may name one
-PIPELINE_STAGES = ("text_encode", "audio_encode", "reference_encode", "motion_encode", "denoise",
-                   "vae_decode", "video_write")
+PIPELINE_STAGES = (
+    "text_encode",
+    "audio_encode",
+    "reference_encode",
+    "motion_encode",
+    "denoise",
+    "vae_decode",
+    "video_write",
+)
 
 # Functional form because "raise" is a keyword; OmegaConf matches members by name.
 FaultKind = ConfigEnum("FaultKind", {k: k for k in ("none", "raise", "hang", "sleep", "signal", "oom", "slow")})
@@ -154,7 +162,7 @@ class ModelConfig:
     num_layers: int = 4
     in_dim: int = 16
     out_dim: int = 16
-    patch_size: List[int] = field(default_factory=lambda: [1, 2, 2])
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
     text_dim: int = 32
     text_len: int = 16
     freq_dim: int = 32
@@ -165,7 +173,7 @@ class ModelConfig:
     s2v: bool = True
     audio_dim: int = 32  # width of each wav2vec2 hidden state
     audio_layers: int = 3  # number of wav2vec2 hidden states (25 for the real model)
-    audio_inject_layers: List[int] = field(default_factory=lambda: [0, 2])
+    audio_inject_layers: list[int] = field(default_factory=lambda: [0, 2])
     motion_frames: int = 19  # latent frames of motion history packed by frame_packer
     # what a workload uses unless told otherwise (workload.size: ${model.default_size})
     default_size: str = "64*64"
@@ -225,7 +233,7 @@ class ParallelConfig:
 class NcclConfig:
     name: str = "default"
     # variables set for the ranks only (the launching process keeps its own environment)
-    env: Dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     flight_recorder: bool = False  # dumps into <job dir>/nccl_trace/
     timeout_s: float = 600.0  # process-group timeout
 
@@ -304,7 +312,7 @@ class LoggerConfig:
     project: str = "wan-exp"
     entity: Optional[str] = None
     group: Optional[str] = None  # default: the sweep dir's name
-    tags: List[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -393,7 +401,6 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)
 
 
-
 # --------------------------------------------------------------------------- pure helpers
 def tokenizer_dir(model: Any) -> Optional[Path]:
     """The prompt's tokenizer folder inside model.checkpoint_dir, None if there is none."""
@@ -420,17 +427,13 @@ def parse_size(size: str) -> tuple[int, int]:
     try:
         height, width = (int(p) for p in parts)
     except ValueError:
-        raise ConfigError(
-            f"workload.size={size!r} is not H*W in pixels; use e.g. workload.size=480*832"
-        ) from None
+        raise ConfigError(f"workload.size={size!r} is not H*W in pixels; use e.g. workload.size=480*832") from None
     for name, v in (("height", height), ("width", width)):
         if v < 16 or v % 16:
             raise ConfigError(
-                f"workload.size={size!r}: {name} {v} must be a positive multiple of 16 "
-                "(VAE stride 8 x patch 2)"
+                f"workload.size={size!r}: {name} {v} must be a positive multiple of 16 (VAE stride 8 x patch 2)"
             )
     return height, width
-
 
 
 def signal_number(name: str) -> signal.Signals:
@@ -438,8 +441,4 @@ def signal_number(name: str) -> signal.Signals:
     try:
         return signal.Signals[str(name).upper()]
     except KeyError:
-        raise ConfigError(
-            f"fault.signal={name!r} is not a signal name; use e.g. SIGKILL, SIGTERM, SIGSEGV"
-        ) from None
-
-
+        raise ConfigError(f"fault.signal={name!r} is not a signal name; use e.g. SIGKILL, SIGTERM, SIGSEGV") from None

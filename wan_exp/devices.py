@@ -5,6 +5,7 @@ the one rule for which GPUs CUDA exposes: the job's rank count (:func:`visible_g
 used by wan_exp.host.job, the batch check and the plan), the memory check before launch and
 the doctor's rows all go through it. No torch import: the job process on the host uses it.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,18 +50,23 @@ def read_nvml() -> NvmlView:
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append(Gpu(
-                index=index,
-                name=pynvml.nvmlDeviceGetName(handle),
-                uuid=pynvml.nvmlDeviceGetUUID(handle),
-                used_bytes=memory.used,
-                total_bytes=memory.total,
-                utilisation_pct=_unless_unsupported(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
-                process_pids=[p.pid for p in _unless_unsupported(
-                    lambda: pynvml.nvmlDeviceGetComputeRunningProcesses(handle)) or []],
-                compute_capability=_unless_unsupported(
-                    lambda: tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))),
-            ))
+            gpus.append(
+                Gpu(
+                    index=index,
+                    name=pynvml.nvmlDeviceGetName(handle),
+                    uuid=pynvml.nvmlDeviceGetUUID(handle),
+                    used_bytes=memory.used,
+                    total_bytes=memory.total,
+                    utilisation_pct=_unless_unsupported(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                    process_pids=[
+                        p.pid
+                        for p in _unless_unsupported(lambda: pynvml.nvmlDeviceGetComputeRunningProcesses(handle)) or []
+                    ],
+                    compute_capability=_unless_unsupported(
+                        lambda: tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
+                    ),
+                )
+            )
         return NvmlView(gpus, f"{driver // 1000}.{driver % 1000 // 10}")
     finally:
         pynvml.nvmlShutdown()
@@ -104,8 +110,9 @@ def visible_gpu_count(nvml: Optional[NvmlView] = None, env: Optional[Mapping[str
     return len(visible)
 
 
-def visible_compute_capabilities(nvml: NvmlView | None = None,
-                                 env: Mapping[str, str] | None = None) -> list[tuple[str, tuple[int, int] | None]]:
+def visible_compute_capabilities(
+    nvml: NvmlView | None = None, env: Mapping[str, str] | None = None
+) -> list[tuple[str, tuple[int, int] | None]]:
     """(name, (major, minor) compute capability) of each GPU a job started from this process can
     use, read through NVML (no CUDA initialisation); [] on a machine without an NVIDIA driver."""
     nvml = read_nvml() if nvml is None else nvml

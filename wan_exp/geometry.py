@@ -9,6 +9,7 @@ them out again, as the split's degrees come from ``parallel.dims.ParallelDims``.
 The token arithmetic of the S2V DiT lives here (the model imports its frame-packing shapes
 from this module), so the launching process counts tokens without importing torch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -110,8 +111,11 @@ class JobGeometry:
         args: dict = {"n_tokens": self.tokens(with_motion)}
         if self.s2v:
             audio_per_frame = AUDIO_TOKENS_PER_FRAME + 1  # local tokens + the padding token
-            args.update(audio_query_tokens=self.noisy_tokens, audio_tokens=self.latent_frames * audio_per_frame,
-                        audio_tokens_per_query=audio_per_frame)
+            args.update(
+                audio_query_tokens=self.noisy_tokens,
+                audio_tokens=self.latent_frames * audio_per_frame,
+                audio_tokens_per_query=audio_per_frame,
+            )
         return args
 
 
@@ -138,11 +142,18 @@ def job_geometry(cfg: Any) -> JobGeometry:
     height, width = output_size(wl)
     frames = int(wl.frames_per_clip)
     return JobGeometry(
-        height=height, width=width, frames_per_clip=frames, fps=int(wl.fps), clips=int(wl.clips),
-        latent_channels=int(model.in_dim), motion_frames=int(model.motion_frames),
-        patch=tuple(int(p) for p in model.patch_size), s2v=bool(model.s2v),  # type: ignore[arg-type]
+        height=height,
+        width=width,
+        frames_per_clip=frames,
+        fps=int(wl.fps),
+        clips=int(wl.clips),
+        latent_channels=int(model.in_dim),
+        motion_frames=int(model.motion_frames),
+        patch=tuple(int(p) for p in model.patch_size),
+        s2v=bool(model.s2v),  # type: ignore[arg-type]
         tokens_first_clip=sequence_length(model, height, width, frames, with_motion=False),
-        tokens_later_clip=sequence_length(model, height, width, frames, with_motion=True))
+        tokens_later_clip=sequence_length(model, height, width, frames, with_motion=True),
+    )
 
 
 def strip_axis(latent_height: int, latent_width: int, world_size: int) -> tuple[bool, int]:
@@ -151,6 +162,8 @@ def strip_axis(latent_height: int, latent_width: int, world_size: int) -> tuple[
     along_width = latent_width >= latent_height
     length = latent_width if along_width else latent_height
     if world_size > length:
-        raise ConfigError(f"parallel.vae=sharded: {world_size} ranks cannot share a latent frame "
-                          f"{length} wide; use parallel.vae=tiled or a larger workload.size")
+        raise ConfigError(
+            f"parallel.vae=sharded: {world_size} ranks cannot share a latent frame "
+            f"{length} wide; use parallel.vae=tiled or a larger workload.size"
+        )
     return along_width, length

@@ -17,6 +17,7 @@ algbw x the bus factor (2(n-1)/n all-reduce, (n-1)/n all-gather, reduce-scatter,
 1 send/recv). torch.distributed adds its own launch overhead per call, so small messages come
 out slower than nccl-tests' (which calls NCCL directly): the curve is what this harness sees.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,18 @@ import torch.distributed as dist
 
 from wan_exp.metrics.comm import bus_factor
 
-COLLECTIVES = {"all_reduce": "all_reduce_perf", "all_gather": "all_gather_perf",
-               "reduce_scatter": "reduce_scatter_perf", "all_to_all": "alltoall_perf",
-               "send_recv": "sendrecv_perf"}
+COLLECTIVES = {
+    "all_reduce": "all_reduce_perf",
+    "all_gather": "all_gather_perf",
+    "reduce_scatter": "reduce_scatter_perf",
+    "all_to_all": "alltoall_perf",
+    "send_recv": "sendrecv_perf",
+}
 REDOP = {"all_reduce": "sum", "reduce_scatter": "sum"}
-HEADER = ("#       size         count      type   redop    root     time   algbw   busbw  #wrong\n"
-          "#        (B)    (elements)                               (us)  (GB/s)  (GB/s)\n")
+HEADER = (
+    "#       size         count      type   redop    root     time   algbw   busbw  #wrong\n"
+    "#        (B)    (elements)                               (us)  (GB/s)  (GB/s)\n"
+)
 
 
 def _size(text: str) -> int:
@@ -56,10 +63,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-bytes", type=_size, default=1 << 30, help="largest size, the cap (default 1G)")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per size (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
-    parser.add_argument("--collectives", default=",".join(COLLECTIVES),
-                        help=f"which of {','.join(COLLECTIVES)} (default all)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="the curve file (default outputs/linkbench/<host>_<ranks>x<device>.txt)")
+    parser.add_argument(
+        "--collectives", default=",".join(COLLECTIVES), help=f"which of {','.join(COLLECTIVES)} (default all)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="the curve file (default outputs/linkbench/<host>_<ranks>x<device>.txt)"
+    )
     args = parser.parse_args(argv)
     unknown = [c for c in args.collectives.split(",") if c not in COLLECTIVES]
     if unknown:
@@ -128,8 +137,10 @@ def measure(kind: str, sizes: list[int], iters: int, warmup: int, device: torch.
         nbytes = count * 4
         time_us = _timed_us(_operation(kind, count, n, device), iters, warmup, device)
         algbw = nbytes / (time_us * 1e-6) / 1e9
-        rows.append(f"{nbytes:12d}  {count:12d}  {'float':>8}  {REDOP.get(kind, 'none'):>6}  {-1:6d}  "
-                    f"{time_us:8.2f}  {algbw:6.2f}  {algbw * factor:6.2f}  {'N/A':>6}")
+        rows.append(
+            f"{nbytes:12d}  {count:12d}  {'float':>8}  {REDOP.get(kind, 'none'):>6}  {-1:6d}  "
+            f"{time_us:8.2f}  {algbw:6.2f}  {algbw * factor:6.2f}  {'N/A':>6}"
+        )
     return rows
 
 
@@ -141,8 +152,11 @@ def default_out(n: int, device: torch.device) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if "RANK" not in os.environ:
-        print("python -m wan_exp.linkbench: start it under torchrun, e.g. "
-              "torchrun --nproc_per_node 8 -m wan_exp.linkbench", file=sys.stderr)
+        print(
+            "python -m wan_exp.linkbench: start it under torchrun, e.g. "
+            "torchrun --nproc_per_node 8 -m wan_exp.linkbench",
+            file=sys.stderr,
+        )
         return 2
     use_cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
@@ -153,8 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = dist.get_world_size()
         if n < 2:
             if dist.get_rank() == 0:
-                print("python -m wan_exp.linkbench: one rank has no link to measure; start 2 or more "
-                      "(torchrun --nproc_per_node N)", file=sys.stderr)
+                print(
+                    "python -m wan_exp.linkbench: one rank has no link to measure; start 2 or more "
+                    "(torchrun --nproc_per_node N)",
+                    file=sys.stderr,
+                )
             return 2
         sizes = []
         size = args.min_bytes
@@ -163,8 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             size *= 2
         out = args.out or default_out(n, device)
         device_name = torch.cuda.get_device_name(device) if use_cuda else "cpu"
-        lines = [(f"# nccl-tests format, written by python -m wan_exp.linkbench (torch {torch.__version__}, "
-                  f"backend {dist.get_backend()}, {n} ranks, {device_name}, {time.strftime('%Y-%m-%d %H:%M:%S')})")]
+        lines = [
+            (
+                f"# nccl-tests format, written by python -m wan_exp.linkbench (torch {torch.__version__}, "
+                f"backend {dist.get_backend()}, {n} ranks, {device_name}, {time.strftime('%Y-%m-%d %H:%M:%S')})"
+            )
+        ]
         for kind in args.collectives.split(","):
             rows = measure(kind, sizes, args.iters, args.warmup, device)
             lines += [f"# Collective test starting: {COLLECTIVES[kind]}", "#", HEADER.rstrip("\n"), *rows]

@@ -11,6 +11,7 @@ docs/pipeline.md states the rules.
   where the aspect ratios differ.
 - Video: H.264 in an mp4 with the audio muxed in (AAC), through PyAV.
 """
+
 from __future__ import annotations
 
 import math
@@ -100,8 +101,9 @@ def audio_chunks(path: str | Path) -> Iterator[tuple[int, np.ndarray]]:
             for out in to_float.resample(None):
                 yield rate, out.to_ndarray().mean(axis=0).astype(np.float32)
     except (av.FFmpegError, ValueError, OSError) as exc:
-        raise ValueError(f"workload.audio_path={str(path)!r} is not a readable audio file ({exc}); "
-                         "use a wav, flac or mp3 file") from None
+        raise ValueError(
+            f"workload.audio_path={str(path)!r} is not a readable audio file ({exc}); use a wav, flac or mp3 file"
+        ) from None
 
 
 # ------------------------------------------------------------------------------ image
@@ -118,7 +120,7 @@ def _scale_range(height: int, width: int, area: int, multiple: int) -> tuple[flo
     if height * width <= area:
         return 1.0, SMALL_IMAGE_SMALLEST_SCALE
     pad = multiple - 1
-    a, b, c = height * width, pad * (height + width), pad ** 2 - area
+    a, b, c = height * width, pad * (height + width), pad**2 - area
     return math.sqrt(area / (height * width)), (-b + math.sqrt(b * b - 2 * a * c)) / (2 * a)
 
 
@@ -144,8 +146,10 @@ def size_within_area(height: int, width: int, area: int, multiple: int = SIZE_MU
     if fallback_w >= width or fallback_h >= height:
         fallback_w, fallback_h = width // multiple * multiple, height // multiple * multiple
     if fallback_h == 0 or fallback_w == 0:
-        raise ValueError(f"workload.size: no {multiple}-multiple size within the area {area} for an image "
-                         f"of {height}x{width}; use a larger workload.size or a larger image")
+        raise ValueError(
+            f"workload.size: no {multiple}-multiple size within the area {area} for an image "
+            f"of {height}x{width}; use a larger workload.size or a larger image"
+        )
     return fallback_h, fallback_w
 
 
@@ -161,11 +165,14 @@ def image_size(path: str | Path) -> tuple[int, int]:
             image.verify()
             return image.height, image.width
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"workload.image_path={str(path)!r} is not a readable image ({exc}); "
-                         "use a PNG or JPEG file") from None
+        raise ValueError(
+            f"workload.image_path={str(path)!r} is not a readable image ({exc}); use a PNG or JPEG file"
+        ) from None
     except Image.DecompressionBombError as exc:  # PIL's guard against images too large to decode
-        raise ValueError(f"workload.image_path={str(path)!r} is too large to decode ({exc}); "
-                         "downscale it first (the output is at most workload.size)") from None
+        raise ValueError(
+            f"workload.image_path={str(path)!r} is too large to decode ({exc}); "
+            "downscale it first (the output is at most workload.size)"
+        ) from None
 
 
 def reference_pixels(path: str | Path, height: int, width: int) -> np.ndarray:
@@ -191,13 +198,14 @@ def reference_pixels(path: str | Path, height: int, width: int) -> np.ndarray:
     pixels = np.pad(pixels, ((pad_top, pad_bottom), (pad_left, pad_right), (0, 0)))
     top = int(round((pixels.shape[0] - height) / 2.0))
     left = int(round((pixels.shape[1] - width) / 2.0))
-    crop = pixels[top:top + height, left:left + width]
+    crop = pixels[top : top + height, left : left + width]
     return crop.astype(np.float32) / 127.5 - 1.0
 
 
 # ------------------------------------------------------------------------------ video
-def write_video(path: str | Path, frames: np.ndarray, fps: int, audio: Optional[np.ndarray],
-                sample_rate: int = SAMPLE_RATE) -> Path:
+def write_video(
+    path: str | Path, frames: np.ndarray, fps: int, audio: Optional[np.ndarray], sample_rate: int = SAMPLE_RATE
+) -> Path:
     """Write (T, H, W, 3) uint8 frames as H.264 (yuv420p) at ``fps`` into an mp4, with the mono
     float waveform ``audio`` muxed in as AAC (cut or zero-padded to the video's duration).
 
@@ -234,9 +242,9 @@ def _encode_video(path: Path, frames: np.ndarray, fps: int, audio: Optional[np.n
         if sound is not None:
             n = round(len(frames) * sample_rate / fps)
             samples = np.zeros(n, np.float32)
-            samples[:min(n, audio.size)] = audio[:n]
+            samples[: min(n, audio.size)] = audio[:n]
             for start in range(0, n, AUDIO_FRAME_SAMPLES):
-                chunk = samples[start:start + AUDIO_FRAME_SAMPLES][None]
+                chunk = samples[start : start + AUDIO_FRAME_SAMPLES][None]
                 frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
                 frame.sample_rate, frame.pts, frame.time_base = sample_rate, start, Fraction(1, sample_rate)
                 container.mux(sound.encode(frame))

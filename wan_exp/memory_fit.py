@@ -22,6 +22,7 @@ Parameter counts come from the config's shapes (``models/sizes.py``: a formula p
 checked against the built models by the tests), so this check builds no model and imports
 no torch.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,11 +67,17 @@ def _size(n_bytes: int) -> str:
 def model_weights(model_cfg: Any) -> tuple[Weights, Weights, Weights | None]:
     """(DiT, text encoder, audio encoder or None) as the ranks load them: the DiT and the text
     encoder at model.dtype, wav2vec2 always in fp32 (as upstream runs it)."""
-    dit, text, audio = (dit_parameters(model_cfg), text_encoder_parameters(model_cfg),
-                        audio_encoder_parameters(model_cfg))
+    dit, text, audio = (
+        dit_parameters(model_cfg),
+        text_encoder_parameters(model_cfg),
+        audio_encoder_parameters(model_cfg),
+    )
     size = DTYPE_BYTES[getattr(model_cfg.dtype, "value", model_cfg.dtype)]
-    return (Weights("DiT", dit, dit * size), Weights("text encoder", text, text * size),
-            Weights("audio encoder", audio, audio * DTYPE_BYTES["fp32"]) if audio else None)
+    return (
+        Weights("DiT", dit, dit * size),
+        Weights("text encoder", text, text * size),
+        Weights("audio encoder", audio, audio * DTYPE_BYTES["fp32"]) if audio else None,
+    )
 
 
 def gpu_free_bytes(count: int) -> list[int] | None:
@@ -151,8 +158,11 @@ SAMPLES_PER_STATE, STATE_COPIES = 320, 4
 def audio_encode_bytes(model_cfg: Any, samples: int) -> int:
     """Peak bytes of encoding ``samples`` samples of 16 kHz audio with the model's wav2vec2."""
     ae = model_cfg.audio_encoder
-    per_sample = (WAVEFORM_COPIES + CONV_COPIES * CONV_CHANNELS / CONV_STRIDE
-                  + STATE_COPIES * (ae.num_hidden_layers + 1) * ae.hidden_size / SAMPLES_PER_STATE)
+    per_sample = (
+        WAVEFORM_COPIES
+        + CONV_COPIES * CONV_CHANNELS / CONV_STRIDE
+        + STATE_COPIES * (ae.num_hidden_layers + 1) * ae.hidden_size / SAMPLES_PER_STATE
+    )
     return int(samples * per_sample * FP32_BYTES)
 
 
@@ -184,8 +194,11 @@ def check_audio_fits(cfg: Any, path: str, samples: int, sample_rate: int, ranks_
         return
     wl = cfg.workload
     seconds = samples / sample_rate
-    used = ("every clip the audio gives" if wl.clips == -1
-            else f"only its first {wl.clips * wl.frames_per_clip / wl.fps:g} s")
+    used = (
+        "every clip the audio gives"
+        if wl.clips == -1
+        else f"only its first {wl.clips * wl.frames_per_clip / wl.fps:g} s"
+    )
     raise ConfigError(
         f"workload.audio_path={path!r} is {seconds:.0f} s long: wav2vec2 encodes the whole file at once, "
         f"which needs about {_size(need)} of host memory ({ranks_here} rank(s) on this host, "
@@ -199,14 +212,18 @@ def _hint(cfg: Any, full_load: bool, fewer_ranks: bool, encoders_on_gpu: bool = 
     """What would make the job fit, among the settings that apply to it."""
     options = []
     if not fsdp_shards(cfg.parallel.fsdp) or full_load:
-        options.append("a strategy that shards the DiT over the ranks without a full load "
-                       "(parallel=fsdp_fixed or parallel=hybrid)")
+        options.append(
+            "a strategy that shards the DiT over the ranks without a full load (parallel=fsdp_fixed or parallel=hybrid)"
+        )
     elif fewer_ranks is False:
         options.append("more ranks to shard over (launcher.nproc_per_node, launcher.nnodes)")
     if fewer_ranks:
         options.append("fewer ranks per node (launcher.nproc_per_node)")
     if encoders_on_gpu:
         options.append("the text encoder on the CPU (parallel.text_encoder_placement=cpu)")
-    options.append("a machine with more memory" if cfg.model.name == "tiny"
-                   else "a smaller model (model=tiny) or a machine with more memory")
+    options.append(
+        "a machine with more memory"
+        if cfg.model.name == "tiny"
+        else "a smaller model (model=tiny) or a machine with more memory"
+    )
     return "use " + " or ".join(options)

@@ -19,6 +19,7 @@ the setting:
 Imports run downward only (config, geometry, parallel.dims, media, memory_fit, plan.pricing);
 no torch is imported, so the launching process stays light.
 """
+
 from __future__ import annotations
 
 import logging
@@ -86,10 +87,14 @@ def config_warnings(cfg: Any) -> list[str]:
     rank records and results.json)."""
     found = []
     if cfg.workload.prompt and cfg.workload.name != WorkloadName.init and tokenizer_dir(cfg.model) is None:
-        where = (f"{cfg.model.checkpoint_dir}/{TOKENIZER_SUBDIR} does not exist" if cfg.model.checkpoint_dir
-                 else "model.checkpoint_dir is not set")
-        found.append(f"workload.prompt is ignored: no tokenizer ({where}); the text embedding comes "
-                     "from seeded random token ids")
+        where = (
+            f"{cfg.model.checkpoint_dir}/{TOKENIZER_SUBDIR} does not exist"
+            if cfg.model.checkpoint_dir
+            else "model.checkpoint_dir is not set"
+        )
+        found.append(
+            f"workload.prompt is ignored: no tokenizer ({where}); the text embedding comes from seeded random token ids"
+        )
     return found
 
 
@@ -115,9 +120,7 @@ def validate(cfg: Any, world_size: int) -> None:
         raise ConfigError("model.dim / model.num_heads must be even (RoPE works on pairs)")
     bad_layers = [i for i in model.audio_inject_layers if not 0 <= i < model.num_layers]
     if model.s2v and bad_layers:
-        raise ConfigError(
-            f"model.audio_inject_layers has {bad_layers}, outside 0..{model.num_layers - 1}"
-        )
+        raise ConfigError(f"model.audio_inject_layers has {bad_layers}, outside 0..{model.num_layers - 1}")
     if model.s2v and model.audio_layers != model.audio_encoder.num_hidden_layers + 1:
         raise ConfigError(
             f"model.audio_layers={model.audio_layers} must be "
@@ -125,9 +128,11 @@ def validate(cfg: Any, world_size: int) -> None:
             "(wav2vec2 returns one hidden state per layer plus the embeddings)"
         )
     if runs_one_rank(par) and world_size != 1:
-        raise ConfigError(f"parallel={par.name} runs one rank, got {world_size} (every degree is 1 and "
-                          "parallel.fsdp.degree=0); set the degree of the axis to split over, e.g. "
-                          "parallel.ulysses_degree=-1, or run one rank")
+        raise ConfigError(
+            f"parallel={par.name} runs one rank, got {world_size} (every degree is 1 and "
+            "parallel.fsdp.degree=0); set the degree of the axis to split over, e.g. "
+            "parallel.ulysses_degree=-1, or run one rank"
+        )
     if wl.name == WorkloadName.upstream:  # first: it names the splits upstream can run
         check_upstream(cfg, world_size)
     dims = parallel_dims(cfg, world_size)
@@ -146,16 +151,21 @@ def validate(cfg: Any, world_size: int) -> None:
     if wl.clips < 1 and wl.clips != -1:
         raise ConfigError(f"workload.clips={wl.clips} must be >= 1, or -1 for as many as the audio gives")
     if wl.clips == -1 and not model.s2v:
-        raise ConfigError("workload.clips=-1 takes the clip count from the audio, which a model without "
-                          "speech input (model.s2v=false) does not read; set a clip count")
+        raise ConfigError(
+            "workload.clips=-1 takes the clip count from the audio, which a model without "
+            "speech input (model.s2v=false) does not read; set a clip count"
+        )
     if wl.clips == -1 and not wl.audio_path:
-        raise ConfigError("workload.clips=-1 takes the clip count from workload.audio_path; set the file "
-                          "or a clip count")
+        raise ConfigError(
+            "workload.clips=-1 takes the clip count from workload.audio_path; set the file or a clip count"
+        )
     if str(wl.save_video).lower() not in SAVE_VIDEO_SETTINGS:
         raise ConfigError(f"workload.save_video={wl.save_video!r}; use one of {', '.join(SAVE_VIDEO_SETTINGS)}")
     if par.vae == VaePlacement.sharded and world_size < 2:
-        raise ConfigError("parallel.vae=sharded spreads the decode over the ranks and needs >= 2 ranks, "
-                          f"got {world_size}; use parallel.vae=tiled on one rank")
+        raise ConfigError(
+            "parallel.vae=sharded spreads the decode over the ranks and needs >= 2 ranks, "
+            f"got {world_size}; use parallel.vae=tiled on one rank"
+        )
     for name in ("sample_steps", "steps"):
         if getattr(wl, name) < 1:
             raise ConfigError(f"workload.{name}={getattr(wl, name)} must be >= 1")
@@ -163,8 +173,7 @@ def validate(cfg: Any, world_size: int) -> None:
         raise ConfigError(f"workload.warmup_steps={wl.warmup_steps} must be >= 0")
     steps = steps_run(wl)
     if steps is not None and wl.warmup_steps >= steps:
-        counted = ("workload.clips x workload.sample_steps" if wl.name == WorkloadName.generate
-                   else "workload.steps")
+        counted = "workload.clips x workload.sample_steps" if wl.name == WorkloadName.generate else "workload.steps"
         raise ConfigError(
             f"workload.warmup_steps={wl.warmup_steps} but workload={WorkloadName(wl.name).value} runs "
             f"{steps} step(s) ({counted}): no step would be measured; lower workload.warmup_steps "
@@ -173,11 +182,16 @@ def validate(cfg: Any, world_size: int) -> None:
     if wl.guidance_scale < 0:
         raise ConfigError(f"workload.guidance_scale={wl.guidance_scale} must be >= 0")
     # a typo in a path would otherwise surface in every rank, after minutes of building
-    for name, path in (("model.checkpoint_dir", model.checkpoint_dir),
-                       ("workload.audio_path", wl.audio_path), ("workload.image_path", wl.image_path)):
+    for name, path in (
+        ("model.checkpoint_dir", model.checkpoint_dir),
+        ("workload.audio_path", wl.audio_path),
+        ("workload.image_path", wl.image_path),
+    ):
         if path and not Path(path).exists():
-            raise ConfigError(f"{name}={path!r} does not exist (relative to {Path.cwd()}); "
-                              "fix the path or leave it unset for synthetic inputs / random weights")
+            raise ConfigError(
+                f"{name}={path!r} does not exist (relative to {Path.cwd()}); "
+                "fix the path or leave it unset for synthetic inputs / random weights"
+            )
     if wl.image_path and not model.checkpoint_dir:
         raise ConfigError("workload.image_path needs model.checkpoint_dir (the VAE encodes the image)")
     if cfg.fault.kind != FaultKind["none"] and not 0 <= cfg.fault.rank < world_size:
@@ -206,9 +220,11 @@ def check_inputs(cfg: Any, geometry: JobGeometry, world_size: int) -> None:
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from None
     if peak < SILENCE_PEAK:
-        raise ConfigError(f"workload.audio_path={wl.audio_path!r} is silent (peak {peak:.1e}); "
-                          "S2V animates speech: give a file with sound, or leave it unset "
-                          "for synthetic audio")
+        raise ConfigError(
+            f"workload.audio_path={wl.audio_path!r} is silent (peak {peak:.1e}); "
+            "S2V animates speech: give a file with sound, or leave it unset "
+            "for synthetic audio"
+        )
     check_audio_fits(cfg, wl.audio_path, samples, SAMPLE_RATE, max(1, world_size // cfg.launcher.nnodes))
 
 
@@ -223,15 +239,12 @@ def ranks_per_node(cfg: Any, gpus: int) -> int:
     elif requested.isdigit() and int(requested) > 0:
         nproc = int(requested)
     else:
-        raise ConfigError(
-            f"launcher.nproc_per_node={requested!r} is not allowed; use auto or a positive integer"
-        )
+        raise ConfigError(f"launcher.nproc_per_node={requested!r} is not allowed; use auto or a positive integer")
     if int(cfg.launcher.simulate_world_size) > 0:
         return 1  # one process plays one rank of the simulated job
     if runs_one_rank(cfg.parallel):
         if requested != "auto" and nproc != 1:
-            log.warning("parallel=%s runs one rank; ignoring launcher.nproc_per_node=%s", cfg.parallel.name,
-                        requested)
+            log.warning("parallel=%s runs one rank; ignoring launcher.nproc_per_node=%s", cfg.parallel.name, requested)
         return 1
     if gpus and nproc > gpus and not cfg.launcher.share_gpus:
         raise ConfigError(
@@ -277,8 +290,12 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
             "and a fixed port, e.g. node0:29500"
         )
     if lc.nnodes > 1 and host in ("localhost", "127.0.0.1"):
-        log.warning("launcher.nnodes=%s with launcher.rdzv_endpoint=%s: only processes on this host can "
-                    "join; other hosts need node 0's host name", lc.nnodes, lc.rdzv_endpoint)
+        log.warning(
+            "launcher.nnodes=%s with launcher.rdzv_endpoint=%s: only processes on this host can "
+            "join; other hosts need node 0's host name",
+            lc.nnodes,
+            lc.rdzv_endpoint,
+        )
     for name in ("rdzv_timeout_s", "hang_timeout_s"):
         if getattr(lc, name) <= 0:
             raise ConfigError(f"launcher.{name}={getattr(lc, name)} must be > 0")
@@ -286,9 +303,12 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
         raise ConfigError(f"launcher.max_restarts={lc.max_restarts} must be >= 0")
     if cfg.nccl.flight_recorder and cfg.nccl.timeout_s >= lc.hang_timeout_s:
         # the recorder dumps on an NCCL timeout; the watchdog kills the ranks before that
-        log.warning("nccl.timeout_s=%s >= launcher.hang_timeout_s=%s: a hang ends before NCCL times out, "
-                    "so the flight recorder writes no dump; lower nccl.timeout_s to get one",
-                    cfg.nccl.timeout_s, lc.hang_timeout_s)
+        log.warning(
+            "nccl.timeout_s=%s >= launcher.hang_timeout_s=%s: a hang ends before NCCL times out, "
+            "so the flight recorder writes no dump; lower nccl.timeout_s to get one",
+            cfg.nccl.timeout_s,
+            lc.hang_timeout_s,
+        )
     _check_rehearsal_settings(lc, gpus)
     # e.g. parallel=fsdp (sync_module_states=true) on a machine without GPUs
     check_fsdp_device(cfg.parallel.fsdp, "cuda" if gpus else "cpu")
@@ -298,8 +318,10 @@ def check_launch_settings(cfg: Any, gpus: int) -> None:
         return
     generate = WorkloadName(cfg.workload.name) == WorkloadName.generate
     if fault.phase not in PHASES + (PIPELINE_STAGES if generate else ()):
-        raise ConfigError(f"fault.phase={fault.phase!r} is not a phase; use one of {', '.join(PHASES)}"
-                          + (f" or a stage: {', '.join(PIPELINE_STAGES)}" if generate else ""))
+        raise ConfigError(
+            f"fault.phase={fault.phase!r} is not a phase; use one of {', '.join(PHASES)}"
+            + (f" or a stage: {', '.join(PIPELINE_STAGES)}" if generate else "")
+        )
     if WorkloadName(cfg.workload.name) == WorkloadName.init and fault.phase in STEP_PHASES:
         # a fault that never fires would report a healthy job as the demonstration's outcome
         raise ConfigError(
@@ -326,14 +348,18 @@ def _check_rehearsal_settings(lc: Any, gpus: int) -> None:
     if n < 0:
         raise ConfigError(f"launcher.simulate_world_size={n} must be >= 0 (0 = off, N = simulate N ranks)")
     if n and lc.nnodes != 1:
-        raise ConfigError(f"launcher.simulate_world_size={n} runs one process on one host; "
-                          f"set launcher.nnodes=1 (got {lc.nnodes})")
+        raise ConfigError(
+            f"launcher.simulate_world_size={n} runs one process on one host; set launcher.nnodes=1 (got {lc.nnodes})"
+        )
     if n and lc.share_gpus:
-        raise ConfigError("launcher.simulate_world_size and launcher.share_gpus=true exclude each other: "
-                          "a simulation runs one process; set one of them")
+        raise ConfigError(
+            "launcher.simulate_world_size and launcher.share_gpus=true exclude each other: "
+            "a simulation runs one process; set one of them"
+        )
     if n and not 0 <= int(lc.simulate_rank) < n:
-        raise ConfigError(f"launcher.simulate_rank={lc.simulate_rank} is outside 0..{n - 1} "
-                          f"(launcher.simulate_world_size={n})")
+        raise ConfigError(
+            f"launcher.simulate_rank={lc.simulate_rank} is outside 0..{n - 1} (launcher.simulate_world_size={n})"
+        )
     parse_link(str(lc.link))  # ConfigError naming launcher.link
 
 
@@ -344,12 +370,24 @@ def job_shape(cfg: Any, nproc: int, gpus: int) -> JobShape:
     device = "cuda" if gpus else "cpu"
     simulated = int(lc.simulate_world_size)
     if simulated:
-        return JobShape(nproc_per_node=1, world_size=simulated, backend="fake", device=device,
-                        gpus=min(gpus, 1), simulated_rank=int(lc.simulate_rank))
+        return JobShape(
+            nproc_per_node=1,
+            world_size=simulated,
+            backend="fake",
+            device=device,
+            gpus=min(gpus, 1),
+            simulated_rank=int(lc.simulate_rank),
+        )
     shared = bool(gpus) and nproc > gpus
     backend = "nccl" if gpus and not lc.share_gpus else "gloo"  # NCCL refuses two ranks on one GPU
-    return JobShape(nproc_per_node=nproc, world_size=nproc * int(lc.nnodes), backend=backend, device=device,
-                    gpus=gpus, shared_gpus=shared)
+    return JobShape(
+        nproc_per_node=nproc,
+        world_size=nproc * int(lc.nnodes),
+        backend=backend,
+        device=device,
+        gpus=gpus,
+        shared_gpus=shared,
+    )
 
 
 def rank_device(job: dict, local_rank: int) -> tuple[str, int | None]:

@@ -14,6 +14,7 @@ completed results.json is never overwritten.
 
 No torch import: the job process on the host uses this module.
 """
+
 from __future__ import annotations
 
 import errno
@@ -76,10 +77,13 @@ class ResultNotWritten(WriteError):
 def write_error(path: Path, exc: OSError) -> WriteError:
     """The WriteError for `exc` raised while writing `path`: the file, its role, the reason
     and what to do."""
-    hint = ("free space on that file system or write elsewhere (hydra.sweep.dir=...)"
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else
-            "the folder is gone (removed while the job ran?)" if exc.errno == errno.ENOENT else
-            "check the folder's permissions and that its file system is mounted read-write")
+    hint = (
+        "free space on that file system or write elsewhere (hydra.sweep.dir=...)"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        else "the folder is gone (removed while the job ran?)"
+        if exc.errno == errno.ENOENT
+        else "check the folder's permissions and that its file system is mounted read-write"
+    )
     return WriteError(exc.errno, f"could not write {file_role(path)} {path}: {exc.strerror or exc}; {hint}")
 
 
@@ -229,8 +233,9 @@ def write_results(job_dir: Path, results: dict) -> Path:
     return path
 
 
-def _results(job_dir: Path, status: str, root_cause: Optional[dict], records: list[dict],
-             summary: Optional[dict]) -> dict:
+def _results(
+    job_dir: Path, status: str, root_cause: Optional[dict], records: list[dict], summary: Optional[dict]
+) -> dict:
     job = read_json(Path(job_dir) / JOB_FILE) or {}
     config = read_job_config(job_dir)
     started = job.get("started_at")
@@ -280,8 +285,9 @@ def is_write_failure(root_cause: Optional[dict]) -> bool:
     files would meet the same disk)."""
     if not root_cause:
         return False
-    return (root_cause.get("exitcode") == RECORD_NOT_WRITTEN_EXIT
-            or str(root_cause.get("message", "")).startswith(f"{WriteError.__name__}:"))
+    return root_cause.get("exitcode") == RECORD_NOT_WRITTEN_EXIT or str(root_cause.get("message", "")).startswith(
+        f"{WriteError.__name__}:"
+    )
 
 
 def job_warnings(records: list[dict]) -> list[str]:
@@ -302,8 +308,7 @@ def job_machine(job_dir: Path) -> Optional[dict]:
     return {"hosts": hosts, "warnings": list(dict.fromkeys(w for h in hosts for w in h.get("warnings") or []))}
 
 
-def completed_results(job_dir: Path, records: list[dict],
-                      summarize: Callable[[list[dict], Any], dict]) -> dict:
+def completed_results(job_dir: Path, records: list[dict], summarize: Callable[[list[dict], Any], dict]) -> dict:
     """The results of a job whose ranks all finished."""
     summary = summarize(records, read_job_config(job_dir))
     return _results(job_dir, COMPLETED, None, records, summary)
@@ -345,7 +350,7 @@ def killed_by_oom_killer(death: dict, kernel_oom_kills: Optional[int]) -> bool:
 
 
 def _host_memory_seen(beat: Optional[dict]) -> str:
-    """"12.30 GiB host RSS (peak 14.10 GiB) at its last heartbeat" or "" without one."""
+    """ "12.30 GiB host RSS (peak 14.10 GiB) at its last heartbeat" or "" without one."""
     if not beat or beat.get("host_rss_gib") is None:
         return ""
     peak = beat.get("host_rss_peak_gib")
@@ -355,19 +360,29 @@ def _host_memory_seen(beat: Optional[dict]) -> str:
 
 # What to change when a rank runs out of host memory, by the phase or stage it was in.
 OOM_ADVICE = {
-    **dict.fromkeys(("start", "process_group", "build", "load", "wrap"),
-                    "The weights ran out of memory: use a strategy that shards them (parallel=fsdp_fixed)"),
+    **dict.fromkeys(
+        ("start", "process_group", "build", "load", "wrap"),
+        "The weights ran out of memory: use a strategy that shards them (parallel=fsdp_fixed)",
+    ),
     "text_encode": "The text encoder ran out of memory: parallel.text_encoder_placement=device",
-    "audio_encode": ("The audio encoding ran out of memory (wav2vec2 encodes the whole workload.audio_path at "
-                     "once): cut the file to what workload.clips needs"),
+    "audio_encode": (
+        "The audio encoding ran out of memory (wav2vec2 encodes the whole workload.audio_path at "
+        "once): cut the file to what workload.clips needs"
+    ),
     "reference_encode": "The reference image's encoding ran out of memory: a smaller workload.size",
-    **dict.fromkeys(("vae_decode", "motion_encode"),
-                    "The VAE ran out of memory: parallel.vae=tiled or sharded, or a smaller workload.size"),
-    **dict.fromkeys(("denoise", "first_step", "step"),
-                    "The DiT's steps ran out of memory: a smaller workload.size or frames_per_clip, or a "
-                    "sequence split (parallel=ulysses, usp)"),
-    "video_write": ("Writing the video ran out of memory (every frame is held until the end): fewer "
-                    "workload.clips or workload.save_video=false"),
+    **dict.fromkeys(
+        ("vae_decode", "motion_encode"),
+        "The VAE ran out of memory: parallel.vae=tiled or sharded, or a smaller workload.size",
+    ),
+    **dict.fromkeys(
+        ("denoise", "first_step", "step"),
+        "The DiT's steps ran out of memory: a smaller workload.size or frames_per_clip, or a "
+        "sequence split (parallel=ulysses, usp)",
+    ),
+    "video_write": (
+        "Writing the video ran out of memory (every frame is held until the end): fewer "
+        "workload.clips or workload.save_video=false"
+    ),
 }
 
 
@@ -377,9 +392,12 @@ def oom_advice(phase: Optional[str]) -> str:
     return (f"{specific}; or " if specific else "Use ") + "fewer ranks per node, or a machine with more memory"
 
 
-def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict],
-                       beats: Optional[dict[int, dict]] = None,
-                       kernel_oom_kills: Optional[int] = None) -> Optional[dict]:
+def failure_root_cause(
+    records: list[dict],
+    dead_ranks: dict[int, dict],
+    beats: Optional[dict[int, dict]] = None,
+    kernel_oom_kills: Optional[int] = None,
+) -> Optional[dict]:
     """The earliest failure among ranks that recorded an error and ranks that died
     without a record (`dead_ranks`: rank -> {"exitcode", "time", "phase", "message"}).
 
@@ -394,11 +412,20 @@ def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict],
     for r in records:
         if r.get("status") in (FAILED, OOM) and r.get("error"):
             err = r["error"]
-            candidates.append((err.get("time", float("inf")), {
-                "rank": r["rank"], "phase": err.get("phase"), "step": err.get("step"),
-                "message": f"{err.get('type')}: {err.get('message')}", "exitcode": 1,
-                "status": r["status"], "memory": oom_memory(r) if r["status"] == OOM else None,
-            }))
+            candidates.append(
+                (
+                    err.get("time", float("inf")),
+                    {
+                        "rank": r["rank"],
+                        "phase": err.get("phase"),
+                        "step": err.get("step"),
+                        "message": f"{err.get('type')}: {err.get('message')}",
+                        "exitcode": 1,
+                        "status": r["status"],
+                        "memory": oom_memory(r) if r["status"] == OOM else None,
+                    },
+                )
+            )
     recorded = {r["rank"] for r in records}
     for rank, death in dead_ranks.items():
         if rank in recorded:
@@ -406,15 +433,27 @@ def failure_root_cause(records: list[dict], dead_ranks: dict[int, dict],
         found = stopped_by_agent if death.get("exitcode") == -signal.SIGTERM else candidates
         beat = beats.get(rank)
         seen = _host_memory_seen(beat)
-        cause = {"rank": rank, "phase": death.get("phase"), "step": (beat or {}).get("step"),
-                 "message": death["message"] + (f"; {seen}" if seen else ""),
-                 "exitcode": death.get("exitcode"), "status": FAILED, "memory": None,
-                 "host_rss_gib": (beat or {}).get("host_rss_gib")}
+        cause = {
+            "rank": rank,
+            "phase": death.get("phase"),
+            "step": (beat or {}).get("step"),
+            "message": death["message"] + (f"; {seen}" if seen else ""),
+            "exitcode": death.get("exitcode"),
+            "status": FAILED,
+            "memory": None,
+            "host_rss_gib": (beat or {}).get("host_rss_gib"),
+        }
         if killed_by_oom_killer(death, kernel_oom_kills):
-            cause.update(status=OOM, memory=HOST, message=(
-                f"rank {rank} ran out of host memory: killed by SIGKILL without writing its record "
-                f"while the kernel's OOM killer ended {kernel_oom_kills} process(es)"
-                + (f"; {seen}" if seen else "") + f". {oom_advice(death.get('phase'))}"))
+            cause.update(
+                status=OOM,
+                memory=HOST,
+                message=(
+                    f"rank {rank} ran out of host memory: killed by SIGKILL without writing its record "
+                    f"while the kernel's OOM killer ended {kernel_oom_kills} process(es)"
+                    + (f"; {seen}" if seen else "")
+                    + f". {oom_advice(death.get('phase'))}"
+                ),
+            )
         found.append((death.get("time", float("inf")), cause))
     candidates = candidates or stopped_by_agent
     if not candidates:
@@ -437,10 +476,16 @@ def remove_empty_stack_files(job_dir: Path) -> None:
         pass
 
 
-def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict],
-                 launch_error: Optional[str] = None, interrupted: Optional[dict] = None,
-                 launch_phase: str = "rendezvous", kernel_oom_kills: Optional[int] = None,
-                 job_failure: Optional[dict] = None) -> dict:
+def finalize_job(
+    job_dir: Path,
+    dead_ranks: dict[int, dict],
+    hang: Optional[dict],
+    launch_error: Optional[str] = None,
+    interrupted: Optional[dict] = None,
+    launch_phase: str = "rendezvous",
+    kernel_oom_kills: Optional[int] = None,
+    job_failure: Optional[dict] = None,
+) -> dict:
     """The job's results after its ranks are gone; writes results.json (the only writer)
     unless it already holds a completed result, which is returned as it is. Empty stack
     files go.
@@ -468,24 +513,44 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
     processes = job.get("processes", job.get("world_size"))  # a simulated job: one process
     if interrupted is not None:
         status = INTERRUPTED
-        root_cause = {"rank": interrupted["rank"], "phase": interrupted["phase"], "step": interrupted.get("step"),
-                      "message": interrupted["message"], "exitcode": None}
+        root_cause = {
+            "rank": interrupted["rank"],
+            "phase": interrupted["phase"],
+            "step": interrupted.get("step"),
+            "message": interrupted["message"],
+            "exitcode": None,
+        }
     elif job_failure is not None:
         status = FAILED
-        root_cause = {"rank": job_failure.get("rank"), "phase": job_failure.get("phase"),
-                      "step": job_failure.get("step"), "message": job_failure["message"], "exitcode": None}
+        root_cause = {
+            "rank": job_failure.get("rank"),
+            "phase": job_failure.get("phase"),
+            "step": job_failure.get("step"),
+            "message": job_failure["message"],
+            "exitcode": None,
+        }
     elif processes is None:
         status = FAILED
-        root_cause = {"rank": None, "phase": None, "step": None, "exitcode": None,
-                      "message": f"{Path(job_dir) / JOB_FILE} is missing: the job's rank count is unknown, "
-                                 "so its records cannot prove it completed"}
+        root_cause = {
+            "rank": None,
+            "phase": None,
+            "step": None,
+            "exitcode": None,
+            "message": f"{Path(job_dir) / JOB_FILE} is missing: the job's rank count is unknown, "
+            "so its records cannot prove it completed",
+        }
     elif launch_error is not None:
         status = FAILED
         root_cause = {"rank": None, "phase": launch_phase, "step": None, "message": launch_error, "exitcode": None}
     elif hang is not None:
         status = HANG
-        root_cause = {"rank": hang["rank"], "phase": hang["phase"], "step": hang.get("step"), "message": hang["message"],
-                      "exitcode": dead_ranks.get(hang["rank"], {}).get("exitcode")}
+        root_cause = {
+            "rank": hang["rank"],
+            "phase": hang["phase"],
+            "step": hang.get("step"),
+            "message": hang["message"],
+            "exitcode": dead_ranks.get(hang["rank"], {}).get("exitcode"),
+        }
     else:
         root_cause = failure_root_cause(records, dead_ranks, read_heartbeats(job_dir), kernel_oom_kills)
         if root_cause is None:
@@ -494,8 +559,12 @@ def finalize_job(job_dir: Path, dead_ranks: dict[int, dict], hang: Optional[dict
                 results = completed_results(job_dir, records, summarize)
                 write_results(job_dir, results)
                 return results
-            root_cause = {"rank": missing[0] if missing else None, "phase": None, "exitcode": None,
-                          "message": f"rank(s) {missing} exited cleanly without writing a record"}
+            root_cause = {
+                "rank": missing[0] if missing else None,
+                "phase": None,
+                "exitcode": None,
+                "message": f"rank(s) {missing} exited cleanly without writing a record",
+            }
         status = OOM if root_cause.pop("status", FAILED) == OOM else FAILED
     results = _results(job_dir, status, root_cause, records, None)
     write_results(job_dir, results)

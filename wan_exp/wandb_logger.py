@@ -12,6 +12,7 @@ strategy, config = the resolved config, one history row per measured step (the j
 step time and each rank's), a per-rank table, and a summary with the comparison metrics
 of results.json plus the status and root cause.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,15 @@ log = logging.getLogger(__name__)
 # Seconds the child may take: offline runs finish in about a second; online ones upload.
 TIME_LIMIT_S = {"offline": 120.0, "online": 300.0}
 
-STAGE_TABLE_COLUMNS = ["rank", "stage", "seconds", "count", "peak_allocated_gib", "peak_reserved_gib",
-                       "peak_host_rss_gib"]
+STAGE_TABLE_COLUMNS = [
+    "rank",
+    "stage",
+    "seconds",
+    "count",
+    "peak_allocated_gib",
+    "peak_reserved_gib",
+    "peak_host_rss_gib",
+]
 RANK_TABLE_COLUMNS = [
     "rank", "device_name", "status", "peak_allocated_gib", "peak_reserved_gib",
     "nvml_used_gib", "peak_host_rss_gib", "alloc_retries", "ooms", "init_s", "step_time_s_median",
@@ -100,16 +108,28 @@ def rank_row(record: dict) -> list[Any]:
         memory.get("ooms"),
         record.get("init_s"),
         record.get("step_time_s_median"),
-        comm_step.get("count"), comm_step.get("bytes"), comm_init.get("bytes"),
+        comm_step.get("count"),
+        comm_step.get("bytes"),
+        comm_init.get("bytes"),
     ]
 
 
 def stage_table_rows(ranks: list[dict]) -> list[list[Any]]:
     """One row per rank and pipeline stage: seconds and peak memory (the dashboard's per-stage
     figures, per rank); the run summary holds the job-level stage figures."""
-    return [[r.get("rank"), name, entry.get("seconds"), entry.get("count"), entry.get("peak_allocated_gib"),
-             entry.get("peak_reserved_gib"), entry.get("peak_host_rss_gib")]
-            for r in ranks for name, entry in r.get("stages", {}).items()]
+    return [
+        [
+            r.get("rank"),
+            name,
+            entry.get("seconds"),
+            entry.get("count"),
+            entry.get("peak_allocated_gib"),
+            entry.get("peak_reserved_gib"),
+            entry.get("peak_host_rss_gib"),
+        ]
+        for r in ranks
+        for name, entry in r.get("stages", {}).items()
+    ]
 
 
 def run_summary(results: dict) -> dict:
@@ -140,8 +160,12 @@ def _write_run(results: dict, job_dir: Path) -> None:
         dir=str(job_dir),
         mode=str(logger_cfg.get("mode", "offline")),
         settings=wandb.Settings(
-            silent=True, console="off", x_disable_stats=True, disable_git=True,
-            save_code=False, init_timeout=60,
+            silent=True,
+            console="off",
+            x_disable_stats=True,
+            disable_git=True,
+            save_code=False,
+            init_timeout=60,
         ),  # fmt: skip
     )
     ranks = results.get("ranks", [])

@@ -1,4 +1,5 @@
 """The checked launcher's work: check the whole batch, then run each job via run_job."""
+
 from __future__ import annotations
 
 import errno
@@ -20,8 +21,9 @@ CHECK_HOOK = "check_batch"  # a callback method that checks every job config of 
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
-def job_configs(launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]],
-                initial_job_idx: int) -> list[DictConfig]:
+def job_configs(
+    launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+) -> list[DictConfig]:
     """Each job's composed config, with its job number set (as Hydra's basic launcher does)."""
     assert launcher.hydra_context is not None and launcher.config is not None
     configs = []
@@ -45,8 +47,9 @@ def check_batch(launcher: CheckedLauncher, configs: list[DictConfig]) -> None:
             check(configs)
 
 
-def launch(launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]],
-           initial_job_idx: int) -> Sequence[JobReturn]:
+def launch(
+    launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+) -> Sequence[JobReturn]:
     assert launcher.hydra_context is not None and launcher.config is not None
     assert launcher.task_function is not None, "setup() comes first"
     if launcher.interrupted:
@@ -62,9 +65,15 @@ def launch(launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]],
     for overrides, config in zip(job_overrides, configs):
         try:  # a Ctrl-C anywhere in the loop, in a job or between two, ends the sweep the same way
             log.info("\t#%d : %s", config.hydra.job.num, " ".join(filter_overrides(overrides)))
-            returns.append(run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function,
-                                   config=config, job_dir_key="hydra.sweep.dir",
-                                   job_subdir_key="hydra.sweep.subdir"))
+            returns.append(
+                run_job(
+                    hydra_context=launcher.hydra_context,
+                    task_function=launcher.task_function,
+                    config=config,
+                    job_dir_key="hydra.sweep.dir",
+                    job_subdir_key="hydra.sweep.subdir",
+                )
+            )
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, or the task's own stop (a KeyboardInterrupt)
             log.error("job %s: the sweep stops here: %s", config.hydra.job.num, exc or "interrupted")
             launcher.interrupted = True
@@ -72,8 +81,11 @@ def launch(launcher: CheckedLauncher, job_overrides: Sequence[Sequence[str]],
         except OSError as exc:  # Hydra's own files of the job (its dir, .hydra/, the log)
             if exc.errno not in DISK_ERRNOS:
                 raise
-            log.error("job %s not started, the sweep stops here: Hydra could not write its files: %s",
-                      config.hydra.job.num, exc)
+            log.error(
+                "job %s not started, the sweep stops here: Hydra could not write its files: %s",
+                config.hydra.job.num,
+                exc,
+            )
             launcher.interrupted = True
             break
         finally:

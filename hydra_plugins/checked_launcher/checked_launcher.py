@@ -10,6 +10,7 @@ returned, no further job starts, and Hydra's sweep-end callbacks still run.
 
 This module and _core.py import nothing of the application and no torch.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence

@@ -39,14 +39,15 @@ Otherwise 0, warnings included: flash-attn absent or broken (SDPA takes over), a
 The doctor initialises no CUDA context (GPU figures come from NVML) and takes a couple of
 seconds, most of it importing torch here and in the flash-attn subprocess.
 """
+
 from __future__ import annotations
 
 import os
 from typing import Mapping
 
+from wan_exp.devices import read_nvml
 from wan_exp.doctor.allocator import allocator_rows
 from wan_exp.doctor.flash import flash_attn_rows
-from wan_exp.devices import read_nvml
 from wan_exp.doctor.gpus import gpu_rows
 from wan_exp.doctor.nccl import nccl_rows
 from wan_exp.doctor.rows import FAIL, OK, WARN, Row, exit_status, format_table

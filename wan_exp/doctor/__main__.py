@@ -1,4 +1,5 @@
 """Command line: ``python -m wan_exp.doctor [--json] [--gpus N]``; see the package docstring."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,11 +10,17 @@ from wan_exp.doctor import diagnose, exit_status, format_table
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wan_exp.doctor",
-                                     description="Check this machine and environment for wan-exp runs.")
+    parser = argparse.ArgumentParser(
+        prog="python -m wan_exp.doctor", description="Check this machine and environment for wan-exp runs."
+    )
     parser.add_argument("--json", action="store_true", help="print {'exit_status', 'rows'} as JSON")
-    parser.add_argument("--gpus", type=int, default=0, metavar="N",
-                        help="fail unless at least N GPUs are visible (e.g. the run's launcher.nproc_per_node)")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fail unless at least N GPUs are visible (e.g. the run's launcher.nproc_per_node)",
+    )
     args = parser.parse_args(argv)
     if args.gpus < 0:
         parser.error(f"--gpus {args.gpus}: give a number of GPUs >= 0")

@@ -9,6 +9,7 @@ without a per-process memory fraction, native-allocator keys under ``backend:cud
 
 It imports no torch, so the launcher process may use it too.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -64,7 +65,10 @@ def _is_roundup_divisions(v: str) -> bool:
 KEYS: dict[str, tuple[Callable[[str], bool], str]] = {
     "max_split_size_mb": (_is_int_at_least(MIN_SPLIT_MB), f"an integer number of MiB >= {MIN_SPLIT_MB}"),
     "max_non_split_rounding_mb": (_is_int_at_least(MIN_SPLIT_MB), f"an integer number of MiB >= {MIN_SPLIT_MB}"),
-    "garbage_collection_threshold": (_is_float_in(0.0, 1.0, high_inclusive=False), "a fraction strictly between 0 and 1"),
+    "garbage_collection_threshold": (
+        _is_float_in(0.0, 1.0, high_inclusive=False),
+        "a fraction strictly between 0 and 1",
+    ),
     "roundup_power2_divisions": (_is_roundup_divisions, "a power of two, or [interval:divisions,...,>:divisions]"),
     "expandable_segments": (_is_bool, "True or False (capitalised)"),
     "backend": (lambda v: v in ("native", "cudaMallocAsync"), "native or cudaMallocAsync"),
@@ -84,8 +88,13 @@ KEYS: dict[str, tuple[Callable[[str], bool], str]] = {
     "pinned_max_cached_size_mb": (_is_int_at_least(0), "an integer number of MiB"),
 }
 # What backend:cudaMallocAsync ignores: the native caching allocator's own knobs.
-NATIVE_ONLY_KEYS = ("max_split_size_mb", "max_non_split_rounding_mb", "garbage_collection_threshold",
-                    "roundup_power2_divisions", "expandable_segments")
+NATIVE_ONLY_KEYS = (
+    "max_split_size_mb",
+    "max_non_split_rounding_mb",
+    "garbage_collection_threshold",
+    "roundup_power2_divisions",
+    "expandable_segments",
+)
 
 
 @dataclass
@@ -118,20 +127,29 @@ def parse_allocator_conf(conf: str) -> tuple[dict[str, str], list[Finding]]:
         key, colon, value = item.partition(":")
         if key not in KEYS:
             close = difflib.get_close_matches(key, KEYS, n=1)
-            findings.append(Finding(
-                FAIL, f"unknown key {key!r}",
-                "torch raises \"Unrecognized key\" at the first CUDA allocation; "
-                + (f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(KEYS)}"),
-            ))
+            findings.append(
+                Finding(
+                    FAIL,
+                    f"unknown key {key!r}",
+                    'torch raises "Unrecognized key" at the first CUDA allocation; '
+                    + (f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(KEYS)}"),
+                )
+            )
             continue
         is_valid, rule = KEYS[key]
         if not colon or not is_valid(value):
-            findings.append(Finding(FAIL, f"{key}:{value}" if colon else f"{key} without a value",
-                                    f"torch rejects it: {key} takes {rule}"))
+            findings.append(
+                Finding(
+                    FAIL,
+                    f"{key}:{value}" if colon else f"{key} without a value",
+                    f"torch rejects it: {key} takes {rule}",
+                )
+            )
             continue
         if key in settings:
-            findings.append(Finding(WARN, f"{key} given twice ({settings[key]}, then {value})",
-                                    "the last one wins; keep one"))
+            findings.append(
+                Finding(WARN, f"{key} given twice ({settings[key]}, then {value})", "the last one wins; keep one")
+            )
         settings[key] = value
     return settings, findings + inert_settings(settings)
 
@@ -140,22 +158,33 @@ def inert_settings(settings: Mapping[str, str]) -> list[Finding]:
     """Settings torch accepts but that have (almost) no effect next to the others."""
     findings = []
     if settings.get("expandable_segments") == "True" and "max_split_size_mb" in settings:
-        findings.append(Finding(
-            WARN, "max_split_size_mb is inert with expandable_segments:True",
-            "expandable segments grow one mapping instead of splitting cached blocks, so the "
-            "split cap has little effect; drop max_split_size_mb or compare both with allocator=... sweeps",
-        ))
+        findings.append(
+            Finding(
+                WARN,
+                "max_split_size_mb is inert with expandable_segments:True",
+                "expandable segments grow one mapping instead of splitting cached blocks, so the "
+                "split cap has little effect; drop max_split_size_mb or compare both with allocator=... sweeps",
+            )
+        )
     if "garbage_collection_threshold" in settings and "per_process_memory_fraction" not in settings:
-        findings.append(Finding(
-            WARN, "garbage_collection_threshold is inert without a per-process memory fraction",
-            "it only acts once usage nears the fraction set by per_process_memory_fraction:<f> "
-            "(or torch.cuda.set_per_process_memory_fraction, which wan-exp does not call)",
-        ))
+        findings.append(
+            Finding(
+                WARN,
+                "garbage_collection_threshold is inert without a per-process memory fraction",
+                "it only acts once usage nears the fraction set by per_process_memory_fraction:<f> "
+                "(or torch.cuda.set_per_process_memory_fraction, which wan-exp does not call)",
+            )
+        )
     if settings.get("backend") == "cudaMallocAsync":
         ignored = [k for k in NATIVE_ONLY_KEYS if k in settings]
         if ignored:
-            findings.append(Finding(WARN, f"backend:cudaMallocAsync ignores {', '.join(ignored)}",
-                                    "they configure the native caching allocator only; drop them"))
+            findings.append(
+                Finding(
+                    WARN,
+                    f"backend:cudaMallocAsync ignores {', '.join(ignored)}",
+                    "they configure the native caching allocator only; drop them",
+                )
+            )
     return findings
 
 
@@ -164,19 +193,28 @@ def variable_findings(env: Mapping[str, str], torch_version: str | None) -> list
     new, old = env.get(NEW_NAME), env.get(OLD_NAME)
     findings = []
     if new is not None and old is not None and new != old:
-        findings.append(Finding(
-            WARN, f"{NEW_NAME} and {OLD_NAME} differ",
-            "torch reads only one of them and which one changed between releases; set both to the "
-            "same string (the launcher does this from allocator.conf)",
-        ))
+        findings.append(
+            Finding(
+                WARN,
+                f"{NEW_NAME} and {OLD_NAME} differ",
+                "torch reads only one of them and which one changed between releases; set both to the "
+                "same string (the launcher does this from allocator.conf)",
+            )
+        )
     if new is not None and old is None and torch_version is not None:
         release = Version(torch_version).release
         if release < (2, 9):
-            findings.append(Finding(WARN, f"torch {torch_version} does not read {NEW_NAME}",
-                                    f"set {OLD_NAME} as well (or instead)"))
+            findings.append(
+                Finding(WARN, f"torch {torch_version} does not read {NEW_NAME}", f"set {OLD_NAME} as well (or instead)")
+            )
         elif release < (2, 11) and "expandable_segments" in new:
-            findings.append(Finding(WARN, f"torch {torch_version} may ignore expandable_segments from {NEW_NAME}",
-                                    f"2.9.1 did (fixed by 2.11); set {OLD_NAME} to the same string"))
+            findings.append(
+                Finding(
+                    WARN,
+                    f"torch {torch_version} may ignore expandable_segments from {NEW_NAME}",
+                    f"2.9.1 did (fixed by 2.11); set {OLD_NAME} to the same string",
+                )
+            )
     return findings
 
 

@@ -4,6 +4,7 @@ The probe and the meaning of its errors belong to wan_exp.models.attention (the 
 decides ``model.attention_backend=auto``); this module only turns its answer into a row and
 names the fallback.
 """
+
 from __future__ import annotations
 
 from wan_exp.doctor.rows import OK, WARN, Row
@@ -28,14 +29,23 @@ def flash_attn_rows(torch_info: TorchInfo, have_gpu: bool) -> list[Row]:
     status = flash_attn_status()
     fallback = fallback_backends(have_gpu)
     instead = f"attention (auto) uses {fallback[0]} instead" + (
-        f" (then {', '.join(fallback[1:])})" if len(fallback) > 1 else "")
+        f" (then {', '.join(fallback[1:])})" if len(fallback) > 1 else ""
+    )
     if status["ok"]:
         return [Row("flash-attn", OK, f"{status['version']}: imports and runs a tiny forward")]
     if not importable_backends()["flash_attn"]:
         return [Row("flash-attn", OK, "not installed (optional)", instead)]
     if not have_gpu and status["version"] is not None and status["error"] and "no CUDA device" in status["error"]:
         return [Row("flash-attn", OK, f"{status['version']}: imports; no GPU to run it on", instead)]
-    this_torch = (f"this torch: {torch_info.version}, CUDA {torch_info.cuda or 'none'}, "
-                  f"C++11 ABI {'on' if torch_info.cxx11_abi else 'off'}")
-    return [Row("flash-attn", WARN, f"broken: {status['error']}",
-                f"{status['diagnosis']} ({this_torch}); meanwhile {instead}")]
+    this_torch = (
+        f"this torch: {torch_info.version}, CUDA {torch_info.cuda or 'none'}, "
+        f"C++11 ABI {'on' if torch_info.cxx11_abi else 'off'}"
+    )
+    return [
+        Row(
+            "flash-attn",
+            WARN,
+            f"broken: {status['error']}",
+            f"{status['diagnosis']} ({this_torch}); meanwhile {instead}",
+        )
+    ]

@@ -1,4 +1,5 @@
 """One row of the doctor's table, and how rows decide the exit status."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -4,6 +4,7 @@ Package versions come from ``importlib.metadata`` (no heavy imports); the versio
 package must have comes from wan-exp's own requirements (pyproject.toml, as installed), so
 this module never restates a version range.
 """
+
 from __future__ import annotations
 
 import importlib.metadata as metadata
@@ -84,16 +85,24 @@ def version_row(name: str, version: str | None, requirement: Requirement | None)
 def torch_rows(info: TorchInfo, requirements: dict[str, Requirement]) -> list[Row]:
     if info.version is None:
         return [
-            Row("torch", FAIL, f"does not import: {info.error}",
-                "install the torch build for your CUDA driver (https://pytorch.org/get-started)")
+            Row(
+                "torch",
+                FAIL,
+                f"does not import: {info.error}",
+                "install the torch build for your CUDA driver (https://pytorch.org/get-started)",
+            )
         ]
     row = version_row("torch", info.version, requirements.get("torch"))
     row.value += f" (C++11 ABI {'on' if info.cxx11_abi else 'off'})"
     if info.cuda:
         cuda = Row("CUDA (torch build)", OK, f"{info.cuda}, cuDNN {info.cudnn}")
     else:
-        cuda = Row("CUDA (torch build)", OK, "none: CPU build of torch",
-                   "runs use the CPU with gloo; install a CUDA build of torch for GPUs")
+        cuda = Row(
+            "CUDA (torch build)",
+            OK,
+            "none: CPU build of torch",
+            "runs use the CPU with gloo; install a CUDA build of torch for GPUs",
+        )
     return [row, cuda]
 
 

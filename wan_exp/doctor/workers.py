@@ -1,5 +1,6 @@
 """wan-exp ranks running on this machine now, found by the job directory in their
 environment (the launcher sets WAN_EXP_JOB_DIR for every rank, next to torchrun's RANK)."""
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,7 @@ def find_workers(proc: Path = PROC) -> list[Worker]:
         if JOB_DIR_VAR in env:
             pid = int(pid_dir.name)
             found[pid] = Worker(pid, parent_pid(pid_dir), env.get("RANK", "?"), env[JOB_DIR_VAR])
-    workers = [w for w in found.values()
-               if w.parent_pid not in found or found[w.parent_pid].job_dir != w.job_dir]
+    workers = [w for w in found.values() if w.parent_pid not in found or found[w.parent_pid].job_dir != w.job_dir]
     return sorted(workers, key=lambda w: (w.job_dir, w.rank, w.pid))
 
 
@@ -74,8 +74,14 @@ def worker_rows(workers: list[Worker]) -> list[Row]:
     for w in workers:
         value = f"rank {w.rank}, job dir {w.job_dir}{last_progress(w)}"
         if w.parent_pid == 1:
-            rows.append(Row(f"worker PID {w.pid}", WARN, value,
-                            f"orphaned (its launcher is gone) and may hold GPU memory: kill {w.pid}"))
+            rows.append(
+                Row(
+                    f"worker PID {w.pid}",
+                    WARN,
+                    value,
+                    f"orphaned (its launcher is gone) and may hold GPU memory: kill {w.pid}",
+                )
+            )
         else:
             rows.append(Row(f"worker PID {w.pid}", OK, value))
     return rows

@@ -17,6 +17,7 @@ process bounds the whole start-up by the same setting in case the agent blocks.
 When the job process is gone without ending this agent (killed, or a second Ctrl-C made it exit
 at once), the agent ends its ranks itself (``end_with_parent``): no rank outlives its job.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,9 +53,15 @@ def launch_config(spec: dict) -> Any:
     # LaunchConfig asks torch.cuda.is_available(); NVML answers it, CUDA stays uninitialised here
     with applied_environment({"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}):
         return LaunchConfig(
-            min_nodes=spec["nnodes"], max_nodes=spec["nnodes"], nproc_per_node=spec["nproc_per_node"],
-            run_id=spec["run_id"], rdzv_backend=spec["rdzv_backend"], rdzv_endpoint=spec["rdzv_endpoint"],
-            rdzv_configs=rdzv_configs, max_restarts=spec["max_restarts"], monitor_interval=0.1,
+            min_nodes=spec["nnodes"],
+            max_nodes=spec["nnodes"],
+            nproc_per_node=spec["nproc_per_node"],
+            run_id=spec["run_id"],
+            rdzv_backend=spec["rdzv_backend"],
+            rdzv_endpoint=spec["rdzv_endpoint"],
+            rdzv_configs=rdzv_configs,
+            max_restarts=spec["max_restarts"],
+            monitor_interval=0.1,
             start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=spec["log_dir"], redirects=Std.ALL),
             **{name: value for name, value in optional.items() if name in supported},
@@ -67,13 +74,19 @@ def run_agent(spec: dict) -> dict:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import launch_agent
 
-    outcome: dict[str, Any] = {"node_rank": spec["node_rank"], "node_id": spec["node_id"],
-                               "host": socket.gethostname(), "failures": {}, "error": None}
+    outcome: dict[str, Any] = {
+        "node_rank": spec["node_rank"],
+        "node_id": spec["node_id"],
+        "host": socket.gethostname(),
+        "failures": {},
+        "error": None,
+    }
     try:
         launch_agent(launch_config(spec), sys.executable, ["-m", spec["entry_module"], spec["job_dir"]])
     except ChildFailedError as exc:
-        outcome["failures"] = {str(rank): {"exitcode": f.exitcode, "time": f.timestamp}
-                               for rank, f in exc.failures.items()}
+        outcome["failures"] = {
+            str(rank): {"exitcode": f.exitcode, "time": f.timestamp} for rank, f in exc.failures.items()
+        }
     except SignalException as exc:  # ended from outside (the job process, or its end): no agent error
         outcome["ended_by"] = f"signal {exc.sigval.name}"
     except Exception as exc:  # rendezvous or agent failure: the ranks never ran (or not all)

@@ -15,6 +15,7 @@
 Hydra turns an exception in a callback into a warning, so refusals here are SystemExit.
 No torch import.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,7 @@ def effective_overrides(params: dict, task_overrides: list[str]) -> tuple[list[s
 
     lines = [f"{k}={v}" for k, v in params.items()] + list(task_overrides)
     lines = [line for line in lines if override_key(line) != RESUME_KEY]
-    by_key: "OrderedDict[str, str]" = OrderedDict()
+    by_key: OrderedDict[str, str] = OrderedDict()
     for line in lines:
         by_key[override_key(line)] = line
     parsed = OverridesParser.create().parse_overrides(list(by_key.values()))
@@ -72,8 +73,11 @@ def override_differences(recorded: list[str], given: list[str]) -> list[str]:
     """Each key whose value differs, as "key: sweep has X, given Y" (order does not matter)."""
     old = {override_key(o): o for o in recorded}
     new = {override_key(o): o for o in given}
-    return [f"{key}: the sweep has {old.get(key, 'nothing')!r}, given {new.get(key, 'nothing')!r}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return [
+        f"{key}: the sweep has {old.get(key, 'nothing')!r}, given {new.get(key, 'nothing')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
 
 
 # ----------------------------------------------------------------------------- lock
@@ -92,8 +96,11 @@ def lock_holder(path: Path) -> Optional[dict]:
         return None
     holder = results.read_json(path)
     holder = holder if isinstance(holder, dict) else {}
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-            and not pid_alive(holder["pid"]):
+    if (
+        holder.get("host") == socket.gethostname()
+        and isinstance(holder.get("pid"), int)
+        and not pid_alive(holder["pid"])
+    ):
         return None
     return holder
 
@@ -117,7 +124,8 @@ def take_lock(path: Path) -> None:
             raise SystemExit(
                 f"{path.parent.parent} is in use by process {holder.get('pid')} on {where} (since "
                 f"{holder.get('since')}); wait for it, stop it, or use another hydra.sweep.dir"
-                + ("" if same_host else f" (remove {path} if that process is gone)"))
+                + ("" if same_host else f" (remove {path} if that process is gone)")
+            ) from None
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
@@ -184,16 +192,23 @@ def recorded_launch_words(sweep_dir: Path) -> list[str]:
 
 def resume_command(sweep_dir: Path) -> str:
     """The command that resumes the sweep in `sweep_dir`, quoted for the shell and Hydra."""
-    return shell_command("python", sys.argv[0], *recorded_launch_words(sweep_dir),
-                         hydra_override("hydra.sweep.dir", str(sweep_dir)), f"{RESUME_KEY}=true")
+    return shell_command(
+        "python",
+        sys.argv[0],
+        *recorded_launch_words(sweep_dir),
+        hydra_override("hydra.sweep.dir", str(sweep_dir)),
+        f"{RESUME_KEY}=true",
+    )
 
 
 def sweep_dir_problem(configured: str) -> str | None:
     """Why ``hydra.sweep.dir`` cannot hold a sweep, before anything is written: empty (it
     would write into the current folder), or an existing file."""
     if not configured.strip():
-        return ("hydra.sweep.dir is empty: the sweep would write into the current folder; give a folder, e.g. "
-                "hydra.sweep.dir=outputs/my_sweep (or leave it unset for outputs/<date>/<time>)")
+        return (
+            "hydra.sweep.dir is empty: the sweep would write into the current folder; give a folder, e.g. "
+            "hydra.sweep.dir=outputs/my_sweep (or leave it unset for outputs/<date>/<time>)"
+        )
     path = Path(configured)
     if path.exists() and not path.is_dir():
         return f"hydra.sweep.dir={configured} is a file, not a folder; give a folder"
@@ -237,9 +252,11 @@ class SweepCallback(Callback):
     # --- start
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """hydra.mode=RUN would run the task without a launcher: no batch check, lock or record."""
-        raise SystemExit("hydra.mode=RUN is not supported: every wan-exp launch is a sweep run by its launcher "
-                         "(hydra.mode=MULTIRUN, set in conf/config.yaml); drop hydra.mode=RUN and give the "
-                         "folder with hydra.sweep.dir=... instead of hydra.run.dir")
+        raise SystemExit(
+            "hydra.mode=RUN is not supported: every wan-exp launch is a sweep run by its launcher "
+            "(hydra.mode=MULTIRUN, set in conf/config.yaml); drop hydra.mode=RUN and give the "
+            "folder with hydra.sweep.dir=... instead of hydra.run.dir"
+        )
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         problem = sweep_dir_problem(str(config.hydra.sweep.dir))
@@ -267,38 +284,56 @@ class SweepCallback(Callback):
         given, jobs = effective_overrides(dict(config.hydra.sweeper.params or {}), list(config.hydra.overrides.task))
         hydra_given = sorted(o for o in config.hydra.overrides.hydra if override_key(o) != "hydra.sweep.dir")
         if not config.launcher.resume:
-            launches.append({"overrides": given, "hydra_overrides": hydra_given, "jobs": jobs, "argv": sys.argv,
-                             "started_at": results.now_iso()})
+            launches.append(
+                {
+                    "overrides": given,
+                    "hydra_overrides": hydra_given,
+                    "jobs": jobs,
+                    "argv": sys.argv,
+                    "started_at": results.now_iso(),
+                }
+            )
             record["active"] = len(launches) - 1
             results.write_json_atomic(record_path, record)
             self.sweep_jobs = jobs
             return
         if not launches:
             if not any(sweep_dir.glob(f"*/{results.JOB_FILE}")):
-                self._refuse(f"launcher.resume=true: {sweep_dir} holds no sweep to resume (no {SWEEP_STATE_DIR}/"
-                             f"{SWEEP_RECORD}, no job dir); check hydra.sweep.dir, or drop launcher.resume=true "
-                             "to start a new sweep there")
+                self._refuse(
+                    f"launcher.resume=true: {sweep_dir} holds no sweep to resume (no {SWEEP_STATE_DIR}/"
+                    f"{SWEEP_RECORD}, no job dir); check hydra.sweep.dir, or drop launcher.resume=true "
+                    "to start a new sweep there"
+                )
             if not given:
-                self._refuse(f"launcher.resume=true: {sweep_dir} holds no sweep record; give the sweep's "
-                             "overrides again, or check hydra.sweep.dir")
+                self._refuse(
+                    f"launcher.resume=true: {sweep_dir} holds no sweep record; give the sweep's "
+                    "overrides again, or check hydra.sweep.dir"
+                )
             return  # a sweep dir from before sweep records: the job dirs' own overrides are checked
         if given:
             matching = [i for i, launch in enumerate(launches) if not override_differences(launch["overrides"], given)]
             if not matching:
                 differences = override_differences(launches[-1]["overrides"], given)
-                self._refuse("launcher.resume=true with other overrides than the sweep's: " + "; ".join(differences)
-                             + f". Resume with the same overrides (any order) or none: {resume_command(sweep_dir)}")
+                self._refuse(
+                    "launcher.resume=true with other overrides than the sweep's: "
+                    + "; ".join(differences)
+                    + f". Resume with the same overrides (any order) or none: {resume_command(sweep_dir)}"
+                )
             chosen = matching[-1]
         elif len(launches) == 1:
             chosen = 0
         else:
-            self._refuse(f"launcher.resume=true: {sweep_dir} holds {len(launches)} launches; give the overrides of "
-                         "the one to resume: " + " | ".join(" ".join(l["overrides"]) for l in launches))
+            self._refuse(
+                f"launcher.resume=true: {sweep_dir} holds {len(launches)} launches; give the overrides of "
+                "the one to resume: " + " | ".join(" ".join(launch["overrides"]) for launch in launches)
+            )
         launch = launches[chosen]
         missing_hydra = sorted(set(launch["hydra_overrides"]) - set(hydra_given))
         if missing_hydra:
-            self._refuse(f"launcher.resume=true: the sweep was started with {' '.join(missing_hydra)}; "
-                         "give those hydra.* settings again")
+            self._refuse(
+                f"launcher.resume=true: the sweep was started with {' '.join(missing_hydra)}; "
+                "give those hydra.* settings again"
+            )
         record["active"] = chosen
         results.write_json_atomic(record_path, record)
         self.sweep_jobs = launch["jobs"]
@@ -336,8 +371,7 @@ class SweepCallback(Callback):
         without results need more room than its file system has free; None otherwise."""
         problem = results.write_problem(sweep_dir)
         if problem is None and not_run:
-            problem = space_problem(sweep_dir, sweep_bytes([self.job_bytes[n] for n in not_run
-                                                             if n in self.job_bytes]))
+            problem = space_problem(sweep_dir, sweep_bytes([self.job_bytes[n] for n in not_run if n in self.job_bytes]))
         return problem
 
     def check_configs(self, configs: list[DictConfig]) -> list[JobShape]:
@@ -357,7 +391,8 @@ class SweepCallback(Callback):
                     raise ConfigError(
                         f"its job dir {job_dir} is job {seen[job_dir]}'s too (hydra.sweep.subdir="
                         f"{cfg.hydra.sweep.subdir}); make hydra.sweep.subdir unique per job, e.g. "
-                        "add ${hydra.job.num}")
+                        "add ${hydra.job.num}"
+                    )
                 seen[job_dir] = num
                 if int(cfg.launcher.node_rank) == 0:
                     self._check_existing_job_dir(job_dir, overrides, bool(cfg.launcher.resume))
@@ -372,12 +407,17 @@ class SweepCallback(Callback):
         if job is None:
             return
         if not resume:
-            raise ConfigError(f"{job_dir} already holds a job; use launcher.resume=true to finish that "
-                              "sweep, or a new hydra.sweep.dir")
+            raise ConfigError(
+                f"{job_dir} already holds a job; use launcher.resume=true to finish that "
+                "sweep, or a new hydra.sweep.dir"
+            )
         differences = override_differences(job.get("overrides", []), overrides)
         if differences:
-            raise ConfigError(f"launcher.resume=true: {job_dir} holds a job with other overrides ("
-                              + "; ".join(differences) + "); resume with the same sweep arguments")
+            raise ConfigError(
+                f"launcher.resume=true: {job_dir} holds a job with other overrides ("
+                + "; ".join(differences)
+                + "); resume with the same sweep arguments"
+            )
 
     # --- end
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -404,13 +444,18 @@ class SweepCallback(Callback):
         if disk:
             print(f"the sweep cannot go on in its dir: {disk}", file=sys.stderr, flush=True)
         if interrupted:
-            print(f"sweep stopped at job {interrupted[0].get('job_num')} (interrupted); resume it with:\n"
-                  f"  {resume_command(sweep_dir)}", flush=True)
+            print(
+                f"sweep stopped at job {interrupted[0].get('job_num')} (interrupted); resume it with:\n"
+                f"  {resume_command(sweep_dir)}",
+                flush=True,
+            )
         elif not_run:
             first = "make room (or make it writable), then " if disk else ""
-            print(f"sweep stopped before job {not_run[0]} finished ({len(not_run)} job(s) without results: "
-                  f"{', '.join(map(str, not_run))}); {first}resume it with:\n  {resume_command(sweep_dir)}",
-                  flush=True)
+            print(
+                f"sweep stopped before job {not_run[0]} finished ({len(not_run)} job(s) without results: "
+                f"{', '.join(map(str, not_run))}); {first}resume it with:\n  {resume_command(sweep_dir)}",
+                flush=True,
+            )
         if not_run or report_lost or any(j.get("status") != results.COMPLETED for j in jobs):
             sys.exit(1)
 
@@ -422,11 +467,17 @@ class SweepCallback(Callback):
         if not self.batch_job_dirs:
             return []
         total = self.sweep_jobs if self.sweep_jobs is not None else max(self.batch_job_dirs) + 1
-        multi_host = [job_dir / results.RESULTS_FILE for job_dir in self.batch_job_dirs.values()
-                      if int((results.read_json(job_dir / results.JOB_FILE) or {}).get("nnodes") or 1) > 1]
+        multi_host = [
+            job_dir / results.RESULTS_FILE
+            for job_dir in self.batch_job_dirs.values()
+            if int((results.read_json(job_dir / results.JOB_FILE) or {}).get("nnodes") or 1) > 1
+        ]
         wait_for_files(multi_host, RESULTS_WAIT_S)
-        return [num for num in range(total) if num not in self.batch_job_dirs
-                or not (self.batch_job_dirs[num] / results.RESULTS_FILE).exists()]
+        return [
+            num
+            for num in range(total)
+            if num not in self.batch_job_dirs or not (self.batch_job_dirs[num] / results.RESULTS_FILE).exists()
+        ]
 
 
 def wait_for_results(sweep_dir: Path, node_rank: int) -> None:

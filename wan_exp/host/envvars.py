@@ -8,6 +8,7 @@ of the next job and out of the user's shell.
 
 No torch import: the launcher process uses this module.
 """
+
 from __future__ import annotations
 
 import logging

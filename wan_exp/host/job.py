@@ -24,6 +24,7 @@ raises :class:`SweepInterrupted` (a KeyboardInterrupt), which ends the sweep.
 No torch import: this runs in the launching process (the weights-fit check counts parameters
 from the config's shapes, wan_exp.models.sizes).
 """
+
 from __future__ import annotations
 
 import functools
@@ -114,10 +115,16 @@ def node_layout(launcher_cfg: Any, environ: Mapping[str, str]) -> NodeLayout:
     nnodes = int(environ.get("SLURM_NNODES", "1"))
     if "SLURM_JOB_ID" in environ and "SLURM_STEP_ID" in environ and nnodes > 1:
         port = SLURM_PORT_BASE + int(environ["SLURM_JOB_ID"]) % SLURM_PORT_SPAN
-        return NodeLayout(nnodes=nnodes, node_rank=int(environ["SLURM_NODEID"]),
-                          rdzv_endpoint=f"{first_slurm_host(environ['SLURM_JOB_NODELIST'])}:{port}")
-    return NodeLayout(nnodes=int(launcher_cfg.nnodes), node_rank=int(launcher_cfg.node_rank),
-                      rdzv_endpoint=str(launcher_cfg.rdzv_endpoint))
+        return NodeLayout(
+            nnodes=nnodes,
+            node_rank=int(environ["SLURM_NODEID"]),
+            rdzv_endpoint=f"{first_slurm_host(environ['SLURM_JOB_NODELIST'])}:{port}",
+        )
+    return NodeLayout(
+        nnodes=int(launcher_cfg.nnodes),
+        node_rank=int(launcher_cfg.node_rank),
+        rdzv_endpoint=str(launcher_cfg.rdzv_endpoint),
+    )
 
 
 def job_dir_of(cfg: DictConfig) -> Path:
@@ -198,19 +205,22 @@ def dump_stacks(job_dir: Path, beats: dict[int, dict], workers: list[psutil.Proc
 def furthest_behind(beats: dict[int, dict], world_size: int, started_at: float) -> dict:
     """The heartbeat of the rank the others wait for: the fewest heartbeats (ranks run the
     same program), then the oldest. A rank with no heartbeat yet never got past start-up."""
-    ranks = [beats.get(r, {"rank": r, "phase": "start", "step": None, "seq": 0, "time": started_at})
-             for r in range(world_size)]
+    ranks = [
+        beats.get(r, {"rank": r, "phase": "start", "step": None, "seq": 0, "time": started_at})
+        for r in range(world_size)
+    ]
     return min(ranks, key=lambda b: (b["seq"], b["time"], b["rank"]))
 
 
 def _where(beat: dict) -> str:
-    """"vae_decode (decode frame 3/21)", "step 4": the phase, its step, the last in-stage beat."""
+    """ "vae_decode (decode frame 3/21)", "step 4": the phase, its step, the last in-stage beat."""
     where = beat["phase"] if beat.get("step") is None else f"{beat['phase']} {beat['step']}"
     return f"{where} ({beat['detail']})" if beat.get("detail") else where
 
 
-def check_progress(beats: dict[int, dict], world_size: int, started_at: float, now: float,
-                   launcher_cfg: Any, endpoint: str) -> Optional[dict]:
+def check_progress(
+    beats: dict[int, dict], world_size: int, started_at: float, now: float, launcher_cfg: Any, endpoint: str
+) -> Optional[dict]:
     """The watchdog's rule, once per poll. Until every rank has sent its first heartbeat the
     start-up bound applies (launcher.rdzv_timeout_s from the job's start); after that, no
     new heartbeat from any rank for launcher.hang_timeout_s is a hang. Returns a finding
@@ -220,21 +230,42 @@ def check_progress(beats: dict[int, dict], world_size: int, started_at: float, n
         if now - started_at <= start_s:
             return None
         if not beats:
-            return {"status": results.FAILED, "rank": None, "phase": "rendezvous", "step": None,
-                    "message": (f"no rank started within launcher.rdzv_timeout_s={start_s:g}s: the rendezvous "
-                                f"at {endpoint} did not form (port taken by another program, host unreachable, "
-                                "or another node not started?)")}
+            return {
+                "status": results.FAILED,
+                "rank": None,
+                "phase": "rendezvous",
+                "step": None,
+                "message": (
+                    f"no rank started within launcher.rdzv_timeout_s={start_s:g}s: the rendezvous "
+                    f"at {endpoint} did not form (port taken by another program, host unreachable, "
+                    "or another node not started?)"
+                ),
+            }
         missing = min(set(range(world_size)) - set(beats))
-        return {"status": results.HANG, "rank": missing, "phase": "start", "step": None,
-                "message": (f"rank {missing} sent no heartbeat within launcher.rdzv_timeout_s={start_s:g}s "
-                            f"of the job's start ({len(beats)} of {world_size} ranks started)")}
+        return {
+            "status": results.HANG,
+            "rank": missing,
+            "phase": "start",
+            "step": None,
+            "message": (
+                f"rank {missing} sent no heartbeat within launcher.rdzv_timeout_s={start_s:g}s "
+                f"of the job's start ({len(beats)} of {world_size} ranks started)"
+            ),
+        }
     last_progress = max(b["time"] for b in beats.values())
     if now - last_progress <= hang_s:
         return None
     stuck = furthest_behind(beats, world_size, started_at)
-    return {"status": results.HANG, "rank": stuck["rank"], "phase": stuck["phase"], "step": stuck["step"],
-            "message": (f"no progress from any rank for {hang_s:g}s (launcher.hang_timeout_s); rank "
-                        f"{stuck['rank']} last reported {_where(stuck)!r} {now - stuck['time']:.0f}s ago")}
+    return {
+        "status": results.HANG,
+        "rank": stuck["rank"],
+        "phase": stuck["phase"],
+        "step": stuck["step"],
+        "message": (
+            f"no progress from any rank for {hang_s:g}s (launcher.hang_timeout_s); rank "
+            f"{stuck['rank']} last reported {_where(stuck)!r} {now - stuck['time']:.0f}s ago"
+        ),
+    }
 
 
 COLLECTIVE_TIMEOUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
@@ -248,17 +279,26 @@ def collective_timeout_hang(job_dir: Path, world_size: int) -> Optional[dict]:
     were waiting for, which never wrote an error of its own. The job hung in that rank.
     """
     records = {r["rank"]: r for r in results.read_rank_records(job_dir)}
-    timed_out = sorted(rank for rank, r in records.items()
-                       if r.get("error") and COLLECTIVE_TIMEOUT.search(
-                           f"{r['error'].get('type')} {r['error'].get('message')}"))
+    timed_out = sorted(
+        rank
+        for rank, r in records.items()
+        if r.get("error") and COLLECTIVE_TIMEOUT.search(f"{r['error'].get('type')} {r['error'].get('message')}")
+    )
     if not timed_out:
         return None
     stuck = furthest_behind(results.read_heartbeats(job_dir), world_size, started_at=0.0)
     if stuck["rank"] in timed_out or records.get(stuck["rank"], {}).get("error"):
         return None  # the slowest rank failed on its own: an ordinary failure
-    return {"status": results.HANG, "rank": stuck["rank"], "phase": stuck["phase"], "step": stuck["step"],
-            "message": (f"rank(s) {timed_out} timed out in a collective (nccl.timeout_s) waiting for "
-                        f"rank {stuck['rank']}, which last reported {_where(stuck)!r}")}
+    return {
+        "status": results.HANG,
+        "rank": stuck["rank"],
+        "phase": stuck["phase"],
+        "step": stuck["step"],
+        "message": (
+            f"rank(s) {timed_out} timed out in a collective (nccl.timeout_s) waiting for "
+            f"rank {stuck['rank']}, which last reported {_where(stuck)!r}"
+        ),
+    }
 
 
 def dead_ranks(job_dir: Path, node_outcomes: list[dict]) -> dict[int, dict]:
@@ -274,15 +314,27 @@ def dead_ranks(job_dir: Path, node_outcomes: list[dict]) -> dict[int, dict]:
             if code == results.RECORD_NOT_WRITTEN_EXIT:
                 how = f"could not write its record (exit code {code}: the job dir's disk is full or not writable)"
             beat = beats.get(rank, {"phase": "start", "time": failure["time"]})
-            dead[rank] = {"exitcode": code, "time": min(beat["time"], failure["time"]), "phase": beat["phase"],
-                          "message": (f"rank {rank} {how} without writing its record "
-                                      f"(see {job_dir / 'logs'} on {outcome.get('host')})")}
+            dead[rank] = {
+                "exitcode": code,
+                "time": min(beat["time"], failure["time"]),
+                "phase": beat["phase"],
+                "message": (
+                    f"rank {rank} {how} without writing its record (see {job_dir / 'logs'} on {outcome.get('host')})"
+                ),
+            }
     return dead
 
 
 # ----------------------------------------------------------------------------- the job
-def prepare_job_dir(job_dir: Path, cfg: DictConfig, overrides: list[str], job_num: int, shape: JobShape,
-                    layout: NodeLayout, env: dict[str, str]) -> dict:
+def prepare_job_dir(
+    job_dir: Path,
+    cfg: DictConfig,
+    overrides: list[str],
+    job_num: int,
+    shape: JobShape,
+    layout: NodeLayout,
+    env: dict[str, str],
+) -> dict:
     """config.yaml and job.json, written once by node 0 before its ranks start; leftovers
     of an earlier unfinished attempt (launcher.resume) are removed first. Returns what
     was written ({file name: text}), to write it again if the job dir is lost mid-run.
@@ -295,24 +347,38 @@ def prepare_job_dir(job_dir: Path, cfg: DictConfig, overrides: list[str], job_nu
             (job_dir / "nccl_trace").mkdir()
     except OSError as exc:
         raise results.write_error(job_dir, exc) from exc
-    written = {results.CONFIG_FILE: OmegaConf.to_yaml(cfg, resolve=True),
-               results.JOB_FILE: json.dumps(job_record(job_dir, overrides, job_num, shape, layout, env), indent=2)}
+    written = {
+        results.CONFIG_FILE: OmegaConf.to_yaml(cfg, resolve=True),
+        results.JOB_FILE: json.dumps(job_record(job_dir, overrides, job_num, shape, layout, env), indent=2),
+    }
     for name, text in written.items():
         results.write_text_atomic(job_dir / name, text)
     return written
 
 
-def job_record(job_dir: Path, overrides: list[str], job_num: int, shape: JobShape, layout: NodeLayout,
-               env: dict[str, str]) -> dict:
+def job_record(
+    job_dir: Path, overrides: list[str], job_num: int, shape: JobShape, layout: NodeLayout, env: dict[str, str]
+) -> dict:
     """job.json's content (docs/architecture.md, "Job directory")."""
     return {
-        "overrides": overrides, "job_num": job_num, "sweep_dir": str(job_dir.parent),
-        "world_size": shape.world_size, "nproc_per_node": shape.nproc_per_node,
-        "nnodes": layout.nnodes, "node_rank": layout.node_rank, "rdzv_endpoint": layout.rdzv_endpoint,
-        "backend": shape.backend, "device": shape.device, "gpus": shape.gpus, "shared_gpus": shape.shared_gpus,
-        "simulated": (None if shape.simulated_rank is None
-                      else {"world_size": shape.world_size, "rank": shape.simulated_rank}),
-        "processes": shape.processes, "env": env, "started_at": results.now_iso(),
+        "overrides": overrides,
+        "job_num": job_num,
+        "sweep_dir": str(job_dir.parent),
+        "world_size": shape.world_size,
+        "nproc_per_node": shape.nproc_per_node,
+        "nnodes": layout.nnodes,
+        "node_rank": layout.node_rank,
+        "rdzv_endpoint": layout.rdzv_endpoint,
+        "backend": shape.backend,
+        "device": shape.device,
+        "gpus": shape.gpus,
+        "shared_gpus": shape.shared_gpus,
+        "simulated": (
+            None if shape.simulated_rank is None else {"world_size": shape.world_size, "rank": shape.simulated_rank}
+        ),
+        "processes": shape.processes,
+        "env": env,
+        "started_at": results.now_iso(),
     }
 
 
@@ -330,13 +396,17 @@ def sweep_title(sweep_dir: Path, job_num: int) -> str:
     return f"job {job_num + 1} of {total}" if total else f"job {job_num + 1}"
 
 
-def agent_spec(cfg: DictConfig, job_dir: Path, job_num: int, layout: NodeLayout, shape: JobShape,
-               node_id: str) -> dict:
+def agent_spec(cfg: DictConfig, job_dir: Path, job_num: int, layout: NodeLayout, shape: JobShape, node_id: str) -> dict:
     """What this host's agent (python -m wan_exp.host.agent) needs to start its ranks."""
     return {
-        "job_dir": str(job_dir), "node_rank": layout.node_rank, "nnodes": layout.nnodes, "node_id": node_id,
-        "nproc_per_node": shape.nproc_per_node, "rdzv_backend": str(cfg.launcher.rdzv_backend),
-        "rdzv_endpoint": layout.rdzv_endpoint, "rdzv_timeout_s": float(cfg.launcher.rdzv_timeout_s),
+        "job_dir": str(job_dir),
+        "node_rank": layout.node_rank,
+        "nnodes": layout.nnodes,
+        "node_id": node_id,
+        "nproc_per_node": shape.nproc_per_node,
+        "rdzv_backend": str(cfg.launcher.rdzv_backend),
+        "rdzv_endpoint": layout.rdzv_endpoint,
+        "rdzv_timeout_s": float(cfg.launcher.rdzv_timeout_s),
         "max_restarts": int(cfg.launcher.max_restarts),
         "log_dir": str(job_dir / "logs" / f"node_{layout.node_rank}"),
         "node_file": str(job_dir / "nodes" / f"node_{layout.node_rank}.json"),
@@ -386,15 +456,20 @@ def run_job(cfg: DictConfig) -> dict:
         log.info("job %d: %s already completed (launcher.resume); skipping", job_num, job_dir)
         return {"status": results.COMPLETED, "job_dir": str(job_dir), "results_owner": True, "skipped": True}
     layout = node_layout(cfg.launcher, os.environ)
-    if (layout.node_rank == 0 and not cfg.launcher.resume
-            and results.read_json(job_dir / results.JOB_FILE) is not None):
+    if layout.node_rank == 0 and not cfg.launcher.resume and results.read_json(job_dir / results.JOB_FILE) is not None:
         # the checked launcher's batch check refuses this before any job; other launchers
         # (submitit) arrive here: never clear a job dir an earlier launch left
-        log.error("job %d: not started: %s already holds a job; use launcher.resume=true to finish "
-                  "that sweep, or a new hydra.sweep.dir", job_num, job_dir)
+        log.error(
+            "job %d: not started: %s already holds a job; use launcher.resume=true to finish "
+            "that sweep, or a new hydra.sweep.dir",
+            job_num,
+            job_dir,
+        )
         return {"status": results.FAILED, "job_dir": str(job_dir), "results_owner": False, "skipped": False}
-    with_layout = OmegaConf.merge(cfg, {"launcher": {"nnodes": layout.nnodes, "node_rank": layout.node_rank,
-                                                          "rdzv_endpoint": layout.rdzv_endpoint}})
+    with_layout = OmegaConf.merge(
+        cfg,
+        {"launcher": {"nnodes": layout.nnodes, "node_rank": layout.node_rank, "rdzv_endpoint": layout.rdzv_endpoint}},
+    )
     try:
         shape = check_job(with_layout, visible_gpu_count())  # again here: another launcher or host
     except ConfigError as exc:
@@ -422,10 +497,19 @@ def run_job(cfg: DictConfig) -> dict:
         log.error("job %d: not started: %s", job_num, problem)
         raise SweepStopped(f"job {job_num} not started: {problem}") from None
     identity = dir_identity(job_dir)  # the folder this job writes; checked while the ranks run
-    log.info("job %d: %d rank(s) (%d node(s)), backend %s%s, job dir %s", job_num, shape.world_size,
-             layout.nnodes, shape.backend,
-             " (simulated: one process plays rank %d)" % shape.simulated_rank if shape.simulated_rank is not None
-             else " (ranks share the GPUs)" if shape.shared_gpus else "", job_dir)
+    log.info(
+        "job %d: %d rank(s) (%d node(s)), backend %s%s, job dir %s",
+        job_num,
+        shape.world_size,
+        layout.nnodes,
+        shape.backend,
+        f" (simulated: one process plays rank {shape.simulated_rank})"
+        if shape.simulated_rank is not None
+        else " (ranks share the GPUs)"
+        if shape.shared_gpus
+        else "",
+        job_dir,
+    )
     finding, interrupted = None, None
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -436,13 +520,24 @@ def run_job(cfg: DictConfig) -> dict:
         if in_main_thread:
             signal.signal(signal.SIGTERM, _raise_interrupt)
             signal.signal(signal.SIGINT, _raise_interrupt)
-        with agent_log, host_monitor(cfg, job_dir,
-                                     lambda: {p.pid for p in workers_of(job_processes(agent, job_dir))}):
-            agent = subprocess.Popen([sys.executable, "-m", "wan_exp.host.agent", json.dumps(spec)],
-                                     env={**os.environ, **env, NODE_ID_VAR: node_id}, stdout=agent_log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-            finding = watch(agent, job_dir, shape.processes, cfg, layout.rdzv_endpoint,
-                            sweep_title(job_dir.parent, job_num), sampler, identity)
+        with agent_log, host_monitor(cfg, job_dir, lambda: {p.pid for p in workers_of(job_processes(agent, job_dir))}):
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "wan_exp.host.agent", json.dumps(spec)],
+                env={**os.environ, **env, NODE_ID_VAR: node_id},
+                stdout=agent_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            finding = watch(
+                agent,
+                job_dir,
+                shape.processes,
+                cfg,
+                layout.rdzv_endpoint,
+                sweep_title(job_dir.parent, job_num),
+                sampler,
+                identity,
+            )
     except KeyboardInterrupt as exc:
         if in_main_thread:
             signal.signal(signal.SIGINT, _exit_at_once)
@@ -450,9 +545,12 @@ def run_job(cfg: DictConfig) -> dict:
         how = str(exc) if isinstance(exc, SweepInterrupted) else "SIGINT"
         beats = results.read_heartbeats(job_dir)
         stuck = furthest_behind(beats, shape.processes, time.time())
-        interrupted = {"rank": stuck["rank"] if beats else None, "phase": stuck["phase"] if beats else "start",
-                       "step": stuck.get("step") if beats else None,
-                       "message": f"interrupted by {how} while rank {stuck['rank']} was in {_where(stuck)!r}"}
+        interrupted = {
+            "rank": stuck["rank"] if beats else None,
+            "phase": stuck["phase"] if beats else "start",
+            "step": stuck.get("step") if beats else None,
+            "message": f"interrupted by {how} while rank {stuck['rank']} was in {_where(stuck)!r}",
+        }
     finally:
         leftovers = kill_all(job_processes(agent, job_dir))
         if leftovers and finding is None and interrupted is None:
@@ -473,8 +571,9 @@ def run_job(cfg: DictConfig) -> dict:
             if owner:
                 final = record_lost_job_dir(job_dir, job_num, written, finding)
         else:
-            owner, final = record_outcome(job_dir, layout, node_id, shape, finding, interrupted, oom_kills_before,
-                                          machine)
+            owner, final = record_outcome(
+                job_dir, layout, node_id, shape, finding, interrupted, oom_kills_before, machine
+            )
     except results.WriteError as exc:  # a full or read-only disk: say what is lost, stop the sweep
         report_unwritten(job_num, exc)
         raise SweepStopped(f"job {job_num}: {exc}") from None
@@ -486,19 +585,32 @@ def run_job(cfg: DictConfig) -> dict:
     return {"status": status, "job_dir": str(job_dir), "results_owner": owner, "skipped": False}
 
 
-def record_outcome(job_dir: Path, layout: NodeLayout, node_id: str, shape: JobShape, finding: Optional[dict],
-                   interrupted: Optional[dict], oom_kills_before: Optional[int],
-                   machine: dict) -> tuple[bool, Optional[dict]]:
+def record_outcome(
+    job_dir: Path,
+    layout: NodeLayout,
+    node_id: str,
+    shape: JobShape,
+    finding: Optional[dict],
+    interrupted: Optional[dict],
+    oom_kills_before: Optional[int],
+    machine: dict,
+) -> tuple[bool, Optional[dict]]:
     """This host's agent outcome with ``machine`` (this host's figures) beside it, then, on the
-    host that owns the result, results.json. Returns (owner, the results or None). Raises WriteError when a file cannot be written:
-    a results.json that cannot be written as ResultNotWritten (with the results), else the
-    first file that failed, after the result was still worked out and written if it could be."""
+    host that owns the result, results.json. Returns (owner, the results or None). Raises
+    WriteError when a file cannot be written: a results.json that cannot be written as
+    ResultNotWritten (with the results), else the first file that failed, after the result was
+    still worked out and written if it could be."""
     node_file = job_dir / "nodes" / f"node_{layout.node_rank}.json"
     outcome = results.read_json(node_file)
     unwritten: Optional[results.WriteError] = None
     if outcome is None:  # the agent was killed (hang, start-up bound, interrupt) or could not write it
-        outcome = {"node_rank": layout.node_rank, "node_id": node_id, "host": socket.gethostname(),
-                   "failures": {}, "error": None}
+        outcome = {
+            "node_rank": layout.node_rank,
+            "node_id": node_id,
+            "host": socket.gethostname(),
+            "failures": {},
+            "error": None,
+        }
     outcome["machine"] = machine  # this host's load, cores and thread settings (wan_exp.host.machine)
     try:
         results.write_json_atomic(node_file, outcome)
@@ -506,26 +618,33 @@ def record_outcome(job_dir: Path, layout: NodeLayout, node_id: str, shape: JobSh
         unwritten = exc
     # every host's outcome first: a host's agent writes it after its ranks are gone, so rank 0's
     # record, which names the host that owns the result, is on disk by then wherever it ran
-    outcomes = node_outcomes(job_dir, layout.nnodes,
-                             NODE_FILE_WAIT_S if interrupted is None and unwritten is None else 0)
+    outcomes = node_outcomes(
+        job_dir, layout.nnodes, NODE_FILE_WAIT_S if interrupted is None and unwritten is None else 0
+    )
     if unwritten is not None:
         outcomes = [o for o in outcomes if o.get("node_rank") != layout.node_rank] + [outcome]
     owner = owns_result(job_dir, node_id, layout)
     final = None
     if owner:
         oom_kills_after = results.kernel_oom_kill_count()
-        oom_kills = (None if oom_kills_before is None or oom_kills_after is None
-                     else oom_kills_after - oom_kills_before)
+        oom_kills = None if oom_kills_before is None or oom_kills_after is None else oom_kills_after - oom_kills_before
         unknown = None
         if unwritten is not None and len(results.read_rank_records(job_dir)) < shape.processes:
             # neither the agent's outcome nor every rank's record: what the missing ranks did is unknown
             beats = results.read_heartbeats(job_dir)
             stuck = furthest_behind(beats, shape.processes, time.time()) if beats else {"phase": None}
-            unknown = {"rank": None, "phase": stuck["phase"], "step": stuck.get("step"),
-                       "message": (f"the job's files could not be written ({unwritten.strerror}): the ranks' "
-                                   "records and this host's agent outcome are missing")}
-        final = finalize(job_dir, shape.processes, outcomes, finding, interrupted, layout.rdzv_endpoint, oom_kills,
-                         unknown)
+            unknown = {
+                "rank": None,
+                "phase": stuck["phase"],
+                "step": stuck.get("step"),
+                "message": (
+                    f"the job's files could not be written ({unwritten.strerror}): the ranks' "
+                    "records and this host's agent outcome are missing"
+                ),
+            }
+        final = finalize(
+            job_dir, shape.processes, outcomes, finding, interrupted, layout.rdzv_endpoint, oom_kills, unknown
+        )
     if unwritten is not None:
         raise unwritten
     return owner, final
@@ -544,8 +663,12 @@ def _log_file_failed(handler: logging.FileHandler, record: logging.LogRecord) ->
     if getattr(handler, "failed_once", False):
         return
     handler.failed_once = True  # type: ignore[attr-defined]
-    print(f"the log file {handler.baseFilename} could not be written ({sys.exc_info()[1]}); "
-          "the console carries every line", file=sys.stderr, flush=True)
+    print(
+        f"the log file {handler.baseFilename} could not be written ({sys.exc_info()[1]}); "
+        "the console carries every line",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def report_unwritten(job_num: int, exc: results.WriteError) -> None:
@@ -568,8 +691,9 @@ def dir_identity(path: Path) -> Optional[tuple[int, int]]:
     return stat.st_dev, stat.st_ino
 
 
-def lost_job_dir_finding(job_dir: Path, identity: Optional[tuple[int, int]], beats: dict[int, dict],
-                         world_size: int) -> Optional[dict]:
+def lost_job_dir_finding(
+    job_dir: Path, identity: Optional[tuple[int, int]], beats: dict[int, dict], world_size: int
+) -> Optional[dict]:
     """A finding (status failed, "job_dir_lost") when the folder at `job_dir` is no longer
     the one the job started writing (`identity`): removed, or replaced by another. The rank
     furthest behind at its last heartbeat gives the phase."""
@@ -577,13 +701,23 @@ def lost_job_dir_finding(job_dir: Path, identity: Optional[tuple[int, int]], bea
     if identity is None or now == identity:
         return None
     was = f"device:inode {identity[0]}:{identity[1]}"
-    what = (f"was removed while the job ran (it was {was})" if now is None else
-            f"was replaced by another folder while the job ran ({was}, now {now[0]}:{now[1]})")
+    what = (
+        f"was removed while the job ran (it was {was})"
+        if now is None
+        else f"was replaced by another folder while the job ran ({was}, now {now[0]}:{now[1]})"
+    )
     stuck = furthest_behind(beats, world_size, time.time()) if beats else {"rank": None, "phase": "start", "step": None}
-    return {"status": results.FAILED, "job_dir_lost": True, "rank": None, "phase": stuck["phase"],
-            "step": stuck.get("step"),
-            "message": (f"the job dir {job_dir} {what}; the ranks were stopped and what they had written "
-                        "there (records, heartbeats, logs) is lost")}
+    return {
+        "status": results.FAILED,
+        "job_dir_lost": True,
+        "rank": None,
+        "phase": stuck["phase"],
+        "step": stuck.get("step"),
+        "message": (
+            f"the job dir {job_dir} {what}; the ranks were stopped and what they had written "
+            "there (records, heartbeats, logs) is lost"
+        ),
+    }
 
 
 def record_lost_job_dir(job_dir: Path, job_num: int, written: dict[str, str], finding: dict) -> Optional[dict]:
@@ -597,16 +731,22 @@ def record_lost_job_dir(job_dir: Path, job_num: int, written: dict[str, str], fi
         raise results.write_error(job_dir, exc) from exc
     theirs = results.read_json(job_dir / results.JOB_FILE)
     if theirs is not None and theirs != json.loads(written[results.JOB_FILE]):
-        log.error("job %d: failed (%s); not recorded: %s now holds another job's %s", job_num,
-                  finding["message"], job_dir, results.JOB_FILE)
+        log.error(
+            "job %d: failed (%s); not recorded: %s now holds another job's %s",
+            job_num,
+            finding["message"],
+            job_dir,
+            results.JOB_FILE,
+        )
         return {"status": results.FAILED, "root_cause": finding}
     for name, text in written.items():
         results.write_text_atomic(job_dir / name, text)
     return results.finalize_job(job_dir, {}, None, job_failure=finding)
 
 
-def record_config_error(job_dir: Path, cfg: DictConfig, overrides: list[str], job_num: int,
-                        layout: NodeLayout, message: str) -> dict:
+def record_config_error(
+    job_dir: Path, cfg: DictConfig, overrides: list[str], job_num: int, layout: NodeLayout, message: str
+) -> dict:
     """The result of a job its own host refuses to start (phase "config")."""
     log.error("job %d: not started: %s", job_num, message)
     if layout.node_rank != 0:
@@ -616,8 +756,16 @@ def record_config_error(job_dir: Path, cfg: DictConfig, overrides: list[str], jo
     return {"status": final["status"], "job_dir": str(job_dir), "results_owner": True, "skipped": False}
 
 
-def watch(agent: subprocess.Popen, job_dir: Path, world_size: int, cfg: DictConfig, endpoint: str,
-          title: str, sampler: LoadSampler, identity: Optional[tuple[int, int]] = None) -> Optional[dict]:
+def watch(
+    agent: subprocess.Popen,
+    job_dir: Path,
+    world_size: int,
+    cfg: DictConfig,
+    endpoint: str,
+    title: str,
+    sampler: LoadSampler,
+    identity: Optional[tuple[int, int]] = None,
+) -> Optional[dict]:
     """Poll heartbeats until the agent exits; end the job on a finding (see check_progress),
     or when the job dir is no longer the folder the job started in (`identity`). The host's
     load is sampled along (``sampler``)."""
@@ -643,9 +791,16 @@ def watch(agent: subprocess.Popen, job_dir: Path, world_size: int, cfg: DictConf
     return None
 
 
-def finalize(job_dir: Path, world_size: int, outcomes: list[dict], finding: Optional[dict],
-             interrupted: Optional[dict], endpoint: str, kernel_oom_kills: Optional[int] = None,
-             job_failure: Optional[dict] = None) -> dict:
+def finalize(
+    job_dir: Path,
+    world_size: int,
+    outcomes: list[dict],
+    finding: Optional[dict],
+    interrupted: Optional[dict],
+    endpoint: str,
+    kernel_oom_kills: Optional[int] = None,
+    job_failure: Optional[dict] = None,
+) -> dict:
     """The job's result from what every host saw; written by results.finalize_job.
     ``kernel_oom_kills``: processes the kernel's OOM killer ended on this host meanwhile;
     ``job_failure``: a failure this process saw itself (results.finalize_job)."""
@@ -656,8 +811,15 @@ def finalize(job_dir: Path, world_size: int, outcomes: list[dict], finding: Opti
     elif errors and finding is None:
         launch_error = f"the elastic agent failed at the rendezvous {endpoint}: {'; '.join(errors)}"
     hang = finding if finding is not None else collective_timeout_hang(job_dir, world_size)
-    return results.finalize_job(job_dir, dead_ranks(job_dir, outcomes), hang, launch_error, interrupted,
-                                kernel_oom_kills=kernel_oom_kills, job_failure=job_failure)
+    return results.finalize_job(
+        job_dir,
+        dead_ranks(job_dir, outcomes),
+        hang,
+        launch_error,
+        interrupted,
+        kernel_oom_kills=kernel_oom_kills,
+        job_failure=job_failure,
+    )
 
 
 def check_config(cfg: DictConfig) -> Any:

@@ -5,6 +5,7 @@ Each rank rewrites ``<job>/progress/rank_<r>.json`` at every phase and step
 rich: per rank the phase, step i/n and the time since the job started, under a title
 "job k of n". Nothing is drawn when the output is not a terminal (logs, CI, pipes).
 """
+
 from __future__ import annotations
 
 import sys
@@ -18,8 +19,9 @@ from rich.table import Table
 REFRESH_PER_S = 2
 
 
-def progress_table(title: str, beats: dict[int, dict], world_size: int, total_steps: Optional[int],
-                   started_at: float, now: float) -> Table:
+def progress_table(
+    title: str, beats: dict[int, dict], world_size: int, total_steps: Optional[int], started_at: float, now: float
+) -> Table:
     """One row per rank: phase, step i/n (steps count from 1), seconds since the job
     started and since the rank's last heartbeat."""
     table = Table(title=title, title_justify="left")
@@ -39,8 +41,9 @@ def progress_table(title: str, beats: dict[int, dict], world_size: int, total_st
 class ProgressDisplay:
     """Redraws the table in place while a job runs; does nothing off a terminal."""
 
-    def __init__(self, title: str, world_size: int, total_steps: Optional[int],
-                 stream: Optional[TextIO] = None) -> None:
+    def __init__(
+        self, title: str, world_size: int, total_steps: Optional[int], stream: Optional[TextIO] = None
+    ) -> None:
         self.title, self.world_size, self.total_steps = title, world_size, total_steps
         stream = sys.stdout if stream is None else stream
         self.started_at = time.time()
@@ -48,15 +51,16 @@ class ProgressDisplay:
         if stream.isatty():
             self._live = Live(console=Console(file=stream), refresh_per_second=REFRESH_PER_S, transient=True)
 
-    def __enter__(self) -> "ProgressDisplay":
+    def __enter__(self) -> ProgressDisplay:
         if self._live is not None:
             self._live.start()
         return self
 
     def update(self, beats: dict[int, dict]) -> None:
         if self._live is not None:
-            self._live.update(progress_table(self.title, beats, self.world_size, self.total_steps,
-                                             self.started_at, time.time()))
+            self._live.update(
+                progress_table(self.title, beats, self.world_size, self.total_steps, self.started_at, time.time())
+            )
 
     def __exit__(self, *exc: Any) -> None:
         if self._live is not None:

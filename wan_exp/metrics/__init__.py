@@ -3,6 +3,7 @@
 The collector needs torch; the summary and the FLOP counts do not, so the collector is
 imported only when asked for (the job process on the host reads records without torch).
 """
+
 from typing import Any
 
 from wan_exp.metrics.flops import DEVICE_PEAKS, dit_forward_flops, mfu, peak_flops

@@ -11,6 +11,7 @@ covers the work the host queued inside it; the collector adds no other. (The S2V
 itself reads its token-frame table on the host once per forward.)
 On the CPU every GPU figure is None (absent), never 0.
 """
+
 from __future__ import annotations
 
 import os
@@ -96,8 +97,16 @@ class MetricsCollector:
         yield
         self._sync()
         elapsed = time.perf_counter() - start
-        entry = self.stages.setdefault(name, {"seconds": 0.0, "count": 0, "peak_allocated_gib": None,
-                                              "peak_reserved_gib": None, "peak_host_rss_gib": None})
+        entry = self.stages.setdefault(
+            name,
+            {
+                "seconds": 0.0,
+                "count": 0,
+                "peak_allocated_gib": None,
+                "peak_reserved_gib": None,
+                "peak_host_rss_gib": None,
+            },
+        )
         entry["seconds"] += elapsed
         entry["count"] += 1
         for key, value in self._current_peaks().items():
@@ -150,8 +159,9 @@ class MetricsCollector:
         self._sample_nvml()
         current = self._current_peaks()
         # ru_maxrss is in KiB on Linux
-        current["peak_host_rss_gib"] = max(current["peak_host_rss_gib"],
-                                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB)
+        current["peak_host_rss_gib"] = max(
+            current["peak_host_rss_gib"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+        )
         # job-wide: the counters now, and what stages saw before they reset them
         peaks = {k: None if v is None else max(v, self._folded_peaks.get(k, 0.0)) for k, v in current.items()}
         mem: dict[str, Optional[float]] = {

@@ -42,6 +42,7 @@ The mode adds a Python call to every eager op while it is active (its cost per o
 torch.compile'd code still compiles (``ignore_compile_internals``) and its collectives,
 calls of ``_c10d_functional`` ops or eager graph breaks, are counted at run time.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -94,11 +95,13 @@ _OPS: dict[str, tuple[str, int]] = {
 }
 _FUNCTIONAL_GATHERS = ("all_gather_into_tensor", "all_gather_into_tensor_out", "all_gather_into_tensor_coalesced")
 BUCKETS = ("init", "step", "warmup", "other")
-BYTES_DEFINITION = ("bytes: nccl-tests size per call (all_reduce/broadcast/reduce/send/recv: the tensor; "
-                    "all_gather: the gathered output; reduce_scatter: the input; all_to_all: this rank's "
-                    "input); bus_bytes = bytes x bus factor (all_reduce 2(n-1)/n; all_gather, "
-                    "reduce_scatter (n-1)/n; all_to_all: the input less the chunk kept, (n-1)/n for "
-                    "equal splits; others 1); messages: calls per '<bytes>x<bus factor>'")
+BYTES_DEFINITION = (
+    "bytes: nccl-tests size per call (all_reduce/broadcast/reduce/send/recv: the tensor; "
+    "all_gather: the gathered output; reduce_scatter: the input; all_to_all: this rank's "
+    "input); bus_bytes = bytes x bus factor (all_reduce 2(n-1)/n; all_gather, "
+    "reduce_scatter (n-1)/n; all_to_all: the input less the chunk kept, (n-1)/n for "
+    "equal splits; others 1); messages: calls per '<bytes>x<bus factor>'"
+)
 
 
 def _tensor_bytes(value: Any) -> int:
@@ -212,8 +215,7 @@ class CommCounter(TorchDispatchMode):
         self.add(kind, size, bus_bytes)
 
     def add(self, kind: str, nbytes: int, bus_bytes: float) -> None:
-        totals = self.counts[self.bucket].setdefault(kind, {"count": 0, "bytes": 0, "bus_bytes": 0.0,
-                                                            "messages": {}})
+        totals = self.counts[self.bucket].setdefault(kind, {"count": 0, "bytes": 0, "bus_bytes": 0.0, "messages": {}})
         totals["count"] += 1
         totals["bytes"] += nbytes
         totals["bus_bytes"] += bus_bytes
@@ -225,12 +227,22 @@ class CommCounter(TorchDispatchMode):
         ``per_step`` is the measured steps' total divided by their number."""
         per_step: Optional[dict] = None
         if measured_steps:
-            per_step = {kind: {key: _per_step(value, measured_steps) for key, value in totals.items()}
-                        for kind, totals in self.counts["step"].items()}
-        return {"bytes_definition": BYTES_DEFINITION, "measured_steps": measured_steps,
-                "per_step": per_step,
-                **{bucket: {kind: {key: dict(v) if isinstance(v, dict) else v for key, v in t.items()}
-                            for kind, t in kinds.items()} for bucket, kinds in self.counts.items()}}
+            per_step = {
+                kind: {key: _per_step(value, measured_steps) for key, value in totals.items()}
+                for kind, totals in self.counts["step"].items()
+            }
+        return {
+            "bytes_definition": BYTES_DEFINITION,
+            "measured_steps": measured_steps,
+            "per_step": per_step,
+            **{
+                bucket: {
+                    kind: {key: dict(v) if isinstance(v, dict) else v for key, v in t.items()}
+                    for kind, t in kinds.items()
+                }
+                for bucket, kinds in self.counts.items()
+            },
+        }
 
 
 def _per_step(total: Any, steps: int) -> Any:

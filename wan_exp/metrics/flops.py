@@ -5,6 +5,7 @@ encoders, the patch embedding and the head are a small fraction of the work, and
 public reference figures (docs/facts.md §6, "trunk MFU") count the same way. A multiply-add
 is two FLOPs. The full token sequence is counted once, however many ranks share it.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional

@@ -4,6 +4,7 @@ A key is ``"<bytes>x<bus factor>"``: the call's nccl-tests size and the factor t
 into the bytes its rank moves over its busiest link (metrics/comm.py), so a link curve can
 price every size on its own (plan/pricing.py).
 """
+
 from __future__ import annotations
 
 

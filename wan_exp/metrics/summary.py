@@ -9,6 +9,7 @@ dashboard, the plan) read the stored field and never compute it again:
 - :func:`summarize`: the job's comparison figures from every rank's record (the ``summary`` of
   results.json: the job's step times and their median, balance, throughput, MFU, comm, stages).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -168,8 +169,12 @@ def drift_summary(records: list[dict]) -> dict:
         return pick(values) if values else None
 
     identical = [d["frames_identical"] for d in drifts if "frames_identical" in d]
-    return {"drift_flow_rel_l2": worst("flow_rel_l2_max", max), "drift_psnr_db": worst("psnr_db", min),
-            "drift_ssim": worst("ssim", min), "drift_frames_identical": all(identical) if identical else None}
+    return {
+        "drift_flow_rel_l2": worst("flow_rel_l2_max", max),
+        "drift_psnr_db": worst("psnr_db", min),
+        "drift_ssim": worst("ssim", min),
+        "drift_frames_identical": all(identical) if identical else None,
+    }
 
 
 def comm_totals(kinds: Optional[dict]) -> dict[str, float]:
@@ -195,8 +200,11 @@ def stage_summary(records: list[dict]) -> dict:
         return {}
 
     def over_ranks(name: str, key: str) -> Optional[float]:
-        values = [r["stages"][name][key] for r in records
-                  if name in r.get("stages", {}) and r["stages"][name].get(key) is not None]
+        values = [
+            r["stages"][name][key]
+            for r in records
+            if name in r.get("stages", {}) and r["stages"][name].get(key) is not None
+        ]
         return max(values) if values else None
 
     seconds = {n: over_ranks(n, "seconds") for n in names}

@@ -13,6 +13,7 @@ flash-attn is a compiled extension that often does not match the installed torch
 ``undefined symbol`` at import); ``flash_attn_status()`` imports it and runs a tiny forward
 in a subprocess, so a broken build is diagnosed without touching this process.
 """
+
 from __future__ import annotations
 
 import functools
@@ -165,8 +166,13 @@ def backend_report() -> dict:
     broken build, the error it raised), for the rank record: the backend of
     model.attention_backend, the log-sum-exp kernel of ring attention, and the 8-bit kernel
     where model.precision asks for one."""
-    report = {"requested": _requested, "selected": _selected, "not_chosen": dict(_rejected),
-              "selected_lse": _selected_lse, "not_chosen_lse": dict(_rejected_lse)}
+    report = {
+        "requested": _requested,
+        "selected": _selected,
+        "not_chosen": dict(_rejected),
+        "selected_lse": _selected_lse,
+        "not_chosen_lse": dict(_rejected_lse),
+    }
     if _attention_bits is not None:
         report.update(bits=_attention_bits, selected_8bit=_selected_8bit, not_chosen_8bit=dict(_rejected_8bit))
     return report
@@ -230,7 +236,8 @@ def _resolve_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         return out
     raise AttentionBackendError(
         f"model.attention_backend={_requested!r}: no backend ran on {q.device} with "
-        f"{q.dtype}, head dim {q.shape[-1]}: " + "; ".join(failures)
+        f"{q.dtype}, head dim {q.shape[-1]}: "
+        + "; ".join(failures)
         + ". Use model.attention_backend=sdpa_math (always available) or fix the backend."
     )
 
@@ -255,8 +262,9 @@ def _resolve_8bit_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
         return out
     raise AttentionBackendError(
         f"{_attention_bits} attention (model.precision): no 8-bit kernel ran on {q.device} with {q.dtype}, "
-        f"head dim {q.shape[-1]}: " + "; ".join(f"{n}: {why}" for n, why in _rejected_8bit.items())
-        + ". Install the kernels (pip install -e \".[gpu]\") or use model.precision=bf16 / fp8_linear."
+        f"head dim {q.shape[-1]}: "
+        + "; ".join(f"{n}: {why}" for n, why in _rejected_8bit.items())
+        + '. Install the kernels (pip install -e ".[gpu]") or use model.precision=bf16 / fp8_linear.'
     )
 
 
@@ -339,9 +347,13 @@ LSE_IMPLEMENTATIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]]
 }
 # model.attention_backend -> the LSE kernels to try, first that runs wins
 _LSE_CANDIDATES = {
-    "flash_attn": ("lse_flash_attn",), "fa3": ("lse_fa3",), "fa4": ("lse_fa4",),
-    "sdpa_flash": ("lse_sdpa_flash",), "sdpa_cudnn": ("lse_sdpa_cudnn",),
-    "sdpa_efficient": ("lse_sdpa_efficient",), "sdpa_math": ("lse_math",),
+    "flash_attn": ("lse_flash_attn",),
+    "fa3": ("lse_fa3",),
+    "fa4": ("lse_fa4",),
+    "sdpa_flash": ("lse_sdpa_flash",),
+    "sdpa_cudnn": ("lse_sdpa_cudnn",),
+    "sdpa_efficient": ("lse_sdpa_efficient",),
+    "sdpa_math": ("lse_math",),
     "sdpa": ("lse_sdpa_cudnn", "lse_sdpa_flash", "lse_sdpa_efficient"),
 }
 _selected_lse: str | None = None
@@ -415,7 +427,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         return result
     raise AttentionBackendError(
         f"model.attention_backend={_requested!r}: no attention kernel returning the log-sum-exp ran on "
-        f"{q.device} with {q.dtype}: " + "; ".join(failures)
+        f"{q.device} with {q.dtype}: "
+        + "; ".join(failures)
         + ". Use model.attention_backend=sdpa_math (the math path always runs)."
     )
 
@@ -447,10 +460,15 @@ print("FLASH_ATTN_STATUS " + json.dumps(report))
 # substrings of an error and what they mean, first match wins
 _DIAGNOSES = (
     ("No module named 'flash_attn'", "flash-attn is not installed (optional; SDPA is used instead)"),
-    ("cannot import name 'flash_attn_func' from 'flash_attn' (unknown location)",
-     "flash-attn is not installed (flash_attn holds only flash-attn 4's cute package: use fa4)"),
-    ("undefined symbol", "flash-attn was built against another torch version or C++ ABI; "
-     "reinstall it built for the installed torch (pip install flash-attn --no-build-isolation)"),
+    (
+        "cannot import name 'flash_attn_func' from 'flash_attn' (unknown location)",
+        "flash-attn is not installed (flash_attn holds only flash-attn 4's cute package: use fa4)",
+    ),
+    (
+        "undefined symbol",
+        "flash-attn was built against another torch version or C++ ABI; "
+        "reinstall it built for the installed torch (pip install flash-attn --no-build-isolation)",
+    ),
     ("no kernel image", "flash-attn was built for another GPU architecture"),
     ("libcudart", "flash-attn needs a CUDA runtime library that is not found or has another version"),
     ("GLIBC", "flash-attn was built on a newer system (glibc) than this one"),
@@ -475,9 +493,7 @@ def flash_attn_status(timeout_s: float = 120.0) -> dict:
     subprocess (a segfault in a mismatched extension) is reported, never propagated.
     """
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout_s
-        )
+        proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         error = f"the flash-attn probe did not finish within {timeout_s:.0f} s"
         return {"ok": False, "version": None, "error": error, "diagnosis": error, "forward_ran": False}
@@ -487,7 +503,9 @@ def flash_attn_status(timeout_s: float = 120.0) -> dict:
     else:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         report = {
-            "ok": False, "version": None, "forward_ran": False,
+            "ok": False,
+            "version": None,
+            "forward_ran": False,
             "error": f"probe exited with code {proc.returncode}: " + " | ".join(tail),
         }
     report["diagnosis"] = diagnose_flash_attn_error(report["error"])
@@ -500,7 +518,16 @@ def importable_backends() -> dict[str, bool]:
 
 
 __all__ = [
-    "BACKENDS", "AttentionBackendError", "attention", "configure", "selected_backend",
-    "attention_with_lse", "lse_math", "selected_lse_backend", "LSE_IMPLEMENTATIONS",
-    "flash_attn_status", "diagnose_flash_attn_error", "importable_backends",
+    "BACKENDS",
+    "AttentionBackendError",
+    "attention",
+    "configure",
+    "selected_backend",
+    "attention_with_lse",
+    "lse_math",
+    "selected_lse_backend",
+    "LSE_IMPLEMENTATIONS",
+    "flash_attn_status",
+    "diagnose_flash_attn_error",
+    "importable_backends",
 ]

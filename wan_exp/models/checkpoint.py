@@ -11,6 +11,7 @@ an FSDP rank can read just its rows of a parameter:
   (seed, parameter name, block of rows), so a row slice equals the same rows of the full tensor
   on every rank, and the scales keep a bf16 14B forward finite.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -87,8 +88,7 @@ class CheckpointReader:
                 self._handles[filename] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as err:  # safetensors raises its own error types
                 raise CheckpointError(
-                    f"{path}: not a readable safetensors file ({err}); it is corrupt or truncated, "
-                    "download it again"
+                    f"{path}: not a readable safetensors file ({err}); it is corrupt or truncated, download it again"
                 ) from err
         return self._handles[filename]
 
@@ -109,8 +109,7 @@ class CheckpointReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._slice(key).get_shape())
 
-    def get(self, key: str, dtype: torch.dtype, device: torch.device | str,
-            rows: slice | None = None) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype, device: torch.device | str, rows: slice | None = None) -> torch.Tensor:
         """The tensor (or its rows along dim 0), read from the memory map and converted."""
         beat(f"read {self._weight_map[key]}")  # the rank's heartbeat, per tensor of each shard
         tensor_slice = self._slice(key)
@@ -119,8 +118,7 @@ class CheckpointReader:
             tensor = tensor_slice[start:stop]
         except Exception as err:
             raise CheckpointError(
-                f"{self.folder / self._weight_map[key]}: cannot read {key!r} ({err}); the file is "
-                "corrupt or truncated"
+                f"{self.folder / self._weight_map[key]}: cannot read {key!r} ({err}); the file is corrupt or truncated"
             ) from err
         return tensor.to(device=device, dtype=dtype)
 
@@ -165,8 +163,7 @@ class RandomWeights:
         digest = hashlib.sha256(f"{self.seed}/{key}/{block}".encode()).digest()
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
-    def get(self, key: str, dtype: torch.dtype, device: torch.device | str,
-            rows: slice | None = None) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype, device: torch.device | str, rows: slice | None = None) -> torch.Tensor:
         beat("random weights")  # the rank's heartbeat (a 14B model takes minutes on a CPU)
         shape = self.shape(key)
         start, stop = _row_range(rows, shape[0])
@@ -229,16 +226,22 @@ def load_into(module: nn.Module, source: Any, dtype: torch.dtype, device: torch.
     module.load_state_dict(state, strict=True, assign=True)
 
 
-def write_checkpoint(state_dict: Mapping[str, torch.Tensor], folder: str | Path, shards: int = 4,
-                     config: Mapping[str, Any] | None = None) -> Path:
+def write_checkpoint(
+    state_dict: Mapping[str, torch.Tensor], folder: str | Path, shards: int = 4, config: Mapping[str, Any] | None = None
+) -> Path:
     """Write ``state_dict`` in the official layout: shards of about equal size, the index json
     and config.json (``config`` or {}). Returns the folder."""
     sizes = {key: t.numel() * t.element_size() for key, t in state_dict.items()}
     return write_sharded(sizes, state_dict.__getitem__, folder, shards, config)
 
 
-def write_sharded(sizes: Mapping[str, int], tensor_of: Callable[[str], torch.Tensor], folder: str | Path,
-                  shards: int = 4, config: Mapping[str, Any] | None = None) -> Path:
+def write_sharded(
+    sizes: Mapping[str, int],
+    tensor_of: Callable[[str], torch.Tensor],
+    folder: str | Path,
+    shards: int = 4,
+    config: Mapping[str, Any] | None = None,
+) -> Path:
     """The official layout from ``sizes`` (key -> bytes, in order) and ``tensor_of(key)``, which is
     called for one shard's keys at a time, so a model larger than memory can be written shard
     by shard (random weights: wan_exp.checkpoint)."""

@@ -8,6 +8,7 @@ random weights (deterministic by seed), or loaded from the official files under
 The official T5 file (``models_t5_umt5-xxl-enc-bf16.pth``) uses Wan's own module names;
 ``t5_official_to_hf`` / ``t5_hf_to_official`` map them to and from transformers' names.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,10 @@ from wan_exp.models.checkpoint import CheckpointError
 _T5_NAMES = (
     ("blocks.{0}.norm1.weight", "encoder.block.{0}.layer.0.layer_norm.weight"),
     *((f"blocks.{{0}}.attn.{p}.weight", f"encoder.block.{{0}}.layer.0.SelfAttention.{p}.weight") for p in "qkvo"),
-    ("blocks.{0}.pos_embedding.embedding.weight",
-     "encoder.block.{0}.layer.0.SelfAttention.relative_attention_bias.weight"),
+    (
+        "blocks.{0}.pos_embedding.embedding.weight",
+        "encoder.block.{0}.layer.0.SelfAttention.relative_attention_bias.weight",
+    ),
     ("blocks.{0}.norm2.weight", "encoder.block.{0}.layer.1.layer_norm.weight"),
     ("blocks.{0}.ffn.gate.0.weight", "encoder.block.{0}.layer.1.DenseReluDense.wi_0.weight"),
     ("blocks.{0}.ffn.fc1.weight", "encoder.block.{0}.layer.1.DenseReluDense.wi_1.weight"),
@@ -71,11 +74,19 @@ def t5_hf_to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
 def text_encoder_config(model_cfg: Any) -> UMT5Config:
     te = model_cfg.text_encoder
     return UMT5Config(
-        vocab_size=te.vocab_size, d_model=te.d_model, d_ff=te.d_ff, d_kv=te.d_kv,
-        num_heads=te.num_heads, num_layers=te.num_layers,
+        vocab_size=te.vocab_size,
+        d_model=te.d_model,
+        d_ff=te.d_ff,
+        d_kv=te.d_kv,
+        num_heads=te.num_heads,
+        num_layers=te.num_layers,
         relative_attention_num_buckets=te.relative_attention_num_buckets,
-        relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        is_encoder_decoder=False,
+        use_cache=False,
     )
 
 
@@ -101,8 +112,9 @@ def _random_init(build: Any, seed: int, device: torch.device | str, dtype: torch
             return build(dtype)
 
 
-def build_text_encoder(model_cfg: Any, device: torch.device | str, dtype: torch.dtype,
-                       seed: int = 0) -> UMT5EncoderModel:
+def build_text_encoder(
+    model_cfg: Any, device: torch.device | str, dtype: torch.dtype, seed: int = 0
+) -> UMT5EncoderModel:
     """umT5 encoder from ``model.text_encoder``: the official weights if configured, else random."""
     config = text_encoder_config(model_cfg)
     path = _checkpoint_path(model_cfg, model_cfg.text_encoder.checkpoint)
@@ -118,8 +130,10 @@ def build_text_encoder(model_cfg: Any, device: torch.device | str, dtype: torch.
     state = {k: v.to(device=device, dtype=dtype) for k, v in t5_official_to_hf(official).items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: T5 weights do not match model.text_encoder: "
-                              f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        raise CheckpointError(
+            f"{path}: T5 weights do not match model.text_encoder: "
+            f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
     model.tie_weights()
     return model.eval()
 
@@ -136,11 +150,19 @@ def audio_encoder_config(model_cfg: Any) -> Wav2Vec2Config:
     ae = model_cfg.audio_encoder
     # wav2vec2-large-xlsr-53: layer-norm feature extractor with conv bias, pre-norm transformer
     return Wav2Vec2Config(
-        hidden_size=ae.hidden_size, num_hidden_layers=ae.num_hidden_layers,
-        num_attention_heads=ae.num_attention_heads, intermediate_size=ae.intermediate_size,
-        feat_extract_norm="layer", conv_bias=True, do_stable_layer_norm=True,
-        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-        layerdrop=0.0, mask_time_prob=0.0,
+        hidden_size=ae.hidden_size,
+        num_hidden_layers=ae.num_hidden_layers,
+        num_attention_heads=ae.num_attention_heads,
+        intermediate_size=ae.intermediate_size,
+        feat_extract_norm="layer",
+        conv_bias=True,
+        do_stable_layer_norm=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
     )
 
 
@@ -161,8 +183,7 @@ class AudioEncoder(nn.Module):
         return torch.stack(out.hidden_states, dim=1)
 
 
-def build_audio_encoder(model_cfg: Any, device: torch.device | str, dtype: torch.dtype,
-                        seed: int = 0) -> AudioEncoder:
+def build_audio_encoder(model_cfg: Any, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> AudioEncoder:
     """wav2vec2 from ``model.audio_encoder``: the official folder if configured, else random."""
     path = _checkpoint_path(model_cfg, model_cfg.audio_encoder.checkpoint)
     if path is None:

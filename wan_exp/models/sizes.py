@@ -8,6 +8,7 @@ parameters of the layers the model code builds (wan_s2v.py, and transformers'
 models on the meta device and checks the counts are equal, so a change to a layer that the
 formula misses fails there.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,31 +42,47 @@ def _attention(dim: int, qk_norm: bool) -> int:
 def dit_parameters(model: Any) -> int:
     """Parameters of wan_s2v.WanModel for ``model`` (the ``model`` config group)."""
     dim, ffn, patch = int(model.dim), int(model.ffn_dim), tuple(int(p) for p in model.patch_size)
-    block = (_attention(dim, model.qk_norm)  # self-attention
-             + (2 * dim if model.cross_attn_norm else 0)  # norm3 (affine)
-             + _attention(dim, model.qk_norm)  # cross-attention
-             + linear(dim, ffn) + linear(ffn, dim)  # ffn
-             + 6 * dim)  # modulation
-    n = (conv(model.in_dim, dim, patch)  # patch_embedding
-         + linear(model.text_dim, dim) + linear(dim, dim)  # text_embedding
-         + linear(model.freq_dim, dim) + linear(dim, dim)  # time_embedding
-         + linear(dim, 6 * dim)  # time_projection
-         + int(model.num_layers) * block
-         + linear(dim, model.out_dim * math.prod(patch)) + 2 * dim)  # head + its modulation
+    block = (
+        _attention(dim, model.qk_norm)  # self-attention
+        + (2 * dim if model.cross_attn_norm else 0)  # norm3 (affine)
+        + _attention(dim, model.qk_norm)  # cross-attention
+        + linear(dim, ffn)
+        + linear(ffn, dim)  # ffn
+        + 6 * dim
+    )  # modulation
+    n = (
+        conv(model.in_dim, dim, patch)  # patch_embedding
+        + linear(model.text_dim, dim)
+        + linear(dim, dim)  # text_embedding
+        + linear(model.freq_dim, dim)
+        + linear(dim, dim)  # time_embedding
+        + linear(dim, 6 * dim)  # time_projection
+        + int(model.num_layers) * block
+        + linear(dim, model.out_dim * math.prod(patch))
+        + 2 * dim
+    )  # head + its modulation
     if not model.s2v:
         return n
     quarter, half = dim // 4, dim // 2
-    audio_encoder = (int(model.audio_layers)  # the weights of the wav2vec2 hidden states
-                     + conv(model.audio_dim, quarter * AUDIO_TOKENS_PER_FRAME, CAUSAL_CONV_KERNEL)  # conv1_local
-                     + conv(model.audio_dim, quarter, CAUSAL_CONV_KERNEL)  # conv1_global
-                     + conv(quarter, half, CAUSAL_CONV_KERNEL) + conv(half, dim, CAUSAL_CONV_KERNEL)  # conv2, conv3
-                     + linear(dim, dim) + dim)  # final_linear, padding_tokens
+    audio_encoder = (
+        int(model.audio_layers)  # the weights of the wav2vec2 hidden states
+        + conv(model.audio_dim, quarter * AUDIO_TOKENS_PER_FRAME, CAUSAL_CONV_KERNEL)  # conv1_local
+        + conv(model.audio_dim, quarter, CAUSAL_CONV_KERNEL)  # conv1_global
+        + conv(quarter, half, CAUSAL_CONV_KERNEL)
+        + conv(half, dim, CAUSAL_CONV_KERNEL)  # conv2, conv3
+        + linear(dim, dim)
+        + dim
+    )  # final_linear, padding_tokens
     injections = len(model.audio_inject_layers)
     audio_injector = injections * (_attention(dim, True) + linear(dim, 2 * dim))  # cross-attention + AdaLN
-    return (n + conv(model.in_dim, dim, patch)  # cond_encoder
-            + audio_encoder + audio_injector
-            + 3 * dim  # trainable_cond_mask: noisy, reference, motion
-            + sum(conv(model.in_dim, dim, kernel) for kernel in FRAME_PACK_KERNELS))  # frame_packer
+    return (
+        n
+        + conv(model.in_dim, dim, patch)  # cond_encoder
+        + audio_encoder
+        + audio_injector
+        + 3 * dim  # trainable_cond_mask: noisy, reference, motion
+        + sum(conv(model.in_dim, dim, kernel) for kernel in FRAME_PACK_KERNELS)
+    )  # frame_packer
 
 
 def text_encoder_parameters(model: Any) -> int:
@@ -73,11 +90,13 @@ def text_encoder_parameters(model: Any) -> int:
     embedding is tied, counted once; umT5 has a relative attention bias in every layer)."""
     te = model.text_encoder
     d, inner = int(te.d_model), int(te.num_heads) * int(te.d_kv)
-    layer = (4 * d * inner  # q, k, v, o without bias
-             + int(te.relative_attention_num_buckets) * int(te.num_heads)
-             + d  # layer_norm (weight only)
-             + 3 * d * int(te.d_ff)  # gated FFN: wi_0, wi_1, wo without bias
-             + d)  # layer_norm
+    layer = (
+        4 * d * inner  # q, k, v, o without bias
+        + int(te.relative_attention_num_buckets) * int(te.num_heads)
+        + d  # layer_norm (weight only)
+        + 3 * d * int(te.d_ff)  # gated FFN: wi_0, wi_1, wo without bias
+        + d
+    )  # layer_norm
     return int(te.vocab_size) * d + int(te.num_layers) * layer + d  # + final_layer_norm
 
 

@@ -34,6 +34,7 @@ Parameter names and shapes are those of the official file (``encoder.*``, ``conv
 ``decoder.*``, ``conv2.*``). Sequential indices that hold no parameters (activations, padding,
 upstream's dropout slot) are kept so that the indices of the others match.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,10 +67,42 @@ TEMPORAL_UPSAMPLE = TEMPORAL_DOWNSAMPLE[::-1]  # after decoder levels 0, 1, 2
 DECODER_HALO = 13
 # Per-channel statistics of the posterior mean over Wan's training data: latents are
 # (mean - LATENT_MEAN) / LATENT_STD so that the DiT sees roughly unit-variance inputs.
-LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+LATENT_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+LATENT_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 
 Cache = dict  # module -> what it keeps between chunks of one stream
 
@@ -90,7 +123,7 @@ class CausalConv3d(nn.Conv3d):
         if cache is not None and self.time_context:
             previous = cache.get(self)
             context = x if previous is None else torch.cat([previous, x], dim=2)
-            cache[self] = context[:, :, -self.time_context:].clone()
+            cache[self] = context[:, :, -self.time_context :].clone()
         front = self.time_context - (context.shape[2] - x.shape[2])
         return super().forward(F.pad(context, (*self.spatial_padding, front, 0)))
 
@@ -126,15 +159,16 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.residual = nn.Sequential(
-            ChannelRMSNorm(in_channels, spatial_dims=3), nn.SiLU(),
+            ChannelRMSNorm(in_channels, spatial_dims=3),
+            nn.SiLU(),
             CausalConv3d(in_channels, out_channels, 3),
-            ChannelRMSNorm(out_channels, spatial_dims=3), nn.SiLU(),
+            ChannelRMSNorm(out_channels, spatial_dims=3),
+            nn.SiLU(),
             nn.Identity(),  # upstream's dropout (p=0) sits here; it keeps index 6 for the conv
             CausalConv3d(out_channels, out_channels, 3),
         )
         # a 1x1x1 projection where the width changes, else the identity
-        self.shortcut = (CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels
-                         else nn.Identity())
+        self.shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
         return self.shortcut(x) + _run(self.residual, x, cache)
@@ -177,8 +211,9 @@ class Upsample(Resample):
 
     def __init__(self, channels: int, temporal: bool) -> None:
         super().__init__()
-        self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                                      nn.Conv2d(channels, channels // 2, 3, padding=1))
+        self.resample = nn.Sequential(
+            nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"), nn.Conv2d(channels, channels // 2, 3, padding=1)
+        )
         self.temporal = temporal
         if temporal:
             self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1))
@@ -295,8 +330,9 @@ def grid_tiles(height: int, width: int, rows: int, cols: int) -> list[Tile]:
     rows, cols = min(rows, height), min(cols, width)
     row_edges = [round(i * height / rows) for i in range(rows + 1)]
     col_edges = [round(j * width / cols) for j in range(cols + 1)]
-    return [Tile(row_edges[i], row_edges[i + 1], col_edges[j], col_edges[j + 1])
-            for i in range(rows) for j in range(cols)]
+    return [
+        Tile(row_edges[i], row_edges[i + 1], col_edges[j], col_edges[j + 1]) for i in range(rows) for j in range(cols)
+    ]
 
 
 class WanVAE(nn.Module):
@@ -311,8 +347,10 @@ class WanVAE(nn.Module):
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, LATENT_CHANNELS, 1, 1, 1)
-        return (torch.tensor(LATENT_MEAN, device=like.device, dtype=like.dtype).view(shape),
-                torch.tensor(LATENT_STD, device=like.device, dtype=like.dtype).view(shape))
+        return (
+            torch.tensor(LATENT_MEAN, device=like.device, dtype=like.dtype).view(shape),
+            torch.tensor(LATENT_STD, device=like.device, dtype=like.dtype).view(shape),
+        )
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -322,10 +360,10 @@ class WanVAE(nn.Module):
         if pixels.dim() != 5 or pixels.shape[1] != 3 or (frames - 1) % TEMPORAL_STRIDE:
             raise ValueError(f"WanVAE.encode takes RGB video (B, 3, 1 + 4k, H, W), got {tuple(pixels.shape)}")
         cache: Cache = {}
-        chunks = [pixels[:, :, :1]] + [pixels[:, :, i:i + TEMPORAL_STRIDE]
-                                       for i in range(1, frames, TEMPORAL_STRIDE)]
-        features = torch.cat([self._encode_chunk(chunk, cache, i, len(chunks)) for i, chunk in enumerate(chunks)],
-                             dim=2)
+        chunks = [pixels[:, :, :1]] + [pixels[:, :, i : i + TEMPORAL_STRIDE] for i in range(1, frames, TEMPORAL_STRIDE)]
+        features = torch.cat(
+            [self._encode_chunk(chunk, cache, i, len(chunks)) for i, chunk in enumerate(chunks)], dim=2
+        )
         mean, _log_var = self.conv1(features).chunk(2, dim=1)
         shift, scale = self._latent_stats(mean)
         return (mean - shift) / scale
@@ -335,8 +373,9 @@ class WanVAE(nn.Module):
         return self.encoder(chunk, cache)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, region: Optional[Tile] = None,
-               grid: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    def decode(
+        self, latents: torch.Tensor, region: Optional[Tile] = None, grid: tuple[int, int] = (1, 1)
+    ) -> torch.Tensor:
         """(B, 16, T, h, w) normalised latents -> pixels (B, 3, 1 + 4(T - 1), 8h, 8w) in [-1, 1],
         or those of ``region`` (latent rows and columns) only.
 
@@ -353,26 +392,30 @@ class WanVAE(nn.Module):
         low_frames = []
         for t in range(x.shape[2]):
             beat(f"decode frame {t + 1}/{x.shape[2]} (low resolution)")  # the rank's heartbeat (wan_exp.liveness)
-            low_frames.append(self.decoder.low(x[:, :, t:t + 1], low_cache))
+            low_frames.append(self.decoder.low(x[:, :, t : t + 1], low_cache))
         low = torch.cat(low_frames, dim=2)
         del low_frames
         del low_cache, x
         s = SPATIAL_STRIDE
         frames = 1 + TEMPORAL_STRIDE * (low.shape[2] - 1)
-        out = low.new_empty((low.shape[0], 3, frames, (region.bottom - region.top) * s,
-                             (region.right - region.left) * s))
+        out = low.new_empty(
+            (low.shape[0], 3, frames, (region.bottom - region.top) * s, (region.right - region.left) * s)
+        )
         for tile in grid_tiles(region.bottom - region.top, region.right - region.left, *grid):
-            tile = Tile(tile.top + region.top, tile.bottom + region.top, tile.left + region.left,
-                        tile.right + region.left)
+            tile = Tile(
+                tile.top + region.top, tile.bottom + region.top, tile.left + region.left, tile.right + region.left
+            )
             rows = slice((tile.top - region.top) * s, (tile.bottom - region.top) * s)
             cols = slice((tile.left - region.left) * s, (tile.right - region.left) * s)
             cache: Cache = {}
             for t in range(low.shape[2]):
-                beat(f"decode tile rows {tile.top}-{tile.bottom} cols {tile.left}-{tile.right}, "
-                     f"frame {t + 1}/{low.shape[2]}")
+                beat(
+                    f"decode tile rows {tile.top}-{tile.bottom} cols {tile.left}-{tile.right}, "
+                    f"frame {t + 1}/{low.shape[2]}"
+                )
                 first = 0 if t == 0 else 1 + TEMPORAL_STRIDE * (t - 1)
-                pixels = self._decode_tile(low[:, :, t:t + 1], tile, cache)
-                out[:, :, first:first + pixels.shape[2], rows, cols] = pixels
+                pixels = self._decode_tile(low[:, :, t : t + 1], tile, cache)
+                out[:, :, first : first + pixels.shape[2], rows, cols] = pixels
             del cache
         return out.clamp_(-1.0, 1.0)
 
@@ -384,8 +427,9 @@ class WanVAE(nn.Module):
         bottom, right = min(tile.bottom + DECODER_HALO, height), min(tile.right + DECODER_HALO, width)
         pixels = self.decoder.high(low[:, :, :, top:bottom, left:right], cache)
         s = SPATIAL_STRIDE
-        return pixels[:, :, :, (tile.top - top) * s:(tile.bottom - top) * s,
-                      (tile.left - left) * s:(tile.right - left) * s]
+        return pixels[
+            :, :, :, (tile.top - top) * s : (tile.bottom - top) * s, (tile.left - left) * s : (tile.right - left) * s
+        ]
 
 
 # ============================================================================ loading
@@ -443,8 +487,7 @@ def load_vae(path: str | Path, dim: int, device: torch.device | str, dtype: torc
         check_compatible(model, _StateDictShapes(state))
     except CheckpointError as err:
         raise CheckpointError(f"{path} (model.vae_dim={dim}): {err}") from None
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
-                          strict=True, assign=True)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 

@@ -26,6 +26,7 @@ are applied on the two contiguous parts of the sequence, never expanded per toke
 split point and the audio frame of each token come from ``token_frame`` (1 + latent frame for
 noisy tokens, 0 for reference/motion/padding), so any contiguous shard of tokens works.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,9 @@ def split_apply(n_first: int, fn: Callable[..., torch.Tensor], *tensors: torch.T
     return torch.cat([head, tail], dim=1)
 
 
-def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, n_first: int,
-             dtype: torch.dtype) -> torch.Tensor:
+def modulate(
+    h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, n_first: int, dtype: torch.dtype
+) -> torch.Tensor:
     """``h * (1 + scale) + shift`` with per-segment (B, 2, D) shift/scale, cast to ``dtype``."""
     return split_apply(
         n_first,
@@ -124,8 +126,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x.float() * cos[:, None] + swapped * sin[:, None]
 
 
-def grid_positions(t: Sequence[int] | torch.Tensor, h: Sequence[int] | torch.Tensor,
-                   w: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+def grid_positions(
+    t: Sequence[int] | torch.Tensor,
+    h: Sequence[int] | torch.Tensor,
+    w: Sequence[int] | torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor:
     """(t, h, w) position lists -> (len(t)*len(h)*len(w), 3) positions in t-major token order."""
     axes = [torch.as_tensor(a, dtype=torch.long, device=device) for a in (t, h, w)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
@@ -211,8 +217,7 @@ class TokenLayout:
 
 
 class WanAttentionBlock(nn.Module):
-    def __init__(self, dim: int, ffn_dim: int, num_heads: int, qk_norm: bool,
-                 cross_attn_norm: bool, eps: float):
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, qk_norm: bool, cross_attn_norm: bool, eps: float):
         super().__init__()
         self.eps = eps
         self.self_attn = SelfAttention(dim, num_heads, qk_norm, eps)
@@ -221,8 +226,9 @@ class WanAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor,
-                tokens: TokenLayout, sharding: Any = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor, tokens: TokenLayout, sharding: Any = None
+    ) -> torch.Tensor:
         """x (B, L, D) residual stream; time_mod (B, S, 6, D) fp32 for the S segments
         (noisy, conditioning); context (B, text_len, D) embedded text."""
         # (B, S, 6, D) -> six (B, S, D): shift, scale, gate (attention), shift, scale, gate (FFN)
@@ -326,8 +332,14 @@ class AdaLayerNorm(nn.Module):
         return fp32_linear(self.linear, F.silu(cond.float())).chunk(2, dim=-1)
 
 
-def inject_audio(attn: CrossAttention, adain: AdaLayerNorm, x: torch.Tensor, audio_tokens: torch.Tensor,
-                 audio_global: torch.Tensor, tokens: TokenLayout) -> torch.Tensor:
+def inject_audio(
+    attn: CrossAttention,
+    adain: AdaLayerNorm,
+    x: torch.Tensor,
+    audio_tokens: torch.Tensor,
+    audio_global: torch.Tensor,
+    tokens: TokenLayout,
+) -> torch.Tensor:
     """One audio injection: AdaLN of the noisy tokens on their frame's global audio token, then
     each noisy token attends to its own latent frame's audio tokens; returns the new x.
 
@@ -338,9 +350,12 @@ def inject_audio(attn: CrossAttention, adain: AdaLayerNorm, x: torch.Tensor, aud
     shift, scale = adain.shift_scale(audio_global)  # (B, F, D)
     normed = F.layer_norm(x[:, :n].float(), x.shape[-1:], eps=ADAIN_EPS)
     runs = tokens.frame_runs
-    h = torch.cat([  # AdaLN per latent frame: runs of consecutive tokens of one frame
-        torch.addcmul(shift[:, f : f + 1], normed[:, a:b], 1 + scale[:, f : f + 1]) for a, b, f in runs
-    ], dim=1).to(tokens.dtype)
+    h = torch.cat(
+        [  # AdaLN per latent frame: runs of consecutive tokens of one frame
+            torch.addcmul(shift[:, f : f + 1], normed[:, a:b], 1 + scale[:, f : f + 1]) for a, b, f in runs
+        ],
+        dim=1,
+    ).to(tokens.dtype)
     q = attn.query(h)
     k, v = attn.key_value(audio_tokens.to(tokens.dtype))  # (B, F, 5, H, d)
     heads = torch.cat([attn_backend.attention(q[:, a:b], k[:, f], v[:, f]) for a, b, f in runs], dim=1)
@@ -359,13 +374,15 @@ class AudioInjector(nn.Module):
         self.injector_adain_layers = nn.ModuleList(AdaLayerNorm(dim) for _ in range(num_injections))
         self.inject = inject_audio  # torch.compile(inject_audio) once the model is compiled
 
-    def forward(self, x: torch.Tensor, index: int, audio_tokens: torch.Tensor,
-                audio_global: torch.Tensor, tokens: TokenLayout) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, index: int, audio_tokens: torch.Tensor, audio_global: torch.Tensor, tokens: TokenLayout
+    ) -> torch.Tensor:
         """x (B, L, D); audio_tokens (B, F, 5, D); audio_global (B, F, D); returns the new x."""
         if tokens.n_noisy == 0:
             return x
-        return self.inject(self.injector[index], self.injector_adain_layers[index], x,
-                           audio_tokens, audio_global, tokens)
+        return self.inject(
+            self.injector[index], self.injector_adain_layers[index], x, audio_tokens, audio_global, tokens
+        )
 
 
 class FramePacker(nn.Module):
@@ -387,16 +404,20 @@ class FramePacker(nn.Module):
         motion = motion[:, :, -total:]
         # buckets newest first; the latents are oldest first
         newest_1, next_2, oldest_16 = FRAME_PACK_BUCKETS
-        parts = (motion[:, :, -newest_1:], motion[:, :, -newest_1 - next_2 : -newest_1],
-                 motion[:, :, :oldest_16])
+        parts = (motion[:, :, -newest_1:], motion[:, :, -newest_1 - next_2 : -newest_1], motion[:, :, :oldest_16])
         grid_h, grid_w = height // patch[1], width // patch[2]  # the noisy token grid
         tokens, positions, start = [], [], 0
         for proj, part, bucket in zip((self.proj, self.proj_2x, self.proj_4x), parts, FRAME_PACK_BUCKETS):
             y = proj(part)  # (B, D, t', h', w')
             start -= bucket  # this bucket covers latent times [start, start + bucket)
-            positions.append(grid_positions(
-                self._times(start, bucket, y.shape[2]), spread(y.shape[3], grid_h),
-                spread(y.shape[4], grid_w), motion.device))
+            positions.append(
+                grid_positions(
+                    self._times(start, bucket, y.shape[2]),
+                    spread(y.shape[3], grid_h),
+                    spread(y.shape[4], grid_w),
+                    motion.device,
+                )
+            )
             tokens.append(y.flatten(2).transpose(1, 2))
         return torch.cat(tokens, dim=1), torch.cat(positions, dim=0)
 
@@ -422,7 +443,8 @@ class WanModel(nn.Module):
 
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.text_embedding = nn.Sequential(
-            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(
@@ -482,8 +504,9 @@ class WanModel(nn.Module):
         positions = [grid_positions(range(f), range(h), range(w), device)]
         if self.s2v:
             # pose latents go through their own patch embedding; no pose = zero latents
-            x = x + (self._patchify(self.cond_encoder, pose) if pose is not None
-                     else self.cond_encoder.bias.to(x.dtype))
+            x = x + (
+                self._patchify(self.cond_encoder, pose) if pose is not None else self.cond_encoder.bias.to(x.dtype)
+            )
             types = self.trainable_cond_mask.weight.to(x.dtype)
             groups = [x + types[0]]
             if ref is not None:
@@ -505,15 +528,25 @@ class WanModel(nn.Module):
         """Local noisy-token count and (start, end, frame) runs, read once per forward."""
         frames, counts = torch.unique_consecutive(token_frame.cpu(), return_counts=True)  # one sync
         ends = counts.cumsum(0)
-        runs = [(end - count, end, frame - 1)
-                for frame, count, end in zip(frames.tolist(), counts.tolist(), ends.tolist()) if frame > 0]
+        runs = [
+            (end - count, end, frame - 1)
+            for frame, count, end in zip(frames.tolist(), counts.tolist(), ends.tolist())
+            if frame > 0
+        ]
         n_noisy = runs[-1][1] if runs else 0  # noisy tokens come first in every shard
         return n_noisy, runs
 
     # ------------------------------------------------------------------ forward
-    def forward(self, noisy: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                audio: torch.Tensor | None = None, ref: torch.Tensor | None = None,
-                motion: torch.Tensor | None = None, pose: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        audio: torch.Tensor | None = None,
+        ref: torch.Tensor | None = None,
+        motion: torch.Tensor | None = None,
+        pose: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Predicted flow (B, out_dim, F, H, W) for the noisy latents (B, in_dim, F, H, W)."""
         if self.s2v and audio is None:
             raise ValueError("the S2V model needs audio features (B, audio_layers, T, audio_dim)")
@@ -570,4 +603,3 @@ def apply_compile(model: WanModel, model_cfg: Any) -> None:
         block.compile()
     if model.s2v:
         model.audio_injector.inject = torch.compile(inject_audio)
-

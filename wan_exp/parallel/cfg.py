@@ -17,6 +17,7 @@ guidance formula ``uncond + scale * (cond - uncond)`` itself, exactly as one ran
 The sampler sees one guided-flow function with :func:`guided_flow`'s signature;
 :func:`guidance_for` returns the sequential one or the CFG-parallel one.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,16 +46,22 @@ class Condition:
     motion: torch.Tensor | None = None  # (1, 16, motion latents, h, w); None: no motion tokens
 
 
-def dit_flow(dit: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
-             condition: Condition) -> torch.Tensor:
+def dit_flow(dit: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, condition: Condition) -> torch.Tensor:
     """One DiT forward for one branch of guidance (no autograd: sampling only)."""
     with torch.no_grad():
-        return dit(latents, timestep, condition.context, audio=condition.audio,
-                   ref=condition.ref, motion=condition.motion)
+        return dit(
+            latents, timestep, condition.context, audio=condition.audio, ref=condition.ref, motion=condition.motion
+        )
 
 
-def guided_flow(dit: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
-                cond: Condition, uncond: Condition, guidance_scale: float) -> torch.Tensor:
+def guided_flow(
+    dit: torch.nn.Module,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    cond: Condition,
+    uncond: Condition,
+    guidance_scale: float,
+) -> torch.Tensor:
     """The two forwards of one denoising step and their guidance, ``u + g * (c - u)``:
     conditional first, then unconditional; only the forward the formula needs when g is 1 or 0.
     This is the one call a CFG-parallel split replaces (parallel/cfg.py)."""
@@ -71,10 +78,15 @@ def guided_flow(dit: torch.nn.Module, latents: torch.Tensor, timestep: torch.Ten
 GuidedFlow = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Condition, Condition, float], torch.Tensor]
 
 
-
-def cfg_parallel_flow(dit: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition,
-                      uncond: Condition,
-                      guidance_scale: float, group: ProcessGroup) -> torch.Tensor:
+def cfg_parallel_flow(
+    dit: torch.nn.Module,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    cond: Condition,
+    uncond: Condition,
+    guidance_scale: float,
+    group: ProcessGroup,
+) -> torch.Tensor:
     """The guided flow (as :func:`guided_flow`) with this rank running only its cfg group's
     forward."""
     if dist.get_world_size(group) != 2:

@@ -29,6 +29,7 @@ one of ``ulysses_degree`` / ``ring_degree`` may be -1.
 
 This module imports no torch at import time (the launcher uses it); ``build_mesh`` does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,9 @@ def fsdp_shards(fsdp: Any) -> bool:
 def runs_one_rank(parallel: Any) -> bool:
     """Every degree is 1 and FSDP is off: the split is one rank holding the whole model
     (``parallel=single``), whatever launcher.nproc_per_node=auto would give."""
-    return (not fsdp_shards(parallel.fsdp)
-            and all(int(getattr(parallel, f"{axis}_degree")) == 1 for axis in ("cfg", "ring", "ulysses")))
+    return not fsdp_shards(parallel.fsdp) and all(
+        int(getattr(parallel, f"{axis}_degree")) == 1 for axis in ("cfg", "ring", "ulysses")
+    )
 
 
 def parallel_dims(cfg: Any, world_size: int) -> ParallelDims:
@@ -108,29 +110,35 @@ class ParallelDims:
         """Resolve -1 degrees and check the split; raises ConfigError saying what would work."""
         cfg = int(parallel.cfg_degree)
         if cfg not in (1, 2):
-            raise ConfigError(f"parallel.cfg_degree={cfg}: use 1 (off) or 2 (conditional and "
-                              "unconditional forwards on two rank groups)")
+            raise ConfigError(
+                f"parallel.cfg_degree={cfg}: use 1 (off) or 2 (conditional and "
+                "unconditional forwards on two rank groups)"
+            )
         fsdp_enabled = fsdp_shards(parallel.fsdp)
         fsdp_degree = int(parallel.fsdp.degree)
         if fsdp_degree < -1:
-            raise ConfigError(f"parallel.fsdp.degree={fsdp_degree}: use 0 (no FSDP), -1 (shard over all "
-                              "ranks, as upstream) or the size of an own fsdp mesh axis (>= 1)")
+            raise ConfigError(
+                f"parallel.fsdp.degree={fsdp_degree}: use 0 (no FSDP), -1 (shard over all "
+                "ranks, as upstream) or the size of an own fsdp mesh axis (>= 1)"
+            )
         over_all = fsdp_enabled and fsdp_degree == -1
         fsdp_axis = fsdp_degree if fsdp_enabled and not over_all else 1
         ring, ulysses = int(parallel.ring_degree), int(parallel.ulysses_degree)
         for name, value in (("ring_degree", ring), ("ulysses_degree", ulysses)):
             if value == 0 or value < -1:
-                raise ConfigError(f"parallel.{name}={value}: use -1 (the ranks the other axes "
-                                  "leave) or >= 1")
+                raise ConfigError(f"parallel.{name}={value}: use -1 (the ranks the other axes leave) or >= 1")
         if ring == -1 and ulysses == -1:
-            raise ConfigError("parallel.ring_degree=-1 and parallel.ulysses_degree=-1: at most one "
-                              "degree can take the ranks the others leave; set one of them")
+            raise ConfigError(
+                "parallel.ring_degree=-1 and parallel.ulysses_degree=-1: at most one "
+                "degree can take the ranks the others leave; set one of them"
+            )
         fixed = cfg * fsdp_axis * (ring if ring != -1 else 1) * (ulysses if ulysses != -1 else 1)
         if -1 in (ring, ulysses):
             if world_size % fixed:
                 raise ConfigError(
                     f"cfg={cfg} x fsdp={fsdp_axis} x the fixed sequence degree leave no whole "
-                    f"number of ranks out of {world_size}; {cls._what_fits(world_size, num_heads, cfg, fsdp_axis)}")
+                    f"number of ranks out of {world_size}; {cls._what_fits(world_size, num_heads, cfg, fsdp_axis)}"
+                )
             rest = world_size // fixed
             ring, ulysses = (rest, ulysses) if ring == -1 else (ring, rest)
         if over_all and world_size % (cfg * ring * ulysses) == 0:
@@ -141,19 +149,23 @@ class ParallelDims:
         if product != world_size:
             raise ConfigError(
                 f"degrees cfg={cfg} x fsdp={fsdp_axis} x ring={ring} x ulysses={ulysses} = {product} "
-                f"ranks, but the job has {world_size}; {cls._what_fits(world_size, num_heads, cfg, fsdp_axis)}")
+                f"ranks, but the job has {world_size}; {cls._what_fits(world_size, num_heads, cfg, fsdp_axis)}"
+            )
         if num_heads % ulysses:
             raise ConfigError(
                 f"parallel.ulysses_degree={ulysses} does not divide the {num_heads} heads "
-                f"(model.num_heads); {usp_suggestion(ring * ulysses, num_heads)} does")
+                f"(model.num_heads); {usp_suggestion(ring * ulysses, num_heads)} does"
+            )
         return cls(cfg, fsdp_axis, ring, ulysses, fsdp_enabled, over_all, world_size)
 
     @staticmethod
     def _what_fits(world_size: int, num_heads: int, cfg: int, fsdp_axis: int) -> str:
         sp_ranks, left = divmod(world_size, cfg * fsdp_axis)
         if left:
-            return (f"cfg x fsdp = {cfg * fsdp_axis} does not divide {world_size} ranks; "
-                    f"use degrees whose product is {world_size}")
+            return (
+                f"cfg x fsdp = {cfg * fsdp_axis} does not divide {world_size} ranks; "
+                f"use degrees whose product is {world_size}"
+            )
         return f"with cfg={cfg} and fsdp={fsdp_axis} this works: {usp_suggestion(sp_ranks, num_heads)}"
 
     # ------------------------------------------------------------------ device mesh

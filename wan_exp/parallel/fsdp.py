@@ -15,6 +15,7 @@ Two ways to get the weights in, chosen by ``parallel.fsdp.load_full_on_every_ran
 FSDP1 runs with ``use_orig_params=True`` so that a unit may mix frozen base weights and
 trainable LoRA adapters (train_lora); FSDP2 allows that anyway.
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -18,6 +18,7 @@ Ways to fill the plan:
 Parameters that ``before_wrap`` added (not in the source) keep the values it gave them;
 in the FSDP2 path their full values are held aside (they are small) and sliced the same way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ class WeightPlan:
     def load(self, root: nn.Module) -> None:
         """Replace every placeholder under ``root`` by its full value from the source."""
         for module in root.modules():
-            for attr, param in _direct_params(module):
+            for _attr, param in _direct_params(module):
                 entry = self.pending.pop(id(param), None)
                 if entry is None:
                     continue  # already loaded, or added by before_wrap

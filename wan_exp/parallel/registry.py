@@ -23,6 +23,7 @@ CFG parallel needs no change to the DiT: ``ParallelModel.guidance`` is what the 
 workload combines the two forwards of a step with (parallel/cfg.py). The settings are
 checked before launch by ``preflight.validate``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -72,19 +73,30 @@ def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) ->
     meshes = dims.build_mesh(ctx.device.type)
     dit = _split_dit(cfg, ctx, dims, meshes, before_wrap or (lambda dit: None))
     drift = setup_precision(dit, cfg, ctx)  # model.precision, from outside the model
-    ctx.metrics.note("parallel_dims", {**dims.degrees, "fsdp_shard_ranks": dims.fsdp_shard_ranks,
-                                       "describe": dims.describe()})
+    ctx.metrics.note(
+        "parallel_dims", {**dims.degrees, "fsdp_shard_ranks": dims.fsdp_shard_ranks, "describe": dims.describe()}
+    )
     text_encoder, audio_encoder = _encoders(cfg, ctx)
     dit_bytes = local_param_bytes(dit)
-    encoder_bytes = sum(local_param_bytes(enc) for enc in (text_encoder, audio_encoder)
-                        if enc is not None and next(enc.parameters()).device == ctx.device)
+    encoder_bytes = sum(
+        local_param_bytes(enc)
+        for enc in (text_encoder, audio_encoder)
+        if enc is not None and next(enc.parameters()).device == ctx.device
+    )
     ctx.metrics.note("dit_param_gib", dit_bytes / GIB)  # this rank's part of the DiT
     ctx.metrics.note("param_gib", (dit_bytes + encoder_bytes) / GIB)  # all in this rank's device memory
     cfg_group = meshes.cfg if meshes is not None else None
-    return ParallelModel(dit, text_encoder, audio_encoder,
-                         sp_group=meshes.sp if meshes is not None else None,
-                         mesh=meshes.mesh if meshes is not None else None,
-                         dims=dims, cfg_group=cfg_group, guidance=guidance_for(cfg_group), drift=drift)
+    return ParallelModel(
+        dit,
+        text_encoder,
+        audio_encoder,
+        sp_group=meshes.sp if meshes is not None else None,
+        mesh=meshes.mesh if meshes is not None else None,
+        dims=dims,
+        cfg_group=cfg_group,
+        guidance=guidance_for(cfg_group),
+        drift=drift,
+    )
 
 
 def _build_dit(cfg: Any, ctx: Any, load_device: torch.device) -> tuple[nn.Module, WeightPlan]:
@@ -102,8 +114,9 @@ def _sequence_sharding(dit: nn.Module, meshes: ParallelMesh | None) -> None:
         dit.sequence_sharding = SequenceSharding(meshes.sp, meshes.ulysses, meshes.ring)
 
 
-def _split_dit(cfg: Any, ctx: Any, dims: ParallelDims, meshes: ParallelMesh | None,
-               before_wrap: BeforeWrap) -> nn.Module:
+def _split_dit(
+    cfg: Any, ctx: Any, dims: ParallelDims, meshes: ParallelMesh | None, before_wrap: BeforeWrap
+) -> nn.Module:
     """The DiT built, loaded and split: whole on every rank's device without FSDP; with FSDP
     sharded over all ranks or the "fsdp" axis, after upstream's full load into host memory
     (``load_full_on_every_rank``) or unit by unit with no rank holding the whole model."""
@@ -128,6 +141,7 @@ def _split_dit(cfg: Any, ctx: Any, dims: ParallelDims, meshes: ParallelMesh | No
 def _encoders(cfg: Any, ctx: Any) -> tuple[nn.Module | None, nn.Module | None]:
     """Text and audio encoders, each on the device or the CPU as the config places it.
     They come after the DiT is split (its phases first); their time adds to "load"."""
+
     def place(placement) -> torch.device:
         return ctx.device if placement == Placement.device else torch.device("cpu")
 
@@ -135,6 +149,9 @@ def _encoders(cfg: Any, ctx: Any) -> tuple[nn.Module | None, nn.Module | None]:
     with ctx.phase("load"):
         text = build_text_encoder(model, place(cfg.parallel.text_encoder_placement), dtype, model.seed)
         # wav2vec2 runs in fp32 whatever the DiT's dtype, as upstream S2V
-        audio = (build_audio_encoder(model, place(cfg.parallel.audio_encoder_placement), torch.float32, model.seed)
-                 if model.s2v else None)
+        audio = (
+            build_audio_encoder(model, place(cfg.parallel.audio_encoder_placement), torch.float32, model.seed)
+            if model.s2v
+            else None
+        )
     return text, audio

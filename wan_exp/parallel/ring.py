@@ -18,6 +18,7 @@ chunk are real; the rest are never attended to (a chunk with none is skipped).
 Under autograd (train_lora) the exchange is a differentiable function (its gradient goes
 round the ring the other way) and blocking; without autograd it is overlapped.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -29,8 +30,7 @@ from torch.distributed import ProcessGroup
 from wan_exp.models.attention import attention_with_lse
 
 
-def _exchange(send: torch.Tensor, group: ProcessGroup, to_rank: int,
-              from_rank: int) -> Callable[[], torch.Tensor]:
+def _exchange(send: torch.Tensor, group: ProcessGroup, to_rank: int, from_rank: int) -> Callable[[], torch.Tensor]:
     """Start sending ``send`` to group rank ``to_rank`` and receiving a tensor like it from
     ``from_rank``; returns the function that waits and gives the received tensor.
 
@@ -41,8 +41,10 @@ def _exchange(send: torch.Tensor, group: ProcessGroup, to_rank: int,
     if send.is_cuda and dist.get_backend(group) == "gloo":
         send = send.cpu()
     recv = torch.empty_like(send)
-    ops = [dist.P2POp(dist.isend, send, dist.get_global_rank(group, to_rank), group),
-           dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, from_rank), group)]
+    ops = [
+        dist.P2POp(dist.isend, send, dist.get_global_rank(group, to_rank), group),
+        dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, from_rank), group),
+    ]
     requests = dist.batch_isend_irecv(ops)
     in_flight = (send, recv)  # both buffers (a host copy of ``send`` among them) live until done
 
@@ -89,8 +91,9 @@ class _Pending:
         return self._received()
 
 
-def merge_partials(out: Optional[torch.Tensor], lse: Optional[torch.Tensor],
-                   part_out: torch.Tensor, part_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_partials(
+    out: Optional[torch.Tensor], lse: Optional[torch.Tensor], part_out: torch.Tensor, part_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a partial attention (out (B, N, H, d), lse (B, H, N)) into the running one (fp32)."""
     part_out = part_out.float()
     if out is None:
@@ -101,8 +104,9 @@ def merge_partials(out: Optional[torch.Tensor], lse: Optional[torch.Tensor],
     return out * weight_old + part_out * weight_new, new_lse
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup,
-                   valid_keys: Callable[[int], int]) -> torch.Tensor:
+def ring_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup, valid_keys: Callable[[int], int]
+) -> torch.Tensor:
     """q, k, v: this rank's chunk (B, L, H, d) -> attention of q over every rank's keys."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     kv = torch.stack([k, v]).contiguous()

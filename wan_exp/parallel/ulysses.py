@@ -20,6 +20,7 @@ The collectives are plain ``dist.all_to_all_single`` / ``dist.all_gather_single`
 (gloo supports both; gloo lacks the list form of all_to_all), wrapped in small autograd
 functions so that LoRA training can backpropagate through them.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -101,8 +102,9 @@ class SequenceSharding:
     the padding out.
     """
 
-    def __init__(self, sp_group: ProcessGroup, ulysses_group: ProcessGroup | None,
-                 ring_group: ProcessGroup | None) -> None:
+    def __init__(
+        self, sp_group: ProcessGroup, ulysses_group: ProcessGroup | None, ring_group: ProcessGroup | None
+    ) -> None:
         self.group = sp_group
         self.ulysses_group, self.ring_group = ulysses_group, ring_group
         self.ulysses = dist.get_world_size(ulysses_group) if ulysses_group is not None else 1

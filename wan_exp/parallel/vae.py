@@ -15,6 +15,7 @@ Tiles and strips equal the whole-frame decode up to float rounding (models/vae.p
 attention runs on the whole frame, the local part per tile with a halo covering its
 receptive field); tests/test_pipeline.py measures it.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -62,8 +63,9 @@ def decode_clip(vae: WanVAE, latents: torch.Tensor, mode: str, rank: int, world_
     raise ValueError(f"parallel.vae={mode!r} is not one of {VAE_MODES}")
 
 
-def encode_motion(vae: WanVAE, pixels: Optional[torch.Tensor], mode: str, rank: int,
-                  world_size: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+def encode_motion(
+    vae: WanVAE, pixels: Optional[torch.Tensor], mode: str, rank: int, world_size: int, latent_shape: tuple[int, ...]
+) -> torch.Tensor:
     """The motion latents (``latent_shape``) of the motion buffer's pixel frames on every rank:
     encoded where the pixels are; under ``rank0`` broadcast from rank 0."""
     if pixels is not None:

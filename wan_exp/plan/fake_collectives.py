@@ -26,6 +26,7 @@ chunk (its own generator, seeded, so the job's random stream is untouched): data
 statistics, not the same block again. This rank's chunk keeps its own input. One RNG fill per
 call, in the rank's compute time.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -37,8 +38,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from wan_exp.metrics.comm import group_of
 
 GATHER_FILL_SEED = 20261205  # the other ranks' chunks of an all-gather are drawn from this seed
-ALL_GATHERS = ("_allgather_base_", "allgather_", "allgather_into_tensor_coalesced_", "all_gather_into_tensor",
-               "all_gather_into_tensor_out", "all_gather_into_tensor_coalesced")
+ALL_GATHERS = (
+    "_allgather_base_",
+    "allgather_",
+    "allgather_into_tensor_coalesced_",
+    "all_gather_into_tensor",
+    "all_gather_into_tensor_out",
+    "all_gather_into_tensor_coalesced",
+)
 
 
 def fill_from(target: torch.Tensor, source: torch.Tensor) -> None:
@@ -93,13 +100,16 @@ class RealisticFakeCollectives(TorchDispatchMode):
         chunk = source.numel()
         if n <= 1 or chunk == 0 or output.numel() != n * chunk:
             return
-        flat = output.view(-1) if output.is_contiguous() else torch.empty(output.numel(), dtype=output.dtype,
-                                                                          device=output.device)
+        flat = (
+            output.view(-1)
+            if output.is_contiguous()
+            else torch.empty(output.numel(), dtype=output.dtype, device=output.device)
+        )
         generator = self._generator(flat.device)
         for index in range(n):
             if index != rank:
-                fill_like(flat[index * chunk:(index + 1) * chunk], source, generator)
-        fill_from(flat[rank * chunk:(rank + 1) * chunk], source)
+                fill_like(flat[index * chunk : (index + 1) * chunk], source, generator)
+        fill_from(flat[rank * chunk : (rank + 1) * chunk], source)
         if not output.is_contiguous():  # a strided output: filled through a copy
             output.copy_(flat.view(output.shape))
 

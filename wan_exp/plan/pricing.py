@@ -21,11 +21,11 @@ sum. A prediction is a range (docs/rehearsal.md, "Overlap"):
 
 and says which of the two the strategy's code does (``overlap_of``). No torch import.
 """
+
 from __future__ import annotations
 
 import bisect
 import re
-import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +37,24 @@ from wan_exp.metrics.messages import parse_message_key
 GB = 1e9  # link figures are decimal GB/s, as nccl-tests prints them
 # the curve kinds; the counter's kinds map onto them (CURVE_OF)
 CURVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
-CURVE_OF = {"all_reduce": "all_reduce", "all_gather": "all_gather", "reduce_scatter": "reduce_scatter",
-            "all_to_all": "all_to_all", "send": "send_recv", "recv": "send_recv",
-            # rooted collectives: priced as an all-gather's bus bandwidth (bus factor 1, metrics/comm.py)
-            "broadcast": "all_gather", "reduce": "all_gather", "gather": "all_gather", "scatter": "all_gather"}
+CURVE_OF = {
+    "all_reduce": "all_reduce",
+    "all_gather": "all_gather",
+    "reduce_scatter": "reduce_scatter",
+    "all_to_all": "all_to_all",
+    "send": "send_recv",
+    "recv": "send_recv",
+    # rooted collectives: priced as an all-gather's bus bandwidth (bus factor 1, metrics/comm.py)
+    "broadcast": "all_gather",
+    "reduce": "all_gather",
+    "gather": "all_gather",
+    "scatter": "all_gather",
+}
 P2P = ("send", "recv")
-ASSUMPTION = ("comm priced at {link}: per call latency + bus bytes / bus bandwidth of its kind at its size; "
-              "sends and receives of a step overlap each other (full duplex)")
+ASSUMPTION = (
+    "comm priced at {link}: per call latency + bus bytes / bus bandwidth of its kind at its size; "
+    "sends and receives of a step overlap each other (full duplex)"
+)
 
 
 @dataclass(frozen=True)
@@ -151,48 +162,89 @@ _NCCL_TESTS_214 = "https://github.com/NVIDIA/nccl-tests/issues/214"
 
 def _sourced(name: str, figures: dict[str, tuple[float, str, float, str]], notes: tuple[str, ...]) -> Link:
     """figures: kind -> (bus GB/s, its source, latency s, its source)."""
-    curves = {kind: SourcedCurve(gbps, latency, f"bandwidth: {bw_src}; latency: {lat_src}")
-              for kind, (gbps, bw_src, latency, lat_src) in figures.items()}
+    curves = {
+        kind: SourcedCurve(gbps, latency, f"bandwidth: {bw_src}; latency: {lat_src}")
+        for kind, (gbps, bw_src, latency, lat_src) in figures.items()
+    }
     return Link(name, curves, f"nccl-tests figures, docs/rehearsal.md (Link curves), {name}", notes)
 
 
 _NO_SOURCE = "no published figure found (estimate)"
 LINKS: dict[str, Link] = {
-    "nvlink4": _sourced("nvlink4", {
-        "all_reduce": (480.0, _NCCL_TESTS_212, 6e-6, _NCCL_1259),
-        "all_gather": (370.0, _NCCL_TESTS_212, 6e-6, f"{_NO_SOURCE}: all-reduce's"),
-        "reduce_scatter": (370.0, _NCCL_TESTS_212, 6e-6, f"{_NO_SOURCE}: all-reduce's"),
-        "all_to_all": (335.0, _NCCL_2169, 6e-6, f"{_NO_SOURCE}: all-reduce's"),
-        "send_recv": (180.0, _NCCL_TESTS_268, 6e-6, f"{_NO_SOURCE}: all-reduce's"),
-    }, ("latency of every kind: all-reduce's 6 us (2 GPUs, CUDA graphs); eager launches add host time",)),
-    "nvlink3": _sourced("nvlink3", {
-        "all_reduce": (240.0, _ALAYA, 6e-6, f"{_NO_SOURCE}: NVLink 4's"),
-        "all_gather": (185.0, f"{_NO_SOURCE}: all-reduce x 370/480 as on NVLink 4", 6e-6, _NO_SOURCE),
-        "reduce_scatter": (185.0, f"{_NO_SOURCE}: all-reduce x 370/480 as on NVLink 4", 6e-6, _NO_SOURCE),
-        "all_to_all": (185.0, f"{_NO_SOURCE}: all-reduce x 370/480 as on NVLink 4", 6e-6, _NO_SOURCE),
-        "send_recv": (185.0, f"{_NO_SOURCE}: all-reduce x 370/480 as on NVLink 4", 6e-6, _NO_SOURCE),
-    }, ("only the all-reduce bandwidth has a source; the rest are estimates",)),
-    "pcie5": _sourced("pcie5", {
-        kind: (40.0, _ALAYA if kind == "all_reduce" else f"{_NO_SOURCE}: all-reduce's", 42e-6,
-               f"{_NO_SOURCE}: PCIe 4's") for kind in CURVES
-    }, ("only the all-reduce bandwidth has a source; the rest are estimates",)),
-    "pcie4": _sourced("pcie4", {
-        kind: (20.0, f"{_NO_SOURCE}: half of PCIe 5 (x16 gives 32 against 64 GB/s per direction)", 42e-6,
-               _NCCL_1530 if kind == "all_reduce" else f"{_NO_SOURCE}: all-reduce's") for kind in CURVES
-    }, ("no bandwidth figure has a source; the all-reduce latency has",)),
-    "ib400": _sourced("ib400", {
-        kind: (48.0, _NCCL_TESTS_267, 32e-6, _NCCL_TESTS_214 if kind == "send_recv" else
-               f"{_NO_SOURCE}: send/recv's") for kind in CURVES
-    }, ("one NDR NIC per GPU; the latency is a two-node send/recv of unstated network",)),
+    "nvlink4": _sourced(
+        "nvlink4",
+        {
+            "all_reduce": (480.0, _NCCL_TESTS_212, 6e-6, _NCCL_1259),
+            "all_gather": (370.0, _NCCL_TESTS_212, 6e-6, f"{_NO_SOURCE}: all-reduce's"),
+            "reduce_scatter": (370.0, _NCCL_TESTS_212, 6e-6, f"{_NO_SOURCE}: all-reduce's"),
+            "all_to_all": (335.0, _NCCL_2169, 6e-6, f"{_NO_SOURCE}: all-reduce's"),
+            "send_recv": (180.0, _NCCL_TESTS_268, 6e-6, f"{_NO_SOURCE}: all-reduce's"),
+        },
+        ("latency of every kind: all-reduce's 6 us (2 GPUs, CUDA graphs); eager launches add host time",),
+    ),
+    "nvlink3": _sourced(
+        "nvlink3",
+        {
+            "all_reduce": (240.0, _ALAYA, 6e-6, f"{_NO_SOURCE}: NVLink 4's"),
+            "all_gather": (185.0, f"{_NO_SOURCE}: all-reduce x 370/480 as on NVLink 4", 6e-6, _NO_SOURCE),
+            "reduce_scatter": (185.0, f"{_NO_SOURCE}: all-reduce x 370/480 as on NVLink 4", 6e-6, _NO_SOURCE),
+            "all_to_all": (185.0, f"{_NO_SOURCE}: all-reduce x 370/480 as on NVLink 4", 6e-6, _NO_SOURCE),
+            "send_recv": (185.0, f"{_NO_SOURCE}: all-reduce x 370/480 as on NVLink 4", 6e-6, _NO_SOURCE),
+        },
+        ("only the all-reduce bandwidth has a source; the rest are estimates",),
+    ),
+    "pcie5": _sourced(
+        "pcie5",
+        {
+            kind: (
+                40.0,
+                _ALAYA if kind == "all_reduce" else f"{_NO_SOURCE}: all-reduce's",
+                42e-6,
+                f"{_NO_SOURCE}: PCIe 4's",
+            )
+            for kind in CURVES
+        },
+        ("only the all-reduce bandwidth has a source; the rest are estimates",),
+    ),
+    "pcie4": _sourced(
+        "pcie4",
+        {
+            kind: (
+                20.0,
+                f"{_NO_SOURCE}: half of PCIe 5 (x16 gives 32 against 64 GB/s per direction)",
+                42e-6,
+                _NCCL_1530 if kind == "all_reduce" else f"{_NO_SOURCE}: all-reduce's",
+            )
+            for kind in CURVES
+        },
+        ("no bandwidth figure has a source; the all-reduce latency has",),
+    ),
+    "ib400": _sourced(
+        "ib400",
+        {
+            kind: (
+                48.0,
+                _NCCL_TESTS_267,
+                32e-6,
+                _NCCL_TESTS_214 if kind == "send_recv" else f"{_NO_SOURCE}: send/recv's",
+            )
+            for kind in CURVES
+        },
+        ("one NDR NIC per GPU; the latency is a two-node send/recv of unstated network",),
+    ),
 }
 CUSTOM_LATENCY_S = 6e-6  # launcher.link=<GB/s>: NVLink 4's sourced all-reduce latency
 
 
 # ----------------------------------------------------------------------------- measured curves
 # nccl-tests' binary names -> curve kind (the "Collective test starting: <name>" line)
-NCCL_TESTS_NAMES = {"all_reduce_perf": "all_reduce", "all_gather_perf": "all_gather",
-                    "reduce_scatter_perf": "reduce_scatter", "alltoall_perf": "all_to_all",
-                    "sendrecv_perf": "send_recv"}
+NCCL_TESTS_NAMES = {
+    "all_reduce_perf": "all_reduce",
+    "all_gather_perf": "all_gather",
+    "reduce_scatter_perf": "reduce_scatter",
+    "alltoall_perf": "all_to_all",
+    "sendrecv_perf": "send_recv",
+}
 _STARTING = re.compile(r"Collective test starting:\s*(\w+)")
 
 
@@ -223,11 +275,15 @@ def read_curve_file(path: Path) -> dict[str, MeasuredCurve]:
         if line.startswith("#") or not words or not words[0].isdigit():
             continue
         if columns is None:
-            raise CurveFileError(f"{path}:{number}: a data row before the header line "
-                                 "('#  size  count  type  redop  root  time  algbw  busbw ...')")
+            raise CurveFileError(
+                f"{path}:{number}: a data row before the header line "
+                "('#  size  count  type  redop  root  time  algbw  busbw ...')"
+            )
         if kind is None:
-            raise CurveFileError(f"{path}: which collective is it? Name the file after the nccl-tests binary "
-                                 f"(e.g. all_gather_perf.txt) or keep its '# Collective test starting:' line")
+            raise CurveFileError(
+                f"{path}: which collective is it? Name the file after the nccl-tests binary "
+                f"(e.g. all_gather_perf.txt) or keep its '# Collective test starting:' line"
+            )
         try:
             size = int(words[columns["size"]])
             time_us = float(words[columns["time"]])
@@ -240,8 +296,9 @@ def read_curve_file(path: Path) -> dict[str, MeasuredCurve]:
     curves = {}
     for kind, found in rows.items():
         found = sorted({size: (size, t, b) for size, t, b in found}.values())  # one row per size
-        curves[kind] = MeasuredCurve(tuple(r[0] for r in found), tuple(r[1] for r in found),
-                                     tuple(r[2] for r in found), f"measured: {path}")
+        curves[kind] = MeasuredCurve(
+            tuple(r[0] for r in found), tuple(r[1] for r in found), tuple(r[2] for r in found), f"measured: {path}"
+        )
     return curves
 
 
@@ -251,10 +308,22 @@ def measured_link(path: Path) -> Link:
     curves = read_curve_file(path)
     stand_in = curves.get("all_reduce") or next(iter(curves.values()))
     missing = [kind for kind in CURVES if kind not in curves]
-    notes = ((f"not in the file: {', '.join(missing)}; priced with the "
-              f"{'all_reduce' if 'all_reduce' in curves else next(iter(curves))} curve"),) if missing else ()
-    return Link(f"measured {path.name}", {kind: curves.get(kind, stand_in) for kind in CURVES},
-                f"measured: {path} ({', '.join(curves)})", notes)
+    notes = (
+        (
+            (
+                f"not in the file: {', '.join(missing)}; priced with the "
+                f"{'all_reduce' if 'all_reduce' in curves else next(iter(curves))} curve"
+            ),
+        )
+        if missing
+        else ()
+    )
+    return Link(
+        f"measured {path.name}",
+        {kind: curves.get(kind, stand_in) for kind in CURVES},
+        f"measured: {path} ({', '.join(curves)})",
+        notes,
+    )
 
 
 def parse_link(text: str) -> Link:
@@ -268,18 +337,23 @@ def parse_link(text: str) -> Link:
     except ValueError:
         gbps = 0.0
     if gbps > 0:
-        return Link.uniform(f"{gbps:g} GB/s", gbps, CUSTOM_LATENCY_S,
-                            f"given: {gbps:g} GB/s bus bandwidth for every collective, "
-                            f"{CUSTOM_LATENCY_S * 1e6:g} us per call")
+        return Link.uniform(
+            f"{gbps:g} GB/s",
+            gbps,
+            CUSTOM_LATENCY_S,
+            f"given: {gbps:g} GB/s bus bandwidth for every collective, {CUSTOM_LATENCY_S * 1e6:g} us per call",
+        )
     path = Path(key).expanduser()
     if key and path.is_file():
         try:
             return measured_link(path)
         except CurveFileError as err:
             raise ConfigError(f"launcher.link={text!r}: {err}") from err
-    raise ConfigError(f"launcher.link={text!r} is not a link; use one of {', '.join(LINKS)}, a bus bandwidth "
-                      "in GB/s (e.g. launcher.link=100), or a file of nccl-tests output "
-                      "(e.g. from python -m wan_exp.linkbench)")
+    raise ConfigError(
+        f"launcher.link={text!r} is not a link; use one of {', '.join(LINKS)}, a bus bandwidth "
+        "in GB/s (e.g. launcher.link=100), or a file of nccl-tests output "
+        "(e.g. from python -m wan_exp.linkbench)"
+    )
 
 
 # ----------------------------------------------------------------------------- a step's time
@@ -316,14 +390,20 @@ def overlap_of(config: Mapping[str, Any]) -> Overlap:
         reasons.append("ring attention sends the next K/V chunk while it computes on the current one")
     if (parallel.get("fsdp") or {}).get("enabled"):
         kinds.append("all_gather")
-        reasons.append("FSDP all-gathers the next unit on its own stream while the current one computes"
-                       + (" (CFG's per-step all-gather is counted with them)"
-                          if int(parallel.get("cfg_degree", 1) or 1) > 1 else ""))
+        reasons.append(
+            "FSDP all-gathers the next unit on its own stream while the current one computes"
+            + (
+                " (CFG's per-step all-gather is counted with them)"
+                if int(parallel.get("cfg_degree", 1) or 1) > 1
+                else ""
+            )
+        )
     return Overlap(tuple(kinds), "; ".join(reasons)) if kinds else SERIAL
 
 
-def comm_times_s(per_step: Mapping[str, Any] | None, link: Link,
-                 overlapped: tuple[str, ...] = ()) -> tuple[float, float] | None:
+def comm_times_s(
+    per_step: Mapping[str, Any] | None, link: Link, overlapped: tuple[str, ...] = ()
+) -> tuple[float, float] | None:
     """(time of the calls the code overlaps, time of the rest) of one step on ``link``;
     ``per_step`` is a rank record's ``comm.per_step``. Sends and receives count once, the
     larger of the two. None when the record measured no step."""
@@ -361,15 +441,26 @@ def predict_step(record: Mapping[str, Any], link: Link, overlap: Overlap = SERIA
     compute = record.get("step_time_s_median")  # the rank's own (metrics.summary.rank_figures)
     parts = comm_times_s((record.get("comm") or {}).get("per_step"), link, overlap.kinds)
     prediction: dict[str, Any] = {
-        "compute_s": compute, "compute_min_s": min(steps) if steps else None,
-        "compute_max_s": max(steps) if steps else None, "measured_steps": len(steps),
-        "comm_s": sum(parts) if parts else None, "comm_overlapped_s": parts[0] if parts else None,
-        "step_serial_s": None, "step_overlapped_s": None, "step_s": None,
-        "overlap": overlap.mode, "overlap_reason": overlap.reason, "overlapped_kinds": list(overlap.kinds),
-        "link": link.name, "link_source": link.source, "link_notes": list(link.notes),
-        "assumption": ASSUMPTION.format(link=link.name)}
+        "compute_s": compute,
+        "compute_min_s": min(steps) if steps else None,
+        "compute_max_s": max(steps) if steps else None,
+        "measured_steps": len(steps),
+        "comm_s": sum(parts) if parts else None,
+        "comm_overlapped_s": parts[0] if parts else None,
+        "step_serial_s": None,
+        "step_overlapped_s": None,
+        "step_s": None,
+        "overlap": overlap.mode,
+        "overlap_reason": overlap.reason,
+        "overlapped_kinds": list(overlap.kinds),
+        "link": link.name,
+        "link_source": link.source,
+        "link_notes": list(link.notes),
+        "assumption": ASSUMPTION.format(link=link.name),
+    }
     if compute is not None and parts is not None:
         serial, overlapped = step_range(compute, *parts)
-        prediction.update(step_serial_s=serial, step_overlapped_s=overlapped,
-                          step_s=overlapped if overlap.kinds else serial)
+        prediction.update(
+            step_serial_s=serial, step_overlapped_s=overlapped, step_s=overlapped if overlap.kinds else serial
+        )
     return prediction

@@ -26,6 +26,7 @@ given; the clip time is predicted for ``clip_steps`` sampling steps (default 40,
 The same command with the same ``out`` again keeps the jobs that finished with the same code
 (``code_version``: a hash of the package's source and configs); a job of older code runs again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,7 @@ from wan_exp.config import CONF_DIR, ConfigError, compose_config, parse_size, st
 from wan_exp.devices import visible_gpu_count
 from wan_exp.host.callbacks import lock_holder, override_differences
 from wan_exp.host.job import SWEEP_STATE_DIR
-from wan_exp.plan.pricing import ASSUMPTION, GB, Link, comm_times_s, overlap_of, parse_link, step_range
+from wan_exp.plan.pricing import ASSUMPTION, GB, Link, comm_times_s, parse_link, step_range
 from wan_exp.preflight import check_job
 from wan_exp.results import (
     COMPLETED,
@@ -63,13 +64,11 @@ PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured
 # sampling steps of the clip the plan predicts: upstream S2V's default (its jobs run 4 of them)
 DEFAULT_CLIP_STEPS = 40
 # 4 steps, the first a warm-up: 3 measured steps give a median and a spread
-SHORT_JOB = {"workload.sample_steps": "4", "workload.warmup_steps": "1", "workload.clips": "1",
-             "logger": "disabled"}
+SHORT_JOB = {"workload.sample_steps": "4", "workload.warmup_steps": "1", "workload.clips": "1", "logger": "disabled"}
 CODE_VERSION_FILE = "plan_code_version"  # in a job's sweep dir: the code_version that ran it
 INIT_STAGE = "init (build/load/wrap)"
 JOB_STOP_TIMEOUT_S = 120  # a stopped plan waits this long for its job to end its ranks
-MEASURED_NOTE = ("measured on {device} by the simulated rank: peak memory per stage, compute time, "
-                 "collectives issued")
+MEASURED_NOTE = "measured on {device} by the simulated rank: peak memory per stage, compute time, collectives issued"
 
 
 def presets() -> list[str]:
@@ -102,8 +101,10 @@ def _numbers(key: str, text: str, kind: type) -> list:
 
 def _clip_steps(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise ConfigError(f"clip_steps={text!r}: give the sampling steps of one clip, a positive whole number "
-                          f"(default {DEFAULT_CLIP_STEPS}, as upstream S2V samples)")
+        raise ConfigError(
+            f"clip_steps={text!r}: give the sampling steps of one clip, a positive whole number "
+            f"(default {DEFAULT_CLIP_STEPS}, as upstream S2V samples)"
+        )
     return int(text)
 
 
@@ -113,8 +114,10 @@ def _fraction(text: str) -> float:
     except ValueError:
         value = -1.0
     if not 0 <= value < 1:
-        raise ConfigError(f"fragmentation={text!r}: give the share of the peak kept free for fragmentation, "
-                          "from 0 up to (not including) 1, e.g. fragmentation=0.05")
+        raise ConfigError(
+            f"fragmentation={text!r}: give the share of the peak kept free for fragmentation, "
+            "from 0 up to (not including) 1, e.g. fragmentation=0.05"
+        )
     return value
 
 
@@ -143,19 +146,26 @@ def parse_args(argv: Sequence[str]) -> PlanArgs:
     overrides = [f"{k}={v}" for k, v in SHORT_JOB.items() if k not in given] + overrides
     if "workload" not in given:
         overrides.insert(0, "workload=generate")
-    return PlanArgs(gpus=_numbers("gpus", options.get("gpus", "1,2,4,8"), int),
-                    gpu_memory_gib=_numbers("gpu_memory_gib", options.get("gpu_memory_gib", "24,48,80,141"), float),
-                    strategies=strategies, link=link,
-                    out=Path(options.get("out") or f"outputs/plan/{time.strftime('%Y-%m-%d/%H-%M-%S')}").resolve(),
-                    measured=Path(options["measured"]) if options.get("measured") else None,
-                    overrides=overrides,
-                    clip_steps=_clip_steps(options.get("clip_steps", str(DEFAULT_CLIP_STEPS))),
-                    fragmentation=_fraction(options.get("fragmentation", "0.05")))
+    return PlanArgs(
+        gpus=_numbers("gpus", options.get("gpus", "1,2,4,8"), int),
+        gpu_memory_gib=_numbers("gpu_memory_gib", options.get("gpu_memory_gib", "24,48,80,141"), float),
+        strategies=strategies,
+        link=link,
+        out=Path(options.get("out") or f"outputs/plan/{time.strftime('%Y-%m-%d/%H-%M-%S')}").resolve(),
+        measured=Path(options["measured"]) if options.get("measured") else None,
+        overrides=overrides,
+        clip_steps=_clip_steps(options.get("clip_steps", str(DEFAULT_CLIP_STEPS))),
+        fragmentation=_fraction(options.get("fragmentation", "0.05")),
+    )
 
 
 def job_overrides(args: PlanArgs, strategy: str, gpus: int) -> list[str]:
-    return [*args.overrides, f"parallel={strategy}", f"launcher.simulate_world_size={gpus}",
-            f"launcher.link={args.link}"]
+    return [
+        *args.overrides,
+        f"parallel={strategy}",
+        f"launcher.simulate_world_size={gpus}",
+        f"launcher.link={args.link}",
+    ]
 
 
 def check_candidate(overrides: list[str], gpus_here: int) -> Optional[str]:
@@ -184,19 +194,25 @@ def code_version(root: Path = REPO) -> str:
 def stale_code(sweep_dir: Path, version: str) -> Optional[str]:
     """Why the job in ``sweep_dir`` cannot be kept for code ``version`` (ran other code, or its
     version is unknown), or None when it ran this code."""
-    recorded = (sweep_dir / CODE_VERSION_FILE).read_text().strip() if (sweep_dir / CODE_VERSION_FILE).is_file() else None
+    recorded = (
+        (sweep_dir / CODE_VERSION_FILE).read_text().strip() if (sweep_dir / CODE_VERSION_FILE).is_file() else None
+    )
     if recorded == version:
         return None
-    return (f"ran code version {recorded}, now {version}" if recorded else
-            f"its code version is not recorded (now {version})") + "; it runs again"
+    return (
+        f"ran code version {recorded}, now {version}"
+        if recorded
+        else f"its code version is not recorded (now {version})"
+    ) + "; it runs again"
 
 
 # results kept when the same plan runs again; any other status (failed, hang, interrupted) runs again
 KEPT_STATUSES = (COMPLETED, OOM)
 
 
-def earlier_results(overrides: list[str], sweep_dir: Path,
-                    version: Optional[str] = None) -> tuple[Optional[dict], bool]:
+def earlier_results(
+    overrides: list[str], sweep_dir: Path, version: Optional[str] = None
+) -> tuple[Optional[dict], bool]:
     """What an earlier run of the same plan (same ``out``) left for this job: ``(results to
     keep or None, whether its directory must be cleared before the job runs)``. Kept: a
     completed or OOM job of these overrides (and, given ``version``, of that code version).
@@ -210,16 +226,20 @@ def earlier_results(overrides: list[str], sweep_dir: Path,
     for lock in sorted((sweep_dir / SWEEP_STATE_DIR).glob("lock.*")):
         holder = lock_holder(lock)
         if holder is not None:
-            raise ConfigError(f"{sweep_dir}: its job is still running (process {holder.get('pid')} on "
-                              f"{holder.get('host')}); wait for it or stop it, or give the plan another out=")
+            raise ConfigError(
+                f"{sweep_dir}: its job is still running (process {holder.get('pid')} on "
+                f"{holder.get('host')}); wait for it or stop it, or give the plan another out="
+            )
     results = read_results(job)
     results = results if isinstance(results, dict) else None
     job_record = read_json(job / JOB_FILE)
     recorded = (results or (job_record if isinstance(job_record, dict) else None) or {}).get("overrides")
     if recorded is not None and sorted(recorded) != sorted(overrides):
-        raise ConfigError(f"{sweep_dir}: holds a job of other settings ("
-                          + "; ".join(override_differences(recorded, overrides))
-                          + "); give the plan another out= (or remove that directory)")
+        raise ConfigError(
+            f"{sweep_dir}: holds a job of other settings ("
+            + "; ".join(override_differences(recorded, overrides))
+            + "); give the plan another out= (or remove that directory)"
+        )
     if results is not None and results.get("status") in KEPT_STATUSES:
         if version is not None and stale_code(sweep_dir, version) is not None:
             return None, True
@@ -264,9 +284,14 @@ def run_simulated_job(overrides: list[str], sweep_dir: Path) -> tuple[Optional[d
     interrupted (never left running on the GPU after the plan is gone)."""
     _stop.starting = True
     try:
-        job = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.sweep.dir={sweep_dir}"],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+        job = subprocess.Popen(
+            [sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.sweep.dir={sweep_dir}"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     except BaseException:
         _stop.starting = False
         raise
@@ -370,8 +395,9 @@ class FitBudget:
         return self.peak_gib + self.context_gib + self.nccl_gib + self.margin_gib
 
 
-def fit_budget(peak_gib: float, on_gpu: bool, nccl_env: dict, gpus: int, peer_to_peer: bool,
-               fragmentation: float) -> FitBudget:
+def fit_budget(
+    peak_gib: float, on_gpu: bool, nccl_env: dict, gpus: int, peer_to_peer: bool, fragmentation: float
+) -> FitBudget:
     """The fits verdict's figures. On a GPU (the allocator's reserved peak): + the CUDA context,
     + NCCL's buffers, + ``fragmentation`` x the peak. On the CPU (host RSS, gloo) the process's
     RSS already holds its runtime and buffers: only the margin is added."""
@@ -413,11 +439,19 @@ class PlanRow:
     comm_per_step: Optional[dict] = None  # the simulated rank's collectives per step (comm.per_step)
 
 
-def row_from_results(strategy: str, gpus: int, results: Optional[dict], sizes: list[float],
-                     clip_steps: int = DEFAULT_CLIP_STEPS, output_tail: str = "",
-                     fragmentation: float = 0.05) -> PlanRow:
+def row_from_results(
+    strategy: str,
+    gpus: int,
+    results: Optional[dict],
+    sizes: list[float],
+    clip_steps: int = DEFAULT_CLIP_STEPS,
+    output_tail: str = "",
+    fragmentation: float = 0.05,
+) -> PlanRow:
     if results is None:
-        return PlanRow(strategy, gpus, "not run", "the job wrote no results.json" + (f": {output_tail}" if output_tail else ""))
+        return PlanRow(
+            strategy, gpus, "not run", "the job wrote no results.json" + (f": {output_tail}" if output_tail else "")
+        )
     row = PlanRow(strategy, gpus, results["status"], job_dir=results["job_dir"])
     if results["status"] != "completed":
         row.note = " ".join(str((results.get("root_cause") or {}).get("message", "")).split())[:200]
@@ -430,14 +464,24 @@ def row_from_results(strategy: str, gpus: int, results: Optional[dict], sizes: l
     if row.peak_gib is not None:
         nccl_env = dict(((results.get("config") or {}).get("nccl") or {}).get("env") or {})
         peer_to_peer = any(kind in (row.comm_per_step or {}) for kind in ("all_to_all", "send", "recv"))
-        budget = fit_budget(row.peak_gib, row.memory_basis == "peak_reserved_gib", nccl_env, gpus, peer_to_peer,
-                            fragmentation)
+        budget = fit_budget(
+            row.peak_gib, row.memory_basis == "peak_reserved_gib", nccl_env, gpus, peer_to_peer, fragmentation
+        )
         row.context_gib, row.nccl_gib, row.margin_gib = budget.context_gib, budget.nccl_gib, budget.margin_gib
         row.need_gib = budget.need_gib
         row.fits = {f"{size:g}": budget.need_gib <= size and results["status"] == "completed" for size in sizes}
     prediction = results.get("prediction") or {}
-    for key in ("compute_s", "compute_min_s", "compute_max_s", "comm_s", "comm_overlapped_s", "step_serial_s",
-                "step_overlapped_s", "overlap", "step_s"):
+    for key in (
+        "compute_s",
+        "compute_min_s",
+        "compute_max_s",
+        "comm_s",
+        "comm_overlapped_s",
+        "step_serial_s",
+        "step_overlapped_s",
+        "overlap",
+        "step_s",
+    ):
         setattr(row, key, prediction.get(key))
     row.measured_steps = prediction.get("measured_steps") or len(record.get("step_times_s") or [])
     row.clip_s = clip_seconds(results, row.step_s, clip_steps)
@@ -458,8 +502,14 @@ def add_measured(rows: list[PlanRow], sweep_dir: Path, model: str, size: str) ->
     found = 0
     for path in sorted(sweep_dir.rglob(RESULTS_FILE)):
         real = read_json(path)
-        if (not real or real.get("status") != "completed" or real.get("simulated") or real.get("shared_gpus")
-                or real.get("model") != model or real["config"]["workload"]["size"] != size):
+        if (
+            not real
+            or real.get("status") != "completed"
+            or real.get("simulated")
+            or real.get("shared_gpus")
+            or real.get("model") != model
+            or real["config"]["workload"]["size"] != size
+        ):
             continue
         for row in rows:
             if row.strategy == real.get("strategy") and row.gpus == real.get("world_size"):
@@ -480,14 +530,21 @@ def fit_link(rows: list[PlanRow], latency_s: float, source: str) -> Optional[Lin
     # seconds), with sends and receives counted once as on any link (full duplex)
     latencies = Link.uniform("latency only", float("inf"), latency_s, "")
     bus_bytes_as_seconds = Link.uniform("1 B/s", 1 / GB, 0.0, "")
-    pairs = [(r.measured_step_s - r.compute_s - sum(comm_times_s(r.comm_per_step, latencies)),
-              sum(comm_times_s(r.comm_per_step, bus_bytes_as_seconds)))
-             for r in rows if r.measured_step_s is not None and r.compute_s is not None and r.comm_per_step]
+    pairs = [
+        (
+            r.measured_step_s - r.compute_s - sum(comm_times_s(r.comm_per_step, latencies)),
+            sum(comm_times_s(r.comm_per_step, bus_bytes_as_seconds)),
+        )
+        for r in rows
+        if r.measured_step_s is not None and r.compute_s is not None and r.comm_per_step
+    ]
     seconds, bus_bytes = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
     if not pairs or bus_bytes <= 0 or seconds <= 0:
         return None
     gbps = bus_bytes / seconds / GB
-    return Link.uniform(f"fitted {gbps:.1f} GB/s", gbps, latency_s, f"fitted to {len(pairs)} measured run(s) in {source}")
+    return Link.uniform(
+        f"fitted {gbps:.1f} GB/s", gbps, latency_s, f"fitted to {len(pairs)} measured run(s) in {source}"
+    )
 
 
 def add_fitted(rows: list[PlanRow], link: Link) -> None:
@@ -503,23 +560,57 @@ def _f(value: Optional[float], fmt: str = ".2f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def table(rows: list[PlanRow], sizes: list[float], with_measured: bool,
-          clip_steps: int = DEFAULT_CLIP_STEPS) -> tuple[list[str], list[list[str]]]:
-    header = (["strategy", "GPUs", "status", "peak GiB/rank", "peaks in", "+ CUDA ctx", "+ NCCL", "+ margin",
-               "need GiB"] + [f"{s:g} GiB" for s in sizes]
-              + ["compute s/step (min-max, n)", "comm s/step", "step s serial", "step s overlapped", "code does",
-                 "step s", f"clip s ({clip_steps} steps)", "efficiency"])
+def table(
+    rows: list[PlanRow], sizes: list[float], with_measured: bool, clip_steps: int = DEFAULT_CLIP_STEPS
+) -> tuple[list[str], list[list[str]]]:
+    header = (
+        ["strategy", "GPUs", "status", "peak GiB/rank", "peaks in", "+ CUDA ctx", "+ NCCL", "+ margin", "need GiB"]
+        + [f"{s:g} GiB" for s in sizes]
+        + [
+            "compute s/step (min-max, n)",
+            "comm s/step",
+            "step s serial",
+            "step s overlapped",
+            "code does",
+            "step s",
+            f"clip s ({clip_steps} steps)",
+            "efficiency",
+        ]
+    )
     if with_measured:
         header += ["measured step s", "measured peak GiB", "step s at fitted link"]
     body = []
     for r in rows:
         fits = [("fits" if r.fits[f"{s:g}"] else "OOM") if r.fits else "-" for s in sizes]
-        spread = (f"{r.compute_s:.3f} ({r.compute_min_s:.3f}-{r.compute_max_s:.3f}, {r.measured_steps})"
-                  if r.compute_s is not None and r.compute_min_s is not None else _f(r.compute_s, ".3f"))
-        cells = ([r.strategy, str(r.gpus), r.status, _f(r.peak_gib), r.peak_stage or "-", _f(r.context_gib),
-                  _f(r.nccl_gib), _f(r.margin_gib), _f(r.need_gib)] + fits
-                 + [spread, _f(r.comm_s, ".4f"), _f(r.step_serial_s, ".3f"), _f(r.step_overlapped_s, ".3f"),
-                    r.overlap or "-", _f(r.step_s, ".3f"), _f(r.clip_s, ".1f"), _f(r.efficiency, ".0%")])
+        spread = (
+            f"{r.compute_s:.3f} ({r.compute_min_s:.3f}-{r.compute_max_s:.3f}, {r.measured_steps})"
+            if r.compute_s is not None and r.compute_min_s is not None
+            else _f(r.compute_s, ".3f")
+        )
+        cells = (
+            [
+                r.strategy,
+                str(r.gpus),
+                r.status,
+                _f(r.peak_gib),
+                r.peak_stage or "-",
+                _f(r.context_gib),
+                _f(r.nccl_gib),
+                _f(r.margin_gib),
+                _f(r.need_gib),
+            ]
+            + fits
+            + [
+                spread,
+                _f(r.comm_s, ".4f"),
+                _f(r.step_serial_s, ".3f"),
+                _f(r.step_overlapped_s, ".3f"),
+                r.overlap or "-",
+                _f(r.step_s, ".3f"),
+                _f(r.clip_s, ".1f"),
+                _f(r.efficiency, ".0%"),
+            ]
+        )
         if with_measured:
             cells += [_f(r.measured_step_s, ".3f"), _f(r.measured_peak_gib), _f(r.fitted_step_s, ".3f")]
         body.append(cells)
@@ -531,25 +622,36 @@ def explanation(args: PlanArgs, device: str, memory_basis: str) -> list[str]:
     return [
         "Measured: " + MEASURED_NOTE.format(device=device) + f"; peak memory is {memory_basis}; "
         "compute s/step is the median of the measured steps (min-max, how many).",
-        "Modelled: " + ASSUMPTION.format(link=link.name) + f" ({link.source}"
-        + "".join(f"; {note}" for note in link.notes) + "). "
+        "Modelled: "
+        + ASSUMPTION.format(link=link.name)
+        + f" ({link.source}"
+        + "".join(f"; {note}" for note in link.notes)
+        + "). "
         "Step s serial = compute + comm; overlapped = max(compute, the comm the code runs behind compute) + "
         "the rest; 'code does' says which the strategy's code does (ring attention's K/V pass, FSDP's "
         "all-gathers overlap; Ulysses' all-to-alls and CFG's all-gather block) and step s is that one; "
         f"clip s = {args.clip_steps} sampling steps (clip_steps=; upstream S2V's "
         "default is 40) x step s + the measured VAE decode and motion re-encode of a clip; "
         "efficiency = T(single, 1 GPU) / (GPUs x T).",
-        (f"Fits: need = peak + the CUDA context ({CUDA_CONTEXT_BYTES / GIB:.2f} GiB, GPU only) + NCCL's buffers "
-         f"(GPU, 2+ ranks: NCCL_BUFFSIZE x channels x connections, from nccl.env, defaults "
-         f"{NCCL_BUFFSIZE_DEFAULT >> 20} MiB x {NCCL_CHANNELS_DEFAULT} x (2 + ranks-1 where the job sends "
-         f"point to point or all-to-all)) + a fragmentation margin of {args.fragmentation:.0%} of the peak "
-         "(fragmentation=; a chosen figure, not measured), against each memory size."),
+        (
+            f"Fits: need = peak + the CUDA context ({CUDA_CONTEXT_BYTES / GIB:.2f} GiB, GPU only) + NCCL's buffers "
+            f"(GPU, 2+ ranks: NCCL_BUFFSIZE x channels x connections, from nccl.env, defaults "
+            f"{NCCL_BUFFSIZE_DEFAULT >> 20} MiB x {NCCL_CHANNELS_DEFAULT} x (2 + ranks-1 where the job sends "
+            f"point to point or all-to-all)) + a fragmentation margin of {args.fragmentation:.0%} of the peak "
+            "(fragmentation=; a chosen figure, not measured), against each memory size."
+        ),
     ]
 
 
 def markdown(title: str, lines: list[str], header: list[str], body: list[list[str]]) -> str:
-    out = [f"# {title}", "", *[f"- {line}" for line in lines], "",
-           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out = [
+        f"# {title}",
+        "",
+        *[f"- {line}" for line in lines],
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     out += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(out) + "\n"
 
@@ -557,13 +659,27 @@ def markdown(title: str, lines: list[str], header: list[str], body: list[list[st
 def html_page(title: str, lines: list[str], header: list[str], body: list[list[str]]) -> str:
     from wan_exp.report.render import CSS
 
-    rows = "".join("<tr>" + "".join(f"<td class='text'>{html.escape(c)}</td>" if i < 5 else f"<td>{html.escape(c)}</td>"
-                                    for i, c in enumerate(cells)) + "</tr>" for cells in body)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS} td.oom {{ background: #fde2e2; }}</style></head><body><h1>{html.escape(title)}</h1>"
-            + "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
-            + "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + rows
-            + "</table></body></html>\n")
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td class='text'>{html.escape(c)}</td>" if i < 5 else f"<td>{html.escape(c)}</td>"
+            for i, c in enumerate(cells)
+        )
+        + "</tr>"
+        for cells in body
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS} td.oom {{ background: #fde2e2; }}</style></head><body><h1>{html.escape(title)}</h1>"
+        + "<ul>"
+        + "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+        + "</ul>"
+        + "<table><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        + "</tr>"
+        + rows
+        + "</table></body></html>\n"
+    )
 
 
 def run_plan(args: PlanArgs) -> list[PlanRow]:
@@ -593,8 +709,11 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
             results, clear = earlier_results(overrides, job_dir, version)
             if results is not None:
                 print(f"{strategy} on {n} GPU(s): kept from an earlier run of this code ({job_dir})")
-                rows.append(row_from_results(strategy, n, results, args.gpu_memory_gib, args.clip_steps,
-                                             fragmentation=args.fragmentation))
+                rows.append(
+                    row_from_results(
+                        strategy, n, results, args.gpu_memory_gib, args.clip_steps, fragmentation=args.fragmentation
+                    )
+                )
             else:
                 stale = stale_code(job_dir, version) if (job_dir / "0" / RESULTS_FILE).exists() else None
                 if stale is not None:
@@ -615,12 +734,18 @@ def run_plan(args: PlanArgs) -> list[PlanRow]:
             try:
                 results, output_tail = run_simulated_job(overrides, job_dir)
             except PlanStopped:
-                rows[index] = PlanRow(row.strategy, row.gpus, "interrupted", "the plan was stopped during this "
-                                      "job; the same command again runs it", job_dir=str(job_dir / "0"))
+                rows[index] = PlanRow(
+                    row.strategy,
+                    row.gpus,
+                    "interrupted",
+                    "the plan was stopped during this job; the same command again runs it",
+                    job_dir=str(job_dir / "0"),
+                )
                 write_plan(args, rows)
                 raise
-            rows[index] = row_from_results(row.strategy, row.gpus, results, args.gpu_memory_gib, args.clip_steps,
-                                           output_tail, args.fragmentation)
+            rows[index] = row_from_results(
+                row.strategy, row.gpus, results, args.gpu_memory_gib, args.clip_steps, output_tail, args.fragmentation
+            )
             write_plan(args, rows)
             progress.advance(task)
     title, lines, header, body = write_plan(args, rows)
@@ -654,24 +779,37 @@ def write_plan(args: PlanArgs, rows: list[PlanRow]) -> tuple[str, list[str], lis
     lines = explanation(args, device, basis) + [
         f"Command: python -m wan_exp.plan {' '.join(sys.argv[1:])}",
         f"Date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; device: {device}; steps measured per job: "
-        f"{steps_run(cfg.workload) - int(cfg.workload.warmup_steps)} (warm-up {cfg.workload.warmup_steps})"]
+        f"{steps_run(cfg.workload) - int(cfg.workload.warmup_steps)} (warm-up {cfg.workload.warmup_steps})",
+    ]
     if args.measured is not None:
-        lines.append(f"Measured runs from {args.measured}: " + ("shown beside the prediction" if with_measured
-                                                                   else "none of the same model and size"))
+        lines.append(
+            f"Measured runs from {args.measured}: "
+            + ("shown beside the prediction" if with_measured else "none of the same model and size")
+        )
         latency = parse_link(args.link).curve("all_reduce").latency_s if with_measured else 0.0
         fitted = fit_link(rows, latency, str(args.measured)) if with_measured else None
         if fitted is not None:
             add_fitted(rows, fitted)
-            lines.append(f"Fitted link: {fitted.name} ({fitted.source}); 'step s at fitted link' prices every "
-                         "row's collectives at it instead of the default figures")
+            lines.append(
+                f"Fitted link: {fitted.name} ({fitted.source}); 'step s at fitted link' prices every "
+                "row's collectives at it instead of the default figures"
+            )
     lines += [f"{r.strategy} on {r.gpus} GPU(s), {r.status}: {r.note}" for r in rows if r.note]
     header, body = table(rows, args.gpu_memory_gib, with_measured, args.clip_steps)
     write_text_atomic(args.out / "plan.md", markdown(title, lines, header, body))
     write_text_atomic(args.out / "plan.html", html_page(title, lines, header, body))
-    write_json_atomic(args.out / "plan.json", {"title": title, "notes": lines, "overrides": args.overrides,
-                                               "code_version": code_version(),
-                                               "gpu_memory_gib": args.gpu_memory_gib, "link": args.link,
-                                               "rows": [asdict(r) for r in rows]})
+    write_json_atomic(
+        args.out / "plan.json",
+        {
+            "title": title,
+            "notes": lines,
+            "overrides": args.overrides,
+            "code_version": code_version(),
+            "gpu_memory_gib": args.gpu_memory_gib,
+            "link": args.link,
+            "rows": [asdict(r) for r in rows],
+        },
+    )
     return title, lines, header, body
 
 
@@ -695,11 +833,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except PlanStopped as stop:
         where = f"the rows so far are in {args.out / 'plan.md'}; " if args is not None else ""
-        print(f"wan_exp.plan: stopped by {stop}; {where}the same command again keeps the jobs done and runs "
-              "the rest", file=sys.stderr)
+        print(
+            f"wan_exp.plan: stopped by {stop}; {where}the same command again keeps the jobs done and runs the rest",
+            file=sys.stderr,
+        )
         return 128 + getattr(signal, str(stop)).value
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if any(r.status == "completed" for r in rows) else 1
-

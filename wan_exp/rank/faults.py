@@ -13,6 +13,7 @@ fault.phase may also name a pipeline stage of the generate workload (vae_decode,
 its heartbeat, e.g. ``fault=signal fault.host_gib=1``: a SIGKILL at a high RSS, which is
 what a rank the kernel's OOM killer ends leaves behind.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,9 @@ class InjectedFault(RuntimeError):
 class FaultInjector:
     """Fires the configured fault once, on the configured rank and phase."""
 
-    def __init__(self, fault_cfg: Any, rank: int, device: Any,
-                 report_memory: Optional[Callable[[], None]] = None) -> None:
+    def __init__(
+        self, fault_cfg: Any, rank: int, device: Any, report_memory: Optional[Callable[[], None]] = None
+    ) -> None:
         self.cfg = fault_cfg
         self.device = device
         kind = getattr(fault_cfg.kind, "name", fault_cfg.kind)

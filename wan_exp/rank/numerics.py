@@ -9,6 +9,7 @@ Cost: one device-to-host synchronisation per check (``isfinite(...).all()`` is r
 the host). Workloads check once per step, where the metrics collector synchronises
 anyway; the NaN/Inf counts are read only on the failure path.
 """
+
 from __future__ import annotations
 
 from typing import Callable, TypeVar

@@ -18,6 +18,7 @@ the kernel's OOM killer ends writes nothing more, so a background thread refresh
 figures every MEMORY_SAMPLE_S between heartbeats, leaving "seq" and "time" (progress, what
 the hang watchdog reads) as they were.
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -56,8 +57,16 @@ class RankContext:
     job_dir None (tests, benchmarks): no heartbeat files and no fault injection.
     """
 
-    def __init__(self, cfg: Any, rank: int, local_rank: int, world_size: int,
-                 device: torch.device, job_dir: Optional[Path], process_rank: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        rank: int,
+        local_rank: int,
+        world_size: int,
+        device: torch.device,
+        job_dir: Optional[Path],
+        process_rank: Optional[int] = None,
+    ) -> None:
         self.cfg = cfg
         self.rank = rank
         # the index of this process's files in the job dir: the rank, except in a simulated
@@ -72,8 +81,7 @@ class RankContext:
         self.current_step: Optional[int] = None
         self._beat: dict = {}
         self._beat_lock = threading.Lock()
-        self._faults = (FaultInjector(cfg.fault, rank, self.device, self.refresh_memory)
-                        if self.job_dir else None)
+        self._faults = FaultInjector(cfg.fault, rank, self.device, self.refresh_memory) if self.job_dir else None
         self._last_write = 0.0
         self.heartbeat("start")
         if self.job_dir is not None:
@@ -92,8 +100,15 @@ class RankContext:
         with self._beat_lock:
             # seq counts this rank's heartbeats: ranks run the same program, so on a hang the
             # rank with the lowest seq is the one the others are waiting for
-            self._beat = {"rank": self.process_rank, "pid": os.getpid(), "phase": phase, "step": step,
-                          "seq": self._beat.get("seq", 0) + 1, "time": time.time(), "detail": ""}
+            self._beat = {
+                "rank": self.process_rank,
+                "pid": os.getpid(),
+                "phase": phase,
+                "step": step,
+                "seq": self._beat.get("seq", 0) + 1,
+                "time": time.time(),
+                "detail": "",
+            }
             self._write_beat()
             self._last_write = self._beat["time"]
 
@@ -121,9 +136,16 @@ class RankContext:
 
     def _write_beat(self) -> None:  # under _beat_lock
         rss, peak = host_memory_gib()
-        write_json_atomic(heartbeat_path(self.job_dir, self.process_rank), {
-            **self._beat, "host_rss_gib": rss, "host_rss_peak_gib": peak, "memory_time": time.time(),
-        }, durable=False)
+        write_json_atomic(
+            heartbeat_path(self.job_dir, self.process_rank),
+            {
+                **self._beat,
+                "host_rss_gib": rss,
+                "host_rss_peak_gib": peak,
+                "memory_time": time.time(),
+            },
+            durable=False,
+        )
 
     def _sample_memory(self) -> None:
         progress_dir = heartbeat_path(self.job_dir, self.process_rank).parent

@@ -11,6 +11,7 @@ torch.OutOfMemoryError or MemoryError, with its memory figures) and the phase an
 was in, then exits non-zero at once; the agent stops the other ranks and the job process
 writes the result.
 """
+
 from __future__ import annotations
 
 import faulthandler
@@ -61,8 +62,11 @@ def error_record(ctx: RankContext, exc: BaseException) -> dict:
     is_oom = isinstance(exc, (torch.OutOfMemoryError, MemoryError))
     record["status"] = results.OOM if is_oom else results.FAILED
     record["error"] = {
-        "type": type(exc).__name__, "message": str(exc).strip().splitlines()[0] if str(exc).strip() else "",
-        "traceback": traceback.format_exc(), "phase": ctx.current_phase, "step": ctx.current_step,
+        "type": type(exc).__name__,
+        "message": str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+        "traceback": traceback.format_exc(),
+        "phase": ctx.current_phase,
+        "step": ctx.current_step,
         "time": time.time(),
     }
     if is_oom and ctx.device.type == "cuda":
@@ -72,9 +76,11 @@ def error_record(ctx: RankContext, exc: BaseException) -> dict:
     return record
 
 
-SIMULATED_NOTE = ("fake process group: collectives were counted but moved no data (what they deliver was "
-                  "filled from this rank's own data), so the outputs are meaningless and the non-finite "
-                  "checks were off; memory and compute are this rank's own")
+SIMULATED_NOTE = (
+    "fake process group: collectives were counted but moved no data (what they deliver was "
+    "filled from this rank's own data), so the outputs are meaningless and the non-finite "
+    "checks were off; memory and compute are this rank's own"
+)
 
 
 def init_process_group(backend: str, device: torch.device, rank: int, world_size: int, timeout_s: float) -> None:
@@ -95,8 +101,9 @@ def run_rank(job_dir: Path) -> int:
     cfg = load_job_config(job_dir)
     process_rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     simulated = job.get("simulated")  # one process plays rank simulated["rank"] of simulated["world_size"]
-    rank, world_size = ((simulated["rank"], simulated["world_size"]) if simulated
-                        else (process_rank, int(os.environ["WORLD_SIZE"])))
+    rank, world_size = (
+        (simulated["rank"], simulated["world_size"]) if simulated else (process_rank, int(os.environ["WORLD_SIZE"]))
+    )
     dump_stacks_on_sigusr1(job_dir, process_rank)
     device = torch.device(*rank_device(job, local_rank))
     if device.type == "cuda":

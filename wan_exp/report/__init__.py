@@ -1,6 +1,7 @@
 """The sweep dashboard: ``python -m wan_exp.report <sweep dir>`` writes report.md and a
 self-contained report.html into the sweep dir. It reads the jobs' results.json files
 only, so it can run at any time, on any machine, after the fact."""
+
 from __future__ import annotations
 
 import logging

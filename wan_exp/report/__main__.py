@@ -1,4 +1,5 @@
 """``python -m wan_exp.report <sweep dir>``: write report.md and report.html, print the table."""
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 Each function takes the table's rows and returns PNG bytes, or None when the sweep has
 nothing to show for that figure (e.g. no scaling plot when every job used one rank count).
 """
+
 from __future__ import annotations
 
 import io
@@ -41,7 +42,7 @@ def per_rank_memory(rows: list[Row]) -> Optional[bytes]:
     ncols = min(3, len(shown))
     nrows = -(-len(shown) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 2.8 * nrows), squeeze=False)
-    for ax in axes.flat[len(shown):]:
+    for ax in axes.flat[len(shown) :]:
         ax.set_visible(False)
     for ax, (row, job) in zip(axes.flat, shown):
         ranks = job.get("ranks", [])

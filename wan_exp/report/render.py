@@ -1,4 +1,5 @@
 """report.md and the self-contained report.html (figures inlined as base64 PNG)."""
+
 from __future__ import annotations
 
 import base64
@@ -11,8 +12,10 @@ from wan_exp.report.table import CAVEATS_TITLE, Row, table_cells, time_caveats
 from wan_exp.report.upstream import ratio_cells
 
 UPSTREAM_TITLE = "Upstream generate.py / wan-exp (same strategy and ranks)"
-UPSTREAM_NOTE = ("Each workload=upstream row divided by the workload=generate row it pairs with; above 1: "
-                 "upstream's run takes longer or holds more memory (docs/upstream.md).")
+UPSTREAM_NOTE = (
+    "Each workload=upstream row divided by the workload=generate row it pairs with; above 1: "
+    "upstream's run takes longer or holds more memory (docs/upstream.md)."
+)
 
 UNREADABLE_TITLE = "Results that could not be read (left out)"
 
@@ -59,8 +62,15 @@ def markdown(sweep_dir: Path, rows: list[Row], unreadable: Sequence[str] = ()) -
         lines.append("| " + " | ".join(t.replace("|", "\\|") for t in texts) + " |")
     ratio_header, ratio_body = ratio_cells(rows)
     if ratio_body:
-        lines += ["", f"## {UPSTREAM_TITLE}", "", UPSTREAM_NOTE, "",
-                  "| " + " | ".join(ratio_header) + " |", "|" + "|".join("---" for _ in ratio_header) + "|"]
+        lines += [
+            "",
+            f"## {UPSTREAM_TITLE}",
+            "",
+            UPSTREAM_NOTE,
+            "",
+            "| " + " | ".join(ratio_header) + " |",
+            "|" + "|".join("---" for _ in ratio_header) + "|",
+        ]
         lines += ["| " + " | ".join(cells) + " |" for cells in ratio_body]
     caveats = time_caveats(rows)
     if caveats:
@@ -86,8 +96,7 @@ def html_page(sweep_dir: Path, rows: list[Row], unreadable: Sequence[str] = ()) 
         "</tr></thead><tbody>",
     ]
     for row, cells in zip(rows, body):
-        css_row = (" class='failed'" if row.status != "completed"
-                   else " class='warned'" if row.machine_warnings else "")
+        css_row = " class='failed'" if row.status != "completed" else " class='warned'" if row.machine_warnings else ""
         tds = []
         for i, (text, best) in enumerate(cells):
             classes = [c for c, on in (("best", best), ("text", i in (0, 2, len(cells) - 1))) if on]
@@ -98,8 +107,11 @@ def html_page(sweep_dir: Path, rows: list[Row], unreadable: Sequence[str] = ()) 
     ratio_header, ratio_body = ratio_cells(rows)
     if ratio_body:
         out.append(f"<h2>{html.escape(UPSTREAM_TITLE)}</h2><p>{html.escape(UPSTREAM_NOTE)}</p>")
-        out.append("<table id='upstream'><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in ratio_header)
-                   + "</tr></thead><tbody>")
+        out.append(
+            "<table id='upstream'><thead><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in ratio_header)
+            + "</tr></thead><tbody>"
+        )
         out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in ratio_body]
         out.append("</tbody></table>")
     caveats = time_caveats(rows)
@@ -118,6 +130,8 @@ def html_page(sweep_dir: Path, rows: list[Row], unreadable: Sequence[str] = ()) 
         png = figure(rows)
         if png is not None:
             data = base64.b64encode(png).decode("ascii")
-            out.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+            out.append(
+                f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+            )
     out.append("</body></html>")
     return "\n".join(out) + "\n"

@@ -11,6 +11,7 @@ among rows that ran on GPUs, and no column among CPU rows told apart by a settin
 only acts on GPUs (the CUDA allocator, NCCL): on the CPU their differences are noise.
 A results.json that cannot be read is named and left out; the other jobs are reported.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,12 @@ METRIC_COLUMNS = (
     Column("MFU %", _mfu_percent, "high", 1, gpu_only=True),
     Column("s/clip", _summary("seconds_per_clip"), "low"),
     Column("s per video s", _summary("seconds_per_video_second"), "low"),
-    Column("DiT share %", lambda r: None if _summary("dit_share")(r) is None else 100.0 * _summary("dit_share")(r),
-           "high", 1),
+    Column(
+        "DiT share %",
+        lambda r: None if _summary("dit_share")(r) is None else 100.0 * _summary("dit_share")(r),
+        "high",
+        1,
+    ),
 )
 
 
@@ -128,8 +133,9 @@ class Row:
         """Whether this row's value of `column` competes for best (module docstring)."""
         if self.on_gpu:
             return True
-        gpu_setting = any(o.split("=", 1)[0].lstrip("+~").split(".")[0] in GPU_ONLY_SETTINGS
-                          for o in self.variant.split())
+        gpu_setting = any(
+            o.split("=", 1)[0].lstrip("+~").split(".")[0] in GPU_ONLY_SETTINGS for o in self.variant.split()
+        )
         return not column.gpu_only and not gpu_setting
 
     def value(self, column: Column) -> Optional[float]:
@@ -175,8 +181,7 @@ def load_results(sweep_dir: Path) -> SweepResults:
 
 def _is_variant(override: str) -> bool:
     key = override.split("=", 1)[0].lstrip("+~")
-    return key not in NOT_VARIANT_KEYS and not any(
-        key == k or key.startswith(k + ".") for k in NOT_VARIANT_PREFIXES)
+    return key not in NOT_VARIANT_KEYS and not any(key == k or key.startswith(k + ".") for k in NOT_VARIANT_PREFIXES)
 
 
 def build_rows(results: list[dict]) -> list[Row]:
@@ -274,12 +279,16 @@ def time_caveats(rows: list[Row]) -> list[str]:
     lines = []
     for row in rows:
         if any(j.get("shared_gpus") for j in row.jobs):
-            lines.append(f"{row.label}: ranks shared GPUs (launcher.share_gpus) and ran their collectives over "
-                         "gloo, so its times are not comparable; memory per process holds")
+            lines.append(
+                f"{row.label}: ranks shared GPUs (launcher.share_gpus) and ran their collectives over "
+                "gloo, so its times are not comparable; memory per process holds"
+            )
         simulated = next((j["simulated"] for j in row.jobs if j.get("simulated")), None)
         if simulated:
-            lines.append(f"{row.label}: simulated (one process played rank {simulated['rank']} of "
-                         f"{simulated['world_size']} over the fake process group): its step time is that rank's "
-                         "compute only, no data moved; results.json's prediction prices the communication")
+            lines.append(
+                f"{row.label}: simulated (one process played rank {simulated['rank']} of "
+                f"{simulated['world_size']} over the fake process group): its step time is that rank's "
+                "compute only, no data moved; results.json's prediction prices the communication"
+            )
         lines += [f"{row.label}: {warning}" for warning in row.machine_warnings]
     return lines

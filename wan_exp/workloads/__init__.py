@@ -5,6 +5,7 @@ model through ``wan_exp.parallel.registry.setup_parallel``, does its steps insid
 ``ctx.phase("first_step")`` / ``ctx.step(i, measured)`` and returns the workload info that
 goes into the rank record (it also hands it to ``ctx.metrics.set_workload_info``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable

@@ -22,6 +22,7 @@ As upstream (wan/speech2video.py) with its default drop_first_motion:
 
 Steps are numbered across clips; the first ``workload.warmup_steps`` are not measured.
 """
+
 from __future__ import annotations
 
 import functools
@@ -69,8 +70,7 @@ def video_frames(frames_per_clip: int, clips: int) -> int:
     return frames_per_clip * clips - FIRST_CLIP_DROPPED_FRAMES
 
 
-def decode_input(ref: Optional[torch.Tensor], motion: torch.Tensor, latents: torch.Tensor,
-                 clip: int) -> torch.Tensor:
+def decode_input(ref: Optional[torch.Tensor], motion: torch.Tensor, latents: torch.Tensor, clip: int) -> torch.Tensor:
     """What a clip's decode starts from (fp32): the reference latent before the first clip's
     latents, the motion latents before a later clip's (and before every clip of a model
     without a reference, model.s2v=false)."""
@@ -89,11 +89,19 @@ def shift_motion_buffer(buffer: torch.Tensor, frames: torch.Tensor) -> torch.Ten
     """The buffer (1, 3, N, H, W) with its first min(N, F) frames dropped and the last
     min(N, F) of ``frames`` (1, 3, F, H, W) appended: always the last N pixel frames made."""
     shifted = min(buffer.shape[2], frames.shape[2])
-    return torch.cat([buffer[:, :, shifted:], frames[:, :, frames.shape[2] - shifted:].to(buffer.dtype)], dim=2)
+    return torch.cat([buffer[:, :, shifted:], frames[:, :, frames.shape[2] - shifted :].to(buffer.dtype)], dim=2)
 
 
-def denoise_clip(cfg: Any, geometry: JobGeometry, dit: torch.nn.Module, guidance: GuidedFlow, cond: Condition,
-                 uncond: Condition, clip: int, step_scope: Callable[[int], ContextManager]) -> torch.Tensor:
+def denoise_clip(
+    cfg: Any,
+    geometry: JobGeometry,
+    dit: torch.nn.Module,
+    guidance: GuidedFlow,
+    cond: Condition,
+    uncond: Condition,
+    clip: int,
+    step_scope: Callable[[int], ContextManager],
+) -> torch.Tensor:
     """One clip's latents, in the model's dtype, from its seeded noise. As upstream, the solver's
     state is kept in the model's dtype (the noise is drawn and rounded to it, each update is
     computed against the DiT's fp32 flow and rounded back to it).
@@ -110,15 +118,33 @@ def denoise_clip(cfg: Any, geometry: JobGeometry, dit: torch.nn.Module, guidance
         return guided(dit, x, timestep, cond, uncond, wl.guidance_scale).float()
 
     first = clip * wl.sample_steps
-    latents = sample(flow, noise, wl.sample_steps, wl.shift, SamplerName(wl.sampler).value,
-                     step_context=lambda i: step_scope(first + i))
+    latents = sample(
+        flow,
+        noise,
+        wl.sample_steps,
+        wl.shift,
+        SamplerName(wl.sampler).value,
+        step_context=lambda i: step_scope(first + i),
+    )
     check_finite(latents, f"sampled latents of clip {clip}")
     return latents
 
 
-def sample_and_decode(cfg: Any, geometry: JobGeometry, vae: WanVAE, guidance: GuidedFlow, cond: Condition,
-                      uncond: Condition, ref: Optional[torch.Tensor], motion: torch.Tensor, clip: int, mode: str,
-                      rank: int, world: int, dit: torch.nn.Module) -> torch.Tensor | None:
+def sample_and_decode(
+    cfg: Any,
+    geometry: JobGeometry,
+    vae: WanVAE,
+    guidance: GuidedFlow,
+    cond: Condition,
+    uncond: Condition,
+    ref: Optional[torch.Tensor],
+    motion: torch.Tensor,
+    clip: int,
+    mode: str,
+    rank: int,
+    world: int,
+    dit: torch.nn.Module,
+) -> torch.Tensor | None:
     """One clip sampled with ``dit`` and decoded as the job decodes it, untimed (the drift
     check's bf16 clip); the clip's kept frames where this rank holds them."""
     latents = denoise_clip(cfg, geometry, dit, guidance, cond, uncond, clip, lambda step: nullcontext())
@@ -140,7 +166,7 @@ def generate_workload_info(cfg: Any, geometry: JobGeometry, clips: int) -> dict:
     forwards = forwards_per_step(wl.guidance_scale)
     with_motion = [clip > 0 for clip in range(clips)]
     per_step = [with_motion[step // wl.sample_steps] for step in range(clips * wl.sample_steps)]
-    measured = per_step[wl.warmup_steps:] or per_step  # all warm-up: describe the steps run
+    measured = per_step[wl.warmup_steps :] or per_step  # all warm-up: describe the steps run
     tokens = sum(geometry.tokens(m) for m in measured) / len(measured)
     flops = sum(forwards * dit_forward_flops(cfg.model, **geometry.flops_args(m)) for m in measured) / len(measured)
     return {
@@ -161,8 +187,13 @@ def generate_workload_info(cfg: Any, geometry: JobGeometry, clips: int) -> dict:
     }
 
 
-def generate_video(cfg: Any, geometry: JobGeometry, ctx: Any, parallel_model: ParallelModel,
-                   step_scope: Callable[[int], ContextManager]) -> tuple[Optional[np.ndarray], Any, int]:
+def generate_video(
+    cfg: Any,
+    geometry: JobGeometry,
+    ctx: Any,
+    parallel_model: ParallelModel,
+    step_scope: Callable[[int], ContextManager],
+) -> tuple[Optional[np.ndarray], Any, int]:
     """The pipeline after the models are set up. Returns (the video's uint8 frames where it is
     written: rank 0 of a job with a job dir and workload.save_video on, else None; the
     waveform; the clip count)."""
@@ -182,8 +213,11 @@ def generate_video(cfg: Any, geometry: JobGeometry, ctx: Any, parallel_model: Pa
     motion_shape = (1, *geometry.motion_shape)
     holds_pixels = mode != "rank0" or rank == 0
     with ctx.stage("motion_encode"):  # before the first clip: zero pixels
-        buffer = (torch.zeros(1, 3, motion_pixel_frames(geometry.motion_frames), height, width, device=device)
-                  if holds_pixels else None)
+        buffer = (
+            torch.zeros(1, 3, motion_pixel_frames(geometry.motion_frames), height, width, device=device)
+            if holds_pixels
+            else None
+        )
         motion = encode_motion(vae, buffer, mode, rank, world, motion_shape)
     keep_frames = rank == 0 and ctx.job_dir is not None and wants_video(wl, cfg.model.checkpoint_dir)
     frames: list[np.ndarray] = []
@@ -195,18 +229,34 @@ def generate_video(cfg: Any, geometry: JobGeometry, ctx: Any, parallel_model: Pa
         cond = Condition(context, clip_features, dit_ref, dit_motion)
         uncond = Condition(null_context, silent, dit_ref, dit_motion)  # negative prompt, zero audio
         with ctx.stage("denoise"):
-            latents = denoise_clip(cfg, geometry, parallel_model.dit, parallel_model.guidance, cond, uncond, clip,
-                                   step_scope)
+            latents = denoise_clip(
+                cfg, geometry, parallel_model.dit, parallel_model.guidance, cond, uncond, clip, step_scope
+            )
         with ctx.stage("vae_decode"):
             pixels = decode_clip(vae, decode_input(ref, motion, latents, clip), mode, rank, world)
             clip_frames = None if pixels is None else kept_frames(pixels, wl.frames_per_clip, clip)
             del pixels
         if clip == 0 and parallel_model.drift is not None:  # workload.drift_check: this clip in bf16 too
             with ctx.stage("drift_check"):
-                parallel_model.drift.compare_frames(functools.partial(
-                    sample_and_decode, cfg, geometry, vae, parallel_model.guidance, cond, uncond, ref, motion, clip,
-                    mode, rank, world,
-                ), clip_frames, wl.frames_per_clip)
+                parallel_model.drift.compare_frames(
+                    functools.partial(
+                        sample_and_decode,
+                        cfg,
+                        geometry,
+                        vae,
+                        parallel_model.guidance,
+                        cond,
+                        uncond,
+                        ref,
+                        motion,
+                        clip,
+                        mode,
+                        rank,
+                        world,
+                    ),
+                    clip_frames,
+                    wl.frames_per_clip,
+                )
         if keep_frames:
             frames.append(to_uint8_frames(clip_frames))
         if clip + 1 < clips:
@@ -223,6 +273,7 @@ def run_generate(cfg: Any, ctx: Any) -> dict:
     parallel_model = setup_parallel(cfg, ctx)
     show = ctx.rank == 0 and sys.stdout.isatty()
     with tqdm(total=None, desc="generate", unit="step", disable=not show) as bar:
+
         @contextmanager
         def scope(step: int) -> Iterator[None]:
             with workload_step(ctx, step, wl.warmup_steps):

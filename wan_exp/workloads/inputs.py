@@ -13,6 +13,7 @@
   random latents.
 Every rank draws the same values (same seed): under Ulysses the model shards the tokens.
 """
+
 from __future__ import annotations
 
 import html
@@ -39,8 +40,15 @@ FEATURE_RATE = 50  # wav2vec2 hidden states per second of 16 kHz audio
 AUDIO_FEATURE_FPS = 30  # upstream interpolates the features to this rate before picking frames
 # Each random input draws from its own generator, seeded cfg.seed + its offset, so adding
 # one input never changes another (and every rank draws the same values).
-SEED_OFFSETS = {"prompt": 0, "null_prompt": 1, "audio": 2, "reference": 3, "latents": 4,
-                "motion": 5, "noise": 100}  # noise: + clip index
+SEED_OFFSETS = {
+    "prompt": 0,
+    "null_prompt": 1,
+    "audio": 2,
+    "reference": 3,
+    "latents": 4,
+    "motion": 5,
+    "noise": 100,
+}  # noise: + clip index
 
 
 def input_seed(cfg: Any, what: str, index: int = 0) -> int:
@@ -79,8 +87,9 @@ def prompt_token_ids(cfg: Any, prompt: str, seed: int) -> tuple[torch.Tensor, to
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        enc = tokenizer(clean_prompt(prompt), padding="max_length", truncation=True, max_length=text_len,
-                        return_tensors="pt")
+        enc = tokenizer(
+            clean_prompt(prompt), padding="max_length", truncation=True, max_length=text_len, return_tensors="pt"
+        )
         return enc.input_ids, enc.attention_mask
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, cfg.model.text_encoder.vocab_size, (1, text_len), generator=generator)
@@ -114,15 +123,19 @@ def feature_extractor(cfg: Any) -> Any:
     transformers' defaults (16 kHz, zero mean / unit variance normalisation)."""
     from transformers import Wav2Vec2FeatureExtractor
 
-    folder = (Path(cfg.model.checkpoint_dir) / cfg.model.audio_encoder.checkpoint
-              if cfg.model.checkpoint_dir and cfg.model.audio_encoder.checkpoint else None)
+    folder = (
+        Path(cfg.model.checkpoint_dir) / cfg.model.audio_encoder.checkpoint
+        if cfg.model.checkpoint_dir and cfg.model.audio_encoder.checkpoint
+        else None
+    )
     if folder is not None and (folder / "preprocessor_config.json").is_file():
         return Wav2Vec2FeatureExtractor.from_pretrained(str(folder), local_files_only=True)
     return Wav2Vec2FeatureExtractor()
 
 
-def features_per_video_frame(states: torch.Tensor, fps: int, frames_per_clip: int,
-                             max_clips: int) -> tuple[torch.Tensor, int]:
+def features_per_video_frame(
+    states: torch.Tensor, fps: int, frames_per_clip: int, max_clips: int
+) -> tuple[torch.Tensor, int]:
     """(B, layers, T, C) hidden states at 50 Hz -> ((B, layers, clips * frames_per_clip, C), clips).
 
     Linear interpolation (align_corners) to int(T * 30 / 50) features at 30 fps; video frame i
@@ -142,13 +155,13 @@ def features_per_video_frame(states: torch.Tensor, fps: int, frames_per_clip: in
 
 
 @torch.no_grad()
-def encode_audio(cfg: Any, parallel_model: ParallelModel, device: torch.device,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, int, torch.Tensor]:
+def encode_audio(
+    cfg: Any, parallel_model: ParallelModel, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, int, torch.Tensor]:
     """(features (1, layers, clips * frames_per_clip, C) in ``dtype``, clips, waveform)."""
     wl = cfg.workload
     waveform = job_waveform(cfg, input_seed(cfg, "audio"))
-    normalised = feature_extractor(cfg)(waveform.numpy(), sampling_rate=SAMPLE_RATE,
-                                        return_tensors="pt").input_values
+    normalised = feature_extractor(cfg)(waveform.numpy(), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values
     audio_device, audio_dtype = _encoder_placement(parallel_model.audio_encoder)
     states = parallel_model.audio_encoder(normalised.to(audio_device, audio_dtype))
     features, clips = features_per_video_frame(states, wl.fps, wl.frames_per_clip, wl.clips)
@@ -162,8 +175,9 @@ def random_latents(shape: tuple[int, ...], seed: int, device: torch.device, dtyp
 
 
 @torch.no_grad()
-def reference_latents(cfg: Any, geometry: JobGeometry, vae: Optional[WanVAE], device: torch.device,
-                      dtype: torch.dtype) -> torch.Tensor:
+def reference_latents(
+    cfg: Any, geometry: JobGeometry, vae: Optional[WanVAE], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """(1, 16, 1, H/8, W/8): the VAE encoding (fp32, as upstream) of workload.image_path, else
     seeded noise."""
     if cfg.workload.image_path:
@@ -174,8 +188,9 @@ def reference_latents(cfg: Any, geometry: JobGeometry, vae: Optional[WanVAE], de
 
 
 @torch.no_grad()
-def encode_prompts(cfg: Any, parallel_model: ParallelModel, device: torch.device,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    cfg: Any, parallel_model: ParallelModel, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(context, null context): the prompt and the negative prompt through umT5."""
     text_device, _ = _encoder_placement(parallel_model.text_encoder)
 
@@ -183,13 +198,16 @@ def encode_prompts(cfg: Any, parallel_model: ParallelModel, device: torch.device
         ids, mask = prompt_token_ids(cfg, prompt, seed)
         return encode_text(parallel_model.text_encoder, ids.to(text_device), mask.to(text_device)).to(device, dtype)
 
-    return (text(cfg.workload.prompt, input_seed(cfg, "prompt")),
-            text(cfg.workload.negative_prompt, input_seed(cfg, "null_prompt")))
+    return (
+        text(cfg.workload.prompt, input_seed(cfg, "prompt")),
+        text(cfg.workload.negative_prompt, input_seed(cfg, "null_prompt")),
+    )
 
 
 @torch.no_grad()
-def encode_job_inputs(cfg: Any, geometry: JobGeometry, parallel_model: ParallelModel, device: torch.device,
-                      vae: Optional[WanVAE] = None) -> ClipInputs:
+def encode_job_inputs(
+    cfg: Any, geometry: JobGeometry, parallel_model: ParallelModel, device: torch.device, vae: Optional[WanVAE] = None
+) -> ClipInputs:
     """Text, audio (all clips at once) and reference for the job, motion None (the generate
     workload calls the three parts one by one to time them).
 
@@ -208,7 +226,7 @@ def clip_audio(audio: Optional[torch.Tensor], clip: int, frames_per_clip: int) -
     """The video frames of clip ``clip`` out of the job's audio features."""
     if audio is None:
         return None
-    return audio[:, :, clip * frames_per_clip:(clip + 1) * frames_per_clip]
+    return audio[:, :, clip * frames_per_clip : (clip + 1) * frames_per_clip]
 
 
 @contextmanager

@@ -19,6 +19,7 @@ checked on a toy flow; the generate workload wraps the guided DiT into such a ca
 Classifier-free guidance (the two forwards of a step and their formula) is in
 wan_exp/parallel/cfg.py, beside its CFG-parallel version.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -59,16 +60,28 @@ def unipc_scheduler(steps: int, shift: float):
     from diffusers import UniPCMultistepScheduler
 
     scheduler = UniPCMultistepScheduler(
-        num_train_timesteps=TRAIN_TIMESTEPS, prediction_type="flow_prediction", use_flow_sigmas=True,
+        num_train_timesteps=TRAIN_TIMESTEPS,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
         flow_shift=1.0,  # the grid below is already shifted; its own shift would move it
-        solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
-        final_sigmas_type="zero")
+        solver_order=2,
+        solver_type="bh2",
+        predict_x0=True,
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
     scheduler.set_timesteps(sigmas=sigma_schedule(steps, shift))  # a numpy array, not a list
     return scheduler
 
 
-def sample(flow: Flow, noise: torch.Tensor, steps: int, shift: float, sampler: str = "unipc",
-           step_context: Optional[StepContext] = None) -> torch.Tensor:
+def sample(
+    flow: Flow,
+    noise: torch.Tensor,
+    steps: int,
+    shift: float,
+    sampler: str = "unipc",
+    step_context: Optional[StepContext] = None,
+) -> torch.Tensor:
     """Integrate from noise to data with ``steps`` evaluations of ``flow``.
 
     ``step_context(i)`` (optional) wraps step i, e.g. to time it. The state stays in the dtype
@@ -83,7 +96,7 @@ def sample(flow: Flow, noise: torch.Tensor, steps: int, shift: float, sampler: s
     next_sigmas = [*sigmas[1:], 0.0]
     for i in range(steps):
         with step_context(i) if step_context is not None else nullcontext():
-            v = flow(x, timesteps[i:i + 1])
+            v = flow(x, timesteps[i : i + 1])
             if scheduler is not None:
                 x = scheduler.step(v, scheduler.timesteps[i], x, return_dict=False)[0]
             else:

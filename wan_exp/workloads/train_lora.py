@@ -23,6 +23,7 @@
   (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
   ``PeftModel.from_pretrained``), full adapter weights gathered from FSDP shards.
 """
+
 from __future__ import annotations
 
 import re
@@ -71,8 +72,9 @@ def lora_config(lora_cfg: Any) -> LoraConfig:
         re.compile(lora_cfg.target_regex)
     except re.error as exc:
         raise ValueError(f"workload.lora.target_regex={lora_cfg.target_regex!r} is not a valid regex: {exc}") from None
-    return LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                      target_modules=lora_cfg.target_regex)
+    return LoraConfig(
+        r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=lora_cfg.target_regex
+    )
 
 
 def inject_lora(dit: nn.Module, lora_cfg: Any, seed: int) -> list[str]:
@@ -100,8 +102,9 @@ def adapter_parameters(dit: nn.Module) -> list[nn.Parameter]:
     return [p for p in dit.parameters() if p.requires_grad]
 
 
-def loss_scale_and_sp_group(cfg: Any, parallel_model: ParallelModel,
-                            world_size: int) -> tuple[float, Optional[dist.ProcessGroup]]:
+def loss_scale_and_sp_group(
+    cfg: Any, parallel_model: ParallelModel, world_size: int
+) -> tuple[float, Optional[dist.ProcessGroup]]:
     """(factor on the loss before backward, group to sum adapter gradients over or None);
     see the module docstring for why."""
     dims = parallel_model.dims
@@ -122,15 +125,13 @@ def sum_gradients(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
         dist.all_reduce(local, group=group)
 
 
-def training_inputs(cfg: Any, geometry: JobGeometry, parallel_model: ParallelModel,
-                    device: torch.device) -> ClipInputs:
+def training_inputs(cfg: Any, geometry: JobGeometry, parallel_model: ParallelModel, device: torch.device) -> ClipInputs:
     """One clip that continues a video: the first clip's text, audio and reference, plus
     random motion latents (so the token count is that of a clip after the first)."""
     inputs = encode_job_inputs(cfg, geometry, parallel_model, device)
     inputs.audio = clip_audio(inputs.audio, 0, cfg.workload.frames_per_clip)
     if cfg.model.s2v:
-        inputs.motion = random_latents(geometry.motion_shape, input_seed(cfg, "motion"), device,
-                                       inputs.latents.dtype)
+        inputs.motion = random_latents(geometry.motion_shape, input_seed(cfg, "motion"), device, inputs.latents.dtype)
     return inputs
 
 
@@ -143,8 +144,14 @@ def flow_matching_loss(dit: nn.Module, inputs: ClipInputs, sigma: float, noise: 
     return F.mse_loss(flow.float(), (noise - x0).float())
 
 
-def train_step(dit: nn.Module, inputs: ClipInputs, generator: torch.Generator, shift: float,
-               loss_scale: float, sp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def train_step(
+    dit: nn.Module,
+    inputs: ClipInputs,
+    generator: torch.Generator,
+    shift: float,
+    loss_scale: float,
+    sp_group: Optional[dist.ProcessGroup],
+) -> torch.Tensor:
     """Forward, backward and gradient reduction of one step (no optimiser). Returns the
     detached loss, still on the device (the caller's finiteness check is the step's one
     extra device sync)."""
@@ -175,8 +182,11 @@ def save_adapter(state_dict: dict[str, torch.Tensor], lora_cfg: Any, folder: Pat
     adapter_model.safetensors with keys ``base_model.model.<module>.lora_A.weight``
     (peft's saved names carry no adapter name; in the model it is ``lora_A.default``)."""
     adapter = f".{ADAPTER_NAME}."
-    tensors = {PEFT_KEY_PREFIX + key.replace(adapter, "."): value.contiguous()
-               for key, value in state_dict.items() if ".lora_" in key}
+    tensors = {
+        PEFT_KEY_PREFIX + key.replace(adapter, "."): value.contiguous()
+        for key, value in state_dict.items()
+        if ".lora_" in key
+    }
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     lora_config(lora_cfg).save_pretrained(str(folder))
@@ -191,9 +201,12 @@ def _tensor_bytes(tensors: Any) -> int:
 def train_state_bytes(dit: nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
     """This rank's training memory by kind, in bytes of its own shards: every parameter of the
     DiT, the trainable ones, their gradients and the optimiser's state (AdamW: two moments)."""
-    return {"parameters": local_param_bytes(dit), "trainable": _tensor_bytes(params),
-            "gradients": _tensor_bytes(p.grad for p in params),
-            "optimizer_state": _tensor_bytes(v for state in optimizer.state.values() for v in state.values())}
+    return {
+        "parameters": local_param_bytes(dit),
+        "trainable": _tensor_bytes(params),
+        "gradients": _tensor_bytes(p.grad for p in params),
+        "optimizer_state": _tensor_bytes(v for state in optimizer.state.values() for v in state.values()),
+    }
 
 
 def run_train_lora(cfg: Any, ctx: Any) -> dict:
