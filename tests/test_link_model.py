@@ -14,8 +14,9 @@ from pathlib import Path
 from statistics import median
 
 import pytest
+from omegaconf import OmegaConf
 
-from wan_exp.config import ConfigError
+from wan_exp.config import ConfigError, compose_config
 from wan_exp.plan.pricing import (
     LINKS,
     CurveFileError,
@@ -175,9 +176,10 @@ def test_overlap_range_on_a_toy_exchange():
         overlap_of({"parallel": {"ulysses_degree": 4}, "workload": {"name": "generate"}}),
     )
     assert serial["step_s"] == serial["step_serial_s"] == pytest.approx(1.5) and serial["overlap"] == "serial"
-    assert overlap_of({"parallel": {"fsdp": {"enabled": True}}, "workload": {"name": "generate"}}).kinds == (
-        "all_gather",
-    )
+    for preset in ("fsdp_fixed", "hybrid"):  # the presets as composed: FSDP on by its degree
+        composed = OmegaConf.to_container(compose_config([f"parallel={preset}"]), resolve=True)
+        assert overlap_of(composed).kinds[-1] == "all_gather", preset
+    assert overlap_of(OmegaConf.to_container(compose_config(["parallel=ulysses"]), resolve=True)).kinds == ()
 
 
 # ----------------------------------------------------------------------------- the plan's rows

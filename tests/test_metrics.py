@@ -250,3 +250,18 @@ def test_job_step_times_are_stored_in_the_summary_that_wandb_reads():
     """The job's time of each step (the slowest rank's) is derived once, into the summary."""
     records = [_record(0, 60.0, [2.0, 4.0, 3.0]), _record(1, 20.0, [2.5, 3.0, 3.0])]
     assert summarize(records, {"model": {"dtype": "bf16"}})["step_times_s"] == [2.5, 4.0, 3.0]
+
+
+def test_work_set_aside_inside_a_stage_is_booked_to_its_own_stage(monkeypatch):
+    """The drift check's reference forwards run inside denoise: their seconds go to drift_check
+    and out of denoise (a fake clock: denoise 10 s in all, of which 3 s aside)."""
+    from wan_exp.metrics import collector as collector_module
+
+    clock = iter([0.0, 4.0, 7.0, 10.0])  # denoise starts, aside starts, aside ends, denoise ends
+    monkeypatch.setattr(collector_module.time, "perf_counter", lambda: next(clock))
+    metrics = collector_module.MetricsCollector("cpu", 0, 1)
+    with metrics.stage("denoise"):
+        with metrics.aside("drift_check"):
+            pass
+    assert metrics.stages["denoise"]["seconds"] == 10.0 - 3.0
+    assert metrics.stages["drift_check"]["seconds"] == 3.0 and metrics.stages["drift_check"]["count"] == 1

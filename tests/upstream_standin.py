@@ -97,7 +97,8 @@ def generate(args):
     if rank == 0:
         from wan_exp.media import write_video
 
-        frames = np.zeros((args.num_clip * args.infer_frames, 32, 32, 3), np.uint8)
+        # as upstream's S2V: every clip's frames less the 3 the first clip drops
+        frames = np.zeros((args.num_clip * args.infer_frames - 3, 32, 32, 3), np.uint8)
         logging.info(f"Saving generated video to {{args.save_file}}")
         audio = np.sin(np.arange(16000 * 2) / 10.0).astype(np.float32)
         write_video(args.save_file, frames, 16, audio, 16000)

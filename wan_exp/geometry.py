@@ -22,6 +22,15 @@ VAE_STRIDE = 8  # pixels per latent in height and width (the Wan2.1 VAE)
 FRAMES_PER_LATENT = 4  # video frames per latent frame
 FRAME_PACK_BUCKETS = (1, 2, 16)  # motion latents, newest first: 1 at full, 2 at 2x, 16 at 4x
 FRAME_PACK_KERNELS = ((1, 2, 2), (2, 4, 4), (4, 8, 8))
+FIRST_CLIP_DROPPED_FRAMES = 3  # upstream S2V drops these of the first clip's kept frames
+
+
+def video_frames(frames_per_clip: int, clips: int) -> int:
+    """Frames of a finished S2V video: every clip's, less those the first clip drops (upstream's
+    two clips of 80 frames make 157)."""
+    return frames_per_clip * clips - FIRST_CLIP_DROPPED_FRAMES
+
+
 AUDIO_TOKENS_PER_FRAME = 4  # local tokens per latent frame, plus one learned padding token
 
 

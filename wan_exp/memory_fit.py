@@ -211,7 +211,7 @@ def check_audio_fits(cfg: Any, path: str, samples: int, sample_rate: int, ranks_
 def _hint(cfg: Any, full_load: bool, fewer_ranks: bool, encoders_on_gpu: bool = False) -> str:
     """What would make the job fit, among the settings that apply to it."""
     options = []
-    if not fsdp_shards(cfg.parallel.fsdp) or full_load:
+    if not fsdp_shards(cfg.parallel.fsdp.degree) or full_load:
         options.append(
             "a strategy that shards the DiT over the ranks without a full load (parallel=fsdp_fixed or parallel=hybrid)"
         )

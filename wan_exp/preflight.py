@@ -258,7 +258,7 @@ def ranks_per_node(cfg: Any, gpus: int) -> int:
 
 def check_fsdp_device(fsdp_cfg: Any, device_type: str) -> None:
     """Fail early, with the setting to change, where FSDP1 itself would refuse."""
-    if fsdp_shards(fsdp_cfg) and fsdp_cfg.sync_module_states and device_type != "cuda":
+    if fsdp_shards(fsdp_cfg.degree) and fsdp_cfg.sync_module_states and device_type != "cuda":
         raise ConfigError(
             "parallel.fsdp.sync_module_states=true needs GPUs: FSDP1 broadcasts rank 0's "
             f"weights from GPU memory and raises ValueError for a {device_type} module. "

@@ -48,6 +48,7 @@ class MetricsCollector:
         # collectives per kind; counting while the worker holds it entered (`with comm:`)
         self.comm = CommCounter()
         self.stages: dict[str, dict[str, Any]] = {}
+        self._aside_s = 0.0  # seconds timed by aside(), taken out of the stages around them
         # peaks seen before a stage reset the device's / the host's peak counters
         self._folded_peaks: dict[str, float] = {}
         self._nvml_peak_bytes: Optional[int] = None
@@ -93,11 +94,36 @@ class MetricsCollector:
         and keeps the larger peaks. The job-wide peaks in ``memory()`` are unaffected."""
         self._sync()
         self._reset_peaks()
+        start, aside_before = time.perf_counter(), self._aside_s
+        yield
+        self._sync()
+        elapsed = time.perf_counter() - start - (self._aside_s - aside_before)
+        entry = self._stage_entry(name)
+        entry["seconds"] += elapsed
+        entry["count"] += 1
+        for key, value in self._current_peaks().items():
+            if value is not None:
+                entry[key] = max(entry[key] or 0.0, value)
+                self._folded_peaks[key] = max(self._folded_peaks.get(key, 0.0), value)
+        self._sample_nvml()
+
+    @contextmanager
+    def aside(self, name: str) -> Iterator[None]:
+        """Time work done inside a stage that is not that stage's (the drift check's reference
+        forwards inside denoise): its seconds go to stage ``name`` and are taken out of every
+        stage open around it. Peaks are left to the stage around it."""
+        self._sync()
         start = time.perf_counter()
         yield
         self._sync()
         elapsed = time.perf_counter() - start
-        entry = self.stages.setdefault(
+        self._aside_s += elapsed
+        entry = self._stage_entry(name)
+        entry["seconds"] += elapsed
+        entry["count"] += 1
+
+    def _stage_entry(self, name: str) -> dict:
+        return self.stages.setdefault(
             name,
             {
                 "seconds": 0.0,
@@ -107,13 +133,6 @@ class MetricsCollector:
                 "peak_host_rss_gib": None,
             },
         )
-        entry["seconds"] += elapsed
-        entry["count"] += 1
-        for key, value in self._current_peaks().items():
-            if value is not None:
-                entry[key] = max(entry[key] or 0.0, value)
-                self._folded_peaks[key] = max(self._folded_peaks.get(key, 0.0), value)
-        self._sample_nvml()
 
     def _current_peaks(self) -> dict[str, Optional[float]]:
         on_cuda = self.device.type == "cuda"

@@ -144,7 +144,8 @@ class DriftCheck:
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
         if not self._checking():
             return
-        expected = self.run_reference(lambda reference: reference(*args, **kwargs))
+        with self.ctx.metrics.aside("drift_check"):  # not the job's own denoise time
+            expected = self.run_reference(lambda reference: reference(*args, **kwargs))
         self.flow_rel_l2.append({"step": self.ctx.current_step, "rel_l2": relative_l2(output, expected)})
         self.ctx.metrics.note("drift", self.record())
 

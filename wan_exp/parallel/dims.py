@@ -51,15 +51,15 @@ def usp_suggestion(sp_ranks: int, num_heads: int) -> str:
     return f"parallel.ulysses_degree={ulysses} parallel.ring_degree={sp_ranks // ulysses}"
 
 
-def fsdp_shards(fsdp: Any) -> bool:
+def fsdp_shards(degree: Any) -> bool:
     """FSDP is on: ``parallel.fsdp.degree`` is not 0 (the degree is the only switch)."""
-    return int(fsdp.degree) != 0
+    return int(degree or 0) != 0
 
 
 def runs_one_rank(parallel: Any) -> bool:
     """Every degree is 1 and FSDP is off: the split is one rank holding the whole model
     (``parallel=single``), whatever launcher.nproc_per_node=auto would give."""
-    return not fsdp_shards(parallel.fsdp) and all(
+    return not fsdp_shards(parallel.fsdp.degree) and all(
         int(getattr(parallel, f"{axis}_degree")) == 1 for axis in ("cfg", "ring", "ulysses")
     )
 
@@ -114,7 +114,7 @@ class ParallelDims:
                 f"parallel.cfg_degree={cfg}: use 1 (off) or 2 (conditional and "
                 "unconditional forwards on two rank groups)"
             )
-        fsdp_enabled = fsdp_shards(parallel.fsdp)
+        fsdp_enabled = fsdp_shards(parallel.fsdp.degree)
         fsdp_degree = int(parallel.fsdp.degree)
         if fsdp_degree < -1:
             raise ConfigError(

@@ -33,6 +33,7 @@ from typing import Any
 
 from wan_exp.config import ConfigError
 from wan_exp.metrics.messages import parse_message_key
+from wan_exp.parallel.dims import fsdp_shards
 
 GB = 1e9  # link figures are decimal GB/s, as nccl-tests prints them
 # the curve kinds; the counter's kinds map onto them (CURVE_OF)
@@ -388,7 +389,7 @@ def overlap_of(config: Mapping[str, Any]) -> Overlap:
     if int(parallel.get("ring_degree", 1) or 1) > 1 and workload != "train_lora":
         kinds += ["send", "recv"]
         reasons.append("ring attention sends the next K/V chunk while it computes on the current one")
-    if (parallel.get("fsdp") or {}).get("enabled"):
+    if fsdp_shards((parallel.get("fsdp") or {}).get("degree", 0)):
         kinds.append("all_gather")
         reasons.append(
             "FSDP all-gathers the next unit on its own stream while the current one computes"

@@ -228,4 +228,4 @@ def patches_fsdp_broadcast(cfg: Any) -> bool:
     """The fsdp_fixed split under upstream: FSDP on and no broadcast of rank 0's weights
     (``parallel.fsdp.sync_module_states=false``), which upstream's shard_model does, so the
     runner patches it (wan_exp/upstream/runner.py)."""
-    return fsdp_shards(cfg.parallel.fsdp) and not bool(cfg.parallel.fsdp.sync_module_states)
+    return fsdp_shards(cfg.parallel.fsdp.degree) and not bool(cfg.parallel.fsdp.sync_module_states)

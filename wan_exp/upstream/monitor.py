@@ -175,7 +175,7 @@ def check_video(path: Path, expected_frames: Optional[int]) -> dict:
     if expected_frames is not None and found["frames"] != expected_frames:
         found["error"] = (
             f"{path} has {found['frames']} frames, not the {expected_frames} of the clips upstream "
-            "ran (clips x workload.frames_per_clip)"
+            "ran (clips x workload.frames_per_clip, less the 3 the first clip drops)"
         )
     return found
 

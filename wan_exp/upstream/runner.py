@@ -54,6 +54,7 @@ from omegaconf import OmegaConf
 from wan_exp import results
 from wan_exp.host.envvars import seen_environment
 from wan_exp.metrics.summary import rank_figures
+from wan_exp.geometry import video_frames
 from wan_exp.units import GIB
 from wan_exp.upstream.command import (
     FSDP_FUNCTION,
@@ -288,7 +289,7 @@ def rank_record(
     denoise = progress.denoise_seconds()
     rest = ended - first_bar - denoise if first_bar is not None else None
     _, peak_rss = host_memory_gib()
-    frames = clips * int(cfg.workload.frames_per_clip)
+    frames = video_frames(int(cfg.workload.frames_per_clip), clips) if clips else 0
     figures = rank_figures(steps[warmup:], phases, comm={})
     figures.update(comm_step_totals=None, comm_init_totals=None)  # collectives are not seen from outside
     return {

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from wan_exp.config import SamplerName, VaePlacement
-from wan_exp.geometry import JobGeometry, job_geometry
+from wan_exp.geometry import FIRST_CLIP_DROPPED_FRAMES, JobGeometry, job_geometry, video_frames
 from wan_exp.media import SAMPLE_RATE, wants_video, write_video
 from wan_exp.metrics.flops import dit_forward_flops
 from wan_exp.models.vae import TEMPORAL_STRIDE, WanVAE, build_vae
@@ -57,17 +57,11 @@ from wan_exp.workloads.inputs import (
 from wan_exp.workloads.sampler import sample
 
 VIDEO_FILE = "video.mp4"
-FIRST_CLIP_DROPPED_FRAMES = 3  # upstream drops these of the first clip's kept frames
 
 
 def motion_pixel_frames(motion_latents: int) -> int:
     """Pixel frames that encode into ``motion_latents`` latent frames (19 -> 73)."""
     return 1 + TEMPORAL_STRIDE * (motion_latents - 1)
-
-
-def video_frames(frames_per_clip: int, clips: int) -> int:
-    """Frames of the finished video: every clip's, less those the first clip drops."""
-    return frames_per_clip * clips - FIRST_CLIP_DROPPED_FRAMES
 
 
 def decode_input(ref: Optional[torch.Tensor], motion: torch.Tensor, latents: torch.Tensor, clip: int) -> torch.Tensor:
