@@ -69,7 +69,7 @@ def test_every_candidate_passed_over_is_recorded_with_why(monkeypatch):
     """auto on a CUDA device with none of the extra packages importable: fa3, fa4 and
     flash_attn are recorded as not installed; the LSE search in fp32 records the kernels that
     take half precision only. (Only the candidate lists are built: no GPU is needed.)"""
-    monkeypatch.setattr(attn, "_module_importable", lambda module: False)
+    monkeypatch.setattr(attn, "module_importable", lambda module: False)
     rejected: dict[str, str] = {}
     candidates = attn._auto_candidates(torch.device("cuda"), rejected)
     assert candidates == ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math"]

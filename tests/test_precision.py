@@ -38,13 +38,13 @@ def job(*overrides: str):
 @pytest.fixture
 def libraries_installed(monkeypatch):
     """Every kernel library found (their presence is the machine's business, not the test's)."""
-    monkeypatch.setattr(precision_support, "module_found", lambda name: True)
+    monkeypatch.setattr(precision_support, "module_importable", lambda name: True)
     monkeypatch.setattr(precision_support, "sageattention_fp8_kernels_found", lambda: True)
 
 
 @pytest.fixture
 def no_libraries(monkeypatch):
-    monkeypatch.setattr(precision_support, "module_found", lambda name: False)
+    monkeypatch.setattr(precision_support, "module_importable", lambda name: False)
     monkeypatch.setattr(precision_support, "sageattention_fp8_kernels_found", lambda: False)
 
 
@@ -323,7 +323,7 @@ def test_auto_records_why_each_faster_backend_did_not_run(fresh_attention, monke
 
 
 def test_8bit_attention_with_no_kernel_installed_fails_naming_each(fresh_attention, monkeypatch):
-    monkeypatch.setattr(attention, "_module_importable", lambda module: False)
+    monkeypatch.setattr(attention, "module_importable", lambda module: False)
     attention.configure_attention_bits("fp8")
     with pytest.raises(attention.AttentionBackendError) as err:
         attention.attention(*qkv())
@@ -346,7 +346,7 @@ def test_8bit_attention_keeps_the_first_kernel_that_runs_and_full_precision_bypa
         calls.append(q.shape)
         return attention.lse_math(q, k, v)[0]
 
-    monkeypatch.setattr(attention, "_module_importable", lambda module: True)
+    monkeypatch.setattr(attention, "module_importable", lambda module: True)
     monkeypatch.setitem(attention.KERNELS_8BIT, "sage_fp8", refuses)
     monkeypatch.setitem(attention.KERNELS_8BIT, "fa3_fp8", computes)
     attention.configure_attention_bits("fp8")

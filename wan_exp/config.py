@@ -119,6 +119,7 @@ PIPELINE_STAGES = (
     "motion_encode",
     "denoise",
     "vae_decode",
+    "drift_check",  # workload.drift_check's bf16 clip (models/precision.py), outside the clip's time
     "video_write",
 )
 

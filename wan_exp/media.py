@@ -53,8 +53,8 @@ def resample_to_16k(waveform: np.ndarray, rate: int) -> np.ndarray:
 def read_audio(path: str | Path) -> np.ndarray:
     """(samples,) float32 mono waveform at 16 kHz from any audio file ffmpeg decodes: decoded
     to float at the file's own rate (integer samples / 2^(bits-1), as soundfile reads them),
-    the channels averaged, then ``resample_to_16k``. ValueError naming ``workload.audio_path``
-    for a missing or unreadable file."""
+    the channels averaged, then ``resample_to_16k``. FileNotFoundError for a missing file,
+    ValueError for an unreadable or empty one, each naming ``workload.audio_path``."""
     chunks, rate = [], SAMPLE_RATE
     for chunk_rate, chunk in audio_chunks(path):
         chunks.append(chunk)

@@ -24,6 +24,7 @@ from typing import Any
 
 from wan_exp.config import ConfigError, DType, Precision, WorkloadName
 from wan_exp.devices import JobShape, visible_compute_capabilities
+from wan_exp.installed import module_importable
 from wan_exp.parallel.dims import parallel_dims
 
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 (e4m3) tensor-core matmuls: Ada 8.9, Hopper 9.0 and newer
@@ -40,14 +41,6 @@ class Library:
     install: str  # the command that installs it
 
 
-def module_found(name: str) -> bool:
-    """A top-level module can be imported (looked up, not imported)."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def sageattention_fp8_kernels_found() -> bool:
     """SageAttention 2 built with its FP8 P.V kernels (``_qattn_sm89`` / ``_qattn_sm90``
     extension modules); the PyPI wheel (SageAttention 1, Triton) has none. Looked up in the
@@ -62,8 +55,8 @@ def sageattention_fp8_kernels_found() -> bool:
     )
 
 
-TORCHAO = Library("torchao", lambda: module_found("torchao"), "pip install torchao")
-SAGEATTENTION = Library("sageattention", lambda: module_found("sageattention"), "pip install sageattention")
+TORCHAO = Library("torchao", lambda: module_importable("torchao"), "pip install torchao")
+SAGEATTENTION = Library("sageattention", lambda: module_importable("sageattention"), "pip install sageattention")
 SAGEATTENTION_FP8 = Library(
     "SageAttention 2 (FP8 P.V kernels)",
     sageattention_fp8_kernels_found,
@@ -71,7 +64,7 @@ SAGEATTENTION_FP8 = Library(
 )
 FLASH_ATTN_3 = Library(
     "flash-attn 3 (flash_attn_interface)",
-    lambda: module_found("flash_attn_interface"),
+    lambda: module_importable("flash_attn_interface"),
     "build flash-attn's hopper/ folder: cd flash-attention/hopper && python setup.py install",
 )
 

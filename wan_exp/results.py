@@ -379,6 +379,10 @@ OOM_ADVICE = {
         "The DiT's steps ran out of memory: a smaller workload.size or frames_per_clip, or a "
         "sequence split (parallel=ulysses, usp)",
     ),
+    "drift_check": (
+        "The drift check ran out of memory (it keeps a bf16 copy of the DiT beside the job's own): "
+        "workload.drift_check=false"
+    ),
     "video_write": (
         "Writing the video ran out of memory (every frame is held until the end): fewer "
         "workload.clips or workload.save_video=false"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from wan_exp.geometry import job_geometry
-from wan_exp.media import SAMPLE_RATE, read_audio, wants_video
+from wan_exp.media import SAMPLE_RATE, audio_peak_and_samples, wants_video
 
 MIB = 1024**2
 JOB_BYTES = 1 * MIB
@@ -46,14 +46,14 @@ class SweepBytes:
     jobs: int
 
 
-def video_frames(workload: Any) -> int:
-    """Frames of a generate job's video: clips x frames_per_clip; with ``workload.clips=-1``
-    the clip count follows the audio file (one more than its whole clips, as the workload
-    counts them)."""
+def planned_video_frames(workload: Any) -> int:
+    """At most the frames of a generate job's video: clips x frames_per_clip; with
+    ``workload.clips=-1`` the clip count follows the audio file (one more than its whole clips,
+    as the workload counts them), its length read a frame at a time (the file is never held)."""
     clips = int(workload.clips)
     if clips == -1:
         if workload.audio_path:
-            seconds = len(read_audio(workload.audio_path)) / SAMPLE_RATE
+            seconds = audio_peak_and_samples(workload.audio_path)[1] / SAMPLE_RATE
             clips = int(seconds * int(workload.fps) / int(workload.frames_per_clip)) + 1
         else:
             clips = 1
@@ -67,7 +67,7 @@ def video_bytes(cfg: Any) -> int:
         return 0
     geometry = job_geometry(cfg)
     height, width = geometry.height, geometry.width
-    frames = video_frames(wl)
+    frames = planned_video_frames(wl)
     seconds = frames / int(wl.fps)
     return int(frames * height * width * VIDEO_BYTES_PER_PIXEL + seconds * AUDIO_BYTES_PER_S)
 

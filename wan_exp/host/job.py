@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import psutil
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from wan_exp import results
@@ -129,8 +130,6 @@ def node_layout(launcher_cfg: Any, environ: Mapping[str, str]) -> NodeLayout:
 
 def job_dir_of(cfg: DictConfig) -> Path:
     """The job's folder: Hydra's output dir for this job (<sweep dir>/<subdir>)."""
-    from hydra.core.hydra_config import HydraConfig
-
     return Path(HydraConfig.get().runtime.output_dir).resolve()
 
 
@@ -384,8 +383,6 @@ def job_record(
 
 def job_overrides(cfg: DictConfig) -> list[str]:
     """The job's own overrides as recorded in job.json (launcher.resume left out)."""
-    from hydra.core.hydra_config import HydraConfig
-
     return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("launcher.resume")]
 
 
@@ -447,8 +444,6 @@ def _exit_at_once(signum: int, frame: Any) -> None:
 
 def run_job(cfg: DictConfig) -> dict:
     """Run this host's part of one job; see the module docstring."""
-    from hydra.core.hydra_config import HydraConfig
-
     job_dir = job_dir_of(cfg)
     job_num = int(HydraConfig.get().job.num)
     keep_log_file_errors_off_the_console()

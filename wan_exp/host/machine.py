@@ -120,14 +120,7 @@ class LoadSampler:
                 self._job_cpu[proc.pid] = times.user + times.system
             except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                 continue
-        host = psutil.cpu_times()
-        busy = (
-            host.user
-            + host.system
-            + getattr(host, "nice", 0.0)
-            + getattr(host, "irq", 0.0)
-            + getattr(host, "softirq", 0.0)
-        )
+        busy = _busy_cpu_s_on_usable_cores()
         job = sum(self._job_cpu.values()) + _own_cpu_s()
         self.load_max = max(self.load_max, os.getloadavg()[0])
         if self._last is not None:
@@ -165,3 +158,22 @@ def machine_figures(
         "sampled_s": round(sampler.elapsed_s, 1),
         "warnings": warnings,
     }
+
+
+def _busy_cpu_s_on_usable_cores() -> float:
+    """CPU seconds spent on the cores this process may use (its affinity): inside a Slurm or
+    container cpuset, other users' work on other cores is not load on this job's cores."""
+    try:
+        cores = os.sched_getaffinity(0)
+    except AttributeError:  # no affinity on this platform: every core
+        cores = None
+    per_core = psutil.cpu_times(percpu=True)
+    return sum(
+        times.user
+        + times.system
+        + getattr(times, "nice", 0.0)
+        + getattr(times, "irq", 0.0)
+        + getattr(times, "softirq", 0.0)
+        for index, times in enumerate(per_core)
+        if cores is None or index in cores
+    )

@@ -5,9 +5,9 @@ layout the Linear projections produce), so no caller transposes. The backend is 
 per process: ``configure(name)`` records the requested name (``model.attention_backend``);
 ``auto`` is resolved at the first call, on that call's device and dtype, by trying the
 candidates fastest first and keeping the first that runs. ``selected_backend()`` says which
-one ran, for the rank record, and ``rejected_backends()`` every candidate passed over and why
-(not installed, a broken build, or the error it raised); ``rejected_lse_backends()`` the same
-for ring attention's log-sum-exp kernels.
+one ran; ``backend_report()`` gives the rank record what ran and every candidate passed over
+and why (not installed, a broken build, or the error it raised), for the attention backend, ring
+attention's log-sum-exp kernel and model.precision's 8-bit kernel.
 
 flash-attn is a compiled extension that often does not match the installed torch (an
 ``undefined symbol`` at import); ``flash_attn_status()`` imports it and runs a tiny forward
@@ -17,7 +17,6 @@ in a subprocess, so a broken build is diagnosed without touching this process.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from wan_exp.installed import module_importable
 from wan_exp.models.attention_8bit import KERNELS_8BIT, ORDER_8BIT, REQUIRED_MODULE_8BIT
 
 SDPA_KERNELS = {
@@ -182,20 +182,10 @@ def _why(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
-def _module_importable(module: str) -> bool:
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):  # a parent package that fails to import
-        return False
-    # a bare folder (namespace package) is no module: flash-attn 4 ships flash_attn/cute alone,
-    # which makes `flash_attn` findable without flash-attn 2 being installed
-    return spec is not None and spec.origin is not None
-
-
 def _unavailable(name: str) -> str | None:
     """Why ``name`` cannot run in this process before trying it (None: it may)."""
     module = _REQUIRED_MODULE.get(name)
-    if module and not _module_importable(module):
+    if module and not module_importable(module):
         return f"not installed (module {module} not importable)"
     if name == "flash_attn":
         status = flash_attn_status()
@@ -248,7 +238,7 @@ def _resolve_8bit_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     fails the job: a job labelled 8-bit must not measure 16-bit attention."""
     global _selected_8bit
     for name in ORDER_8BIT[_attention_bits]:
-        if not _module_importable(REQUIRED_MODULE_8BIT[name]):
+        if not module_importable(REQUIRED_MODULE_8BIT[name]):
             _rejected_8bit[name] = f"not installed (module {REQUIRED_MODULE_8BIT[name]} not importable)"
             continue
         try:
@@ -514,7 +504,7 @@ def flash_attn_status(timeout_s: float = 120.0) -> dict:
 
 def importable_backends() -> dict[str, bool]:
     """Which optional backend modules can be found (without importing them)."""
-    return {name: _module_importable(module) for name, module in _REQUIRED_MODULE.items()}
+    return {name: module_importable(module) for name, module in _REQUIRED_MODULE.items()}
 
 
 __all__ = [

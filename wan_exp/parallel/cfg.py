@@ -64,7 +64,7 @@ def guided_flow(
 ) -> torch.Tensor:
     """The two forwards of one denoising step and their guidance, ``u + g * (c - u)``:
     conditional first, then unconditional; only the forward the formula needs when g is 1 or 0.
-    This is the one call a CFG-parallel split replaces (parallel/cfg.py)."""
+    This is the one call a CFG-parallel split replaces (``cfg_parallel_flow`` below)."""
     if guidance_scale == 1.0:
         return dit_flow(dit, latents, timestep, cond)
     if guidance_scale == 0.0:

@@ -47,6 +47,7 @@ from wan_exp.host.callbacks import lock_holder, override_differences
 from wan_exp.host.job import SWEEP_STATE_DIR
 from wan_exp.plan.pricing import ASSUMPTION, GB, Link, comm_times_s, parse_link, step_range
 from wan_exp.preflight import check_job
+from wan_exp.report.render import CSS
 from wan_exp.results import (
     COMPLETED,
     JOB_FILE,
@@ -365,7 +366,7 @@ NCCL_BUFFSIZE_DEFAULT = 4 << 20  # NCCL_BUFFSIZE's default, 4 MiB
 # channels NCCL opens per connection when NCCL_MAX_NCHANNELS does not say: 32, what an
 # all-to-all on 8 H100s opened per pair of GPUs (https://github.com/NVIDIA/nccl/issues/1685)
 NCCL_CHANNELS_DEFAULT = 32
-NCCL_RING_CONNECTIONS = 2  # a ring has 2 connections whatever the scale (nccl issue 986)
+NCCL_RING_CONNECTIONS = 2  # a ring has 2 connections whatever the scale (https://github.com/NVIDIA/nccl/issues/986)
 
 
 def nccl_buffer_bytes(env: dict, gpus: int, peer_to_peer: bool) -> int:
@@ -657,8 +658,6 @@ def markdown(title: str, lines: list[str], header: list[str], body: list[list[st
 
 
 def html_page(title: str, lines: list[str], header: list[str], body: list[list[str]]) -> str:
-    from wan_exp.report.render import CSS
-
     rows = "".join(
         "<tr>"
         + "".join(

@@ -52,9 +52,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from wan_exp import results
+from wan_exp.geometry import video_frames
 from wan_exp.host.envvars import seen_environment
 from wan_exp.metrics.summary import rank_figures
-from wan_exp.geometry import video_frames
 from wan_exp.units import GIB
 from wan_exp.upstream.command import (
     FSDP_FUNCTION,
