@@ -419,8 +419,9 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
         assert row["compute_s"] == pytest.approx(compute) and row["comm_s"] == pytest.approx(comm)
         assert row["overlap"] == "serial"  # Ulysses' all-to-alls block
         assert row["step_s"] == row["step_serial_s"] == pytest.approx(compute + comm)
-        decode = sum(record["stages"][n]["seconds"] for n in ("vae_decode", "motion_encode") if n in record["stages"])
-        assert row["clip_s"] == pytest.approx(40 * (compute + comm) + decode)  # upstream S2V: 40 steps
+        around = ("text_encode", "audio_encode", "reference_encode", "vae_decode", "motion_encode", "video_write")
+        rest = sum(record["stages"][n]["seconds"] for n in around if n in record["stages"])
+        assert row["clip_s"] == pytest.approx(40 * (compute + comm) + rest)  # upstream S2V: 40 steps, one clip
         steps[key] = compute + comm
     assert nvlink4.name in plan["title"]
     assert rows[("ulysses", 2)]["comm_s"] > 0  # Ulysses exchanges heads every attention

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from wan_exp.config import CONF_DIR, ConfigError, compose_config, parse_size, steps_run
+from wan_exp.config import CONF_DIR, PIPELINE_STAGES, ConfigError, compose_config, parse_size, steps_run
 from wan_exp.devices import visible_gpu_count
 from wan_exp.host.callbacks import lock_holder, override_differences
 from wan_exp.host.job import SWEEP_STATE_DIR
@@ -343,16 +343,22 @@ def peak_and_stage(record: dict) -> tuple[Optional[float], Optional[str]]:
     return peak, max(stages, key=stages.get)
 
 
+# a clip's stages besides the DiT's steps (config.PIPELINE_STAGES less denoise and the drift check)
+CLIP_STAGES_AROUND_THE_DIT = tuple(s for s in PIPELINE_STAGES if s not in ("denoise", "drift_check"))
+
+
 def clip_seconds(results: dict, step_s: Optional[float], clip_steps: int) -> Optional[float]:
-    """Predicted time of one clip of ``clip_steps`` sampling steps: clip_steps x the predicted
-    step, plus the measured per-clip time of the stages around the DiT (VAE decode, motion
-    re-encode). The job itself ran fewer steps (SHORT_JOB): its step is what is measured."""
+    """Predicted time of one whole clip of ``clip_steps`` sampling steps: clip_steps x the
+    predicted step, plus the measured per-clip time of every other stage of the pipeline (text
+    and audio encoding, the reference, VAE decode, motion re-encode, writing the video; the
+    job's one-off stages shared over its clips). The job itself ran fewer steps (SHORT_JOB):
+    its step is what is measured."""
     if step_s is None:
         return None
     record = results["ranks"][0]
     stages = record.get("stages") or {}
     clips = (stages.get("denoise") or {}).get("count") or 1
-    around = sum((stages.get(name) or {}).get("seconds", 0.0) for name in ("vae_decode", "motion_encode"))
+    around = sum(entry.get("seconds", 0.0) for name, entry in stages.items() if name in CLIP_STAGES_AROUND_THE_DIT)
     return clip_steps * step_s + around / clips
 
 
