@@ -544,7 +544,11 @@ def run_job(cfg: DictConfig) -> dict:
             "rank": stuck["rank"] if beats else None,
             "phase": stuck["phase"] if beats else "start",
             "step": stuck.get("step") if beats else None,
-            "message": f"interrupted by {how} while rank {stuck['rank']} was in {_where(stuck)!r}",
+            "message": (
+                f"interrupted by {how} while rank {stuck['rank']} was in {_where(stuck)!r}"
+                if beats
+                else f"interrupted by {how} before any rank started"
+            ),
         }
     finally:
         leftovers = kill_all(job_processes(agent, job_dir))
