@@ -1,4 +1,5 @@
-"""Run launch.py in a subprocess and read back what its jobs left (shared by the harness tests)."""
+"""Run launch.py (or a script under torchrun) in a subprocess and read back what its jobs left
+(shared by the harness tests)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun(nproc: int, *target: str, timeout: float = 240, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """``target`` (a script and its arguments, or ``-m module ...``) on ``nproc`` local ranks under
+    torchrun, a free rendezvous port, one thread per rank (the ranks share this machine's cores)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", *target]
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def run_launch(

@@ -6,12 +6,15 @@ tests/dist/split_equivalence.py."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from launch_helpers import REPO, torchrun
 from wan_exp.metrics.collector import MetricsCollector
 from wan_exp.metrics.comm import CommCounter
 from wan_exp.metrics.summary import rank_figures, summarize
@@ -214,29 +217,7 @@ def test_message_sizes_are_kept_per_step(fake_group):
 
 def test_point_to_point_of_real_gloo_ranks_is_counted(tmp_path):
     """isend/irecv, batch_isend_irecv and send/recv between 2 gloo processes under torchrun."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        str(repo / "tests" / "dist" / "comm_p2p.py"),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(
-        cmd, cwd=repo, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    proc = torchrun(2, str(REPO / "tests" / "dist" / "comm_p2p.py"), str(tmp_path))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     counts = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
     # isend 24 B + batched 24 B (+ rank 0's blocking 4 B bf16 send); irecv and batched alike

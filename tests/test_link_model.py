@@ -10,12 +10,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from statistics import median
 
 import pytest
 from omegaconf import OmegaConf
 
+from launch_helpers import REPO, torchrun
 from wan_exp.config import ConfigError, compose_config
 from wan_exp.plan.pricing import (
     LINKS,
@@ -29,7 +29,6 @@ from wan_exp.plan.pricing import (
     read_curve_file,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 # an all_reduce_perf table as nccl-tests prints it (2 sizes in between, out-of-place then in-place)
@@ -254,16 +253,8 @@ def test_kept_rows_are_refused_when_the_code_version_differs(tmp_path):
 # ----------------------------------------------------------------------------- linkbench
 def test_linkbench_on_two_gloo_ranks_writes_a_curve_the_parser_reads(tmp_path):
     out = tmp_path / "curve.txt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
+    proc = torchrun(
+        2,
         "-m",
         "wan_exp.linkbench",
         "--min-bytes",
@@ -276,15 +267,6 @@ def test_linkbench_on_two_gloo_ranks_writes_a_curve_the_parser_reads(tmp_path):
         "1",
         "--out",
         str(out),
-    ]
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     curves = read_curve_file(out)

@@ -7,21 +7,17 @@ tests/dist/strategy_equivalence.py and tests/dist/split_equivalence.py say what 
 from __future__ import annotations
 
 import gc
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from launch_helpers import REPO, torchrun
 from wan_exp.config import ConfigError
 from wan_exp.config import compose_config as compose_experiment
 from wan_exp.parallel.dims import parallel_dims
 from wan_exp.preflight import validate
 from wan_exp.units import GIB
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def compose_config(*overrides: str):
@@ -29,22 +25,7 @@ def compose_config(*overrides: str):
 
 
 def _torchrun(nproc: int, script: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        str(REPO / "tests" / "dist" / script),
-        *args,
-    ]
-    return subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    return torchrun(nproc, str(REPO / "tests" / "dist" / script), *args)
 
 
 def _assert_script_prints(nproc: int, script: str, *verdicts: str) -> None:

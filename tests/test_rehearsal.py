@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import job_results, output, run_launch
+from launch_helpers import REPO, job_results, output, run_launch, torchrun
 from wan_exp.config import ConfigError, compose_config
 from wan_exp.plan.pricing import LINKS, comm_time_s, parse_link, predict_step
 from wan_exp.preflight import check_job, job_shape, rank_device, ranks_per_node
@@ -508,30 +508,11 @@ def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
 
 # ----------------------------------------------------------------------------- GPU (the lead runs these)
 def _torchrun_shared_gpu(nproc: int) -> str:
-    import os
-    import subprocess
-    import sys
-
-    from launch_helpers import REPO
-
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--rdzv_backend",
-            "c10d",
-            "--rdzv_endpoint",
-            "localhost:0",
-            str(REPO / "tests" / "dist" / "strategy_equivalence.py"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    proc = torchrun(
+        nproc,
+        str(REPO / "tests" / "dist" / "strategy_equivalence.py"),
         timeout=280,
-        env={**os.environ, "WAN_EXP_TEST_DEVICE": "cuda"},
+        env={"WAN_EXP_TEST_DEVICE": "cuda"},
     )
     told = proc.stdout + proc.stderr
     verdicts = "\n".join(line for line in told.splitlines() if "MISMATCH" in line or "Error" in line)

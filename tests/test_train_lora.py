@@ -6,25 +6,20 @@ tests/dist/lora_train.py says what each case checks.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from launch_helpers import REPO, torchrun
 from wan_exp.config import compose_config as compose_experiment
 from wan_exp.geometry import job_geometry
 from wan_exp.models.wan_s2v import WanModel
 from wan_exp.parallel.registry import setup_parallel
 from wan_exp.rank.runtime import RankContext
 from wan_exp.workloads.train_lora import adapter_parameters, inject_lora, train_step, training_inputs
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def compose_config(*overrides: str):
@@ -81,22 +76,7 @@ def test_invalid_regex_names_the_setting():
 
 
 def test_gradients_equal_one_rank_under_every_strategy_and_adapters_reload_with_peft(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        str(REPO / "tests" / "dist" / "lora_train.py"),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=170, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    proc = torchrun(2, str(REPO / "tests" / "dist" / "lora_train.py"), str(tmp_path), timeout=170)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert re.search(r"LORA GRADIENTS MATCH \(5 cases, \d+ adapter tensors\)", proc.stdout), output[-6000:]
