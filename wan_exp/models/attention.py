@@ -21,7 +21,7 @@ import json
 import subprocess
 import sys
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -208,20 +208,32 @@ def _auto_candidates(device: torch.device, rejected: dict[str, str]) -> list[str
     return candidates
 
 
+def _first_that_runs(
+    candidates: list[str], implementations: dict[str, Callable], rejected: dict[str, str], *qkv: torch.Tensor
+) -> tuple[str | None, Any, list[str]]:
+    """The first of ``candidates`` whose implementation runs on ``qkv``: (its name, its output,
+    "name: why" for each that failed before it, also recorded in ``rejected``); (None, None,
+    failures) when none ran. An out-of-memory error is the job's, not a candidate's: it propagates."""
+    failures = []
+    for name in candidates:
+        try:
+            out = implementations[name](*qkv)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any other failure means "does not run here"
+            rejected[name] = _why(err)
+            failures.append(f"{name}: {rejected[name]}")
+            continue
+        return name, out, failures
+    return None, None, failures
+
+
 @torch.compiler.disable  # imports, subprocesses and retries: run eagerly inside a compiled block
 def _resolve_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     global _selected
     candidates = _auto_candidates(q.device, _rejected) if _requested == "auto" else [_requested]
-    failures = []
-    for name in candidates:
-        try:
-            out = _IMPLEMENTATIONS[name](q, k, v)
-        except torch.OutOfMemoryError:
-            raise  # the job ran out of memory: an OOM result, not a backend to skip
-        except Exception as err:  # noqa: BLE001 - any other failure means "does not work here"
-            _rejected[name] = _why(err)
-            failures.append(f"{name}: {_why(err)}")
-            continue
+    name, out, failures = _first_that_runs(candidates, _IMPLEMENTATIONS, _rejected, q, k, v)
+    if name is not None:
         _selected = name
         return out
     raise AttentionBackendError(
@@ -237,17 +249,14 @@ def _resolve_8bit_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     """The first 8-bit kernel of model.precision's attention bits that runs here. None running
     fails the job: a job labelled 8-bit must not measure 16-bit attention."""
     global _selected_8bit
+    candidates = []
     for name in ORDER_8BIT[_attention_bits]:
-        if not module_importable(REQUIRED_MODULE_8BIT[name]):
+        if module_importable(REQUIRED_MODULE_8BIT[name]):
+            candidates.append(name)
+        else:
             _rejected_8bit[name] = f"not installed (module {REQUIRED_MODULE_8BIT[name]} not importable)"
-            continue
-        try:
-            out = KERNELS_8BIT[name](q, k, v)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - "does not run here": try the next one
-            _rejected_8bit[name] = _why(err)
-            continue
+    name, out, _failures = _first_that_runs(candidates, KERNELS_8BIT, _rejected_8bit, q, k, v)
+    if name is not None:
         _selected_8bit = name
         return out
     raise AttentionBackendError(
@@ -403,16 +412,10 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         else:
             _selected_lse = chosen
             return result
-    failures = []
-    for name in _lse_candidates(q.device, q.dtype):
-        try:
-            result = LSE_IMPLEMENTATIONS[name](q, k, v)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - "does not run here": try the next one
-            _rejected_lse[name] = _why(err)
-            failures.append(f"{name}: {_why(err)}")
-            continue
+    name, result, failures = _first_that_runs(
+        _lse_candidates(q.device, q.dtype), LSE_IMPLEMENTATIONS, _rejected_lse, q, k, v
+    )
+    if name is not None:
         _selected_lse = _lse_by_input[(q.device.type, q.dtype)] = name
         return result
     raise AttentionBackendError(
