@@ -255,15 +255,21 @@ def check_progress(
     if now - last_progress <= hang_s:
         return None
     stuck = furthest_behind(beats, world_size, started_at)
+    return hang_finding(
+        stuck,
+        f"no progress from any rank for {hang_s:g}s (launcher.hang_timeout_s); rank "
+        f"{stuck['rank']} last reported {_where(stuck)!r} {now - stuck['time']:.0f}s ago",
+    )
+
+
+def hang_finding(stuck: dict, message: str) -> dict:
+    """A hang blamed on the rank ``stuck`` (its last heartbeat: rank, phase, step)."""
     return {
         "status": results.HANG,
         "rank": stuck["rank"],
         "phase": stuck["phase"],
         "step": stuck["step"],
-        "message": (
-            f"no progress from any rank for {hang_s:g}s (launcher.hang_timeout_s); rank "
-            f"{stuck['rank']} last reported {_where(stuck)!r} {now - stuck['time']:.0f}s ago"
-        ),
+        "message": message,
     }
 
 
@@ -288,16 +294,11 @@ def collective_timeout_hang(job_dir: Path, world_size: int) -> Optional[dict]:
     stuck = furthest_behind(results.read_heartbeats(job_dir), world_size, started_at=0.0)
     if stuck["rank"] in timed_out or records.get(stuck["rank"], {}).get("error"):
         return None  # the slowest rank failed on its own: an ordinary failure
-    return {
-        "status": results.HANG,
-        "rank": stuck["rank"],
-        "phase": stuck["phase"],
-        "step": stuck["step"],
-        "message": (
-            f"rank(s) {timed_out} timed out in a collective (nccl.timeout_s) waiting for "
-            f"rank {stuck['rank']}, which last reported {_where(stuck)!r}"
-        ),
-    }
+    return hang_finding(
+        stuck,
+        f"rank(s) {timed_out} timed out in a collective (nccl.timeout_s) waiting for "
+        f"rank {stuck['rank']}, which last reported {_where(stuck)!r}",
+    )
 
 
 def dead_ranks(job_dir: Path, node_outcomes: list[dict]) -> dict[int, dict]:
