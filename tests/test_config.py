@@ -68,7 +68,7 @@ def test_rank_environment(tmp_path, caplog):
         "nccl=seed", "allocator=expandable", "nccl.flight_recorder=true", "+nccl.env.TORCH_NCCL_ASYNC_ERROR_HANDLING=3"
     )
     with caplog.at_level(logging.WARNING):
-        env = rank_environment(cfg, tmp_path, nproc_per_node=2)
+        env, _thread_warnings = rank_environment(cfg, tmp_path, nproc_per_node=2)
     # deprecated names become TORCH_NCCL_*; a value set under the new name wins
     assert "NCCL_BLOCKING_WAIT" not in env and "NCCL_ASYNC_ERROR_HANDLING" not in env
     assert env["TORCH_NCCL_BLOCKING_WAIT"] == "1" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
@@ -84,10 +84,10 @@ def test_rank_environment(tmp_path, caplog):
 
 def test_default_profiles_set_no_allocator_or_trace_variables(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice is left alone
-    env = rank_environment(_compose(), tmp_path, nproc_per_node=2)
+    env, _thread_warnings = rank_environment(_compose(), tmp_path, nproc_per_node=2)
     assert env == {JOB_DIR_VAR: str(tmp_path)}
     monkeypatch.delenv("OMP_NUM_THREADS")
-    env = rank_environment(_compose(), tmp_path, nproc_per_node=2)
+    env, _thread_warnings = rank_environment(_compose(), tmp_path, nproc_per_node=2)
     assert env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))  # the cores it may use
 
 

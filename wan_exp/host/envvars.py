@@ -53,12 +53,13 @@ def nccl_variables(nccl_env: Mapping[str, Any]) -> dict[str, str]:
     return env
 
 
-def rank_environment(cfg: Any, job_dir: Path, nproc_per_node: int) -> dict[str, str]:
-    """Every variable the launcher sets for one job's ranks."""
+def rank_environment(cfg: Any, job_dir: Path, nproc_per_node: int) -> tuple[dict[str, str], list[str]]:
+    """(every variable the launcher sets for one job's ranks, the warnings about this host's
+    thread variables that came with them)."""
     env = nccl_variables(cfg.nccl.env)
     # as torchrun does: ranks sharing a host split its cores instead of each taking all; a
     # thread variable that is not a number is replaced by that split (machine.py warns)
-    threads, _warnings = rank_thread_settings({**os.environ, **env}, nproc_per_node, usable_cores())
+    threads, thread_warnings = rank_thread_settings({**os.environ, **env}, nproc_per_node, usable_cores())
     env.update(threads)
     if cfg.allocator.conf:
         for name in ALLOCATOR_NAMES:
@@ -70,7 +71,7 @@ def rank_environment(cfg: Any, job_dir: Path, nproc_per_node: int) -> dict[str, 
         # torch appends the rank to this prefix: nccl_trace/rank_<r>
         env.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(trace_dir / "rank_"))
     env[JOB_DIR_VAR] = str(job_dir)
-    return env
+    return env, thread_warnings
 
 
 def seen_environment(job: dict) -> dict[str, str | None]:

@@ -56,7 +56,6 @@ from wan_exp.host.machine import (
     LoadSampler,
     machine_figures,
     positive_int,
-    rank_thread_settings,
 )
 from wan_exp.host.progress import ProgressDisplay
 from wan_exp.host.pyspy import dump_with_pyspy
@@ -478,7 +477,7 @@ def run_job(cfg: DictConfig) -> dict:
     for warning in config_warnings(cfg):
         log.warning("job %d: %s", job_num, warning)
     node_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    env = rank_environment(with_layout, job_dir, shape.nproc_per_node)
+    env, thread_warnings = rank_environment(with_layout, job_dir, shape.nproc_per_node)
     spec = agent_spec(cfg, job_dir, job_num, layout, shape, node_id)
     node_file, log_dir = Path(spec["node_file"]), Path(spec["log_dir"])
     written: dict[str, str] = {}
@@ -558,7 +557,6 @@ def run_job(cfg: DictConfig) -> dict:
         if in_main_thread and interrupted is None:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    thread_warnings = rank_thread_settings(os.environ, shape.nproc_per_node, sampler.cores)[1]
     threads = positive_int({**os.environ, **env}.get("OMP_NUM_THREADS")) or 1
     machine = machine_figures(sampler, shape.nproc_per_node, threads, thread_warnings)
     for warning in machine["warnings"]:
