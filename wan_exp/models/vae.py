@@ -98,6 +98,7 @@ LATENT_STD = (
     1.9160,
 )
 
+
 class FramePart:
     """The part of each frame that a decode stream computes, seen by the decoder's spatial
     operations: this base class is the whole frame (zero padding at every edge, attention among
@@ -479,7 +480,7 @@ class WanVAE(nn.Module):
         frames = pixels.shape[2]
         if pixels.dim() != 5 or pixels.shape[1] != 3 or (frames - 1) % TEMPORAL_STRIDE:
             raise ValueError(f"WanVAE.encode takes RGB video (B, 3, 1 + 4k, H, W), got {tuple(pixels.shape)}")
-        cache: Cache = {}
+        cache = Cache()
         chunks = [pixels[:, :, :1]] + [pixels[:, :, i : i + TEMPORAL_STRIDE] for i in range(1, frames, TEMPORAL_STRIDE)]
         features = torch.cat(
             [self._encode_chunk(chunk, cache, i, len(chunks)) for i, chunk in enumerate(chunks)], dim=2
@@ -519,9 +520,7 @@ class WanVAE(nn.Module):
         return out.clamp_(-1.0, 1.0)
 
     @torch.no_grad()
-    def decode_tiled(
-        self, latents: torch.Tensor, grid: tuple[int, int], part: FramePart = WHOLE_FRAME
-    ) -> torch.Tensor:
+    def decode_tiled(self, latents: torch.Tensor, grid: tuple[int, int], part: FramePart = WHOLE_FRAME) -> torch.Tensor:
         """``decode``'s pixels of ``part`` of the frame (from that part's latents), in ``grid``
         (rows, columns) spatial tiles of the part, one tile after the other.
 
