@@ -21,14 +21,18 @@ clip would. The temporal re-samplers treat the first chunk apart: the down-sampl
 through and keeps its last frame, the up-sampler passes it through without time up-sampling
 (so latent frame 0 <-> pixel frame 0, and every later latent frame <-> four pixel frames).
 
-Tiled decoding (``decode(..., region=..., grid=...)``): the middle attention sees the whole
-frame, so the low-resolution part (conv1 + middle) always runs on the whole frame, and its
-output is kept for every latent frame; only the up-sampling part (where the activations, the
-causal caches and so the memory peak are large) runs per spatial tile, one tile after the other,
-each streamed through all frames with its own cache and a halo of ``DECODER_HALO`` latent pixels
-on every inner side. The halo covers the receptive field of that part, so tiles equal the
-whole-frame decode up to float rounding (in fp32 the CPU's convolutions pick shape-dependent
-algorithms, so a tile and the whole frame round differently).
+Lower-peak decoding (``decode_tiled``; parallel/vae.py runs it for ``tiled`` and ``sharded``):
+the low-resolution part (conv1 + middle, where the attention over the whole frame is) runs
+first on the part of the frame being decoded (the whole frame, or a rank's strip through a
+``FramePart`` that fills the convolutions' padding with the neighbouring ranks' rows and gathers
+the attention's keys and values), and its output is kept for every latent frame. The
+up-sampling part (where the causal caches and the activations, and so the peak, are large)
+then runs per spatial tile, one tile after the other, each streamed through all frames with
+its own cache, one frame at a time after each time up-sampling (``Decoder.high_by_frame``), and
+each level with the halo the rest of the part still reads (``_level_halos``: 13 latents, then
+12, 10 and 7 pixels of the next levels). Tiles and strips equal the plain decode up to float
+rounding (in fp32 the CPU's convolutions pick shape-dependent algorithms, so a tile and the
+whole frame round differently).
 
 Parameter names and shapes are those of the official file (``encoder.*``, ``conv1.*``,
 ``decoder.*``, ``conv2.*``). Sequential indices that hold no parameters (activations, padding,
