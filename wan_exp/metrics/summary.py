@@ -198,11 +198,11 @@ def clips_per_hour_per_gpu(seconds_per_clip: Optional[float], dp_degree: int, wo
 
 
 def clip_summary(records: list[dict], seconds_per_clip: Optional[float]) -> dict:
-    """The clips of a generate job (empty for other workloads): ``dp_degree``; ``clip_groups``,
-    per dp group that reported: its dp_rank, seed, clip count and video file (from its ranks'
-    records); ``clips_made``, by every group (each makes the job's clip count); and
-    ``clips_per_hour_per_gpu`` from ``seconds_per_clip`` (:func:`stage_summary`: one group's
-    whole clip, every stage; the latency)."""
+    """The clips of a job (empty where it made none): ``clips_per_hour_per_gpu`` from
+    ``seconds_per_clip`` (:func:`stage_summary`: one clip, every stage; the latency) and, for
+    workload=generate, ``dp_degree``; ``clip_groups``, per dp group that reported: its dp_rank,
+    seed, clip count and video file (from its ranks' records); ``clips_made``, by every group
+    (each makes the job's clip count). A job without dp groups (workload=upstream) is one group."""
     groups: dict[int, dict] = {}
     dp_degree = 1
     for r in records:
@@ -215,15 +215,17 @@ def clip_summary(records: list[dict], seconds_per_clip: Optional[float]) -> dict
             {"dp_rank": group["dp_rank"], "seed": group["seed"], "clips": r["workload"].get("clips"), "video": None},
         )
         entry["video"] = entry["video"] or group.get("video")
-    if not groups:
+    if not groups and seconds_per_clip is None:
         return {}
-    clips = next(iter(groups.values()))["clips"]
-    return {
-        "dp_degree": dp_degree,
-        "clip_groups": [groups[k] for k in sorted(groups)],
-        "clips_made": None if clips is None else dp_degree * clips,
-        "clips_per_hour_per_gpu": clips_per_hour_per_gpu(seconds_per_clip, dp_degree, records[0]["world_size"]),
+    out: dict[str, Any] = {
+        "clips_per_hour_per_gpu": clips_per_hour_per_gpu(seconds_per_clip, dp_degree, records[0]["world_size"])
     }
+    if groups:
+        clips = next(iter(groups.values()))["clips"]
+        out["dp_degree"] = dp_degree
+        out["clip_groups"] = [groups[k] for k in sorted(groups)]
+        out["clips_made"] = None if clips is None else dp_degree * clips
+    return out
 
 
 CHECK_STAGES = ("drift_check",)  # stages a job runs only to check itself (models/precision.py)
