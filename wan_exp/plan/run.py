@@ -441,7 +441,7 @@ class PlanRow:
     step_s: Optional[float] = None  # the one the code does
     clip_s: Optional[float] = None
     efficiency: Optional[float] = None
-    dp: int = 1  # dp groups, each making its own clip (parallel.dp_degree)
+    dp: Optional[int] = None  # dp groups, each making its own clip (parallel.dp_degree); None: no job ran
     clips_per_hour_per_gpu: Optional[float] = None  # throughput, from clip_s (metrics.summary)
     clip_efficiency: Optional[float] = None  # latency: clip_s(single, 1 GPU) / (GPUs x clip_s)
     throughput_efficiency: Optional[float] = None  # clips/h/GPU over single's on 1 GPU
@@ -634,7 +634,7 @@ def table(
                 _f(r.step_s, ".3f"),
                 _f(r.clip_s, ".1f"),
                 _f(r.efficiency, ".0%"),
-                str(r.dp),
+                "-" if r.dp is None else str(r.dp),
                 _f(r.clips_per_hour_per_gpu, ".1f"),
                 _f(r.clip_efficiency, ".0%"),
                 _f(r.throughput_efficiency, ".0%"),
