@@ -276,16 +276,15 @@ class AttentionBlock(nn.Module):
 
     def attend(self, frames: torch.Tensor, part: FramePart) -> torch.Tensor:
         n, c, h, w = frames.shape
-        q, k, v = self.to_qkv(self.norm(frames)).chunk(3, dim=1)  # (N, C, H, W) each
+        qkv = self.to_qkv(self.norm(frames))  # (N, 3C, H, W): queries, keys, values
+        k, v = part.whole_frame(qkv[:, c:]).chunk(2, dim=1)  # of every position of the frame
 
         def tokens(maps: torch.Tensor) -> torch.Tensor:  # (N, 1 head, positions, C), as upstream
             return maps.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
 
-        # the part's queries against the keys and values of every position of the frame; with a
-        # head axis the CPU, like a GPU, runs a fused kernel that holds no positions^2 matrix
-        out = F.scaled_dot_product_attention(
-            tokens(q), tokens(part.whole_frame(k)), tokens(part.whole_frame(v))
-        )  # (N, 1, H*W, C), scale 1/sqrt(C)
+        # the part's queries against the whole frame; with a head axis the CPU, like a GPU,
+        # runs a fused kernel that holds no positions^2 matrix
+        out = F.scaled_dot_product_attention(tokens(qkv[:, :c]), tokens(k), tokens(v))  # scale 1/sqrt(C)
         return self.proj(out.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
 
     def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
