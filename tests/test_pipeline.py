@@ -415,7 +415,7 @@ def test_tiled_and_sharded_decodes_equal_the_plain_one_and_cut_the_peak():
         for diff in found["max_abs_diff"].values()
     ), found["max_abs_diff"]
     whole = found["whole"]
-    assert whole > 100 * 2**20  # the measurement sees the decode (about 300 MiB)
+    assert whole > 100 * 2**20  # the measurement sees the decode (about 150 MiB)
     assert found["tiled"] <= 0.6 * whole, found
     for ranks in (2, 4):
         per_rank = found["sharded"][str(ranks)]

@@ -548,13 +548,13 @@ class WanVAE(nn.Module):
         for tile in grid_tiles(height, width, *grid):
             rows, cols = slice(tile.top * s, tile.bottom * s), slice(tile.left * s, tile.right * s)
             cache = Cache(part)
+            window = Window(tile, Tile(0, height, 0, width))
             frame = 0
             for t in range(low.shape[2]):
                 beat(
                     f"decode tile rows {tile.top}-{tile.bottom} cols {tile.left}-{tile.right}, "
                     f"frame {t + 1}/{low.shape[2]}"
                 )
-                window = Window(tile, Tile(0, height, 0, width))
                 for pixels in self.decoder.high_by_frame(low[:, :, t : t + 1], cache, window):
                     out[:, :, frame, rows, cols] = pixels[:, :, 0]
                     frame += 1

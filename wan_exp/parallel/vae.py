@@ -9,10 +9,11 @@
   one tile's causal cache and one frame's activations are alive at a time (a lower peak, more
   compute: each tile recomputes its halo).
 - ``sharded``: the frame is cut into one strip per rank along its longer side; each rank
-  decodes its strip alone through the whole decoder (one stream, one frame at a time above
-  the time up-sampling), exchanging border rows with the neighbouring ranks before every
-  spatial convolution and gathering the attention's keys and values (``Strip``); the strips'
-  pixels are then gathered, so every rank ends with the whole clip.
+  decodes its strip alone through the whole decoder, exchanging border rows with the
+  neighbouring ranks before every spatial convolution and gathering the attention's keys and
+  values (``Strip``), itself in ``STRIP_TILES`` tiles across the strip one after the other as
+  ``tiled`` runs them; the strips' pixels are then gathered, so every rank ends with the whole
+  clip.
 
 ``rank`` and ``world_size`` are the rank's place among the ranks that make the clip and their
 number, and ``group`` their process group (None: the default group): with several dp groups
