@@ -65,7 +65,15 @@ PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured
 # sampling steps of the clip the plan predicts: upstream S2V's default (its jobs run 4 of them)
 DEFAULT_CLIP_STEPS = 40
 # 4 steps, the first a warm-up: 3 measured steps give a median and a spread
-SHORT_JOB = {"workload.sample_steps": "4", "workload.warmup_steps": "1", "workload.clips": "1", "logger": "disabled"}
+SHORT_JOB = {
+    "workload.sample_steps": "4",
+    "workload.warmup_steps": "1",
+    "workload.clips": "1",
+    "logger": "disabled",
+    # on the CPU host RSS is mostly the runtime and varies run to run: count the tensors too
+    # (peak_tensor_gib, what real ranks are checked against); a GPU rank ignores the setting
+    "allocator.count_cpu_tensors": "true",
+}
 CODE_VERSION_FILE = "plan_code_version"  # in a job's sweep dir: the code_version that ran it
 INIT_STAGE = "init (build/load/wrap)"
 JOB_STOP_TIMEOUT_S = 120  # a stopped plan waits this long for its job to end its ranks
@@ -444,6 +452,8 @@ class PlanRow:
     measured_peak_gib: Optional[float] = None
     fitted_step_s: Optional[float] = None  # priced at the link fitted to the measured runs
     comm_per_step: Optional[dict] = None  # the simulated rank's collectives per step (comm.per_step)
+    peak_tensor_gib: Optional[float] = None  # CPU: the simulated rank's tensors at their peak
+    measured_peak_tensor_gib: Optional[float] = None  # CPU: the real runs' (largest rank)
 
 
 def row_from_results(
@@ -468,6 +478,7 @@ def row_from_results(
     row.peak_gib, row.peak_stage = peak_and_stage(record)
     row.memory_basis = memory_key(record)
     row.comm_per_step = (record.get("comm") or {}).get("per_step")
+    row.peak_tensor_gib = record["memory"].get("peak_tensor_gib")
     if row.peak_gib is not None:
         nccl_env = dict(((results.get("config") or {}).get("nccl") or {}).get("env") or {})
         peer_to_peer = any(kind in (row.comm_per_step or {}) for kind in ("all_to_all", "send", "recv"))
@@ -523,6 +534,8 @@ def add_measured(rows: list[PlanRow], sweep_dir: Path, model: str, size: str) ->
                 row.measured_step_s = (real.get("summary") or {}).get("step_time_s_median")
                 peaks = [r["memory"].get(memory_key(r)) for r in real["ranks"]]
                 row.measured_peak_gib = max((p for p in peaks if p is not None), default=None)
+                tensors = [r["memory"].get("peak_tensor_gib") for r in real["ranks"]]
+                row.measured_peak_tensor_gib = max((t for t in tensors if t is not None), default=None)
                 found += 1
     return found
 
