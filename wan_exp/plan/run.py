@@ -376,24 +376,45 @@ def clip_seconds(results: dict, step_s: Optional[float], clip_steps: int) -> Opt
 # default, https://github.com/pytorch/pytorch/pull/86509; eager loading took 666,632,192). Lazy
 # loading is CUDA's default on Linux since 12.2. Kernels loaded later add to it.
 CUDA_CONTEXT_BYTES = 287_047_680
-NCCL_BUFFSIZE_DEFAULT = 4 << 20  # NCCL_BUFFSIZE's default, 4 MiB
+NCCL_BUFFSIZE_DEFAULT = 4 << 20  # NCCL_BUFFSIZE's default, 4 MiB: the SIMPLE protocol's buffer
+# the other two protocols' buffers (NCCL's src/init.cc): LL, 8 lines x 512 threads x 8 steps x
+# 16-byte lines (512 KiB); LL128, 120 elements x 640 threads x 8 steps x 8 bytes (4.6875 MiB)
+NCCL_LL_BUFFSIZE_DEFAULT = 8 * 512 * 8 * 16
+NCCL_LL128_BUFFSIZE_DEFAULT = 120 * 640 * 8 * 8
+# NCCL allocates each connection's buffers with cuMem (its default since 2.19), rounded up to the
+# allocation granularity: 2 MiB, the sizes https://github.com/NVIDIA/nccl/issues/1685 logged
+NCCL_CUMEM_GRANULARITY = 2 << 20
 # channels NCCL opens per connection when NCCL_MAX_NCHANNELS does not say: 32, what an
 # all-to-all on 8 H100s opened per pair of GPUs (https://github.com/NVIDIA/nccl/issues/1685)
 NCCL_CHANNELS_DEFAULT = 32
-NCCL_RING_CONNECTIONS = 2  # a ring has 2 connections whatever the scale (https://github.com/NVIDIA/nccl/issues/986)
+
+
+def _granules(nbytes: int) -> int:
+    return -(-nbytes // NCCL_CUMEM_GRANULARITY) * NCCL_CUMEM_GRANULARITY
 
 
 def nccl_buffer_bytes(env: dict, gpus: int, peer_to_peer: bool) -> int:
-    """NCCL's buffers on one rank, by the rule in docs/rehearsal.md ("Fits"): NCCL_BUFFSIZE
-    per connection and channel; channels from NCCL_MAX_NCHANNELS (else NCCL_CHANNELS_DEFAULT);
-    2 ring connections for the collectives, plus one per other rank where the job sends
-    point to point or all-to-all (those connect every pair). Zero on one GPU."""
+    """NCCL's buffers on one rank, by the rule in docs/rehearsal.md ("Fits"). Per channel and
+    connected peer, the rank receives into buffers of all three protocols (LL, LL128, SIMPLE =
+    NCCL_BUFFSIZE; NCCL's src/transport/p2p.cc) and sends through a small header, each one
+    allocation rounded up to cuMem's granularity: 10 MiB + 2 MiB at the defaults. Peers: the
+    ring's neighbour for the collectives, plus every other rank where the job sends point to
+    point or all-to-all (those connect every pair). Channels from NCCL_MAX_NCHANNELS (else
+    NCCL_CHANNELS_DEFAULT). Zero on one GPU."""
     if gpus <= 1:
         return 0
-    buffsize = int(env.get("NCCL_BUFFSIZE", NCCL_BUFFSIZE_DEFAULT))
+    received = sum(
+        int(env.get(name, default))
+        for name, default in (
+            ("NCCL_LL_BUFFSIZE", NCCL_LL_BUFFSIZE_DEFAULT),
+            ("NCCL_LL128_BUFFSIZE", NCCL_LL128_BUFFSIZE_DEFAULT),
+            ("NCCL_BUFFSIZE", NCCL_BUFFSIZE_DEFAULT),
+        )
+    )
+    per_peer = _granules(received) + NCCL_CUMEM_GRANULARITY  # + the sender's header
     channels = int(env.get("NCCL_MAX_NCHANNELS", NCCL_CHANNELS_DEFAULT))
-    connections = NCCL_RING_CONNECTIONS + (gpus - 1 if peer_to_peer else 0)
-    return connections * channels * buffsize
+    peers = 1 + (gpus - 1 if peer_to_peer else 0)
+    return channels * peers * per_peer
 
 
 @dataclass(frozen=True)
@@ -655,9 +676,11 @@ def explanation(args: PlanArgs, device: str, memory_basis: str) -> list[str]:
         "efficiency = T(single, 1 GPU) / (GPUs x T).",
         (
             f"Fits: need = peak + the CUDA context ({CUDA_CONTEXT_BYTES / GIB:.2f} GiB, GPU only) + NCCL's buffers "
-            f"(GPU, 2+ ranks: NCCL_BUFFSIZE x channels x connections, from nccl.env, defaults "
-            f"{NCCL_BUFFSIZE_DEFAULT >> 20} MiB x {NCCL_CHANNELS_DEFAULT} x (2 + ranks-1 where the job sends "
-            f"point to point or all-to-all)) + a fragmentation margin of {args.fragmentation:.0%} of the peak "
+            f"(GPU, 2+ ranks: per channel and connected peer the LL, LL128 and SIMPLE (NCCL_BUFFSIZE) receive "
+            f"buffers and a send header, each rounded up to {NCCL_CUMEM_GRANULARITY >> 20} MiB, from nccl.env; "
+            f"defaults {nccl_buffer_bytes({}, 2, False) // NCCL_CHANNELS_DEFAULT >> 20} MiB x "
+            f"{NCCL_CHANNELS_DEFAULT} channels x (1 + ranks-1 where the job sends point to point or all-to-all)) "
+            f"+ a fragmentation margin of {args.fragmentation:.0%} of the peak "
             "(fragmentation=; a chosen figure, not measured), against each memory size."
         ),
     ]
