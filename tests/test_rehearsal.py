@@ -230,7 +230,7 @@ def test_plan_predictions_match_real_gloo_ranks(tmp_path):
     in one job; test_simulated_rank_matches_real_gloo_ranks does the same split training): the
     tensors at their peak (job-wide and in every pipeline stage) within 5 %, the parameter bytes,
     and the collectives of a step to the byte, as counted and as the pricing reads them. Host RSS
-    is not compared: mostly the runtime, it varied by up to 13 % between identical jobs
+    is not compared: mostly the runtime, it varied by up to 17 % between jobs of the same settings
     (docs/rehearsal.md, "Checked against real ranks")."""
     import subprocess
     import sys

@@ -3,13 +3,13 @@ allocator's ``max_memory_allocated``.
 
 On the CPU the harness otherwise has only the process's host RSS, which holds the Python
 runtime, torch's libraries, malloc's arenas and gloo's buffers besides the tensors: on the tiny
-model (a few MiB of tensors in about 600 MiB of RSS) two runs of the same job differed by up to
-13 % of their RSS peak. :class:`TensorMemory` counts what the job's own code allocates instead:
+model (about 33 MiB of tensors in about 600 MiB of RSS) jobs of the same settings peaked 575 to
+675 MiB (docs/facts.md, CPU). :class:`TensorMemory` counts what the job's own code allocates instead:
 it is a ``TorchDispatchMode`` that sees every tensor an ATen op returns (factories such as
 ``torch.empty`` included) and adds the bytes of each CPU storage it has not seen, until
 the storage is freed (a weak reference's callback; torch keeps one Python object per storage
-for as long as the storage lives). ``UntypedStorage.resize_`` (FSDP2 frees and re-allocates
-its unsharded parameters with it) does not pass the dispatcher and is counted by wrapping it
+for as long as the storage lives). ``UntypedStorage.resize_`` (FSDP1 and FSDP2 free and
+re-allocate their gathered parameters with it) does not pass the dispatcher and is counted by wrapping it
 while the mode is entered.
 
 Not counted: memory an ATen kernel takes for itself and frees before it returns (oneDNN's
