@@ -41,6 +41,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
 from wan_exp.config import CONF_DIR, PIPELINE_STAGES, ConfigError, compose_config, parse_size, steps_run
 from wan_exp.devices import visible_gpu_count
 from wan_exp.host.callbacks import lock_holder, override_differences
@@ -215,6 +218,13 @@ def stale_code(sweep_dir: Path, version: str) -> Optional[str]:
     ) + "; it runs again"
 
 
+def as_recorded(overrides: list[str]) -> list[str]:
+    """One job's overrides as its record keeps them: as Hydra's basic sweeper renders them
+    (``x=true`` becomes ``x=True``), so a plan run again recognises its own jobs."""
+    ((job,),) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+    return list(job)
+
+
 # results kept when the same plan runs again; any other status (failed, hang, interrupted) runs again
 KEPT_STATUSES = (COMPLETED, OOM)
 
@@ -243,10 +253,11 @@ def earlier_results(
     results = results if isinstance(results, dict) else None
     job_record = read_json(job / JOB_FILE)
     recorded = (results or (job_record if isinstance(job_record, dict) else None) or {}).get("overrides")
-    if recorded is not None and sorted(recorded) != sorted(overrides):
+    recorded, given = (None if recorded is None else as_recorded(recorded)), as_recorded(overrides)
+    if recorded is not None and sorted(recorded) != sorted(given):
         raise ConfigError(
             f"{sweep_dir}: holds a job of other settings ("
-            + "; ".join(override_differences(recorded, overrides))
+            + "; ".join(override_differences(recorded, given))
             + "); give the plan another out= (or remove that directory)"
         )
     if results is not None and results.get("status") in KEPT_STATUSES:
@@ -389,20 +400,11 @@ NCCL_CUMEM_GRANULARITY = 2 << 20
 NCCL_CHANNELS_DEFAULT = 32
 
 
-def _granules(nbytes: int) -> int:
-    return -(-nbytes // NCCL_CUMEM_GRANULARITY) * NCCL_CUMEM_GRANULARITY
-
-
-def nccl_buffer_bytes(env: dict, gpus: int, peer_to_peer: bool) -> int:
-    """NCCL's buffers on one rank, by the rule in docs/rehearsal.md ("Fits"). Per channel and
-    connected peer, the rank receives into buffers of all three protocols (LL, LL128, SIMPLE =
-    NCCL_BUFFSIZE; NCCL's src/transport/p2p.cc) and sends through a small header, each one
-    allocation rounded up to cuMem's granularity: 10 MiB + 2 MiB at the defaults. Peers: the
-    ring's neighbour for the collectives, plus every other rank where the job sends point to
-    point or all-to-all (those connect every pair). Channels from NCCL_MAX_NCHANNELS (else
-    NCCL_CHANNELS_DEFAULT). Zero on one GPU."""
-    if gpus <= 1:
-        return 0
+def nccl_peer_bytes(env: dict) -> int:
+    """NCCL's buffers of one rank for one channel and one connected peer: it receives into
+    buffers of all three protocols (LL, LL128, SIMPLE = NCCL_BUFFSIZE; NCCL's
+    src/transport/p2p.cc) and sends through a small header, each one allocation rounded up to
+    cuMem's granularity: 10 MiB + 2 MiB at the defaults."""
     received = sum(
         int(env.get(name, default))
         for name, default in (
@@ -411,10 +413,20 @@ def nccl_buffer_bytes(env: dict, gpus: int, peer_to_peer: bool) -> int:
             ("NCCL_BUFFSIZE", NCCL_BUFFSIZE_DEFAULT),
         )
     )
-    per_peer = _granules(received) + NCCL_CUMEM_GRANULARITY  # + the sender's header
+    granules = -(-received // NCCL_CUMEM_GRANULARITY)
+    return (granules + 1) * NCCL_CUMEM_GRANULARITY  # + one granule for the sender's header
+
+
+def nccl_buffer_bytes(env: dict, gpus: int, peer_to_peer: bool) -> int:
+    """NCCL's buffers on one rank, by the rule in docs/rehearsal.md ("Fits"): ``nccl_peer_bytes``
+    per channel and connected peer; peers: the ring's neighbour for the collectives, plus every
+    other rank where the job sends point to point or all-to-all (those connect every pair);
+    channels from NCCL_MAX_NCHANNELS (else NCCL_CHANNELS_DEFAULT). Zero on one GPU."""
+    if gpus <= 1:
+        return 0
     channels = int(env.get("NCCL_MAX_NCHANNELS", NCCL_CHANNELS_DEFAULT))
     peers = 1 + (gpus - 1 if peer_to_peer else 0)
-    return channels * peers * per_peer
+    return channels * peers * nccl_peer_bytes(env)
 
 
 @dataclass(frozen=True)
@@ -678,7 +690,7 @@ def explanation(args: PlanArgs, device: str, memory_basis: str) -> list[str]:
             f"Fits: need = peak + the CUDA context ({CUDA_CONTEXT_BYTES / GIB:.2f} GiB, GPU only) + NCCL's buffers "
             f"(GPU, 2+ ranks: per channel and connected peer the LL, LL128 and SIMPLE (NCCL_BUFFSIZE) receive "
             f"buffers and a send header, each rounded up to {NCCL_CUMEM_GRANULARITY >> 20} MiB, from nccl.env; "
-            f"defaults {nccl_buffer_bytes({}, 2, False) // NCCL_CHANNELS_DEFAULT >> 20} MiB x "
+            f"defaults {nccl_peer_bytes({}) >> 20} MiB x "
             f"{NCCL_CHANNELS_DEFAULT} channels x (1 + ranks-1 where the job sends point to point or all-to-all)) "
             f"+ a fragmentation margin of {args.fragmentation:.0%} of the peak "
             "(fragmentation=; a chosen figure, not measured), against each memory size."
