@@ -48,6 +48,7 @@ from wan_exp.config import CONF_DIR, PIPELINE_STAGES, ConfigError, compose_confi
 from wan_exp.devices import visible_gpu_count
 from wan_exp.host.callbacks import lock_holder, override_differences
 from wan_exp.host.job import SWEEP_STATE_DIR
+from wan_exp.metrics.summary import clips_per_hour_per_gpu
 from wan_exp.plan.pricing import ASSUMPTION, GB, Link, comm_times_s, parse_link, step_range
 from wan_exp.preflight import check_job
 from wan_exp.report.render import CSS
@@ -481,6 +482,10 @@ class PlanRow:
     step_s: Optional[float] = None  # the one the code does
     clip_s: Optional[float] = None
     efficiency: Optional[float] = None
+    dp: Optional[int] = None  # dp groups, each making its own clip (parallel.dp_degree); None: no job ran
+    clips_per_hour_per_gpu: Optional[float] = None  # throughput, from clip_s (metrics.summary)
+    clip_efficiency: Optional[float] = None  # latency: clip_s(single, 1 GPU) / (GPUs x clip_s)
+    throughput_efficiency: Optional[float] = None  # clips/h/GPU over single's on 1 GPU
     measured_step_s: Optional[float] = None
     measured_peak_gib: Optional[float] = None
     fitted_step_s: Optional[float] = None  # priced at the link fitted to the measured runs
@@ -536,15 +541,24 @@ def row_from_results(
         setattr(row, key, prediction.get(key))
     row.measured_steps = prediction.get("measured_steps") or len(record.get("step_times_s") or [])
     row.clip_s = clip_seconds(results, row.step_s, clip_steps)
+    row.dp = (record.get("parallel_dims") or {}).get("dp", 1)
+    row.clips_per_hour_per_gpu = clips_per_hour_per_gpu(row.clip_s, row.dp, gpus)
     return row
 
 
 def add_efficiency(rows: list[PlanRow]) -> None:
-    """Scaling efficiency = T(single, 1 GPU) / (N x T(N)), from predicted step times."""
-    base = next((r.step_s for r in rows if r.strategy == "single" and r.gpus == 1 and r.step_s), None)
+    """Scaling efficiency = T(single, 1 GPU) / (N x T(N)), from predicted step times; the same of
+    the whole clip (latency), and the throughput's: clips/h/GPU over single's on 1 GPU (dp times
+    the clip's, with dp groups making clips at once)."""
+    single = next((r for r in rows if r.strategy == "single" and r.gpus == 1), None)
+    base = single.step_s if single is not None else None
     for row in rows:
         if base and row.step_s:
             row.efficiency = base / (row.gpus * row.step_s)
+        if single is not None and single.clip_s and row.clip_s:
+            row.clip_efficiency = single.clip_s / (row.gpus * row.clip_s)
+        if single is not None and single.clips_per_hour_per_gpu and row.clips_per_hour_per_gpu:
+            row.throughput_efficiency = row.clips_per_hour_per_gpu / single.clips_per_hour_per_gpu
 
 
 def add_measured(rows: list[PlanRow], sweep_dir: Path, model: str, size: str) -> int:
@@ -628,6 +642,10 @@ def table(
             "step s",
             f"clip s ({clip_steps} steps)",
             "efficiency",
+            "dp",
+            "clips/h/GPU",
+            "clip eff.",
+            "throughput eff.",
         ]
     )
     if with_measured:
@@ -662,6 +680,10 @@ def table(
                 _f(r.step_s, ".3f"),
                 _f(r.clip_s, ".1f"),
                 _f(r.efficiency, ".0%"),
+                "-" if r.dp is None else str(r.dp),
+                _f(r.clips_per_hour_per_gpu, ".1f"),
+                _f(r.clip_efficiency, ".0%"),
+                _f(r.throughput_efficiency, ".0%"),
             ]
         )
         if with_measured:
@@ -684,8 +706,10 @@ def explanation(args: PlanArgs, device: str, memory_basis: str) -> list[str]:
         "the rest; 'code does' says which the strategy's code does (ring attention's K/V pass, FSDP's "
         "all-gathers overlap; Ulysses' all-to-alls and CFG's all-gather block) and step s is that one; "
         f"clip s = {args.clip_steps} sampling steps (clip_steps=; upstream S2V's "
-        "default is 40) x step s + the measured VAE decode and motion re-encode of a clip; "
-        "efficiency = T(single, 1 GPU) / (GPUs x T).",
+        "default is 40) x step s + the measured VAE decode and motion re-encode of a clip (the latency); "
+        "efficiency = T(single, 1 GPU) / (GPUs x T) of the step, clip eff. the same of the clip; "
+        "clips/h/GPU = dp x 3600 / clip s / GPUs (the throughput: dp groups each make a clip at once, "
+        "parallel.dp_degree) and throughput eff. = clips/h/GPU / single's on 1 GPU.",
         (
             f"Fits: need = peak + the CUDA context ({CUDA_CONTEXT_BYTES / GIB:.2f} GiB, GPU only) + NCCL's buffers "
             f"(GPU, 2+ ranks: per channel and connected peer the LL, LL128 and SIMPLE (NCCL_BUFFSIZE) receive "
