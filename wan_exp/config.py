@@ -247,6 +247,10 @@ class AllocatorConfig:
     name: str = "default"
     # PYTORCH_ALLOC_CONF string ("" = PyTorch defaults); the launcher sets both variable names
     conf: str = ""
+    # CPU ranks: count the bytes of the tensors the rank holds (memory.peak_tensor_gib, per stage
+    # too; metrics/tensor_memory.py). Off by default: a Python call per op. A GPU's allocator
+    # counts its tensors itself, so a GPU rank ignores it
+    count_cpu_tensors: bool = False
 
 
 # --------------------------------------------------------------------------- workload

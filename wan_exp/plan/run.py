@@ -41,6 +41,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
 from wan_exp.config import CONF_DIR, PIPELINE_STAGES, ConfigError, compose_config, parse_size, steps_run
 from wan_exp.devices import visible_gpu_count
 from wan_exp.host.callbacks import lock_holder, override_differences
@@ -66,7 +69,15 @@ PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured
 # sampling steps of the clip the plan predicts: upstream S2V's default (its jobs run 4 of them)
 DEFAULT_CLIP_STEPS = 40
 # 4 steps, the first a warm-up: 3 measured steps give a median and a spread
-SHORT_JOB = {"workload.sample_steps": "4", "workload.warmup_steps": "1", "workload.clips": "1", "logger": "disabled"}
+SHORT_JOB = {
+    "workload.sample_steps": "4",
+    "workload.warmup_steps": "1",
+    "workload.clips": "1",
+    "logger": "disabled",
+    # on the CPU host RSS is mostly the runtime and varies run to run: count the tensors too
+    # (peak_tensor_gib, what real ranks are checked against); a GPU rank ignores the setting
+    "allocator.count_cpu_tensors": "true",
+}
 CODE_VERSION_FILE = "plan_code_version"  # in a job's sweep dir: the code_version that ran it
 INIT_STAGE = "init (build/load/wrap)"
 JOB_STOP_TIMEOUT_S = 120  # a stopped plan waits this long for its job to end its ranks
@@ -208,6 +219,13 @@ def stale_code(sweep_dir: Path, version: str) -> Optional[str]:
     ) + "; it runs again"
 
 
+def as_recorded(overrides: list[str]) -> list[str]:
+    """One job's overrides as its record keeps them: as Hydra's basic sweeper renders them
+    (``x=true`` becomes ``x=True``), so a plan run again recognises its own jobs."""
+    ((job,),) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+    return list(job)
+
+
 # results kept when the same plan runs again; any other status (failed, hang, interrupted) runs again
 KEPT_STATUSES = (COMPLETED, OOM)
 
@@ -236,10 +254,11 @@ def earlier_results(
     results = results if isinstance(results, dict) else None
     job_record = read_json(job / JOB_FILE)
     recorded = (results or (job_record if isinstance(job_record, dict) else None) or {}).get("overrides")
-    if recorded is not None and sorted(recorded) != sorted(overrides):
+    recorded, given = (None if recorded is None else as_recorded(recorded)), as_recorded(overrides)
+    if recorded is not None and sorted(recorded) != sorted(given):
         raise ConfigError(
             f"{sweep_dir}: holds a job of other settings ("
-            + "; ".join(override_differences(recorded, overrides))
+            + "; ".join(override_differences(recorded, given))
             + "); give the plan another out= (or remove that directory)"
         )
     if results is not None and results.get("status") in KEPT_STATUSES:
@@ -369,24 +388,46 @@ def clip_seconds(results: dict, step_s: Optional[float], clip_steps: int) -> Opt
 # default, https://github.com/pytorch/pytorch/pull/86509; eager loading took 666,632,192). Lazy
 # loading is CUDA's default on Linux since 12.2. Kernels loaded later add to it.
 CUDA_CONTEXT_BYTES = 287_047_680
-NCCL_BUFFSIZE_DEFAULT = 4 << 20  # NCCL_BUFFSIZE's default, 4 MiB
+NCCL_BUFFSIZE_DEFAULT = 4 << 20  # NCCL_BUFFSIZE's default, 4 MiB: the SIMPLE protocol's buffer
+# the other two protocols' buffers (NCCL's src/init.cc): LL, 8 lines x 512 threads x 8 steps x
+# 16-byte lines (512 KiB); LL128, 120 elements x 640 threads x 8 steps x 8 bytes (4.6875 MiB)
+NCCL_LL_BUFFSIZE_DEFAULT = 8 * 512 * 8 * 16
+NCCL_LL128_BUFFSIZE_DEFAULT = 120 * 640 * 8 * 8
+# NCCL allocates each connection's buffers with cuMem (its default since 2.19), rounded up to the
+# allocation granularity: 2 MiB, the sizes https://github.com/NVIDIA/nccl/issues/1685 logged
+NCCL_CUMEM_GRANULARITY = 2 << 20
 # channels NCCL opens per connection when NCCL_MAX_NCHANNELS does not say: 32, what an
 # all-to-all on 8 H100s opened per pair of GPUs (https://github.com/NVIDIA/nccl/issues/1685)
 NCCL_CHANNELS_DEFAULT = 32
-NCCL_RING_CONNECTIONS = 2  # a ring has 2 connections whatever the scale (https://github.com/NVIDIA/nccl/issues/986)
+
+
+def nccl_peer_bytes(env: dict) -> int:
+    """NCCL's buffers of one rank for one channel and one connected peer: it receives into
+    buffers of all three protocols (LL, LL128, SIMPLE = NCCL_BUFFSIZE; NCCL's
+    src/transport/p2p.cc) and sends through a small header, each one allocation rounded up to
+    cuMem's granularity: 10 MiB + 2 MiB at the defaults."""
+    received = sum(
+        int(env.get(name, default))
+        for name, default in (
+            ("NCCL_LL_BUFFSIZE", NCCL_LL_BUFFSIZE_DEFAULT),
+            ("NCCL_LL128_BUFFSIZE", NCCL_LL128_BUFFSIZE_DEFAULT),
+            ("NCCL_BUFFSIZE", NCCL_BUFFSIZE_DEFAULT),
+        )
+    )
+    granules = -(-received // NCCL_CUMEM_GRANULARITY)
+    return (granules + 1) * NCCL_CUMEM_GRANULARITY  # + one granule for the sender's header
 
 
 def nccl_buffer_bytes(env: dict, gpus: int, peer_to_peer: bool) -> int:
-    """NCCL's buffers on one rank, by the rule in docs/rehearsal.md ("Fits"): NCCL_BUFFSIZE
-    per connection and channel; channels from NCCL_MAX_NCHANNELS (else NCCL_CHANNELS_DEFAULT);
-    2 ring connections for the collectives, plus one per other rank where the job sends
-    point to point or all-to-all (those connect every pair). Zero on one GPU."""
+    """NCCL's buffers on one rank, by the rule in docs/rehearsal.md ("Fits"): ``nccl_peer_bytes``
+    per channel and connected peer; peers: the ring's neighbour for the collectives, plus every
+    other rank where the job sends point to point or all-to-all (those connect every pair);
+    channels from NCCL_MAX_NCHANNELS (else NCCL_CHANNELS_DEFAULT). Zero on one GPU."""
     if gpus <= 1:
         return 0
-    buffsize = int(env.get("NCCL_BUFFSIZE", NCCL_BUFFSIZE_DEFAULT))
     channels = int(env.get("NCCL_MAX_NCHANNELS", NCCL_CHANNELS_DEFAULT))
-    connections = NCCL_RING_CONNECTIONS + (gpus - 1 if peer_to_peer else 0)
-    return connections * channels * buffsize
+    peers = 1 + (gpus - 1 if peer_to_peer else 0)
+    return channels * peers * nccl_peer_bytes(env)
 
 
 @dataclass(frozen=True)
@@ -449,6 +490,8 @@ class PlanRow:
     measured_peak_gib: Optional[float] = None
     fitted_step_s: Optional[float] = None  # priced at the link fitted to the measured runs
     comm_per_step: Optional[dict] = None  # the simulated rank's collectives per step (comm.per_step)
+    peak_tensor_gib: Optional[float] = None  # CPU: the simulated rank's tensors at their peak
+    measured_peak_tensor_gib: Optional[float] = None  # CPU: the real runs' (largest rank)
 
 
 def row_from_results(
@@ -473,6 +516,7 @@ def row_from_results(
     row.peak_gib, row.peak_stage = peak_and_stage(record)
     row.memory_basis = memory_key(record)
     row.comm_per_step = (record.get("comm") or {}).get("per_step")
+    row.peak_tensor_gib = record["memory"].get("peak_tensor_gib")
     if row.peak_gib is not None:
         nccl_env = dict(((results.get("config") or {}).get("nccl") or {}).get("env") or {})
         peer_to_peer = any(kind in (row.comm_per_step or {}) for kind in ("all_to_all", "send", "recv"))
@@ -537,6 +581,8 @@ def add_measured(rows: list[PlanRow], sweep_dir: Path, model: str, size: str) ->
                 row.measured_step_s = (real.get("summary") or {}).get("step_time_s_median")
                 peaks = [r["memory"].get(memory_key(r)) for r in real["ranks"]]
                 row.measured_peak_gib = max((p for p in peaks if p is not None), default=None)
+                tensors = [r["memory"].get("peak_tensor_gib") for r in real["ranks"]]
+                row.measured_peak_tensor_gib = max((t for t in tensors if t is not None), default=None)
                 found += 1
     return found
 
@@ -666,9 +712,11 @@ def explanation(args: PlanArgs, device: str, memory_basis: str) -> list[str]:
         "parallel.dp_degree) and throughput eff. = clips/h/GPU / single's on 1 GPU.",
         (
             f"Fits: need = peak + the CUDA context ({CUDA_CONTEXT_BYTES / GIB:.2f} GiB, GPU only) + NCCL's buffers "
-            f"(GPU, 2+ ranks: NCCL_BUFFSIZE x channels x connections, from nccl.env, defaults "
-            f"{NCCL_BUFFSIZE_DEFAULT >> 20} MiB x {NCCL_CHANNELS_DEFAULT} x (2 + ranks-1 where the job sends "
-            f"point to point or all-to-all)) + a fragmentation margin of {args.fragmentation:.0%} of the peak "
+            f"(GPU, 2+ ranks: per channel and connected peer the LL, LL128 and SIMPLE (NCCL_BUFFSIZE) receive "
+            f"buffers and a send header, each rounded up to {NCCL_CUMEM_GRANULARITY >> 20} MiB, from nccl.env; "
+            f"defaults {nccl_peer_bytes({}) >> 20} MiB x "
+            f"{NCCL_CHANNELS_DEFAULT} channels x (1 + ranks-1 where the job sends point to point or all-to-all)) "
+            f"+ a fragmentation margin of {args.fragmentation:.0%} of the peak "
             "(fragmentation=; a chosen figure, not measured), against each memory size."
         ),
     ]
