@@ -1,7 +1,7 @@
 """The peak of live tensor bytes of one clip's VAE decode per ``parallel.vae`` mode, at full
 size, on the CPU without computing anything: the decode runs on the meta device (shapes only)
-and a dispatch mode adds up the bytes of every storage an operator allocates until the last
-tensor on it is gone. This is what a caching allocator holds at least, kernel workspaces (cuDNN,
+and ``TensorMemory("meta")`` adds up the bytes of every storage an operator allocates until the
+storage is freed. This is what a caching allocator holds at least, kernel workspaces (cuDNN,
 the CPU's im2col buffers) left out: an estimate of the GPU's ``max_memory_allocated`` before
 bench/vae_decode.py measures it.
 
@@ -11,23 +11,21 @@ bench/vae_decode.py measures it.
 ``sharded`` is one inner rank's share (two neighbours: the most border rows) through
 ``decode_clip`` under torch's fake process group (collectives move nothing), with and
 without the gather of the strips. Prints one JSON line per mode: GiB and the ratio to the
-whole-frame decode's. Takes a few minutes (every operator passes through Python).
+whole-frame decode's. Takes about ten minutes on two CPU cores (every operator passes through Python).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import weakref
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the fake backend
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from benchlib import header
+from wan_exp.metrics.tensor_memory import TensorMemory
 from wan_exp.models.vae import SPATIAL_STRIDE, WanVAE
 from wan_exp.parallel.vae import STRIP_TILES, TILED_GRID, decode_clip, shard_strip
 from wan_exp.units import GIB
@@ -35,45 +33,12 @@ from wan_exp.units import GIB
 MOTION_LATENTS = 19
 
 
-class LiveBytes(TorchDispatchMode):
-    """The bytes of the storages that operators allocate, alive now (``live``) and at most (``peak``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.holders: dict[int, int] = {}  # storage -> how many tensors seen on it are alive
-        self.nbytes: dict[int, int] = {}
-        self.live = self.peak = 0
-
-    def _release(self, storage: int) -> None:
-        self.holders[storage] -= 1
-        if not self.holders[storage]:
-            del self.holders[storage]
-            self.live -= self.nbytes.pop(storage)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key = storage._cdata
-            if key not in self.holders:
-                if key in inputs:
-                    continue  # a view of a tensor from before the measurement
-                self.holders[key], self.nbytes[key] = 0, storage.nbytes()
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-            self.holders[key] += 1
-            weakref.finalize(tensor, self._release, key)
-        return out
-
-
 def peak_of(decode: Callable[[], torch.Tensor]) -> int:
-    with LiveBytes() as live:
+    """The most bytes of meta storages alive at once while ``decode()`` runs."""
+    with TensorMemory("meta") as counter:
         pixels = decode()
         del pixels
-    return live.peak
+    return counter.peak_bytes
 
 
 def main() -> None:

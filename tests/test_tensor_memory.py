@@ -93,3 +93,15 @@ def test_collector_records_each_stage_peak_of_the_tensors_and_the_job_wide_one()
     # off (the default): absent, as every GPU figure on a CPU
     plain = MetricsCollector("cpu", 0, 1)
     assert plain.tensors is None and plain.rank_record()["memory"]["peak_tensor_gib"] is None
+
+
+def test_on_the_meta_device_it_counts_what_would_be_allocated():
+    """Meta tensors hold no memory, but a counter of the meta device adds up their bytes as it
+    does a CPU tensor's, and drops them when the last tensor on a storage is gone."""
+    counter = TensorMemory("meta")
+    with counter:
+        a = torch.empty(1000, device="meta")
+        b = a.view(10, 100) * 2  # a view (no storage) and a product (one)
+        assert counter.live_bytes == counter.peak_bytes == 2 * 1000 * F32
+        del a, b
+        assert counter.live_bytes == 0 and counter.peak_bytes == 2 * 1000 * F32

@@ -39,14 +39,15 @@ def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
     if is_traceable_wrapper_subclass(tensor):
         names, _ = tensor.__tensor_flatten__()
         return [s for name in names for s in _storages(getattr(tensor, name))]
-    if tensor.device.type == "meta" or tensor.is_sparse:
+    if tensor.is_sparse:
         return []
     return [tensor.untyped_storage()]
 
 
 class TensorMemory(TorchDispatchMode):
-    """While entered: ``live_bytes`` of the CPU storages the ops made, and ``peak_bytes``,
-    their high-water mark since the last ``reset_peak``."""
+    """While entered: ``live_bytes`` of the storages on ``device_type`` the ops made, and
+    ``peak_bytes``, their high-water mark since the last ``reset_peak``. On ``"meta"`` it counts
+    what a run would allocate without computing it (bench/vae_live_bytes.py)."""
 
     def __init__(self, device_type: str = "cpu") -> None:
         super().__init__()
