@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,9 +237,6 @@ def test_plan_predictions_match_real_gloo_ranks(tmp_path):
     and the collectives of a step to the byte, as counted and as the pricing reads them. Host RSS
     is not compared: mostly the runtime, it varied by up to 17 % between jobs of the same settings
     (docs/rehearsal.md, "Checked against real ranks")."""
-    import subprocess
-    import sys
-
     common = ["model=tiny", "workload=generate", "workload.sample_steps=2", "workload.warmup_steps=1"]
     real = run_launch(
         tmp_path / "real",
@@ -362,9 +364,6 @@ def test_plan_options_are_parsed_and_bad_ones_named():
 def test_what_a_plan_run_again_keeps_reruns_and_refuses(tmp_path):
     """The job dirs an earlier run of the plan left, read back: completed and OOM jobs of the same
     settings are kept, cut-short ones cleared to run again, others refused before any is cleared."""
-    import os
-    import socket
-
     from wan_exp.plan.run import earlier_results, parse_args, run_plan
 
     args = parse_args(["model=tiny", "gpus=1", "strategies=single,ulysses", f"out={tmp_path}"])
@@ -416,10 +415,6 @@ def test_what_a_plan_run_again_keeps_reruns_and_refuses(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # several jobs of 4 steps, each starting torch, on a shared CPU
 def test_plan_table_for_tiny_matches_the_simulated_jobs_it_ran(tmp_path):
-    import signal
-    import subprocess
-    import sys
-
     from launch_helpers import REPO, job_pids, pid_alive, wait_for
     from wan_exp.plan.run import code_version
     from wan_exp.results import heartbeat_path, read_json
