@@ -6,21 +6,35 @@ runtime, torch's libraries, malloc's arenas and gloo's buffers besides the tenso
 model (about 33 MiB of tensors in about 600 MiB of RSS) jobs of the same settings peaked 575 to
 675 MiB (docs/facts.md, CPU). :class:`TensorMemory` counts what the job's own code allocates instead:
 it is a ``TorchDispatchMode`` that sees every tensor an ATen op returns (factories such as
-``torch.empty`` included) and adds the bytes of each CPU storage it has not seen, until
-the storage is freed (a weak reference's callback; torch keeps one Python object per storage
-for as long as the storage lives). ``UntypedStorage.resize_`` (FSDP1 and FSDP2 free and
-re-allocate their gathered parameters with it) does not pass the dispatcher and is counted by wrapping it
+``torch.empty`` included) and adds the bytes of each storage the op allocated, until the storage
+is freed (a weak reference's callback; torch keeps one Python object per storage for as long as
+the storage lives). An op allocated a storage when the storage is not one of its inputs' (a
+view, an in-place op or an ``out=`` argument returns an input's storage: a storage made before
+the mode was entered is never counted, whatever views of it are taken later). ``torch.tensor``
+fills its storage before the dispatcher sees it (``aten.lift_fresh`` then gets it as its input):
+that storage is counted too. ``UntypedStorage.resize_`` (FSDP1 and FSDP2 free and re-allocate
+their gathered parameters with it) does not pass the dispatcher and is counted by wrapping it
 while the mode is entered.
 
-Not counted: memory an ATen kernel takes for itself and frees before it returns (oneDNN's
-scratch space, a gloo transfer's staging), tensors made from foreign memory
-(``torch.from_numpy``, ``torch.frombuffer``: not allocated by torch) and storages that existed
-before the mode was entered. Under torch's DTensor the mode lets DTensor turn each op into its
-local ops first and counts those (a DTensor's storage is its local tensor's).
+Not counted:
+- memory torch did not allocate: a storage that cannot be resized holds foreign memory
+  (``torch.from_numpy``, ``torch.as_tensor`` of an array, ``torch.frombuffer``, a memory-mapped
+  ``torch.load``), so an array is not counted however many tensors share it;
+- memory an ATen kernel takes for itself and frees before it returns (oneDNN's scratch space, a
+  gloo transfer's staging);
+- storages that existed before the mode was entered;
+- allocations on other threads: torch keeps the dispatch-mode stack per thread (autograd's
+  worker threads inherit it; a thread the job starts itself does not), so ops and resizes on a
+  thread where the mode is not active are not seen. A counted storage freed on any thread is
+  uncounted (the counts are taken under a lock).
+
+Under torch's DTensor the mode lets DTensor turn each op into its local ops first and counts
+those (a DTensor's storage is its local tensor's).
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from functools import wraps
 from typing import Any, Callable
@@ -28,10 +42,14 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import (
     TorchDispatchMode,
+    _get_current_dispatch_mode_stack,
     is_traceable_wrapper_subclass,
     is_traceable_wrapper_subclass_type,
 )
 from torch.utils._pytree import tree_leaves
+
+# ops whose output storage was allocated outside the dispatcher and passed in as their input
+FRESH_INPUT_OPS = (torch.ops.aten.lift_fresh.default,)
 
 
 def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
@@ -42,6 +60,14 @@ def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
     if tensor.is_sparse:
         return []
     return [tensor.untyped_storage()]
+
+
+def _storage_keys(tree: Any) -> set[int]:
+    """The storages (their C++ addresses, shared by a tensor and its views) of the tensors in
+    ``tree``."""
+    return {
+        storage._cdata for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor) for storage in _storages(leaf)
+    }
 
 
 class TensorMemory(TorchDispatchMode):
@@ -57,6 +83,7 @@ class TensorMemory(TorchDispatchMode):
         self._sizes: dict[int, int] = {}  # storage (its C++ address) -> bytes counted
         self._refs: dict[int, weakref.ref] = {}  # the callbacks that uncount them
         self._resize: Callable[..., Any] | None = None
+        self._lock = threading.RLock()  # a weak reference's callback may run on another thread
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -64,25 +91,35 @@ class TensorMemory(TorchDispatchMode):
         return True
 
     def reset_peak(self) -> None:
-        self.peak_bytes = self.live_bytes
+        with self._lock:
+            self.peak_bytes = self.live_bytes
 
-    def _count(self, storage: torch.UntypedStorage) -> None:
+    def _count(self, storage: torch.UntypedStorage, allocated: bool) -> None:
+        """Counts ``storage`` at its size now if it is counted already, or if ``allocated`` (made
+        inside the mode) and its memory is torch's (resizable)."""
         if storage.device.type != self.device_type:
             return
         key = storage._cdata
-        nbytes = storage.nbytes()
-        counted = self._sizes.get(key)
-        if counted is None:
-            self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._freed(key))
-        elif counted == nbytes:
-            return
-        self._sizes[key] = nbytes
-        self.live_bytes += nbytes - (counted or 0)
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        with self._lock:
+            counted = self._sizes.get(key)
+            if counted is None:
+                if not (allocated and storage.resizable()):
+                    return
+                self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._freed(key))
+            nbytes = storage.nbytes()
+            change = nbytes - (counted or 0)
+            self._sizes[key] = nbytes
+            self.live_bytes += change
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
     def _freed(self, key: int) -> None:
-        self.live_bytes -= self._sizes.pop(key, 0)
-        self._refs.pop(key, None)
+        with self._lock:
+            self.live_bytes -= self._sizes.pop(key, 0)
+            self._refs.pop(key, None)
+
+    def _active(self) -> bool:
+        """Whether the mode is entered on the calling thread (its stack is per thread)."""
+        return any(mode is self for mode in _get_current_dispatch_mode_stack())
 
     def __enter__(self) -> TensorMemory:
         original = torch.UntypedStorage.resize_
@@ -91,8 +128,8 @@ class TensorMemory(TorchDispatchMode):
         @wraps(original)
         def resize_(storage: torch.UntypedStorage, size: int) -> Any:
             result = original(storage, size)
-            if storage._cdata in self._sizes or size:
-                self._count(storage)
+            if self._active():  # resizing is an allocation of this thread's ops
+                self._count(storage, allocated=size > 0)
             return result
 
         torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
@@ -108,8 +145,9 @@ class TensorMemory(TorchDispatchMode):
         if any(is_traceable_wrapper_subclass_type(t) for t in types):
             return NotImplemented  # a DTensor: counted as the local ops it becomes
         result = func(*args, **(kwargs or {}))
+        inputs = set() if func in FRESH_INPUT_OPS else _storage_keys((args, kwargs))
         for leaf in tree_leaves(result):
             if isinstance(leaf, torch.Tensor):
                 for storage in _storages(leaf):
-                    self._count(storage)
+                    self._count(storage, allocated=storage._cdata not in inputs)
         return result
