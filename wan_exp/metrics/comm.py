@@ -35,6 +35,10 @@ Point-to-point: ``dist.send``/``recv``, ``isend``/``irecv`` and ``batch_isend_ir
 dispatch ``c10d::send`` / ``c10d::recv_`` per message and are counted as ``send`` / ``recv``;
 the functional ``reduce_scatter_tensor_out`` (``out=``) is counted as a reduce-scatter.
 
+``groups``: every process group a collective ran on (any bucket), by its name: its ranks and
+the kinds it carried. Each group is its own NCCL communicator with its own buffers (plan/run.py,
+``nccl_buffer_bytes``).
+
 Which bucket a call lands in (``init``, ``step``, ``warmup`` or ``other``) is set by the
 MetricsCollector around phases and steps; see :meth:`MetricsCollector.phase`.
 The mode adds a Python call to every eager op while it is active (its cost per op is measured by
@@ -112,23 +116,27 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
-def group_of(namespace: str, args: tuple) -> tuple[int, int]:
-    """(ranks, this process's rank) of the call's process group ((1, 0) where it cannot be found)."""
+def _process_group(namespace: str, args: tuple) -> Any:
+    """The call's ProcessGroup, or None where it cannot be found."""
     if namespace == "c10d":  # the group arrives as a TorchScript object
         from torch.distributed import ProcessGroup
 
         for arg in args:
             if isinstance(arg, torch.ScriptObject) and arg._type().qualified_name().endswith("c10d.ProcessGroup"):
-                group = ProcessGroup.unbox(arg)
-                return group.size(), group.rank()
-        return 1, 0
+                return ProcessGroup.unbox(arg)
+        return None
     group_name = next((a for a in reversed(args) if isinstance(a, str)), None)
     if group_name is None:
-        return 1, 0
+        return None
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    group = _resolve_process_group(group_name)
-    return group.size(), group.rank()
+    return _resolve_process_group(group_name)
+
+
+def group_of(namespace: str, args: tuple) -> tuple[int, int]:
+    """(ranks, this process's rank) of the call's process group ((1, 0) where it cannot be found)."""
+    group = _process_group(namespace, args)
+    return (group.size(), group.rank()) if group is not None else (1, 0)
 
 
 def _kept_chunk_bytes(name: str, args: tuple, n: int, rank: int) -> Optional[int]:
@@ -170,6 +178,9 @@ class CommCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.counts = _empty()  # bucket -> kind -> {"count", "bytes", "bus_bytes"}
+        # process group name -> (its ranks, the kinds it carried), every bucket: each group is
+        # its own NCCL communicator (plan/run.py prices their buffers)
+        self.groups: dict[str, tuple[int, set[str]]] = {}
         self._bucket_stack = ["other"]
 
     @classmethod
@@ -206,7 +217,10 @@ class CommCounter(TorchDispatchMode):
         if entry is None:
             return  # wait_tensor and other bookkeeping ops move no data
         kind, arg_index = entry
-        n, rank = group_of(func.namespace, args)
+        group = _process_group(func.namespace, args)
+        n, rank = (group.size(), group.rank()) if group is not None else (1, 0)
+        if group is not None:
+            self.groups.setdefault(group.group_name, (n, set()))[1].add(kind)
         size = _tensor_bytes(args[arg_index]) if arg_index >= 0 else 0
         if func.namespace == "_c10d_functional" and name in _FUNCTIONAL_GATHERS:
             size *= n  # the functional all-gather's argument is this rank's input
@@ -235,6 +249,9 @@ class CommCounter(TorchDispatchMode):
             "bytes_definition": BYTES_DEFINITION,
             "measured_steps": measured_steps,
             "per_step": per_step,
+            "groups": {
+                name: {"ranks": ranks, "kinds": sorted(kinds)} for name, (ranks, kinds) in sorted(self.groups.items())
+            },
             **{
                 bucket: {
                     kind: {key: dict(v) if isinstance(v, dict) else v for key, v in t.items()}

@@ -418,16 +418,46 @@ def nccl_peer_bytes(env: dict) -> int:
     return (granules + 1) * NCCL_CUMEM_GRANULARITY  # + one granule for the sender's header
 
 
-def nccl_buffer_bytes(env: dict, gpus: int, peer_to_peer: bool) -> int:
+# kinds NCCL runs over point-to-point connections to every peer of the communicator; the
+# others run on a ring (one neighbour to receive from, one to send to, per channel)
+PEER_TO_PEER_KINDS = frozenset({"all_to_all", "send", "recv"})
+
+
+@dataclass(frozen=True)
+class Communicator:
+    """One process group that carried collectives: its own NCCL communicator."""
+
+    ranks: int
+    kinds: frozenset[str]
+
+    @property
+    def connections(self) -> int:
+        """Connections that get buffers, per channel: every other rank where the kinds send
+        point to point (all-to-all, send/recv), plus the ring's where a ring collective ran
+        (separate connections in NCCL, so both count)."""
+        if self.ranks <= 1:
+            return 0
+        point_to_point = self.ranks - 1 if self.kinds & PEER_TO_PEER_KINDS else 0
+        return point_to_point + (1 if self.kinds - PEER_TO_PEER_KINDS else 0)
+
+
+def communicators_of(comm: dict, gpus: int) -> list[Communicator]:
+    """The communicators a rank record's ``comm`` block shows: its ``groups`` (every process
+    group a collective ran on, metrics/comm.py). A record without them (written before they
+    were recorded) gives one communicator of all ``gpus`` ranks with the measured step's kinds."""
+    groups = comm.get("groups")
+    if groups is None:
+        return [Communicator(gpus, frozenset(comm.get("per_step") or {}))]
+    return [Communicator(int(g["ranks"]), frozenset(g["kinds"])) for g in groups.values()]
+
+
+def nccl_buffer_bytes(env: dict, communicators: Sequence[Communicator]) -> int:
     """NCCL's buffers on one rank, by the rule in docs/rehearsal.md ("Fits"): ``nccl_peer_bytes``
-    per channel and connected peer; peers: the ring's neighbour for the collectives, plus every
-    other rank where the job sends point to point or all-to-all (those connect every pair);
-    channels from NCCL_MAX_NCHANNELS (else NCCL_CHANNELS_DEFAULT). Zero on one GPU."""
-    if gpus <= 1:
-        return 0
+    per channel and connection, summed over the communicators (each process group is one, with
+    its own buffers; connections: ``Communicator.connections``); channels from
+    NCCL_MAX_NCHANNELS (else NCCL_CHANNELS_DEFAULT). Zero without a group of two ranks."""
     channels = int(env.get("NCCL_MAX_NCHANNELS", NCCL_CHANNELS_DEFAULT))
-    peers = 1 + (gpus - 1 if peer_to_peer else 0)
-    return channels * peers * nccl_peer_bytes(env)
+    return channels * sum(c.connections for c in communicators) * nccl_peer_bytes(env)
 
 
 @dataclass(frozen=True)
@@ -445,13 +475,13 @@ class FitBudget:
 
 
 def fit_budget(
-    peak_gib: float, on_gpu: bool, nccl_env: dict, gpus: int, peer_to_peer: bool, fragmentation: float
+    peak_gib: float, on_gpu: bool, nccl_env: dict, communicators: Sequence[Communicator], fragmentation: float
 ) -> FitBudget:
     """The fits verdict's figures. On a GPU (the allocator's reserved peak): + the CUDA context,
     + NCCL's buffers, + ``fragmentation`` x the peak. On the CPU (host RSS, gloo) the process's
     RSS already holds its runtime and buffers: only the margin is added."""
     context = CUDA_CONTEXT_BYTES / GIB if on_gpu else 0.0
-    nccl = nccl_buffer_bytes(nccl_env, gpus, peer_to_peer) / GIB if on_gpu else 0.0
+    nccl = nccl_buffer_bytes(nccl_env, communicators) / GIB if on_gpu else 0.0
     return FitBudget(peak_gib, context, nccl, fragmentation * peak_gib)
 
 
@@ -519,9 +549,9 @@ def row_from_results(
     row.peak_tensor_gib = record["memory"].get("peak_tensor_gib")
     if row.peak_gib is not None:
         nccl_env = dict(((results.get("config") or {}).get("nccl") or {}).get("env") or {})
-        peer_to_peer = any(kind in (row.comm_per_step or {}) for kind in ("all_to_all", "send", "recv"))
+        communicators = communicators_of(record.get("comm") or {}, gpus)
         budget = fit_budget(
-            row.peak_gib, row.memory_basis == "peak_reserved_gib", nccl_env, gpus, peer_to_peer, fragmentation
+            row.peak_gib, row.memory_basis == "peak_reserved_gib", nccl_env, communicators, fragmentation
         )
         row.context_gib, row.nccl_gib, row.margin_gib = budget.context_gib, budget.nccl_gib, budget.margin_gib
         row.need_gib = budget.need_gib
