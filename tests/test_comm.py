@@ -230,3 +230,29 @@ def test_point_to_point_of_real_gloo_ranks_is_counted(tmp_path):
         "recv": {"count": 3, "bytes": 52, "bus_bytes": 52.0},
     }
     assert counts[0]["send"]["messages"] == {"24x1": 2, "4x1": 1}
+
+
+def test_each_process_group_is_recorded_with_its_ranks_and_kinds(fake_group):
+    """dp2 x ulysses2 with FSDP over all 4 ranks (the split's own mesh): the all-to-all runs on
+    the 2-rank ulysses group, the sequence gather on the 2-rank sp group, FSDP's all-gather on
+    all 4 ranks: three groups, each its own NCCL communicator (plan/run.py prices them)."""
+    from wan_exp.parallel.dims import ParallelDims
+
+    dims = ParallelDims(
+        dp=2, cfg=1, fsdp=1, ring=1, ulysses=2, fsdp_enabled=True, fsdp_over_all_ranks=True, world_size=WORLD
+    )
+    meshes = dims.build_mesh("cpu")
+    x = torch.ones(8)
+    counter = CommCounter()
+    with counter:
+        dist.all_to_all_single(torch.empty(8), x, group=meshes.ulysses)
+        dist.all_gather_into_tensor(torch.empty(16), x, group=meshes.sp)
+        dist.all_gather_into_tensor(torch.empty(32), x, group=meshes.fsdp.get_group())
+    groups = counter.record(0)["groups"]
+    assert sorted((g["ranks"], tuple(g["kinds"])) for g in groups.values()) == [
+        (2, ("all_gather",)),
+        (2, ("all_to_all",)),
+        (4, ("all_gather",)),
+    ]
+    assert groups[meshes.ulysses.group_name] == {"ranks": 2, "kinds": ["all_to_all"]}
+    assert groups[meshes.sp.group_name] == {"ranks": 2, "kinds": ["all_gather"]}
