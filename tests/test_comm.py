@@ -256,3 +256,12 @@ def test_each_process_group_is_recorded_with_its_ranks_and_kinds(fake_group):
     ]
     assert groups[meshes.ulysses.group_name] == {"ranks": 2, "kinds": ["all_to_all"]}
     assert groups[meshes.sp.group_name] == {"ranks": 2, "kinds": ["all_gather"]}
+    # a mesh dim over all ranks is the default group itself: pure ulysses is one communicator
+    meshes = ParallelDims(
+        dp=1, cfg=1, fsdp=1, ring=1, ulysses=WORLD, fsdp_enabled=False, fsdp_over_all_ranks=False, world_size=WORLD
+    ).build_mesh("cpu")
+    counter = CommCounter()
+    with counter:
+        dist.all_to_all_single(torch.empty(8), x, group=meshes.ulysses)
+        dist.all_gather_into_tensor(torch.empty(32), x, group=meshes.sp)
+    assert list(counter.record(0)["groups"].values()) == [{"ranks": WORLD, "kinds": ["all_gather", "all_to_all"]}]

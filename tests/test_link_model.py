@@ -264,12 +264,13 @@ def test_nccl_buffers_per_communicator_of_dp2_x_ulysses2_on_4_gpus():
 
 
 def test_nccl_buffers_of_pure_ulysses_on_8_gpus_against_the_published_figure():
-    """Ulysses over 8 ranks: the ulysses group's all-to-all (7 peers) and the sp group's gather
-    (its ring): 8 connections x 32 channels x 12 MiB = 3 GiB = 3.22 GB, against the 3.28 GB
-    (1.06 -> 4.34 GB) NCCL took for PyTorch's first all_to_all_single on 8 H100s
-    (https://github.com/NVIDIA/nccl/issues/1685). That call's own communicator is 7 of the 8
-    connections here (2.82 GB, 14 % under it): the rest of what NCCL took is not modelled."""
-    groups = {"1": {"ranks": 8, "kinds": ["all_to_all"]}, "2": {"ranks": 8, "kinds": ["all_gather"]}}
+    """Ulysses over 8 ranks: the mesh's ulysses and sp dims span every rank, so both are the
+    default group (tests/test_comm.py), one communicator carrying the all-to-all (7 peers) and
+    the sequence gather (its ring): 8 connections x 32 channels x 12 MiB = 3 GiB = 3.22 GB,
+    against the 3.28 GB (1.06 -> 4.34 GB) NCCL took for PyTorch's first all_to_all_single on
+    8 H100s (https://github.com/NVIDIA/nccl/issues/1685). That call opens 7 of the 8
+    connections (2.82 GB, 14 % under it): the rest of what NCCL took is not modelled."""
+    groups = {"0": {"ranks": 8, "kinds": ["all_gather", "all_to_all"]}}
     predicted = _nccl_gib_of(groups) * GIB
     assert predicted == CHANNELS * ((8 - 1) + 1) * CONNECTION_BYTES == 3 * GIB
     assert predicted == pytest.approx((4.34 - 1.06) * 1e9, rel=0.02)
