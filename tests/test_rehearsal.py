@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -359,6 +360,27 @@ def test_plan_options_are_parsed_and_bad_ones_named():
     ):
         with pytest.raises(ConfigError, match=message):
             parse_args([bad])
+
+
+def test_plan_overrides_as_a_job_records_them_and_a_sweep_is_refused():
+    """A job's record keeps its overrides as Hydra renders them (``true`` -> ``True``, a key
+    given twice once with its last value): the plan compares its own overrides in that form. A
+    sweep in the plan's overrides would be several jobs: refused, naming it, before any runs."""
+    from wan_exp.plan.run import as_recorded, parse_args
+
+    given = ["workload.save_video=true", "seed=3", "+extra=x", "seed=4", "~logger", "parallel.fsdp.degree=-1"]
+    assert as_recorded(given) == [
+        "workload.save_video=True",
+        "seed=4",
+        "+extra=x",
+        "~logger=null",
+        "parallel.fsdp.degree=-1",
+    ]
+    for sweep in ("seed=1,2", "seed=range(3)", "seed=choice(1,2)"):
+        with pytest.raises(ConfigError, match=rf"'{re.escape(sweep)}' is a sweep; the plan runs one job per"):
+            parse_args(["gpus=2", sweep])
+    with pytest.raises(ConfigError, match=r"seed=\[1: no viable alternative"):
+        parse_args(["seed=[1"])
 
 
 def test_what_a_plan_run_again_keeps_reruns_and_refuses(tmp_path):

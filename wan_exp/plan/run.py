@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 
 from wan_exp.config import CONF_DIR, PIPELINE_STAGES, ConfigError, compose_config, parse_size, steps_run
 from wan_exp.devices import visible_gpu_count
@@ -155,6 +155,7 @@ def parse_args(argv: Sequence[str]) -> PlanArgs:
     parse_link(link)
     if Path(link).expanduser().is_file():  # a curve file: its jobs run from the repository, not from here
         link = str(Path(link).expanduser().resolve())
+    as_recorded(overrides)  # a sweep or an unparsable override fails here, before any job
     given = {o.partition("=")[0] for o in overrides}
     overrides = [f"{k}={v}" for k, v in SHORT_JOB.items() if k not in given] + overrides
     if "workload" not in given:
@@ -220,10 +221,25 @@ def stale_code(sweep_dir: Path, version: str) -> Optional[str]:
 
 
 def as_recorded(overrides: list[str]) -> list[str]:
-    """One job's overrides as its record keeps them: as Hydra's basic sweeper renders them
-    (``x=true`` becomes ``x=True``), so a plan run again recognises its own jobs."""
-    ((job,),) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
-    return list(job)
+    """One job's overrides as its record keeps them: each key once (the last value, at the
+    first one's place) and each value as Hydra renders it (``x=true`` becomes ``x=True``), so a
+    plan run again recognises its own jobs. ConfigError naming an override that is not one
+    job's setting (a sweep such as ``x=1,2`` or ``x=range(3)``: the plan runs one job per
+    strategy and GPU count) or that Hydra cannot parse."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        raise ConfigError(f"{' '.join(overrides)}: {err}") from err
+    rendered: dict[str, str] = {}
+    for override in parsed:
+        if override.is_sweep_override():
+            raise ConfigError(
+                f"{override.input_line!r} is a sweep; the plan runs one job per strategy and GPU count: "
+                "give one value (sweep gpus= and strategies= instead, or run the plan once per value)"
+            )
+        key = override.get_key_element()
+        rendered[key] = f"{key}={override.get_value_element_as_str()}"
+    return list(rendered.values())
 
 
 # results kept when the same plan runs again; any other status (failed, hang, interrupted) runs again
