@@ -14,7 +14,8 @@ the mode was entered is never counted, whatever views of it are taken later). ``
 fills its storage before the dispatcher sees it (``aten.lift_fresh`` then gets it as its input):
 that storage is counted too. ``UntypedStorage.resize_`` (FSDP1 and FSDP2 free and re-allocate
 their gathered parameters with it) does not pass the dispatcher and is counted by wrapping it
-while the mode is entered.
+while the mode is entered: a resize to a nonzero size allocates, so a storage resized inside the
+mode is counted from then on at its new size, even one made before.
 
 Not counted:
 - memory torch did not allocate: a storage that cannot be resized holds foreign memory
@@ -22,7 +23,7 @@ Not counted:
   ``torch.load``), so an array is not counted however many tensors share it;
 - memory an ATen kernel takes for itself and frees before it returns (oneDNN's scratch space, a
   gloo transfer's staging);
-- storages that existed before the mode was entered;
+- storages that existed before the mode was entered (unless resized inside it);
 - allocations on other threads: torch keeps the dispatch-mode stack per thread (autograd's
   worker threads inherit it; a thread the job starts itself does not), so ops and resizes on a
   thread where the mode is not active are not seen. A counted storage freed on any thread is
