@@ -758,10 +758,11 @@ def explanation(args: PlanArgs, device: str, memory_basis: str) -> list[str]:
         "parallel.dp_degree) and throughput eff. = clips/h/GPU / single's on 1 GPU.",
         (
             f"Fits: need = peak + the CUDA context ({CUDA_CONTEXT_BYTES / GIB:.2f} GiB, GPU only) + NCCL's buffers "
-            f"(GPU, 2+ ranks: per channel and connected peer the LL, LL128 and SIMPLE (NCCL_BUFFSIZE) receive "
+            f"(GPU, 2+ ranks: per channel and connection the LL, LL128 and SIMPLE (NCCL_BUFFSIZE) receive "
             f"buffers and a send header, each rounded up to {NCCL_CUMEM_GRANULARITY >> 20} MiB, from nccl.env; "
-            f"defaults {nccl_peer_bytes({}) >> 20} MiB x "
-            f"{NCCL_CHANNELS_DEFAULT} channels x (1 + ranks-1 where the job sends point to point or all-to-all)) "
+            f"defaults {nccl_peer_bytes({}) >> 20} MiB x {NCCL_CHANNELS_DEFAULT} channels x the connections, "
+            "summed over the process groups rank 0 used (each its own communicator: ranks-1 where it carried "
+            "all-to-all or send/recv, + 1 ring where it carried another collective)) "
             f"+ a fragmentation margin of {args.fragmentation:.0%} of the peak "
             "(fragmentation=; a chosen figure, not measured), against each memory size."
         ),
