@@ -17,6 +17,7 @@ import pytest
 
 from launch_helpers import REPO, job_results, output, run_launch, torchrun
 from wan_exp.config import ConfigError, compose_config
+from wan_exp.metrics.comm import BUCKETS
 from wan_exp.plan.pricing import GB, LINKS, Link, comm_time_s, comm_times_s, parse_link, predict_step
 from wan_exp.preflight import check_job, job_shape, rank_device, ranks_per_node
 
@@ -174,12 +175,13 @@ def _by_world_size(sweep_dir: Path) -> dict[int, dict]:
 
 
 def _comm_figures(record: dict) -> dict:
-    """Every bucket's collectives with their counts and bytes (bus bytes follow from them)."""
-    return {
-        bucket: {kind: (f["count"], f["bytes"]) for kind, f in kinds.items()}
-        for bucket, kinds in record["comm"].items()
-        if isinstance(kinds, dict) and bucket != "per_step"
+    """Every bucket's collectives with their counts and bytes (bus bytes follow from them), and
+    the process groups they ran on (their ranks and kinds: NCCL's communicators)."""
+    figures = {
+        bucket: {kind: (f["count"], f["bytes"]) for kind, f in record["comm"][bucket].items()} for bucket in BUCKETS
     }
+    figures["groups"] = sorted((g["ranks"], g["kinds"]) for g in record["comm"]["groups"].values())
+    return figures
 
 
 @pytest.mark.slow
