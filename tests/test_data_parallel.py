@@ -15,7 +15,7 @@ from wan_exp.parallel.dims import parallel_dims
 from wan_exp.plan.run import add_efficiency, row_from_results, table
 from wan_exp.preflight import validate
 from wan_exp.report.table import build_rows, text_table
-from wan_exp.results import read_rank_records
+from wan_exp.results import file_role, read_rank_records, video_file
 
 
 @pytest.mark.parametrize(
@@ -116,6 +116,17 @@ def test_room_for_a_video_per_dp_group():
     cfg = compose_config(["parallel=fsdp_throughput", "workload.save_video=true"])
     one = video_bytes(cfg)
     assert one > 0 and job_bytes(cfg, 4)[1] == 4 * one
+    # a simulated 4-rank job: one process plays one rank, so one record and at most one video
+    # (what a one-rank job writes: one dp group)
+    assert job_bytes(cfg, 4, processes=1) == job_bytes(cfg, 1) and job_bytes(cfg, 1)[1] == one
+
+
+def test_each_dp_groups_video_is_named_as_the_jobs_video(tmp_path):
+    """Error messages name a dp group's video by its role, whatever the group count."""
+    assert [video_file(k, 2) for k in (0, 1)] == ["video_dp0.mp4", "video_dp1.mp4"]
+    for name in ("video.mp4", "video_dp1.mp4", video_file(12, 16)):
+        assert file_role(tmp_path / name) == "the job's video"
+    assert file_role(tmp_path / "video_dp.mp4") == "a file"
 
 
 def test_throughput_is_dp_clips_per_latency_per_gpu():

@@ -40,6 +40,17 @@ CONFIG_FILE = "config.yaml"
 
 
 # ----------------------------------------------------------------------------- files
+# The video a job writes in its job dir: one per dp group (workload=generate), one for
+# workload=upstream (its --save_file). Named here once: the writers and FILE_ROLES use it.
+VIDEO_FILE = "video.mp4"
+VIDEO_FILE_PATTERN = r"video(_dp\d+)?\.mp4"
+
+
+def video_file(dp_rank: int, dp_degree: int) -> str:
+    """The video a dp group writes in the job dir: video.mp4 with one group, video_dp<k>.mp4 with several."""
+    return VIDEO_FILE if dp_degree == 1 else f"video_dp{dp_rank}.mp4"
+
+
 # What each file of a job or sweep is, for error messages: (file name pattern, role).
 FILE_ROLES = (
     (r"results\.json", "the job's result"),
@@ -48,7 +59,7 @@ FILE_ROLES = (
     (r"ranks/rank_\d+\.json", "a rank record"),
     (r"progress/rank_\d+\.json", "a rank heartbeat"),
     (r"report\.(md|html)", "the sweep report"),
-    (r"video\.mp4", "the job's video"),
+    (VIDEO_FILE_PATTERN, "the job's video"),
     (r"nodes/node_\d+\.json", "a host's agent outcome"),
     (r"\.wan_exp/sweep\.json", "the sweep record"),
     (r"\.wan_exp/lock\.node_\d+", "the sweep's lock"),
