@@ -591,6 +591,22 @@ def _gib(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def clips_text(summary: dict) -> str:
+    """The clips a job made, by how many dp groups, and their latency and throughput (only the
+    parts the summary knows): "clips: 4 by 2 dp group(s); 52.00 s/clip, 69.2 clips/h/GPU"."""
+    dp_degree = summary.get("dp_degree", 1)
+    reported = len(summary["clip_groups"]) if summary.get("clip_groups") else dp_degree
+    groups = f"{reported} dp group(s)" if reported == dp_degree else f"{reported} of {dp_degree} dp groups"
+    made = summary.get("clips_made")
+    text = f"clips: {made} by {groups}" if made is not None else f"clips by {groups}"
+    if summary.get("clips_predicted") is not None:
+        text += f" (simulated; all {dp_degree} groups would make {summary['clips_predicted']})"
+    rates = [f"{summary['clips_per_hour_per_gpu']:.1f} clips/h/GPU"]
+    if summary.get("seconds_per_clip") is not None:
+        rates.insert(0, f"{summary['seconds_per_clip']:.2f} s/clip")
+    return f"{text}; {', '.join(rates)}"
+
+
 def summary_text(results: dict) -> str:
     """One screen about one job: strategy, ranks, per-rank memory, step time, status, path."""
     lines = [
@@ -612,10 +628,7 @@ def summary_text(results: dict) -> str:
         )
     summary = results.get("summary") or {}
     if summary.get("clips_per_hour_per_gpu") is not None:
-        lines.append(
-            f"  clips: {summary.get('clips_made', '?')} by {summary.get('dp_degree', 1)} dp group(s); "
-            f"{summary['seconds_per_clip']:.2f} s/clip, {summary['clips_per_hour_per_gpu']:.1f} clips/h/GPU"
-        )
+        lines.append(f"  {clips_text(summary)}")
     for warning in results.get("warnings") or []:
         lines.append(f"  warning: {warning}")
     for warning in (results.get("machine") or {}).get("warnings") or []:
