@@ -81,8 +81,13 @@ def test_dp_degrees_resolve_with_fsdp_over_all_ranks_including_dp(overrides, wor
         (
             ["parallel=fsdp_fixed", "parallel.dp_degree=3"],
             4,
-            "degrees dp=3 x cfg=1 x fsdp=1 x ring=1 x ulysses=1 = 3 ranks, but the job has 4; "
-            "dp x cfg x fsdp = 3 does not divide 4 ranks",
+            "parallel.dp_degree=3 does not divide the 4 ranks; use one of 1, 2, 4 (or -1: as many groups "
+            "as the other axes leave)",
+        ),
+        (
+            ["parallel=fsdp_fixed", "parallel.dp_degree=3"],
+            2,
+            "parallel.dp_degree=3 does not divide the 2 ranks; use one of 1, 2 (or -1",
         ),
         (
             ["parallel=ulysses", "parallel.ulysses_degree=1", "parallel.dp_degree=2"],
@@ -105,8 +110,13 @@ def test_rules_that_refuse_dp_groups():
         validate(lora, 2)
     # a sharded decode splits a clip over its group's ranks: one rank per group has none to share
     sharded = compose_config(["parallel=fsdp_throughput", "parallel.vae=sharded"])
-    with pytest.raises(ConfigError, match=r"needs >= 2 ranks, got 1 \(2 ranks in 2 dp groups\)"):
+    with pytest.raises(ConfigError) as refused:
         validate(sharded, 2)
+    assert str(refused.value).endswith(
+        "needs >= 2 ranks, got 1 (2 ranks in 2 dp groups); use parallel.vae=tiled on one rank, "
+        "or a smaller parallel.dp_degree (at most 1) so each group has >= 2 ranks"
+    )
+    validate(compose_config(["parallel=fsdp_throughput", "parallel.vae=sharded", "parallel.dp_degree=2"]), 4)
     validate(compose_config(["parallel=fsdp_throughput", "workload=init"]), 2)  # init makes no clip: allowed
     # plain data parallel (whole model per rank) is not a one-rank split
     validate(compose_config(["parallel=single", "parallel.dp_degree=-1"]), 2)
