@@ -10,12 +10,12 @@ import pytest
 from launch_helpers import REPO, torchrun
 from wan_exp.config import ConfigError, compose_config
 from wan_exp.host.disk import job_bytes, video_bytes
-from wan_exp.metrics.summary import clips_per_hour_per_gpu, summarize
+from wan_exp.metrics.summary import clip_summary, clips_per_hour_per_gpu, summarize
 from wan_exp.parallel.dims import parallel_dims
 from wan_exp.plan.run import add_efficiency, row_from_results, table
 from wan_exp.preflight import validate
 from wan_exp.report.table import build_rows, text_table
-from wan_exp.results import read_rank_records
+from wan_exp.results import clips_text, file_role, read_rank_records, video_file
 
 
 @pytest.mark.parametrize(
@@ -81,8 +81,13 @@ def test_dp_degrees_resolve_with_fsdp_over_all_ranks_including_dp(overrides, wor
         (
             ["parallel=fsdp_fixed", "parallel.dp_degree=3"],
             4,
-            "degrees dp=3 x cfg=1 x fsdp=1 x ring=1 x ulysses=1 = 3 ranks, but the job has 4; "
-            "dp x cfg x fsdp = 3 does not divide 4 ranks",
+            "parallel.dp_degree=3 does not divide the 4 ranks; use one of 1, 2, 4 (or -1: as many groups "
+            "as the other axes leave)",
+        ),
+        (
+            ["parallel=fsdp_fixed", "parallel.dp_degree=3"],
+            2,
+            "parallel.dp_degree=3 does not divide the 2 ranks; use one of 1, 2 (or -1",
         ),
         (
             ["parallel=ulysses", "parallel.ulysses_degree=1", "parallel.dp_degree=2"],
@@ -105,8 +110,13 @@ def test_rules_that_refuse_dp_groups():
         validate(lora, 2)
     # a sharded decode splits a clip over its group's ranks: one rank per group has none to share
     sharded = compose_config(["parallel=fsdp_throughput", "parallel.vae=sharded"])
-    with pytest.raises(ConfigError, match=r"needs >= 2 ranks, got 1 \(2 ranks in 2 dp groups\)"):
+    with pytest.raises(ConfigError) as refused:
         validate(sharded, 2)
+    assert str(refused.value).endswith(
+        "needs >= 2 ranks, got 1 (2 ranks in 2 dp groups); use parallel.vae=tiled on one rank, "
+        "or a smaller parallel.dp_degree (at most 1) so each group has >= 2 ranks"
+    )
+    validate(compose_config(["parallel=fsdp_throughput", "parallel.vae=sharded", "parallel.dp_degree=2"]), 4)
     validate(compose_config(["parallel=fsdp_throughput", "workload=init"]), 2)  # init makes no clip: allowed
     # plain data parallel (whole model per rank) is not a one-rank split
     validate(compose_config(["parallel=single", "parallel.dp_degree=-1"]), 2)
@@ -116,6 +126,61 @@ def test_room_for_a_video_per_dp_group():
     cfg = compose_config(["parallel=fsdp_throughput", "workload.save_video=true"])
     one = video_bytes(cfg)
     assert one > 0 and job_bytes(cfg, 4)[1] == 4 * one
+    # a simulated 4-rank job: one process plays one rank, so one record and at most one video
+    # (what a one-rank job writes: one dp group)
+    assert job_bytes(cfg, 4, processes=1) == job_bytes(cfg, 1) and job_bytes(cfg, 1)[1] == one
+
+
+def test_each_dp_groups_video_is_named_as_the_jobs_video(tmp_path):
+    """Error messages name a dp group's video by its role, whatever the group count."""
+    assert [video_file(k, 2) for k in (0, 1)] == ["video_dp0.mp4", "video_dp1.mp4"]
+    for name in ("video.mp4", "video_dp1.mp4", video_file(12, 16)):
+        assert file_role(tmp_path / name) == "the job's video"
+    assert file_role(tmp_path / "video_dp.mp4") == "a file"
+
+
+def group_record(rank: int, dp_rank: int, dp_degree: int, clips: int, world_size: int, **extra) -> dict:
+    """A rank record of a generate job in dp group ``dp_rank`` (what generate.run_generate records)."""
+    group = {"dp_rank": dp_rank, "dp_degree": dp_degree, "seed": 5 + dp_rank, "video": None}
+    return {"rank": rank, "world_size": world_size, "workload": {"clips": clips, "clip_group": group}, **extra}
+
+
+def test_clips_made_are_those_of_the_groups_that_reported():
+    # (the job's summary holds seconds_per_clip beside these: metrics.summary.stage_summary)
+    # 4 groups of one rank, two clips each; the records of groups 1 and 3 only (two ranks lost)
+    summary = {
+        "seconds_per_clip": 60.0,
+        **clip_summary([group_record(1, 1, 4, 2, 4), group_record(3, 3, 4, 2, 4)], 60.0),
+    }
+    assert summary["clips_made"] == 2 + 2 and "clips_predicted" not in summary
+    assert [g["dp_rank"] for g in summary["clip_groups"]] == [1, 3]
+    assert clips_text(summary) == "clips: 4 by 2 of 4 dp groups; 60.00 s/clip, 60.0 clips/h/GPU"
+    every = {"seconds_per_clip": 60.0, **clip_summary([group_record(k, k, 4, 2, 4) for k in range(4)], 60.0)}
+    assert every["clips_made"] == 8
+    assert clips_text(every) == "clips: 8 by 4 dp group(s); 60.00 s/clip, 60.0 clips/h/GPU"
+
+
+def test_a_simulated_job_made_one_groups_clips_and_predicts_the_rest():
+    # one process played rank 0 of 4 (dp 4): it made its group's one clip
+    simulated = {"world_size": 4, "rank": 0}
+    summary = {"seconds_per_clip": 30.0, **clip_summary([group_record(0, 0, 4, 1, 4, simulated=simulated)], 30.0)}
+    assert (summary["dp_degree"], summary["clips_made"], summary["clips_predicted"]) == (4, 1, 4)
+    assert clips_text(summary) == (
+        "clips: 1 by 1 of 4 dp groups (simulated; all 4 groups would make 4); 30.00 s/clip, 120.0 clips/h/GPU"
+    )
+
+
+def test_a_job_without_dp_groups_is_one_group_making_its_clips():
+    # workload=upstream: rank 0's record counts the clips, no clip_group
+    record = {"rank": 0, "world_size": 2, "workload": {"clips": 3, "frames": 3 * 80 - 3}}
+    summary = clip_summary([record], 90.0)
+    assert (summary["dp_degree"], summary["clips_made"]) == (1, 3) and "clip_groups" not in summary
+    assert (
+        clips_text({**summary, "seconds_per_clip": 90.0}) == "clips: 3 by 1 dp group(s); 90.00 s/clip, 20.0 clips/h/GPU"
+    )
+    # a record that does not count its clips: only what is known
+    unknown = clip_summary([{"rank": 0, "world_size": 2, "workload": {}}], 90.0)
+    assert clips_text(unknown) == "clips by 1 dp group(s); 20.0 clips/h/GPU"
 
 
 def test_throughput_is_dp_clips_per_latency_per_gpu():

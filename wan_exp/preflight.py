@@ -174,6 +174,11 @@ def validate(cfg: Any, world_size: int) -> None:
             f"got {dims.clip_ranks}"
             + (f" ({world_size} ranks in {dims.dp} dp groups)" if dims.dp > 1 else "")
             + "; use parallel.vae=tiled on one rank"
+            + (
+                f", or a smaller parallel.dp_degree (at most {world_size // 2}) so each group has >= 2 ranks"
+                if dims.dp > 1 and world_size >= 2
+                else ""
+            )
         )
     for name in ("sample_steps", "steps"):
         if getattr(wl, name) < 1:

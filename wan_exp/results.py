@@ -40,6 +40,17 @@ CONFIG_FILE = "config.yaml"
 
 
 # ----------------------------------------------------------------------------- files
+# The video a job writes in its job dir: one per dp group (workload=generate), one for
+# workload=upstream (its --save_file). Named here once: the writers and FILE_ROLES use it.
+VIDEO_FILE = "video.mp4"
+VIDEO_FILE_PATTERN = r"video(_dp\d+)?\.mp4"
+
+
+def video_file(dp_rank: int, dp_degree: int) -> str:
+    """The video a dp group writes in the job dir: video.mp4 with one group, video_dp<k>.mp4 with several."""
+    return VIDEO_FILE if dp_degree == 1 else f"video_dp{dp_rank}.mp4"
+
+
 # What each file of a job or sweep is, for error messages: (file name pattern, role).
 FILE_ROLES = (
     (r"results\.json", "the job's result"),
@@ -48,7 +59,7 @@ FILE_ROLES = (
     (r"ranks/rank_\d+\.json", "a rank record"),
     (r"progress/rank_\d+\.json", "a rank heartbeat"),
     (r"report\.(md|html)", "the sweep report"),
-    (r"video\.mp4", "the job's video"),
+    (VIDEO_FILE_PATTERN, "the job's video"),
     (r"nodes/node_\d+\.json", "a host's agent outcome"),
     (r"\.wan_exp/sweep\.json", "the sweep record"),
     (r"\.wan_exp/lock\.node_\d+", "the sweep's lock"),
@@ -580,6 +591,22 @@ def _gib(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def clips_text(summary: dict) -> str:
+    """The clips a job made, by how many dp groups, and their latency and throughput (only the
+    parts the summary knows): "clips: 4 by 2 dp group(s); 52.00 s/clip, 69.2 clips/h/GPU"."""
+    dp_degree = summary.get("dp_degree", 1)
+    reported = len(summary["clip_groups"]) if summary.get("clip_groups") else dp_degree
+    groups = f"{reported} dp group(s)" if reported == dp_degree else f"{reported} of {dp_degree} dp groups"
+    made = summary.get("clips_made")
+    text = f"clips: {made} by {groups}" if made is not None else f"clips by {groups}"
+    if summary.get("clips_predicted") is not None:
+        text += f" (simulated; all {dp_degree} groups would make {summary['clips_predicted']})"
+    rates = [f"{summary['clips_per_hour_per_gpu']:.1f} clips/h/GPU"]
+    if summary.get("seconds_per_clip") is not None:
+        rates.insert(0, f"{summary['seconds_per_clip']:.2f} s/clip")
+    return f"{text}; {', '.join(rates)}"
+
+
 def summary_text(results: dict) -> str:
     """One screen about one job: strategy, ranks, per-rank memory, step time, status, path."""
     lines = [
@@ -601,10 +628,7 @@ def summary_text(results: dict) -> str:
         )
     summary = results.get("summary") or {}
     if summary.get("clips_per_hour_per_gpu") is not None:
-        lines.append(
-            f"  clips: {summary.get('clips_made', '?')} by {summary.get('dp_degree', 1)} dp group(s); "
-            f"{summary['seconds_per_clip']:.2f} s/clip, {summary['clips_per_hour_per_gpu']:.1f} clips/h/GPU"
-        )
+        lines.append(f"  {clips_text(summary)}")
     for warning in results.get("warnings") or []:
         lines.append(f"  warning: {warning}")
     for warning in (results.get("machine") or {}).get("warnings") or []:

@@ -15,7 +15,9 @@ Checked on every rank:
    ones (each group draws from its own seed, ``inputs.group_seed``);
 3. each group's clips equal those of a single-rank job with the group's seed: the sampled latents
    of both clips, the pixels the group's first rank decodes and the motion latents it re-encodes
-   from them, within the tolerances below (derived in tests/tolerance.py's terms). The second
+   from them: the latents within a bound derived in tests/tolerance.py's terms, the pixels and
+   motion latents (the same code on the same shapes as the one rank's) exactly where their
+   inputs are equal, else within that input error carried through the VAE (``carried``). The second
    clip starts from the motion latents the group's first rank broadcast inside its group: a
    broadcast over the wrong ranks gives the other group's, which fails 2 and 3.
 Prints "DP CLIPS MATCH ..." at the end; exits 1 naming the check at the first mismatch.
@@ -100,32 +102,37 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value - reference).abs().max() / reference.abs().max()).item()
 
 
+def carried(input_error: float, terms: int, depth: int) -> float:
+    """Relative bound on the output of a chain of ``depth`` reductions of ``terms`` each (a VAE
+    decode or encode, tests/tolerance.py) that runs the same code on the same shapes as the
+    reference, from its input's measured relative error: 0 for equal inputs (the same operations
+    on the same values in the same order); else that error carried through every layer (the RMS
+    norms keep each at unit scale, so it adds at most once per layer, first order;
+    tests/dist/vae_modes.py) plus each evaluation's own rounding, which no longer cancels."""
+    if input_error == 0.0:
+        return 0.0
+    return depth * input_error + reordered_sum_tolerance(torch.float32, terms, depth)
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     cfg = compose_config(COMMON + SPLIT)
     geometry = job_geometry(cfg)
-    # The DiT's longest chain (tests/dist/strategy_equivalence.py: 19 reductions per block, 4 blocks,
-    # 4 more) over this clip's tokens, once per sampling step (each step's update adds the flow's
-    # difference at unit scale). The pixels: that input difference carried through the decoder,
-    # whose RMS norms keep every layer at unit scale, so it adds at most once per layer (first
-    # order; tests/dist/vae_modes.py), plus the decoder's own reordering.
+    # The latents: the DiT's longest chain (tests/dist/strategy_equivalence.py: 19 reductions per
+    # block, 4 blocks, 4 more) over this clip's tokens, once per sampling step (each step's update
+    # adds the flow's difference at unit scale). The group's ranks split the tokens and heads
+    # (Ulysses), so their matmuls and attention sum over other shapes than the one rank's and may
+    # round in another order on another CPU: tests/tolerance.py bounds that by ~2e-4 relative here
+    # (80 chained sums of up to 72 terms), well above the 1e-5 one would like, and nothing in the
+    # arithmetic promises less; the measured errors are printed beside it (0 on the machines tried).
     latent_tolerance = SAMPLE_STEPS * reordered_sum_tolerance(
         torch.float32, terms=geometry.tokens(with_motion=True), depth=19 * 4 + 4
     )
-    decoder_terms, decoder_depth = vae_decoder_chain(cfg.model.vae_dim, geometry.latent_height * geometry.latent_width)
-    pixel_tolerance = latent_tolerance * decoder_depth + reordered_sum_tolerance(
-        torch.float32, decoder_terms, decoder_depth
-    )
-    # the motion latents: the pixels' difference carried through the encoder's chain the same way
-    encoder_terms, encoder_depth = vae_encoder_chain(cfg.model.vae_dim, geometry.latent_height * geometry.latent_width)
-    tolerance = {
-        "latents": latent_tolerance,
-        "pixels": pixel_tolerance,
-        "motion": pixel_tolerance * encoder_depth
-        + reordered_sum_tolerance(torch.float32, encoder_terms, encoder_depth),
-    }
+    positions = geometry.latent_height * geometry.latent_width
+    decoder_chain = vae_decoder_chain(cfg.model.vae_dim, positions)
+    encoder_chain = vae_encoder_chain(cfg.model.vae_dim, positions)
 
     job_dir = Path(sys.argv[1])
     parallel_model, made, ctx = make_clips(cfg, rank, world_size, job_dir)
@@ -168,32 +175,54 @@ def main() -> None:
 
     # 3. each group's clips equal one rank's with the group's seed
     dist.barrier()
-    worst = torch.zeros(3, dtype=torch.float64)
+    worst, bounds = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     if holds_reference:
         _, reference, _ = make_clips(single_cfg, 0, 1)
         counts = {what: (len(made[what]), len(reference[what])) for what in made}
         if counts != {"latents": (2, 2), "pixels": (2, 2), "motion": (2, 2)}:
             fail("clips", f"(here, one rank) clips sampled, decoded, motion encoded: {counts}; expected 2 each")
+        error = {what: [relative_error(made[what][k], reference[what][k]) for k in range(2)] for what in made}
+        # The decode and the motion encode run the same code on the same shapes here as on the one
+        # rank (parallel.vae=rank0: the group's first rank decodes the whole clip), so they differ
+        # only through their inputs: equal inputs give equal outputs, bit for bit.
+        # motion[0] encodes the zero buffer; pixels[k] decodes (reference latents, motion[k],
+        # latents[k]) (the reference latents encode the same image the same way: equal);
+        # motion[1] encodes the buffer holding clip 0's kept pixels.
+        bound = {
+            "latents": [latent_tolerance, latent_tolerance],
+            "motion": [carried(0.0, *encoder_chain), carried(error["pixels"][0], *encoder_chain)],
+        }
+        bound["pixels"] = [carried(max(error["latents"][k], error["motion"][k]), *decoder_chain) for k in range(2)]
         for index, what in enumerate(("latents", "pixels", "motion")):
             for clip in range(2):
-                err = relative_error(made[what][clip], reference[what][clip])
-                worst[index] = max(worst[index].item(), err)
-                if not err <= tolerance[what]:
+                worst[index] = max(worst[index].item(), error[what][clip])
+                bounds[index] = max(bounds[index].item(), bound[what][clip])
+                if not error[what][clip] <= bound[what][clip]:
                     fail(
                         "clips",
-                        f"dp group {dp_rank} clip {clip} {what}: relative error {err:.2e} > {tolerance[what]:.2e}",
+                        f"dp group {dp_rank} clip {clip} {what}: relative error {error[what][clip]:.2e} > "
+                        f"{bound[what][clip]:.2e}",
                     )
     elif any(p is not None for p in made["pixels"]):
         fail("clips", "parallel.vae=rank0: a rank other than its group's first holds pixels")
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
     if rank == 0:
         print(
             f"DP CLIPS MATCH ({dims.describe()}; worst relative error over both groups: "
-            + ", ".join(f"{what} {worst[i]:.1e} <= {tolerance[what]:.1e}" for i, what in enumerate(tolerance))
+            + ", ".join(
+                f"{what} {worst[i]:.1e} <= {bounds[i]:.1e}" for i, what in enumerate(("latents", "pixels", "motion"))
+            )
             + ")",
             flush=True,
         )
+    dist.barrier()
     dist.destroy_process_group()
+    # As the harness's own ranks end (wan_exp/rank/worker.py): no interpreter teardown, where
+    # gloo's threads of the mesh's sub-groups aborted a rank once in four runs after every check
+    # had passed ("terminate called without an active exception")
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -359,7 +359,7 @@ class SweepCallback(Callback):
             raise SystemExit(f"bad config, no job started: {exc}") from None
         for cfg, shape in zip(configs, shapes, strict=True):
             if not (cfg.launcher.resume and results.is_completed(batch_job_dir(cfg))):
-                self.job_bytes[int(cfg.hydra.job.num)] = job_bytes(cfg, shape.world_size)
+                self.job_bytes[int(cfg.hydra.job.num)] = job_bytes(cfg, shape.world_size, shape.processes)
         batch = [self.job_bytes[int(cfg.hydra.job.num)] for cfg in configs if int(cfg.hydra.job.num) in self.job_bytes]
         if batch:
             problem = space_problem(Path(str(configs[0].hydra.sweep.dir)), sweep_bytes(batch))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from wan_exp.geometry import job_geometry
 from wan_exp.media import SAMPLE_RATE, audio_peak_and_samples, wants_video
@@ -73,12 +73,15 @@ def video_bytes(cfg: Any) -> int:
     return int(frames * height * width * VIDEO_BYTES_PER_PIXEL + seconds * AUDIO_BYTES_PER_S)
 
 
-def job_bytes(cfg: Any, ranks: int) -> tuple[int, int]:
-    """(all bytes, video bytes) one job of `ranks` ranks writes: a video per dp group."""
+def job_bytes(cfg: Any, ranks: int, processes: Optional[int] = None) -> tuple[int, int]:
+    """(all bytes, video bytes) one job of `ranks` ranks run by `processes` processes (default:
+    one per rank) writes: a record per process and a video per dp group. A simulated job (one
+    process playing one rank of `ranks`) writes one record and at most one video, its group's."""
+    processes = ranks if processes is None else processes
     video = video_bytes(cfg)
-    if video:
+    if video and processes == ranks:
         video *= parallel_dims(cfg, ranks).dp
-    return JOB_BYTES + ranks * RANK_BYTES + video, video
+    return JOB_BYTES + processes * RANK_BYTES + video, video
 
 
 def sweep_bytes(jobs: list[tuple[int, int]]) -> SweepBytes:

@@ -199,10 +199,13 @@ def clips_per_hour_per_gpu(seconds_per_clip: Optional[float], dp_degree: int, wo
 
 def clip_summary(records: list[dict], seconds_per_clip: Optional[float]) -> dict:
     """The clips of a job (empty where it made none): ``clips_per_hour_per_gpu`` from
-    ``seconds_per_clip`` (:func:`stage_summary`: one clip, every stage; the latency) and, for
-    workload=generate, ``dp_degree``; ``clip_groups``, per dp group that reported: its dp_rank,
-    seed, clip count and video file (from its ranks' records); ``clips_made``, by every group
-    (each makes the job's clip count). A job without dp groups (workload=upstream) is one group."""
+    ``seconds_per_clip`` (:func:`stage_summary`: one clip, every stage; the latency),
+    ``dp_degree``, and ``clips_made``: the clips of the groups that reported (None where one did
+    not count them). For workload=generate also ``clip_groups``, per dp group that reported: its
+    dp_rank, seed, clip count and video file (from its ranks' records); a job without dp groups
+    (workload=upstream) is one group making its workload's clips. A simulated job (one process
+    playing one rank) made its group's clips only: ``clips_predicted`` says what all dp_degree
+    groups would make."""
     groups: dict[int, dict] = {}
     dp_degree = 1
     for r in records:
@@ -218,13 +221,17 @@ def clip_summary(records: list[dict], seconds_per_clip: Optional[float]) -> dict
     if not groups and seconds_per_clip is None:
         return {}
     out: dict[str, Any] = {
-        "clips_per_hour_per_gpu": clips_per_hour_per_gpu(seconds_per_clip, dp_degree, records[0]["world_size"])
+        "clips_per_hour_per_gpu": clips_per_hour_per_gpu(seconds_per_clip, dp_degree, records[0]["world_size"]),
+        "dp_degree": dp_degree,
     }
-    if groups:
-        clips = next(iter(groups.values()))["clips"]
-        out["dp_degree"] = dp_degree
-        out["clip_groups"] = [groups[k] for k in sorted(groups)]
-        out["clips_made"] = None if clips is None else dp_degree * clips
+    if not groups:
+        out["clips_made"] = (records[0].get("workload") or {}).get("clips")
+        return out
+    counts = [groups[k]["clips"] for k in sorted(groups)]
+    out["clip_groups"] = [groups[k] for k in sorted(groups)]
+    out["clips_made"] = None if None in counts else sum(counts)
+    if records[0].get("simulated") and counts[0] is not None:
+        out["clips_predicted"] = dp_degree * counts[0]  # every group makes the job's clip count
     return out
 
 

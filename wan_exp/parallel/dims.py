@@ -147,6 +147,12 @@ class ParallelDims:
                 f"parallel.dp_degree={dp}: use 1 (every rank on one clip), N >= 2 (N groups of ranks, "
                 "each making its own clip) or -1 (as many groups as the ranks the other axes leave)"
             )
+        if dp > 1 and world_size % dp:
+            divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]
+            raise ConfigError(
+                f"parallel.dp_degree={dp} does not divide the {world_size} ranks; use one of "
+                f"{', '.join(map(str, divisors))} (or -1: as many groups as the other axes leave)"
+            )
         fsdp_enabled = fsdp_shards(parallel.fsdp.degree)
         fsdp_degree = int(parallel.fsdp.degree)
         if fsdp_degree < -1:

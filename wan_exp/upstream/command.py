@@ -27,12 +27,12 @@ from typing import Any, Optional
 
 from wan_exp.config import S2V_NEGATIVE_PROMPT, ConfigError, SamplerName, VaePlacement, WorkloadConfig
 from wan_exp.parallel.dims import fsdp_shards, parallel_dims
+from wan_exp.results import VIDEO_FILE  # --save_file, in the job dir (as workload=generate names it)
 
 TASK = "s2v-14B"
 GENERATE_SCRIPT = "generate.py"
 FSDP_HELPER = Path("wan") / "distributed" / "fsdp.py"  # defines shard_model (the fsdp_fixed patch)
 FSDP_FUNCTION = "shard_model"
-VIDEO_FILE = "video.mp4"  # --save_file, in the job dir (as workload=generate writes it)
 # Presets whose degrees upstream's flags can express, and the sampler names of its --sample_solver.
 UPSTREAM_STRATEGIES = ("single", "ulysses", "fsdp", "fsdp_fixed", "hybrid")
 UPSTREAM_SOLVERS = {SamplerName.unipc.value: "unipc"}

@@ -30,7 +30,6 @@ import psutil
 from wan_exp import results
 from wan_exp.devices import NvmlView, read_nvml, visible_gpus
 from wan_exp.units import GIB
-from wan_exp.upstream.command import VIDEO_FILE
 
 SAMPLE_S = 1.0
 SAMPLES_FILE = Path("upstream") / "host_samples.json"
@@ -56,7 +55,7 @@ class HostMonitor:
 
     def __enter__(self) -> HostMonitor:
         # a video an earlier attempt left (launcher.resume) must not pass for this run's
-        (self.job_dir / VIDEO_FILE).unlink(missing_ok=True)
+        (self.job_dir / results.VIDEO_FILE).unlink(missing_ok=True)
         self._thread.start()
         return self
 
@@ -185,7 +184,7 @@ def add_video_check(record: dict, job_dir: Path) -> None:
     if record.get("status") != results.COMPLETED:
         return
     expected = (record.get("workload") or {}).get("frames")
-    video = check_video(Path(job_dir) / VIDEO_FILE, expected)
+    video = check_video(Path(job_dir) / results.VIDEO_FILE, expected)
     record["video"] = video
     if video["error"] is not None:
         record["status"] = results.FAILED

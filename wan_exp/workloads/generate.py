@@ -26,7 +26,7 @@ Data parallel over clips (``parallel.dp_degree``): each dp group runs this whole
 own inputs (inputs.group_config: the job's seed + dp_rank x DP_SEED_STRIDE; the prompt, the audio
 file and the image are the same for every group, synthetic ones are drawn from the group's seed),
 its VAE modes over the group's ranks, and the group's first rank writes ``video_dp<k>.mp4``
-(``video_file``). The figures of one step count the whole job's work (every group's forwards).
+(``results.video_file``). The figures of one step count the whole job's work (every group's forwards).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from wan_exp.parallel.fsdp import torch_dtype
 from wan_exp.parallel.registry import ParallelModel, setup_parallel
 from wan_exp.parallel.vae import decode_clip, encode_motion
 from wan_exp.rank.numerics import check_finite, checked_output
+from wan_exp.results import video_file
 from wan_exp.workloads.inputs import (
     clip_audio,
     encode_audio,
@@ -64,13 +65,6 @@ from wan_exp.workloads.inputs import (
     workload_step,
 )
 from wan_exp.workloads.sampler import sample
-
-VIDEO_FILE = "video.mp4"
-
-
-def video_file(dp_rank: int, dp_degree: int) -> str:
-    """The video a dp group writes in the job dir: video.mp4 with one group, video_dp<k>.mp4 with several."""
-    return VIDEO_FILE if dp_degree == 1 else f"video_dp{dp_rank}.mp4"
 
 
 def motion_pixel_frames(motion_latents: int) -> int:
