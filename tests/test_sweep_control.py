@@ -87,7 +87,8 @@ def test_an_interrupt_stops_the_sweep_records_the_job_and_prints_the_resume_comm
     cause = interrupted["root_cause"]
     assert (cause["rank"], cause["phase"]) == (0, "build") and sig.name in cause["message"], cause
     assert not (tmp_path / "1").exists(), "the sweep stops: job 1 never starts"
-    assert not any(pid_alive(p) for p in job_pids(tmp_path / "0")), "the job's ranks are ended"
+    ranks = job_pids(tmp_path / "0")
+    assert ranks and not any(pid_alive(p) for p in ranks), "the job's ranks are ended"
     assert (tmp_path / "report.md").exists() and "interrupted" in (tmp_path / "report.md").read_text()
     resume = f"launch.py hydra.sweep.dir={tmp_path.resolve()} launcher.resume=true"
     assert resume in out, out
