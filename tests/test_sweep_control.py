@@ -49,12 +49,12 @@ def free_port() -> int:
 
 
 # ----------------------------------------------------------------------------- interrupts
+# job 0 sleeps 6 s entering build, job 1 has no fault (a resume runs both again)
 SLOW_SWEEP = (
     "-m",
-    "seed=0,1",
+    "fault=sleep,none",
     "parallel=single",
     "workload=init",
-    "fault=sleep",
     "fault.rank=0",
     "fault.phase=build",
     "fault.seconds=6",
@@ -199,7 +199,7 @@ def test_a_rendezvous_port_held_by_another_program_fails_within_the_timeout(tmp_
         proc = run_launch(
             tmp_path,
             f"launcher.rdzv_endpoint={endpoint}",
-            "launcher.rdzv_timeout_s=10",
+            "launcher.rdzv_timeout_s=5",
             "workload=init",
             "logger=disabled",
             timeout=300,
@@ -258,17 +258,12 @@ def test_live_progress_on_a_terminal(tmp_path):
     assert "/3" in text, "step i/n of the 3 sampling steps"
 
 
-def test_no_progress_display_off_a_terminal(tmp_path):
-    proc = run_launch(tmp_path, "parallel=single", "workload=init", "logger=disabled")
-    assert proc.returncode == 0, output(proc)
-    assert "last beat" not in output(proc) and "job 1 of 1" not in output(proc)
-
-
 # ----------------------------------------------------------------------------- two hosts
 def test_two_hosts_on_loopback_form_one_job_equal_to_one_host(tmp_path):
     """Two launch.py processes, one rank each (launcher.nnodes=2, node_rank 0 and 1, c10d
     rendezvous on a fixed port) make one job of world size 2: one results.json, one W&B
-    run, both ranks' records, and the same losses as one host running both ranks."""
+    run, both ranks' records, and the same losses as one host running both ranks (whose
+    output, off a terminal, shows no progress display)."""
     train = ("parallel=ulysses", "workload=train_lora", "workload.steps=2", "workload.lora.save=false")
     endpoint = f"localhost:{free_port()}"
     sweep = tmp_path / "two_hosts"
@@ -301,6 +296,8 @@ def test_two_hosts_on_loopback_form_one_job_equal_to_one_host(tmp_path):
 
     one = run_launch(tmp_path / "one_host", *train, "launcher.nproc_per_node=2", timeout=300)
     assert one.returncode == 0, output(one)
+    # off a terminal (captured here) the live progress table is never drawn
+    assert "last beat" not in output(one) and "job 1 of 1" not in output(one)
     (single,) = job_results(tmp_path / "one_host")
     for key in ("status", "world_size", "strategy", "workload"):
         assert two[key] == single[key]
