@@ -49,7 +49,7 @@ def free_port() -> int:
 
 
 # ----------------------------------------------------------------------------- interrupts
-# job 0 sleeps 6 s entering build, job 1 has no fault (a resume runs both again)
+# job 0 sleeps 4 s entering build, job 1 has no fault (a resume runs both again)
 SLOW_SWEEP = (
     "-m",
     "fault=sleep,none",
@@ -57,28 +57,29 @@ SLOW_SWEEP = (
     "workload=init",
     "fault.rank=0",
     "fault.phase=build",
-    "fault.seconds=6",
+    "fault.seconds=4",
     "logger=disabled",
 )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupt_stops_the_sweep_records_the_job_and_prints_the_resume_command(tmp_path, sig):
-    """Job 0 of two is in phase build (an injected 6 s sleep) when the signal comes. A
-    second launch into the busy dir is refused, naming the first. The interrupted job's
+    """A second launch into the busy dir (job 0 started) is refused, naming the first. Job 0 of
+    two is in phase build (an injected 4 s sleep) when the signal comes. The interrupted job's
     result says where it was, job 1 never starts, the dashboard is written, the console
     shows the resume command and no traceback; that command (SIGINT case) finishes it."""
     first = subprocess.Popen(
         launch_cmd(tmp_path, *SLOW_SWEEP), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
+        wait_for(lambda: (tmp_path / "0" / "job.json").exists() or first.poll() is not None, 120, "job 0 to start")
+        second = run_launch(tmp_path, *SLOW_SWEEP[1:], multirun=True, timeout=60)
+        assert second.returncode != 0
+        assert f"in use by process {first.pid} on this host" in output(second), output(second)
         wait_for(
             lambda: heartbeat_phase(tmp_path / "0") == "build" or first.poll() is not None, 120, "job 0 to enter build"
         )
         assert first.poll() is None, first.communicate()[0]
-        second = run_launch(tmp_path, *SLOW_SWEEP[1:], multirun=True, timeout=60)
-        assert second.returncode != 0
-        assert f"in use by process {first.pid} on this host" in output(second), output(second)
         first.send_signal(sig)
         out, _ = first.communicate(timeout=60)
     finally:
