@@ -1,7 +1,8 @@
 """What the comm counter (wan_exp/metrics/comm.py) costs per op: host time of a small op, and
 of a fake-group collective, with and without the counter's dispatch mode entered (and with the
-simulated rank's RealisticFakeCollectives under it as well). Small tensors, so the figure is
-the dispatch overhead alone, not the op's own work.
+simulated rank's RealisticFakeCollectives under it as well, or the CPU tensor counter of
+``allocator.count_cpu_tensors``, wan_exp/metrics/tensor_memory.py). Small tensors, so the figure
+is the dispatch overhead alone, not the op's own work.
 
     python bench/comm_counter_cost.py --ops 20000
 """
@@ -20,6 +21,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from benchlib import header
 from wan_exp.metrics.comm import CommCounter
+from wan_exp.metrics.tensor_memory import TensorMemory
 from wan_exp.plan.fake_collectives import RealisticFakeCollectives
 
 WORLD = 4
@@ -57,6 +59,7 @@ def main() -> None:
         "no mode": [],
         "CommCounter": [CommCounter],
         "CommCounter + RealisticFakeCollectives": [CommCounter, RealisticFakeCollectives],
+        "CommCounter + TensorMemory": [CommCounter, TensorMemory],
     }
     print(f"{'op':34s} " + " ".join(f"{name:>40s}" for name in settings) + "   (us per op, median of repeats)")
     for label, call in cases.items():

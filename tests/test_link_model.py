@@ -199,17 +199,23 @@ def test_fits_verdict_counts_the_cuda_context_nccl_buffers_and_a_margin():
         ],
     }
     row = row_from_results("ulysses", 8, results, [64.0, 80.0], fragmentation=0.05)
-    # context 287,047,680 B; NCCL: (2 ring + 7 all-to-all peers) x 16 channels x 8 MiB; margin 5 % of 60
-    nccl = (2 + 7) * 16 * (8 << 20) / GIB
+    # context 287,047,680 B; margin 5 % of 60; NCCL, per channel and peer (the ring's + 7 all-to-all
+    # peers): receive buffers LL 0.5 MiB + LL128 4.6875 MiB + SIMPLE 8 MiB = 13.1875 -> 14 MiB in
+    # 2 MiB granules, + a 2 MiB send header: 16 MiB x 8 peers x 16 channels = 2 GiB
     assert row.context_gib == pytest.approx(CUDA_CONTEXT_BYTES / GIB) and CUDA_CONTEXT_BYTES == 287_047_680
-    assert row.nccl_gib == pytest.approx(nccl) == 1.125
+    assert row.nccl_gib == 16 * 8 * 16 / 1024 == 2.0
     assert row.margin_gib == pytest.approx(3.0)
-    assert row.need_gib == pytest.approx(60 + CUDA_CONTEXT_BYTES / GIB + 1.125 + 3.0)
-    assert row.fits == {"64": False, "80": True}  # 64.39 GiB needed: the bare 60 GiB peak would have fit 64
-    # defaults (4 MiB x 32 channels), no point-to-point: 2 ring connections; one GPU: no NCCL
+    assert row.need_gib == pytest.approx(60 + CUDA_CONTEXT_BYTES / GIB + 2.0 + 3.0)
+    assert row.fits == {"64": False, "80": True}  # 65.27 GiB needed: the bare 60 GiB peak would have fit 64
+    # the defaults (4 MiB SIMPLE: 9.1875 -> 10 MiB + 2 MiB, 32 channels) on 8 GPUs with an all-to-all:
+    # 3 GiB = 3.22 GB, against the 3.28 GB (1.06 -> 4.34 GB) NCCL took for PyTorch's first
+    # all_to_all_single on 8 H100s (https://github.com/NVIDIA/nccl/issues/1685)
     results["config"] = {}
+    assert row_from_results("ulysses", 8, results, [64.0]).nccl_gib * GIB == 32 * 8 * (12 << 20)
+    assert 32 * 8 * (12 << 20) == pytest.approx((4.34 - 1.06) * 1e9, rel=0.05)
+    # no point-to-point: the ring's neighbour only; one GPU: no NCCL
     results["ranks"][0]["comm"]["per_step"] = {"all_gather": {"count": 1, "bytes": 8, "bus_bytes": 6}}
-    assert row_from_results("fsdp_fixed", 4, results, [64.0]).nccl_gib == pytest.approx(2 * 32 * 4 / 1024)
+    assert row_from_results("fsdp_fixed", 4, results, [64.0]).nccl_gib == 32 * 12 / 1024
     assert row_from_results("single", 1, results, [64.0]).nccl_gib == 0
     # the CPU (host RSS, gloo): only the margin
     results["ranks"][0]["memory"] = {"peak_host_rss_gib": 10.0}

@@ -191,6 +191,18 @@ def test_s2v_14b_on_a_small_cpu_box_is_refused_and_sharding_is_counted(monkeypat
     upstream = compose_config(["model=s2v_14b", "parallel=fsdp"])
     with pytest.raises(ConfigError, match=r"does not fit in host memory: with parallel=fsdp each of the 8 rank"):
         memory_fit.check_memory_fits(upstream, world_size=8, nproc_per_node=8, gpus=8)
+    # upstream's generate.py builds the whole DiT and T5 on the host on every rank, also with
+    # the fsdp_fixed patch (it changes only the broadcast): refused where wan-exp's own fits
+    upstream_fixed = compose_config(["model=s2v_14b", "parallel=fsdp_fixed", "workload=upstream"])
+    with pytest.raises(ConfigError, match=r"with parallel=fsdp_fixed each of the 8 rank.*the DiT \(16\.30e9"):
+        memory_fit.check_memory_fits(upstream_fixed, world_size=8, nproc_per_node=8, gpus=8)
+    dit, text, _audio = memory_fit.model_weights(upstream_fixed.model)
+    needed = 8 * (dit.bytes + text.bytes)  # the whole DiT and the whole T5, once each, per rank
+    monkeypatch.setattr(memory_fit.psutil, "virtual_memory", lambda: FakeMemory(needed))
+    memory_fit.check_memory_fits(upstream_fixed, world_size=8, nproc_per_node=8, gpus=8)
+    monkeypatch.setattr(memory_fit.psutil, "virtual_memory", lambda: FakeMemory(needed - 1))
+    with pytest.raises(ConfigError, match=f"the {text.name}"):
+        memory_fit.check_memory_fits(upstream_fixed, world_size=8, nproc_per_node=8, gpus=8)
 
     # one 40 GiB GPU: the whole DiT plus both encoders (wav2vec2 in fp32: 42.11 GiB, the
     # param_gib a real s2v_14b rank recorded on an H200) do not fit; T5 on the CPU does

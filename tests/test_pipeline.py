@@ -5,9 +5,6 @@ decoding, and the pre-launch input checks."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from launch_helpers import torchrun
 from tolerance import close_kwargs, reordered_sum_tolerance, vae_decoder_chain, vae_encoder_chain
 from wan_exp.config import ConfigError, compose_config
 from wan_exp.geometry import job_geometry
@@ -28,7 +26,6 @@ from wan_exp.models.vae import (
     AttentionBlock,
     Downsample,
     ResidualBlock,
-    Tile,
     Upsample,
     WanVAE,
 )
@@ -372,72 +369,57 @@ def test_streaming_encoder_equals_the_whole_clip_causal_reference():
     )
 
 
-def test_tiles_equal_the_whole_frame_decode():
-    """Tiles and regions: the attention runs on the whole frame, the rest per tile with a halo
-    covering its receptive field, so they equal the plain decode up to fp64 rounding; a halo one
-    latent short of it does not."""
-    from wan_exp.models import vae as vae_module
+# The halo each up-sampling level's tiles need (in that level's pixels), from the receptive field
+# of what follows it, walked back from the head: a 3x3 convolution reads one pixel further, a
+# nearest doubling (output i reads input i // 2) halves, rounding up. Pixel level: the head conv
+# and 3 residual blocks of two 3x3 convs = 7; level 2 (4x): the up-sampler's conv at 8x
+# (7 + 1 = 8 -> 4) + 6 = 10; level 1 (2x): 10 + 1 = 11 -> 6, + 6 = 12; level 0 (latents):
+# 12 + 1 = 13 -> 7, + 6 = 13.
+LEVEL_HALOS = {0: 13, 4: 12, 8: 10, 12: 7}  # index of the level's first layer in decoder.upsamples
 
+
+def test_tiles_equal_the_whole_frame_decode():
+    """Tiles: the attention runs on the whole frame, the rest per tile with a halo covering its
+    receptive field at each level, so they equal the plain decode up to fp64 rounding; a halo
+    one pixel short of it at any level does not."""
     vae = small_vae(2, dim=2).double()
+    assert vae.decoder.level_halos == LEVEL_HALOS
     z = torch.randn(1, 16, 2, 6, 34, dtype=torch.float64)  # halos reach past the rows, not the columns
     whole = vae.decode(z)
-    for grid in ((2, 2), (1, 3)):
-        tiled = vae.decode(z, grid=grid)
+    for grid in ((2, 2), (6, 1)):  # (6, 1): tiles one latent high
+        tiled = vae.decode_tiled(z, grid)
         assert tiled.shape == whole.shape
         assert (tiled - whole).abs().max().item() <= DECODE_TOLERANCE
-    region = Tile(2, 6, 15, 34)  # the bottom-right part, in 2 x 2 tiles
-    part = vae.decode(z, region, grid=(2, 2))
-    assert (part - whole[:, :, :, 2 * 8 :, 15 * 8 :]).abs().max().item() <= DECODE_TOLERANCE
-    short = vae_module.DECODER_HALO - 1
-    vae_module.DECODER_HALO = short
-    try:
-        assert (vae.decode(z, grid=(2, 2)) - whole).abs().max().item() > 10 * DECODE_TOLERANCE
-    finally:
-        vae_module.DECODER_HALO = short + 1
-
-
-PEAK_SCRIPT = """
-import gc, json, sys
-import torch
-from wan_exp.models.vae import WanVAE
-
-def resident(field):
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
-
-torch.set_num_threads(1)
-torch.manual_seed(0)
-vae = WanVAE(2).eval()
-z = torch.randn(1, 16, 2, 60, 64)
-vae.decode(z[:, :, :1, :8, :8])  # first-call allocations (kernels, thread pools) out of the way
-peaks = {}
-for name, grid in (("whole", (1, 1)), ("tiled", (2, 2))):
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # VmHWM := VmRSS
-    base = resident("VmRSS:")
-    pixels = vae.decode(z, grid=grid)
-    peaks[name] = resident("VmHWM:") - base
-    del pixels
-print(json.dumps(peaks))
-"""
+    for level in LEVEL_HALOS:
+        vae.decoder.level_halos[level] -= 1
+        try:
+            assert (vae.decode_tiled(z, (2, 2)) - whole).abs().max().item() > 10 * DECODE_TOLERANCE, level
+        finally:
+            vae.decoder.level_halos[level] += 1
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM reset")
-def test_tiled_decode_peak_is_at_most_0_6_of_the_whole_frame_decode():
-    """The host's resident high-water mark of each decode, full latent height (60, as 480 px)
-    at a reduced width (64 latents), in a fresh process whose malloc maps every block over
-    64 KiB on its own (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the resident set at
-    once and the mark follows the live tensors, temporaries inside the kernels included."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", PEAK_SCRIPT], cwd=REPO, capture_output=True, text=True, env=env, timeout=280, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    peaks = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert peaks["whole"] > 100 * 2**20  # the measurement sees the decode (about 300 MiB)
-    assert peaks["tiled"] <= 0.6 * peaks["whole"], peaks
+def test_tiled_and_sharded_decodes_equal_the_plain_one_and_cut_the_peak():
+    """tests/dist/vae_split_decodes.py on 4 gloo ranks: the sharded pixels (fp64) equal the
+    plain decode on every rank, over the 4 ranks and over two groups of 2 interleaved ranks each
+    decoding a clip of its own; the resident high-water mark of a tiled decode is at most 0.6 of
+    the whole-frame decode's, that of each rank's sharded share, the gather of the strips
+    included, at most 0.6 / N with N = 2 and 4 ranks sharing the clip (full latent height, 60 as
+    480 px, at a reduced width)."""
+    proc = torchrun(4, "tests/dist/vae_split_decodes.py", env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(found["max_abs_diff"]) == 4 and all(
+        diff <= 10 * reordered_sum_tolerance(torch.float64, *vae_decoder_chain(4, 5 * 18))
+        for diff in found["max_abs_diff"].values()
+    ), found["max_abs_diff"]
+    whole = found["whole"]
+    assert whole > 100 * 2**20  # the measurement sees the decode (about 150 MiB)
+    assert found["tiled"] <= 0.6 * whole, found
+    for ranks in (2, 4):
+        per_rank = found["sharded"][str(ranks)]
+        assert len(per_rank) == 4 and max(per_rank) <= 0.6 / ranks * whole, (ranks, found)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -475,10 +457,7 @@ def test_bad_inputs_are_config_errors_before_launch(tmp_path):
 def test_every_vae_mode_equals_the_plain_decode_on_two_ranks():
     """tests/dist/vae_modes.py under torchrun, 2 gloo ranks: every parallel.vae mode's pixels
     and motion latents against the plain decode on every rank."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/dist/vae_modes.py"]
-    proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    proc = torchrun(2, "tests/dist/vae_modes.py")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     measured = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("max_abs_diff"))
     assert set(measured) == {"every_rank", "rank0", "tiled", "sharded"}

@@ -77,6 +77,7 @@ def test_cfg_parallel_with_shard_only_fsdp_generates_trains_and_initialises(tmp_
     for results in (generate, train, init):
         assert results["status"] == "completed"
         assert results["ranks"][0]["parallel_dims"] == {
+            "dp": 1,
             "cfg": 2,
             "fsdp": 1,
             "ring": 1,

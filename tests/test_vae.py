@@ -21,6 +21,7 @@ from wan_exp.models.vae import (
     LATENT_MEAN,
     LATENT_STD,
     AttentionBlock,
+    Cache,
     CausalConv3d,
     ChannelRMSNorm,
     WanVAE,
@@ -213,7 +214,7 @@ def test_attention_block_is_single_head_softmax_over_positions():
 def test_output_is_the_normalised_posterior_mean():
     model = tiny_vae()
     x = pixels((1, 3, 1, 16, 16))
-    moments = F.conv3d(model.encoder(x, {}), model.conv1.weight, model.conv1.bias)  # 1x1x1 conv
+    moments = F.conv3d(model.encoder(x, Cache()), model.conv1.weight, model.conv1.bias)  # 1x1x1 conv
     mean = moments[:, :16]  # channels 16..31 are the log-variance, unused
     expected = (mean - torch.tensor(LATENT_MEAN).view(1, 16, 1, 1, 1)) / torch.tensor(LATENT_STD).view(1, 16, 1, 1, 1)
     # the same encoder output, then the 1x1x1 conv over 32 channels and the normalisation

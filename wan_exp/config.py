@@ -219,7 +219,10 @@ class ParallelConfig:
 
     name: str = "single"
     # degrees of the mesh axes; their product (with the fsdp axis) is the world size.
-    # -1 = the ranks the other axes leave (at most one of ulysses/ring)
+    # -1 = the ranks the other axes leave (at most one of dp/ring/ulysses)
+    # data parallel over clips: dp_degree groups of ranks, each making its own clip (its own
+    # seed); the outermost axis. FSDP with fsdp.degree=-1 shards over the dp groups too.
+    dp_degree: int = 1
     cfg_degree: int = 1  # 2 = conditional and unconditional forwards on two rank groups
     ring_degree: int = 1  # ring attention (keys/values passed around)
     ulysses_degree: int = 1  # Ulysses (heads exchanged by all-to-all)
@@ -244,6 +247,10 @@ class AllocatorConfig:
     name: str = "default"
     # PYTORCH_ALLOC_CONF string ("" = PyTorch defaults); the launcher sets both variable names
     conf: str = ""
+    # CPU ranks: count the bytes of the tensors the rank holds (memory.peak_tensor_gib, per stage
+    # too; metrics/tensor_memory.py). Off by default: a Python call per op. A GPU's allocator
+    # counts its tensors itself, so a GPU rank ignores it
+    count_cpu_tensors: bool = False
 
 
 # --------------------------------------------------------------------------- workload

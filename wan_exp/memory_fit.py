@@ -12,6 +12,10 @@ Where the weights live, by the split's degrees (wan_exp/parallel/registry.py):
   DiT per rank, read straight to the device;
 - FSDP with ``parallel.fsdp.load_full_on_every_rank`` (upstream, ``fsdp``): every rank first
   loads the whole DiT into host memory, then FSDP moves its shard to the device;
+- ``workload=upstream`` (the public generate.py, whatever the split): its S2V pipeline builds
+  the DiT in host memory on every rank when ``--dit_fsdp`` is given (``from_pretrained``
+  without a device map, then ``shard_model``; the fsdp_fixed patch changes only the broadcast)
+  and always builds the whole T5 encoder in host memory before it is sharded or moved;
 - the text and audio encoders: whole, on the device or the host as
   ``parallel.*_encoder_placement`` says; wav2vec2 always in fp32.
 On a machine without GPUs the device is the host. Host memory is per node
@@ -33,7 +37,7 @@ from typing import Any
 
 import psutil
 
-from wan_exp.config import ConfigError, Placement
+from wan_exp.config import ConfigError, Placement, WorkloadName
 from wan_exp.devices import read_nvml, visible_gpu_count, visible_gpus
 from wan_exp.models.sizes import (
     audio_encoder_parameters,
@@ -105,14 +109,18 @@ def check_memory_fits(cfg: Any, world_size: int, nproc_per_node: int, gpus: int)
     dims = parallel_dims(cfg, world_size)
     sharded = dims.fsdp_enabled
     share = dims.fsdp_shard_ranks  # ranks sharing one copy of the DiT
-    full_load = sharded and bool(par.fsdp.load_full_on_every_rank)
+    upstream = cfg.workload.name == WorkloadName.upstream
+    full_load = sharded and (bool(par.fsdp.load_full_on_every_rank) or upstream)
     on_device: list[tuple[Weights, int]] = [(dit, share)]
     on_host: list[tuple[Weights, int]] = [(dit, 1)] if full_load else []
     for encoder, placement in ((text, par.text_encoder_placement), (audio, par.audio_encoder_placement)):
         if encoder is not None:
             (on_device if placement == Placement.device else on_host).append((encoder, 1))
+    if upstream and (text, 1) not in on_host:  # its T5 is built whole on the host first, then moved
+        on_host.append((text, 1))
     if not gpus:  # the device is the host; a full load replaces the rank's DiT shard at its peak
-        on_host = ([(dit, 1)] if full_load else [(dit, share)]) + [p for p in on_device + on_host if p[0] is not dit]
+        rest = [p for p in on_host + on_device if p[0] is not dit]
+        on_host = ([(dit, 1)] if full_load else [(dit, share)]) + [p for i, p in enumerate(rest) if p not in rest[:i]]
         on_device = []
 
     strategy = f"parallel={par.name}"

@@ -133,6 +133,13 @@ def validate(cfg: Any, world_size: int) -> None:
             "parallel.fsdp.degree=0); set the degree of the axis to split over, e.g. "
             "parallel.ulysses_degree=-1, or run one rank"
         )
+    if int(par.dp_degree) != 1 and wl.name in (WorkloadName.upstream, WorkloadName.train_lora):
+        raise ConfigError(
+            f"parallel.dp_degree={par.dp_degree} with workload={WorkloadName(wl.name).value}: dp groups "
+            "each make their own clip, which only workload=generate (and init, which makes none) does; "
+            f"{'upstream has no such axis' if wl.name == WorkloadName.upstream else 'training on one clip per step'}"
+            ": set parallel.dp_degree=1"
+        )
     if wl.name == WorkloadName.upstream:  # first: it names the splits upstream can run
         check_upstream(cfg, world_size)
     dims = parallel_dims(cfg, world_size)
@@ -161,10 +168,12 @@ def validate(cfg: Any, world_size: int) -> None:
         )
     if str(wl.save_video).lower() not in SAVE_VIDEO_SETTINGS:
         raise ConfigError(f"workload.save_video={wl.save_video!r}; use one of {', '.join(SAVE_VIDEO_SETTINGS)}")
-    if par.vae == VaePlacement.sharded and world_size < 2:
+    if par.vae == VaePlacement.sharded and dims.clip_ranks < 2:
         raise ConfigError(
-            "parallel.vae=sharded spreads the decode over the ranks and needs >= 2 ranks, "
-            f"got {world_size}; use parallel.vae=tiled on one rank"
+            "parallel.vae=sharded spreads the decode over the ranks that make a clip and needs >= 2 ranks, "
+            f"got {dims.clip_ranks}"
+            + (f" ({world_size} ranks in {dims.dp} dp groups)" if dims.dp > 1 else "")
+            + "; use parallel.vae=tiled on one rank"
         )
     for name in ("sample_steps", "steps"):
         if getattr(wl, name) < 1:
@@ -207,12 +216,12 @@ def check_inputs(cfg: Any, geometry: JobGeometry, world_size: int) -> None:
     """The input files of a generate job, read before any rank loads weights: an audio file that
     ffmpeg cannot read, that is silent, or whose wav2vec2 encoding cannot fit in host memory
     (read a frame at a time: never whole); an image that is not an image, or gives no usable
-    size, already failed in ``job_geometry``; for parallel.vae=sharded whether the world size
-    can share a latent frame (one strip per rank). Raises ConfigError naming the setting and
-    what to do."""
+    size, already failed in ``job_geometry``; for parallel.vae=sharded whether the ranks of a
+    clip (a dp group) can share a latent frame (one strip per rank). Raises ConfigError naming
+    the setting and what to do."""
     wl = cfg.workload
     if VaePlacement(cfg.parallel.vae) == VaePlacement.sharded:
-        strip_axis(geometry.latent_height, geometry.latent_width, world_size)
+        strip_axis(geometry.latent_height, geometry.latent_width, parallel_dims(cfg, world_size).clip_ranks)
     if not wl.audio_path:
         return
     try:

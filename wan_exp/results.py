@@ -599,6 +599,12 @@ def summary_text(results: dict) -> str:
             f"  {r['rank']:>4}  {str(r.get('device')):<12}  {_gib(mem.get('peak_allocated_gib')):>14}  "
             f"{_gib(mem.get('peak_reserved_gib')):>17}  {_gib(mem.get('peak_host_rss_gib')):>12}  {median_text:>13}"
         )
+    summary = results.get("summary") or {}
+    if summary.get("clips_per_hour_per_gpu") is not None:
+        lines.append(
+            f"  clips: {summary.get('clips_made', '?')} by {summary.get('dp_degree', 1)} dp group(s); "
+            f"{summary['seconds_per_clip']:.2f} s/clip, {summary['clips_per_hour_per_gpu']:.1f} clips/h/GPU"
+        )
     for warning in results.get("warnings") or []:
         lines.append(f"  warning: {warning}")
     for warning in (results.get("machine") or {}).get("warnings") or []:

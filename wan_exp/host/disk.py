@@ -11,7 +11,7 @@ The estimate is an upper bound of the usual case, not an exact figure:
   encoder receives it, yuv420p at 1.5 bytes per pixel, which the encoder's output does
   not exceed in practice (0.50 to 0.74 bytes per pixel measured on pure noise, the
   hardest content; real footage is tens of times smaller), plus the AAC audio at its
-  ceiling of 128 kbit/s.
+  ceiling of 128 kbit/s; one video per dp group (parallel.dp_degree).
 
 Not counted: NCCL flight-recorder dumps (nccl=debug), stack dumps of a hang and a saved
 LoRA adapter (workload=train_lora).
@@ -28,6 +28,7 @@ from typing import Any
 
 from wan_exp.geometry import job_geometry
 from wan_exp.media import SAMPLE_RATE, audio_peak_and_samples, wants_video
+from wan_exp.parallel.dims import parallel_dims
 
 MIB = 1024**2
 JOB_BYTES = 1 * MIB
@@ -73,8 +74,10 @@ def video_bytes(cfg: Any) -> int:
 
 
 def job_bytes(cfg: Any, ranks: int) -> tuple[int, int]:
-    """(all bytes, video bytes) one job of `ranks` ranks writes."""
+    """(all bytes, video bytes) one job of `ranks` ranks writes: a video per dp group."""
     video = video_bytes(cfg)
+    if video:
+        video *= parallel_dims(cfg, ranks).dp
     return JOB_BYTES + ranks * RANK_BYTES + video, video
 
 

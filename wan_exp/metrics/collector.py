@@ -26,6 +26,7 @@ import torch
 from wan_exp.metrics.comm import CommCounter
 from wan_exp.metrics.phases import INIT_PHASES
 from wan_exp.metrics.summary import rank_figures
+from wan_exp.metrics.tensor_memory import TensorMemory
 from wan_exp.units import GIB
 
 # Notes that belong in the record's "memory" block rather than at its top level.
@@ -35,7 +36,7 @@ _MEMORY_NOTES = ("param_gib",)
 class MetricsCollector:
     """Times phases and steps of one rank and produces its rank record."""
 
-    def __init__(self, device: torch.device | str, rank: int, world_size: int) -> None:
+    def __init__(self, device: torch.device | str, rank: int, world_size: int, count_cpu_tensors: bool = False) -> None:
         self.device = torch.device(device)
         self.rank = rank
         self.world_size = world_size
@@ -47,6 +48,9 @@ class MetricsCollector:
         self.notes: dict[str, Any] = {}
         # collectives per kind; counting while the worker holds it entered (`with comm:`)
         self.comm = CommCounter()
+        # the bytes of the CPU tensors the rank holds (allocator.count_cpu_tensors; the worker
+        # enters it); None on a GPU, whose allocator counts its tensors itself
+        self.tensors = TensorMemory() if count_cpu_tensors and self.device.type == "cpu" else None
         self.stages: dict[str, dict[str, Any]] = {}
         self._aside_s = 0.0  # seconds timed by aside(), taken out of the stages around them
         # peaks seen before a stage reset the device's / the host's peak counters
@@ -131,6 +135,7 @@ class MetricsCollector:
                 "peak_allocated_gib": None,
                 "peak_reserved_gib": None,
                 "peak_host_rss_gib": None,
+                "peak_tensor_gib": None,
             },
         )
 
@@ -140,6 +145,7 @@ class MetricsCollector:
             "peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB if on_cuda else None,
             "peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB if on_cuda else None,
             "peak_host_rss_gib": _host_peak_bytes() / GIB,
+            "peak_tensor_gib": self.tensors.peak_bytes / GIB if self.tensors is not None else None,
         }
 
     def _reset_peaks(self) -> None:
@@ -149,6 +155,8 @@ class MetricsCollector:
                 self._folded_peaks[key] = max(self._folded_peaks.get(key, 0.0), value)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.tensors is not None:
+            self.tensors.reset_peak()
         _reset_host_peak()
 
     # ------------------------------------------------------------------ facts from the rank
@@ -190,6 +198,7 @@ class MetricsCollector:
             "alloc_retries": stats.get("num_alloc_retries") if on_cuda else None,
             "ooms": stats.get("num_ooms") if on_cuda else None,
             "peak_host_rss_gib": peaks["peak_host_rss_gib"],
+            "peak_tensor_gib": peaks["peak_tensor_gib"],
         }
         for key in _MEMORY_NOTES:
             mem[key] = self.notes.get(key)

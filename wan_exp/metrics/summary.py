@@ -7,7 +7,9 @@ dashboard, the plan) read the stored field and never compute it again:
   initialisation seconds, collective totals), stored in its rank record by
   ``MetricsCollector.rank_record``;
 - :func:`summarize`: the job's comparison figures from every rank's record (the ``summary`` of
-  results.json: the job's step times and their median, balance, throughput, MFU, comm, stages).
+  results.json: the job's step times and their median, balance, throughput, MFU, comm, stages,
+  and the clips the dp groups made with their latency and throughput, :func:`clip_summary`);
+- :func:`clips_per_hour_per_gpu`: THE throughput figure, also of the plan's predicted clips.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def summarize(records: list[dict], config: Any) -> dict:
     flops_per_step = work.get("flops_per_step")
     dtype = str((config.get("model") or {}).get("dtype", "bf16"))  # a dict or a DictConfig
     peak = peak_flops(rank0["device_name"], dtype)
+    stages = stage_summary(records)
 
     return {
         "ranks_reported": len(records),
@@ -152,7 +155,8 @@ def summarize(records: list[dict], config: Any) -> dict:
         "comm_step_bus_bytes_max": comm_max(comm_step, "bus_bytes"),
         "comm_init_calls_max": comm_max(comm_init, "count"),
         "comm_init_bytes_max": comm_max(comm_init, "bytes"),
-        **stage_summary(records),
+        **stages,
+        **clip_summary(records, stages.get("seconds_per_clip")),
     }
 
 
@@ -182,6 +186,46 @@ def comm_totals(kinds: Optional[dict]) -> dict[str, float]:
     {"count", "bytes", "bus_bytes"} (zeros for None)."""
     kinds = kinds or {}
     return {key: sum(t[key] for t in kinds.values()) for key in ("count", "bytes", "bus_bytes")}
+
+
+def clips_per_hour_per_gpu(seconds_per_clip: Optional[float], dp_degree: int, world_size: int) -> Optional[float]:
+    """Throughput: clips per hour per GPU, ``dp_degree x 3600 / seconds_per_clip / world_size``
+    (dp_degree groups each make a clip in ``seconds_per_clip``, the latency, on world_size GPUs).
+    None without a clip time."""
+    if not seconds_per_clip:
+        return None
+    return dp_degree * 3600.0 / seconds_per_clip / world_size
+
+
+def clip_summary(records: list[dict], seconds_per_clip: Optional[float]) -> dict:
+    """The clips of a job (empty where it made none): ``clips_per_hour_per_gpu`` from
+    ``seconds_per_clip`` (:func:`stage_summary`: one clip, every stage; the latency) and, for
+    workload=generate, ``dp_degree``; ``clip_groups``, per dp group that reported: its dp_rank,
+    seed, clip count and video file (from its ranks' records); ``clips_made``, by every group
+    (each makes the job's clip count). A job without dp groups (workload=upstream) is one group."""
+    groups: dict[int, dict] = {}
+    dp_degree = 1
+    for r in records:
+        group = (r.get("workload") or {}).get("clip_group")
+        if group is None:
+            continue
+        dp_degree = group["dp_degree"]
+        entry = groups.setdefault(
+            group["dp_rank"],
+            {"dp_rank": group["dp_rank"], "seed": group["seed"], "clips": r["workload"].get("clips"), "video": None},
+        )
+        entry["video"] = entry["video"] or group.get("video")
+    if not groups and seconds_per_clip is None:
+        return {}
+    out: dict[str, Any] = {
+        "clips_per_hour_per_gpu": clips_per_hour_per_gpu(seconds_per_clip, dp_degree, records[0]["world_size"])
+    }
+    if groups:
+        clips = next(iter(groups.values()))["clips"]
+        out["dp_degree"] = dp_degree
+        out["clip_groups"] = [groups[k] for k in sorted(groups)]
+        out["clips_made"] = None if clips is None else dp_degree * clips
+    return out
 
 
 CHECK_STAGES = ("drift_check",)  # stages a job runs only to check itself (models/precision.py)

@@ -21,14 +21,18 @@ clip would. The temporal re-samplers treat the first chunk apart: the down-sampl
 through and keeps its last frame, the up-sampler passes it through without time up-sampling
 (so latent frame 0 <-> pixel frame 0, and every later latent frame <-> four pixel frames).
 
-Tiled decoding (``decode(..., region=..., grid=...)``): the middle attention sees the whole
-frame, so the low-resolution part (conv1 + middle) always runs on the whole frame, and its
-output is kept for every latent frame; only the up-sampling part (where the activations, the
-causal caches and so the memory peak are large) runs per spatial tile, one tile after the other,
-each streamed through all frames with its own cache and a halo of ``DECODER_HALO`` latent pixels
-on every inner side. The halo covers the receptive field of that part, so tiles equal the
-whole-frame decode up to float rounding (in fp32 the CPU's convolutions pick shape-dependent
-algorithms, so a tile and the whole frame round differently).
+Lower-peak decoding (``decode_tiled``; parallel/vae.py runs it for ``tiled`` and ``sharded``):
+the low-resolution part (conv1 + middle, where the attention over the whole frame is) runs
+first on the part of the frame being decoded (the whole frame, or a rank's strip through a
+``FramePart`` that fills the convolutions' padding with the neighbouring ranks' rows and gathers
+the attention's keys and values), and its output is kept for every latent frame. The
+up-sampling part (where the causal caches and the activations, and so the peak, are large)
+then runs per spatial tile, one tile after the other, each streamed through all frames with
+its own cache, one frame at a time after each time up-sampling (``Decoder.high_by_frame``), and
+each level with the halo the rest of the part still reads (``_level_halos``: 13 latents, then
+12, 10 and 7 pixels of the next levels). Tiles and strips equal the plain decode up to float
+rounding (in fp32 the CPU's convolutions pick shape-dependent algorithms, so a tile and the
+whole frame round differently).
 
 Parameter names and shapes are those of the official file (``encoder.*``, ``conv1.*``,
 ``decoder.*``, ``conv2.*``). Sequential indices that hold no parameters (activations, padding,
@@ -42,7 +46,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -59,12 +63,6 @@ TEMPORAL_STRIDE = 4  # pixel frames per latent frame after the first
 WIDTH_MULTIPLIERS = (1, 2, 4, 4)  # channel width of each encoder level, times vae_dim
 TEMPORAL_DOWNSAMPLE = (False, True, True)  # after encoder levels 0, 1, 2 (3 has no down-sampling)
 TEMPORAL_UPSAMPLE = TEMPORAL_DOWNSAMPLE[::-1]  # after decoder levels 0, 1, 2
-# Receptive field of the decoder's up-sampling part, in latent pixels: 3 residual blocks of
-# two 3x3 convs per level at scales 1, 1/2, 1/4, 1/8 latent (6 + 3 + 1.5 + 0.75), the three
-# re-sampling convs (0.5 + 0.25 + 0.125), the head conv (0.125) = 12.25 (nearest-neighbour
-# doubling moves no edge: output i reads input i // 2). A tile's pixels read nothing past
-# 12.25 latents beyond it, so a halo of 13 makes them exact (tests/test_pipeline.py, in fp64).
-DECODER_HALO = 13
 # Per-channel statistics of the posterior mean over Wan's training data: latents are
 # (mean - LATENT_MEAN) / LATENT_STD so that the DiT sees roughly unit-variance inputs.
 LATENT_MEAN = (
@@ -104,7 +102,40 @@ LATENT_STD = (
     1.9160,
 )
 
-Cache = dict  # module -> what it keeps between chunks of one stream
+
+class FramePart:
+    """The part of each frame that a decode stream computes, seen by the decoder's spatial
+    operations: this base class is the whole frame (zero padding at every edge, attention among
+    the frame's own positions). parallel/vae.py's strips fill the padding on their inner sides
+    with the neighbouring ranks' border rows and gather the attention's keys and values."""
+
+    def pad(self, x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
+        """``x`` (..., H, W) padded as ``F.pad(x, padding)`` pads it (width first)."""
+        return F.pad(x, padding)
+
+    def conv2d(self, conv: nn.Conv2d, frames: torch.Tensor) -> torch.Tensor:
+        """The 2-D ``conv`` (with its own zero padding) over (N, C, H, W) frames of this part."""
+        return conv(frames)
+
+    def whole_frame(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) frames of this part -> the same of the whole frame."""
+        return frames
+
+
+WHOLE_FRAME = FramePart()
+
+
+class Cache(dict):
+    """One stream's state: module -> what it keeps between the stream's chunks, and the part
+    of the frame the stream computes (``part``)."""
+
+    def __init__(self, part: FramePart = WHOLE_FRAME) -> None:
+        super().__init__()
+        self.part = part
+
+
+def _part(cache: Optional[Cache]) -> FramePart:
+    return WHOLE_FRAME if cache is None else cache.part
 
 
 class CausalConv3d(nn.Conv3d):
@@ -125,7 +156,7 @@ class CausalConv3d(nn.Conv3d):
             context = x if previous is None else torch.cat([previous, x], dim=2)
             cache[self] = context[:, :, -self.time_context :].clone()
         front = self.time_context - (context.shape[2] - x.shape[2])
-        return super().forward(F.pad(context, (*self.spatial_padding, front, 0)))
+        return super().forward(_part(cache).pad(context, (*self.spatial_padding, front, 0)))
 
 
 class ChannelRMSNorm(nn.Module):
@@ -151,7 +182,7 @@ def _per_frame(layer: Any, video: torch.Tensor) -> torch.Tensor:
 def _run(layers: nn.Sequential, x: torch.Tensor, cache: Optional[Cache]) -> torch.Tensor:
     """Run a sequence of layers, handing the stream's cache to those that keep one."""
     for layer in layers:
-        x = layer(x, cache) if isinstance(layer, (CausalConv3d, ResidualBlock, Resample)) else layer(x)
+        x = layer(x, cache) if isinstance(layer, (CausalConv3d, ResidualBlock, Resample, AttentionBlock)) else layer(x)
     return x
 
 
@@ -229,7 +260,9 @@ class Upsample(Resample):
                 b, c, t, h, w = x.shape
                 pairs = self.time_conv(x, cache).view(b, 2, c, t, h, w)
                 x = torch.stack((pairs[:, 0], pairs[:, 1]), dim=3).reshape(b, c, 2 * t, h, w)
-        return _per_frame(self.resample, x)
+        upsample, conv = self.resample
+        part = _part(cache)
+        return _per_frame(lambda frames: part.conv2d(conv, upsample(frames)), x)
 
 
 class AttentionBlock(nn.Module):
@@ -241,15 +274,22 @@ class AttentionBlock(nn.Module):
         self.to_qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
-    def attend(self, frames: torch.Tensor) -> torch.Tensor:
+    def attend(self, frames: torch.Tensor, part: FramePart) -> torch.Tensor:
         n, c, h, w = frames.shape
-        tokens = self.to_qkv(self.norm(frames)).flatten(2).transpose(1, 2)  # (N, H*W, 3C)
-        q, k, v = tokens.chunk(3, dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, H*W, C), scale 1/sqrt(C)
-        return self.proj(out.transpose(1, 2).reshape(n, c, h, w))
+        qkv = self.to_qkv(self.norm(frames))  # (N, 3C, H, W): queries, keys, values
+        k, v = part.whole_frame(qkv[:, c:]).chunk(2, dim=1)  # of every position of the frame
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + _per_frame(self.attend, x)
+        def tokens(maps: torch.Tensor) -> torch.Tensor:  # (N, 1 head, positions, C), as upstream
+            return maps.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+
+        # the part's queries against the whole frame; with a head axis the CPU, like a GPU,
+        # runs a fused kernel that holds no positions^2 matrix
+        out = F.scaled_dot_product_attention(tokens(qkv[:, :c]), tokens(k), tokens(v))  # scale 1/sqrt(C)
+        return self.proj(out.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
+
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        part = _part(cache)
+        return x + _per_frame(lambda frames: self.attend(frames, part), x)
 
 
 def _middle(width: int) -> nn.Sequential:
@@ -303,12 +343,39 @@ class Decoder(nn.Module):
                 layers.append(Upsample(width, temporal=TEMPORAL_UPSAMPLE[level]))
         self.upsamples = nn.Sequential(*layers)
         self.head = _head(widths[-1], 3)
+        self.level_halos = _level_halos(self.upsamples, self.head)
 
     def low(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
         return _run(self.middle, self.conv1(x, cache), cache)
 
     def high(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
         return _run(self.head, _run(self.upsamples, x, cache), cache)
+
+    def high_by_frame(
+        self, x: torch.Tensor, cache: Cache, window: Optional[Window] = None, start: int = 0
+    ) -> Iterator[torch.Tensor]:
+        """``high`` of one chunk run depth first: the frames a time up-sampling makes go on one at
+        a time, each through the rest of the part before the next, so the levels after it hold
+        one frame's activations instead of the chunk's. Yields the chunk's pixels one frame at a
+        time, in order: the values of ``high`` (a causal cache makes a chunk and its frames one
+        by one equal).
+
+        With a ``window`` (``x`` holds ``window.held`` of the frame), each level starts from its
+        tile with only the halo that level still needs (``level_halos``): the recomputed border
+        shrinks as the resolution grows, and the pixels yielded are the tile's alone."""
+        for index in range(start, len(self.upsamples)):
+            if window is not None and index in self.level_halos:
+                x, window = window.crop(x, self.level_halos[index])
+            layer = self.upsamples[index]
+            x = layer(x, cache)
+            if isinstance(layer, Upsample):
+                window = None if window is None else window.doubled()
+                if layer.temporal and x.shape[2] > 1:
+                    for t in range(x.shape[2]):
+                        yield from self.high_by_frame(x[:, :, t : t + 1], cache, window, index + 1)
+                    return
+        pixels = _run(self.head, x, cache)
+        yield pixels if window is None else window.crop(pixels, 0)[0]
 
     def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
         return self.high(self.low(x, cache), cache)
@@ -322,6 +389,63 @@ class Tile:
     bottom: int
     left: int
     right: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """A tile's stream through the up-sampling part: the ``tile`` it makes (latent rows and
+    columns of the part of the frame being decoded), the rows and columns its tensor now
+    holds (``held``, in pixels of the current resolution) and that resolution (``scale``
+    pixels per latent)."""
+
+    tile: Tile
+    held: Tile
+    scale: int = 1
+
+    def crop(self, x: torch.Tensor, halo: int) -> tuple[torch.Tensor, Window]:
+        """``x`` (..., H, W) cut to the tile plus ``halo`` pixels on every side, as far as it
+        holds them (the edges of the part), and the window of what is left."""
+        s, tile, held = self.scale, self.tile, self.held
+        kept = Tile(
+            max(tile.top * s - halo, held.top),
+            min(tile.bottom * s + halo, held.bottom),
+            max(tile.left * s - halo, held.left),
+            min(tile.right * s + halo, held.right),
+        )
+        rows = slice(kept.top - held.top, kept.bottom - held.top)
+        cols = slice(kept.left - held.left, kept.right - held.left)
+        return x[..., rows, cols], Window(tile, kept, s)
+
+    def doubled(self) -> Window:
+        """The window after a nearest-neighbour doubling of height and width."""
+        held = self.held
+        return Window(self.tile, Tile(2 * held.top, 2 * held.bottom, 2 * held.left, 2 * held.right), 2 * self.scale)
+
+
+def _reach(module: nn.Module) -> int:
+    """Pixels beyond an output pixel that the 3-D convolutions of ``module``, one after the
+    other, read (a residual block's 1x1 shortcut reads none, its two 3x3 convs one each)."""
+    return sum(max(conv.spatial_padding) for conv in module.modules() if isinstance(conv, CausalConv3d))
+
+
+def _level_halos(upsamples: nn.Sequential, head: nn.Sequential) -> dict[int, int]:
+    """Index of each up-sampling level's first layer -> the halo its tiles need, in that
+    level's pixels, for the tile's pixels to equal the whole frame's: the receptive field of
+    the rest of the part, walked back from the head. Each 3x3 convolution adds one pixel; an
+    up-sampler's 3x3 convolution adds one at the doubled resolution, and the nearest-neighbour
+    doubling before it (output i reads input i // 2) halves, rounding up. For the Wan decoder:
+    13, 12, 10 and 7 (latents at the first level: 12.25 rounded up level by level)."""
+    halo = _reach(head)
+    halos = {}
+    for index in reversed(range(len(upsamples))):
+        layer = upsamples[index]
+        if isinstance(layer, Upsample):
+            halos[index + 1] = halo
+            halo = -(-(halo + layer.resample[1].padding[0]) // 2)
+        else:
+            halo += _reach(layer)
+    halos[0] = halo
+    return halos
 
 
 def grid_tiles(height: int, width: int, rows: int, cols: int) -> list[Tile]:
@@ -359,7 +483,7 @@ class WanVAE(nn.Module):
         frames = pixels.shape[2]
         if pixels.dim() != 5 or pixels.shape[1] != 3 or (frames - 1) % TEMPORAL_STRIDE:
             raise ValueError(f"WanVAE.encode takes RGB video (B, 3, 1 + 4k, H, W), got {tuple(pixels.shape)}")
-        cache: Cache = {}
+        cache = Cache()
         chunks = [pixels[:, :, :1]] + [pixels[:, :, i : i + TEMPORAL_STRIDE] for i in range(1, frames, TEMPORAL_STRIDE)]
         features = torch.cat(
             [self._encode_chunk(chunk, cache, i, len(chunks)) for i, chunk in enumerate(chunks)], dim=2
@@ -372,64 +496,70 @@ class WanVAE(nn.Module):
         beat(f"encode chunk {index + 1}/{count}")  # the rank's heartbeat (wan_exp.liveness)
         return self.encoder(chunk, cache)
 
-    @torch.no_grad()
-    def decode(
-        self, latents: torch.Tensor, region: Optional[Tile] = None, grid: tuple[int, int] = (1, 1)
-    ) -> torch.Tensor:
-        """(B, 16, T, h, w) normalised latents -> pixels (B, 3, 1 + 4(T - 1), 8h, 8w) in [-1, 1],
-        or those of ``region`` (latent rows and columns) only.
-
-        The low-resolution part runs on the whole frame, one latent frame at a time (it holds
-        the attention), and its output is kept for every frame. The region is then cut into
-        ``grid`` (rows, columns) tiles, and the up-sampling part streams each tile through all
-        frames with its own cache before the next tile starts: only one tile's cache and
-        activations are alive at a time, each tile's pixels are written into one output."""
+    def _unnormalised(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> the decoder's input (``conv2`` of the posterior mean)."""
         shift, scale = self._latent_stats(latents)
-        x = self.conv2(latents * scale + shift)
-        height, width = x.shape[3], x.shape[4]
-        region = region if region is not None else Tile(0, height, 0, width)
-        low_cache: Cache = {}
+        return self.conv2(latents * scale + shift)
+
+    @staticmethod
+    def _pixels_like(x: torch.Tensor) -> torch.Tensor:
+        """The (empty) pixels of a decode whose input after ``conv2`` is ``x``."""
+        b, _, t, h, w = x.shape
+        return x.new_empty((b, 3, 1 + TEMPORAL_STRIDE * (t - 1), h * SPATIAL_STRIDE, w * SPATIAL_STRIDE))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 16, T, h, w) normalised latents -> pixels (B, 3, 1 + 4(T - 1), 8h, 8w) in [-1, 1],
+        as upstream decodes: one latent frame at a time through the whole decoder, one cache."""
+        x = self._unnormalised(latents)
+        out = self._pixels_like(x)
+        cache = Cache()
+        first = 0
+        for t in range(x.shape[2]):
+            beat(f"decode frame {t + 1}/{x.shape[2]}")  # the rank's heartbeat (wan_exp.liveness)
+            pixels = self.decoder(x[:, :, t : t + 1], cache)
+            out[:, :, first : first + pixels.shape[2]] = pixels
+            first += pixels.shape[2]
+        return out.clamp_(-1.0, 1.0)
+
+    @torch.no_grad()
+    def decode_tiled(self, latents: torch.Tensor, grid: tuple[int, int], part: FramePart = WHOLE_FRAME) -> torch.Tensor:
+        """``decode``'s pixels of ``part`` of the frame (from that part's latents), in ``grid``
+        (rows, columns) spatial tiles of the part, one tile after the other.
+
+        The low-resolution part (where the attention is) runs first, on the part, one latent
+        frame at a time, and its output is kept for every frame. Each tile then streams through
+        all frames with its own cache (``Decoder.high_by_frame``: one frame at a time after
+        each time up-sampling, each level with the halo it still needs) before the next starts:
+        one tile's caches and one frame's activations are alive at a time. Spatial operations
+        reach past the part through ``part``, past a tile by recomputing its halo; a tile must
+        therefore span a part that is not the whole frame along the axis ``part`` cuts."""
+        x = self._unnormalised(latents)
+        out = self._pixels_like(x)
+        low_cache = Cache(part)
         low_frames = []
         for t in range(x.shape[2]):
             beat(f"decode frame {t + 1}/{x.shape[2]} (low resolution)")  # the rank's heartbeat (wan_exp.liveness)
             low_frames.append(self.decoder.low(x[:, :, t : t + 1], low_cache))
         low = torch.cat(low_frames, dim=2)
-        del low_frames
-        del low_cache, x
+        del low_frames, low_cache, x
+        height, width = low.shape[3], low.shape[4]
         s = SPATIAL_STRIDE
-        frames = 1 + TEMPORAL_STRIDE * (low.shape[2] - 1)
-        out = low.new_empty(
-            (low.shape[0], 3, frames, (region.bottom - region.top) * s, (region.right - region.left) * s)
-        )
-        for tile in grid_tiles(region.bottom - region.top, region.right - region.left, *grid):
-            tile = Tile(
-                tile.top + region.top, tile.bottom + region.top, tile.left + region.left, tile.right + region.left
-            )
-            rows = slice((tile.top - region.top) * s, (tile.bottom - region.top) * s)
-            cols = slice((tile.left - region.left) * s, (tile.right - region.left) * s)
-            cache: Cache = {}
+        for tile in grid_tiles(height, width, *grid):
+            rows, cols = slice(tile.top * s, tile.bottom * s), slice(tile.left * s, tile.right * s)
+            cache = Cache(part)
+            window = Window(tile, Tile(0, height, 0, width))
+            frame = 0
             for t in range(low.shape[2]):
                 beat(
                     f"decode tile rows {tile.top}-{tile.bottom} cols {tile.left}-{tile.right}, "
                     f"frame {t + 1}/{low.shape[2]}"
                 )
-                first = 0 if t == 0 else 1 + TEMPORAL_STRIDE * (t - 1)
-                pixels = self._decode_tile(low[:, :, t : t + 1], tile, cache)
-                out[:, :, first : first + pixels.shape[2], rows, cols] = pixels
+                for pixels in self.decoder.high_by_frame(low[:, :, t : t + 1], cache, window):
+                    out[:, :, frame, rows, cols] = pixels[:, :, 0]
+                    frame += 1
             del cache
         return out.clamp_(-1.0, 1.0)
-
-    def _decode_tile(self, low: torch.Tensor, tile: Tile, cache: Cache) -> torch.Tensor:
-        """The up-sampling part over the tile plus its halo (clipped at the frame's edges),
-        cropped back to the tile's pixels."""
-        height, width = low.shape[3], low.shape[4]
-        top, left = max(tile.top - DECODER_HALO, 0), max(tile.left - DECODER_HALO, 0)
-        bottom, right = min(tile.bottom + DECODER_HALO, height), min(tile.right + DECODER_HALO, width)
-        pixels = self.decoder.high(low[:, :, :, top:bottom, left:right], cache)
-        s = SPATIAL_STRIDE
-        return pixels[
-            :, :, :, (tile.top - top) * s : (tile.bottom - top) * s, (tile.left - left) * s : (tile.right - left) * s
-        ]
 
 
 # ============================================================================ loading

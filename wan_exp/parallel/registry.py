@@ -57,13 +57,16 @@ class ParallelModel:
     text_encoder: nn.Module | None  # placed per parallel.text_encoder_placement
     audio_encoder: nn.Module | None  # placed per parallel.audio_encoder_placement
     sp_group: ProcessGroup | None  # sequence-parallel group, ring x ulysses (None when 1)
-    mesh: DeviceMesh | None  # (cfg, fsdp, ring, ulysses) mesh; None when nothing is split
+    mesh: DeviceMesh | None  # (dp, cfg, fsdp, ring, ulysses) mesh; None when nothing is split
     dims: ParallelDims  # the degrees of the split
     cfg_group: ProcessGroup | None  # this rank's cfg pair (None when cfg_degree is 1)
     # parallel.cfg.guided_flow's signature (dit, latents, timestep, cond, uncond, scale) -> guided flow:
     # sequential, or CFG-parallel over cfg_group
     guidance: Callable[..., torch.Tensor]
     drift: DriftCheck | None = None  # the bf16 reference of workload.drift_check (models/precision.py)
+    # the ranks of this rank's dp group, for the clip's collectives outside the DiT (the VAE's);
+    # None: the default group is the clip's (parallel.dp_degree=1), or the clip has one rank
+    clip_group: ProcessGroup | None = None
 
 
 def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) -> ParallelModel:
@@ -96,6 +99,7 @@ def setup_parallel(cfg: Any, ctx: Any, before_wrap: BeforeWrap | None = None) ->
         cfg_group=cfg_group,
         guidance=guidance_for(cfg_group),
         drift=drift,
+        clip_group=meshes.clip if meshes is not None else None,
     )
 
 

@@ -159,6 +159,7 @@ _ALAYA = "https://docs.alayanew.com/en/docs/tech-blog/2026-05-06-nccl-tests"
 _NCCL_1530 = "https://github.com/NVIDIA/nccl/issues/1530"
 _NCCL_TESTS_267 = "https://github.com/NVIDIA/nccl-tests/issues/267"
 _NCCL_TESTS_214 = "https://github.com/NVIDIA/nccl-tests/issues/214"
+_TINYGRAD_P2P = "https://github.com/tinygrad/open-gpu-kernel-modules (README)"
 
 
 def _sourced(name: str, figures: dict[str, tuple[float, str, float, str]], notes: tuple[str, ...]) -> Link:
@@ -211,14 +212,14 @@ LINKS: dict[str, Link] = {
         "pcie4",
         {
             kind: (
-                20.0,
-                f"{_NO_SOURCE}: half of PCIe 5 (x16 gives 32 against 64 GB/s per direction)",
+                24.0,
+                _TINYGRAD_P2P if kind == "all_reduce" else f"{_NO_SOURCE}: all-reduce's",
                 42e-6,
                 _NCCL_1530 if kind == "all_reduce" else f"{_NO_SOURCE}: all-reduce's",
             )
             for kind in CURVES
         },
-        ("no bandwidth figure has a source; the all-reduce latency has",),
+        ("only the all-reduce has sources (RTX 4090s, peer to peer on); the other kinds borrow its figures",),
     ),
     "ib400": _sourced(
         "ib400",

@@ -41,10 +41,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
 from wan_exp.config import CONF_DIR, PIPELINE_STAGES, ConfigError, compose_config, parse_size, steps_run
 from wan_exp.devices import visible_gpu_count
 from wan_exp.host.callbacks import lock_holder, override_differences
 from wan_exp.host.job import SWEEP_STATE_DIR
+from wan_exp.metrics.summary import clips_per_hour_per_gpu
 from wan_exp.plan.pricing import ASSUMPTION, GB, Link, comm_times_s, parse_link, step_range
 from wan_exp.preflight import check_job
 from wan_exp.report.render import CSS
@@ -65,7 +69,15 @@ PLAN_OPTIONS = ("gpus", "gpu_memory_gib", "strategies", "link", "out", "measured
 # sampling steps of the clip the plan predicts: upstream S2V's default (its jobs run 4 of them)
 DEFAULT_CLIP_STEPS = 40
 # 4 steps, the first a warm-up: 3 measured steps give a median and a spread
-SHORT_JOB = {"workload.sample_steps": "4", "workload.warmup_steps": "1", "workload.clips": "1", "logger": "disabled"}
+SHORT_JOB = {
+    "workload.sample_steps": "4",
+    "workload.warmup_steps": "1",
+    "workload.clips": "1",
+    "logger": "disabled",
+    # on the CPU host RSS is mostly the runtime and varies run to run: count the tensors too
+    # (peak_tensor_gib, what real ranks are checked against); a GPU rank ignores the setting
+    "allocator.count_cpu_tensors": "true",
+}
 CODE_VERSION_FILE = "plan_code_version"  # in a job's sweep dir: the code_version that ran it
 INIT_STAGE = "init (build/load/wrap)"
 JOB_STOP_TIMEOUT_S = 120  # a stopped plan waits this long for its job to end its ranks
@@ -207,6 +219,13 @@ def stale_code(sweep_dir: Path, version: str) -> Optional[str]:
     ) + "; it runs again"
 
 
+def as_recorded(overrides: list[str]) -> list[str]:
+    """One job's overrides as its record keeps them: as Hydra's basic sweeper renders them
+    (``x=true`` becomes ``x=True``), so a plan run again recognises its own jobs."""
+    ((job,),) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+    return list(job)
+
+
 # results kept when the same plan runs again; any other status (failed, hang, interrupted) runs again
 KEPT_STATUSES = (COMPLETED, OOM)
 
@@ -235,10 +254,11 @@ def earlier_results(
     results = results if isinstance(results, dict) else None
     job_record = read_json(job / JOB_FILE)
     recorded = (results or (job_record if isinstance(job_record, dict) else None) or {}).get("overrides")
-    if recorded is not None and sorted(recorded) != sorted(overrides):
+    recorded, given = (None if recorded is None else as_recorded(recorded)), as_recorded(overrides)
+    if recorded is not None and sorted(recorded) != sorted(given):
         raise ConfigError(
             f"{sweep_dir}: holds a job of other settings ("
-            + "; ".join(override_differences(recorded, overrides))
+            + "; ".join(override_differences(recorded, given))
             + "); give the plan another out= (or remove that directory)"
         )
     if results is not None and results.get("status") in KEPT_STATUSES:
@@ -368,24 +388,46 @@ def clip_seconds(results: dict, step_s: Optional[float], clip_steps: int) -> Opt
 # default, https://github.com/pytorch/pytorch/pull/86509; eager loading took 666,632,192). Lazy
 # loading is CUDA's default on Linux since 12.2. Kernels loaded later add to it.
 CUDA_CONTEXT_BYTES = 287_047_680
-NCCL_BUFFSIZE_DEFAULT = 4 << 20  # NCCL_BUFFSIZE's default, 4 MiB
+NCCL_BUFFSIZE_DEFAULT = 4 << 20  # NCCL_BUFFSIZE's default, 4 MiB: the SIMPLE protocol's buffer
+# the other two protocols' buffers (NCCL's src/init.cc): LL, 8 lines x 512 threads x 8 steps x
+# 16-byte lines (512 KiB); LL128, 120 elements x 640 threads x 8 steps x 8 bytes (4.6875 MiB)
+NCCL_LL_BUFFSIZE_DEFAULT = 8 * 512 * 8 * 16
+NCCL_LL128_BUFFSIZE_DEFAULT = 120 * 640 * 8 * 8
+# NCCL allocates each connection's buffers with cuMem (its default since 2.19), rounded up to the
+# allocation granularity: 2 MiB, the sizes https://github.com/NVIDIA/nccl/issues/1685 logged
+NCCL_CUMEM_GRANULARITY = 2 << 20
 # channels NCCL opens per connection when NCCL_MAX_NCHANNELS does not say: 32, what an
 # all-to-all on 8 H100s opened per pair of GPUs (https://github.com/NVIDIA/nccl/issues/1685)
 NCCL_CHANNELS_DEFAULT = 32
-NCCL_RING_CONNECTIONS = 2  # a ring has 2 connections whatever the scale (https://github.com/NVIDIA/nccl/issues/986)
+
+
+def nccl_peer_bytes(env: dict) -> int:
+    """NCCL's buffers of one rank for one channel and one connected peer: it receives into
+    buffers of all three protocols (LL, LL128, SIMPLE = NCCL_BUFFSIZE; NCCL's
+    src/transport/p2p.cc) and sends through a small header, each one allocation rounded up to
+    cuMem's granularity: 10 MiB + 2 MiB at the defaults."""
+    received = sum(
+        int(env.get(name, default))
+        for name, default in (
+            ("NCCL_LL_BUFFSIZE", NCCL_LL_BUFFSIZE_DEFAULT),
+            ("NCCL_LL128_BUFFSIZE", NCCL_LL128_BUFFSIZE_DEFAULT),
+            ("NCCL_BUFFSIZE", NCCL_BUFFSIZE_DEFAULT),
+        )
+    )
+    granules = -(-received // NCCL_CUMEM_GRANULARITY)
+    return (granules + 1) * NCCL_CUMEM_GRANULARITY  # + one granule for the sender's header
 
 
 def nccl_buffer_bytes(env: dict, gpus: int, peer_to_peer: bool) -> int:
-    """NCCL's buffers on one rank, by the rule in docs/rehearsal.md ("Fits"): NCCL_BUFFSIZE
-    per connection and channel; channels from NCCL_MAX_NCHANNELS (else NCCL_CHANNELS_DEFAULT);
-    2 ring connections for the collectives, plus one per other rank where the job sends
-    point to point or all-to-all (those connect every pair). Zero on one GPU."""
+    """NCCL's buffers on one rank, by the rule in docs/rehearsal.md ("Fits"): ``nccl_peer_bytes``
+    per channel and connected peer; peers: the ring's neighbour for the collectives, plus every
+    other rank where the job sends point to point or all-to-all (those connect every pair);
+    channels from NCCL_MAX_NCHANNELS (else NCCL_CHANNELS_DEFAULT). Zero on one GPU."""
     if gpus <= 1:
         return 0
-    buffsize = int(env.get("NCCL_BUFFSIZE", NCCL_BUFFSIZE_DEFAULT))
     channels = int(env.get("NCCL_MAX_NCHANNELS", NCCL_CHANNELS_DEFAULT))
-    connections = NCCL_RING_CONNECTIONS + (gpus - 1 if peer_to_peer else 0)
-    return connections * channels * buffsize
+    peers = 1 + (gpus - 1 if peer_to_peer else 0)
+    return channels * peers * nccl_peer_bytes(env)
 
 
 @dataclass(frozen=True)
@@ -440,10 +482,16 @@ class PlanRow:
     step_s: Optional[float] = None  # the one the code does
     clip_s: Optional[float] = None
     efficiency: Optional[float] = None
+    dp: Optional[int] = None  # dp groups, each making its own clip (parallel.dp_degree); None: no job ran
+    clips_per_hour_per_gpu: Optional[float] = None  # throughput, from clip_s (metrics.summary)
+    clip_efficiency: Optional[float] = None  # latency: clip_s(single, 1 GPU) / (GPUs x clip_s)
+    throughput_efficiency: Optional[float] = None  # clips/h/GPU over single's on 1 GPU
     measured_step_s: Optional[float] = None
     measured_peak_gib: Optional[float] = None
     fitted_step_s: Optional[float] = None  # priced at the link fitted to the measured runs
     comm_per_step: Optional[dict] = None  # the simulated rank's collectives per step (comm.per_step)
+    peak_tensor_gib: Optional[float] = None  # CPU: the simulated rank's tensors at their peak
+    measured_peak_tensor_gib: Optional[float] = None  # CPU: the real runs' (largest rank)
 
 
 def row_from_results(
@@ -468,6 +516,7 @@ def row_from_results(
     row.peak_gib, row.peak_stage = peak_and_stage(record)
     row.memory_basis = memory_key(record)
     row.comm_per_step = (record.get("comm") or {}).get("per_step")
+    row.peak_tensor_gib = record["memory"].get("peak_tensor_gib")
     if row.peak_gib is not None:
         nccl_env = dict(((results.get("config") or {}).get("nccl") or {}).get("env") or {})
         peer_to_peer = any(kind in (row.comm_per_step or {}) for kind in ("all_to_all", "send", "recv"))
@@ -492,15 +541,24 @@ def row_from_results(
         setattr(row, key, prediction.get(key))
     row.measured_steps = prediction.get("measured_steps") or len(record.get("step_times_s") or [])
     row.clip_s = clip_seconds(results, row.step_s, clip_steps)
+    row.dp = (record.get("parallel_dims") or {}).get("dp", 1)
+    row.clips_per_hour_per_gpu = clips_per_hour_per_gpu(row.clip_s, row.dp, gpus)
     return row
 
 
 def add_efficiency(rows: list[PlanRow]) -> None:
-    """Scaling efficiency = T(single, 1 GPU) / (N x T(N)), from predicted step times."""
-    base = next((r.step_s for r in rows if r.strategy == "single" and r.gpus == 1 and r.step_s), None)
+    """Scaling efficiency = T(single, 1 GPU) / (N x T(N)), from predicted step times; the same of
+    the whole clip (latency), and the throughput's: clips/h/GPU over single's on 1 GPU (dp times
+    the clip's, with dp groups making clips at once)."""
+    single = next((r for r in rows if r.strategy == "single" and r.gpus == 1), None)
+    base = single.step_s if single is not None else None
     for row in rows:
         if base and row.step_s:
             row.efficiency = base / (row.gpus * row.step_s)
+        if single is not None and single.clip_s and row.clip_s:
+            row.clip_efficiency = single.clip_s / (row.gpus * row.clip_s)
+        if single is not None and single.clips_per_hour_per_gpu and row.clips_per_hour_per_gpu:
+            row.throughput_efficiency = row.clips_per_hour_per_gpu / single.clips_per_hour_per_gpu
 
 
 def add_measured(rows: list[PlanRow], sweep_dir: Path, model: str, size: str) -> int:
@@ -523,6 +581,8 @@ def add_measured(rows: list[PlanRow], sweep_dir: Path, model: str, size: str) ->
                 row.measured_step_s = (real.get("summary") or {}).get("step_time_s_median")
                 peaks = [r["memory"].get(memory_key(r)) for r in real["ranks"]]
                 row.measured_peak_gib = max((p for p in peaks if p is not None), default=None)
+                tensors = [r["memory"].get("peak_tensor_gib") for r in real["ranks"]]
+                row.measured_peak_tensor_gib = max((t for t in tensors if t is not None), default=None)
                 found += 1
     return found
 
@@ -582,6 +642,10 @@ def table(
             "step s",
             f"clip s ({clip_steps} steps)",
             "efficiency",
+            "dp",
+            "clips/h/GPU",
+            "clip eff.",
+            "throughput eff.",
         ]
     )
     if with_measured:
@@ -616,6 +680,10 @@ def table(
                 _f(r.step_s, ".3f"),
                 _f(r.clip_s, ".1f"),
                 _f(r.efficiency, ".0%"),
+                "-" if r.dp is None else str(r.dp),
+                _f(r.clips_per_hour_per_gpu, ".1f"),
+                _f(r.clip_efficiency, ".0%"),
+                _f(r.throughput_efficiency, ".0%"),
             ]
         )
         if with_measured:
@@ -638,13 +706,17 @@ def explanation(args: PlanArgs, device: str, memory_basis: str) -> list[str]:
         "the rest; 'code does' says which the strategy's code does (ring attention's K/V pass, FSDP's "
         "all-gathers overlap; Ulysses' all-to-alls and CFG's all-gather block) and step s is that one; "
         f"clip s = {args.clip_steps} sampling steps (clip_steps=; upstream S2V's "
-        "default is 40) x step s + the measured VAE decode and motion re-encode of a clip; "
-        "efficiency = T(single, 1 GPU) / (GPUs x T).",
+        "default is 40) x step s + the measured VAE decode and motion re-encode of a clip (the latency); "
+        "efficiency = T(single, 1 GPU) / (GPUs x T) of the step, clip eff. the same of the clip; "
+        "clips/h/GPU = dp x 3600 / clip s / GPUs (the throughput: dp groups each make a clip at once, "
+        "parallel.dp_degree) and throughput eff. = clips/h/GPU / single's on 1 GPU.",
         (
             f"Fits: need = peak + the CUDA context ({CUDA_CONTEXT_BYTES / GIB:.2f} GiB, GPU only) + NCCL's buffers "
-            f"(GPU, 2+ ranks: NCCL_BUFFSIZE x channels x connections, from nccl.env, defaults "
-            f"{NCCL_BUFFSIZE_DEFAULT >> 20} MiB x {NCCL_CHANNELS_DEFAULT} x (2 + ranks-1 where the job sends "
-            f"point to point or all-to-all)) + a fragmentation margin of {args.fragmentation:.0%} of the peak "
+            f"(GPU, 2+ ranks: per channel and connected peer the LL, LL128 and SIMPLE (NCCL_BUFFSIZE) receive "
+            f"buffers and a send header, each rounded up to {NCCL_CUMEM_GRANULARITY >> 20} MiB, from nccl.env; "
+            f"defaults {nccl_peer_bytes({}) >> 20} MiB x "
+            f"{NCCL_CHANNELS_DEFAULT} channels x (1 + ranks-1 where the job sends point to point or all-to-all)) "
+            f"+ a fragmentation margin of {args.fragmentation:.0%} of the peak "
             "(fragmentation=; a chosen figure, not measured), against each memory size."
         ),
     ]

@@ -76,7 +76,7 @@ class RankContext:
         self.world_size = world_size
         self.device = torch.device(device)
         self.job_dir = Path(job_dir) if job_dir is not None else None
-        self.metrics = MetricsCollector(self.device, rank, world_size)
+        self.metrics = MetricsCollector(self.device, rank, world_size, cfg.allocator.count_cpu_tensors)
         self.current_phase = "start"
         self.current_step: Optional[int] = None
         self._beat: dict = {}

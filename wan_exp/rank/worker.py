@@ -118,7 +118,9 @@ def run_rank(job_dir: Path) -> int:
         ctx.metrics.note("shared_gpus", True)
     try:
         fake_data = RealisticFakeCollectives() if simulated else nullcontext()
-        with ctx.metrics.comm, fake_data:  # count every collective from the process group to the last step
+        # innermost, so the fake collectives' own work is not counted as the rank's tensors
+        tensors = ctx.metrics.tensors if ctx.metrics.tensors is not None else nullcontext()
+        with ctx.metrics.comm, fake_data, tensors:  # count every collective from the process group to the last step
             with ctx.phase("process_group"):
                 init_process_group(job["backend"], device, rank, world_size, cfg.nccl.timeout_s)
             ctx.heartbeat("workload")  # until the workload enters its first phase

@@ -65,7 +65,9 @@ METRIC_COLUMNS = (
     Column("video s/s", _summary("video_s_per_s"), "high", 4),
     Column("TFLOP/s/GPU", _summary("tflops_per_gpu"), "high", 3, gpu_only=True),
     Column("MFU %", _mfu_percent, "high", 1, gpu_only=True),
-    Column("s/clip", _summary("seconds_per_clip"), "low"),
+    Column("s/clip", _summary("seconds_per_clip"), "low"),  # latency: one clip, every stage
+    # throughput: the clips every dp group makes, per hour and GPU (metrics.summary.clips_per_hour_per_gpu)
+    Column("clips/h/GPU", _summary("clips_per_hour_per_gpu"), "high", 1),
     Column("s per video s", _summary("seconds_per_video_second"), "low"),
     Column(
         "DiT share %",

@@ -21,6 +21,12 @@ As upstream (wan/speech2video.py) with its default drop_first_motion:
   19 motion latents, so with fewer than 73 frames per clip it keeps earlier clips' pixels.
 
 Steps are numbered across clips; the first ``workload.warmup_steps`` are not measured.
+
+Data parallel over clips (``parallel.dp_degree``): each dp group runs this whole pipeline on its
+own inputs (inputs.group_config: the job's seed + dp_rank x DP_SEED_STRIDE; the prompt, the audio
+file and the image are the same for every group, synthetic ones are drawn from the group's seed),
+its VAE modes over the group's ranks, and the group's first rank writes ``video_dp<k>.mp4``
+(``video_file``). The figures of one step count the whole job's work (every group's forwards).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import numpy as np
 import torch
+from torch.distributed import ProcessGroup
 from tqdm import tqdm
 
 from wan_exp.config import SamplerName, VaePlacement
@@ -48,6 +55,8 @@ from wan_exp.workloads.inputs import (
     clip_audio,
     encode_audio,
     encode_prompts,
+    group_config,
+    group_seed,
     input_seed,
     random_latents,
     reference_latents,
@@ -57,6 +66,11 @@ from wan_exp.workloads.inputs import (
 from wan_exp.workloads.sampler import sample
 
 VIDEO_FILE = "video.mp4"
+
+
+def video_file(dp_rank: int, dp_degree: int) -> str:
+    """The video a dp group writes in the job dir: video.mp4 with one group, video_dp<k>.mp4 with several."""
+    return VIDEO_FILE if dp_degree == 1 else f"video_dp{dp_rank}.mp4"
 
 
 def motion_pixel_frames(motion_latents: int) -> int:
@@ -138,11 +152,13 @@ def sample_and_decode(
     rank: int,
     world: int,
     dit: torch.nn.Module,
+    group: Optional[ProcessGroup] = None,
 ) -> torch.Tensor | None:
-    """One clip sampled with ``dit`` and decoded as the job decodes it, untimed (the drift
-    check's bf16 clip); the clip's kept frames where this rank holds them."""
+    """One clip sampled with ``dit`` and decoded as the job decodes it (over ``group``, the dp
+    group's ranks), untimed (the drift check's bf16 clip); the clip's kept frames where this
+    rank holds them."""
     latents = denoise_clip(cfg, geometry, dit, guidance, cond, uncond, clip, lambda step: nullcontext())
-    pixels = decode_clip(vae, decode_input(ref, motion, latents, clip), mode, rank, world)
+    pixels = decode_clip(vae, decode_input(ref, motion, latents, clip), mode, rank, world, group)
     return None if pixels is None else kept_frames(pixels, cfg.workload.frames_per_clip, clip)
 
 
@@ -188,11 +204,16 @@ def generate_video(
     parallel_model: ParallelModel,
     step_scope: Callable[[int], ContextManager],
 ) -> tuple[Optional[np.ndarray], Any, int]:
-    """The pipeline after the models are set up. Returns (the video's uint8 frames where it is
-    written: rank 0 of a job with a job dir and workload.save_video on, else None; the
-    waveform; the clip count)."""
+    """The pipeline after the models are set up, for this rank's dp group: its inputs from
+    ``group_config``, its VAE decode over the group's ranks. Returns (the video's uint8 frames
+    where it is written: the group's first rank, in a job with a job dir and workload.save_video
+    on, else None; the waveform; the clip count)."""
+    dims = parallel_model.dims
+    cfg = group_config(cfg, dims.dp_rank(ctx.rank))
     wl, dtype, device = cfg.workload, torch_dtype(cfg.model.dtype), ctx.device
-    mode, rank, world = VaePlacement(cfg.parallel.vae).value, ctx.rank, ctx.world_size
+    # the VAE's ranks are the dp group's: rank 0 and "every rank" of parallel.vae are the group's
+    mode, rank, world = VaePlacement(cfg.parallel.vae).value, dims.clip_rank(ctx.rank), dims.clip_ranks
+    group = parallel_model.clip_group
     with ctx.stage("text_encode"):
         context, null_context = encode_prompts(cfg, parallel_model, device, dtype)
     audio, waveform, clips = None, None, wl.clips
@@ -212,7 +233,7 @@ def generate_video(
             if holds_pixels
             else None
         )
-        motion = encode_motion(vae, buffer, mode, rank, world, motion_shape)
+        motion = encode_motion(vae, buffer, mode, rank, world, motion_shape, group)
     keep_frames = rank == 0 and ctx.job_dir is not None and wants_video(wl, cfg.model.checkpoint_dir)
     frames: list[np.ndarray] = []
     dit_ref = None if ref is None else ref.to(dtype)
@@ -227,7 +248,7 @@ def generate_video(
                 cfg, geometry, parallel_model.dit, parallel_model.guidance, cond, uncond, clip, step_scope
             )
         with ctx.stage("vae_decode"):
-            pixels = decode_clip(vae, decode_input(ref, motion, latents, clip), mode, rank, world)
+            pixels = decode_clip(vae, decode_input(ref, motion, latents, clip), mode, rank, world, group)
             clip_frames = None if pixels is None else kept_frames(pixels, wl.frames_per_clip, clip)
             del pixels
         if clip == 0 and parallel_model.drift is not None:  # workload.drift_check: this clip in bf16 too
@@ -247,6 +268,7 @@ def generate_video(
                         mode,
                         rank,
                         world,
+                        group=group,
                     ),
                     clip_frames,
                     wl.frames_per_clip,
@@ -256,7 +278,7 @@ def generate_video(
         if clip + 1 < clips:
             with ctx.stage("motion_encode"):
                 buffer = None if buffer is None else shift_motion_buffer(buffer, clip_frames)
-                motion = encode_motion(vae, buffer, mode, rank, world, motion_shape)
+                motion = encode_motion(vae, buffer, mode, rank, world, motion_shape, group)
         del clip_frames
     return (np.concatenate(frames) if keep_frames else None), waveform, clips
 
@@ -275,12 +297,25 @@ def run_generate(cfg: Any, ctx: Any) -> dict:
             bar.update(1)
 
         frames, waveform, clips = generate_video(cfg, geometry, ctx, parallel_model, scope)
+    dims = parallel_model.dims
+    dp_rank = dims.dp_rank(ctx.rank)
+    video = video_file(dp_rank, dims.dp)
     if frames is not None:
         with ctx.stage("video_write"):
             audio = None if waveform is None else waveform.numpy()
-            write_video(ctx.job_dir / VIDEO_FILE, frames, wl.fps, audio, SAMPLE_RATE)
+            write_video(ctx.job_dir / video, frames, wl.fps, audio, SAMPLE_RATE)
     info = generate_workload_info(cfg, geometry, clips)
     # CFG parallel: each rank runs one of the two forwards (FLOPs stay the whole job's)
-    info["forwards_per_step_per_rank"] = info["forwards_per_step"] // parallel_model.dims.cfg
+    info["forwards_per_step_per_rank"] = info["forwards_per_step"] // dims.cfg
+    # one step of the job is a step of every dp group's own clip: the job's forwards, FLOPs and
+    # video of a step are dp times one clip's (clips, video_seconds: one group's video)
+    for key in ("forwards_per_step", "flops_per_step", "video_seconds_per_step"):
+        info[key] *= dims.dp
+    info["clip_group"] = {
+        "dp_rank": dp_rank,
+        "dp_degree": dims.dp,
+        "seed": group_seed(cfg.seed, dp_rank),
+        "video": video if frames is not None else None,
+    }
     ctx.metrics.set_workload_info(**info)
     return info

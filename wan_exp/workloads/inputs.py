@@ -12,10 +12,14 @@
   reference frame: the VAE encoding of ``workload.image_path`` (media.reference_pixels), else
   random latents.
 Every rank draws the same values (same seed): under Ulysses the model shards the tokens.
+With several dp groups (parallel.dp_degree) each group draws its own: group k's inputs are
+those of a job whose seed is ``group_seed(seed, k)`` (``group_config``), so its clip is exactly
+the clip one rank makes with that seed.
 """
 
 from __future__ import annotations
 
+import copy
 import html
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -51,8 +55,28 @@ SEED_OFFSETS = {
 }  # noise: + clip index
 
 
+# dp group k draws from seed + k x DP_SEED_STRIDE: far enough apart that no generator of one
+# group (seed + an offset above, noise + the clip index) is one of another group's
+DP_SEED_STRIDE = 1_000_000
+
+
 def input_seed(cfg: Any, what: str, index: int = 0) -> int:
     return cfg.seed + SEED_OFFSETS[what] + index
+
+
+def group_seed(seed: int, dp_rank: int) -> int:
+    """The seed dp group ``dp_rank`` draws its inputs from (group 0: the job's own)."""
+    return seed + dp_rank * DP_SEED_STRIDE
+
+
+def group_config(cfg: Any, dp_rank: int) -> Any:
+    """The job's config as dp group ``dp_rank`` makes its clip: the same, with ``seed`` =
+    ``group_seed`` (model weights follow ``model.seed``, which stays). Group 0 gets ``cfg`` itself."""
+    if dp_rank == 0:
+        return cfg
+    group = copy.deepcopy(cfg)
+    group.seed = group_seed(cfg.seed, dp_rank)
+    return group
 
 
 @dataclass
