@@ -32,7 +32,13 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the tolerance module
-from tolerance import reordered_sum_tolerance, vae_decoder_chain, vae_encoder_chain  # noqa: E402
+from tolerance import (  # noqa: E402
+    chain_tolerance,
+    dit_reductions,
+    reordered_sum_tolerance,
+    vae_decoder_chain,
+    vae_encoder_chain,
+)
 from wan_exp.config import compose_config
 from wan_exp.geometry import job_geometry
 from wan_exp.models.wan_s2v import WanModel
@@ -106,13 +112,13 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = compose_config(COMMON + SPLIT)
     geometry = job_geometry(cfg)
-    # The DiT's longest chain (tests/dist/strategy_equivalence.py: 19 reductions per block, 4 blocks,
-    # 4 more) over this clip's tokens, once per sampling step (each step's update adds the flow's
-    # difference at unit scale). The pixels: that input difference carried through the decoder,
+    # The DiT's chain of reductions (tests/tolerance.py's dit_reductions) over this clip's tokens,
+    # once per sampling step (each step's update adds the flow's difference at unit scale). The
+    # pixels: that input difference carried through the decoder,
     # whose RMS norms keep every layer at unit scale, so it adds at most once per layer (first
     # order; tests/dist/vae_modes.py), plus the decoder's own reordering.
-    latent_tolerance = SAMPLE_STEPS * reordered_sum_tolerance(
-        torch.float32, terms=geometry.tokens(with_motion=True), depth=19 * 4 + 4
+    latent_tolerance = SAMPLE_STEPS * chain_tolerance(
+        torch.float32, dit_reductions(cfg.model, geometry.tokens(with_motion=True))
     )
     decoder_terms, decoder_depth = vae_decoder_chain(cfg.model.vae_dim, geometry.latent_height * geometry.latent_width)
     pixel_tolerance = latent_tolerance * decoder_depth + reordered_sum_tolerance(
