@@ -9,10 +9,9 @@ bf16 model is built once and kept as the reference; each other precision runs on
 weights and inputs. Per precision and size: the median seconds of ``--repeat`` forwards after
 the warm-up, the speed-up over bf16, the flow's relative L2 against the bf16 forward (the
 14B goal: <= 3e-2), and the kernels that ran (attention, 8-bit attention, FP8 linears). One
-JSON line per figure goes to ``--json``. Needs the GPU extra (``pip install -e ".[gpu]"``) and
-torchmetrics (wan_exp.metrics.drift imports it): on the device machine carry its wheel with the
-omegaconf/hydra ones (bench/README.md). A precision whose kernels are missing is reported as
-not run, and the others go on.
+JSON line per figure goes to ``--json``. Needs the GPU extra (``pip install -e ".[gpu]"``); the
+flow's relative L2 needs no torchmetrics (wan_exp.metrics.drift imports it only for the frames'
+PSNR and SSIM). A precision whose kernels are missing is reported as not run, and the others go on.
 """
 
 from __future__ import annotations

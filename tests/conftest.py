@@ -19,6 +19,21 @@ def own_cache_dir(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_launched_rank():
+    """The jobs the suite launches run their ranks on one OpenMP thread each (OMP_NUM_THREADS=1,
+    which the launcher leaves as the user set it): the ranks share the machine's cores with this
+    process, and two threads of a lone rank spin-wait on each other over the tiny model's small
+    operations (a one-rank job ran 1.6 times longer with them on a busy 2-core machine)."""
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    if previous is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = previous
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

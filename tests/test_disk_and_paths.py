@@ -212,8 +212,9 @@ def test_a_disk_that_fails_mid_sweep_stops_it_and_the_resume_command_works(small
     works once the disk is back, with exit status 1 and no traceback."""
     sweep = small_disk / "sweep"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    overrides = ("fault=sleep", "fault.seconds=3") if fault == "full" else BETWEEN_JOBS
-    proc = start_launch(sweep, "seed=0,1", *overrides, *JOB, env=env)
+    # full: only job 0 sleeps (a resume runs both); read-only: two jobs, a pause between them
+    jobs = ("fault=sleep,none", "fault.seconds=3") if fault == "full" else ("seed=0,1", *BETWEEN_JOBS)
+    proc = start_launch(sweep, *jobs, *JOB, env=env)
     try:
         if fault == "full":
             wait_for_phase(sweep / "0", 1, "wrap")

@@ -294,27 +294,33 @@ def test_1024_rank_simulation_of_s2v_14b_holds_its_own_rows_only(tmp_path):
     """fsdp_fixed over 1024 ranks, one process: 1/1024 of the DiT per rank, and the process
     never holds the whole DiT (about 30 GiB in bf16). FSDP2 reads only the rank's own rows
     (FSDP1 reads one whole block at a time: minutes of random numbers on two cores). The
-    text encoder is cut to one small layer so the test measures the DiT (a umT5-xxl of
-    random weights alone is 11 GiB)."""
+    text and audio encoders are cut to one small layer so the test measures the DiT (a
+    umT5-xxl of random weights alone is 11 GiB, a wav2vec2-large 1.2 GiB)."""
+    model = [
+        "model=s2v_14b",
+        "model.text_encoder.num_layers=1",
+        "model.text_encoder.vocab_size=64",
+        "model.text_encoder.d_ff=64",
+        "model.audio_encoder.num_hidden_layers=1",
+        "model.audio_encoder.intermediate_size=64",
+        "model.audio_layers=2",  # the DiT's weighted mean takes the encoder's hidden states
+    ]
     proc = run_launch(
         tmp_path,
-        "model=s2v_14b",
+        *model,
         "parallel=fsdp_fixed",
         "parallel.fsdp.api=fsdp2",
         "workload=init",
         "logger=disabled",
         "launcher.simulate_world_size=1024",
         "launcher.simulate_rank=5",
-        "model.text_encoder.num_layers=1",
-        "model.text_encoder.vocab_size=64",
-        "model.text_encoder.d_ff=64",
         timeout=900,
     )
     assert proc.returncode == 0, output(proc)
     (res,) = job_results(tmp_path)
     assert res["status"] == "completed" and res["simulated"] == {"world_size": 1024, "rank": 5}
     record = res["ranks"][0]
-    shapes = _dit_shapes("s2v_14b")
+    shapes = _dit_shapes(model)
     full = sum(math.prod(s) for s in shapes)
     # Shard(0) splits rows as torch.chunk: chunks of ceil(rows / 1024), rank 5 takes the sixth
     # (none of a parameter with fewer than 6 chunks' rows)
@@ -326,13 +332,13 @@ def test_1024_rank_simulation_of_s2v_14b_holds_its_own_rows_only(tmp_path):
     assert record["memory"]["peak_host_rss_gib"] < 6.0, record["memory"]
 
 
-def _dit_shapes(model: str) -> list[tuple[int, ...]]:
+def _dit_shapes(model_overrides: list[str]) -> list[tuple[int, ...]]:
     import torch
 
     from wan_exp.config import typed_config
     from wan_exp.models.wan_s2v import WanModel
 
-    cfg = typed_config(compose_config([f"model={model}"]))
+    cfg = typed_config(compose_config(model_overrides))
     with torch.device("meta"):
         return [tuple(p.shape) for p in WanModel(cfg.model).parameters()]
 

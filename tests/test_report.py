@@ -19,11 +19,13 @@ import pytest
 from wan_exp.report import comparison_table, write_report
 
 REPO = Path(__file__).resolve().parent.parent
-# Two strategies on 2 ranks, two repeats each (seed); one more rank count for Ulysses (a
-# scaling line); a job that fails on purpose. Each launch after the first joins the same
-# sweep dir under its own subdir (Hydra numbers every launch's jobs from 0).
+# Two strategies on 2 ranks, Ulysses with two repeats (seed: a row's figures are medians
+# over its repeats); one more rank count for Ulysses (a scaling line); a job that fails on
+# purpose. Each launch after the first joins the same sweep dir under its own subdir (Hydra
+# numbers every launch's jobs from 0).
 LAUNCHES = {
-    "sweep": (["parallel=ulysses,fsdp_fixed", "seed=0,1"], 0),
+    "repeats": (["parallel=ulysses", "seed=0,1"], 0),
+    "fsdp_fixed": (["parallel=fsdp_fixed", "hydra.sweep.subdir=fsdp_fixed"], 0),
     "one_rank": (["parallel=ulysses", "launcher.nproc_per_node=1", "hydra.sweep.subdir=one_rank"], 0),
     "failing": (["fault=raise", "fault.rank=1", "fault.phase=process_group", "hydra.sweep.subdir=failing"], 1),
 }
@@ -113,14 +115,15 @@ def test_report_tables_equal_the_jobs_results(sweep_dir):
     md_path, html_path = write_report(sweep_dir)
     assert (md_path, html_path) == (sweep_dir.resolve() / "report.md", sweep_dir.resolve() / "report.html")
     jobs = _jobs(sweep_dir)
-    assert sorted(j["status"] for j in jobs) == ["completed"] * 5 + ["failed"]
+    assert sorted(j["status"] for j in jobs) == ["completed"] * 4 + ["failed"]
     rows = _markdown_table(md_path.read_text())
-    assert len(rows) == 4  # ulysses x2 (2 repeats), fsdp_fixed x2 (2 repeats), ulysses x1, failing
+    assert len(rows) == 4  # ulysses x2 (2 repeats), fsdp_fixed x2, ulysses x1, failing
     for row in rows:
         plain = {k: v.strip("*") for k, v in row.items()}
         matched = _jobs_of_row(jobs, plain)
         completed = [j for j in matched if j["status"] == "completed"]
-        assert len(matched) == (2 if plain["ranks"] == "2" and not plain["variant"].startswith("fault") else 1)
+        repeated = (plain["strategy"], plain["ranks"]) == ("ulysses", "2") and not plain["variant"].startswith("fault")
+        assert len(matched) == (2 if repeated else 1)
         assert plain["stability"] == f"{len(completed)}/{len(matched)}"
         if not completed:
             assert "failed" in plain["status / root cause"] and "rank 1" in plain["status / root cause"]

@@ -16,9 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from launch_helpers import REPO, job_pids, job_results, output, pid_alive, run_launch, wait_for
+from tolerance import chain_tolerance, dit_gradient_reductions
 from wan_exp import results
+from wan_exp.config import compose_config
+from wan_exp.geometry import job_geometry
 
 pytestmark = pytest.mark.slow
 
@@ -45,36 +49,37 @@ def free_port() -> int:
 
 
 # ----------------------------------------------------------------------------- interrupts
+# job 0 sleeps 4 s entering build, job 1 has no fault (a resume runs both again)
 SLOW_SWEEP = (
     "-m",
-    "seed=0,1",
+    "fault=sleep,none",
     "parallel=single",
     "workload=init",
-    "fault=sleep",
     "fault.rank=0",
     "fault.phase=build",
-    "fault.seconds=6",
+    "fault.seconds=4",
     "logger=disabled",
 )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupt_stops_the_sweep_records_the_job_and_prints_the_resume_command(tmp_path, sig):
-    """Job 0 of two is in phase build (an injected 6 s sleep) when the signal comes. A
-    second launch into the busy dir is refused, naming the first. The interrupted job's
+    """A second launch into the busy dir (job 0 started) is refused, naming the first. Job 0 of
+    two is in phase build (an injected 4 s sleep) when the signal comes. The interrupted job's
     result says where it was, job 1 never starts, the dashboard is written, the console
     shows the resume command and no traceback; that command (SIGINT case) finishes it."""
     first = subprocess.Popen(
         launch_cmd(tmp_path, *SLOW_SWEEP), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
+        wait_for(lambda: (tmp_path / "0" / "job.json").exists() or first.poll() is not None, 120, "job 0 to start")
+        second = run_launch(tmp_path, *SLOW_SWEEP[1:], multirun=True, timeout=60)
+        assert second.returncode != 0
+        assert f"in use by process {first.pid} on this host" in output(second), output(second)
         wait_for(
             lambda: heartbeat_phase(tmp_path / "0") == "build" or first.poll() is not None, 120, "job 0 to enter build"
         )
         assert first.poll() is None, first.communicate()[0]
-        second = run_launch(tmp_path, *SLOW_SWEEP[1:], multirun=True, timeout=60)
-        assert second.returncode != 0
-        assert f"in use by process {first.pid} on this host" in output(second), output(second)
         first.send_signal(sig)
         out, _ = first.communicate(timeout=60)
     finally:
@@ -87,7 +92,8 @@ def test_an_interrupt_stops_the_sweep_records_the_job_and_prints_the_resume_comm
     cause = interrupted["root_cause"]
     assert (cause["rank"], cause["phase"]) == (0, "build") and sig.name in cause["message"], cause
     assert not (tmp_path / "1").exists(), "the sweep stops: job 1 never starts"
-    assert not any(pid_alive(p) for p in job_pids(tmp_path / "0")), "the job's ranks are ended"
+    ranks = job_pids(tmp_path / "0")
+    assert ranks and not any(pid_alive(p) for p in ranks), "the job's ranks are ended"
     assert (tmp_path / "report.md").exists() and "interrupted" in (tmp_path / "report.md").read_text()
     resume = f"launch.py hydra.sweep.dir={tmp_path.resolve()} launcher.resume=true"
     assert resume in out, out
@@ -194,7 +200,7 @@ def test_a_rendezvous_port_held_by_another_program_fails_within_the_timeout(tmp_
         proc = run_launch(
             tmp_path,
             f"launcher.rdzv_endpoint={endpoint}",
-            "launcher.rdzv_timeout_s=10",
+            "launcher.rdzv_timeout_s=5",
             "workload=init",
             "logger=disabled",
             timeout=300,
@@ -253,17 +259,12 @@ def test_live_progress_on_a_terminal(tmp_path):
     assert "/3" in text, "step i/n of the 3 sampling steps"
 
 
-def test_no_progress_display_off_a_terminal(tmp_path):
-    proc = run_launch(tmp_path, "parallel=single", "workload=init", "logger=disabled")
-    assert proc.returncode == 0, output(proc)
-    assert "last beat" not in output(proc) and "job 1 of 1" not in output(proc)
-
-
 # ----------------------------------------------------------------------------- two hosts
 def test_two_hosts_on_loopback_form_one_job_equal_to_one_host(tmp_path):
     """Two launch.py processes, one rank each (launcher.nnodes=2, node_rank 0 and 1, c10d
     rendezvous on a fixed port) make one job of world size 2: one results.json, one W&B
-    run, both ranks' records, and the same losses as one host running both ranks."""
+    run, both ranks' records, and the same losses as one host running both ranks (whose
+    output, off a terminal, shows no progress display)."""
     train = ("parallel=ulysses", "workload=train_lora", "workload.steps=2", "workload.lora.save=false")
     endpoint = f"localhost:{free_port()}"
     sweep = tmp_path / "two_hosts"
@@ -296,10 +297,19 @@ def test_two_hosts_on_loopback_form_one_job_equal_to_one_host(tmp_path):
 
     one = run_launch(tmp_path / "one_host", *train, "launcher.nproc_per_node=2", timeout=300)
     assert one.returncode == 0, output(one)
+    # off a terminal (captured here) the live progress table is never drawn
+    assert "last beat" not in output(one) and "job 1 of 1" not in output(one)
     (single,) = job_results(tmp_path / "one_host")
     for key in ("status", "world_size", "strategy", "workload"):
         assert two[key] == single[key]
     losses = [[r["workload"]["losses"] for r in job["ranks"]] for job in (two, single)]
-    # equal up to fp32 rounding: torch's agent sets OMP_NUM_THREADS=1 only where a host runs
-    # several ranks, so the one-rank hosts sum their matrix products in another order
-    assert np.allclose(losses[0], losses[1], rtol=1e-5, atol=0), losses
+    # equal up to fp32 rounding: hosts may run their ranks on other thread counts (torch's agent
+    # sets an unset OMP_NUM_THREADS to 1 only where a host runs several ranks), which sum the
+    # matrix products in another order. The second loss follows an update from the first
+    # step's gradients: the DiT's forward and backward (tests/tolerance.py), then the loss's mean
+    # over the flow's elements
+    cfg = compose_config(list(train))
+    geometry = job_geometry(cfg)
+    flow = cfg.model.out_dim * geometry.latent_frames * geometry.latent_height * geometry.latent_width
+    reductions = dit_gradient_reductions(cfg.model, geometry.tokens_later_clip) + [flow]
+    assert np.allclose(losses[0], losses[1], rtol=chain_tolerance(torch.float32, reductions), atol=0), losses

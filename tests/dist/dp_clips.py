@@ -34,7 +34,13 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the tolerance module
-from tolerance import reordered_sum_tolerance, vae_decoder_chain, vae_encoder_chain  # noqa: E402
+from tolerance import (  # noqa: E402
+    chain_tolerance,
+    dit_reductions,
+    reordered_sum_tolerance,
+    vae_decoder_chain,
+    vae_encoder_chain,
+)
 from wan_exp.config import compose_config
 from wan_exp.geometry import job_geometry
 from wan_exp.models.wan_s2v import WanModel
@@ -120,15 +126,14 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = compose_config(COMMON + SPLIT)
     geometry = job_geometry(cfg)
-    # The latents: the DiT's longest chain (tests/dist/strategy_equivalence.py: 19 reductions per
-    # block, 4 blocks, 4 more) over this clip's tokens, once per sampling step (each step's update
-    # adds the flow's difference at unit scale). The group's ranks split the tokens and heads
-    # (Ulysses), so their matmuls and attention sum over other shapes than the one rank's and may
-    # round in another order on another CPU: tests/tolerance.py bounds that by ~2e-4 relative here
-    # (80 chained sums of up to 72 terms), well above the 1e-5 one would like, and nothing in the
-    # arithmetic promises less; the measured errors are printed beside it (0 on the machines tried).
-    latent_tolerance = SAMPLE_STEPS * reordered_sum_tolerance(
-        torch.float32, terms=geometry.tokens(with_motion=True), depth=19 * 4 + 4
+    # The latents: the DiT's chain of reductions (tests/tolerance.py's dit_reductions) over this
+    # clip's tokens, once per sampling step (each step's update adds the flow's difference at unit
+    # scale). The group's ranks split the tokens and heads (Ulysses), so their matmuls and attention
+    # sum over other shapes than the one rank's and may round in another order on another CPU:
+    # nothing in the arithmetic promises less than this bound (well above the 1e-5 one would like);
+    # the measured errors are printed beside it (0 on the machines tried).
+    latent_tolerance = SAMPLE_STEPS * chain_tolerance(
+        torch.float32, dit_reductions(cfg.model, geometry.tokens(with_motion=True))
     )
     positions = geometry.latent_height * geometry.latent_width
     decoder_chain = vae_decoder_chain(cfg.model.vae_dim, positions)

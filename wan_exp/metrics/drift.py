@@ -15,10 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 
 
 def relative_l2(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -45,6 +41,10 @@ def frame_drift(pixels: torch.Tensor, reference: torch.Tensor) -> dict[str, floa
     """PSNR (dB) and SSIM of decoded frames (1, 3, T, H, W) in [-1, 1] against the reference's.
     Identical frames have an infinite PSNR, recorded as None with ``frames_identical`` true
     (JSON has no infinity)."""
+    # imported here, not with the module: torchmetrics brings scipy and matplotlib (about 1 s),
+    # which every rank would pay at start-up for a check only some jobs run
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
     frames, target = unit_frames(pixels), unit_frames(reference)
     identical = bool(torch.equal(frames, target))
     psnr = peak_signal_noise_ratio(frames, target, data_range=1.0).item()
