@@ -49,13 +49,13 @@ def test_hang_is_detected_with_stacks_and_the_next_job_completes(tmp_path):
 
 @pytest.mark.slow
 def test_a_stage_longer_than_the_hang_timeout_is_not_a_hang_while_it_beats(tmp_path):
-    """fault=slow makes every in-stage heartbeat of the VAE decode wait 2 s: the decode of the
-    tiny model's first clip (the reference latent and 2 clip latents: 3 low-resolution frames,
-    then 3 frames of its one tile, one beat each) lasts at least 6 x 2 = 12 s, longer than
+    """fault=slow makes every in-stage heartbeat of the VAE decode wait 3 s: the decode of the
+    tiny model's first clip (one rank decodes the whole frame: the reference latent and 2 clip
+    latents, one beat per latent frame) lasts at least 3 x 3 = 9 s, longer than
     launcher.hang_timeout_s=8, but it reports each frame, so the job completes.
     Without the decoder's beats the stage would be short (nothing to slow) and this fails;
     with beats that never reach the heartbeat file it would be called a hang."""
-    hang_timeout_s, delay_s = HANG_TIMEOUT_S, 2.0
+    hang_timeout_s, delay_s = HANG_TIMEOUT_S, 3.0
     proc = run_launch(
         tmp_path,
         "fault=slow",
