@@ -120,7 +120,7 @@ def check_memory_fits(cfg: Any, world_size: int, nproc_per_node: int, gpus: int)
         on_host.append((text, 1))
     if not gpus:  # the device is the host; a full load replaces the rank's DiT shard at its peak
         rest = [p for p in on_host + on_device if p[0] is not dit]
-        on_host = ([(dit, 1)] if full_load else [(dit, share)]) + [p for i, p in enumerate(rest) if p not in rest[:i]]
+        on_host = ([(dit, 1)] if full_load else [(dit, share)]) + list(dict.fromkeys(rest))  # each part once
         on_device = []
 
     strategy = f"parallel={par.name}"
